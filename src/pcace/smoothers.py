@@ -57,16 +57,26 @@ def _prefix(values: torch.Tensor) -> torch.Tensor:
 class _Windows:
     """Window geometry and abscissa statistics of one span."""
 
-    lo: torch.Tensor  # (n,) first index of each point's window
-    hi: torch.Tensor  # (n,) one past its last index
-    count: float  # points per window
-    x_mean: torch.Tensor  # (b, n) mean of centred x over the window
-    x_ss: torch.Tensor  # (b, n) sum of squared deviations of x in the window
-    sloped: torch.Tensor  # (b, n) bool: window spread above the stability floor
-    leverage: torch.Tensor  # (b, n) hat value of each point in its own window fit
+    width: int  # points per window
+    left: int  # leading points that share the first window
+    right: int  # trailing points that share the last window
+    x_mean: torch.Tensor | None  # (b, n) mean of centred x over each point's window
+    inv_ss: torch.Tensor | None  # (b, n) 1 / sum of squared deviations; 0 where too flat
+    cv_scale: torch.Tensor | None  # (b, n) 1 / (1 - leverage), for leave-one-out residuals
 
     def window_sum(self, prefix: torch.Tensor) -> torch.Tensor:
-        return prefix[..., self.hi] - prefix[..., self.lo]
+        """Sum over each point's window, from prefix sums of shape ``(..., n + 1)``."""
+        n = prefix.shape[-1] - 1
+        sums = prefix[..., self.width:] - prefix[..., :n - self.width + 1]
+        if self.left == 0 and self.right == 0:
+            return sums
+        shape = sums.shape[:-1]
+        return torch.cat([sums[..., :1].expand(*shape, self.left), sums,
+                          sums[..., -1:].expand(*shape, self.right)], dim=-1)
+
+    def subset(self, idx: torch.Tensor) -> _Windows:
+        return _Windows(self.width, self.left, self.right, self.x_mean[idx], self.inv_ss[idx],
+                        self.cv_scale[idx])
 
 
 class SortedAxis:
@@ -132,20 +142,35 @@ class SortedAxis:
             n = self.n
             ibw = half_window(span, n)
             width = min(2 * ibw + 1, n)
-            j = torch.arange(n, device=self.x.device)
-            lo = (j - ibw).clamp(min=0, max=n - width)
-            hi = lo + width
-            px = _prefix(self.xc)
-            pxx = _prefix(self.xc * self.xc)
-            sx = px[:, hi] - px[:, lo]
-            sxx = pxx[:, hi] - pxx[:, lo]
+            left = min(ibw, n - 1)
+            right = n - (n - width + 1) - left
+            geometry = _Windows(width, left, right, None, None, None)
+            sx = geometry.window_sum(_prefix(self.xc))
+            sxx = geometry.window_sum(_prefix(self.xc * self.xc))
             x_mean = sx / width
             x_ss = (sxx - sx * x_mean).clamp(min=0)
             sloped = x_ss > self.vsmlsq[:, None]
+            inv_ss = torch.where(sloped, 1.0 / torch.where(sloped, x_ss, 1.0), 0.0)
             dev = self.xc - x_mean
-            lev = 1.0 / width + torch.where(sloped, dev * dev / torch.where(sloped, x_ss, 1.0), 0.0)
-            self._windows[span] = _Windows(lo, hi, float(width), x_mean, x_ss, sloped, lev)
+            one_minus_lev = 1.0 - (1.0 / width + dev * dev * inv_ss)
+            ok = one_minus_lev > 0
+            cv_scale = torch.where(ok, 1.0 / torch.where(ok, one_minus_lev, 1.0), _BIG)
+            self._windows[span] = _Windows(width, left, right, x_mean, inv_ss, cv_scale)
         return self._windows[span]
+
+    def subset(self, idx: torch.Tensor) -> SortedAxis:
+        """The same axis restricted to the problems ``idx`` (caches carried over)."""
+        out = SortedAxis.__new__(SortedAxis)
+        out.x, out.xc = self.x[idx], self.xc[idx]
+        out.b, out.n = out.x.shape
+        out.constant, out.vsmlsq = self.constant[idx], self.vsmlsq[idx]
+        out._windows = {span: w.subset(idx) for span, w in self._windows.items()}
+        out._ties = None
+        if self._ties is not None:
+            start, end = self._ties[0][idx], self._ties[1][idx]
+            if bool((end - start > 1).any()):
+                out._ties = (start, end)
+        return out
 
     def tie_average(self, values: torch.Tensor) -> torch.Tensor:
         """Replace each value by the mean over its group of tied abscissae."""
@@ -190,15 +215,10 @@ def running_line(axis: SortedAxis, y: torch.Tensor, span: float,
     w = axis.windows(span)
     sy = w.window_sum(_prefix(y))
     sxy = w.window_sum(_prefix(axis.xc * y))
-    y_mean = sy / w.count
-    cov = sxy - w.x_mean * sy
-    slope = torch.where(w.sloped, cov / torch.where(w.sloped, w.x_ss, 1.0), 0.0)
+    y_mean = sy / w.width
+    slope = (sxy - w.x_mean * sy) * w.inv_ss
     fit = slope * (axis.xc - w.x_mean) + y_mean
-    residuals = None
-    if cross_validate:
-        with torch.no_grad():
-            residuals = (y - fit).abs() / (1.0 - w.leverage)
-        residuals = torch.nan_to_num(residuals, nan=_BIG, posinf=_BIG, neginf=_BIG)
+    residuals = (y - fit).abs_().mul_(w.cv_scale) if cross_validate else None
     return axis.tie_average(fit), residuals
 
 
@@ -232,15 +252,16 @@ def supersmoother(axis: SortedAxis, y: torch.Tensor, alpha: float = 0.0) -> torc
         fit, res = running_line(axis, y, span, cross_validate=True)
         fits.append(fit)
         cv.append(running_line(axis, res, MIDRANGE)[0])
-    cv_all = torch.stack(cv)  # (3, b, n)
-    best = cv_all.argmin(dim=0)
-    resmin = cv_all.gather(0, best[None])[0]
-    spans = torch.tensor(SPANS, dtype=y.dtype, device=y.device)[best]
+    resmin = cv[0]
+    spans = torch.full_like(y, TWEETER)
+    for span, res in zip(SPANS[1:], cv[1:]):
+        better = res < resmin
+        resmin = torch.where(better, res, resmin)
+        spans = torch.where(better, span, spans)
     if 0.0 < alpha <= 10.0:
-        woofer_res = cv_all[2]
-        ratio = torch.where(woofer_res > 0, resmin / torch.where(woofer_res > 0, woofer_res, 1.0),
-                            1.0)
-        boost = (WOOFER - spans) * ratio.clamp(min=_SML) ** (10.0 - alpha)
+        woofer_res = cv[2]
+        ratio = resmin / torch.where(woofer_res > 0, woofer_res, 1.0)
+        boost = (WOOFER - spans) * ratio.clamp_(min=_SML).pow_(10.0 - alpha)
         spans = torch.where(resmin < woofer_res, spans + boost, spans)
     spans = running_line(axis, spans, MIDRANGE)[0].clamp(TWEETER, WOOFER)
     below = spans < MIDRANGE
