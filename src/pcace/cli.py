@@ -1,0 +1,205 @@
+"""The ``pcace`` command: a thin layer over the public Python functions."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"2GiB"``, ``"512M"``, ``"1e9"`` -> bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        try:
+            return int(float(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB or 512MiB)") from None
+    unit = (m.group(2) or "").lower()[:1]
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="torchvision:NAME, timm:NAME, a TorchScript file, or package.module:factory")
+    p.add_argument("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1), 'none', "
+                   "or a state-dict file")
+    p.add_argument("--checkpoint", help="state-dict file for a package.module:factory model")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pcace", description="Rank the channels and layers of "
+                                     "a CNN by PCACE (maximal correlation with an output).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("layers", help="list the modules with a 4-D output")
+    _model_args(p)
+    p.add_argument("--input-shape", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="input size for the dummy pass (default: the model's own, else 3 224 224)")
+
+    p = sub.add_parser("rank", help="rank the channels of some layers over a set of images")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="image folder (ImageFolder layout), CSV of image "
+                   "paths, or a folder/file of MNIST IDX data")
+    p.add_argument("--class", dest="class_name", help="keep the images of this class only")
+    p.add_argument("--label", type=int, help="keep the images of this label (CSV, MNIST)")
+    p.add_argument("--target", required=True, help="class index, class name, prob:C, output:I, "
+                   "or output")
+    p.add_argument("--layers", nargs="+", help="module names (default: every Conv2d)")
+    p.add_argument("--components", type=float, default=3,
+                   help="k per channel, or a fraction in (0, 1) of explained variance")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--memory-budget", type=parse_size, default="2GiB")
+    p.add_argument("--score", choices=["maximal", "first-component"], default="maximal")
+    p.add_argument("--limit", type=int, help="use at most this many images")
+    p.add_argument("--resize", type=int)
+    p.add_argument("--crop", type=int)
+    p.add_argument("--mean", type=float, nargs="+")
+    p.add_argument("--std", type=float, nargs="+")
+    p.add_argument("--path-column", default="path")
+    p.add_argument("--label-column")
+    p.add_argument("--target-column")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--top", type=int, default=5, help="channels to print per layer")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("demo", help="train a small MNIST CNN and rank its two conv layers")
+    p.add_argument("--out", default="pcace-demo")
+    p.add_argument("--data", help="folder with MNIST IDX files (default: scikit-learn digits)")
+    p.add_argument("--digit", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .models import load_model
+
+    return load_model(args.model, weights=args.weights, checkpoint=args.checkpoint)
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from .capture import describe_layers
+
+    loaded = _load(args)
+    shape = tuple(args.input_shape or loaded.input_shape or (3, 224, 224))
+    table = describe_layers(loaded.model, (1, *shape))
+    print(f"{loaded.description}: {len(table)} modules with a 4-D output for input {shape}")
+    print(table.to_string(index=False))
+    return 0
+
+
+def _dataset(args: argparse.Namespace, loaded: Any) -> tuple[Any, dict, list[str] | None]:
+    from . import data
+
+    path = Path(args.data)
+    if not path.exists():
+        raise FileNotFoundError(f"data path {path} does not exist")
+    transform = loaded.transform
+    if transform is None or any(v is not None for v in (args.resize, args.crop, args.mean,
+                                                        args.std)):
+        transform = data.default_transform(resize=args.resize, crop=args.crop, mean=args.mean,
+                                           std=args.std)
+    spec = {"path": str(path.resolve())}
+    classes = None
+    if path.suffix.lower() == ".csv":
+        ds = data.csv_images(path, path_column=args.path_column, label_column=args.label_column,
+                             target_column=args.target_column, transform=transform)
+        spec["kind"] = "csv"
+    elif _is_mnist(path):
+        ds = data.mnist_idx(path, digit=args.label)
+        spec["kind"] = "mnist"
+    else:
+        ds = data.image_folder(path, class_name=args.class_name, transform=transform)
+        classes = list(getattr(ds, "classes", []) or []) or None
+        spec.update(kind="image_folder", class_name=args.class_name)
+    if args.limit:
+        ds = torch.utils.data.Subset(ds, range(min(args.limit, len(ds))))
+        spec["limit"] = args.limit
+    return ds, spec, classes
+
+
+def _is_mnist(path: Path) -> bool:
+    if path.is_file():
+        return "idx" in path.name
+    return any("idx3" in p.name for p in path.iterdir())
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from .rank import rank
+
+    loaded = _load(args)
+    ds, data_spec, classes = _dataset(args, loaded)
+    components: int | float = args.components
+    if float(components).is_integer() and components >= 1:
+        components = int(components)
+    label = args.label if data_spec.get("kind") == "csv" else None
+    result = rank(loaded.model, ds, args.target, layers=args.layers, components=components,
+                  batch_size=args.batch_size, device=args.device,
+                  memory_budget=args.memory_budget, score=args.score, label=label,
+                  categories=loaded.categories or classes, seed=args.seed,
+                  progress=not args.no_progress, model_spec=loaded.spec, data_spec=data_spec)
+    skipped = getattr(getattr(ds, "dataset", ds), "skipped", 0)
+    result.manifest["data"]["skipped_images"] = int(skipped or 0)
+    out = result.save(args.out)
+    _print_summary(result, args.top)
+    print(f"wrote {out}/ (channels.csv, layers.csv, run.json)")
+    if not result.complete:
+        print("pcace: interrupted; the run directory holds the layers finished so far",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def _print_summary(result: Any, top: int) -> None:
+    from .demo import summary
+
+    n = result.manifest["data"]["n_images"]
+    print(f"PCACE over {n} images, target {result.manifest['target']}")
+    print(summary(result, top=top))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(out=args.out, data=args.data, digit=args.digit, epochs=args.epochs,
+                      progress=not args.no_progress)
+    acc = result.manifest["demo"]["held_out_accuracy"]
+    print(f"trained the two-conv CNN: held-out accuracy {acc:.1%}")
+    _print_summary(result, 5)
+    print(f"wrote {args.out}/ (channels.csv, layers.csv, run.json, model.pt) in "
+          f"{result.manifest['demo']['seconds']:.0f} s")
+    return 0
+
+
+COMMANDS = {"layers": cmd_layers, "rank": cmd_rank, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pcace`` command (set PCACE_DEBUG=1 to see tracebacks)."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, TypeError, ImportError) as err:
+        if os.environ.get("PCACE_DEBUG"):
+            raise
+        print(f"pcace: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pcace: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""The PCACE pipeline: capture -> reduce -> ACE -> tables, and the run directory.
+
+:func:`rank` runs a model once over the images, keeps the outputs of the
+requested layers (within a memory budget), reduces each channel to its first
+principal components, scores all channels of a layer in one batched ACE call,
+and returns a :class:`PCACEResult` with one row per channel and one per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from .ace import MIN_OBSERVATIONS, ace
+from .capture import capture, channel_chunks, resolve_layers
+from .data import as_batches
+from .models import count_parameters, weights_hash
+from .reduce import principal_components
+from .targets import resolve_target
+
+SCORES = ("maximal", "first-component")
+DEFAULT_MEMORY_BUDGET = 2 * 2**30
+
+
+@dataclass
+class PCACEResult:
+    """Channel and layer tables of a PCACE run, with the run's manifest.
+
+    Attributes
+    ----------
+    channels : pandas.DataFrame
+        One row per channel: ``layer``, ``channel``, ``pcace``, ``rank`` (1 = highest within
+        its layer), ``n_components``, ``explained_variance``, ``dead``; more columns when the
+        run computed a null or a bootstrap.
+    layers : pandas.DataFrame
+        One row per layer in network order: channel count, map size and the distribution of
+        its channels' values (mean, median, 90th percentile, max) with the top channels.
+    manifest : dict
+        What produced the numbers: pcace version, model, weights hash, N, target, k, device,
+        seed, timings and library versions (written as ``run.json``).
+    components : dict
+        Per layer, the principal-component scores (C, N, k) the values were computed from
+        (kept in memory for follow-up statistics; not saved).
+    """
+
+    channels: pd.DataFrame
+    layers: pd.DataFrame
+    manifest: dict
+    components: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    scores: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def complete(self) -> bool:
+        """False when the run was interrupted before every layer was scored."""
+        return not self.manifest.get("interrupted", False)
+
+    def top(self, layer: str | None = None, n: int = 10) -> pd.DataFrame:
+        """The ``n`` highest-ranked channels of ``layer`` (or of each layer when None)."""
+        table = self.channels if layer is None else self.channels[self.channels.layer == layer]
+        if layer is not None and table.empty:
+            raise ValueError(f"no layer {layer!r} in this run; layers: {list(self.layers.layer)}")
+        return table[table["rank"] <= n].sort_values(["layer_order", "rank"]) if layer is None \
+            else table.sort_values("rank").head(n)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``channels.csv``, ``layers.csv``, ``scores.csv`` and ``run.json`` to ``path``."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        self.channels.to_csv(out / "channels.csv", index=False)
+        self.layers.to_csv(out / "layers.csv", index=False)
+        if self.scores is not None:
+            pd.DataFrame({"score": self.scores}).to_csv(out / "scores.csv", index=False)
+        (out / "run.json").write_text(json.dumps(self.manifest, indent=2, default=str))
+        return out
+
+
+def load(path: str | Path) -> PCACEResult:
+    """Read a run directory written by :meth:`PCACEResult.save`.
+
+    Examples
+    --------
+    >>> import pcace  # doctest: +SKIP
+    >>> res = pcace.load("runs/cat")  # doctest: +SKIP
+    >>> res.layers[["layer", "median"]]  # doctest: +SKIP
+    """
+    root = Path(path)
+    missing = [f for f in ("channels.csv", "layers.csv", "run.json") if not (root / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{root} is not a pcace run directory: missing {missing}")
+    scores = None
+    if (root / "scores.csv").exists():
+        scores = pd.read_csv(root / "scores.csv")["score"].to_numpy()
+    return PCACEResult(
+        channels=pd.read_csv(root / "channels.csv"),
+        layers=pd.read_csv(root / "layers.csv"),
+        manifest=json.loads((root / "run.json").read_text()),
+        scores=scores,
+    )
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` picks CUDA when available, else the CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+    return dev
+
+
+def _numpy(a: Any) -> np.ndarray:
+    return a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def _abs_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|Pearson correlation| of matching rows; 0 where either row is constant."""
+    a = a - a.mean(-1, keepdims=True)
+    b = b - b.mean(-1, keepdims=True)
+    den = np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+    return np.abs(np.where(den > 0, (a * b).sum(-1) / np.where(den > 0, den, 1.0), 0.0))
+
+
+def score_components(z: torch.Tensor, scores: torch.Tensor, score: str = "maximal",
+                     **ace_kwargs: Any) -> np.ndarray:
+    """PCACE value of each channel from its principal-component scores.
+
+    On the CPU the compiled ACE engine runs (NumPy in, NumPy out); on a GPU the batched
+    torch engine runs on the device of ``z``.
+
+    Parameters
+    ----------
+    z : torch.Tensor
+        Principal-component scores, shape (C, N, k).
+    scores : torch.Tensor
+        The network's score per image, shape (N,).
+    score : {"maximal", "first-component"}
+        The maximal correlation over all k components (default), or the published scripts'
+        ``|corr(phi_1, theta)|``.
+    **ace_kwargs
+        Passed to :func:`pcace.ace`.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape (C,), values in [0, 1].
+
+    Examples
+    --------
+    >>> import torch
+    >>> z = torch.randn(4, 100, 3, dtype=torch.float64)
+    >>> score_components(z, z[0, :, 0] ** 2).round(2)[0]
+    1.0
+    """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}; got {score!r}")
+    if z.shape[0] == 0:
+        return np.zeros(0)
+    if z.device.type == "cpu":
+        r = ace(z.double().numpy(), scores.double().cpu().numpy(), **ace_kwargs)
+    else:
+        r = ace(z, scores.to(z), **ace_kwargs)
+    if score == "maximal":
+        return np.clip(_numpy(r.rho), 0.0, 1.0)
+    return _abs_corr(_numpy(r.phi)[..., 0], _numpy(r.theta))
+
+
+def layer_summary(channels: pd.DataFrame, shapes: dict[str, tuple[int, ...]],
+                  top: int = 5) -> pd.DataFrame:
+    """One row per layer (in the order of ``shapes``) summarising its channels' values."""
+    rows = []
+    for order, (name, shape) in enumerate(shapes.items()):
+        sub = channels[channels.layer == name]
+        if sub.empty:
+            continue
+        values = sub.pcace.to_numpy()
+        best = sub.sort_values("rank").channel.head(top).tolist()
+        rows.append({
+            "layer": name, "order": order, "channels": len(sub), "height": shape[1],
+            "width": shape[2], "mean": values.mean(), "median": float(np.median(values)),
+            "q90": float(np.quantile(values, 0.9)), "max": values.max(),
+            "dead": int(sub.dead.sum()), "components": float(sub.n_components.mean()),
+            "top_channels": " ".join(map(str, best)),
+        })
+    return pd.DataFrame(rows)
+
+
+def _versions() -> dict[str, str]:
+    import numba
+    import scipy
+
+    return {"pcace": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "scipy": scipy.__version__, "pandas": pd.__version__,
+            "numba": numba.__version__}
+
+
+def rank(
+    model: torch.nn.Module,
+    images: Any,
+    target: int | str | Callable[[torch.Tensor], torch.Tensor],
+    layers: Sequence[str] | None = None,
+    components: int | float = 3,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    score: str = "maximal",
+    label: int | None = None,
+    categories: Sequence[str] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    spill_dir: str | Path | None = None,
+    ace_options: dict | None = None,
+    model_spec: dict | None = None,
+    data_spec: dict | None = None,
+) -> PCACEResult:
+    """Rank every channel of the chosen layers of ``model`` by PCACE.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained network; put in eval mode, gradients off.
+    images : torch.Tensor, Dataset or DataLoader
+        Preprocessed images (N, C, H, W), or a Dataset whose items are images or
+        (image, label) pairs, or a DataLoader of those.
+    target : int, str or callable
+        An int ``c``: the score of class ``c`` before the softmax (the paper's choice); a string
+        (``"prob:3"``, ``"output:0"``, ``"output"`` or a class name resolved through
+        ``categories``); or a callable mapping the model's output batch to an (N,) score, such as
+        :class:`pcace.targets.RegressionOutput`.
+    layers : sequence of str, optional
+        Qualified module names (``"layer3.1.conv2"``); None ranks every ``nn.Conv2d``. Any module
+        with a (N, C, H, W) output may be named.
+    components : int or float
+        k principal components per channel, or a fraction in (0, 1): the smallest k whose
+        components explain that share of the channel's variance.
+    batch_size : int
+        Images per forward pass (when ``images`` is not already a DataLoader).
+    device : str or torch.device
+        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
+    memory_budget : int
+        Bytes of activations kept in RAM; layers beyond it are spilled to disk.
+    score : {"maximal", "first-component"}
+        ``"maximal"``: the maximal correlation over all k components (PCACE). The other
+        reproduces the published scripts' ``|corr(phi_1, theta)|``, for comparison only.
+    label : int, optional
+        Keep only the images of this label (the paper ranks over the images of one class).
+    categories : sequence of str, optional
+        Class names, to resolve a class-name ``target``.
+    seed : int
+        Recorded in the manifest; used by the statistics that draw random numbers.
+    progress : bool
+        Show progress bars on stderr.
+    spill_dir : path, optional
+        Where spilled activations go (a temporary directory by default).
+    ace_options : dict, optional
+        Extra keyword arguments for :func:`pcace.ace` (``delrsq``, ``max_iter``, ...).
+    model_spec, data_spec : dict, optional
+        JSON descriptions of how model and data were loaded (recorded in the manifest so that
+        the CLI can reload them).
+
+    Returns
+    -------
+    PCACEResult
+
+    Examples
+    --------
+    >>> import torch, pcace
+    >>> from pcace.zoo import mnist_cnn
+    >>> model = mnist_cnn()
+    >>> images = torch.rand(40, 1, 28, 28)
+    >>> res = pcace.rank(model, images, target=3, progress=False)
+    >>> sorted(res.channels.columns)[:3]
+    ['channel', 'dead', 'explained_variance']
+    """
+    t_start = time.perf_counter()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}; got {score!r}")
+    _check_components(components)
+    dev = resolve_device(device)
+    score_fn = resolve_target(target, categories)
+    names = resolve_layers(model, layers)
+    model.eval()
+    model.to(dev)
+    ace_kwargs = dict(ace_options or {})
+
+    batches = as_batches(images, batch_size, label=label)
+    with capture(model, batches, names, score_fn, device=dev, memory_budget=memory_budget,
+                 spill_dir=spill_dir, progress=progress) as cap:
+        scores = np.asarray(cap.scores, dtype=np.float64)
+        _check_scores(scores)
+        t_captured = time.perf_counter()
+        channel_rows, components_kept, interrupted = _score_layers(
+            cap, names, scores, components, score, dev, memory_budget, progress, ace_kwargs)
+        shapes = dict(cap.shapes)
+        spilled = dict(cap.spilled)
+        forward_calls = cap.forward_calls
+        capture_seconds = cap.seconds
+    t_end = time.perf_counter()
+
+    channels = pd.DataFrame(channel_rows)
+    if channels.empty:
+        channels = pd.DataFrame(columns=["layer", "channel", "pcace", "rank", "n_components",
+                                         "explained_variance", "dead"])
+    else:
+        order = {n: i for i, n in enumerate(names)}
+        channels["layer_order"] = channels.layer.map(order)
+        channels["rank"] = (channels.groupby("layer").pcace.rank(ascending=False, method="first")
+                            .astype(int))
+        channels = channels[["layer", "layer_order", "channel", "pcace", "rank", "n_components",
+                             "explained_variance", "dead"]]
+    layer_table = layer_summary(channels, {n: shapes[n] for n in names if n in shapes})
+
+    manifest = {
+        "pcace_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": {"class": type(model).__name__, "parameters": count_parameters(model),
+                  "weights_sha256": weights_hash(model), "spec": model_spec},
+        "data": {"n_images": int(scores.size), "label": label, "spec": data_spec,
+                 "skipped_images": int(getattr(images, "skipped", 0) or 0)},
+        "target": _describe_target(score_fn),
+        "score": score,
+        "components": components,
+        "layers": names,
+        "shapes": {n: list(s) for n, s in shapes.items()},
+        "device": str(dev),
+        "seed": seed,
+        "memory_budget": memory_budget,
+        "spilled_layers": [n for n, s in spilled.items() if s],
+        "forward_calls": forward_calls,
+        "ace": {"delrsq": 0.01, "max_iter": 20, "alpha": 5.0, **ace_kwargs},
+        "timings": {"forward_and_capture": capture_seconds,
+                    "reduce_and_ace": t_end - t_captured,
+                    "total": t_end - t_start},
+        "interrupted": interrupted,
+        "versions": _versions(),
+    }
+    return PCACEResult(channels, layer_table, manifest, components_kept, scores)
+
+
+def _describe_target(score_fn: Any) -> Any:
+    if hasattr(score_fn, "to_dict"):
+        return score_fn.to_dict()
+    return {"callable": getattr(score_fn, "__name__", type(score_fn).__name__)}
+
+
+def _check_components(components: int | float) -> None:
+    if isinstance(components, bool):
+        raise ValueError("components must be an int >= 1 or a fraction in (0, 1)")
+    if isinstance(components, (int, np.integer)):
+        if components < 1:
+            raise ValueError(f"components must be >= 1; got {components}")
+    elif isinstance(components, float):
+        if not 0.0 < components < 1.0:
+            raise ValueError(f"a fractional components must lie in (0, 1); got {components}")
+    else:
+        raise ValueError(f"components must be an int >= 1 or a fraction in (0, 1); "
+                         f"got {components!r}")
+
+
+def _check_scores(scores: np.ndarray) -> None:
+    n = scores.size
+    if n < MIN_OBSERVATIONS:
+        raise ValueError(f"PCACE needs at least {MIN_OBSERVATIONS} images; got {n}. "
+                         "Pass more images (a few hundred is typical)")
+    if not np.all(np.isfinite(scores)):
+        bad = np.flatnonzero(~np.isfinite(scores))[:10].tolist()
+        raise ValueError(f"the score is NaN or inf for images {bad}")
+    if np.ptp(scores) <= 1e-12 * max(1.0, float(np.abs(scores).max())):
+        raise ValueError(f"the score does not vary across the {n} images (all {scores[0]:.6g}); "
+                         "choose another target or images on which the output changes")
+
+
+def _score_layers(cap: Any, names: list[str], scores: np.ndarray, components: int | float,
+                  score: str, dev: torch.device, memory_budget: int, progress: bool,
+                  ace_kwargs: dict) -> tuple[list[dict], dict, bool]:
+    from tqdm.auto import tqdm
+
+    rows: list[dict] = []
+    kept: dict[str, torch.Tensor] = {}
+    total_channels = sum(cap.shapes[n][0] for n in names)
+    y = torch.as_tensor(scores, dtype=torch.float64)
+    bar = tqdm(total=total_channels, desc="scoring channels", unit="ch", disable=not progress)
+    interrupted = False
+    try:
+        for name in names:
+            layer_rows, parts = [], []
+            for chans, maps in channel_chunks(cap, name, max(memory_budget // 4, 2**20)):
+                red = principal_components(maps.to(dev), components)
+                values = score_components(red.scores, y, score, **ace_kwargs)
+                values = np.where(red.dead.cpu().numpy(), 0.0, values)
+                ids = range(chans.start or 0, (chans.start or 0) + maps.shape[1])
+                for i, c in enumerate(ids):
+                    layer_rows.append({
+                        "layer": name, "channel": c, "pcace": float(values[i]),
+                        "n_components": int(red.n_components[i]),
+                        "explained_variance": float(red.explained_variance[i]),
+                        "dead": bool(red.dead[i]),
+                    })
+                parts.append(red.scores.cpu())
+                bar.update(maps.shape[1])
+            rows.extend(layer_rows)
+            kept[name] = _pad_cat(parts)
+    except KeyboardInterrupt:
+        interrupted = True
+        warnings.warn(f"interrupted: returning the {len(kept)} layers scored so far",
+                      stacklevel=3)
+    finally:
+        bar.close()
+    return rows, kept, interrupted
+
+
+def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    k = max(p.shape[-1] for p in parts)
+    padded = [torch.nn.functional.pad(p, (0, k - p.shape[-1])) for p in parts]
+    return torch.cat(padded)
