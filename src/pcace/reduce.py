@@ -1,0 +1,266 @@
+"""Per-channel standardisation and PCA, batched over channels.
+
+:func:`principal_components` turns the activation maps of a stack of channels
+into the first principal-component scores of each channel, the input that
+:func:`pcace.ace` correlates with the score. It is pure tensors in, tensors
+out, and knows nothing about models.
+
+For channel ``c`` the maps form an ``N x P`` matrix ``M`` (images x pixel
+positions). Each column is standardised across the images (mean 0, population
+variance 1, as sklearn's ``StandardScaler``); a constant column carries nothing
+and is set to 0. The PCA is exact: an eigendecomposition of the Gram matrix on
+the smaller side (``N x N`` when ``P >= N``, else the ``P x P`` covariance),
+batched over channels with :func:`torch.linalg.eigh`.
+
+Cost and memory
+---------------
+The input is copied once, into a ``(C, N, P)`` tensor of the working dtype,
+which is standardised in place; everything else is ``(C, N, N)``, ``(C, P, P)``
+or ``(C, P)`` sized. Measured on 2 CPU cores (torch 2.14, float32 input, N = 300)::
+
+    input                       float64 (default)   float32
+    (300, 64, 56*56)            0.85 s              0.36 s
+    (300, 512, 7*7)             0.12 s              0.06 s
+    (300, 64, 112*112)          4.6 s, peak +1.9 GB  1.8 s
+
+float32 against float64 on ReLU'd random convolution maps (N = 300, P = 3136,
+k = 3): the scores agree to about 1e-5 relative to their largest value and the
+explained-variance fractions to about 1e-7, except where two eigenvalues almost
+coincide, where the components themselves are ill-defined in either precision.
+float64 is the default; float32 is a fair choice for screening large layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+import torch
+
+#: A column is constant when its spread is below this many ulps of its magnitude.
+CONSTANT_ULPS = 8.0
+
+
+@dataclass
+class Reduction:
+    """Principal-component scores of a stack of channels.
+
+    Attributes
+    ----------
+    scores : torch.Tensor
+        ``(C, N, k_max)``: the first principal-component scores of each channel
+        (what ``PCA(n_components=k).fit_transform`` returns on the standardised
+        maps, with a deterministic sign). Columns beyond a channel's
+        ``n_components`` are 0.
+    n_components : torch.Tensor
+        ``(C,)`` long: components kept per channel (0 for a dead channel).
+    explained_variance : torch.Tensor
+        ``(C,)`` float: fraction of the channel's total standardised variance
+        that the kept components explain (0 for a dead channel).
+    dead : torch.Tensor
+        ``(C,)`` bool: the channel is constant over all images (every pixel
+        column constant); its scores are all 0.
+    """
+
+    scores: torch.Tensor
+    n_components: torch.Tensor
+    explained_variance: torch.Tensor
+    dead: torch.Tensor
+
+
+def principal_components(
+    maps: torch.Tensor,
+    components: int | float = 3,
+    *,
+    max_components: int = 10,
+    dtype: torch.dtype = torch.float64,
+) -> Reduction:
+    """Standardise each channel's pixel columns and keep its first principal components.
+
+    Parameters
+    ----------
+    maps : torch.Tensor
+        Activations of ``C`` channels over ``N`` images, shape ``(N, C, H, W)``
+        or ``(N, C, P)``. Not modified. A NumPy array is accepted too.
+    components : int or float, default 3
+        An int ``k >= 1``: keep ``k`` components per channel (a channel with
+        fewer usable components, rank below ``k``, gets zero columns). A float
+        in ``(0, 1)``: per channel, the smallest ``k`` whose cumulative
+        explained-variance ratio reaches it (``>=``; sklearn's ``PCA`` asks for
+        ``>``, which differs only on exact ties), capped at ``max_components``.
+    max_components : int, default 10
+        Cap on ``k`` when ``components`` is a fraction.
+    dtype : torch.dtype, default torch.float64
+        Working precision, ``torch.float64`` or ``torch.float32`` (about twice as
+        fast and half the memory; see the module notes for the difference).
+
+    Returns
+    -------
+    Reduction
+        ``scores`` ``(C, N, k_max)`` in ``dtype``, with ``k_max = components``
+        for an int, or the largest per-channel ``k`` for a fraction;
+        ``n_components``, ``explained_variance`` and ``dead``, each ``(C,)``.
+
+    Notes
+    -----
+    Standardisation uses the population variance (ddof = 0). A column is
+    constant when its maximum equals its minimum, or its standard deviation is
+    below ``8 * eps(dtype) * max|column|``; it is set to 0. Components whose
+    eigenvalue is below ``max(N, P) * eps(dtype) * largest eigenvalue`` count
+    as unusable (rank deficiency). Sign rule: each component is flipped so that
+    its score vector is positive at its largest-magnitude entry (the first such
+    entry on ties).
+
+    Examples
+    --------
+    >>> import torch
+    >>> maps = torch.randn(50, 4, 6, 6)
+    >>> red = principal_components(maps, components=3)
+    >>> tuple(red.scores.shape), red.n_components.tolist()
+    ((4, 50, 3), [3, 3, 3, 3])
+    """
+    x_in = _check_maps(maps)
+    k_fixed, fraction = _check_components(components, max_components)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
+
+    x, dead = _standardised_copy(x_in, dtype)  # (C, N, P), constant columns 0
+    n_img, n_pix = x.shape[1], x.shape[2]
+    eigvals, vectors, gram_side = _eigen(x)  # eigvals (C, r) descending
+    total = eigvals.clamp(min=0).sum(dim=1)
+    rank = _rank(eigvals, max(n_img, n_pix), dtype)
+
+    if fraction is None:
+        wanted = torch.full_like(rank, k_fixed)
+    else:
+        wanted = _k_for_fraction(eigvals, total, fraction, max_components)
+    n_comp = torch.minimum(wanted, rank)
+    n_comp[dead] = 0
+    width = k_fixed if fraction is None else max(int(n_comp.max()), 1)
+
+    scores = _scores(x, eigvals, vectors, gram_side, width)
+    del x
+    keep = torch.arange(width, device=scores.device)[None, :] < n_comp[:, None]  # (C, width)
+    scores *= keep[:, None, :].to(scores.dtype)
+    _fix_signs(scores)
+
+    r = eigvals.shape[1]
+    kept = eigvals[:, : min(width, r)].clamp(min=0) * keep[:, : min(width, r)]
+    explained = torch.where(total > 0, kept.sum(dim=1) / torch.where(total > 0, total, 1), 0)
+    return Reduction(scores=scores, n_components=n_comp, explained_variance=explained, dead=dead)
+
+
+def _check_maps(maps: Any) -> torch.Tensor:
+    if not isinstance(maps, torch.Tensor):
+        try:
+            maps = torch.as_tensor(np.asarray(maps))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"maps must be a tensor (N, C, H, W) or (N, C, P): {err}") from None
+    if maps.ndim == 4:
+        maps = maps.flatten(2)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must have shape (N, C, H, W) or (N, C, P); got "
+                         f"{tuple(maps.shape)}. For a single channel use maps[:, None]")
+    if maps.is_complex() or maps.dtype == torch.bool:
+        raise ValueError(f"maps must be real-valued; got dtype {maps.dtype}")
+    n, c, p = maps.shape
+    if n < 2:
+        raise ValueError(f"maps needs at least 2 images (first axis) to standardise; got {n}")
+    if c < 1 or p < 1:
+        raise ValueError(f"maps has no channels or no pixels: shape {tuple(maps.shape)}")
+    return maps
+
+
+def _check_components(components: Any, max_components: Any) -> tuple[int, float | None]:
+    if isinstance(max_components, bool) or not isinstance(max_components, Integral) \
+            or max_components < 1:
+        raise ValueError(f"max_components must be an int >= 1; got {max_components!r}")
+    if isinstance(components, bool):
+        raise ValueError(f"components must be an int >= 1 or a float in (0, 1); "
+                         f"got {components!r}")
+    if isinstance(components, Integral):
+        if components < 1:
+            raise ValueError(f"components must be >= 1 when an int; got {components}")
+        return int(components), None
+    if isinstance(components, Real):
+        value = float(components)
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"components as a float is a variance fraction in (0, 1); got "
+                             f"{value}. For a fixed number of components pass an int")
+        return int(max_components), value
+    raise ValueError(f"components must be an int >= 1 or a float in (0, 1); "
+                     f"got {type(components).__name__} {components!r}")
+
+
+def _standardised_copy(maps: torch.Tensor,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One copy of ``maps`` as ``(C, N, P)`` in ``dtype``, columns standardised in place.
+
+    Returns the copy and the ``(C,)`` mask of dead channels (every column constant).
+    """
+    n, c, p = maps.shape
+    x = torch.empty((c, n, p), dtype=dtype, device=maps.device)
+    x.copy_(maps.permute(1, 0, 2))
+    lo, hi = torch.aminmax(x, dim=1)  # (C, P)
+    mean = x.mean(dim=1)
+    if not bool(torch.isfinite(mean).all()):
+        bad = (~torch.isfinite(mean)).any(dim=1).nonzero().flatten()
+        raise ValueError(f"maps holds NaN or inf in channel(s) {bad[:10].tolist()}; "
+                         "check the layer's activations")
+    x.sub_(mean[:, None, :])
+    std = torch.linalg.vector_norm(x, dim=1).div_(n ** 0.5)  # population std, two-pass
+    scale = torch.maximum(hi.abs(), lo.abs())
+    constant = (hi <= lo) | (std <= CONSTANT_ULPS * torch.finfo(dtype).eps * scale)
+    inv = torch.where(constant, 0.0, 1.0 / torch.where(constant, 1.0, std))
+    x.mul_(inv[:, None, :])
+    return x, constant.all(dim=1)
+    return x
+
+
+def _eigen(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Eigenpairs of the smaller Gram side, sorted descending along the last axis."""
+    n, p = x.shape[1], x.shape[2]
+    gram_side = p >= n
+    if gram_side:
+        g = torch.bmm(x, x.transpose(1, 2))  # (C, N, N)
+    else:
+        g = torch.bmm(x.transpose(1, 2), x)  # (C, P, P)
+    vals, vecs = torch.linalg.eigh(g)
+    return vals.flip(-1), vecs.flip(-1), gram_side
+
+
+def _rank(eigvals: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+    top = eigvals[:, :1].clamp(min=0)
+    tol = size * torch.finfo(dtype).eps * top
+    return ((eigvals > tol) & (eigvals > 0)).sum(dim=1)
+
+
+def _k_for_fraction(eigvals: torch.Tensor, total: torch.Tensor, fraction: float,
+                    max_components: int) -> torch.Tensor:
+    ratio = eigvals.clamp(min=0) / torch.where(total > 0, total, 1)[:, None]
+    reached = torch.cumsum(ratio, dim=1) >= fraction
+    # the first index where the cumulative ratio reaches the fraction, + 1
+    k = torch.where(reached.any(dim=1), reached.to(torch.int8).argmax(dim=1) + 1,
+                    eigvals.shape[1])
+    return k.clamp(max=max_components).to(torch.long)
+
+
+def _scores(x: torch.Tensor, eigvals: torch.Tensor, vectors: torch.Tensor, gram_side: bool,
+            width: int) -> torch.Tensor:
+    c, n = x.shape[0], x.shape[1]
+    r = min(width, eigvals.shape[1])
+    out = torch.zeros((c, n, width), dtype=x.dtype, device=x.device)
+    if gram_side:  # X = U S V^T, scores = U S
+        out[:, :, :r] = vectors[:, :, :r] * eigvals[:, None, :r].clamp(min=0).sqrt()
+    else:  # scores = X V
+        out[:, :, :r] = torch.bmm(x, vectors[:, :, :r].contiguous())
+    return out
+
+
+def _fix_signs(scores: torch.Tensor) -> None:
+    """Flip each column so its largest-magnitude entry is positive (in place)."""
+    idx = scores.abs().argmax(dim=1, keepdim=True)  # (C, 1, k)
+    pick = scores.gather(1, idx)
+    scores *= torch.where(pick < 0, -1.0, 1.0).to(scores.dtype)

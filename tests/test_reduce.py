@@ -1,0 +1,179 @@
+"""Tests of pcace.reduce: standardisation + PCA per channel against sklearn."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import PCA
+from sklearn.preprocessing import StandardScaler
+
+from pcace.reduce import Reduction, principal_components
+
+
+def _maps(n, c, p, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    # correlated columns so the components are well separated
+    base = torch.randn(n, c, 4, generator=gen, dtype=torch.float64)
+    mix = torch.randn(c, 4, p, generator=gen, dtype=torch.float64)
+    noise = 0.3 * torch.randn(n, c, p, generator=gen, dtype=torch.float64)
+    return torch.einsum("nck,ckp->ncp", base, mix) + noise + 5.0
+
+
+def _sklearn_scores(m, k):
+    z = StandardScaler().fit_transform(m)
+    pca = PCA(n_components=k, svd_solver="full").fit(z)
+    return pca.transform(z), pca
+
+
+def _assert_equal_up_to_sign(ours, ref, atol):
+    signs = np.sign((ours * ref).sum(axis=0))
+    signs[signs == 0] = 1
+    np.testing.assert_allclose(ours, ref * signs, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("n, p", [(30, 80), (80, 12)], ids=["gram-NxN", "covariance-PxP"])
+def test_scores_match_sklearn(n, p):
+    maps = _maps(n, 3, p)
+    red = principal_components(maps, components=3)
+    assert isinstance(red, Reduction)
+    assert red.scores.shape == (3, n, 3)
+    assert red.scores.dtype == torch.float64
+    for c in range(3):
+        ref, pca = _sklearn_scores(maps[:, c].numpy(), 3)
+        _assert_equal_up_to_sign(red.scores[c].numpy(), ref, atol=1e-8)
+        assert red.explained_variance[c].item() == pytest.approx(
+            pca.explained_variance_ratio_.sum(), abs=1e-10)
+    assert red.n_components.tolist() == [3, 3, 3]
+    assert not red.dead.any()
+
+
+def test_four_d_input_and_input_untouched():
+    maps = _maps(20, 2, 36).reshape(20, 2, 6, 6).float()
+    before = maps.clone()
+    red = principal_components(maps, components=2)
+    assert torch.equal(maps, before)
+    flat = principal_components(maps.flatten(2), components=2)
+    assert torch.equal(red.scores, flat.scores)
+
+
+def test_deterministic_sign():
+    maps = _maps(25, 2, 40)
+    scores = principal_components(maps, components=3).scores
+    idx = scores.abs().argmax(dim=1, keepdim=True)
+    assert (scores.gather(1, idx) > 0).all()
+    flipped = principal_components(-maps, components=3).scores
+    torch.testing.assert_close(flipped, scores, atol=1e-9, rtol=0)
+
+
+def test_float32_close_to_float64():
+    maps = _maps(40, 2, 50).float()
+    r64 = principal_components(maps, components=2)
+    r32 = principal_components(maps, components=2, dtype=torch.float32)
+    assert r32.scores.dtype == torch.float32
+    scale = r64.scores.abs().max()
+    assert (r32.scores.double() - r64.scores).abs().max() < 1e-4 * scale
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.9])
+def test_fraction_picks_k_like_sklearn(fraction):
+    maps = _maps(40, 4, 30, seed=3)
+    red = principal_components(maps, components=fraction, max_components=30)
+    for c in range(4):
+        z = StandardScaler().fit_transform(maps[:, c].numpy())
+        ratio = PCA(svd_solver="full").fit(z).explained_variance_ratio_
+        cum = np.cumsum(ratio)
+        expected = int(np.argmax(cum >= fraction)) + 1
+        assert red.n_components[c].item() == expected
+        assert red.explained_variance[c].item() == pytest.approx(cum[expected - 1], abs=1e-10)
+        assert PCA(n_components=fraction, svd_solver="full").fit(z).n_components_ == expected
+    assert red.scores.shape[2] == int(red.n_components.max())
+    for c in range(4):
+        assert (red.scores[c, :, red.n_components[c]:] == 0).all()
+
+
+def test_fraction_capped_by_max_components():
+    maps = _maps(40, 2, 30)
+    red = principal_components(maps, components=0.999, max_components=2)
+    assert red.n_components.tolist() == [2, 2]
+    assert red.scores.shape == (2, 40, 2)
+
+
+def test_constant_columns_dropped():
+    maps = _maps(30, 2, 20)
+    maps[:, 0, [3, 7]] = 4.25  # exactly constant pixel positions
+    big = torch.tensor(1e6, dtype=torch.float64)
+    wobble = torch.nextafter(big, torch.tensor(2e6, dtype=torch.float64))  # 1 ulp above
+    maps[:, 1, 5] = torch.where(torch.arange(30) % 2 == 0, big, wobble)  # rounding-level
+    red = principal_components(maps, components=2)
+    for c, cols in ((0, [3, 7]), (1, [5])):
+        keep = [j for j in range(20) if j not in cols]
+        ref, _ = _sklearn_scores(maps[:, c, keep].numpy(), 2)
+        _assert_equal_up_to_sign(red.scores[c].numpy(), ref, atol=1e-8)
+        full_ref, _ = _sklearn_scores(maps[:, c].numpy(), 2)  # sklearn zeroes them too
+        _assert_equal_up_to_sign(red.scores[c].numpy(), full_ref, atol=1e-8)
+
+
+def test_dead_channel():
+    maps = _maps(30, 3, 16)
+    maps[:, 1] = 0.0
+    maps[:, 2] = torch.linspace(0, 1, 16)  # varies over pixels, not over images
+    red = principal_components(maps, components=3)
+    assert red.dead.tolist() == [False, True, True]
+    assert (red.scores[1:] == 0).all()
+    assert red.n_components.tolist() == [3, 0, 0]
+    assert red.explained_variance[1:].tolist() == [0.0, 0.0]
+    assert red.scores[0].abs().sum() > 0
+
+
+def test_pads_when_rank_below_k():
+    gen = torch.Generator().manual_seed(1)
+    factor = torch.randn(30, 2, generator=gen, dtype=torch.float64)
+    mix = torch.randn(2, 25, generator=gen, dtype=torch.float64)
+    rank2 = factor @ mix  # rank 2 after centring
+    maps = torch.stack([rank2, torch.randn(30, 25, generator=gen, dtype=torch.float64)], 1)
+    red = principal_components(maps, components=4)
+    assert red.scores.shape == (2, 30, 4)
+    assert red.n_components.tolist() == [2, 4]
+    assert (red.scores[0, :, 2:] == 0).all()
+    assert red.explained_variance[0].item() == pytest.approx(1.0, abs=1e-10)
+    # more components than images
+    small = principal_components(_maps(5, 1, 40), components=7)
+    assert small.scores.shape == (1, 5, 7)
+    assert small.n_components.item() == 4  # 5 centred images span 4 dimensions
+    assert (small.scores[0, :, 4:] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"components": 0}, "components must be >= 1"),
+        ({"components": 1.0}, r"fraction in \(0, 1\)"),
+        ({"components": -0.2}, r"fraction in \(0, 1\)"),
+        ({"components": True}, "components must be"),
+        ({"components": "3"}, "components must be"),
+        ({"components": 0.5, "max_components": 0}, "max_components"),
+        ({"dtype": torch.float16}, "dtype"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        principal_components(_maps(10, 2, 9), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "maps, match",
+    [
+        (torch.zeros(10, 9), "shape"),
+        (torch.zeros(1, 2, 9), "at least 2 images"),
+        (torch.zeros(10, 0, 9), "no channels"),
+    ],
+)
+def test_bad_maps(maps, match):
+    with pytest.raises(ValueError, match=match):
+        principal_components(maps)
+
+
+def test_nan_names_channel():
+    maps = _maps(10, 3, 9)
+    maps[4, 2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"channel\(s\) \[2\]"):
+        principal_components(maps)
