@@ -508,6 +508,17 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return images, labels
 
 
+def _check_item(item: Any) -> None:
+    """Fail early, with advice, on dataset items that cannot be batched as images."""
+    image = item[0] if isinstance(item, list | tuple) and item else item
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"items hold {type(image).__name__} images, not tensors; give the "
+                         "dataset a transform such as pcace.data.default_transform()")
+    if image.ndim != 3:
+        raise ValueError(f"dataset items must be images of shape (C, H, W); got "
+                         f"{tuple(image.shape)}")
+
+
 def _dataset_labels(ds: Dataset) -> torch.Tensor | None:
     """Labels of every item, read without decoding images where possible."""
     if isinstance(ds, TensorDataset):
@@ -605,6 +616,7 @@ def as_batches(images: Any, batch_size: int = 64, label: Any = None) -> ImageBat
         n = len(ds)  # type: ignore[arg-type]
         if not n:
             raise ValueError("no images: the dataset is empty")
+        _check_item(ds[0])
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
         return ImageBatches(loader, batch_size, None, n)
     raise ValueError(f"cannot read images from {type(images).__name__}; give a tensor "

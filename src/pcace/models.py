@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,7 +346,9 @@ def _load_timm(name: str, weights: str | None, checkpoint: str | None,
 
 def _load_torchscript(path: Path) -> LoadedModel:
     try:
-        model = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+            model = torch.jit.load(str(path), map_location="cpu")
     except Exception:  # noqa: BLE001 - torch.jit raises several types
         raise ValueError(
             f"{path} is not a TorchScript file; save the model with "
@@ -380,7 +383,11 @@ def _import_factory(spec: str) -> Callable[..., Any]:
 
 def _load_factory(spec: str, checkpoint: str | None, model_kwargs: dict[str, Any]) -> LoadedModel:
     factory = _import_factory(spec)
-    model = factory(**model_kwargs)
+    try:
+        model = factory(**model_kwargs)
+    except TypeError as err:
+        raise ValueError(f"calling {spec}(**{model_kwargs!r}) failed ({err}); pass the "
+                         "architecture's arguments as model_kwargs") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if checkpoint is not None:
