@@ -1,0 +1,765 @@
+"""Capture the activations of chosen layers in one forward pass, in bounded memory.
+
+Layers are addressed by their qualified module names, as
+``model.named_modules()`` gives them (``"layer3.1.conv2"``), the convention of
+torchvision's feature extraction. :func:`conv_layer_names` and
+:func:`describe_layers` list them; :func:`resolve_layers` checks a request.
+
+:func:`capture` runs the model once per batch with forward hooks on the
+requested modules and keeps every layer's output (float32, on the CPU) in an
+:class:`ActivationStore`. While the activations held in RAM stay under
+``memory_budget`` they stay there; past it, the store spills whole layers, the
+largest first, to raw float32 files and later reads them back through
+:class:`numpy.memmap`.
+
+Spill layout: a spilled layer is one file of shape ``(N, C, H*W)``, in the order
+the batches came, written by plain appends. Reading a channel subset
+``[:, c0:c1]`` reads ``N`` contiguous blocks of ``(c1 - c0) * H * W`` floats,
+which for the chunks that :func:`channel_chunks` hands the reduce step are
+large blocks, so a walk over the layer reads the file once. Transposing to
+``(C, N, H*W)`` at the end would make single-channel reads contiguous but cost
+an extra full read and write of every spilled layer; the append layout is the
+cheaper of the two for the way the pipeline reads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import shutil
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+BYTES_PER_VALUE = 4  # activations are kept as float32
+_MAX_LISTED = 15
+
+ChannelIndex = int | slice | Sequence[int] | torch.Tensor | np.ndarray
+
+
+# --------------------------------------------------------------------------- layer names
+
+
+def conv_layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of every ``nn.Conv2d`` of ``model``, in module order.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    list of str
+        Names as ``model.named_modules()`` gives them.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3))
+    >>> conv_layer_names(net)
+    ['0', '2']
+    """
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def describe_layers(model: nn.Module, input_shape: Sequence[int],
+                    device: str | torch.device = "cpu") -> pd.DataFrame:
+    """Every module with a 4-D output, with its output shape, from one dummy forward pass.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Moved to ``device``; run in eval mode (its training flags are restored).
+    input_shape : sequence of int
+        ``(C, H, W)`` or ``(B, C, H, W)`` of one input; the pass uses zeros
+        (batch 1 when no batch size is given).
+    device : str or torch.device, default "cpu"
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per module whose output is a 4-D tensor, in the order the
+        modules first ran: ``name``, ``type`` (class name), ``out_channels``,
+        ``height``, ``width``, and ``calls`` (how often it ran in the pass; a
+        module that runs more than once, such as a shared ReLU, cannot be
+        captured).
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten())
+    >>> describe_layers(net, (3, 8, 8))[["name", "type", "out_channels", "height"]]
+      name    type  out_channels  height
+    0    0  Conv2d             4       6
+    1    1    ReLU             4       6
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 3:
+        shape = (1, *shape)
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"input_shape must be (C, H, W) or (B, C, H, W) with positive sizes; "
+                         f"got {tuple(input_shape)}")
+    rows: dict[str, dict[str, Any]] = {}
+    handles = []
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if name in rows:
+                rows[name]["calls"] += 1
+            elif isinstance(output, torch.Tensor) and output.ndim == 4:
+                rows[name] = {"name": name, "type": type(module).__name__,
+                              "out_channels": output.shape[1], "height": output.shape[2],
+                              "width": output.shape[3], "calls": 1}
+        return hook
+
+    flags = _training_flags(model)
+    try:
+        model.to(device)
+        model.eval()
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_hook(make_hook(name)))
+        with torch.no_grad():
+            model(torch.zeros(shape, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        _restore_training(flags)
+    columns = ["name", "type", "out_channels", "height", "width", "calls"]
+    return pd.DataFrame(list(rows.values()), columns=columns)
+
+
+def resolve_layers(model: nn.Module,
+                   layers: str | nn.Module | Iterable[str | nn.Module] | None) -> list[str]:
+    """Check layer names against ``model`` and put them in network order.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    layers : None, str, module, or iterable of those
+        ``None`` means every ``nn.Conv2d`` (:func:`conv_layer_names`). Names are
+        qualified module names; a submodule of ``model`` stands for its name.
+
+    Returns
+    -------
+    list of str
+        The names in module order, duplicates removed.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, listing the valid names with the closest first.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3))
+    >>> resolve_layers(net, ["2", "0", "2"])
+    ['0', '2']
+    """
+    if layers is None:
+        names = conv_layer_names(model)
+        if not names:
+            raise ValueError(f"{type(model).__name__} has no nn.Conv2d layers; pass layers=[...] "
+                             "with module names (see describe_layers(model, input_shape))")
+        return names
+    if isinstance(layers, str | nn.Module):
+        layers = [layers]
+    order = {name: i for i, (name, _) in enumerate(model.named_modules()) if name}
+    requested = [_layer_name(model, item) for item in layers]
+    if not requested:
+        raise ValueError("layers is empty; pass None for every conv layer or a list of names")
+    unknown = [name for name in requested if name not in order]
+    if unknown:
+        raise ValueError(_unknown_message(unknown, list(order)))
+    return sorted(set(requested), key=order.__getitem__)
+
+
+def _layer_name(model: nn.Module, item: Any) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, nn.Module):
+        for name, module in model.named_modules():
+            if module is item and name:
+                return name
+        raise ValueError(f"the {type(item).__name__} passed in layers is not a submodule of "
+                         f"the model; pass its qualified name instead")
+    raise TypeError(f"layers must hold module names (str); got {type(item).__name__} {item!r}")
+
+
+def _unknown_message(unknown: list[str], valid: list[str]) -> str:
+    closest: list[str] = []
+    for name in unknown:
+        for match in difflib.get_close_matches(name, valid, n=5, cutoff=0.4):
+            if match not in closest:
+                closest.append(match)
+    ordered = closest + [v for v in valid if v not in closest]
+    shown = ", ".join(ordered[:_MAX_LISTED])
+    more = f" and {len(ordered) - _MAX_LISTED} more" if len(ordered) > _MAX_LISTED else ""
+    what = "unknown layer " if len(unknown) == 1 else "unknown layers "
+    return (f"{what}{', '.join(repr(u) for u in unknown)}. Valid names, closest first: "
+            f"{shown}{more}. List them with pcace.capture.describe_layers(model, input_shape) "
+            "or conv_layer_names(model)")
+
+
+# --------------------------------------------------------------------------- the store
+
+
+@dataclass
+class _Layer:
+    shape: tuple[int, int, int] | None = None
+    parts: list[torch.Tensor] = field(default_factory=list)
+    nbytes: int = 0  # bytes held in RAM
+    n: int = 0
+    path: Path | None = None
+    file: BinaryIO | None = None
+    memmap: np.memmap | None = None
+
+    @property
+    def spilled(self) -> bool:
+        return self.path is not None
+
+
+class ActivationStore:
+    """Per-layer activations of one run: in RAM under a budget, spilled to disk past it.
+
+    Parameters
+    ----------
+    layers : sequence of str
+        The layer names it will receive.
+    memory_budget : int
+        Bytes of activations kept in RAM. After each batch, while more is held,
+        the largest layer still in RAM is spilled (its batches so far written to
+        a raw float32 file, the later ones appended there).
+    spill_dir : str or Path, optional
+        Parent of the temporary directory for spilled layers (the system's
+        temporary directory when None). The directory is removed by
+        :meth:`close` or when the store is garbage-collected.
+
+    Examples
+    --------
+    >>> import torch
+    >>> store = ActivationStore(["conv"], memory_budget=0)
+    >>> store.add({"conv": torch.ones(2, 3, 4, 4)})
+    >>> store.finalize()
+    >>> store.spilled["conv"], tuple(store.read("conv", slice(0, 2)).shape)
+    (True, (2, 2, 4, 4))
+    >>> store.close()
+    """
+
+    def __init__(self, layers: Sequence[str], memory_budget: int,
+                 spill_dir: str | Path | None = None):
+        _check_budget(memory_budget)
+        self.memory_budget = int(memory_budget)
+        self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        self._layers = {name: _Layer() for name in layers}
+        self._dir: Path | None = None
+        self._cleanup: weakref.finalize | None = None
+        self.finalized = False
+        self.closed = False
+
+    @property
+    def in_memory_bytes(self) -> int:
+        """Bytes of activations now held in RAM."""
+        return sum(layer.nbytes for layer in self._layers.values())
+
+    @property
+    def spilled(self) -> dict[str, bool]:
+        return {name: layer.spilled for name, layer in self._layers.items()}
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int, int]]:
+        return {name: layer.shape for name, layer in self._layers.items() if layer.shape}
+
+    @property
+    def directory(self) -> Path | None:
+        """Where spilled layers live (None until the first spill)."""
+        return self._dir
+
+    def add(self, batch: dict[str, torch.Tensor]) -> None:
+        """Append one batch, ``{layer: (B, C, H, W) float32 CPU tensor}``, for every layer."""
+        self._check_open(writing=True)
+        missing = set(self._layers) - set(batch)
+        if missing:
+            raise ValueError(f"batch lacks layers {sorted(missing)}")
+        for name, acts in batch.items():
+            layer = self._layers[name]
+            shape = tuple(acts.shape[1:])
+            if layer.shape is None:
+                layer.shape = shape
+            elif shape != layer.shape:
+                raise ValueError(f"layer {name!r} gave maps of shape {shape} after "
+                                 f"{layer.shape} in earlier batches; all images must have one "
+                                 "size (resize or crop them alike)")
+            acts = acts.to(torch.float32).contiguous()
+            layer.n += acts.shape[0]
+            if layer.spilled:
+                self._write(name, layer, acts)
+            else:
+                layer.parts.append(acts)
+                layer.nbytes += acts.numel() * BYTES_PER_VALUE
+        self._enforce_budget()
+
+    def finalize(self) -> None:
+        """Close the spill files and map them read-only; no more batches after this."""
+        self._check_open(writing=True)
+        for layer in self._layers.values():
+            if layer.file is not None:
+                layer.file.close()
+                layer.file = None
+                c, h, w = layer.shape
+                layer.memmap = np.memmap(layer.path, dtype=np.float32, mode="r",
+                                         shape=(layer.n, c, h * w))
+        self.finalized = True
+
+    def read(self, name: str, channels: ChannelIndex = slice(None)) -> torch.Tensor:
+        """Activations ``(N, c, H, W)`` of a channel subset of one layer (a fresh tensor)."""
+        self._check_open(writing=False)
+        if name not in self._layers:
+            raise KeyError(f"layer {name!r} was not captured; captured layers: "
+                           f"{list(self._layers)}")
+        layer = self._layers[name]
+        c, h, w = layer.shape
+        index = _channel_index(channels, c)
+        if layer.memmap is not None:
+            np_index = index if isinstance(index, slice) else index.numpy()
+            block = np.array(layer.memmap[:, np_index], copy=True)  # only these channels
+            return torch.from_numpy(block).reshape(layer.n, -1, h, w)
+        return torch.cat([part[:, index] for part in layer.parts])
+
+    def close(self) -> None:
+        """Free the RAM copies and remove the spill directory."""
+        for layer in self._layers.values():
+            if layer.file is not None:
+                layer.file.close()
+                layer.file = None
+            layer.memmap = None
+            layer.parts = []
+            layer.nbytes = 0
+        if self._cleanup is not None:
+            self._cleanup()
+        self.closed = True
+
+    # -- helpers
+
+    def _check_open(self, writing: bool) -> None:
+        if self.closed:
+            raise RuntimeError("the activation store is closed; capture again")
+        if writing and self.finalized:
+            raise RuntimeError("the activation store is finalized; it takes no more batches")
+        if not writing and not self.finalized:
+            raise RuntimeError("finalize() the activation store before reading it")
+
+    def _enforce_budget(self) -> None:
+        while self.in_memory_bytes > self.memory_budget:
+            name, layer = max(((n, lay) for n, lay in self._layers.items() if lay.nbytes),
+                              key=lambda item: item[1].nbytes)
+            self._spill(name, layer)
+
+    def _spill(self, name: str, layer: _Layer) -> None:
+        directory = self._directory()
+        index = list(self._layers).index(name)
+        layer.path = directory / f"{index:03d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.f32"
+        try:
+            layer.file = open(layer.path, "wb")  # noqa: SIM115 - closed in finalize/close
+        except OSError as err:
+            raise OSError(f"cannot create the spill file for layer {name!r} in {directory}: "
+                          f"{err}") from err
+        parts, layer.parts, layer.nbytes = layer.parts, [], 0
+        for part in parts:
+            self._write(name, layer, part)
+
+    def _write(self, name: str, layer: _Layer, acts: torch.Tensor) -> None:
+        try:
+            acts.numpy().tofile(layer.file)
+        except OSError as err:
+            raise OSError(f"could not spill layer {name!r} to {layer.path}: {err}. Free disk "
+                          "space, pass spill_dir= on a larger disk, or raise memory_budget")\
+                from err
+
+    def _directory(self) -> Path:
+        if self._dir is None:
+            parent = self.spill_dir
+            if parent is not None:
+                parent.mkdir(parents=True, exist_ok=True)
+            self._dir = Path(tempfile.mkdtemp(prefix="pcace-spill-", dir=parent))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
+        return self._dir
+
+
+def _check_budget(memory_budget: Any) -> None:
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int | float) \
+            or not memory_budget >= 0:
+        raise ValueError(f"memory_budget must be a number of bytes >= 0; got {memory_budget!r}")
+
+
+def _channel_index(channels: ChannelIndex, n_channels: int) -> slice | torch.Tensor:
+    """A slice, or a long tensor of channel indices, checked against ``n_channels``."""
+    if isinstance(channels, slice):
+        return channels
+    if isinstance(channels, int | np.integer) and not isinstance(channels, bool):
+        i = int(channels)
+        if not -n_channels <= i < n_channels:
+            raise IndexError(f"channel {i} is out of range for a layer of {n_channels} channels")
+        i %= n_channels
+        return slice(i, i + 1)
+    index = torch.as_tensor(np.asarray(channels)).flatten()
+    if index.dtype == torch.bool or index.is_floating_point():
+        raise TypeError(f"channels must be an int, slice or integer indices; got {index.dtype}")
+    index = index.to(torch.long)
+    if index.numel() and not bool(((index >= -n_channels) & (index < n_channels)).all()):
+        raise IndexError(f"channels {index.tolist()[:10]} out of range for a layer of "
+                         f"{n_channels} channels")
+    return index % n_channels
+
+
+# --------------------------------------------------------------------------- capture
+
+
+class Capture:
+    """The result of :func:`capture`: activations of the requested layers and the scores.
+
+    Use it as a context manager (or call :meth:`close`) to free the activations
+    and remove spilled files; garbage collection does the same.
+
+    Attributes
+    ----------
+    layers : list of str
+        Captured layer names, in network order.
+    scores : numpy.ndarray
+        ``(N,)`` float64: ``score_fn`` of the model's outputs, per image.
+    n_images : int
+    shapes : dict
+        ``{layer: (C, H, W)}``.
+    spilled : dict
+        ``{layer: bool}``: whether the layer lives on disk.
+    forward_calls : int
+        Forward passes of the model (one per non-empty batch).
+    seconds : float
+        Wall time of the pass.
+    """
+
+    def __init__(self, store: ActivationStore, layers: list[str], scores: np.ndarray,
+                 forward_calls: int, seconds: float):
+        self._store = store
+        self.layers = layers
+        self.scores = scores
+        self.n_images = int(scores.shape[0])
+        self.shapes = store.shapes
+        self.spilled = store.spilled
+        self.forward_calls = forward_calls
+        self.seconds = seconds
+
+    def layer(self, name: str, channels: ChannelIndex = slice(None)) -> torch.Tensor:
+        """Activations of a channel subset of one layer.
+
+        Parameters
+        ----------
+        name : str
+            A captured layer.
+        channels : int, slice or sequence of int, default all
+            Which channels; an int keeps the channel axis.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(N, c, H, W)`` float32, a fresh copy (for a spilled layer, only
+            those channels are read from disk).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3))
+        >>> with capture(net, [torch.rand(5, 1, 6, 6)], None, lambda out: out.sum((1, 2, 3)),
+        ...              progress=False) as cap:
+        ...     tuple(cap.layer("0", slice(1, 3)).shape)
+        (5, 2, 4, 4)
+        """
+        return self._store.read(name, channels)
+
+    def channel_chunks(self, name: str, max_bytes: int
+                       ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Walk a layer in channel chunks of at most ``max_bytes``; see :func:`channel_chunks`."""
+        return channel_chunks(self, name, max_bytes)
+
+    @property
+    def closed(self) -> bool:
+        return self._store.closed
+
+    def close(self) -> None:
+        """Free the activations and remove any spilled files."""
+        self._store.close()
+
+    def __enter__(self) -> Capture:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        spilled = sum(self.spilled.values())
+        return (f"Capture({len(self.layers)} layers, {self.n_images} images, "
+                f"{spilled} spilled, {self.forward_calls} forward calls)")
+
+
+def channel_chunks(capture: Capture, layer: str, max_bytes: int
+                   ) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield ``(channel slice, activations (N, c, H, W))`` chunks of one layer.
+
+    Parameters
+    ----------
+    capture : Capture
+    layer : str
+    max_bytes : int
+        Upper bound on a chunk's float32 size. A single channel larger than
+        that still comes as one chunk of one channel.
+
+    Yields
+    ------
+    (slice, torch.Tensor)
+        The channels ``slice(start, stop)`` and their activations.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(1, 6, 3))
+    >>> with capture(net, [torch.rand(4, 1, 6, 6)], None, lambda out: out.sum((1, 2, 3)),
+    ...              progress=False) as cap:
+    ...     [(s.start, s.stop) for s, _ in channel_chunks(cap, "0", 4 * 16 * 4 * 4)]
+    [(0, 4), (4, 6)]
+    """
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int | float) or max_bytes <= 0:
+        raise ValueError(f"max_bytes must be a positive number of bytes; got {max_bytes!r}")
+    if layer not in capture.shapes:
+        raise KeyError(f"layer {layer!r} was not captured; captured layers: {capture.layers}")
+    c, h, w = capture.shapes[layer]
+    per_channel = capture.n_images * h * w * BYTES_PER_VALUE
+    step = max(1, int(max_bytes // per_channel))
+    for start in range(0, c, step):
+        chunk = slice(start, min(start + step, c))
+        yield chunk, capture.layer(layer, chunk)
+
+
+def capture(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    layers: str | Iterable[str] | None,
+    score_fn: Callable[[Any], torch.Tensor],
+    *,
+    device: str | torch.device = "cpu",
+    memory_budget: int = 2 * 2**30,
+    spill_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Capture:
+    """Run the model once over the batches and keep the outputs of the chosen layers.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Moved to ``device`` (and left there) and run in eval mode; its training
+        flags are restored afterwards.
+    batches : iterable of torch.Tensor
+        Preprocessed image batches ``(B, C, H, W)``; an item ``(images, ...)``
+        (as a labelled DataLoader yields) uses its first element. Empty batches
+        are skipped.
+    layers : None, str or iterable of str
+        Qualified module names (see :func:`resolve_layers`); None for every conv
+        layer. Each must produce a 4-D tensor and run once per forward pass.
+    score_fn : callable
+        ``score_fn(outputs) -> (B,)`` tensor: the scalar score of each image.
+    device : str or torch.device, default "cpu"
+    memory_budget : int, default 2 GiB
+        Bytes of activations held in RAM; layers past it are spilled to disk.
+    spill_dir : str or Path, optional
+        Where spilled layers go (inside a temporary subdirectory, removed when
+        the capture is closed). The system's temporary directory when None.
+    progress : bool, default True
+        Show a tqdm bar over the batches on stderr.
+
+    Returns
+    -------
+    Capture
+
+    Raises
+    ------
+    ValueError
+        A layer's output is not a 4-D tensor, holds NaN or inf, or the layer
+        ran more than once or not at all in a pass; ``score_fn`` returned the
+        wrong shape or non-finite values; no images came.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+    >>> images = torch.rand(20, 1, 8, 8)
+    >>> with capture(net, images.split(8), ["0"], lambda out: out[:, 1],
+    ...              progress=False) as cap:
+    ...     cap.n_images, cap.shapes["0"], cap.forward_calls
+    (20, (4, 6, 6), 3)
+    """
+    from tqdm.auto import tqdm
+
+    names = resolve_layers(model, layers)
+    if not callable(score_fn):
+        raise TypeError(f"score_fn must be callable (outputs -> (B,) scores); got "
+                        f"{type(score_fn).__name__}")
+    store = ActivationStore(names, memory_budget, spill_dir)
+    device = torch.device(device)
+    run = _Run(names)
+    modules = dict(model.named_modules())
+    flags = _training_flags(model)
+    handles = []
+    scores: list[np.ndarray] = []
+    bar = tqdm(batches, total=_length(batches), desc="forward pass", unit="batch",
+               file=sys.stderr, disable=not progress)
+    start = time.perf_counter()
+    try:
+        model.to(device)
+        model.eval()
+        for name in names:
+            handles.append(modules[name].register_forward_hook(run.hook(name)))
+        with torch.inference_mode():
+            for item in bar:
+                images = _images(item, run.batches)
+                run.batches += 1
+                if images.shape[0] == 0:
+                    continue
+                run.begin(images.shape[0])
+                outputs = model(images.to(device))
+                run.forward_calls += 1
+                run.check_complete()
+                scores.append(_batch_scores(score_fn(outputs), images.shape[0], run.offset))
+                store.add(run.pending)
+                run.end()
+        if not scores:
+            raise ValueError("batches yielded no images; pass at least one (B, C, H, W) batch")
+        store.finalize()
+    except BaseException:
+        store.close()
+        raise
+    finally:
+        for h in handles:
+            h.remove()
+        _restore_training(flags)
+        bar.close()
+    seconds = time.perf_counter() - start
+    return Capture(store, names, np.concatenate(scores), run.forward_calls, seconds)
+
+
+class _Run:
+    """State the hooks share during one capture."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.pending: dict[str, torch.Tensor] = {}
+        self.offset = 0  # images before the current batch
+        self.size = 0
+        self.batches = 0
+        self.forward_calls = 0
+
+    def begin(self, size: int) -> None:
+        self.pending = {}
+        self.size = size
+
+    def end(self) -> None:
+        self.offset += self.size
+        self.pending = {}
+
+    def hook(self, name: str) -> Callable:
+        def store_output(module: nn.Module, inputs: Any, output: Any) -> None:
+            if name in self.pending:
+                raise ValueError(f"layer {name!r} ({type(module).__name__}) ran more than once "
+                                 "in one forward pass (a module reused in the network, such as "
+                                 "a shared ReLU), so its output is ambiguous; capture a module "
+                                 "that runs once, e.g. the one before it")
+            _check_output(name, output, self.size)
+            _check_finite(name, output, self.offset)
+            self.pending[name] = output.detach().to("cpu", torch.float32, copy=True)
+        return store_output
+
+    def check_complete(self) -> None:
+        missing = [n for n in self.names if n not in self.pending]
+        if missing:
+            raise ValueError(f"layer(s) {missing} did not run in the forward pass, so they have "
+                             "no output to capture; pick modules the model calls in forward()")
+
+
+def _check_output(name: str, output: Any, batch_size: int) -> None:
+    if not isinstance(output, torch.Tensor):
+        raise ValueError(f"layer {name!r} returned a {type(output).__name__}, not a tensor; "
+                         "capture a module whose output is a (B, C, H, W) tensor")
+    if output.ndim != 4 or output.shape[0] != batch_size:
+        raise ValueError(f"layer {name!r} produced shape {tuple(output.shape)}; expected "
+                         f"(B={batch_size}, C, H, W). PCACE needs convolutional feature maps: "
+                         "pick a layer from describe_layers(model, input_shape)")
+
+
+def _check_finite(name: str, output: torch.Tensor, offset: int) -> None:
+    if bool(torch.isfinite(output).all()):
+        return
+    bad = ~torch.isfinite(output)
+    channels = bad.any(dim=(0, 2, 3)).nonzero().flatten().tolist()
+    images = (bad.any(dim=(1, 2, 3)).nonzero().flatten() + offset).tolist()
+    raise ValueError(f"layer {name!r} produced NaN or inf in channel(s) {_short(channels)} "
+                     f"for image(s) {_short(images)} (positions in the input order). Check "
+                     "those images, the weights, or overflow (e.g. half precision)")
+
+
+def _short(values: list[int], limit: int = 10) -> str:
+    more = f" and {len(values) - limit} more" if len(values) > limit else ""
+    return f"{values[:limit]}{more}"
+
+
+def _batch_scores(values: Any, batch_size: int, offset: int) -> np.ndarray:
+    s = values.detach() if isinstance(values, torch.Tensor) else torch.as_tensor(values)
+    if tuple(s.shape) != (batch_size,):
+        hint = " (for an (B, 1) output use out[:, 0])" if tuple(s.shape) == (batch_size, 1) \
+            else ""
+        raise ValueError(f"score_fn must return one score per image, shape ({batch_size},); "
+                         f"got {tuple(s.shape)}{hint}")
+    s = s.to("cpu", torch.float64).numpy().copy()
+    bad = np.flatnonzero(~np.isfinite(s))
+    if bad.size:
+        raise ValueError(f"score_fn returned NaN or inf for image(s) "
+                         f"{_short((bad + offset).tolist())}; check the target and the images")
+    return s
+
+
+def _images(item: Any, index: int) -> torch.Tensor:
+    if isinstance(item, tuple | list) and item:
+        item = item[0]
+    if isinstance(item, np.ndarray):
+        item = torch.from_numpy(item)
+    if not isinstance(item, torch.Tensor) or item.ndim != 4:
+        got = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
+        raise ValueError(f"batch {index} must be an image tensor (B, C, H, W); got {got}")
+    return item
+
+
+def _length(batches: Any) -> int | None:
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
+def _training_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    return [(m, m.training) for m in model.modules()]
+
+
+def _restore_training(flags: list[tuple[nn.Module, bool]]) -> None:
+    for module, training in flags:
+        module.training = training

@@ -1,0 +1,400 @@
+"""Tests of pcace.capture: layer discovery, hooks, one forward pass, spilling."""
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pcace.capture import (
+    ActivationStore,
+    Capture,
+    capture,
+    channel_chunks,
+    conv_layer_names,
+    describe_layers,
+    resolve_layers,
+)
+
+
+class Net(nn.Module):
+    """conv -> bn -> inplace relu -> block(conv, relu) -> pool -> flatten -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.block = nn.Sequential(nn.Conv2d(4, 6, 3), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(24, 3)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.fc(self.flatten(self.pool(self.block(x))))
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    net = Net().eval()
+    with torch.no_grad():  # non-trivial BN statistics
+        net.bn1.running_mean.uniform_(-0.5, 0.5)
+        net.bn1.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def _batches(n=20, size=8, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return list(torch.randn(n, 3, size, size, generator=gen).split(6))
+
+
+def _score(out):
+    return out[:, 1]
+
+
+def _no_hooks(model):
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+# ------------------------------------------------------------------ layer names
+
+
+def test_conv_layer_names_in_module_order():
+    assert conv_layer_names(_net()) == ["conv1", "block.0"]
+    assert conv_layer_names(nn.Sequential(nn.ReLU())) == []
+
+
+def test_resolve_layers_order_dedup_and_modules():
+    net = _net()
+    assert resolve_layers(net, None) == ["conv1", "block.0"]
+    assert resolve_layers(net, ["block.1", "conv1", "block.1"]) == ["conv1", "block.1"]
+    assert resolve_layers(net, "bn1") == ["bn1"]
+    assert resolve_layers(net, [net.block[0], "relu"]) == ["relu", "block.0"]
+
+
+def test_resolve_layers_unknown_lists_closest_first():
+    net = _net()
+    with pytest.raises(ValueError, match="unknown layer 'block.2'") as info:
+        resolve_layers(net, ["conv1", "block.2"])
+    message = str(info.value)
+    listed = message.split("closest first: ")[1].split(". List")[0].split(", ")
+    assert listed[:2] == ["block.1", "block.0"] or listed[:2] == ["block.0", "block.1"]
+    assert set(listed) == {"conv1", "bn1", "relu", "block", "block.0", "block.1", "pool",
+                           "flatten", "fc"}
+
+
+def test_resolve_layers_unknown_truncates_long_lists():
+    net = nn.Sequential(*[nn.Conv2d(1, 1, 1) for _ in range(40)])
+    with pytest.raises(ValueError, match=r"and 25 more") as info:
+        resolve_layers(net, ["39x"])
+    assert "closest first: 39," in str(info.value)
+
+
+def test_resolve_layers_other_errors():
+    with pytest.raises(ValueError, match="no nn.Conv2d"):
+        resolve_layers(nn.Sequential(nn.ReLU()), None)
+    with pytest.raises(ValueError, match="empty"):
+        resolve_layers(_net(), [])
+    with pytest.raises(TypeError, match="module names"):
+        resolve_layers(_net(), [3])
+    with pytest.raises(ValueError, match="not a submodule"):
+        resolve_layers(_net(), [nn.ReLU()])
+
+
+# ------------------------------------------------------------------ describe_layers
+
+
+def test_describe_layers_sequential():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 5, 1),
+                        nn.Flatten(), nn.Linear(5 * 3 * 3, 2))
+    net.train()  # restored after the pass
+    table = describe_layers(net, (3, 8, 8))
+    assert table.name.tolist() == ["0", "1", "2", "3"]
+    assert table.type.tolist() == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d"]
+    assert table[["out_channels", "height", "width"]].values.tolist() == [
+        [8, 6, 6], [8, 6, 6], [8, 3, 3], [5, 3, 3]]
+    assert net.training and _no_hooks(net)
+    assert describe_layers(net, (2, 3, 8, 8)).equals(table)
+    with pytest.raises(ValueError, match="input_shape"):
+        describe_layers(net, (8, 8))
+
+
+def test_describe_layers_resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(weights=None)
+    table = describe_layers(model, (3, 224, 224)).set_index("name")
+    shapes = {n: tuple(table.loc[n, ["out_channels", "height", "width"]]) for n in
+              ["conv1", "maxpool", "layer1.0.conv1", "layer2.0.downsample.0", "layer3.1.conv2",
+               "layer4.1.conv2", "layer4", "avgpool"]}
+    assert shapes == {"conv1": (64, 112, 112), "maxpool": (64, 56, 56),
+                      "layer1.0.conv1": (64, 56, 56), "layer2.0.downsample.0": (128, 28, 28),
+                      "layer3.1.conv2": (256, 14, 14), "layer4.1.conv2": (512, 7, 7),
+                      "layer4": (512, 7, 7), "avgpool": (512, 1, 1)}
+    assert "fc" not in table.index
+    assert table.loc["layer1.0.relu", "calls"] == 2  # BasicBlock reuses its ReLU
+    assert table.loc["layer1.0.conv1", "calls"] == 1
+    convs = table[table.type == "Conv2d"].index.tolist()
+    assert convs == conv_layer_names(model) and len(convs) == 20
+    assert _no_hooks(model)
+
+
+def test_describe_layers_removes_hooks_on_error():
+    net = _net()
+    with pytest.raises(RuntimeError):
+        describe_layers(net, (5, 8, 8))  # wrong number of input channels
+    assert _no_hooks(net)
+
+
+# ------------------------------------------------------------------ capture
+
+
+def test_capture_basic_and_one_forward_per_batch():
+    net = _net()
+    calls = []
+    net.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    batches = _batches()
+    with capture(net, batches, ["conv1", "block.0"], _score, progress=False) as cap:
+        assert isinstance(cap, Capture)
+        assert calls == [6, 6, 6, 2]
+        assert cap.forward_calls == 4
+        assert cap.n_images == 20 and cap.layers == ["conv1", "block.0"]
+        assert cap.shapes == {"conv1": (4, 8, 8), "block.0": (6, 6, 6)}
+        assert cap.spilled == {"conv1": False, "block.0": False}
+        assert cap.scores.dtype == np.float64 and cap.scores.shape == (20,)
+        assert cap.seconds > 0
+        images = torch.cat(batches)
+        with torch.no_grad():
+            expected_scores = _score(net(images)).double().numpy()
+            expected = net.conv1(images)
+        np.testing.assert_allclose(cap.scores, expected_scores, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cap.layer("conv1"), expected)
+        torch.testing.assert_close(cap.layer("conv1", [3, 1]), expected[:, [3, 1]])
+        torch.testing.assert_close(cap.layer("conv1", 2), expected[:, 2:3])
+    net._forward_pre_hooks.clear()
+    assert _no_hooks(net)
+    assert cap.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        cap.layer("conv1")
+
+
+def test_capture_default_layers_and_tuple_batches():
+    net = _net()
+    labelled = [(b, torch.zeros(len(b))) for b in _batches()]
+    cap = capture(net, iter(labelled), None, _score, progress=False)
+    assert cap.layers == ["conv1", "block.0"] and cap.n_images == 20
+    cap.close()
+
+
+def test_inplace_relu_does_not_corrupt_stored_output_and_eval_mode_used():
+    net = _net().train()  # capture must run it in eval mode (BN running statistics)
+    images = torch.cat(_batches())
+    with capture(net, [images], ["bn1"], _score, progress=False) as cap:
+        assert net.training
+        net.eval()
+        with torch.no_grad():
+            expected = net.bn1(net.conv1(images))
+        assert (expected < 0).any()
+        torch.testing.assert_close(cap.layer("bn1"), expected)
+
+
+def test_training_flags_restored():
+    net = _net().train()
+    net.block.eval()
+    with capture(net, _batches(), ["conv1"], _score, progress=False):
+        pass
+    assert net.training and net.conv1.training and not net.block.training
+
+
+def test_non_4d_layer_errors_with_name():
+    net = _net()
+    with pytest.raises(ValueError, match=r"layer 'flatten' produced shape \(6, 24\)"):
+        capture(net, _batches(), ["conv1", "flatten"], _score, progress=False)
+    assert _no_hooks(net)
+
+
+def test_module_run_twice_errors():
+    relu = nn.ReLU()
+    net = nn.Sequential(nn.Conv2d(3, 2, 1), relu, nn.Conv2d(2, 2, 1), relu)
+    with pytest.raises(ValueError, match="ran more than once"):
+        capture(net, _batches(), ["1"], lambda out: out.sum((1, 2, 3)), progress=False)
+    assert _no_hooks(net)
+
+
+class Boom(Exception):
+    pass
+
+
+class Exploding(nn.Module):
+    def __init__(self, after):
+        super().__init__()
+        self.after, self.calls = after, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > self.after:
+            raise Boom("model failed")
+        return x
+
+
+def test_hooks_removed_after_error_in_model():
+    net = nn.Sequential(nn.Conv2d(3, 2, 1), Exploding(after=2), nn.Flatten(), nn.Linear(128, 1))
+    with pytest.raises(Boom):
+        capture(net, _batches(), ["0"], lambda out: out[:, 0], progress=False)
+    assert _no_hooks(net)
+
+
+def test_hooks_removed_after_error_in_score_fn():
+    net = _net()
+
+    def bad_score(out):
+        raise Boom("score failed")
+
+    with pytest.raises(Boom):
+        capture(net, _batches(), ["conv1", "block.0"], bad_score, progress=False)
+    assert _no_hooks(net)
+
+
+def test_keyboard_interrupt_propagates_and_spill_dir_removed(tmp_path):
+    net = _net()
+    seen = []
+
+    def interrupt(out):
+        seen.append(1)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return out[:, 0]
+
+    with pytest.raises(KeyboardInterrupt):
+        capture(net, _batches(), ["conv1"], interrupt, memory_budget=0, spill_dir=tmp_path,
+                progress=False)
+    assert _no_hooks(net)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_score_fn_shape_and_nan_errors():
+    net = _net()
+    with pytest.raises(ValueError, match=r"shape \(6,\); got \(6, 3\)"):
+        capture(net, _batches(), ["conv1"], lambda out: out, progress=False)
+    with pytest.raises(ValueError, match=r"out\[:, 0\]"):
+        capture(net, _batches(), ["conv1"], lambda out: out[:, :1], progress=False)
+
+    def nan_score(out):
+        s = out[:, 0].clone()
+        s[1] = float("nan")
+        return s
+
+    with pytest.raises(ValueError, match=r"image\(s\) \[1\]"):
+        capture(net, _batches(), ["conv1"], nan_score, progress=False)
+    assert _no_hooks(net)
+
+
+class Poison(nn.Module):
+    """Puts a NaN in channel 2 of image 8 (the third image of the second batch of 6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def forward(self, x):
+        x = x.clone()
+        index = 8 - self.seen
+        if 0 <= index < x.shape[0]:
+            x[index, 2, 1, 1] = float("nan")
+        self.seen += x.shape[0]
+        return x
+
+
+def test_nan_in_layer_names_layer_channel_and_image():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), Poison(), nn.Conv2d(4, 1, 1))
+    with pytest.raises(ValueError, match=r"layer '1' produced NaN or inf in channel\(s\) \[2\] "
+                                         r"for image\(s\) \[8\]"):
+        capture(net, _batches(), ["0", "1"], lambda out: out.sum((1, 2, 3)), progress=False)
+    assert _no_hooks(net)
+
+
+def test_empty_batches_and_bad_batch():
+    net = _net()
+    with pytest.raises(ValueError, match="no images"):
+        capture(net, [], ["conv1"], _score, progress=False)
+    with pytest.raises(ValueError, match=r"batch 0 must be an image tensor"):
+        capture(net, [torch.zeros(3, 8, 8)], ["conv1"], _score, progress=False)
+    assert _no_hooks(net)
+
+
+# ------------------------------------------------------------------ spilling
+
+
+def test_spilled_run_matches_in_memory_run(tmp_path):
+    net = _net()
+    batches = _batches(n=23)
+    layers = ["conv1", "bn1", "block.0"]
+    with capture(net, batches, layers, _score, progress=False) as ram, \
+            capture(net, batches, layers, _score, memory_budget=0, spill_dir=tmp_path,
+                    progress=False) as disk:
+        assert not any(ram.spilled.values()) and all(disk.spilled.values())
+        spill_dirs = list(tmp_path.iterdir())
+        assert len(spill_dirs) == 1 and len(list(spill_dirs[0].iterdir())) == 3
+        np.testing.assert_array_equal(ram.scores, disk.scores)
+        assert ram.shapes == disk.shapes and disk.n_images == 23
+        for name in layers:
+            assert torch.equal(ram.layer(name), disk.layer(name))
+            assert torch.equal(ram.layer(name, slice(1, 3)), disk.layer(name, slice(1, 3)))
+            assert torch.equal(ram.layer(name, [3, 0]), disk.layer(name, [3, 0]))
+            assert torch.equal(ram.layer(name, -1), disk.layer(name, -1))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_budget_spills_the_largest_layer_only():
+    net = _net()
+    batches = _batches(n=20)
+    # conv1: 20 * 4 * 64 * 4 B = 20480 B; block.0: 20 * 6 * 36 * 4 B = 17280 B
+    with capture(net, batches, ["conv1", "block.0"], _score, memory_budget=25_000,
+                 progress=False) as cap:
+        assert cap.spilled == {"conv1": True, "block.0": False}
+        assert cap._store.in_memory_bytes <= 25_000
+        with capture(net, batches, ["conv1", "block.0"], _score, progress=False) as ram:
+            for name in cap.layers:
+                assert torch.equal(cap.layer(name), ram.layer(name))
+
+
+def test_spill_dir_removed_on_garbage_collection():
+    cap = capture(_net(), _batches(), ["conv1"], _score, memory_budget=0, progress=False)
+    directory = cap._store.directory
+    assert directory.exists()
+    del cap
+    gc.collect()
+    assert not directory.exists()
+
+
+def test_channel_chunks_bounded_and_complete():
+    net = _net()
+    with capture(net, _batches(n=20), ["block.0"], _score, memory_budget=0,
+                 progress=False) as cap:
+        per_channel = 20 * 6 * 6 * 4
+        chunks = list(channel_chunks(cap, "block.0", 2.5 * per_channel))
+        assert [(s.start, s.stop) for s, _ in chunks] == [(0, 2), (2, 4), (4, 6)]
+        assert all(t.numel() * 4 <= 2.5 * per_channel for _, t in chunks)
+        assert torch.equal(torch.cat([t for _, t in chunks], 1), cap.layer("block.0"))
+        tiny = list(cap.channel_chunks("block.0", 1))
+        assert len(tiny) == 6 and all(t.shape[1] == 1 for _, t in tiny)
+        with pytest.raises(ValueError, match="max_bytes"):
+            list(channel_chunks(cap, "block.0", 0))
+        with pytest.raises(KeyError, match="not captured"):
+            list(channel_chunks(cap, "conv1", 1000))
+
+
+def test_activation_store_checks():
+    with pytest.raises(ValueError, match="memory_budget"):
+        ActivationStore(["a"], memory_budget=-1)
+    store = ActivationStore(["a"], memory_budget=10**6)
+    store.add({"a": torch.ones(2, 3, 2, 2)})
+    with pytest.raises(ValueError, match="one size"):
+        store.add({"a": torch.ones(2, 3, 4, 4)})
+    with pytest.raises(RuntimeError, match="finalize"):
+        store.read("a")
+    store.finalize()
+    with pytest.raises(IndexError, match="out of range"):
+        store.read("a", 5)
+    store.close()
