@@ -1,0 +1,715 @@
+"""Honest numbers for PCACE: permutation nulls, p- and q-values, bootstrap intervals.
+
+A raw PCACE value is biased upwards: ACE with supersmoothers overfits, so two
+independent variables get about 0.2 at n = 300 and k = 3, and about 0.5 at
+n = 100 and k = 5. The bias depends on the number of images ``n``, the number of
+components ``k`` and on the channel's components themselves. This module gives
+the references needed before a value can be read as evidence:
+
+- :func:`permutation_null` re-scores every channel against ``B`` permutations of
+  the score (the same permutations for all channels). The principal components do
+  not depend on the score, so only ACE re-runs.
+- :func:`null_summary` turns observed values and their null into a null mean and
+  95th percentile, permutation p-values, Benjamini-Hochberg q-values (the FDR
+  family is the set of channels passed in: one layer) and ``pcace_adj``, a
+  null-corrected value comparable across layers and runs.
+- :func:`bootstrap_values` resamples the images, recomputes PCA and ACE;
+  :func:`bootstrap_summary` turns that into percentile intervals for the values
+  and for the ranks; :func:`layer_stability` says how stable a layer's ranking is.
+- :func:`share_significant`: the share of a layer's channels with ``q <= alpha``.
+
+Everything is arrays in, arrays or DataFrames out; nothing here touches a model.
+
+The adjusted value
+------------------
+``pcace_adj`` corrects the squared value the way the adjusted R^2 corrects an
+R^2 for overfitting: with ``b = mean(null^2)``, the mean squared value that the
+pipeline returns on permuted scores for this channel,
+
+    a = (pcace^2 - b) / (1 - b),        pcace_adj = sign(a) * sqrt(|a|).
+
+If overfitting adds a fraction ``b`` of the unexplained variance to the fitted
+squared correlation (``E[pcace^2] ~ rho^2 + b (1 - rho^2)``), ``a`` recovers
+``rho^2``. ``pcace_adj`` is 0 at the null level (its median over noise channels
+is near 0 and it is negative for about half of them), 1 for a perfect relation,
+and on the scale of a correlation. On planted signals with ``n`` in {100, 300}
+and ``k`` in {1, 3, 5} it moves far less with ``n`` and ``k`` than the raw value
+or the linear chance correction ``(pcace - mean(null)) / (1 - mean(null))``; the
+linear version (``pcace_adj_linear``) is also reported: it is centred exactly at
+0 for noise but shrinks true signals more, and more so for large ``k`` and small
+``n`` (see ``benchmarks/README.md``, section "Statistics").
+
+Examples
+--------
+>>> import numpy as np
+>>> rng = np.random.default_rng(0)
+>>> z = rng.normal(size=(5, 100, 3))        # 5 channels, 100 images, k = 3
+>>> y = z[0, :, 0] ** 2 + 0.5 * rng.normal(size=100)   # channel 0 carries the score
+>>> obs = ace(z, y).rho
+>>> null = permutation_null(z, y, permutations=99, seed=1)
+>>> table = null_summary(obs, null)
+>>> bool(table.p_value[0] == 0.01), bool((table.p_value[1:] > 0.01).all())
+(True, True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .ace import MIN_OBSERVATIONS, ace
+
+__all__ = [
+    "adjusted_value",
+    "benjamini_hochberg",
+    "bootstrap_summary",
+    "bootstrap_values",
+    "layer_stability",
+    "null_summary",
+    "permutation_null",
+    "share_significant",
+]
+
+#: Default memory (bytes) that one batched ACE call may use for its inputs and outputs.
+CHUNK_BYTES = 2**27
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def _numpy64(a: Any, name: str) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    try:
+        return np.asarray(a, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a numeric array: {err}") from None
+
+
+def _check_scores(scores: Any, n: int) -> np.ndarray:
+    y = _numpy64(scores, "scores")
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"scores must have shape ({n},), one per image; got {y.shape}")
+    if not np.all(np.isfinite(y)):
+        bad = np.flatnonzero(~np.isfinite(y))[:10].tolist()
+        raise ValueError(f"scores holds NaN or inf at images {bad}")
+    if np.ptp(y) <= 0:
+        raise ValueError("scores is constant; a permutation null needs a score that varies")
+    return y
+
+
+def _check_observed_matrix(observed: Any, matrix: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    obs = _numpy64(observed, "observed")
+    mat = _numpy64(matrix, what)
+    if obs.ndim != 1:
+        raise ValueError(f"observed must have shape (C,); got {obs.shape}")
+    if mat.ndim != 2 or mat.shape[0] != obs.shape[0]:
+        raise ValueError(f"{what} must have shape (C, B) = ({obs.shape[0]}, B); got {mat.shape}")
+    if mat.shape[1] < 1:
+        raise ValueError(f"{what} has no replicates (B = 0)")
+    if obs.shape[0] < 1:
+        raise ValueError("observed is empty: pass at least one channel")
+    if not np.all(np.isfinite(obs)):
+        raise ValueError("observed holds NaN or inf")
+    if not np.all(np.isfinite(mat)):
+        raise ValueError(f"{what} holds NaN or inf")
+    return obs, mat
+
+
+def _channel_ids(channels: Sequence[int] | None, c: int) -> np.ndarray:
+    if channels is None:
+        return np.arange(c)
+    ids = np.asarray(channels)
+    if ids.shape != (c,):
+        raise ValueError(f"channels must name one id per channel ({c}); got shape {ids.shape}")
+    return ids
+
+
+def _chunk_size(chunk: int | None, n: int, k: int) -> int:
+    if chunk is None:
+        per_problem = (2 * k + 2) * n * 8  # x, y, theta, phi in float64
+        return max(1, CHUNK_BYTES // per_problem)
+    return _positive_int(chunk, "chunk")
+
+
+def _rho(x: Any, y: Any, ace_options: dict) -> np.ndarray:
+    """Clipped maximal-correlation estimates for a batch (as pcace.rank reports them)."""
+    r = ace(x, y, **ace_options)
+    rho = r.rho.detach().cpu().numpy() if isinstance(r.rho, torch.Tensor) else np.asarray(r.rho)
+    return np.clip(rho, 0.0, 1.0)
+
+
+# -------------------------------------------------------------------- permutation null
+
+def permutation_null(
+    z: Any,
+    scores: Any,
+    permutations: int = 1000,
+    seed: int = 0,
+    chunk: int | None = None,
+    *,
+    ace_options: dict | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """PCACE values of every channel against ``B`` permutations of the score.
+
+    The same ``B`` permutations (drawn once with ``np.random.default_rng(seed)``)
+    serve all channels, so nulls of channels of one layer, or of several layers
+    scored with the same seed and images, are directly comparable. Principal
+    components do not depend on the score, so only ACE re-runs: each batched
+    call solves up to ``chunk`` (channel, permutation) problems.
+
+    Parameters
+    ----------
+    z : torch.Tensor or numpy.ndarray
+        Principal-component scores, shape ``(C, N, k)`` (``Reduction.scores`` or
+        ``PCACEResult.components[layer]``). A CUDA tensor runs ACE's torch
+        backend on that device; anything else the compiled CPU engine.
+    scores : array_like
+        The score per image, shape ``(N,)``.
+    permutations : int, default 1000
+        ``B``, the number of permutations.
+    seed : int, default 0
+        Seed of the permutations.
+    chunk : int, optional
+        Problems per ACE call. Default: as many as fit in about 128 MB
+        (about 7,000 at ``N = 300``, ``k = 3``).
+    ace_options : dict, optional
+        Keyword arguments for :func:`pcace.ace` (use the same as for the
+        observed values).
+    progress : bool, default False
+        Show a progress bar on stderr.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(C, B)`` float64: the clipped maximal correlation of channel ``c``
+        with the ``b``-th permuted score. Dead channels (``z`` all zero) get 0
+        without running ACE.
+
+    Notes
+    -----
+    Cost: ``C * B`` ACE problems, about 0.17 ms each at ``N = 300``, ``k = 3``
+    on two CPU cores (see ``benchmarks/README.md``). The smallest p-value a
+    permutation test can give is ``1 / (B + 1)``; with Benjamini-Hochberg over a
+    layer of ``C`` channels a lone strong channel reaches ``q <= alpha`` only
+    when ``B + 1 >= C / alpha`` (1,280 permutations for 64 channels at 0.05).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> z = rng.normal(size=(3, 60, 2))
+    >>> permutation_null(z, rng.normal(size=60), permutations=20).shape
+    (3, 20)
+    """
+    b_count = _positive_int(permutations, "permutations")
+    if isinstance(seed, bool) or not isinstance(seed, Integral):
+        raise ValueError(f"seed must be an int; got {seed!r}")
+    options = dict(ace_options or {})
+    on_gpu = isinstance(z, torch.Tensor) and z.device.type != "cpu"
+    if on_gpu:
+        zt = z.detach().to(torch.float64)
+    else:
+        zt = torch.as_tensor(_numpy64(z, "z"))
+    if zt.ndim != 3:
+        raise ValueError(f"z must have shape (C, N, k); got {tuple(zt.shape)}. "
+                         "For one channel use z[None]")
+    c, n, k = zt.shape
+    if n < MIN_OBSERVATIONS:
+        raise ValueError(f"a permutation null needs at least {MIN_OBSERVATIONS} images; got {n}")
+    if k < 1:
+        raise ValueError("z has no components (k = 0)")
+    if not bool(torch.isfinite(zt).all()):
+        raise ValueError("z holds NaN or inf")
+    y = _check_scores(scores, n)
+    step = _chunk_size(chunk, n, k)
+
+    rng = np.random.default_rng(int(seed))
+    perms = rng.permuted(np.tile(np.arange(n), (b_count, 1)), axis=1)  # (B, N)
+    y_perm = y[perms]  # (B, N)
+
+    null = np.zeros((c, b_count), dtype=np.float64)
+    live = np.flatnonzero((zt != 0).flatten(1).any(dim=1).cpu().numpy())
+    if live.size == 0:
+        return null
+    z_live = zt[torch.as_tensor(live, device=zt.device)]
+    if on_gpu:
+        y_src: Any = torch.as_tensor(y_perm, device=zt.device)
+    else:
+        z_live = z_live.numpy()
+        y_src = y_perm
+    total = live.size * b_count
+    flat = np.empty(total, dtype=np.float64)
+
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc="permutation null", unit="fit", disable=not progress) as bar:
+        for start in range(0, total, step):
+            idx = np.arange(start, min(start + step, total))
+            ch, pm = idx // b_count, idx % b_count
+            if on_gpu:
+                xs = z_live[torch.as_tensor(ch, device=zt.device)]
+                ys = y_src[torch.as_tensor(pm, device=zt.device)]
+            else:
+                xs, ys = z_live[ch], y_src[pm]
+            flat[start:start + idx.size] = _rho(xs, ys, options)
+            bar.update(idx.size)
+    null[live] = flat.reshape(live.size, b_count)
+    return null
+
+
+def benjamini_hochberg(p_values: Any) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values) of one family of tests.
+
+    Parameters
+    ----------
+    p_values : array_like
+        ``(m,)`` p-values in ``[0, 1]``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``q_i = min_{j >= rank(i)} min(1, m p_(j) / j)``; reject at FDR ``alpha``
+        where ``q <= alpha``.
+
+    Examples
+    --------
+    >>> benjamini_hochberg([0.01, 0.04, 0.03, 0.5]).round(3).tolist()
+    [0.04, 0.053, 0.053, 0.5]
+    """
+    p = _numpy64(p_values, "p_values")
+    if p.ndim != 1:
+        raise ValueError(f"p_values must be one-dimensional; got shape {p.shape}")
+    if p.size == 0:
+        return p.copy()
+    if not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 1:
+        raise ValueError("p_values must be finite and in [0, 1]")
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * m / np.arange(1, m + 1)
+    q_sorted = np.minimum.accumulate(scaled[::-1])[::-1]
+    q = np.empty(m)
+    q[order] = np.minimum(q_sorted, 1.0)
+    return q
+
+
+def adjusted_value(observed: Any, null: Any) -> np.ndarray:
+    """``pcace_adj``: the squared value corrected for overfitting like an adjusted R^2.
+
+    With ``b_c = mean_b(null[c, b]^2)``, ``a = (observed^2 - b_c) / (1 - b_c)``
+    and ``pcace_adj = sign(a) sqrt(|a|)``: 0 at the null level, 1 for a perfect
+    relation, negative below the null average. Dead channels (``b_c = 0``,
+    observed 0) get 0; a channel whose null is all 1 gets 0.
+
+    Parameters
+    ----------
+    observed : array_like
+        ``(C,)`` PCACE values.
+    null : array_like
+        ``(C, B)`` from :func:`permutation_null`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(C,)`` in ``[-1, 1]``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> adjusted_value([0.8, 0.3], np.full((2, 10), 0.3)).round(3).tolist()
+    [0.777, 0.0]
+    """
+    obs, nul = _check_observed_matrix(observed, null, "null")
+    b = (nul ** 2).mean(axis=1)
+    denom = 1.0 - b
+    a = np.where(denom > 0, (obs ** 2 - b) / np.where(denom > 0, denom, 1.0), 0.0)
+    return np.sign(a) * np.sqrt(np.abs(a))
+
+
+def null_summary(observed: Any, null: Any, *,
+                 channels: Sequence[int] | None = None) -> pd.DataFrame:
+    """Permutation p-values, BH q-values and null-corrected values of one layer.
+
+    Parameters
+    ----------
+    observed : array_like
+        ``(C,)`` PCACE values of the channels of ONE layer (or of whatever set
+        should form one FDR family).
+    null : array_like
+        ``(C, B)`` from :func:`permutation_null` for the same channels.
+    channels : sequence of int, optional
+        Channel ids for the ``channel`` column (default ``0 .. C-1``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per channel, in input order, with columns
+
+        - ``channel``, ``pcace`` (the observed value);
+        - ``null_mean``, ``null_sd``, ``null_q95``: mean, standard deviation
+          and 95th percentile of the channel's null;
+        - ``p_value``: ``(1 + #{b : null[c, b] >= observed[c]}) / (B + 1)``,
+          valid (never anti-conservative) and at least ``1 / (B + 1)``;
+        - ``q_value``: Benjamini-Hochberg over the channels passed in. The FDR
+          family is this set: call once per layer for per-layer discoveries;
+        - ``pcace_adj``: see :func:`adjusted_value` (comparable across layers
+          and runs with different ``N`` and ``k``);
+        - ``pcace_adj_linear``: ``(pcace - null_mean) / (1 - null_mean)``,
+          the linear chance correction, for reference.
+
+    Notes
+    -----
+    Dead channels (observed 0, null 0) get ``p = 1``. A channel that ties the
+    whole null (observed equal to every null value) gets ``p = 1`` too.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> null = np.tile(np.linspace(0.1, 0.4, 99), (2, 1))
+    >>> t = null_summary([0.5, 0.2], null, channels=[7, 9])
+    >>> t[["channel", "p_value"]].round(2).values.tolist()
+    [[7.0, 0.01], [9.0, 0.67]]
+    """
+    obs, nul = _check_observed_matrix(observed, null, "null")
+    ids = _channel_ids(channels, obs.shape[0])
+    b = nul.shape[1]
+    exceed = (nul >= obs[:, None]).sum(axis=1)
+    p = (1.0 + exceed) / (b + 1.0)
+    null_mean = nul.mean(axis=1)
+    denom = 1.0 - null_mean
+    linear = np.where(denom > 0, (obs - null_mean) / np.where(denom > 0, denom, 1.0), 0.0)
+    return pd.DataFrame({
+        "channel": ids,
+        "pcace": obs,
+        "null_mean": null_mean,
+        "null_sd": nul.std(axis=1, ddof=1) if b > 1 else np.zeros_like(obs),
+        "null_q95": np.quantile(nul, 0.95, axis=1),
+        "p_value": p,
+        "q_value": benjamini_hochberg(p),
+        "pcace_adj": adjusted_value(obs, nul),
+        "pcace_adj_linear": linear,
+    })
+
+
+def share_significant(q_values: Any, alpha: float = 0.05) -> float:
+    """Share of a layer's channels whose q-value is at most ``alpha``.
+
+    Parameters
+    ----------
+    q_values : array_like
+        BH q-values of the channels of one layer (``null_summary(...).q_value``).
+    alpha : float, default 0.05
+        The FDR level.
+
+    Returns
+    -------
+    float
+        In ``[0, 1]``.
+
+    Examples
+    --------
+    >>> share_significant([0.01, 0.2, 0.04, 0.5])
+    0.5
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be a number in (0, 1); got {alpha!r}")
+    q = _numpy64(q_values, "q_values").ravel()
+    if q.size == 0:
+        raise ValueError("q_values is empty")
+    if np.isnan(q).any():
+        raise ValueError("q_values holds NaN")
+    return float(np.mean(q <= alpha))
+
+
+# ------------------------------------------------------------------------ bootstrap
+
+def _check_maps(maps: Any) -> torch.Tensor:
+    if not isinstance(maps, torch.Tensor):
+        try:
+            maps = torch.as_tensor(np.asarray(maps))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"maps must be a tensor (N, C, H, W): {err}") from None
+    if maps.ndim < 3:
+        raise ValueError(f"maps must have shape (N, C, H, W) or (N, C, P); got "
+                         f"{tuple(maps.shape)}. For one channel use maps[:, None]")
+    return maps
+
+
+def bootstrap_values(
+    maps: Any,
+    scores: Any,
+    components: int | float = 3,
+    boots: int = 200,
+    seed: int = 0,
+    *,
+    chunk_bytes: int = 2**28,
+    ace_options: dict | None = None,
+    reduce_options: dict | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """PCACE values of every channel on ``B`` bootstrap resamples of the images.
+
+    Each replicate draws ``N`` images with replacement (the same resample for
+    all channels), recomputes each channel's standardisation and PCA
+    (:func:`pcace.reduce.principal_components`) and its ACE against the
+    resampled scores. Resampled data hold tied rows; ACE's smoother gives tied
+    values one fitted value.
+
+    Parameters
+    ----------
+    maps : torch.Tensor
+        Activations of one layer (or a chunk of its channels), ``(N, C, H, W)``
+        or ``(N, C, P)``.
+    scores : array_like
+        Score per image, ``(N,)``.
+    components : int or float, default 3
+        As for :func:`pcace.reduce.principal_components`.
+    boots : int, default 200
+        ``B``, the number of resamples.
+    seed : int, default 0
+        Seed of the resamples (``np.random.default_rng(seed)``).
+    chunk_bytes : int, default 256 MiB
+        Memory for the resampled maps of one PCA call; replicates are stacked
+        along the channel axis up to this size.
+    ace_options, reduce_options : dict, optional
+        Keyword arguments for :func:`pcace.ace` and
+        :func:`pcace.reduce.principal_components`.
+    progress : bool, default False
+        Show a progress bar on stderr.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(C, B)`` float64: clipped PCACE values per replicate; 0 where the
+        channel is constant on the resample.
+
+    Notes
+    -----
+    Bootstrap replicates of an upward-biased statistic are more biased still:
+    a resample has only about 63% distinct images and ACE overfits more on
+    them. Percentile intervals therefore sit above the value and tend to
+    under-cover; see :func:`bootstrap_summary` and ``benchmarks/README.md``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> maps = torch.randn(60, 2, 4, 4, generator=g)
+    >>> y = maps[:, 0].flatten(1).mean(1).numpy()
+    >>> bootstrap_values(maps, y, components=2, boots=5).shape
+    (2, 5)
+    """
+    from .reduce import principal_components
+
+    b_count = _positive_int(boots, "boots")
+    if isinstance(seed, bool) or not isinstance(seed, Integral):
+        raise ValueError(f"seed must be an int; got {seed!r}")
+    _positive_int(chunk_bytes, "chunk_bytes")
+    m = _check_maps(maps)
+    n, c = m.shape[0], m.shape[1]
+    if n < MIN_OBSERVATIONS:
+        raise ValueError(f"a bootstrap needs at least {MIN_OBSERVATIONS} images; got {n}")
+    y = _check_scores(scores, n)
+    options = dict(ace_options or {})
+    red_options = dict(reduce_options or {})
+
+    rng = np.random.default_rng(int(seed))
+    draws = np.empty((b_count, n), dtype=np.int64)
+    for i in range(b_count):
+        while True:  # a resample whose scores are all equal cannot be scored; redraw
+            idx = rng.integers(0, n, size=n)
+            if np.ptp(y[idx]) > 0:
+                break
+        draws[i] = idx
+
+    per_replicate = max(1, m[0].numel() * n * 8)  # one replicate's maps in float64
+    step = max(1, chunk_bytes // per_replicate)
+    out = np.zeros((c, b_count), dtype=np.float64)
+
+    from tqdm.auto import tqdm
+
+    with tqdm(total=b_count, desc="bootstrap", unit="rep", disable=not progress) as bar:
+        for start in range(0, b_count, step):
+            reps = draws[start:start + step]  # (r, N)
+            r = reps.shape[0]
+            index = torch.as_tensor(reps.T.copy(), device=m.device)  # (N, r)
+            stacked = m[index.flatten()].reshape(n, r * c, *m.shape[2:])  # replicate-major
+            red = principal_components(stacked, components, **red_options)
+            z = red.scores
+            dead = red.dead.cpu().numpy()
+            ys = np.repeat(y[reps], c, axis=0)  # (r*c, N), same order as channels
+            values = np.zeros(r * c)
+            live = np.flatnonzero(~dead)
+            if live.size:
+                if z.device.type == "cpu":
+                    zl = z[torch.as_tensor(live)].to(torch.float64).numpy()
+                    values[live] = _rho(zl, ys[live], options)
+                else:
+                    zl = z[torch.as_tensor(live, device=z.device)].to(torch.float64)
+                    values[live] = _rho(zl, torch.as_tensor(ys[live], device=z.device), options)
+            out[:, start:start + r] = values.reshape(r, c).T
+            bar.update(r)
+    return out
+
+
+def _level(level: Any) -> float:
+    if isinstance(level, bool) or not isinstance(level, Real) or not 0.0 < level < 1.0:
+        raise ValueError(f"level must be a number in (0, 1); got {level!r}")
+    return float(level)
+
+
+def _ranks_desc(values: np.ndarray) -> np.ndarray:
+    """Ranks within each column, 1 = highest; ties share the lowest (best) rank."""
+    from scipy.stats import rankdata
+
+    return rankdata(-values, axis=0, method="min")
+
+
+def bootstrap_summary(observed: Any, boot: Any, level: float = 0.95, *,
+                      method: str = "percentile",
+                      channels: Sequence[int] | None = None) -> pd.DataFrame:
+    """Bootstrap intervals for the values and the ranks of a set of channels.
+
+    Parameters
+    ----------
+    observed : array_like
+        ``(C,)`` PCACE values on all images.
+    boot : array_like
+        ``(C, B)`` from :func:`bootstrap_values`.
+    level : float, default 0.95
+        Coverage of the two-sided intervals.
+    method : {"percentile", "basic"}, default "percentile"
+        ``"percentile"``: ``[q_lo, q_hi]`` of the replicates. ``"basic"``
+        (reverse percentile): ``[2 v - q_hi, 2 v - q_lo]``, clipped to
+        ``[0, 1]``; it subtracts the bootstrap's estimate of the bias, which for
+        PCACE is positive. Rank intervals are percentile intervals either way.
+    channels : sequence of int, optional
+        Channel ids for the ``channel`` column.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per channel, in input order: ``channel``, ``pcace``,
+        ``boot_mean``, ``boot_sd``, ``bias`` (``boot_mean - pcace``), ``ci_low``,
+        ``ci_high``, ``rank`` (on all images; 1 = highest), ``rank_low`` and
+        ``rank_high`` (the interval of the channel's rank within the channels
+        passed in, over the replicates; ``rank_low`` is the better rank).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> boot = np.array([[0.8, 0.9, 0.85, 0.95], [0.1, 0.3, 0.2, 0.4]])
+    >>> t = bootstrap_summary([0.9, 0.2], boot, level=0.5)
+    >>> t[["ci_low", "ci_high", "rank_low", "rank_high"]].round(3).values.tolist()
+    [[0.838, 0.912, 1.0, 1.0], [0.175, 0.325, 2.0, 2.0]]
+    """
+    obs, bt = _check_observed_matrix(observed, boot, "boot")
+    lvl = _level(level)
+    if method not in ("percentile", "basic"):
+        raise ValueError(f"method must be 'percentile' or 'basic'; got {method!r}")
+    ids = _channel_ids(channels, obs.shape[0])
+    lo_q, hi_q = (1.0 - lvl) / 2.0, 1.0 - (1.0 - lvl) / 2.0
+    q_lo = np.quantile(bt, lo_q, axis=1)
+    q_hi = np.quantile(bt, hi_q, axis=1)
+    if method == "percentile":
+        ci_low, ci_high = q_lo, q_hi
+    else:
+        ci_low = np.clip(2 * obs - q_hi, 0.0, 1.0)
+        ci_high = np.clip(2 * obs - q_lo, 0.0, 1.0)
+    ranks = _ranks_desc(bt)
+    rank_all = _ranks_desc(obs[:, None])[:, 0]
+    mean = bt.mean(axis=1)
+    return pd.DataFrame({
+        "channel": ids,
+        "pcace": obs,
+        "boot_mean": mean,
+        "boot_sd": bt.std(axis=1, ddof=1) if bt.shape[1] > 1 else np.zeros_like(obs),
+        "bias": mean - obs,
+        "ci_low": ci_low,
+        "ci_high": ci_high,
+        "rank": rank_all,
+        "rank_low": np.floor(np.quantile(ranks, lo_q, axis=1)).astype(int),
+        "rank_high": np.ceil(np.quantile(ranks, hi_q, axis=1)).astype(int),
+    })
+
+
+def layer_stability(observed: Any, boot: Any, top: int = 10, *,
+                    channels: Sequence[int] | None = None) -> dict[str, Any]:
+    """How stable a layer's ranking is under resampling of the images.
+
+    Parameters
+    ----------
+    observed : array_like
+        ``(C,)`` PCACE values of one layer's channels on all images.
+    boot : array_like
+        ``(C, B)`` from :func:`bootstrap_values`.
+    top : int, default 10
+        Size of the top set (capped at ``C``).
+    channels : sequence of int, optional
+        Channel ids to use as keys (default ``0 .. C-1``).
+
+    Returns
+    -------
+    dict
+        - ``"spearman_mean"``, ``"spearman_sd"``: mean and standard deviation
+          over replicates of the Spearman correlation between the replicate's
+          values and the observed ones (NaN when a replicate or the observed
+          values are all equal, left out of the mean);
+        - ``"top"``: the observed top channels, best first;
+        - ``"top_share"``: ``{channel: share of replicates in which it is in
+          the replicate's top}`` for each observed top channel;
+        - ``"top_retention"``: mean of those shares;
+        - ``"replicates"``: ``B``; ``"top_size"``: the size used.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> obs = np.linspace(1, 0, 20)
+    >>> boot = obs[:, None] + 0.01 * rng.normal(size=(20, 50))
+    >>> s = layer_stability(obs, boot, top=5)
+    >>> round(s["spearman_mean"], 2), s["top"], round(s["top_retention"], 2)
+    (1.0, [0, 1, 2, 3, 4], 1.0)
+    """
+    obs, bt = _check_observed_matrix(observed, boot, "boot")
+    size = _positive_int(top, "top")
+    c, b = bt.shape
+    ids = _channel_ids(channels, c)
+    size = min(size, c)
+    from scipy.stats import rankdata
+
+    r_obs = rankdata(obs)
+    r_boot = rankdata(bt, axis=0)
+    ro = r_obs - r_obs.mean()
+    rb = r_boot - r_boot.mean(axis=0, keepdims=True)
+    den = np.sqrt((ro ** 2).sum() * (rb ** 2).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.where(den > 0, (ro[:, None] * rb).sum(axis=0) / np.where(den > 0, den, 1), np.nan)
+    order = np.argsort(-obs, kind="stable")[:size]
+    boot_order = np.argsort(-bt, axis=0, kind="stable")[:size]  # (size, B)
+    in_top = np.zeros((c, b), dtype=bool)
+    in_top[boot_order, np.arange(b)[None, :]] = True
+    shares = in_top[order].mean(axis=1)
+    valid = rho[np.isfinite(rho)]
+    return {
+        "spearman_mean": float(valid.mean()) if valid.size else math.nan,
+        "spearman_sd": float(valid.std(ddof=1)) if valid.size > 1 else math.nan,
+        "top": [ids[i].item() for i in order],
+        "top_share": {ids[i].item(): float(s) for i, s in zip(order, shares, strict=True)},
+        "top_retention": float(shares.mean()),
+        "replicates": int(b),
+        "top_size": int(size),
+    }
+
