@@ -62,9 +62,9 @@ class LoadedModel:
     input_shape : tuple of int or None
         ``(C, H, W)`` of one input, when known.
     spec : dict
-        JSON-serialisable arguments that reload the same model:
-        ``load_model(**{k: spec[k] for k in ("spec", "weights", "checkpoint", "model_kwargs")})``
-        or simply ``load_model(spec)``.
+        JSON-serialisable description (``kind``, ``spec``, ``weights``, ``checkpoint``
+        as an absolute path, ``model_kwargs``); ``load_model(loaded.spec)`` reloads
+        the same model.
     """
 
     model: nn.Module
