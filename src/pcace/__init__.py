@@ -6,8 +6,9 @@ channel's first principal components, between its activation maps and a scalar
 score of the network's output.
 """
 
-from .ace import AceResult, ace
-
 __version__ = "0.1.0"
 
-__all__ = ["AceResult", "ace", "__version__"]
+from .ace import AceResult, ace  # noqa: E402
+from .rank import PCACEResult, load, rank  # noqa: E402
+
+__all__ = ["AceResult", "PCACEResult", "ace", "load", "rank", "__version__"]

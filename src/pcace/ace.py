@@ -145,7 +145,7 @@ def _initial_phi(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
 def _run(p: _Problems, x: torch.Tensor, y: torch.Tensor, delrsq: float, max_iter: int,
          alpha: float, nterm: int = 3):
-    b, n, k = p.b, p.n, p.k
+    b, _n, k = p.b, p.n, p.k
     dtype = x.dtype
     theta = _standardise(y)
     phi = _initial_phi(x, theta)
@@ -344,7 +344,8 @@ def ace(
                 xs, ys = xt[s:s + step].contiguous(), yt[s:s + step].contiguous()
                 problems = _Problems(xs, ys, x_kinds, y_kind)
                 parts.append(_run(problems, xs, ys, delrsq, max_iter, alpha))
-        rho, rsq, theta, phi, iterations, converged = (torch.cat(t) for t in zip(*parts))
+        merged = (torch.cat(t) for t in zip(*parts, strict=True))
+        rho, rsq, theta, phi, iterations, converged = merged
 
     out = [rho, rsq, theta, phi, iterations, converged]
     if not batched:

@@ -29,7 +29,8 @@ def parse_size(text: str) -> int:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="torchvision:NAME, timm:NAME, a TorchScript file, or package.module:factory")
+                   help="torchvision:NAME, timm:NAME, a TorchScript file, or "
+                   "package.module:factory")
     p.add_argument("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1), 'none', "
                    "or a state-dict file")
     p.add_argument("--checkpoint", help="state-dict file for a package.module:factory model")

@@ -86,15 +86,19 @@ def run_demo(out: str | Path | None = "pcace-demo", data: str | Path | None = No
     return result
 
 
+def _pairs(rows) -> str:
+    return ", ".join(f"{c}:{v:.3f}" for c, v in zip(rows.channel, rows.pcace, strict=True))
+
+
 def summary(result: PCACEResult, top: int = 5) -> str:
     """A short text table of each layer's top and bottom channels."""
     lines = []
     for _, layer in result.layers.iterrows():
         sub = result.channels[result.channels.layer == layer.layer].sort_values("rank")
-        best = ", ".join(f"{c}:{v:.3f}" for c, v in zip(sub.channel.head(top), sub.pcace.head(top)))
-        worst = ", ".join(f"{c}:{v:.3f}" for c, v in zip(sub.channel.tail(3), sub.pcace.tail(3)))
-        lines.append(f"{layer.layer:<24} {int(layer.channels):>5} ch  median {layer.median:.3f}  "
-                     f"max {layer['max']:.3f}")
+        best = _pairs(sub.head(top))
+        worst = _pairs(sub.tail(3))
+        lines.append(f"{layer.layer:<24} {int(layer.channels):>5} ch  "
+                     f"median {layer['median']:.3f}  max {layer['max']:.3f}")
         lines.append(f"    top    {best}")
         lines.append(f"    bottom {worst}")
     return "\n".join(lines)

@@ -27,6 +27,14 @@ from .capture import capture, channel_chunks, resolve_layers
 from .data import as_batches
 from .models import count_parameters, weights_hash
 from .reduce import principal_components
+from .stats import (
+    bootstrap_summary,
+    bootstrap_values,
+    layer_stability,
+    null_summary,
+    permutation_null,
+    share_significant,
+)
 from .targets import resolve_target
 
 SCORES = ("maximal", "first-component")
@@ -222,6 +230,9 @@ def rank(
     score: str = "maximal",
     label: int | None = None,
     categories: Sequence[str] | None = None,
+    permutations: int = 0,
+    bootstrap: int = 0,
+    level: float = 0.95,
     seed: int = 0,
     progress: bool = True,
     spill_dir: str | Path | None = None,
@@ -262,8 +273,19 @@ def rank(
         Keep only the images of this label (the paper ranks over the images of one class).
     categories : sequence of str, optional
         Class names, to resolve a class-name ``target``.
+    permutations : int
+        B > 0 re-scores every channel against B permutations of the score (the same for all
+        channels; only ACE re-runs) and adds ``null_mean``, ``null_q95``, ``p_value`` (with the
+        +1 correction), ``q_value`` (Benjamini-Hochberg within each layer) and ``pcace_adj`` (a
+        null-corrected value comparable across layers and runs; see :mod:`pcace.stats`).
+    bootstrap : int
+        B > 0 resamples the images with replacement B times, recomputes PCA and ACE per channel
+        and adds ``ci_low``, ``ci_high``, ``rank_low``, ``rank_high``; the layer table gains the
+        ranking's stability.
+    level : float
+        Confidence level of the bootstrap intervals.
     seed : int
-        Recorded in the manifest; used by the statistics that draw random numbers.
+        Seed of the permutations and resamples; recorded in the manifest.
     progress : bool
         Show progress bars on stderr.
     spill_dir : path, optional
@@ -307,26 +329,19 @@ def rank(
         scores = np.asarray(cap.scores, dtype=np.float64)
         _check_scores(scores)
         t_captured = time.perf_counter()
-        channel_rows, components_kept, interrupted = _score_layers(
-            cap, names, scores, components, score, dev, memory_budget, progress, ace_kwargs)
+        extras = _Extras(int(permutations), int(bootstrap), float(level), int(seed))
+        tables, components_kept, interrupted = _score_layers(
+            cap, names, scores, components, score, dev, memory_budget, progress, ace_kwargs,
+            extras)
         shapes = dict(cap.shapes)
         spilled = dict(cap.spilled)
         forward_calls = cap.forward_calls
         capture_seconds = cap.seconds
     t_end = time.perf_counter()
 
-    channels = pd.DataFrame(channel_rows)
-    if channels.empty:
-        channels = pd.DataFrame(columns=["layer", "channel", "pcace", "rank", "n_components",
-                                         "explained_variance", "dead"])
-    else:
-        order = {n: i for i, n in enumerate(names)}
-        channels["layer_order"] = channels.layer.map(order)
-        channels["rank"] = (channels.groupby("layer").pcace.rank(ascending=False, method="first")
-                            .astype(int))
-        channels = channels[["layer", "layer_order", "channel", "pcace", "rank", "n_components",
-                             "explained_variance", "dead"]]
+    channels = _channel_table(tables, names)
     layer_table = layer_summary(channels, {n: shapes[n] for n in names if n in shapes})
+    _add_layer_statistics(layer_table, channels, extras)
 
     manifest = {
         "pcace_version": __version__,
@@ -336,12 +351,16 @@ def rank(
         "data": {"n_images": int(scores.size), "label": label, "spec": data_spec,
                  "skipped_images": int(getattr(images, "skipped", 0) or 0)},
         "target": _describe_target(score_fn),
+        "target_description": score_fn.describe() if hasattr(score_fn, "describe") else None,
         "score": score,
         "components": components,
         "layers": names,
         "shapes": {n: list(s) for n, s in shapes.items()},
         "device": str(dev),
         "seed": seed,
+        "permutations": int(permutations),
+        "bootstrap": int(bootstrap),
+        "level": level,
         "memory_budget": memory_budget,
         "spilled_layers": [n for n, s in spilled.items() if s],
         "forward_calls": forward_calls,
@@ -350,9 +369,39 @@ def rank(
                     "reduce_and_ace": t_end - t_captured,
                     "total": t_end - t_start},
         "interrupted": interrupted,
+        "stability": extras.stability,
         "versions": _versions(),
     }
     return PCACEResult(channels, layer_table, manifest, components_kept, scores)
+
+
+BASE_COLUMNS = ["layer", "layer_order", "channel", "pcace", "rank", "n_components",
+                "explained_variance", "dead"]
+
+
+def _channel_table(tables: list[pd.DataFrame], names: list[str]) -> pd.DataFrame:
+    if not tables:
+        return pd.DataFrame(columns=BASE_COLUMNS)
+    channels = pd.concat(tables, ignore_index=True)
+    channels["layer_order"] = channels.layer.map({n: i for i, n in enumerate(names)})
+    channels["rank"] = (channels.groupby("layer").pcace.rank(ascending=False, method="first")
+                        .astype(int))
+    extra = [c for c in channels.columns if c not in BASE_COLUMNS]
+    return channels[BASE_COLUMNS + extra]
+
+
+def _add_layer_statistics(layers: pd.DataFrame, channels: pd.DataFrame, extras: _Extras) -> None:
+    if layers.empty:
+        return
+    if "q_value" in channels.columns:
+        share = channels.groupby("layer").q_value.apply(share_significant)
+        layers["significant_share"] = layers.layer.map(share)
+        layers["median_adj"] = layers.layer.map(channels.groupby("layer").pcace_adj.median())
+    if extras.stability:
+        layers["rank_spearman"] = layers.layer.map(
+            {n: s.get("spearman_mean") for n, s in extras.stability.items()})
+        layers["top10_retention"] = layers.layer.map(
+            {n: s.get("top_retention") for n, s in extras.stability.items()})
 
 
 def _describe_target(score_fn: Any) -> Any:
@@ -388,12 +437,24 @@ def _check_scores(scores: np.ndarray) -> None:
                          "choose another target or images on which the output changes")
 
 
+@dataclass
+class _Extras:
+    """What to compute beyond the raw values, and the per-layer results it produced."""
+
+    permutations: int = 0
+    bootstrap: int = 0
+    level: float = 0.95
+    seed: int = 0
+    stability: dict[str, dict] = field(default_factory=dict)
+
+
 def _score_layers(cap: Any, names: list[str], scores: np.ndarray, components: int | float,
                   score: str, dev: torch.device, memory_budget: int, progress: bool,
-                  ace_kwargs: dict) -> tuple[list[dict], dict, bool]:
+                  ace_kwargs: dict, extras: _Extras
+                  ) -> tuple[list[pd.DataFrame], dict, bool]:
     from tqdm.auto import tqdm
 
-    rows: list[dict] = []
+    tables: list[pd.DataFrame] = []
     kept: dict[str, torch.Tensor] = {}
     total_channels = sum(cap.shapes[n][0] for n in names)
     y = torch.as_tensor(scores, dtype=torch.float64)
@@ -401,30 +462,54 @@ def _score_layers(cap: Any, names: list[str], scores: np.ndarray, components: in
     interrupted = False
     try:
         for name in names:
-            layer_rows, parts = [], []
+            parts, boots, rows = [], [], []
             for chans, maps in channel_chunks(cap, name, max(memory_budget // 4, 2**20)):
                 red = principal_components(maps.to(dev), components)
                 values = score_components(red.scores, y, score, **ace_kwargs)
-                values = np.where(red.dead.cpu().numpy(), 0.0, values)
-                ids = range(chans.start or 0, (chans.start or 0) + maps.shape[1])
-                for i, c in enumerate(ids):
-                    layer_rows.append({
-                        "layer": name, "channel": c, "pcace": float(values[i]),
-                        "n_components": int(red.n_components[i]),
-                        "explained_variance": float(red.explained_variance[i]),
-                        "dead": bool(red.dead[i]),
-                    })
+                start = chans.start or 0
+                rows.append(pd.DataFrame({
+                    "layer": name, "channel": np.arange(start, start + maps.shape[1]),
+                    "pcace": np.where(red.dead.cpu().numpy(), 0.0, values),
+                    "n_components": red.n_components.cpu().numpy().astype(int),
+                    "explained_variance": red.explained_variance.cpu().numpy(),
+                    "dead": red.dead.cpu().numpy().astype(bool),
+                }))
                 parts.append(red.scores.cpu())
+                if extras.bootstrap:
+                    boots.append(bootstrap_values(maps, scores, components, extras.bootstrap,
+                                                  extras.seed, ace_options=ace_kwargs))
                 bar.update(maps.shape[1])
-            rows.extend(layer_rows)
+            table = pd.concat(rows, ignore_index=True)
             kept[name] = _pad_cat(parts)
+            tables.append(_add_statistics(table, kept[name], scores, np.concatenate(boots)
+                                          if boots else None, extras, ace_kwargs, name))
     except KeyboardInterrupt:
         interrupted = True
-        warnings.warn(f"interrupted: returning the {len(kept)} layers scored so far",
+        warnings.warn(f"interrupted: returning the {len(tables)} layers scored so far",
                       stacklevel=3)
     finally:
         bar.close()
-    return rows, kept, interrupted
+    return tables, kept, interrupted
+
+
+def _add_statistics(table: pd.DataFrame, z: torch.Tensor, scores: np.ndarray,
+                    boot: np.ndarray | None, extras: _Extras, ace_kwargs: dict,
+                    name: str) -> pd.DataFrame:
+    observed = table.pcace.to_numpy()
+    if extras.permutations:
+        null = permutation_null(z, scores, extras.permutations, extras.seed,
+                                ace_options=ace_kwargs)
+        summary = null_summary(observed, null)
+        for col in summary.columns:
+            if col not in table.columns and col != "channel":
+                table[col] = summary[col].to_numpy()
+    if boot is not None:
+        summary = bootstrap_summary(observed, boot, extras.level)
+        for col in summary.columns:
+            if col not in table.columns and col != "channel":
+                table[col] = summary[col].to_numpy()
+        extras.stability[name] = layer_stability(observed, boot)
+    return table
 
 
 def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:

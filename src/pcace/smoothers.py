@@ -116,7 +116,8 @@ class SortedAxis:
                 break
             j = torch.where(bad & (j < n), j + 1, j)
             i = torch.where(bad & (i > 1), i - 1, i)
-            new = self.x.gather(1, (j - 1)[:, None])[:, 0] - self.x.gather(1, (i - 1)[:, None])[:, 0]
+            new = (self.x.gather(1, (j - 1)[:, None])[:, 0]
+                   - self.x.gather(1, (i - 1)[:, None])[:, 0])
             scale = torch.where(bad, new, scale)
         return scale
 
@@ -254,7 +255,7 @@ def supersmoother(axis: SortedAxis, y: torch.Tensor, alpha: float = 0.0) -> torc
         cv.append(running_line(axis, res, MIDRANGE)[0])
     resmin = cv[0]
     spans = torch.full_like(y, TWEETER)
-    for span, res in zip(SPANS[1:], cv[1:]):
+    for span, res in zip(SPANS[1:], cv[1:], strict=True):
         better = res < resmin
         resmin = torch.where(better, res, resmin)
         spans = torch.where(better, span, spans)

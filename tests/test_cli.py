@@ -1,0 +1,87 @@
+"""The pcace command: happy paths on shared data, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pcace.cli import main, parse_size
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pcace.cli", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def cifar_args(shared_dir):
+    return ["--model", "pcace.zoo:cifar_resnet20", "--checkpoint",
+            str(shared_dir / "data/cifar10/resnet20-12fca82f.th"),
+            "--data", str(shared_dir / "data/cifar10/test"), "--class", "cat",
+            "--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.225"]
+
+
+def test_rank_writes_run_directory(cifar_args, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("rank", *cifar_args, "--target", "cat", "--limit", "60", "--layers",
+                   "layer3.2.conv2", "layer1.0.conv1", "--no-progress", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "layer3.2.conv2" in proc.stdout
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["data"]["n_images"] == 60
+    assert manifest["target"]["index"] == 3
+    assert manifest["layers"] == ["layer1.0.conv1", "layer3.2.conv2"]  # network order
+    assert (out / "channels.csv").exists() and (out / "layers.csv").exists()
+
+
+def test_layers_lists_modules(cifar_args):
+    proc = run_cli("layers", *cifar_args[:4], "--input-shape", "3", "32", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert "layer3.2.conv2" in proc.stdout and "Conv2d" in proc.stdout
+
+
+@pytest.mark.parametrize("change, message", [
+    (("--layers", "layer9.conv"), "layer9.conv"),
+    (("--target", "12"), "12"),
+    (("--target", "unicorn"), "unicorn"),
+    (("--class", "unicorn"), "unicorn"),
+])
+def test_bad_input_one_line_no_traceback(cifar_args, tmp_path, change, message):
+    args = list(cifar_args) + ["--target", "cat", "--limit", "20", "--no-progress",
+                               "--out", str(tmp_path / "x")]
+    flag = change[0]
+    if flag in args and flag != "--layers":
+        i = args.index(flag)
+        args[i + 1] = change[1]
+    else:
+        args += list(change)
+    proc = run_cli("rank", *args)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr
+    assert proc.stderr.startswith("pcace: error:")
+
+
+def test_unknown_model_and_missing_data(tmp_path):
+    proc = run_cli("rank", "--model", "torchvision:resnet1800", "--weights", "none", "--data",
+                   str(tmp_path), "--target", "1", "--out", str(tmp_path / "o"))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "resnet1800" in proc.stderr
+    proc = run_cli("rank", "--model", "torchvision:resnet18", "--weights", "none", "--data",
+                   str(tmp_path / "nowhere"), "--target", "1", "--out", str(tmp_path / "o"))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "nowhere" in proc.stderr
+
+
+def test_too_few_images(cifar_args, tmp_path):
+    assert main(["rank", *cifar_args, "--target", "cat", "--limit", "5", "--no-progress",
+                 "--out", str(tmp_path / "o")]) == 2
+
+
+def test_parse_size():
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("512M") == 512 * 2**20
+    assert parse_size("1000") == 1000

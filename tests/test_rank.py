@@ -1,0 +1,272 @@
+"""End-to-end tests of pcace.rank on planted networks and the shared CIFAR ResNet-20."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pcace
+from pcace.targets import RegressionOutput
+
+N_PLANTED = 200
+
+
+class PlantedNet(nn.Module):
+    """Channels 0 and 1 of ``features`` determine the output; channels 2.. are noise.
+
+    Each channel's maps are a latent value per image times a fixed spatial pattern, plus noise,
+    so the channel's first principal component recovers its latent. The output depends on
+    channel 0's latent through a non-monotone function (a square) and on channel 1's through a
+    monotone non-linear one (exp); the other channels' latents are unrelated to it.
+    """
+
+    def __init__(self, pattern: torch.Tensor):
+        super().__init__()
+        self.features = nn.Identity()
+        self.register_buffer("pattern", pattern)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.features(x)
+        norm = self.pattern.pow(2).sum()
+        u = (a[:, 0] * self.pattern).sum((1, 2)) / norm
+        v = (a[:, 1] * self.pattern).sum((1, 2)) / norm
+        return (u**2 + 0.7 * torch.exp(v))[:, None]
+
+
+def planted_images(n: int = N_PLANTED, channels: int = 12, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    pattern = torch.randn(6, 6, generator=g)
+    latents = torch.randn(n, channels, 1, 1, generator=g)
+    x = latents * pattern + 0.3 * torch.randn(n, channels, 6, 6, generator=g)
+    return x, pattern
+
+
+@pytest.fixture(scope="module")
+def planted_result():
+    x, pattern = planted_images()
+    model = PlantedNet(pattern)
+    return pcace.rank(model, x, RegressionOutput(), layers=["features"], progress=False)
+
+
+def test_planted_channels_rank_on_top(planted_result):
+    ch = planted_result.channels.sort_values("rank")
+    assert set(ch.channel.head(2)) == {0, 1}
+    planted = ch[ch.channel.isin([0, 1])].pcace
+    noise = ch[~ch.channel.isin([0, 1])].pcace
+    assert planted.min() > noise.max() + 0.2
+
+
+def test_non_monotone_channel_found_where_pearson_fails(planted_result):
+    # the square of a symmetric latent has ~0 linear correlation with it
+    x, pattern = planted_images()
+    u = (x[:, 0] * pattern).sum((1, 2)) / pattern.pow(2).sum()
+    pearson = np.corrcoef(u.numpy(), (u**2).numpy())[0, 1]
+    assert abs(pearson) < 0.3
+    value = planted_result.channels.set_index("channel").loc[0, "pcace"]
+    assert value > 0.6
+
+
+def test_tables_have_documented_columns(planted_result):
+    for col in ("layer", "channel", "pcace", "rank", "n_components", "explained_variance",
+                "dead"):
+        assert col in planted_result.channels.columns
+    for col in ("layer", "channels", "height", "width", "mean", "median", "q90", "max",
+                "top_channels"):
+        assert col in planted_result.layers.columns
+    assert planted_result.channels.pcace.between(0, 1).all()
+    assert (planted_result.channels.n_components == 3).all()
+
+
+def test_dead_channel_scores_zero():
+    x, pattern = planted_images()
+    x[:, 5] = 0.25  # constant over all images
+    res = pcace.rank(PlantedNet(pattern), x, RegressionOutput(), layers=["features"],
+                     progress=False)
+    row = res.channels.set_index("channel").loc[5]
+    assert bool(row.dead) and row.pcace == 0.0
+
+
+def test_fraction_of_variance_records_k():
+    x, pattern = planted_images()
+    res = pcace.rank(PlantedNet(pattern), x, RegressionOutput(), layers=["features"],
+                     components=0.5, progress=False)
+    # one latent per channel explains most of its variance: one component suffices
+    assert (res.channels.n_components == 1).all()
+    assert (res.channels.explained_variance >= 0.5).all()
+
+
+def test_first_component_score_is_reference_option():
+    x, pattern = planted_images()
+    model = PlantedNet(pattern)
+    a = pcace.rank(model, x, RegressionOutput(), layers=["features"], progress=False)
+    b = pcace.rank(model, x, RegressionOutput(), layers=["features"], progress=False,
+                   score="first-component")
+    assert b.manifest["score"] == "first-component"
+    # |corr(phi_1, theta)| never exceeds the maximal correlation over all components by much
+    assert (b.channels.pcace.to_numpy() <= a.channels.pcace.to_numpy() + 0.05).all()
+
+
+def test_one_forward_pass_per_batch_and_hooks_removed():
+    x, pattern = planted_images(n=100)
+    model = PlantedNet(pattern)
+    calls = []
+    model.register_forward_pre_hook(lambda m, i: calls.append(i[0].shape[0]))
+    pcace.rank(model, x, RegressionOutput(), layers=["features"], batch_size=32, progress=False)
+    assert calls == [32, 32, 32, 4]
+    assert len(model.features._forward_hooks) == 0
+
+
+def test_hooks_removed_after_error():
+    x, pattern = planted_images(n=50)
+    model = PlantedNet(pattern)
+
+    def broken(output):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        pcace.rank(model, x, broken, layers=["features"], progress=False)
+    assert len(model.features._forward_hooks) == 0
+
+
+def test_spilled_run_equals_in_memory_run(tmp_path):
+    x, pattern = planted_images()
+    model = PlantedNet(pattern)
+    a = pcace.rank(model, x, RegressionOutput(), layers=["features"], progress=False)
+    b = pcace.rank(model, x, RegressionOutput(), layers=["features"], progress=False,
+                   memory_budget=1024, spill_dir=tmp_path)
+    assert b.manifest["spilled_layers"] == ["features"]
+    np.testing.assert_array_equal(a.channels.pcace.to_numpy(), b.channels.pcace.to_numpy())
+
+
+def test_save_and_load_round_trip(planted_result, tmp_path):
+    planted_result.save(tmp_path / "run")
+    back = pcace.load(tmp_path / "run")
+    np.testing.assert_allclose(back.channels.pcace, planted_result.channels.pcace, rtol=1e-12)
+    assert back.manifest["data"]["n_images"] == N_PLANTED
+    for key in ("pcace_version", "model", "target", "components", "device", "seed", "timings",
+                "versions"):
+        assert key in back.manifest
+
+
+def test_load_rejects_non_run_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a pcace run directory"):
+        pcace.load(tmp_path)
+
+
+# --- bad input through the API ---------------------------------------------------------------
+
+def test_unknown_layer_lists_valid_names():
+    x, pattern = planted_images(n=30)
+    with pytest.raises(ValueError, match="featurez") as err:
+        pcace.rank(PlantedNet(pattern), x, RegressionOutput(), layers=["featurez"],
+                   progress=False)
+    assert "features" in str(err.value)
+
+
+def test_target_outside_output():
+    x, pattern = planted_images(n=30)
+    with pytest.raises(ValueError, match="5"):
+        pcace.rank(PlantedNet(pattern), x, 5, layers=["features"], progress=False)
+
+
+def test_too_few_images():
+    x, pattern = planted_images(n=8)
+    with pytest.raises(ValueError, match="at least 10"):
+        pcace.rank(PlantedNet(pattern), x, RegressionOutput(), layers=["features"],
+                   progress=False)
+
+
+def test_score_that_does_not_vary():
+    x, pattern = planted_images(n=30)
+
+    def constant(output):
+        return torch.ones(output.shape[0])
+
+    with pytest.raises(ValueError, match="does not vary"):
+        pcace.rank(PlantedNet(pattern), x, constant, layers=["features"], progress=False)
+
+
+def test_nan_in_activations_names_layer():
+    x, pattern = planted_images(n=30)
+    x[3, 2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="features"):
+        pcace.rank(PlantedNet(pattern), x, RegressionOutput(), layers=["features"],
+                   progress=False)
+
+
+def test_bad_components():
+    x, pattern = planted_images(n=30)
+    for bad in (0, 1.5, "three"):
+        with pytest.raises(ValueError, match="components"):
+            pcace.rank(PlantedNet(pattern), x, RegressionOutput(), layers=["features"],
+                       components=bad, progress=False)
+
+
+# --- the shared pretrained CIFAR ResNet-20 -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cifar(shared_dir):
+    from pcace.data import image_folder
+    from pcace.models import load_model
+    from pcace.zoo import CIFAR_MEAN, CIFAR_STD
+
+    loaded = load_model("pcace.zoo:cifar_resnet20",
+                        checkpoint=shared_dir / "data/cifar10/resnet20-12fca82f.th")
+    from torchvision import transforms
+
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    ds = image_folder(shared_dir / "data/cifar10/test", class_name="cat", transform=tf)
+    images = torch.stack([ds[i][0] for i in range(120)])
+    return loaded.model, images
+
+
+@pytest.fixture(scope="module")
+def cifar_result(cifar):
+    model, images = cifar
+    return pcace.rank(model, images, target=3, progress=False, device="cpu")
+
+
+def test_resnet20_every_layer_ranked(cifar_result, cifar):
+    model, _ = cifar
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert list(cifar_result.layers.layer) == convs
+    assert len(cifar_result.channels) == sum(
+        m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert cifar_result.channels.pcace.between(0, 1).all()
+    # last-stage channels carry more class information than the first conv's (paper's finding)
+    med = cifar_result.layers.set_index("layer")["median"]
+    assert med["layer3.2.conv2"] > med["conv1"]
+
+
+def test_resnet20_deterministic(cifar, cifar_result):
+    model, images = cifar
+    again = pcace.rank(model, images, target=3, layers=["conv1", "layer3.2.conv2"],
+                       progress=False, device="cpu")
+    mine = cifar_result.channels[cifar_result.channels.layer.isin(["conv1", "layer3.2.conv2"])]
+    np.testing.assert_array_equal(again.channels.pcace.to_numpy(), mine.pcace.to_numpy())
+
+
+def test_resnet20_matches_independent_computation(cifar, cifar_result):
+    """Hook + plain NumPy standardise/SVD + single-problem ACE, channel by channel."""
+    model, images = cifar
+    layer = "layer2.1.conv1"
+    store = {}
+    handle = dict(model.named_modules())[layer].register_forward_hook(
+        lambda m, i, o: store.__setitem__("a", o.detach().float()))
+    with torch.no_grad():
+        logits = model(images)
+    handle.remove()
+    acts = store["a"].double().numpy()
+    score = logits[:, 3].double().numpy()
+    table = cifar_result.channels.set_index(["layer", "channel"])
+    for c in (0, 7, 19, 31):
+        m = acts[:, c].reshape(len(images), -1)
+        sd = m.std(axis=0)
+        keep = sd > 1e-12 * np.maximum(1.0, np.abs(m).max(axis=0))
+        z = (m[:, keep] - m[:, keep].mean(axis=0)) / sd[keep]
+        u, s, _ = np.linalg.svd(z, full_matrices=False)
+        pcs = u[:, :3] * s[:3]
+        expected = pcace.ace(pcs, score).rho
+        assert table.loc[(layer, c), "pcace"] == pytest.approx(expected, abs=1e-6)
