@@ -1,0 +1,295 @@
+"""Tests of pcace.stats: permutation nulls, q-values, pcace_adj and bootstrap intervals."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+from pcace import ace
+from pcace.stats import (
+    adjusted_value,
+    benjamini_hochberg,
+    bootstrap_summary,
+    bootstrap_values,
+    layer_stability,
+    null_summary,
+    permutation_null,
+    share_significant,
+)
+
+
+def _observed(z, y):
+    return np.clip(ace(z, y).rho, 0.0, 1.0)
+
+
+def _std(v):
+    return (v - v.mean()) / v.std()
+
+
+# ------------------------------------------------------------------- permutation null
+
+def test_null_shape_dead_channels_and_shared_permutations():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(4, 40, 2))
+    z[1] = 0.0  # dead
+    z[3] = z[2]  # identical channels must see identical permutations
+    y = rng.normal(size=40)
+    null = permutation_null(z, y, permutations=15, seed=3)
+    assert null.shape == (4, 15)
+    assert np.all(null[1] == 0.0)
+    np.testing.assert_array_equal(null[2], null[3])
+    assert np.all((null >= 0) & (null <= 1))
+    # deterministic in the seed, independent of chunking and of tensor input
+    again = permutation_null(torch.as_tensor(z), y, permutations=15, seed=3, chunk=7)
+    np.testing.assert_array_equal(null, again)
+    other = permutation_null(z, y, permutations=15, seed=4)
+    assert not np.array_equal(null[0], other[0])
+
+
+def test_null_matches_direct_ace_on_permuted_scores():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(2, 30, 3))
+    y = rng.normal(size=30)
+    null = permutation_null(z, y, permutations=5, seed=11)
+    perms = np.random.default_rng(11).permuted(np.tile(np.arange(30), (5, 1)), axis=1)
+    for b in range(5):
+        np.testing.assert_allclose(null[:, b], _observed(z, y[perms[b]]), atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"permutations": 0}, "permutations"),
+    ({"chunk": 0}, "chunk"),
+    ({"seed": 1.5}, "seed"),
+])
+def test_null_bad_arguments(kwargs, match):
+    z = np.zeros((2, 20, 1))
+    z[:, :, 0] = np.arange(20)
+    with pytest.raises(ValueError, match=match):
+        permutation_null(z, np.arange(20.0), **kwargs)
+
+
+def test_null_bad_shapes():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"\(C, N, k\)"):
+        permutation_null(rng.normal(size=(20, 3)), rng.normal(size=20))
+    with pytest.raises(ValueError, match="one per image"):
+        permutation_null(rng.normal(size=(2, 20, 3)), rng.normal(size=21))
+    with pytest.raises(ValueError, match="constant"):
+        permutation_null(rng.normal(size=(2, 20, 3)), np.ones(20))
+    with pytest.raises(ValueError, match="at least 10"):
+        permutation_null(rng.normal(size=(2, 5, 3)), rng.normal(size=5))
+
+
+def test_p_values_are_uniform_under_independence():
+    """Calibration: a score independent of the components gives uniform p-values."""
+    rng = np.random.default_rng(2024)
+    c, n, k, b = 300, 120, 3, 99
+    z = rng.normal(size=(c, n, k))
+    y = rng.normal(size=n)
+    obs = _observed(z, y)
+    table = null_summary(obs, permutation_null(z, y, permutations=b, seed=7))
+    p = table.p_value.to_numpy()
+    below = float(np.mean(p <= 0.05))
+    assert 0.01 <= below <= 0.10, below
+    assert sps.kstest(p, "uniform").pvalue > 0.001
+    # the adjusted value is centred near 0 for noise, the raw one is not
+    assert abs(table.pcace_adj.mean()) < 0.05
+    assert abs(table.pcace_adj_linear.mean()) < 0.03
+    assert table.pcace.mean() > 0.25
+    # with no signal BH finds (almost) nothing
+    assert share_significant(table.q_value, 0.05) <= 0.01
+
+
+def test_planted_channels_are_significant_after_bh():
+    rng = np.random.default_rng(5)
+    c, n, k = 30, 150, 3
+    z = rng.normal(size=(c, n, k))
+    y = (_std(z[0, :, 0] ** 2) + _std(np.abs(z[1, :, 0])) + _std(np.cos(2 * z[2, :, 0]))
+         + 0.3 * rng.normal(size=n))
+    obs = _observed(z, y)
+    table = null_summary(obs, permutation_null(z, y, permutations=399, seed=0))
+    assert (table.p_value[:3] < 0.01).all()
+    assert (table.q_value[:3] <= 0.05).all()
+    assert set(table.nlargest(3, "pcace_adj").channel) == {0, 1, 2}
+    assert share_significant(table.q_value) < 0.2
+
+
+def test_bh_matches_scipy():
+    rng = np.random.default_rng(3)
+    p = np.concatenate([rng.uniform(size=40), rng.uniform(0, 0.01, size=10),
+                        [0.02, 0.02, 0.02, 1.0, 1.0]])
+    rng.shuffle(p)
+    np.testing.assert_allclose(benjamini_hochberg(p),
+                               sps.false_discovery_control(p, method="bh"), atol=1e-12)
+    # and through null_summary, on permutation p-values with many ties
+    obs = rng.uniform(size=25)
+    null = rng.uniform(size=(25, 19))
+    table = null_summary(obs, null)
+    np.testing.assert_allclose(table.q_value,
+                               sps.false_discovery_control(table.p_value, method="bh"))
+
+
+def test_null_summary_definitions():
+    null = np.array([[0.1, 0.2, 0.3, 0.4], [0.0, 0.0, 0.0, 0.0]])
+    table = null_summary([0.3, 0.0], null, channels=[5, 6])
+    assert table.channel.tolist() == [5, 6]
+    assert table.p_value.tolist() == [3 / 5, 1.0]  # ties count against the channel
+    assert table.null_mean[0] == pytest.approx(0.25)
+    a = (0.09 - np.mean(null[0] ** 2)) / (1 - np.mean(null[0] ** 2))
+    assert table.pcace_adj[0] == pytest.approx(np.sign(a) * np.sqrt(abs(a)))
+    assert table.pcace_adj_linear[0] == pytest.approx((0.3 - 0.25) / 0.75)
+    assert table.pcace_adj[1] == 0.0  # dead channel
+    assert adjusted_value([1.0], [[0.5, 0.7]])[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"\(C, B\)"):
+        null_summary([0.1, 0.2], np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="one id per channel"):
+        null_summary([0.1, 0.2], np.zeros((2, 4)), channels=[1])
+    with pytest.raises(ValueError, match="alpha"):
+        share_significant([0.1], alpha=0)
+
+
+def test_adjusted_value_comparable_across_n_and_k():
+    """A planted channel keeps its adjusted value as N and k change; noise stays at 0.
+
+    The raw value of noise channels moves with the bias (about 0.16 at N = 300,
+    k = 1 and 0.5 at N = 100, k = 5); the adjusted value does not.
+    """
+    rng = np.random.default_rng(8)
+    rho_true, noise_channels, sets, b = 0.6, 12, 4, 49
+    planted, noise_adj, noise_raw = {}, {}, {}
+    for n in (100, 300):
+        for k in (1, 3, 5):
+            p_vals, a_vals, r_vals = [], [], []
+            for _ in range(sets):
+                z = rng.normal(size=(noise_channels + 1, n, k))
+                x = z[0, :, 0]
+                y = (x ** 2 - 1) + np.sqrt(2 / rho_true ** 2 - 2) * rng.normal(size=n)
+                obs = _observed(z, y)
+                table = null_summary(obs, permutation_null(z, y, permutations=b,
+                                                           seed=int(rng.integers(1 << 30))))
+                p_vals.append(table.pcace_adj[0])
+                a_vals.extend(table.pcace_adj[1:])
+                r_vals.extend(table.pcace[1:])
+            planted[n, k] = np.mean(p_vals)
+            noise_adj[n, k] = np.mean(a_vals)
+            noise_raw[n, k] = np.mean(r_vals)
+    raw_spread = max(noise_raw.values()) - min(noise_raw.values())
+    adj_spread = max(noise_adj.values()) - min(noise_adj.values())
+    assert raw_spread > 0.25, noise_raw
+    assert all(abs(v) < 0.1 for v in noise_adj.values()), noise_adj
+    assert adj_spread < raw_spread / 3
+    assert all(0.45 < v < 0.9 for v in planted.values()), planted
+    assert max(planted.values()) - min(planted.values()) < 0.25, planted
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+def test_bootstrap_values_shape_and_determinism():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(50, 3, 4, 4, generator=g, dtype=torch.float64)
+    maps[:, 1] = 2.0  # dead channel
+    y = maps[:, 0].flatten(1).mean(1).numpy() ** 2
+    boot = bootstrap_values(maps, y, components=2, boots=6, seed=1)
+    assert boot.shape == (3, 6)
+    assert np.all(boot[1] == 0.0)
+    assert np.all((boot >= 0) & (boot <= 1))
+    again = bootstrap_values(maps.float(), y, components=2, boots=6, seed=1,
+                             chunk_bytes=maps[0].numel() * 50 * 8)  # one replicate per call
+    np.testing.assert_allclose(boot, again, atol=1e-4)
+    # the same resample for every channel: identical channels, identical replicates
+    twin = torch.cat([maps[:, :1], maps[:, :1]], dim=1)
+    tb = bootstrap_values(twin, y, components=2, boots=4, seed=2)
+    np.testing.assert_array_equal(tb[0], tb[1])
+
+
+def test_bootstrap_bad_arguments():
+    maps = torch.randn(30, 2, 3, 3)
+    y = np.random.default_rng(0).normal(size=30)
+    with pytest.raises(ValueError, match="boots"):
+        bootstrap_values(maps, y, boots=0)
+    with pytest.raises(ValueError, match="one per image"):
+        bootstrap_values(maps, y[:20])
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        bootstrap_values(maps[:, 0, 0], y)
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_summary([0.1], [[0.1, 0.2]], level=1.5)
+    with pytest.raises(ValueError, match="method"):
+        bootstrap_summary([0.1], [[0.1, 0.2]], method="bca")
+
+
+def _coverage(r, n, replicates, boots, seed, method="percentile"):
+    """Share of intervals covering the maximal correlation |r| of a Gaussian pair."""
+    rng = np.random.default_rng(seed)
+    covered, widths = 0, []
+    for i in range(replicates):
+        x = rng.normal(size=n)
+        y = r * x + np.sqrt(1 - r * r) * rng.normal(size=n)
+        maps = torch.as_tensor(x)[:, None, None, None]  # one "pixel": the component is x
+        obs = _observed(x[None, :, None], y)
+        boot = bootstrap_values(maps, y, components=1, boots=boots, seed=i)
+        s = bootstrap_summary(obs, boot, method=method)
+        covered += int(s.ci_low[0] <= abs(r) <= s.ci_high[0])
+        widths.append(s.ci_high[0] - s.ci_low[0])
+    return covered / replicates, float(np.mean(widths))
+
+
+def test_bootstrap_intervals_cover_sometimes_and_shrink_with_n():
+    """Loose sanity check; the measured coverage is in benchmarks/README.md."""
+    cover_300, width_300 = _coverage(0.6, 300, replicates=12, boots=40, seed=0)
+    cover_100, width_100 = _coverage(0.6, 100, replicates=12, boots=40, seed=1)
+    assert cover_300 >= 0.5
+    assert width_300 < width_100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["percentile", "basic"])
+def test_bootstrap_coverage_table(method):
+    """The coverage figures of benchmarks/README.md (about a minute)."""
+    for r in (0.3, 0.6, 0.9):
+        cover, _ = _coverage(r, 300, replicates=40, boots=100, seed=int(10 * r))
+        print(f"{method} r={r} n=300 coverage={cover:.2f}")
+        assert cover >= 0.5
+
+
+def test_bootstrap_summary_ranks_and_intervals():
+    boot = np.array([[0.9, 0.8, 0.95, 0.85],
+                     [0.5, 0.85, 0.4, 0.9],
+                     [0.1, 0.2, 0.1, 0.3]])
+    s = bootstrap_summary([0.9, 0.6, 0.2], boot, level=0.5, channels=[10, 11, 12])
+    assert s.channel.tolist() == [10, 11, 12]
+    assert s["rank"].tolist() == [1, 2, 3]
+    np.testing.assert_allclose(s.ci_low, np.quantile(boot, 0.25, axis=1))
+    np.testing.assert_allclose(s.ci_high, np.quantile(boot, 0.75, axis=1))
+    # channel 11 is first in two of the four replicates, second in the others
+    assert s.rank_low.tolist() == [1, 1, 3]
+    assert s.rank_high.tolist() == [2, 2, 3]
+    basic = bootstrap_summary([0.9, 0.6, 0.2], boot, level=0.5, method="basic")
+    np.testing.assert_allclose(basic.ci_low, np.clip(2 * np.array([0.9, 0.6, 0.2])
+                                                     - s.ci_high, 0, 1))
+    assert (s.bias == s.boot_mean - s.pcace).all()
+
+
+def test_layer_stability():
+    rng = np.random.default_rng(0)
+    obs = np.linspace(1.0, 0.0, 30)
+    stable = layer_stability(obs, obs[:, None] + 1e-3 * rng.normal(size=(30, 40)), top=10)
+    assert stable["spearman_mean"] > 0.99
+    assert stable["top"] == list(range(10))
+    assert stable["top_retention"] == pytest.approx(1.0, abs=0.05)
+    noisy = layer_stability(obs, rng.uniform(size=(30, 200)), top=10,
+                            channels=list(range(100, 130)))
+    assert abs(noisy["spearman_mean"]) < 0.05
+    assert 0.2 < noisy["top_retention"] < 0.47  # chance level is 10/30
+    assert set(noisy["top_share"]) == set(range(100, 110))
+    assert layer_stability(obs[:3], np.tile(obs[:3, None], (1, 5)), top=10)["top_size"] == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_null_on_cuda_matches_cpu():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(3, 60, 3))
+    y = rng.normal(size=60)
+    cpu = permutation_null(z, y, permutations=10)
+    gpu = permutation_null(torch.as_tensor(z, device="cuda"), y, permutations=10)
+    np.testing.assert_allclose(cpu, gpu, atol=1e-6)
