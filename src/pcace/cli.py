@@ -69,6 +69,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path-column", default="path")
     p.add_argument("--label-column")
     p.add_argument("--target-column")
+    p.add_argument("--permutations", type=int, default=0,
+                   help="B permutations of the score for a null, p- and q-values, pcace_adj")
+    p.add_argument("--bootstrap", type=int, default=0,
+                   help="B bootstrap resamples of the images for intervals and rank stability")
+    p.add_argument("--level", type=float, default=0.95, help="bootstrap interval level")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--top", type=int, default=5, help="channels to print per layer")
@@ -100,34 +105,57 @@ def cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dataset(args: argparse.Namespace, loaded: Any) -> tuple[Any, dict, list[str] | None]:
+DATA_KEYS = ("class_name", "label", "limit", "resize", "crop", "mean", "std", "path_column",
+             "label_column", "target_column")
+
+
+def data_spec(args: argparse.Namespace) -> dict:
+    """The JSON description of the data options, as recorded in run.json."""
+    spec = {"path": str(Path(args.data).resolve())}
+    spec.update({key: getattr(args, key, None) for key in DATA_KEYS})
+    return spec
+
+
+def open_dataset(spec: dict, loaded: Any) -> tuple[Any, list[str] | None]:
+    """Open the dataset a data spec describes, preprocessed for ``loaded``'s model."""
     from . import data
 
-    path = Path(args.data)
+    path = Path(spec["path"])
     if not path.exists():
         raise FileNotFoundError(f"data path {path} does not exist")
+    custom = any(spec.get(k) is not None for k in ("resize", "crop", "mean", "std"))
     transform = loaded.transform
-    if transform is None or any(v is not None for v in (args.resize, args.crop, args.mean,
-                                                        args.std)):
-        transform = data.default_transform(resize=args.resize, crop=args.crop, mean=args.mean,
-                                           std=args.std)
-    spec = {"path": str(path.resolve())}
+    if transform is None or custom:
+        transform = data.default_transform(resize=spec.get("resize"), crop=spec.get("crop"),
+                                           mean=spec.get("mean"), std=spec.get("std"))
     classes = None
     if path.suffix.lower() == ".csv":
-        ds = data.csv_images(path, path_column=args.path_column, label_column=args.label_column,
-                             target_column=args.target_column, transform=transform)
         spec["kind"] = "csv"
+        ds = data.csv_images(path, path_column=spec.get("path_column") or "path",
+                             label_column=spec.get("label_column"),
+                             target_column=spec.get("target_column"), transform=transform)
+        classes = list(getattr(ds, "classes", None) or []) or None
     elif _is_mnist(path):
-        ds = data.mnist_idx(path, digit=args.label)
         spec["kind"] = "mnist"
+        ds = data.mnist_idx(path, digit=spec.get("label"))
     else:
-        ds = data.image_folder(path, class_name=args.class_name, transform=transform)
-        classes = list(getattr(ds, "classes", []) or []) or None
-        spec.update(kind="image_folder", class_name=args.class_name)
-    if args.limit:
-        ds = torch.utils.data.Subset(ds, range(min(args.limit, len(ds))))
-        spec["limit"] = args.limit
-    return ds, spec, classes
+        spec["kind"] = "image_folder"
+        ds = data.image_folder(path, class_name=spec.get("class_name"), transform=transform)
+        classes = list(getattr(ds, "classes", None) or []) or None
+    if spec.get("limit"):
+        ds = torch.utils.data.Subset(ds, range(min(int(spec["limit"]), len(ds))))
+    return ds, classes
+
+
+def normalisation(spec: dict, loaded: Any) -> tuple[Any, Any]:
+    """(mean, std) the images were normalised with, for display; (None, None) if unknown."""
+    if spec.get("mean") is not None:
+        return spec.get("mean"), spec.get("std")
+    tf = loaded.transform
+    for obj in [tf, *getattr(tf, "transforms", [])]:
+        if getattr(obj, "mean", None) is not None and getattr(obj, "std", None) is not None:
+            return list(obj.mean), list(obj.std)
+    return None, None
 
 
 def _is_mnist(path: Path) -> bool:
@@ -140,16 +168,18 @@ def cmd_rank(args: argparse.Namespace) -> int:
     from .rank import rank
 
     loaded = _load(args)
-    ds, data_spec, classes = _dataset(args, loaded)
+    spec = data_spec(args)
+    ds, classes = open_dataset(spec, loaded)
     components: int | float = args.components
     if float(components).is_integer() and components >= 1:
         components = int(components)
-    label = args.label if data_spec.get("kind") == "csv" else None
+    label = args.label if spec.get("kind") == "csv" else None
     result = rank(loaded.model, ds, args.target, layers=args.layers, components=components,
                   batch_size=args.batch_size, device=args.device,
                   memory_budget=args.memory_budget, score=args.score, label=label,
                   categories=loaded.categories or classes, seed=args.seed,
-                  progress=not args.no_progress, model_spec=loaded.spec, data_spec=data_spec)
+                  progress=not args.no_progress, model_spec=loaded.spec, data_spec=spec,
+                  permutations=args.permutations, bootstrap=args.bootstrap, level=args.level)
     skipped = getattr(getattr(ds, "dataset", ds), "skipped", 0)
     result.manifest["data"]["skipped_images"] = int(skipped or 0)
     out = result.save(args.out)
@@ -166,7 +196,8 @@ def _print_summary(result: Any, top: int) -> None:
     from .demo import summary
 
     n = result.manifest["data"]["n_images"]
-    print(f"PCACE over {n} images, target {result.manifest['target']}")
+    target = result.manifest.get("target_description") or result.manifest["target"]
+    print(f"PCACE over {n} images, score: {target}")
     print(summary(result, top=top))
 
 

@@ -19,7 +19,7 @@ from .targets import ClassLogit
 from .zoo import mnist_cnn
 
 
-def _dataset(data: str | Path | None) -> tuple[TensorDataset, TensorDataset, str]:
+def _dataset(data: str | Path | None) -> tuple[TensorDataset, TensorDataset, TensorDataset, str]:
     if data is None:
         full = sklearn_digits()
         source = "scikit-learn digits (8x8, upsampled to 28x28)"
@@ -32,7 +32,7 @@ def _dataset(data: str | Path | None) -> tuple[TensorDataset, TensorDataset, str
     cut = int(0.7 * len(labels))
     train = TensorDataset(images[perm[:cut]], labels[perm[:cut]])
     held_out = TensorDataset(images[perm[cut:]], labels[perm[cut:]])
-    return train, held_out, source
+    return full, train, held_out, source
 
 
 def train_mnist_cnn(train: TensorDataset, epochs: int = 8, seed: int = 0) -> torch.nn.Module:
@@ -60,8 +60,13 @@ def accuracy(model: torch.nn.Module, data: TensorDataset) -> float:
 
 
 def run_demo(out: str | Path | None = "pcace-demo", data: str | Path | None = None,
-             digit: int = 3, epochs: int = 8, progress: bool = True) -> PCACEResult:
+             digit: int = 3, epochs: int = 8, images: int = 300, permutations: int = 199,
+             progress: bool = True) -> PCACEResult:
     """Train the small CNN, rank both conv layers for ``digit``, save the run.
+
+    The ranking runs over (up to ``images``) images of the digit, as the paper ranks
+    channels over the images of one class, with the digit's logit as the score and a
+    permutation null of ``permutations`` draws for p-values and ``pcace_adj``.
 
     Examples
     --------
@@ -71,12 +76,14 @@ def run_demo(out: str | Path | None = "pcace-demo", data: str | Path | None = No
     ['conv1', 'conv2']
     """
     t0 = time.perf_counter()
-    train, held_out, source = _dataset(data)
+    full, train, held_out, source = _dataset(data)
     model = train_mnist_cnn(train, epochs=epochs)
     acc = accuracy(model, held_out)
-    result = rank(model, held_out, target=ClassLogit(digit), label=digit, progress=progress,
-                  device="cpu", data_spec={"source": source, "split": "held-out 30%",
-                                           "digit": digit},
+    x, y = full.tensors
+    chosen = x[y == digit][:images]
+    result = rank(model, chosen, target=ClassLogit(digit), progress=progress, device="cpu",
+                  permutations=permutations,
+                  data_spec={"source": source, "digit": digit, "images": len(chosen)},
                   model_spec={"factory": "pcace.zoo:mnist_cnn", "trained": f"{epochs} epochs, "
                               "seed 0", "held_out_accuracy": acc})
     result.manifest["demo"] = {"held_out_accuracy": acc, "seconds": time.perf_counter() - t0}
@@ -87,6 +94,9 @@ def run_demo(out: str | Path | None = "pcace-demo", data: str | Path | None = No
 
 
 def _pairs(rows) -> str:
+    if "p_value" in rows:
+        return ", ".join(f"{c}:{v:.3f} (p={p:.3f})"
+                         for c, v, p in zip(rows.channel, rows.pcace, rows.p_value, strict=True))
     return ", ".join(f"{c}:{v:.3f}" for c, v in zip(rows.channel, rows.pcace, strict=True))
 
 
@@ -97,8 +107,12 @@ def summary(result: PCACEResult, top: int = 5) -> str:
         sub = result.channels[result.channels.layer == layer.layer].sort_values("rank")
         best = _pairs(sub.head(top))
         worst = _pairs(sub.tail(3))
-        lines.append(f"{layer.layer:<24} {int(layer.channels):>5} ch  "
-                     f"median {layer['median']:.3f}  max {layer['max']:.3f}")
+        line = (f"{layer.layer:<24} {int(layer.channels):>5} ch  "
+                f"median {layer['median']:.3f}  max {layer['max']:.3f}")
+        if "significant_share" in layer:
+            line += (f"  significant (q<=0.05) {layer['significant_share']:.0%}  "
+                     f"median pcace_adj {layer['median_adj']:.3f}")
+        lines.append(line)
         lines.append(f"    top    {best}")
         lines.append(f"    bottom {worst}")
     return "\n".join(lines)

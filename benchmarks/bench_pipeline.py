@@ -1,0 +1,93 @@
+"""Pipeline benchmarks: pcace.rank against a bare forward pass, and peak memory.
+
+Usage::
+
+    python benchmarks/bench_pipeline.py resnet18 [--images 300] [--size 224] [--device cpu]
+    python benchmarks/bench_pipeline.py vgg16 [--images 300] [--budget 2GiB]
+
+``resnet18``: random-weight torchvision ResNet-18, all 20 conv layers (4,800 channels),
+N images of size x size. Times a bare forward pass over the same images (same batch size,
+inference mode) and ``pcace.rank`` in the same process, and prints their ratio.
+
+``vgg16``: random-weight VGG-16, all 13 conv layers; prints time and the peak resident set
+size (ru_maxrss) of the process with the given memory budget. Run it in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+
+import torch
+import torchvision
+
+import pcace
+from pcace.cli import parse_size
+
+
+def bare_forward(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
+                 device: torch.device) -> float:
+    model.eval().to(device)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            model(images[i:i + batch_size].to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=["resnet18", "vgg16"])
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--budget", type=parse_size, default="2GiB")
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, args.model)(weights=None).eval()
+    images = torch.randn(args.images, 3, args.size, args.size)
+    target = 281  # any logit: random weights, timing only
+    rss_before = peak_rss_gib()
+
+    pcace.rank(model, images[:16], target, layers=["features.0" if args.model == "vgg16"
+                                                   else "conv1"], progress=False,
+               device=device)  # warm-up: JIT compile, allocator
+    forward, ranked = [], []
+    for _ in range(args.repeats):
+        forward.append(bare_forward(model, images, args.batch_size, device))
+        t = time.perf_counter()
+        res = pcace.rank(model, images, target, batch_size=args.batch_size, device=device,
+                         memory_budget=args.budget, progress=False)
+        ranked.append(time.perf_counter() - t)
+    report = {
+        "model": args.model, "images": args.images, "size": args.size,
+        "layers": len(res.layers), "channels": len(res.channels), "device": str(device),
+        "bare_forward_s": min(forward), "rank_s": min(ranked),
+        "ratio": min(ranked) / min(forward),
+        "rank_timings": res.manifest["timings"],
+        "spilled_layers": len(res.manifest["spilled_layers"]),
+        "memory_budget_gib": args.budget / 2**30,
+        "peak_rss_gib": peak_rss_gib(), "rss_before_gib": rss_before,
+        "machine": f"{platform.processor() or platform.machine()}, "
+                   f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+    }
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
