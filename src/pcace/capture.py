@@ -581,7 +581,8 @@ def capture(
         ``score_fn(outputs) -> (B,)`` tensor: the scalar score of each image.
     device : str or torch.device, default "cpu"
     memory_budget : int, default 2 GiB
-        Bytes of activations held in RAM; layers past it are spilled to disk.
+        Bytes of activations held in RAM; layers past it are spilled to disk
+        (checked after each batch, so the current batch's copies come on top).
     spill_dir : str or Path, optional
         Where spilled layers go (inside a temporary subdirectory, removed when
         the capture is closed). The system's temporary directory when None.

@@ -16,18 +16,25 @@ Cost and memory
 ---------------
 The input is copied once, into a ``(C, N, P)`` tensor of the working dtype,
 which is standardised in place; everything else is ``(C, N, N)``, ``(C, P, P)``
-or ``(C, P)`` sized. Measured on 2 CPU cores (torch 2.14, float32 input, N = 300)::
+or ``(C, P)`` sized. Measured on 2 shared CPU cores (torch 2.14, float32 input,
+k = 3, best of repeated runs; on a loaded machine several times slower)::
 
-    input                       float64 (default)   float32
-    (300, 64, 56*56)            0.85 s              0.36 s
-    (300, 512, 7*7)             0.12 s              0.06 s
-    (300, 64, 112*112)          4.6 s, peak +1.9 GB  1.8 s
+    input (N, C, H*W)      float64 (default)          float32
+    (300, 64, 56*56)       0.9 s                      0.55 s
+    (300, 512, 7*7)        0.13 s                     0.09 s
+    (300, 64, 112*112)     3.7 s, peak +2.0 GB        1.7 s, peak +1.0 GB
 
-float32 against float64 on ReLU'd random convolution maps (N = 300, P = 3136,
-k = 3): the scores agree to about 1e-5 relative to their largest value and the
-explained-variance fractions to about 1e-7, except where two eigenvalues almost
-coincide, where the components themselves are ill-defined in either precision.
+float32 against float64 on ReLU'd random convolution maps (N = 300, k = 3, the
+three shapes above): the scores of a channel agree to 1e-5 (median) and 1.2e-4
+(worst channel) relative to its largest score, the explained-variance fractions
+to 6e-8. Larger gaps can only come where two eigenvalues almost coincide, where
+the components are ill-defined in either precision.
 float64 is the default; float32 is a fair choice for screening large layers.
+
+The cost grows as ``C * N * min(N, P) * (P + min(N, P))``: with thousands of
+images and large maps the ``(C, N, N)`` Gram matrices (``8 C N^2`` bytes in
+float64) and their full eigendecomposition dominate; pass fewer channels at a
+time to bound that memory.
 """
 
 from __future__ import annotations
