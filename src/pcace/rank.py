@@ -463,7 +463,8 @@ def _score_layers(cap: Any, names: list[str], scores: np.ndarray, components: in
     try:
         for name in names:
             parts, boots, rows = [], [], []
-            for chans, maps in channel_chunks(cap, name, max(memory_budget // 4, 2**20)):
+            chunk = _chunk_bytes(cap.shapes[name], len(scores), memory_budget)
+            for chans, maps in channel_chunks(cap, name, chunk):
                 red = principal_components(maps.to(dev), components)
                 values = score_components(red.scores, y, score, **ace_kwargs)
                 start = chans.start or 0
@@ -490,6 +491,19 @@ def _score_layers(cap: Any, names: list[str], scores: np.ndarray, components: in
     finally:
         bar.close()
     return tables, kept, interrupted
+
+
+def _chunk_bytes(shape: tuple[int, ...], n: int, memory_budget: int) -> int:
+    """Bytes of maps per reduce step, so its working memory stays within a quarter budget.
+
+    Per channel the reduce step holds the float32 maps (4 N P bytes), their standardised
+    float64 copy (8 N P) and two m x m float64 matrices (Gram and eigenvectors, m = min(N, P)).
+    """
+    p = int(np.prod(shape[1:]))
+    m = min(n, p)
+    per_channel = 12 * n * p + 16 * m * m
+    channels = max(1, (memory_budget // 4) // per_channel)
+    return channels * 4 * n * p
 
 
 def _add_statistics(table: pd.DataFrame, z: torch.Tensor, scores: np.ndarray,
