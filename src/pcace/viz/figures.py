@@ -246,11 +246,14 @@ def ace_transforms(theta: Any, phi: Any, scores: Any, components: Any, title: st
     scores = np.asarray(scores, dtype=float).reshape(-1)
     phi = np.asarray(phi, dtype=float)
     z = np.asarray(components, dtype=float)
-    phi = phi.reshape(len(theta), -1)
-    z = z.reshape(len(theta), -1)
     if not (len(scores) == len(theta) == len(phi) == len(z)):
         raise ValueError("theta, phi, scores and components need the same number of images; "
                          f"got {len(theta)}, {len(phi)}, {len(scores)}, {len(z)}")
+    phi = phi.reshape(len(theta), -1)
+    z = z.reshape(len(theta), -1)
+    if phi.shape != z.shape:
+        raise ValueError(f"phi and components must have the same shape; got {phi.shape} and "
+                         f"{z.shape}")
     k = phi.shape[1]
     n_panels = 1 + k
     fig = new_figure(min(FULL_WIDTH, 2.9 * n_panels + 0.6), 3.1)

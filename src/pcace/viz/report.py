@@ -37,9 +37,8 @@ TABLE_COLUMNS: list[tuple[str, str, str]] = [
     ("layer", "layer", "text"), ("channel", "channel", "int"), ("rank", "rank", "int"),
     ("pcace", "PCACE", "3f"), ("pcace_adj", "PCACE adj.", "3f"),
     ("null_mean", "null mean", "3f"), ("null_q95", "null q95", "3f"),
-    ("p_value", "p", "3g"), ("q_value", "q", "3g"), ("ci_low", "CI low", "3f"),
-    ("ci_high", "CI high", "3f"), ("rank_low", "rank low", "int"),
-    ("rank_high", "rank high", "int"), ("n_components", "k", "int"),
+    ("p_value", "p", "3g"), ("q_value", "q", "3g"), ("ci_low", "PCACE CI", "range3f"),
+    ("rank_low", "rank CI", "rangeint"), ("n_components", "k", "int"),
     ("explained_variance", "expl. var.", "3f"), ("dead", "dead", "bool"),
 ]
 
@@ -286,15 +285,22 @@ def _channel_table(result: Any) -> str:
     ch = result.channels.copy()
     sort_cols = [c for c in ("layer_order", "rank", "channel") if c in ch]
     ch = ch.sort_values(sort_cols, kind="stable") if sort_cols else ch
-    cols = [(c, label, kind) for c, label, kind in TABLE_COLUMNS if c in ch]
+    ends = {"ci_low": "ci_high", "rank_low": "rank_high"}
+    cols = [(c, label, kind) for c, label, kind in TABLE_COLUMNS
+            if c in ch and (c not in ends or ends[c] in ch)]
     head = "".join(f'<th data-type="{"text" if kind == "text" else "number"}" '
                    f'data-col="{_e(c)}">{_e(label)}</th>' for c, label, kind in cols)
     body = []
-    records = ch[[c for c, _, _ in cols]].to_dict("records")
+    records = ch.to_dict("records")
     for rec in records:
         cells = []
         for c, _, kind in cols:
-            text, key = _fmt(rec[c], kind)
+            if kind.startswith("range"):
+                lo, key = _fmt(rec[c], kind[5:])
+                hi, _ = _fmt(rec[ends[c]], kind[5:])
+                text = f"{lo}\u2013{hi}" if lo and hi else ""
+            else:
+                text, key = _fmt(rec[c], kind)
             cells.append(f'<td data-v="{_e(key)}">{_e(text)}</td>' if kind != "text"
                          else f"<td>{_e(text)}</td>")
         dead = "dead" in rec and _fmt(rec["dead"], "bool")[1] == "1"
