@@ -56,10 +56,25 @@ def test_null_matches_direct_ace_on_permuted_scores():
         np.testing.assert_allclose(null[:, b], _observed(z, y[perms[b]]), atol=1e-12)
 
 
+@pytest.mark.parametrize("score", ["maximal", "first-component"])
+def test_null_scores_like_rank(score):
+    """The null re-computes exactly what pcace.rank computes for the observed values."""
+    rank = pytest.importorskip("pcace.rank")
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(3, 40, 3))
+    y = rng.normal(size=40)
+    null = permutation_null(z, y, 4, seed=5, score=score)
+    perms = np.random.default_rng(5).permuted(np.tile(np.arange(40), (4, 1)), axis=1)
+    ref = np.stack([rank.score_components(torch.as_tensor(z), torch.as_tensor(y[p]), score)
+                    for p in perms], axis=1)
+    np.testing.assert_allclose(null, ref, atol=1e-12)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"permutations": 0}, "permutations"),
     ({"chunk": 0}, "chunk"),
     ({"seed": 1.5}, "seed"),
+    ({"score": "pearson"}, "score"),
 ])
 def test_null_bad_arguments(kwargs, match):
     z = np.zeros((2, 20, 1))

@@ -143,11 +143,34 @@ def _chunk_size(chunk: int | None, n: int, k: int) -> int:
     return _positive_int(chunk, "chunk")
 
 
-def _rho(x: Any, y: Any, ace_options: dict) -> np.ndarray:
-    """Clipped maximal-correlation estimates for a batch (as pcace.rank reports them)."""
+SCORES = ("maximal", "first-component")
+
+
+def _as_numpy(a: Any) -> np.ndarray:
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def _rho(x: Any, y: Any, ace_options: dict, score: str = "maximal") -> np.ndarray:
+    """PCACE values of a batch of problems, as pcace.rank computes them.
+
+    ``"maximal"``: ACE's correlation clipped to [0, 1]; ``"first-component"``: the
+    published scripts' ``|corr(phi_1, theta)|``.
+    """
     r = ace(x, y, **ace_options)
-    rho = r.rho.detach().cpu().numpy() if isinstance(r.rho, torch.Tensor) else np.asarray(r.rho)
-    return np.clip(rho, 0.0, 1.0)
+    if score == "maximal":
+        return np.clip(_as_numpy(r.rho), 0.0, 1.0)
+    a = _as_numpy(r.phi)[..., 0]
+    b = _as_numpy(r.theta)
+    a = a - a.mean(-1, keepdims=True)
+    b = b - b.mean(-1, keepdims=True)
+    den = np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+    return np.abs(np.where(den > 0, (a * b).sum(-1) / np.where(den > 0, den, 1.0), 0.0))
+
+
+def _check_score(score: Any) -> str:
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}; got {score!r}")
+    return score
 
 
 # -------------------------------------------------------------------- permutation null
@@ -159,6 +182,7 @@ def permutation_null(
     seed: int = 0,
     chunk: int | None = None,
     *,
+    score: str = "maximal",
     ace_options: dict | None = None,
     progress: bool = False,
 ) -> np.ndarray:
@@ -185,6 +209,10 @@ def permutation_null(
     chunk : int, optional
         Problems per ACE call. Default: as many as fit in about 128 MB
         (about 7,000 at ``N = 300``, ``k = 3``).
+    score : {"maximal", "first-component"}, default "maximal"
+        The value computed, as in :func:`pcace.rank`: the maximal correlation,
+        or the published scripts' ``|corr(phi_1, theta)|``. Use the one that
+        gave the observed values.
     ace_options : dict, optional
         Keyword arguments for :func:`pcace.ace` (use the same as for the
         observed values).
@@ -217,6 +245,7 @@ def permutation_null(
     b_count = _positive_int(permutations, "permutations")
     if isinstance(seed, bool) or not isinstance(seed, Integral):
         raise ValueError(f"seed must be an int; got {seed!r}")
+    _check_score(score)
     options = dict(ace_options or {})
     on_gpu = isinstance(z, torch.Tensor) and z.device.type != "cpu"
     if on_gpu:
@@ -264,7 +293,7 @@ def permutation_null(
                 ys = y_src[torch.as_tensor(pm, device=zt.device)]
             else:
                 xs, ys = z_live[ch], y_src[pm]
-            flat[start:start + idx.size] = _rho(xs, ys, options)
+            flat[start:start + idx.size] = _rho(xs, ys, options, score)
             bar.update(idx.size)
     null[live] = flat.reshape(live.size, b_count)
     return null
@@ -455,6 +484,7 @@ def bootstrap_values(
     seed: int = 0,
     *,
     chunk_bytes: int = 2**28,
+    score: str = "maximal",
     ace_options: dict | None = None,
     reduce_options: dict | None = None,
     progress: bool = False,
@@ -483,6 +513,8 @@ def bootstrap_values(
     chunk_bytes : int, default 256 MiB
         Memory for the resampled maps of one PCA call; replicates are stacked
         along the channel axis up to this size.
+    score : {"maximal", "first-component"}, default "maximal"
+        As for :func:`permutation_null`.
     ace_options, reduce_options : dict, optional
         Keyword arguments for :func:`pcace.ace` and
         :func:`pcace.reduce.principal_components`.
@@ -517,6 +549,7 @@ def bootstrap_values(
     if isinstance(seed, bool) or not isinstance(seed, Integral):
         raise ValueError(f"seed must be an int; got {seed!r}")
     _positive_int(chunk_bytes, "chunk_bytes")
+    _check_score(score)
     m = _check_maps(maps)
     n, c = m.shape[0], m.shape[1]
     if n < MIN_OBSERVATIONS:
@@ -555,10 +588,11 @@ def bootstrap_values(
             if live.size:
                 if z.device.type == "cpu":
                     zl = z[torch.as_tensor(live)].to(torch.float64).numpy()
-                    values[live] = _rho(zl, ys[live], options)
+                    values[live] = _rho(zl, ys[live], options, score)
                 else:
                     zl = z[torch.as_tensor(live, device=z.device)].to(torch.float64)
-                    values[live] = _rho(zl, torch.as_tensor(ys[live], device=z.device), options)
+                    values[live] = _rho(zl, torch.as_tensor(ys[live], device=z.device), options,
+                                        score)
             out[:, start:start + r] = values.reshape(r, c).T
             bar.update(r)
     return out
