@@ -64,8 +64,19 @@ def test_toy_curves_follow_the_true_importance(toy):
 def test_toy_mean_mode_and_reference(toy):
     model, x = toy
     # mean ablation on the same images leaves the mean score unchanged for a linear model
-    curves = ablate(model, x, 0, "conv", [0, 1, 2, 3], sizes=(2,), repeats=2)
+    # ... while every image's score moves: score_change sees it
+    curves = ablate(model, x, 0, "conv", [0, 1, 2, 3], sizes=(1, 2), repeats=2)
     np.testing.assert_allclose(curves.score_drop, 0.0, atol=1e-5)
+    assert (curves.score_change > 0.01).all()
+    top = curves[(curves.selection == "top") & (curves.m == 1)]
+    dev = (x - x.mean()).mean(dim=(1, 2, 3)).abs().mean().item()  # channel 0: weight 4 * 1
+    assert top.score_change.iloc[0] == pytest.approx(4.0 * dev, rel=1e-4)
+    change = faithfulness_summary(curves, metric="score_change")
+    assert change.attrs["metric"] == "score_change" and len(change) == 1
+    with pytest.raises(ValueError, match="metric"):
+        faithfulness_summary(curves, metric="auc")
+    with pytest.raises(ValueError, match="accuracy needs labels"):
+        faithfulness_summary(curves, metric="accuracy_drop")
     ref = torch.zeros(5, 1, 5, 5)  # a reference whose mean map is 0 acts like zero ablation
     with_ref = ablate(model, x, 0, "conv", [0, 1, 2, 3], sizes=(2,), repeats=2, reference=ref)
     zero = ablate(model, x, 0, "conv", [0, 1, 2, 3], sizes=(2,), repeats=2, mode="zero")

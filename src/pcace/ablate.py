@@ -179,13 +179,14 @@ def _sizes(sizes: Any, n_channels: int) -> list[int]:
 class _Ablator:
     """Runs the model with a set of channels of one module replaced."""
 
-    def __init__(self, model, module, batches, score_fn, dev, labels, mode, fill):
+    def __init__(self, model, module, batches, score_fn, dev, labels, fill, base_scores):
         self.model, self.module, self.batches = model, module, batches
-        self.score_fn, self.dev, self.labels, self.mode, self.fill = (
-            score_fn, dev, labels, mode, fill)
-        self.cache: dict[frozenset, tuple[float, float | None]] = {}
+        self.score_fn, self.dev, self.labels, self.fill = score_fn, dev, labels, fill
+        self.base_scores = base_scores
+        self.cache: dict[frozenset, tuple[float, float | None, float]] = {}
 
-    def run(self, channels: np.ndarray) -> tuple[float, float | None]:
+    def run(self, channels: np.ndarray) -> tuple[float, float | None, float]:
+        """Mean ablated score, accuracy (or None) and mean |score change| per image."""
         key = frozenset(int(c) for c in channels)
         if key not in self.cache:
             idx = torch.as_tensor(sorted(key), dtype=torch.long, device=self.dev)
@@ -206,7 +207,8 @@ class _Ablator:
             finally:
                 handle.remove()
             acc = None if preds is None else float((preds == self.labels).double().mean())
-            self.cache[key] = (float(scores.mean()), acc)
+            change = float((scores - self.base_scores).abs().mean())
+            self.cache[key] = (float(scores.mean()), acc, change)
         return self.cache[key]
 
 
@@ -281,10 +283,11 @@ def ablate(
     pandas.DataFrame
         One row per (ranking, selection, m): ``ranking`` (the ranking's name,
         ``"random"`` for random rows), ``selection`` (``"top"``, ``"bottom"``,
-        ``"random"``), ``m``, ``score`` (mean ablated score), ``score_drop``,
-        ``score_drop_sd`` (standard deviation over the random sets; NaN for
-        top and bottom), ``n_sets`` and, with labels, ``accuracy_drop`` and
-        ``accuracy_drop_sd``. ``attrs`` holds ``layer``, ``mode``,
+        ``"random"``), ``m``, ``score`` (mean ablated score), ``score_drop``
+        (unablated minus ablated mean score), ``score_change`` (mean over images
+        of ``|ablated - unablated score|``), with labels ``accuracy_drop``, each
+        with a ``*_sd`` column (standard deviation over the random sets; NaN for
+        top and bottom), and ``n_sets``. ``attrs`` holds ``layer``, ``mode``,
         ``n_images``, ``n_channels``, ``base_score``, ``base_accuracy``,
         ``repeats`` and ``seed``.
 
@@ -294,6 +297,12 @@ def ablate(
     ``(2 * rankings + repeats) * len(sizes) + 1`` passes (identical channel sets
     are run once). A module called more than once in a forward pass is ablated
     at every call.
+
+    ``score_drop`` measures what the mean score loses; ``score_change`` how far
+    each image's score moves. Under mean ablation a channel whose effect on the
+    score is linear leaves the mean score where it was (its deviations average
+    out) while moving every image's score, so rankings of covariation such as
+    PCACE are better judged by ``score_change``.
 
     Mean ablation uses the mean over ``images`` unless ``reference`` is given.
     With images of one class (PCACE's usual input) that mean carries the class:
@@ -379,22 +388,24 @@ def ablate(
     ms = _sizes(sizes, n_channels)
 
     fill = mean_map.to(dev) if mode == "mean" else None
-    runner = _Ablator(model, module, batches, score_fn, dev, label_t, mode, fill)
+    runner = _Ablator(model, module, batches, score_fn, dev, label_t, fill, base_scores)
     rows: list[dict[str, Any]] = []
 
-    def row(name: str, selection: str, m: int, results: list[tuple[float, float | None]]):
-        drops = np.array([base_score - r[0] for r in results])
-        entry = {"ranking": name, "selection": selection, "m": m,
-                 "score": float(np.mean([r[0] for r in results])),
-                 "score_drop": float(drops.mean()),
-                 "score_drop_sd": float(drops.std(ddof=1)) if selection == "random"
-                 and len(drops) > 1 else (0.0 if selection == "random" else np.nan),
-                 "n_sets": len(results)}
+    def row(name: str, selection: str, m: int, results: list[tuple]) -> None:
+        entry: dict[str, Any] = {"ranking": name, "selection": selection, "m": m,
+                                 "score": float(np.mean([r[0] for r in results]))}
+        columns = {"score_drop": [base_score - r[0] for r in results],
+                   "score_change": [r[2] for r in results]}
         if label_t is not None:
-            acc = np.array([base_acc - r[1] for r in results])
-            entry["accuracy_drop"] = float(acc.mean())
-            entry["accuracy_drop_sd"] = float(acc.std(ddof=1)) if selection == "random" \
-                and len(acc) > 1 else (0.0 if selection == "random" else np.nan)
+            columns["accuracy_drop"] = [base_acc - r[1] for r in results]
+        for column, values in columns.items():
+            v = np.asarray(values, dtype=float)
+            entry[column] = float(v.mean())
+            if selection != "random":
+                entry[f"{column}_sd"] = np.nan
+            else:
+                entry[f"{column}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        entry["n_sets"] = len(results)
         rows.append(entry)
 
     for name, order in orders.items():
@@ -628,11 +639,11 @@ def _conductance(cls, model, module, batches, score_fn, dev, steps):
 
 # ------------------------------------------------------------------------- summary
 
-def faithfulness_summary(curves: pd.DataFrame) -> pd.DataFrame:
+def faithfulness_summary(curves: pd.DataFrame, metric: str = "score_drop") -> pd.DataFrame:
     """One number per ranking: how much more its top channels matter than random ones.
 
-    For each ranking, ``gap(m) = score_drop(top m) - mean score_drop(random m)``
-    at every size ``m`` that both have. ``area`` integrates it over ``log2 m``
+    For each ranking, ``gap(m) = metric(top m) - mean metric(random m)`` at every
+    size ``m`` that both have. ``area`` integrates it over ``log2 m``
     (trapezoid rule; sizes are usually powers of two, so each doubling weighs the
     same), and ``mean_gap`` divides by the ``log2 m`` span: the average excess
     drop, in score units (with a single size, the gap itself). Larger = ablating
@@ -642,6 +653,12 @@ def faithfulness_summary(curves: pd.DataFrame) -> pd.DataFrame:
     ----------
     curves : pandas.DataFrame
         The output of :func:`ablate`.
+    metric : {"score_drop", "score_change", "accuracy_drop"}, default "score_drop"
+        The curve compared. ``"score_drop"`` (mean score lost) suits rankings
+        of what the score needs; ``"score_change"`` (mean ``|change|`` of each
+        image's score) suits rankings of what the score varies with, such as
+        PCACE: under mean ablation a channel whose effect on the score is
+        linear moves every image's score but not their mean.
 
     Returns
     -------
@@ -651,8 +668,9 @@ def faithfulness_summary(curves: pd.DataFrame) -> pd.DataFrame:
         divided by the random sets' standard deviation, where that is > 0),
         ``bottom_mean_gap`` (the same for the bottom channels; negative = the
         bottom channels matter less than random ones), ``top_minus_bottom``
-        (``mean_gap - bottom_mean_gap``) and, when accuracy was measured,
-        ``accuracy_mean_gap``.
+        (``mean_gap - bottom_mean_gap``) and, when accuracy was measured and is
+        not the metric, ``accuracy_mean_gap``. ``attrs["metric"]`` names the
+        metric.
 
     Examples
     --------
@@ -664,14 +682,18 @@ def faithfulness_summary(curves: pd.DataFrame) -> pd.DataFrame:
     >>> faithfulness_summary(c)[["ranking", "area", "mean_gap"]].values.tolist()
     [['a', 2.5, 1.25]]
     """
-    needed = {"ranking", "selection", "m", "score_drop", "score_drop_sd"}
+    metrics = ("score_drop", "score_change", "accuracy_drop")
+    if metric not in metrics:
+        raise ValueError(f"metric must be one of {metrics}; got {metric!r}")
+    needed = {"ranking", "selection", "m", metric, f"{metric}_sd"}
     if not isinstance(curves, pd.DataFrame) or not needed <= set(curves.columns):
-        raise ValueError(f"curves must be the DataFrame that ablate returns (columns "
-                         f"{sorted(needed)})")
+        raise ValueError(f"curves must be the DataFrame that ablate returns, with columns "
+                         f"{sorted(needed)}" + (" (accuracy needs labels)"
+                                                if metric == "accuracy_drop" else ""))
     random = curves[curves.selection == "random"].set_index("m")
     if random.empty:
         raise ValueError("curves has no random rows to compare with")
-    has_acc = "accuracy_drop" in curves.columns
+    has_acc = "accuracy_drop" in curves.columns and metric != "accuracy_drop"
     rows = []
     for name in [r for r in dict.fromkeys(curves.ranking) if r != "random"]:
         entry: dict[str, Any] = {"ranking": name}
@@ -681,10 +703,10 @@ def faithfulness_summary(curves: pd.DataFrame) -> pd.DataFrame:
             if sub.empty:
                 raise ValueError(f"ranking {name!r} has no {selection} rows at the random sizes")
             ms = sub.m.to_numpy()
-            gap = sub.score_drop.to_numpy() - random.loc[ms, "score_drop"].to_numpy()
+            gap = sub[metric].to_numpy() - random.loc[ms, metric].to_numpy()
             area, mean_gap = _area(ms, gap)
             if selection == "top":
-                sd = random.loc[ms, "score_drop_sd"].to_numpy(dtype=float)
+                sd = random.loc[ms, f"{metric}_sd"].to_numpy(dtype=float)
                 ok = sd > 0
                 entry.update({"area": area, "mean_gap": mean_gap,
                               "mean_gap_sd_units": float(np.mean(gap[ok] / sd[ok]))
@@ -700,7 +722,9 @@ def faithfulness_summary(curves: pd.DataFrame) -> pd.DataFrame:
     columns = ["ranking", "area", "mean_gap", "mean_gap_sd_units", "bottom_mean_gap",
                "top_minus_bottom"] + (["accuracy_mean_gap"] if has_acc else [])
     table = pd.DataFrame(rows, columns=columns)
-    return table.sort_values("area", ascending=False, kind="stable").reset_index(drop=True)
+    table = table.sort_values("area", ascending=False, kind="stable").reset_index(drop=True)
+    table.attrs["metric"] = metric
+    return table
 
 
 def _area(ms: np.ndarray, gap: np.ndarray) -> tuple[float, float]:
