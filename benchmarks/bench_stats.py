@@ -253,13 +253,18 @@ def part_ablation(model, x, y, x_all, target, maps, scores, layers, components, 
             t0 = time.perf_counter()
             curves = ablate(model, x, target, layer, rankings, sizes=sizes, mode=mode,
                             repeats=10, labels=y, reference=ref)
-            summary = faithfulness_summary(curves)
             print(f"[ablation] {layer} mode={mode} ({time.perf_counter() - t0:.0f} s; baselines "
-                  f"{t_base:.0f} s)\n" + summary.round(3).to_string(index=False), flush=True)
-            rand = curves[curves.selection == "random"][["m", "score_drop", "score_drop_sd"]]
-            print("  random:", rand.round(2).values.tolist(), flush=True)
-            for rec in summary.to_dict("records"):
-                rows.append({"layer": layer, "mode": mode, **rec})
+                  f"{t_base:.0f} s)", flush=True)
+            for metric in ("score_drop", "score_change"):
+                summary = faithfulness_summary(curves, metric=metric)
+                print(f"  metric={metric}\n" + summary.round(3).to_string(index=False),
+                      flush=True)
+                for rec in summary.to_dict("records"):
+                    rows.append({"layer": layer, "mode": mode, "metric": metric, **rec})
+            rand = curves[curves.selection == "random"][
+                ["m", "score_drop", "score_drop_sd", "score_change", "score_change_sd"]]
+            print("  random (m, drop, sd, change, sd):", rand.round(2).values.tolist(),
+                  flush=True)
             rows.append({"layer": layer, "mode": mode, "ranking": "random_curve",
                          "random": rand.to_dict("records")})
         from scipy.stats import spearmanr
