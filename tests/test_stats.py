@@ -259,7 +259,7 @@ def test_bootstrap_intervals_cover_sometimes_and_shrink_with_n():
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["percentile", "basic"])
 def test_bootstrap_coverage_table(method):
-    """The coverage figures of benchmarks/README.md (about a minute)."""
+    """Coverage at n = 300 as in benchmarks/README.md (a few seconds on an idle machine)."""
     for r in (0.3, 0.6, 0.9):
         cover, _ = _coverage(r, 300, replicates=40, boots=100, seed=int(10 * r))
         print(f"{method} r={r} n=300 coverage={cover:.2f}")
