@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.colors import Normalize, TwoSlopeNorm
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 #: Width of a full-width figure in inches; at 100 dpi it fills a ~1100 px report column.
@@ -29,14 +29,16 @@ def safe_name(name: str) -> str:
 def map_norm(values: np.ndarray) -> tuple[Normalize, str]:
     """One colour scale for a set of activation maps, and its colour map name.
 
-    Maps with both signs get a diverging scale centred at 0; non-negative (e.g. after a ReLU)
-    or non-positive maps get a sequential one from their minimum to their maximum.
+    Maps with both signs get a diverging scale symmetric about 0 (white = 0, so sign and
+    magnitude read the same on both sides); non-negative (e.g. after a ReLU) or non-positive
+    maps get a sequential one from their minimum to their maximum.
     """
     finite = values[np.isfinite(values)]
     lo = float(finite.min()) if finite.size else 0.0
     hi = float(finite.max()) if finite.size else 1.0
     if lo < 0.0 < hi:
-        return TwoSlopeNorm(vcenter=0.0, vmin=lo, vmax=hi), "RdBu_r"
+        m = max(-lo, hi)
+        return Normalize(vmin=-m, vmax=m), "RdBu_r"
     if hi <= lo:
         hi = lo + 1e-12
     return Normalize(vmin=lo, vmax=hi), "viridis"

@@ -100,11 +100,13 @@ def load_assets(run_dir: str | Path) -> Assets | None:
 
 
 def display_images(x: torch.Tensor, mean: Sequence[float] | float | None = None,
-                   std: Sequence[float] | float | None = None) -> np.ndarray:
+                   std: Sequence[float] | float | None = None,
+                   value_range: tuple[float, float] | None = None) -> np.ndarray:
     """Preprocessed images (N, C, H, W) back to displayable (N, H, W, C) values in [0, 1].
 
     With ``mean`` and ``std`` (the normalisation the images went through) each channel is
-    mapped back by ``x * std + mean`` and clipped; without them each image is min-max scaled.
+    mapped back by ``x * std + mean`` and clipped; without them each image is min-max scaled,
+    or, given ``value_range`` (low, high), all images are scaled from that range and clipped.
 
     Examples
     --------
@@ -117,6 +119,9 @@ def display_images(x: torch.Tensor, mean: Sequence[float] | float | None = None,
         m = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
         s = torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
         out = (t * s + m).clamp(0.0, 1.0)
+    elif mean is None and std is None and value_range is not None:
+        lo, hi = float(value_range[0]), float(value_range[1])
+        out = ((t - lo) / max(hi - lo, 1e-12)).clamp(0.0, 1.0)
     elif mean is None and std is None:
         lo = t.amin(dim=(1, 2, 3), keepdim=True)
         span = t.amax(dim=(1, 2, 3), keepdim=True) - lo
@@ -360,7 +365,9 @@ def _collect(model, images, result, score_fn, spec, notes, dev, *, mean, std, n_
                 ref = images[:REFERENCE_IMAGES].to(dev)
                 fx, reached = visualise_channels(model, name, fv_channels, ref,
                                                  steps=featurevis_steps, seed=seed)
-                arrays[f"{key}_featurevis"] = display_images(fx, mean, std)
+                # without a known normalisation, show them on the real images' value range
+                arrays[f"{key}_featurevis"] = display_images(
+                    fx, mean, std, value_range=(float(ref.min()), float(ref.max())))
                 mean_act = act[:, fv_channels].mean(dim=(0, 2, 3)).cpu().numpy()
                 entry["featurevis"] = {"channels": fv_channels,
                                        "pcace": [float(values[c]) for c in fv_channels],

@@ -28,6 +28,17 @@ def _blur(x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), kernel, groups=x.shape[1])
 
 
+def objective(maps: torch.Tensor, linear_share: float = 0.1) -> torch.Tensor:
+    """What the ascent maximises per channel: the mean of the map's positive part.
+
+    The plain mean of a first layer's (pre-ReLU) output is linear in the input, so its
+    maximum over a box is a flat image; the positive part -- what a following ReLU passes --
+    rewards patterns. ``linear_share`` of the plain mean is added so that a channel that is
+    silent at the start still gets a gradient.
+    """
+    return torch.relu(maps).mean(dim=(-2, -1)) + linear_share * maps.mean(dim=(-2, -1))
+
+
 def visualise_channels(
     model: nn.Module,
     layer: str,
@@ -111,15 +122,15 @@ def visualise_channels(
         except _Reached:
             pass
         out = caught.pop("out")
-        return out[torch.arange(k), chans.to(out.device)].mean(dim=(-2, -1))
+        return out[torch.arange(k), chans.to(out.device)]
 
     handle = module.register_forward_hook(hook)
     try:
         with torch.enable_grad():
             for step in range(steps):
                 dy, dx = (torch.randint(-shift, shift + 1, (2,), generator=gen)).tolist()
-                act = activation(torch.roll(x, shifts=(dy, dx), dims=(2, 3)))
-                grad, = torch.autograd.grad(-act.sum(), x)
+                maps = activation(torch.roll(x, shifts=(dy, dx), dims=(2, 3)))
+                grad, = torch.autograd.grad(-objective(maps).sum(), x)
                 x.grad = grad
                 opt.step()
                 with torch.no_grad():
@@ -129,7 +140,7 @@ def visualise_channels(
                         x.copy_(_blur(x))
                     x.copy_(torch.maximum(torch.minimum(x, high), low))
         with torch.no_grad():
-            reached = activation(x).float().cpu().numpy()
+            reached = activation(x).mean(dim=(-2, -1)).float().cpu().numpy()
     finally:
         handle.remove()
     return x.detach().cpu(), reached

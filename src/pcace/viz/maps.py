@@ -233,17 +233,22 @@ def feature_visualisations(assets: Assets | str | Path, layer: str) -> Figure:
     n = len(images)
     cell = min(2.0, (FULL_WIDTH - 1.0) / max(n, 1))
     width = max(0.6 + cell * n, 6.5)
-    height = 0.1 + 0.92 * cell + 0.45 + 0.55
+    height = 0.1 + 0.92 * cell + 0.6 + 0.55
     fig = new_figure(width, height)
     left = 0.3 / width
     for j in range(n):
         ax = fig.add_axes((left + j * cell / width + 0.04 * cell / width, 0.1 / height,
                            0.92 * cell / width, 0.92 * cell / height))
         show_image(ax, images[j], interpolation="nearest")
-        ax.set_title(f"ch {info['channels'][j]}\nPCACE {info['pcace'][j]:.2f}", fontsize=8,
-                     color=TOP_COLOUR)
-    fig.suptitle(f"{layer}: inputs synthesised to maximise each top channel's mean activation\n"
-                 f"({info['steps']} gradient-ascent steps with jitter, blur and decay; seed "
-                 f"{info['seed']})", x=0.01, ha="left", y=1 - 0.06 / height, va="top",
-                 fontsize=9)
+        reached = ""
+        if info.get("activation") and info.get("example_activation"):
+            reached = (f"\nmean act. {info['activation'][j]:.2g} "
+                       f"(images {info['example_activation'][j]:.2g})")
+        ax.set_title(f"ch {info['channels'][j]}\nPCACE {info['pcace'][j]:.2f}{reached}",
+                     fontsize=8, color=TOP_COLOUR)
+    fig.suptitle(f"{layer}: inputs synthesised to excite each top channel (gradient ascent on "
+                 f"its positive activation, {info['steps']} steps,\njitter, blur and decay, "
+                 f"seed {info['seed']}); 'mean act.' is the channel's mean activation on the "
+                 "synthetic input and on the example images", x=0.01, ha="left",
+                 y=1 - 0.06 / height, va="top", fontsize=9)
     return fig

@@ -114,8 +114,11 @@ def render_figures(run_dir: str | Path, result: Any = None,
             + "Each map is min-max scaled on its own.", lambda: weighted_vs_cam(assets))
     for layer in _layer_names(result):
         stem = safe_name(layer)
-        add(layer, f"ranking_{stem}", f"{layer}: channels sorted by PCACE; the top {top} "
-            "labelled.", lambda layer=layer: channel_ranking(result, layer, top=top))
+        shown = min(top, int((result.channels.layer == layer).sum()))
+        intervals = " with bootstrap intervals" if "ci_low" in result.channels else ""
+        add(layer, f"ranking_{stem}", f"{layer}: channels sorted by PCACE; the top {shown} "
+            f"named at right{intervals}.",
+            lambda layer=layer: channel_ranking(result, layer, top=top))
         if assets is None or layer not in assets.layers:
             continue
         add(layer, f"maps_{stem}", "Activation maps of the top (green) and bottom (purple) "
@@ -206,6 +209,14 @@ def _target_text(target: Any) -> str:
     return json.dumps(target, default=str) if target is not None else "unknown"
 
 
+def _value(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _spec_text(spec: dict) -> str:
+    return ", ".join(f"{k}: {_value(v)}" for k, v in spec.items() if v is not None)
+
+
 def _model_text(model: Any) -> str:
     if not isinstance(model, dict):
         return str(model)
@@ -214,7 +225,7 @@ def _model_text(model: Any) -> str:
         parts.append(f"{int(model['parameters']):,} parameters")
     spec = model.get("spec")
     if isinstance(spec, dict):
-        parts.append(", ".join(f"{k}: {v}" for k, v in spec.items() if v is not None))
+        parts.append(_spec_text(spec))
     elif spec:
         parts.append(str(spec))
     if model.get("weights_sha256"):
@@ -228,7 +239,7 @@ def _data_text(data: Any) -> str:
     parts = []
     spec = data.get("spec")
     if isinstance(spec, dict):
-        parts.append(", ".join(f"{k}: {v}" for k, v in spec.items() if v is not None))
+        parts.append(_spec_text(spec))
     elif spec:
         parts.append(str(spec))
     if data.get("label") is not None:
@@ -308,7 +319,7 @@ def _channel_table(result: Any) -> str:
                     f'{" class=dead" if dead else ""}>{"".join(cells)}</tr>')
     return ('<div class="controls"><label for="channel-filter">Filter</label>'
             '<input id="channel-filter" type="search" autocomplete="off" '
-            'placeholder="layer name and/or channel id, e.g. conv2 7 or conv2:7">'
+            'placeholder="layer and/or channel, e.g. conv2 7">'
             '<span id="channel-count" class="stats"></span></div>'
             '<div class="table-wrap"><table id="channel-table" class="sortable">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
