@@ -201,8 +201,19 @@ def test_extra_fixtures_rho_and_rsq_match_acepack(backend):
     check_close(cases, got, "rsq")
 
 
+# A point alone at the end of the data beside tied values has leverage 1 in its end window:
+# its leave-one-out residual is 0/0. acepack divides anyway and the NaN/inf it gets spreads
+# through its running sums, so its answer there depends on rounding; pcace takes the residual
+# as "infinitely large" (that span cannot judge the point), the same in both backends. These
+# cases are kept, strictly expected to differ from acepack, so that the deviation stays
+# documented and visible.
+ACEPACK_UNDEFINED = pytest.mark.xfail(
+    strict=True, reason="leverage-1 points: acepack's result is 0/0-dependent (see comment)")
+GROUP_PARAMS = [pytest.param(g, marks=ACEPACK_UNDEFINED) if g == EDGE else g for g in GROUPS]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("group", GROUP_PARAMS)
 def test_extra_fixtures_by_option(backend, group):
     """Every case of an option group within FAR of acepack, transforms alike."""
     cases, got = extra_subset(backend, lambda c: c["group"] == group)
@@ -269,7 +280,9 @@ def test_smoother_fixtures_cover_the_groups():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("group", SMOOTH_GROUPS)
+@pytest.mark.parametrize("group", [pytest.param(g, marks=ACEPACK_UNDEFINED)
+                                   if g == "ordered_isolated_end" else g
+                                   for g in SMOOTH_GROUPS])
 def test_smoother_matches_acepack_smothr(backend, group):
     bad = []
     for c in smooth_cases():

@@ -9,8 +9,17 @@ them to agree to 1e-8.
 
 from __future__ import annotations
 
+import os
+
+import numba
 import numpy as np
 from numba import njit, prange
+
+# numba's default OpenMP layer leaves its threads spinning after a parallel call, which
+# slows the torch work that follows (measured: 48 s instead of 1.5 s for the report assets
+# after a rank). The work-queue layer sleeps between calls. A user's own choice wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 ORDERED, MONOTONE, LINEAR, CATEGORICAL = 0, 1, 2, 3
 KIND_CODES = {"ordered": ORDERED, "monotone": MONOTONE, "linear": LINEAR,
@@ -20,6 +29,7 @@ _SPANS = np.array([0.05, 0.2, 0.5])
 _EPS = 1e-3
 _SML = 1e-4
 _BIG = 1e20
+_LEVERAGE_FLOOR = 1e-6  # see pcace.smoothers
 
 
 @njit(cache=True)
@@ -65,7 +75,7 @@ def _axis(xs):
             inv_ss[s, t] = inv
             dev = xc[t] - m
             oml = 1.0 - (1.0 / width + dev * dev * inv)
-            cv_scale[s, t] = 1.0 / oml if oml > 0 else _BIG
+            cv_scale[s, t] = 1.0 / oml if oml > _LEVERAGE_FLOOR else 0.0
     start = np.empty(n, np.int64)
     end = np.empty(n, np.int64)
     has_ties = False
@@ -115,7 +125,8 @@ def _running_line(ax, s, y, fit, resid, cross_validate):
         slope = (sxy - x_mean[s, t] * sy) * inv_ss[s, t]
         fit[t] = slope * (xc[t] - x_mean[s, t]) + sy / width
         if cross_validate:
-            resid[t] = abs(y[t] - fit[t]) * cv_scale[s, t]
+            scale = cv_scale[s, t]
+            resid[t] = abs(y[t] - fit[t]) * scale if scale != 0.0 else _BIG
     if has_ties:
         fit[:] = _tie_average(fit, start, end, has_ties)
 
@@ -140,7 +151,7 @@ def _supersmoother(ax, y, alpha):
                 resmin = cv[s, t]
                 span = _SPANS[s]
         if 0.0 < alpha <= 10.0 and resmin < cv[2, t]:
-            woofer = cv[2, t] if cv[2, t] > 0 else 1.0
+            woofer = cv[2, t] if cv[2, t] != 0 else 1.0
             span += (_SPANS[2] - span) * max(_SML, resmin / woofer) ** (10.0 - alpha)
         spans[t] = span
     smoothed = np.empty(n)
@@ -280,8 +291,11 @@ def _one(x, y, x_kinds, y_kind, delrsq, max_iter, alpha, nterm,
                     target[t] = resid[t] + phi[t, j]
                 for t in range(n):
                     target_s[t] = target[order[t]]
-                fit_s = _smooth(x_kinds[j], axes[j], target_s, alpha)
-                fit_s = fit_s - fit_s.mean()
+                if axes[j][1]:  # constant column: nothing to fit
+                    fit_s = np.zeros(n)
+                else:
+                    fit_s = _smooth(x_kinds[j], axes[j], target_s, alpha)
+                    fit_s = fit_s - fit_s.mean()
                 sv = 1.0 - np.mean((target_s - fit_s) ** 2)
                 if sv > rsq:
                     rsq = sv

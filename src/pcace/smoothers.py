@@ -30,6 +30,10 @@ SPANS = (TWEETER, MIDRANGE, WOOFER)
 _EPS = 1e-3  # stabilises running-line slopes in nearly constant windows
 _SML = 1e-4  # floor of the residual ratio in the bass enhancement
 _BIG = 1e20
+# 1 - leverage below this counts as 0 (a point alone at the end of its window beside tied
+# values): its leave-one-out residual is 0/0, which we take as _BIG (that span cannot
+# judge the point). acepack divides by ~0 there, with a result that depends on rounding.
+_LEVERAGE_FLOOR = 1e-6
 
 KINDS = ("ordered", "monotone", "linear", "categorical")
 
@@ -154,8 +158,9 @@ class SortedAxis:
             inv_ss = torch.where(sloped, 1.0 / torch.where(sloped, x_ss, 1.0), 0.0)
             dev = self.xc - x_mean
             one_minus_lev = 1.0 - (1.0 / width + dev * dev * inv_ss)
-            ok = one_minus_lev > 0
-            cv_scale = torch.where(ok, 1.0 / torch.where(ok, one_minus_lev, 1.0), _BIG)
+            ok = one_minus_lev > _LEVERAGE_FLOOR
+            # isolated points (leverage ~1) get scale 0 here and a residual of _BIG below
+            cv_scale = torch.where(ok, 1.0 / torch.where(ok, one_minus_lev, 1.0), 0.0)
             self._windows[span] = _Windows(width, left, right, x_mean, inv_ss, cv_scale)
         return self._windows[span]
 
@@ -219,7 +224,10 @@ def running_line(axis: SortedAxis, y: torch.Tensor, span: float,
     y_mean = sy / w.width
     slope = (sxy - w.x_mean * sy) * w.inv_ss
     fit = slope * (axis.xc - w.x_mean) + y_mean
-    residuals = (y - fit).abs_().mul_(w.cv_scale) if cross_validate else None
+    residuals = None
+    if cross_validate:
+        residuals = (y - fit).abs_().mul_(w.cv_scale)
+        residuals = torch.where(w.cv_scale == 0, _BIG, residuals)
     return axis.tie_average(fit), residuals
 
 
@@ -261,7 +269,9 @@ def supersmoother(axis: SortedAxis, y: torch.Tensor, alpha: float = 0.0) -> torc
         spans = torch.where(better, span, spans)
     if 0.0 < alpha <= 10.0:
         woofer_res = cv[2]
-        ratio = resmin / torch.where(woofer_res > 0, woofer_res, 1.0)
+        # as acepack: the ratio is taken whatever the sign (the smoothed residual of the
+        # woofer can dip below 0 at the ends, where running lines extrapolate)
+        ratio = resmin / torch.where(woofer_res != 0, woofer_res, 1.0)
         boost = (WOOFER - spans) * ratio.clamp_(min=_SML).pow_(10.0 - alpha)
         spans = torch.where(resmin < woofer_res, spans + boost, spans)
     spans = running_line(axis, spans, MIDRANGE)[0].clamp(TWEETER, WOOFER)
@@ -289,40 +299,22 @@ def linear_fit(axis: SortedAxis, y: torch.Tensor) -> torch.Tensor:
     return slope * axis.xc
 
 
-def _ramp_flat_runs(v: np.ndarray) -> np.ndarray:
-    """Turn each flat run of a monotone fit into a gentle ramp, as acepack does."""
-    n = v.size
-    out = v.copy()
-    j = 0
-    while j < n:
-        j0 = j
-        while j + 1 < n and out[j + 1] == out[j]:
-            j += 1
-        if j > j0:
-            a = 0.5 * (out[j0] - out[j0 - 1]) if j0 > 0 else 0.0
-            b = 0.5 * (out[j + 1] - out[j]) if j < n - 1 else 0.0
-            d = (a + b) / (j - j0)
-            if a == 0.0 or b == 0.0:
-                d *= 2.0
-            if a == 0.0:
-                a = b
-            out[j0:j + 1] = out[j0:j + 1] - a + d * np.arange(j - j0 + 1)
-        j += 1
-    return out
+def monotone_smooth(axis: SortedAxis, y: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:
+    """Supersmoother, then the closer of the best increasing or decreasing fit (acepack).
 
+    Flat stretches of the isotonic fit become gentle ramps and tied abscissae share one
+    value, as in acepack. The isotonic step runs on the CPU, one problem at a time, with
+    the compiled routines of :mod:`pcace._ace_numba`.
+    """
+    from ._ace_numba import _isotonic, _ramp_flat_runs
 
-def monotone_smooth(axis: SortedAxis, y: torch.Tensor) -> torch.Tensor:
-    """Supersmoother followed by the closer of the best increasing or decreasing fit."""
-    from scipy.optimize import isotonic_regression
-
-    smooth = supersmoother(axis, y)
-    rows = smooth.detach().cpu().numpy()
+    rows = supersmoother(axis, y, alpha).detach().cpu().numpy()
     out = np.empty_like(rows)
     for r, row in enumerate(rows):
-        up = isotonic_regression(row, increasing=True).x
-        down = isotonic_regression(row, increasing=False).x
+        up = _isotonic(row)
+        down = _isotonic(row[::-1].copy())[::-1]
         best = up if np.sum((row - up) ** 2) < np.sum((row - down) ** 2) else down
-        out[r] = _ramp_flat_runs(best)
+        out[r] = _ramp_flat_runs(np.ascontiguousarray(best))
     result = torch.as_tensor(out, dtype=y.dtype, device=y.device)
     return axis.tie_average(result)
 
@@ -336,5 +328,5 @@ def smooth(kind: str, axis: SortedAxis, y: torch.Tensor, alpha: float = 0.0) -> 
     if kind == "linear":
         return linear_fit(axis, y)
     if kind == "monotone":
-        return monotone_smooth(axis, y)
+        return monotone_smooth(axis, y, alpha)
     raise ValueError(f"unknown variable kind {kind!r}; expected one of {KINDS}")
