@@ -85,3 +85,34 @@ def test_parse_size():
     assert parse_size("2GiB") == 2 * 2**30
     assert parse_size("512M") == 512 * 2**20
     assert parse_size("1000") == 1000
+
+
+def test_rank_report_and_ablate(cifar_args, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("rank", *cifar_args, "--target", "cat", "--limit", "60", "--layers",
+                   "layer3.2.conv2", "--permutations", "19", "--report", "--no-progress",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    html = (out / "report.html").read_text()
+    assert "layer3.2.conv2" in html and "data:image/png;base64" in html
+    assert (out / "figures" / "overview.png").exists()
+    channels = (out / "channels.csv").read_text().splitlines()[0]
+    assert "p_value" in channels and "pcace_adj" in channels
+
+    proc = run_cli("report", str(out))
+    assert proc.returncode == 0, proc.stderr
+
+    proc = run_cli("ablate", str(out), "--layer", "layer3.2.conv2", "--sizes", "1", "4",
+                   "--repeats", "2", "--no-baselines", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "ablation_layer3.2.conv2.csv").exists()
+    assert "pcace" in proc.stdout
+
+    proc = run_cli("ablate", str(out), "--layer", "conv1")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "layer3.2.conv2" in proc.stderr  # lists the run's layers
+
+
+def test_report_on_a_non_run_directory(tmp_path):
+    proc = run_cli("report", str(tmp_path))
+    assert proc.returncode != 0 and "not a pcace run directory" in proc.stderr

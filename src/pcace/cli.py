@@ -77,7 +77,25 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--top", type=int, default=5, help="channels to print per layer")
+    p.add_argument("--report", action="store_true",
+                   help="also save the figures' material and write OUT/report.html")
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html (and figures/*.png)")
+    p.add_argument("run_dir")
+
+    p = sub.add_parser("ablate", help="faithfulness: ablate a run's top/bottom/random channels "
+                       "and compare with baseline rankings")
+    p.add_argument("run_dir")
+    p.add_argument("--layer", required=True, help="a layer of the run")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--mode", choices=["mean", "zero"], default="mean")
+    p.add_argument("--repeats", type=int, default=10, help="random sets per size")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the baseline rankings (activation, weight L1, Taylor, ...)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("demo", help="train a small MNIST CNN and rank its two conv layers")
     p.add_argument("--out", default="pcace-demo")
@@ -185,6 +203,14 @@ def cmd_rank(args: argparse.Namespace) -> int:
     out = result.save(args.out)
     _print_summary(result, args.top)
     print(f"wrote {out}/ (channels.csv, layers.csv, run.json)")
+    if args.report and result.complete:
+        from .viz import collect_assets, write_report
+
+        images, _ = stack_images(ds, label=label)
+        mean, std = normalisation(spec, loaded)
+        collect_assets(out, loaded.model, images, result, mean=mean, std=std,
+                       device=result.manifest["device"])
+        print(f"wrote {write_report(out)}")
     if not result.complete:
         print("pcace: interrupted; the run directory holds the layers finished so far",
               file=sys.stderr)
@@ -214,7 +240,66 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"layers": cmd_layers, "rank": cmd_rank, "demo": cmd_demo}
+def stack_images(ds: Any, label: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All images of a dataset as one tensor (in iteration order), with labels if it has any."""
+    from .data import as_batches
+
+    batches = as_batches(ds, 64, label=label)
+    images = torch.cat(list(batches))
+    labels = getattr(batches, "labels", None)
+    return images, (torch.as_tensor(labels) if labels is not None else None)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .rank import load
+    from .viz import write_report
+
+    load(args.run_dir)  # a clear error when this is not a run directory
+    print(f"wrote {write_report(args.run_dir)}")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablate import ablate, faithfulness_summary
+    from .models import load_model
+    from .rank import load, resolve_device
+    from .targets import target_from_dict
+
+    run = load(args.run_dir)
+    manifest = run.manifest
+    layers = list(run.layers.layer)
+    if args.layer not in layers:
+        raise ValueError(f"layer {args.layer!r} is not in this run; its layers: {layers}")
+    spec = (manifest.get("model") or {}).get("spec")
+    dspec = (manifest.get("data") or {}).get("spec")
+    if not spec or not dspec or "path" not in dspec:
+        raise ValueError("this run does not record how its model and data were loaded (it was "
+                         "made from Python); call pcace.ablate(...) from Python instead")
+    loaded = load_model(spec)
+    ds, _ = open_dataset(dict(dspec), loaded)
+    label = dspec.get("label") if dspec.get("kind") == "csv" else None
+    images, labels = stack_images(ds, label=label)
+    target = target_from_dict(manifest["target"])
+    table = run.channels[run.channels.layer == args.layer]
+    rankings = {"pcace": table.sort_values("rank").channel.to_numpy()}
+    if "pcace_adj" in table.columns:
+        rankings["pcace_adj"] = table.sort_values("pcace_adj", ascending=False).channel.to_numpy()
+    curves = ablate(loaded.model, images, target, args.layer, rankings, sizes=args.sizes,
+                    mode=args.mode, repeats=args.repeats, labels=labels,
+                    batch_size=args.batch_size, device=resolve_device(args.device),
+                    seed=args.seed, baselines=not args.no_baselines)
+    out = Path(args.run_dir) / f"ablation_{args.layer}.csv"
+    curves.to_csv(out, index=False)
+    summary = faithfulness_summary(curves)
+    summary.to_csv(Path(args.run_dir) / f"faithfulness_{args.layer}.csv", index=False)
+    print(f"ablation of {args.layer} ({args.mode}), {len(images)} images")
+    print(summary.to_string(index=False))
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"layers": cmd_layers, "rank": cmd_rank, "demo": cmd_demo, "report": cmd_report,
+            "ablate": cmd_ablate}
 
 
 def main(argv: list[str] | None = None) -> int:
