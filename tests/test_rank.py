@@ -270,3 +270,20 @@ def test_resnet20_matches_independent_computation(cifar, cifar_result):
         pcs = u[:, :3] * s[:3]
         expected = pcace.ace(pcs, score).rho
         assert table.loc[(layer, c), "pcace"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_null_and_bootstrap_columns_through_rank():
+    x, pattern = planted_images(n=150)
+    res = pcace.rank(PlantedNet(pattern), x, RegressionOutput(), layers=["features"],
+                     permutations=199, bootstrap=20, progress=False)
+    ch = res.channels.set_index("channel")
+    for col in ("null_mean", "p_value", "q_value", "pcace_adj", "ci_low", "ci_high",
+                "rank_low", "rank_high"):
+        assert col in ch.columns
+    # the planted channels beat every one of the 199 permutations; noise channels do not
+    assert (ch.loc[[0, 1], "p_value"] == 1 / 200).all()
+    assert (ch.drop([0, 1]).p_value > 0.01).mean() > 0.7
+    assert (ch.ci_low <= ch.ci_high).all()
+    layer = res.layers.iloc[0]
+    assert 0 < layer.significant_share <= 1 and "rank_spearman" in res.layers.columns
+    assert res.manifest["permutations"] == 199 and res.manifest["interval"] == "basic"
