@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budget", type=parse_size, default="2GiB")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--pca-dtype", choices=["float64", "float32"], default="float64")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -70,10 +71,12 @@ def main() -> None:
         forward.append(bare_forward(model, images, args.batch_size, device))
         t = time.perf_counter()
         res = pcace.rank(model, images, target, batch_size=args.batch_size, device=device,
-                         memory_budget=args.budget, progress=False)
+                         memory_budget=args.budget, progress=False,
+                         pca_dtype=getattr(torch, args.pca_dtype))
         ranked.append(time.perf_counter() - t)
     report = {
         "model": args.model, "images": args.images, "size": args.size,
+        "pca_dtype": args.pca_dtype,
         "layers": len(res.layers), "channels": len(res.channels), "device": str(device),
         "bare_forward_s": min(forward), "rank_s": min(ranked),
         "ratio": min(ranked) / min(forward),
