@@ -331,6 +331,8 @@ class ActivationStore:
         layer = self._layers[name]
         c, h, w = layer.shape
         index = _channel_index(channels, c)
+        if layer.memmap is not None and isinstance(index, slice) and index.step in (None, 1):
+            return _read_channels(layer.path, layer.n, c, h * w, index).reshape(layer.n, -1, h, w)
         if layer.memmap is not None:
             np_index = index if isinstance(index, slice) else index.numpy()
             block = np.array(layer.memmap[:, np_index], copy=True)  # only these channels
@@ -395,6 +397,26 @@ class ActivationStore:
             self._dir = Path(tempfile.mkdtemp(prefix="pcace-spill-", dir=parent))
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
         return self._dir
+
+
+def _read_channels(path: Path, n: int, c: int, p: int, index: slice) -> torch.Tensor:
+    """Channels ``index`` of a spilled (N, C, P) float32 file, read with plain reads.
+
+    Plain reads, unlike touching a memory map, do not leave the file's pages mapped into
+    the process, so a walk over a spilled layer does not grow its resident memory.
+    """
+    start, stop, _ = index.indices(c)
+    width = max(stop - start, 0)
+    out = np.empty((n, width * p), dtype=np.float32)
+    row = width * p * 4
+    with open(path, "rb", buffering=0) as f:
+        for i in range(n):
+            f.seek((i * c + start) * p * 4)
+            view = memoryview(out[i]).cast("B")
+            got = f.readinto(view)
+            if got != row:
+                raise OSError(f"spilled activations in {path} are truncated")
+    return torch.from_numpy(out)
 
 
 def _check_budget(memory_budget: Any) -> None:
