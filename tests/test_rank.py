@@ -287,3 +287,11 @@ def test_null_and_bootstrap_columns_through_rank():
     layer = res.layers.iloc[0]
     assert 0 < layer.significant_share <= 1 and "rank_spearman" in res.layers.columns
     assert res.manifest["permutations"] == 199 and res.manifest["interval"] == "basic"
+
+
+def test_top_channels(planted_result):
+    top = planted_result.top("features", 2)
+    assert list(top["rank"]) == [1, 2] and set(top.channel) == {0, 1}
+    assert len(planted_result.top(n=3)) == 3
+    with pytest.raises(ValueError, match="features"):
+        planted_result.top("nope")

@@ -75,11 +75,13 @@ class PCACEResult:
 
     def top(self, layer: str | None = None, n: int = 10) -> pd.DataFrame:
         """The ``n`` highest-ranked channels of ``layer`` (or of each layer when None)."""
-        table = self.channels if layer is None else self.channels[self.channels.layer == layer]
-        if layer is not None and table.empty:
+        if layer is None:
+            best = self.channels[self.channels["rank"] <= n]
+            return best.sort_values(["layer_order", "rank"])
+        table = self.channels[self.channels.layer == layer]
+        if table.empty:
             raise ValueError(f"no layer {layer!r} in this run; layers: {list(self.layers.layer)}")
-        return table[table["rank"] <= n].sort_values(["layer_order", "rank"]) if layer is None \
-            else table.sort_values("rank").head(n)
+        return table.sort_values("rank").head(n)
 
     def save(self, path: str | Path) -> Path:
         """Write ``channels.csv``, ``layers.csv``, ``scores.csv`` and ``run.json`` to ``path``."""
