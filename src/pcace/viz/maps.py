@@ -8,6 +8,7 @@ one) and returns a :class:`matplotlib.figure.Figure`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.colors import Normalize
@@ -31,6 +32,16 @@ def _as_assets(assets: Assets | str | Path) -> Assets:
         raise FileNotFoundError(f"{assets} holds no assets (run_dir/assets/index.json); "
                                 "collect them with pcace.viz.collect_assets")
     return loaded
+
+
+def _input_panel(ax: Any, a: Any, r: int) -> Any:
+    """Draw example image ``r`` with its row label; return the image."""
+    image = a.images[r]
+    show_image(ax, image)
+    ax.set_title("input", fontsize=8)
+    ax.set_ylabel(_row_label(a.examples[r]), fontsize=8, rotation=0, ha="right", va="center",
+                  labelpad=6)
+    return image
 
 
 def _row_label(example: dict) -> str:
@@ -60,12 +71,7 @@ def _map_grid(assets: Assets, layer: str, overlay: bool) -> Figure:
         if n_bottom else [2 + i for i in range(n_top)]
     size = a.images.shape[1:3]
     for r in range(n_img):
-        image = a.images[r]
-        ax_img = fig.add_subplot(gs[r, 0])
-        show_image(ax_img, image)
-        ax_img.set_title("input", fontsize=8)
-        ax_img.set_ylabel(_row_label(a.examples[r]), fontsize=8, rotation=0, ha="right",
-                          va="center", labelpad=6)
+        image = _input_panel(fig.add_subplot(gs[r, 0]), a, r)
         row = maps[r]
         norm, cmap = map_norm(row)
         if overlay:  # a sequential scale: a diverging one's white centre washes the image out
@@ -189,12 +195,7 @@ def weighted_vs_cam(assets: Assets | str | Path, layers: list[str] | None = None
     norm = Normalize(0.0, 1.0)
     im = None
     for r in range(n_img):
-        image = a.images[r]
-        ax = fig.add_subplot(gs[r, 0])
-        show_image(ax, image)
-        ax.set_title("input", fontsize=8)
-        ax.set_ylabel(_row_label(a.examples[r]), fontsize=8, rotation=0, ha="right",
-                      va="center", labelpad=6)
+        image = _input_panel(fig.add_subplot(gs[r, 0]), a, r)
         panels = [(f"PCACE-weighted\n{name}", a.array(name, "weighted")[r]) for name in names]
         if cam is not None:
             info = a.index["cam"]
