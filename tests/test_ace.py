@@ -500,3 +500,11 @@ def test_all_constant_x_gives_rho_zero(backend):
     batch = run(backend, x, y)
     assert batch.rho[1] == 0
     assert np.all(batch.rho[[0, 2]] > 0)
+
+
+@pytest.mark.parametrize("kw, message", [({"delrsq": 0.0}, "delrsq"),
+                                         ({"max_iter": 0}, "max_iter")])
+def test_bad_iteration_settings(kw, message):
+    rng = np.random.default_rng(5)
+    with pytest.raises(ValueError, match=message):
+        ace(rng.normal(size=(50, 2)), rng.normal(size=50), **kw)

@@ -325,6 +325,10 @@ def ace(
     if y_kind not in KINDS:
         raise ValueError(f"y_kind: unknown kind {y_kind!r}; expected one of {KINDS}")
 
+    if not delrsq > 0:
+        raise ValueError(f"delrsq must be > 0 (acepack's default is 0.01); got {delrsq}")
+    if int(max_iter) < 1:
+        raise ValueError(f"max_iter must be >= 1; got {max_iter}")
     if backend == "auto":
         backend = "torch" if as_torch else "numba"
     if backend not in ("numba", "torch"):
