@@ -224,7 +224,6 @@ def _standardised_copy(maps: torch.Tensor,
     inv = torch.where(constant, 0.0, 1.0 / torch.where(constant, 1.0, std))
     x.mul_(inv[:, None, :])
     return x, constant.all(dim=1)
-    return x
 
 
 def _eigen(x: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
