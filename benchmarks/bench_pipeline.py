@@ -40,6 +40,21 @@ def bare_forward(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
     return time.perf_counter() - t
 
 
+def natural_images(shared: str, n: int, size: int) -> torch.Tensor:
+    """``n`` shared CIFAR-10 test images (all classes), bilinearly upsampled, standardised."""
+    from pathlib import Path
+
+    from torchvision.io import read_image
+
+    files = sorted((Path(shared) / "data/cifar10/test").glob("*/*.jpg"))[::6][:n]
+    x = torch.stack([read_image(str(f)).float() / 255 for f in files])
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
+                                        align_corners=False)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    return (x - mean) / std
+
+
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -53,13 +68,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budget", type=parse_size, default="2GiB")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--pca-dtype", choices=["float64", "float32"], default="float64")
+    parser.add_argument("--pca-dtype", choices=["float64", "float32"], default="float32")
+    parser.add_argument("--natural", metavar="SHARED_DIR", default=None,
+                        help="use the shared CIFAR-10 test images (natural images, upsampled "
+                             "to --size) instead of Gaussian noise; e.g. ../shared")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)(weights=None).eval()
-    images = torch.randn(args.images, 3, args.size, args.size)
+    images = (natural_images(args.natural, args.images, args.size) if args.natural
+              else torch.randn(args.images, 3, args.size, args.size))
     target = 281  # any logit: random weights, timing only
     rss_before = peak_rss_gib()
 
@@ -75,7 +94,8 @@ def main() -> None:
                          pca_dtype=getattr(torch, args.pca_dtype))
         ranked.append(time.perf_counter() - t)
     report = {
-        "model": args.model, "images": args.images, "size": args.size,
+        "model": args.model, "images": len(images), "size": args.size,
+        "natural_images": bool(args.natural),
         "pca_dtype": args.pca_dtype,
         "layers": len(res.layers), "channels": len(res.channels), "device": str(device),
         "bare_forward_s": min(forward), "rank_s": min(ranked),

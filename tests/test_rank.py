@@ -196,6 +196,28 @@ def test_nan_in_activations_names_layer():
                    progress=False)
 
 
+class _PassThrough(nn.Module):
+    """A 'layer' that is the input itself; the score reads channels 0 and 1 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Identity()
+
+    def forward(self, x):
+        return self.features(x)[:, :2].mean(dim=(1, 2, 3))[:, None]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_activation_names_layer_channel_and_image(bad):
+    x = torch.randn(40, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    x[5, 2, 1, 1] = bad  # the score stays finite
+    with pytest.raises(ValueError, match=r"'features'.*channel\(s\) \[2\].*image\(s\) \[5\]"):
+        pcace.rank(_PassThrough(), x, RegressionOutput(), layers=["features"], progress=False)
+    with pytest.raises(ValueError, match=r"'features'.*channel\(s\) \[2\].*image\(s\) \[5\]"):
+        pcace.rank(_PassThrough(), x, RegressionOutput(), layers=["features"], progress=False,
+                   memory_budget=0)  # spilled: the check runs on the block read back
+
+
 def test_bad_components():
     x, pattern = planted_images(n=30)
     for bad in (0, 1.5, "three"):

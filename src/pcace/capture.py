@@ -217,34 +217,58 @@ def _unknown_message(unknown: list[str], valid: list[str]) -> str:
 
 @dataclass
 class _Layer:
-    shape: tuple[int, int, int] | None = None
-    parts: list[torch.Tensor] = field(default_factory=list)
-    nbytes: int = 0  # bytes held in RAM
-    n: int = 0
+    shape: tuple[int, int, int] | None = None  # (C, H, W)
+    n: int = 0  # images written
+    capacity: int = 0  # images per segment
+    segments: list[torch.Tensor] = field(default_factory=list)  # RAM: (C, capacity, H*W) each
+    file_segments: int = 0  # segments in the spill file
     path: Path | None = None
     file: BinaryIO | None = None
-    memmap: np.memmap | None = None
 
     @property
     def spilled(self) -> bool:
         return self.path is not None
 
+    @property
+    def segment_bytes(self) -> int:
+        c, h, w = self.shape
+        return c * self.capacity * h * w * BYTES_PER_VALUE
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in RAM."""
+        return len(self.segments) * self.segment_bytes if self.shape else 0
+
+    @property
+    def total_segments(self) -> int:
+        return self.file_segments if self.spilled else len(self.segments)
+
 
 class ActivationStore:
-    """Per-layer activations of one run: in RAM under a budget, spilled to disk past it.
+    """Per-layer activations of one run, channel-major, in RAM under a budget, else on disk.
+
+    Each layer is kept as ``(C, N, H*W)`` float32, so the reduce step can take a run of
+    channels as one contiguous block without copying it. Batches are written straight
+    into that layout as they come (:meth:`put`, called from the forward hooks).
 
     Parameters
     ----------
     layers : sequence of str
         The layer names it will receive.
     memory_budget : int
-        Bytes of activations kept in RAM. After each batch, while more is held,
-        the largest layer still in RAM is spilled (its batches so far written to
-        a raw float32 file, the later ones appended there).
+        Bytes of activations kept in RAM. Space is reserved per layer when its first
+        batch comes (all ``n_images`` rows at once when that is known, else in segments of
+        256 images); while a reservation would pass the budget, the largest layer still in
+        RAM (possibly the new one) is spilled to a raw float32 file on disk, and later
+        batches of it go there.
     spill_dir : str or Path, optional
-        Parent of the temporary directory for spilled layers (the system's
-        temporary directory when None). The directory is removed by
-        :meth:`close` or when the store is garbage-collected.
+        Parent of the temporary directory for spilled layers (the system's temporary
+        directory when None). The directory is removed by :meth:`close` or when the store
+        is garbage-collected.
+    n_images : int, optional
+        How many images will come, when known: one segment per layer then holds them all
+        (fewer may come, e.g. when unreadable files are skipped; more go to further
+        segments).
 
     Examples
     --------
@@ -257,11 +281,17 @@ class ActivationStore:
     >>> store.close()
     """
 
+    SEGMENT_IMAGES = 256
+
     def __init__(self, layers: Sequence[str], memory_budget: int,
-                 spill_dir: str | Path | None = None):
+                 spill_dir: str | Path | None = None, n_images: int | None = None):
         _check_budget(memory_budget)
+        if n_images is not None and (isinstance(n_images, bool) or not isinstance(
+                n_images, int | np.integer) or n_images < 1):
+            raise ValueError(f"n_images must be a positive int or None; got {n_images!r}")
         self.memory_budget = int(memory_budget)
         self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        self.n_images = None if n_images is None else int(n_images)
         self._layers = {name: _Layer() for name in layers}
         self._dir: Path | None = None
         self._cleanup: weakref.finalize | None = None
@@ -270,7 +300,7 @@ class ActivationStore:
 
     @property
     def in_memory_bytes(self) -> int:
-        """Bytes of activations now held in RAM."""
+        """Bytes of RAM reserved for activations."""
         return sum(layer.nbytes for layer in self._layers.values())
 
     @property
@@ -286,58 +316,107 @@ class ActivationStore:
         """Where spilled layers live (None until the first spill)."""
         return self._dir
 
+    def count(self, name: str) -> int:
+        """Images written so far for one layer."""
+        return self._layers[name].n
+
+    def put(self, name: str, acts: torch.Tensor) -> None:
+        """Append one batch ``(B, C, H, W)`` (any device and float dtype) of one layer."""
+        self._check_open(writing=True)
+        if name not in self._layers:
+            raise KeyError(f"layer {name!r} is not one of the store's layers {list(self._layers)}")
+        layer = self._layers[name]
+        b = acts.shape[0]
+        shape = tuple(acts.shape[1:])
+        if layer.shape is None:
+            self._allocate(name, layer, shape, b)
+        elif shape != layer.shape:
+            raise ValueError(f"layer {name!r} gave maps of shape {shape} after "
+                             f"{layer.shape} in earlier batches; all images must have one "
+                             "size (resize or crop them alike)")
+        c = shape[0]
+        rows = acts.detach().transpose(0, 1).reshape(c, b, -1)  # (C, B, P) view or copy
+        done = 0
+        while done < b:
+            seg, row = divmod(layer.n, layer.capacity)
+            if seg == layer.total_segments:
+                self._add_segment(name, layer)
+            take = min(b - done, layer.capacity - row)
+            part = rows[:, done:done + take]
+            if layer.spilled:
+                self._write(name, layer, seg, row, part)
+            else:
+                layer.segments[seg][:, row:row + take].copy_(part)
+            layer.n += take
+            done += take
+
     def add(self, batch: dict[str, torch.Tensor]) -> None:
-        """Append one batch, ``{layer: (B, C, H, W) float32 CPU tensor}``, for every layer."""
+        """Append one batch, ``{layer: (B, C, H, W) tensor}``, for every layer."""
         self._check_open(writing=True)
         missing = set(self._layers) - set(batch)
         if missing:
             raise ValueError(f"batch lacks layers {sorted(missing)}")
         for name, acts in batch.items():
-            layer = self._layers[name]
-            shape = tuple(acts.shape[1:])
-            if layer.shape is None:
-                layer.shape = shape
-            elif shape != layer.shape:
-                raise ValueError(f"layer {name!r} gave maps of shape {shape} after "
-                                 f"{layer.shape} in earlier batches; all images must have one "
-                                 "size (resize or crop them alike)")
-            acts = acts.to(torch.float32).contiguous()
-            layer.n += acts.shape[0]
-            if layer.spilled:
-                self._write(name, layer, acts)
-            else:
-                layer.parts.append(acts)
-                layer.nbytes += acts.numel() * BYTES_PER_VALUE
-        self._enforce_budget()
+            self.put(name, acts)
 
     def finalize(self) -> None:
-        """Close the spill files and map them read-only; no more batches after this."""
+        """Close the spill files; no more batches after this."""
         self._check_open(writing=True)
+        counts = {layer.n for layer in self._layers.values()}
+        if len(counts) > 1:
+            raise ValueError(f"layers hold different numbers of images: "
+                             f"{ {n: lay.n for n, lay in self._layers.items()} }")
         for layer in self._layers.values():
             if layer.file is not None:
                 layer.file.close()
                 layer.file = None
-                c, h, w = layer.shape
-                layer.memmap = np.memmap(layer.path, dtype=np.float32, mode="r",
-                                         shape=(layer.n, c, h * w))
         self.finalized = True
+
+    def block(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Channels ``start:stop`` of one layer as a ``(c, N, H*W)`` float32 block.
+
+        For a layer in RAM whose single segment is full this is a **view** of the store
+        (no copy): writing into it changes the stored activations, which the pipeline
+        does on purpose (it standardises blocks in place). Otherwise a fresh tensor.
+        """
+        layer = self._get(name)
+        c, h, w = layer.shape
+        start, stop, _ = slice(start, stop).indices(c)
+        width, n, p = max(stop - start, 0), layer.n, h * w
+        if not layer.spilled:
+            if len(layer.segments) == 1 and n == layer.capacity:
+                return layer.segments[0][start:stop]
+            parts = [seg[start:stop, :self._filled(layer, j)]
+                     for j, seg in enumerate(layer.segments)]
+            return torch.cat(parts, dim=1)
+        out = np.empty((width, n, p), dtype=np.float32)
+        with open(layer.path, "rb", buffering=0) as f:
+            for j in range(layer.file_segments):
+                filled = self._filled(layer, j)
+                row0 = j * layer.capacity
+                if filled == layer.capacity and layer.file_segments == 1:
+                    f.seek(self._offset(layer, j, start, 0))
+                    _read_exact(f, out, layer.path)  # one contiguous read
+                    continue
+                for i in range(width):
+                    f.seek(self._offset(layer, j, start + i, 0))
+                    _read_exact(f, out[i, row0:row0 + filled], layer.path)
+        return torch.from_numpy(out)
 
     def read(self, name: str, channels: ChannelIndex = slice(None)) -> torch.Tensor:
         """Activations ``(N, c, H, W)`` of a channel subset of one layer (a fresh tensor)."""
-        self._check_open(writing=False)
-        if name not in self._layers:
-            raise KeyError(f"layer {name!r} was not captured; captured layers: "
-                           f"{list(self._layers)}")
-        layer = self._layers[name]
+        layer = self._get(name)
         c, h, w = layer.shape
         index = _channel_index(channels, c)
-        if layer.memmap is not None and isinstance(index, slice) and index.step in (None, 1):
-            return _read_channels(layer.path, layer.n, c, h * w, index).reshape(layer.n, -1, h, w)
-        if layer.memmap is not None:
-            np_index = index if isinstance(index, slice) else index.numpy()
-            block = np.array(layer.memmap[:, np_index], copy=True)  # only these channels
-            return torch.from_numpy(block).reshape(layer.n, -1, h, w)
-        return torch.cat([part[:, index] for part in layer.parts])
+        if isinstance(index, slice) and index.step in (None, 1):
+            start, stop, _ = index.indices(c)
+            blk = self.block(name, start, stop)
+        elif isinstance(index, slice):
+            blk = torch.cat([self.block(name, i, i + 1) for i in range(*index.indices(c))])
+        else:
+            blk = torch.cat([self.block(name, int(i), int(i) + 1) for i in index]) \
+                if index.numel() else torch.empty((0, layer.n, h * w))
+        return blk.transpose(0, 1).reshape(layer.n, -1, h, w).contiguous()
 
     def close(self) -> None:
         """Free the RAM copies and remove the spill directory."""
@@ -345,14 +424,19 @@ class ActivationStore:
             if layer.file is not None:
                 layer.file.close()
                 layer.file = None
-            layer.memmap = None
-            layer.parts = []
-            layer.nbytes = 0
+            layer.segments = []
         if self._cleanup is not None:
             self._cleanup()
         self.closed = True
 
     # -- helpers
+
+    def _get(self, name: str) -> _Layer:
+        self._check_open(writing=False)
+        if name not in self._layers:
+            raise KeyError(f"layer {name!r} was not captured; captured layers: "
+                           f"{list(self._layers)}")
+        return self._layers[name]
 
     def _check_open(self, writing: bool) -> None:
         if self.closed:
@@ -362,13 +446,53 @@ class ActivationStore:
         if not writing and not self.finalized:
             raise RuntimeError("finalize() the activation store before reading it")
 
-    def _enforce_budget(self) -> None:
-        while self.in_memory_bytes > self.memory_budget:
-            name, layer = max(((n, lay) for n, lay in self._layers.items() if lay.nbytes),
-                              key=lambda item: item[1].nbytes)
-            self._spill(name, layer)
+    @staticmethod
+    def _filled(layer: _Layer, segment: int) -> int:
+        return max(0, min(layer.capacity, layer.n - segment * layer.capacity))
+
+    @staticmethod
+    def _offset(layer: _Layer, segment: int, channel: int, row: int) -> int:
+        c, h, w = layer.shape
+        return (segment * c * layer.capacity + channel * layer.capacity + row) * h * w * 4
+
+    def _allocate(self, name: str, layer: _Layer, shape: tuple[int, ...], batch: int) -> None:
+        if len(shape) != 3:
+            raise ValueError(f"layer {name!r}: expected (B, C, H, W) maps; got (B, *{shape})")
+        layer.shape = shape
+        layer.capacity = self.n_images or max(self.SEGMENT_IMAGES, batch)
+
+    def _add_segment(self, name: str, layer: _Layer) -> None:
+        if not layer.spilled:
+            self._reserve(name, layer.segment_bytes)
+        if layer.spilled:
+            if layer.file is None:
+                self._open_spill(name, layer)
+            layer.file_segments += 1
+        else:
+            c, h, w = layer.shape
+            layer.segments.append(torch.empty((c, layer.capacity, h * w), dtype=torch.float32))
+
+    def _reserve(self, name: str, nbytes: int) -> None:
+        """Make room for ``nbytes`` more of layer ``name`` by spilling the largest layers."""
+        while self.in_memory_bytes + nbytes > self.memory_budget:
+            candidates = [(lay.nbytes + (nbytes if n == name else 0), n)
+                          for n, lay in self._layers.items()
+                          if not lay.spilled and (lay.nbytes or n == name)]
+            _, largest = max(candidates)
+            self._spill(largest, self._layers[largest])
+            if largest == name:
+                return
 
     def _spill(self, name: str, layer: _Layer) -> None:
+        self._open_spill(name, layer)
+        segments, layer.segments = layer.segments, []
+        for j, seg in enumerate(segments):
+            layer.file_segments += 1
+            filled = self._filled(layer, j)
+            if filled:
+                self._write(name, layer, j, 0, seg[:, :filled])
+
+    def _open_spill(self, name: str, layer: _Layer) -> None:
         directory = self._directory()
         index = list(self._layers).index(name)
         layer.path = directory / f"{index:03d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.f32"
@@ -377,13 +501,15 @@ class ActivationStore:
         except OSError as err:
             raise OSError(f"cannot create the spill file for layer {name!r} in {directory}: "
                           f"{err}") from err
-        parts, layer.parts, layer.nbytes = layer.parts, [], 0
-        for part in parts:
-            self._write(name, layer, part)
 
-    def _write(self, name: str, layer: _Layer, acts: torch.Tensor) -> None:
+    def _write(self, name: str, layer: _Layer, segment: int, row: int,
+               part: torch.Tensor) -> None:
+        """Write ``part`` ``(C, b, P)`` at rows ``row:row+b`` of a file segment."""
+        data = part.to("cpu", torch.float32).contiguous().numpy()
         try:
-            acts.numpy().tofile(layer.file)
+            for ch in range(data.shape[0]):
+                layer.file.seek(self._offset(layer, segment, ch, row))
+                layer.file.write(memoryview(data[ch]).cast("B"))
         except OSError as err:
             raise OSError(f"could not spill layer {name!r} to {layer.path}: {err}. Free disk "
                           "space, pass spill_dir= on a larger disk, or raise memory_budget")\
@@ -399,24 +525,16 @@ class ActivationStore:
         return self._dir
 
 
-def _read_channels(path: Path, n: int, c: int, p: int, index: slice) -> torch.Tensor:
-    """Channels ``index`` of a spilled (N, C, P) float32 file, read with plain reads.
+def _read_exact(f: BinaryIO, out: np.ndarray, path: Path) -> None:
+    """Fill ``out`` (C-contiguous) from the file's current position, with plain reads.
 
     Plain reads, unlike touching a memory map, do not leave the file's pages mapped into
     the process, so a walk over a spilled layer does not grow its resident memory.
     """
-    start, stop, _ = index.indices(c)
-    width = max(stop - start, 0)
-    out = np.empty((n, width * p), dtype=np.float32)
-    row = width * p * 4
-    with open(path, "rb", buffering=0) as f:
-        for i in range(n):
-            f.seek((i * c + start) * p * 4)
-            view = memoryview(out[i]).cast("B")
-            got = f.readinto(view)
-            if got != row:
-                raise OSError(f"spilled activations in {path} are truncated")
-    return torch.from_numpy(out)
+    view = memoryview(out).cast("B")
+    got = f.readinto(view)
+    if got != view.nbytes:
+        raise OSError(f"spilled activations in {path} are truncated")
 
 
 def _check_budget(memory_budget: Any) -> None:
@@ -515,6 +633,28 @@ class Capture:
         """Walk a layer in channel chunks of at most ``max_bytes``; see :func:`channel_chunks`."""
         return channel_chunks(self, name, max_bytes)
 
+    def blocks(self, name: str, max_bytes: int) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Walk a layer in channel-major blocks ``(c, N, H*W)`` of at most ``max_bytes``.
+
+        The fast path of the pipeline: for a layer held in RAM the blocks are views of
+        the stored activations (no copy), which the caller may overwrite (the pipeline
+        standardises them in place; read what you need first). For a spilled layer each
+        block is read from disk into a fresh tensor. A channel larger than ``max_bytes``
+        still comes alone.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 6, 3))
+        >>> with capture(net, [torch.rand(4, 1, 6, 6)], None, lambda out: out.sum((1, 2, 3)),
+        ...              progress=False) as cap:
+        ...     [tuple(b.shape) for _, b in cap.blocks("0", 4 * 16 * 4 * 4)]
+        [(4, 4, 16), (2, 4, 16)]
+        """
+        for chunk in _chunk_slices(self, name, max_bytes):
+            yield chunk, self._store.block(name, chunk.start, chunk.stop)
+
     @property
     def closed(self) -> bool:
         return self._store.closed
@@ -562,6 +702,11 @@ def channel_chunks(capture: Capture, layer: str, max_bytes: int
     ...     [(s.start, s.stop) for s, _ in channel_chunks(cap, "0", 4 * 16 * 4 * 4)]
     [(0, 4), (4, 6)]
     """
+    for chunk in _chunk_slices(capture, layer, max_bytes):
+        yield chunk, capture.layer(layer, chunk)
+
+
+def _chunk_slices(capture: Capture, layer: str, max_bytes: Any) -> list[slice]:
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int | float) or max_bytes <= 0:
         raise ValueError(f"max_bytes must be a positive number of bytes; got {max_bytes!r}")
     if layer not in capture.shapes:
@@ -569,9 +714,7 @@ def channel_chunks(capture: Capture, layer: str, max_bytes: int
     c, h, w = capture.shapes[layer]
     per_channel = capture.n_images * h * w * BYTES_PER_VALUE
     step = max(1, int(max_bytes // per_channel))
-    for start in range(0, c, step):
-        chunk = slice(start, min(start + step, c))
-        yield chunk, capture.layer(layer, chunk)
+    return [slice(start, min(start + step, c)) for start in range(0, c, step)]
 
 
 def capture(
@@ -584,6 +727,7 @@ def capture(
     memory_budget: int = 2 * 2**30,
     spill_dir: str | Path | None = None,
     progress: bool = True,
+    check_finite: bool = True,
 ) -> Capture:
     """Run the model once over the batches and keep the outputs of the chosen layers.
 
@@ -610,6 +754,9 @@ def capture(
         the capture is closed). The system's temporary directory when None.
     progress : bool, default True
         Show a tqdm bar over the batches on stderr.
+    check_finite : bool, default True
+        Check every output for NaN and inf as it comes (one extra read of it). A caller
+        that checks later, as :func:`pcace.rank` does while standardising, turns it off.
 
     Returns
     -------
@@ -639,9 +786,9 @@ def capture(
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable (outputs -> (B,) scores); got "
                         f"{type(score_fn).__name__}")
-    store = ActivationStore(names, memory_budget, spill_dir)
+    store = ActivationStore(names, memory_budget, spill_dir, n_images=_known_count(batches))
     device = torch.device(device)
-    run = _Run(names)
+    run = _Run(names, store, check_finite)
     modules = dict(model.named_modules())
     flags = _training_flags(model)
     handles = []
@@ -665,7 +812,6 @@ def capture(
                 run.forward_calls += 1
                 run.check_complete()
                 scores.append(_batch_scores(score_fn(outputs), images.shape[0], run.offset))
-                store.add(run.pending)
                 run.end()
         if not scores:
             raise ValueError("batches yielded no images; pass at least one (B, C, H, W) batch")
@@ -685,36 +831,41 @@ def capture(
 class _Run:
     """State the hooks share during one capture."""
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str], store: ActivationStore, check_finite: bool = True):
         self.names = names
-        self.pending: dict[str, torch.Tensor] = {}
+        self.store = store
+        self.check_finite = check_finite
+        self.seen: set[str] = set()
         self.offset = 0  # images before the current batch
         self.size = 0
         self.batches = 0
         self.forward_calls = 0
 
     def begin(self, size: int) -> None:
-        self.pending = {}
+        self.seen = set()
         self.size = size
 
     def end(self) -> None:
         self.offset += self.size
-        self.pending = {}
+        self.seen = set()
 
     def hook(self, name: str) -> Callable:
         def store_output(module: nn.Module, inputs: Any, output: Any) -> None:
-            if name in self.pending:
+            if name in self.seen:
                 raise ValueError(f"layer {name!r} ({type(module).__name__}) ran more than once "
                                  "in one forward pass (a module reused in the network, such as "
                                  "a shared ReLU), so its output is ambiguous; capture a module "
                                  "that runs once, e.g. the one before it")
             _check_output(name, output, self.size)
-            _check_finite(name, output, self.offset)
-            self.pending[name] = output.detach().to("cpu", torch.float32, copy=True)
+            if self.check_finite:
+                _check_finite(name, output, self.offset)
+            # copied now, before a later in-place op (an inplace ReLU) can change it
+            self.store.put(name, output)
+            self.seen.add(name)
         return store_output
 
     def check_complete(self) -> None:
-        missing = [n for n in self.names if n not in self.pending]
+        missing = [n for n in self.names if n not in self.seen]
         if missing:
             raise ValueError(f"layer(s) {missing} did not run in the forward pass, so they have "
                              "no output to capture; pick modules the model calls in forward()")
@@ -774,6 +925,17 @@ def _images(item: Any, index: int) -> torch.Tensor:
         got = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
         raise ValueError(f"batch {index} must be an image tensor (B, C, H, W); got {got}")
     return item
+
+
+def _known_count(batches: Any) -> int | None:
+    """The number of images the batches will yield, when it is known without iterating."""
+    n = getattr(batches, "n_images", None)
+    if isinstance(batches, list | tuple):
+        try:
+            n = sum(_images(item, i).shape[0] for i, item in enumerate(batches))
+        except (TypeError, ValueError, AttributeError, IndexError):
+            n = None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def _length(batches: Any) -> int | None:

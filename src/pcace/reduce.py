@@ -46,6 +46,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._standardise import NonFiniteMaps
+
 #: A column is constant when its spread is below this many ulps of its magnitude.
 CONSTANT_ULPS = 8.0
 
@@ -129,16 +131,58 @@ def principal_components(
     ((4, 50, 3), [3, 3, 3, 3])
     """
     x_in = _check_maps(maps)
-    k_fixed, fraction = _check_components(components, max_components)
+    _check_components(components, max_components)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
+    n, c, p = x_in.shape
+    block = torch.empty((c, n, p), dtype=dtype, device=x_in.device)
+    block.copy_(x_in.permute(1, 0, 2))
+    return reduce_block(block, components, max_components=max_components)
 
-    x, dead = _standardised_copy(x_in, dtype)  # (C, N, P), constant columns 0
-    n_img, n_pix = x.shape[1], x.shape[2]
+
+def reduce_block(block: torch.Tensor, components: int | float = 3, *,
+                 max_components: int = 10) -> Reduction:
+    """:func:`principal_components` of a ``(C, N, P)`` block, standardised in place.
+
+    The pipeline keeps activations channel-major, so a layer's channels arrive as one
+    contiguous ``(C, N, P)`` block; this works on it directly instead of copying it.
+
+    Parameters
+    ----------
+    block : torch.Tensor
+        ``(C, N, P)`` (channels x images x pixel positions), float32 or float64, on any
+        device. **Overwritten** with the standardised values. Its dtype is the precision
+        of the standardisation and of the Gram matrices; the eigenproblems are solved in
+        float64 either way.
+    components, max_components
+        As for :func:`principal_components`.
+
+    Returns
+    -------
+    Reduction
+        As :func:`principal_components`; ``scores`` are float64.
+
+    Examples
+    --------
+    >>> import torch
+    >>> block = torch.randn(4, 50, 36)
+    >>> reduce_block(block, 2).scores.shape
+    torch.Size([4, 50, 2])
+    """
+    k_fixed, fraction = _check_components(components, max_components)
+    if block.ndim != 3 or block.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"block must be a (C, N, P) float32 or float64 tensor; got "
+                         f"{tuple(block.shape)} {block.dtype}")
+    c, n_img, n_pix = block.shape
+    if n_img < 2:
+        raise ValueError(f"the block needs at least 2 images (second axis); got {n_img}")
+    x = block if block.is_contiguous() else block.contiguous()
+    constant = _standardise_(x)
+    dead = constant.all(dim=1)
     wanted_q = k_fixed if fraction is None else max_components
     eigvals, vectors, total, gram_side = _eigen(x, wanted_q)  # top eigvals (C, q) descending
     total = total.clamp(min=0)
-    rank = _rank(eigvals, max(n_img, n_pix), dtype)
+    rank = _rank(eigvals, max(n_img, n_pix), x.dtype)
 
     if fraction is None:
         wanted = torch.full_like(rank, k_fixed)
@@ -149,7 +193,6 @@ def principal_components(
     width = k_fixed if fraction is None else max(int(n_comp.max()), 1)
 
     scores = _scores(x, eigvals, vectors, gram_side, width)
-    del x
     keep = torch.arange(width, device=scores.device)[None, :] < n_comp[:, None]  # (C, width)
     scores *= keep[:, None, :].to(scores.dtype)
     _fix_signs(scores)
@@ -202,28 +245,27 @@ def _check_components(components: Any, max_components: Any) -> tuple[int, float 
                      f"got {type(components).__name__} {components!r}")
 
 
-def _standardised_copy(maps: torch.Tensor,
-                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """One copy of ``maps`` as ``(C, N, P)`` in ``dtype``, columns standardised in place.
+def _standardise_(x: torch.Tensor) -> torch.Tensor:
+    """Standardise the columns of a contiguous ``(C, N, P)`` block in place.
 
-    Returns the copy and the ``(C,)`` mask of dead channels (every column constant).
+    Returns the ``(C, P)`` mask of constant columns (set to 0).
     """
-    n, c, p = maps.shape
-    x = torch.empty((c, n, p), dtype=dtype, device=maps.device)
-    x.copy_(maps.permute(1, 0, 2))
+    if x.device.type == "cpu":
+        from ._standardise import standardise_
+
+        return standardise_(x, CONSTANT_ULPS)
+    n = x.shape[1]
     lo, hi = torch.aminmax(x, dim=1)  # (C, P)
-    mean = x.mean(dim=1)
+    mean = x.mean(dim=1, dtype=torch.float64)
     if not bool(torch.isfinite(mean).all()):
-        bad = (~torch.isfinite(mean)).any(dim=1).nonzero().flatten()
-        raise ValueError(f"maps holds NaN or inf in channel(s) {bad[:10].tolist()}; "
-                         "check the layer's activations")
-    x.sub_(mean[:, None, :])
-    std = torch.linalg.vector_norm(x, dim=1).div_(n ** 0.5)  # population std, two-pass
-    scale = torch.maximum(hi.abs(), lo.abs())
-    constant = (hi <= lo) | (std <= CONSTANT_ULPS * torch.finfo(dtype).eps * scale)
+        raise NonFiniteMaps((~torch.isfinite(mean)).any(dim=1).nonzero().flatten().tolist())
+    x.sub_(mean[:, None, :].to(x.dtype))
+    std = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).div_(n ** 0.5)
+    scale = torch.maximum(hi.abs(), lo.abs()).to(torch.float64)
+    constant = (hi <= lo) | (std <= CONSTANT_ULPS * torch.finfo(x.dtype).eps * scale)
     inv = torch.where(constant, 0.0, 1.0 / torch.where(constant, 1.0, std))
-    x.mul_(inv[:, None, :])
-    return x, constant.all(dim=1)
+    x.mul_(inv[:, None, :].to(x.dtype))
+    return constant
 
 
 def _eigen(x: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
@@ -234,6 +276,7 @@ def _eigen(x: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
         g = torch.bmm(x, x.transpose(1, 2))  # (C, N, N)
     else:
         g = torch.bmm(x.transpose(1, 2), x)  # (C, P, P)
+    g = g.to(torch.float64)  # the eigenproblem in float64 whatever the data's precision
     total = g.diagonal(dim1=1, dim2=2).sum(-1)
     vals, vecs = top_eigenpairs(g, q)
     return vals, vecs, total, gram_side
@@ -267,14 +310,14 @@ def top_eigenpairs(g: torch.Tensor, q: int, *, tol: float = 1e-12,
     """
     c, m, _ = g.shape
     q = min(q, m)
-    if m <= 96 or 4 * (q + 8) >= m:
+    small = m <= 96 or 4 * (q + 8) >= m
+    if g.device.type == "cpu":
+        return _top_cpu(g, q, small, tol, max_rounds)
+    if small:
         vals, vecs = torch.linalg.eigh(g)
         return vals.flip(-1)[:, :q], vecs.flip(-1)[:, :, :q]
-    if m <= 160:
-        return _exact_top(g, q)
     block = q + 8
-    gen = torch.Generator().manual_seed(0)
-    start = torch.randn(m, block, generator=gen, dtype=torch.float64).to(g)
+    start = _start_block(m, block).to(g)
     basis = torch.linalg.qr(torch.bmm(g, start.expand(c, m, block)))[0]
     vals = torch.empty((c, q), dtype=g.dtype, device=g.device)
     vecs = torch.empty((c, m, q), dtype=g.dtype, device=g.device)
@@ -307,6 +350,32 @@ def top_eigenpairs(g: torch.Tensor, q: int, *, tol: float = 1e-12,
     return vals, vecs
 
 
+def _start_block(m: int, block: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(m, block, generator=gen, dtype=torch.float64)
+
+
+def _top_cpu(g: torch.Tensor, q: int, small: bool, tol: float,
+             max_rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU path of :func:`top_eigenpairs`: compiled, one matrix per thread."""
+    from threadpoolctl import threadpool_limits
+
+    from ._eigen_numba import full_top, top_eigenpairs_batch
+
+    mats = g.to(torch.float64).contiguous().numpy()
+    with threadpool_limits(limits=1, user_api="blas"):
+        if small:
+            vals, vecs = full_top(mats, q)
+            return torch.from_numpy(vals), torch.from_numpy(vecs)
+        start = _start_block(g.shape[1], q + 8).numpy()
+        vals, vecs, done = top_eigenpairs_batch(mats, start, q, tol, _STEPS, max_rounds)
+    vals, vecs = torch.from_numpy(vals), torch.from_numpy(vecs)
+    missing = torch.from_numpy(~done).nonzero().flatten()
+    if missing.numel():
+        vals[missing], vecs[missing] = _exact_top(g[missing].to(torch.float64), q)
+    return vals, vecs
+
+
 def _exact_top(g: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``q`` eigenpairs, descending; LAPACK's subset solver on the CPU."""
     m = g.shape[-1]
@@ -314,14 +383,20 @@ def _exact_top(g: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
         vals, vecs = torch.linalg.eigh(g)
         return vals.flip(-1)[:, :q], vecs.flip(-1)[:, :, :q]
     import scipy.linalg
+    from threadpoolctl import threadpool_limits
 
     vals = torch.empty((g.shape[0], q), dtype=g.dtype)
     vecs = torch.empty((g.shape[0], m, q), dtype=g.dtype)
-    for i, mat in enumerate(g.numpy()):
-        w, v = scipy.linalg.eigh(mat, subset_by_index=(m - q, m - 1), driver="evx",
-                                 check_finite=False)
-        vals[i] = torch.from_numpy(w[::-1].copy())
-        vecs[i] = torch.from_numpy(v[:, ::-1].copy())
+    mats = g.numpy()
+
+    # one BLAS thread: scipy's threaded BLAS is slower on these small matrices, and 100x
+    # slower while torch's OpenMP threads spin after a torch call (measured on 2 cores)
+    with threadpool_limits(limits=1, user_api="blas"):
+        for i, mat in enumerate(mats):
+            w, v = scipy.linalg.eigh(mat, subset_by_index=(m - q, m - 1), driver="evx",
+                                     check_finite=False)
+            vals[i] = torch.from_numpy(w[::-1].copy())
+            vecs[i] = torch.from_numpy(v[:, ::-1].copy())
     return vals, vecs
 
 
@@ -345,11 +420,11 @@ def _scores(x: torch.Tensor, eigvals: torch.Tensor, vectors: torch.Tensor, gram_
             width: int) -> torch.Tensor:
     c, n = x.shape[0], x.shape[1]
     r = min(width, eigvals.shape[1])
-    out = torch.zeros((c, n, width), dtype=x.dtype, device=x.device)
+    out = torch.zeros((c, n, width), dtype=torch.float64, device=x.device)
     if gram_side:  # X = U S V^T, scores = U S
         out[:, :, :r] = vectors[:, :, :r] * eigvals[:, None, :r].clamp(min=0).sqrt()
     else:  # scores = X V
-        out[:, :, :r] = torch.bmm(x, vectors[:, :, :r].contiguous())
+        out[:, :, :r] = torch.bmm(x, vectors[:, :, :r].to(x.dtype).contiguous())
     return out
 
 
