@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/bench_pipeline.py resnet18 [--images 300] [--size 224] [--device cpu]
-    python benchmarks/bench_pipeline.py vgg16 [--images 300] [--budget 2GiB]
+    python benchmarks/bench_pipeline.py vgg16 [--images 300] [--budget 2GiB|auto]
 
 ``resnet18``: random-weight torchvision ResNet-18, all 20 conv layers (4,800 channels),
 N images of size x size. Times a bare forward pass over the same images (same batch size,
@@ -66,7 +66,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--budget", type=parse_size, default="2GiB")
+    parser.add_argument("--budget", default="auto",
+                        type=lambda t: "auto" if t == "auto" else parse_size(t))
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--pca-dtype", choices=["float64", "float32"], default="float32")
     parser.add_argument("--natural", metavar="SHARED_DIR", default=None,
@@ -102,7 +103,7 @@ def main() -> None:
         "ratio": min(ranked) / min(forward),
         "rank_timings": res.manifest["timings"],
         "spilled_layers": len(res.manifest["spilled_layers"]),
-        "memory_budget_gib": args.budget / 2**30,
+        "memory_budget_gib": res.manifest["memory_budget"] / 2**30,
         "peak_rss_gib": peak_rss_gib(), "rss_before_gib": rss_before,
         "machine": f"{platform.processor() or platform.machine()}, "
                    f"{torch.get_num_threads()} threads, torch {torch.__version__}",

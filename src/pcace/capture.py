@@ -6,25 +6,24 @@ torchvision's feature extraction. :func:`conv_layer_names` and
 :func:`describe_layers` list them; :func:`resolve_layers` checks a request.
 
 :func:`capture` runs the model once per batch with forward hooks on the
-requested modules and keeps every layer's output (float32, on the CPU) in an
-:class:`ActivationStore`. While the activations held in RAM stay under
-``memory_budget`` they stay there; past it, the store spills whole layers, the
-largest first, to raw float32 files and later reads them back through
-:class:`numpy.memmap`.
+requested modules; each hook writes its layer's output straight into an
+:class:`ActivationStore` (float32, on the CPU), channel-major: a layer is kept
+as ``(C, N, H*W)``, so that the reduce step can take a run of channels as one
+contiguous block, in place, without another copy.
 
-Spill layout: a spilled layer is one file of shape ``(N, C, H*W)``, in the order
-the batches came, written by plain appends. Reading a channel subset
-``[:, c0:c1]`` reads ``N`` contiguous blocks of ``(c1 - c0) * H * W`` floats,
-which for the chunks that :func:`channel_chunks` hands the reduce step are
-large blocks, so a walk over the layer reads the file once. Transposing to
-``(C, N, H*W)`` at the end would make single-channel reads contiguous but cost
-an extra full read and write of every spilled layer; the append layout is the
-cheaper of the two for the way the pipeline reads.
+Memory: the store reserves a layer's space when its first batch comes (all N
+images at once when N is known). While the reservations stay within
+``memory_budget`` (``"auto"``: a quarter of the machine's memory) layers live in
+RAM; past it, the largest layers are spilled to raw float32 files in the same
+channel-major layout, written at their offsets as batches come, and read back
+in channel blocks with plain reads (no memory maps, whose pages would count
+against the process's resident memory).
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import shutil
 import sys
@@ -537,10 +536,47 @@ def _read_exact(f: BinaryIO, out: np.ndarray, path: Path) -> None:
         raise OSError(f"spilled activations in {path} are truncated")
 
 
+def default_memory_budget() -> int:
+    """The memory budget ``"auto"`` stands for: a quarter of the machine's memory.
+
+    The machine's memory is the smaller of its physical RAM and a cgroup (container) limit,
+    when either is known; the budget is at least 1 GiB, and 2 GiB when nothing is known.
+
+    Examples
+    --------
+    >>> default_memory_budget() >= 2**30
+    True
+    """
+    sizes = []
+    try:
+        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            sizes.append(int(text))
+    if not sizes:
+        return 2 * 2**30
+    return max(2**30, min(sizes) // 4)
+
+
+def resolve_budget(memory_budget: Any) -> int:
+    """``"auto"`` -> :func:`default_memory_budget`; a number of bytes is checked and kept."""
+    if isinstance(memory_budget, str) and memory_budget == "auto":
+        return default_memory_budget()
+    _check_budget(memory_budget)
+    return int(memory_budget)
+
+
 def _check_budget(memory_budget: Any) -> None:
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int | float) \
             or not memory_budget >= 0:
-        raise ValueError(f"memory_budget must be a number of bytes >= 0; got {memory_budget!r}")
+        raise ValueError(f"memory_budget must be a number of bytes >= 0 or 'auto'; got "
+                         f"{memory_budget!r}")
 
 
 def _channel_index(channels: ChannelIndex, n_channels: int) -> slice | torch.Tensor:
@@ -724,7 +760,7 @@ def capture(
     score_fn: Callable[[Any], torch.Tensor],
     *,
     device: str | torch.device = "cpu",
-    memory_budget: int = 2 * 2**30,
+    memory_budget: int | str = "auto",
     spill_dir: str | Path | None = None,
     progress: bool = True,
     check_finite: bool = True,
@@ -746,9 +782,9 @@ def capture(
     score_fn : callable
         ``score_fn(outputs) -> (B,)`` tensor: the scalar score of each image.
     device : str or torch.device, default "cpu"
-    memory_budget : int, default 2 GiB
-        Bytes of activations held in RAM; layers past it are spilled to disk
-        (checked after each batch, so the current batch's copies come on top).
+    memory_budget : int or "auto", default "auto"
+        Bytes of activations held in RAM; layers past it are spilled to disk.
+        ``"auto"``: :func:`default_memory_budget`.
     spill_dir : str or Path, optional
         Where spilled layers go (inside a temporary subdirectory, removed when
         the capture is closed). The system's temporary directory when None.
@@ -786,7 +822,8 @@ def capture(
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable (outputs -> (B,) scores); got "
                         f"{type(score_fn).__name__}")
-    store = ActivationStore(names, memory_budget, spill_dir, n_images=_known_count(batches))
+    store = ActivationStore(names, resolve_budget(memory_budget), spill_dir,
+                            n_images=_known_count(batches))
     device = torch.device(device)
     run = _Run(names, store, check_finite)
     modules = dict(model.named_modules())

@@ -27,6 +27,10 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def _budget(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else parse_size(text)
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="torchvision:NAME, timm:NAME, a TorchScript file, or "
@@ -59,7 +63,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="k per channel, or a fraction in (0, 1) of explained variance")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
-    p.add_argument("--memory-budget", type=parse_size, default="2GiB")
+    p.add_argument("--memory-budget", type=_budget, default="auto",
+                   help="RAM for activations, e.g. 2GiB; 'auto' (default): a quarter of the "
+                   "machine's memory. Layers beyond it are spilled to disk")
     p.add_argument("--score", choices=["maximal", "first-component"], default="maximal")
     p.add_argument("--limit", type=int, help="use at most this many images")
     p.add_argument("--resize", type=int)

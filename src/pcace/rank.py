@@ -24,7 +24,7 @@ import torch
 from . import __version__
 from ._standardise import NonFiniteMaps
 from .ace import MIN_OBSERVATIONS, ace
-from .capture import _check_budget, capture, resolve_layers
+from .capture import capture, resolve_budget, resolve_layers
 from .data import as_batches
 from .models import count_parameters, weights_hash
 from .reduce import reduce_block
@@ -39,7 +39,6 @@ from .stats import (
 from .targets import resolve_target
 
 SCORES = ("maximal", "first-component")
-DEFAULT_MEMORY_BUDGET = 2 * 2**30
 
 
 @dataclass
@@ -229,7 +228,7 @@ def rank(
     *,
     batch_size: int = 64,
     device: str | torch.device = "auto",
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | str = "auto",
     pca_dtype: torch.dtype = torch.float32,
     score: str = "maximal",
     label: int | None = None,
@@ -269,10 +268,12 @@ def rank(
         Images per forward pass (when ``images`` is not already a DataLoader).
     device : str or torch.device
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
-    memory_budget : int
-        Bytes of RAM for activations and the reduce step's work (default 2 GiB): three
-        quarters hold captured activations, channel-major; layers beyond that are spilled
-        to disk and read back in blocks. The forward pass's own memory comes on top.
+    memory_budget : int or "auto"
+        Bytes of RAM for activations and the reduce step's work: three quarters hold
+        captured activations, channel-major; layers beyond that are spilled to disk and read
+        back in blocks. The forward pass's own memory comes on top. ``"auto"`` (default):
+        a quarter of the machine's memory (:func:`pcace.capture.default_memory_budget`);
+        the bytes used are recorded in the manifest.
     pca_dtype : torch.dtype
         Precision of the passes over the activations (standardisation, Gram matrices);
         the eigenproblems and ACE always run in float64. ``torch.float32`` (default) works
@@ -335,10 +336,9 @@ def rank(
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}; got {score!r}")
     _check_components(components)
-    _check_budget(memory_budget)
+    memory_budget = resolve_budget(memory_budget)
     if pca_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"pca_dtype must be torch.float32 or torch.float64; got {pca_dtype!r}")
-    memory_budget = int(memory_budget)
     dev = resolve_device(device)
     score_fn = resolve_target(target, categories)
     names = resolve_layers(model, layers)
