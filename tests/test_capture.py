@@ -398,3 +398,69 @@ def test_activation_store_checks():
     with pytest.raises(IndexError, match="out of range"):
         store.read("a", 5)
     store.close()
+
+
+# ------------------------------------------------------------------ channel-major store
+
+def _generator(batches):
+    yield from batches  # no len(): the store does not know N in advance
+
+
+@pytest.mark.parametrize("budget", [10**9, 0, 30_000])
+def test_unknown_count_uses_segments_and_matches_known(monkeypatch, budget):
+    """Segments of 8 images, N = 23 unknown: segment boundaries inside batches of 6; with a
+    small budget a layer is spilled after some of its segments were filled in RAM."""
+    monkeypatch.setattr(ActivationStore, "SEGMENT_IMAGES", 8)
+    net = _net()
+    batches = _batches(n=23)
+    layers = ["conv1", "block.0"]
+    with capture(net, batches, layers, _score, progress=False) as known, \
+            capture(net, _generator(batches), layers, _score, memory_budget=budget,
+                    progress=False) as unknown:
+        assert known._store._layers["conv1"].capacity == 23
+        assert unknown._store._layers["conv1"].capacity == 8
+        for name in layers:
+            assert torch.equal(known.layer(name), unknown.layer(name))
+            assert torch.equal(known.layer(name, [2, 0]), unknown.layer(name, [2, 0]))
+            blocks = [b for _, b in unknown.blocks(name, 1)]
+            c = known.shapes[name][0]
+            assert len(blocks) == c and all(b.shape[0] == 1 for b in blocks)
+            expected = known.layer(name).flatten(2).transpose(0, 1)
+            assert torch.equal(torch.cat(blocks), expected)
+        if budget == 30_000:
+            assert unknown._store.in_memory_bytes <= 30_000
+            assert unknown.spilled["conv1"]
+
+
+def test_blocks_are_views_of_a_layer_in_ram_and_copies_when_spilled():
+    net = _net()
+    with capture(net, _batches(n=20), ["conv1"], _score, progress=False) as ram, \
+            capture(net, _batches(n=20), ["conv1"], _score, memory_budget=0,
+                    progress=False) as disk:
+        (_, view), = list(ram.blocks("conv1", 10**9))
+        (_, copy), = list(disk.blocks("conv1", 10**9))
+        assert torch.equal(view, copy) and view.shape == (4, 20, 64)
+        view.zero_()  # the pipeline standardises in place: the store sees it
+        assert (ram.layer("conv1") == 0).all()
+        copy.zero_()
+        assert not (disk.layer("conv1") == 0).all()
+
+
+def test_fewer_images_than_announced():
+    """Unreadable files are skipped after N was announced: the store holds what came."""
+    store = ActivationStore(["a"], memory_budget=10**6, n_images=10)
+    store.put("a", torch.arange(36, dtype=torch.float32).reshape(6, 3, 2, 1))
+    store.finalize()
+    x = torch.arange(36, dtype=torch.float32).reshape(6, 3, 2, 1)
+    assert torch.equal(store.read("a"), x)
+    assert torch.equal(store.block("a", 1, 3), x[:, 1:3].flatten(2).transpose(0, 1))
+    store.close()
+
+
+def test_auto_budget():
+    from pcace.capture import default_memory_budget, resolve_budget
+
+    assert resolve_budget("auto") == default_memory_budget() >= 2**30
+    assert resolve_budget(12345) == 12345
+    with pytest.raises(ValueError, match="auto"):
+        resolve_budget("lots")

@@ -177,3 +177,85 @@ def test_nan_names_channel():
     maps[4, 2, 1] = float("nan")
     with pytest.raises(ValueError, match=r"channel\(s\) \[2\]"):
         principal_components(maps)
+
+
+# --- the compiled pieces: standardisation kernel, reduce_block, the eigen iteration -----------
+
+def _numpy_standardised(block):
+    """Independent oracle: NumPy float64 column standardisation, constant columns -> 0."""
+    x = block.astype(np.float64)
+    mean = x.mean(axis=1, keepdims=True)
+    sd = x.std(axis=1, keepdims=True)
+    const = (np.ptp(x, axis=1, keepdims=True) == 0)
+    return np.where(const, 0.0, (x - mean) / np.where(const, 1.0, sd)), const[:, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_standardise_kernel_matches_numpy(dtype):
+    from pcace._standardise import standardise_
+
+    gen = torch.Generator().manual_seed(4)
+    block = (torch.randn(5, 40, 33, generator=gen, dtype=torch.float64) * 3 + 7).to(dtype)
+    block[1, :, 4] = 2.5  # a constant column
+    block[3] = -1.0  # a dead channel
+    expected, const = _numpy_standardised(block.numpy())
+    constant = standardise_(block, 8.0)
+    np.testing.assert_array_equal(constant.numpy(), const)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    np.testing.assert_allclose(block.double().numpy(), expected, atol=tol, rtol=0)
+
+
+def test_standardise_kernel_leaves_non_finite_channel_untouched():
+    from pcace._standardise import NonFiniteMaps, standardise_
+
+    block = torch.randn(3, 20, 6)
+    block[1, 7, 2] = float("inf")
+    before = block[1].clone()
+    with pytest.raises(NonFiniteMaps, match=r"channel\(s\) \[1\]") as info:
+        standardise_(block, 8.0)
+    assert info.value.channels == [1]
+    assert torch.equal(block[1], before)
+
+
+@pytest.mark.parametrize("spectrum", ["steep", "flat"])
+def test_iteration_path_matches_sklearn(spectrum):
+    """N = 200 images and P = 400 pixels: the 200 x 200 Gram goes through the iteration
+    (steep spectrum) or falls back to LAPACK's subset solver (flat: pure noise)."""
+    n, p = 200, 400
+    maps = _maps(n, 2, p, seed=5) if spectrum == "steep" else \
+        torch.randn(n, 2, p, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    red = principal_components(maps, components=3)
+    for c in range(2):
+        ref, _ = _sklearn_scores(maps[:, c].numpy(), 3)
+        _assert_equal_up_to_sign(red.scores[c].numpy(), ref, atol=1e-7 * np.abs(ref).max())
+
+
+def test_top_eigenpairs_fallback_and_iteration_agree_with_eigh():
+    from pcace.reduce import top_eigenpairs
+
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(3, 150, 160, generator=gen, dtype=torch.float64)
+    a[0] *= torch.logspace(0, -3, 160, dtype=torch.float64)  # steep: the iteration converges
+    g = a @ a.transpose(1, 2)
+    w, v = torch.linalg.eigh(g)
+    exact_w, exact_v = w.flip(-1)[:, :3], v.flip(-1)[:, :, :3]
+    for rounds in (10, 1):  # 1 round: everything not converged goes to the exact solver
+        vals, vecs = top_eigenpairs(g, 3, max_rounds=rounds)
+        torch.testing.assert_close(vals, exact_w, rtol=1e-10, atol=0)
+        overlap = (vecs * exact_v).sum(dim=1).abs()
+        torch.testing.assert_close(overlap, torch.ones_like(overlap), rtol=0, atol=1e-8)
+
+
+def test_reduce_block_float32_close_to_float64_and_in_place():
+    from pcace.reduce import reduce_block
+
+    maps = _maps(60, 3, 300, seed=7)
+    exact = principal_components(maps, components=3)
+    block = maps.permute(1, 0, 2).contiguous().float()
+    red = reduce_block(block, 3)
+    scale = exact.scores.abs().amax()
+    assert (red.scores - exact.scores).abs().max() < 1e-5 * scale
+    torch.testing.assert_close(block.double().mean(dim=1), torch.zeros(3, 300, dtype=torch.float64),
+                               atol=1e-5, rtol=0)  # standardised in place
+    with pytest.raises(ValueError, match=r"\(C, N, P\)"):
+        reduce_block(block.int(), 3)

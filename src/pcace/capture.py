@@ -469,7 +469,9 @@ class ActivationStore:
             layer.file_segments += 1
         else:
             c, h, w = layer.shape
-            layer.segments.append(torch.empty((c, layer.capacity, h * w), dtype=torch.float32))
+            with torch.inference_mode(False):  # a normal tensor: blocks may be edited later
+                layer.segments.append(torch.empty((c, layer.capacity, h * w),
+                                                  dtype=torch.float32))
 
     def _reserve(self, name: str, nbytes: int) -> None:
         """Make room for ``nbytes`` more of layer ``name`` by spilling the largest layers."""
