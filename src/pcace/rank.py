@@ -298,9 +298,9 @@ def rank(
         Bootstrap interval method; it also picks the resampling
         (:func:`pcace.stats.interval_scheme`).
         ``"half-sample"``: half-samples of the images without replacement and a bias-corrected
-        interval (92-100% coverage of 95% intervals in our simulations; it can lie below the
+        interval (91-100% coverage of 95% intervals in our simulations; it can lie below the
         biased raw value). ``"basic"`` and ``"percentile"``: the classical with-replacement
-        bootstrap; ACE overfits more on repeated images, so these under-cover (59-91% and 0-86%).
+        bootstrap; ACE overfits more on repeated images, so these under-cover (54-94% and 0-96%).
         See :func:`pcace.stats.bootstrap_summary` and ``benchmarks/README.md``, "Statistics".
     seed : int
         Seed of the permutations and resamples; recorded in the manifest.
