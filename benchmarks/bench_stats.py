@@ -5,16 +5,20 @@ Parts (``--parts``, comma-separated, default all):
 - ``null``: PCACE values and a permutation null of B = 1,000 for every conv channel of the
   shared CIFAR ResNet-20 (688 channels) on the images of one class; timed; a per-layer table
   of raw and adjusted values and BH discoveries.
-- ``bootstrap``: B = 200 bootstrap replicates of one layer; timed; intervals and stability.
-- ``synthetic``: p-value calibration, bootstrap coverage on Gaussian pairs (maximal
-  correlation |r|), and pcace_adj across N and k on planted signals.
+- ``bootstrap``: B = 200 half-sample and B = 200 with-replacement replicates of one layer;
+  timed; intervals and stability.
+- ``coverage``: coverage and width of bootstrap intervals (half-sample, and the
+  with-replacement basic and percentile ones) of planted channels whose maximal
+  correlation is known (k = 3, linear and non-monotone relations, N in {100, 300}),
+  through ``bootstrap_values`` (PCA and ACE on every replicate).
+- ``synthetic``: p-value calibration and pcace_adj across N and k on planted signals.
 - ``ablation``: PCACE against baseline rankings (mean |activation|, filter L1, Taylor, layer
   conductance when Captum is installed) on a few layers, by top-m ablation.
 
 Usage::
 
     .venv/bin/python benchmarks/bench_stats.py [--shared ../shared] [--parts null,bootstrap]
-        [--permutations 1000] [--boots 200] [--out stats.json]
+        [--permutations 1000] [--boots 200] [--coverage-sets 300] [--out stats.json]
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats as sps
 
 from pcace import ace
 from pcace.ablate import ablate, baseline_rankings, faithfulness_summary
@@ -38,6 +43,7 @@ from pcace.reduce import principal_components
 from pcace.stats import (
     bootstrap_summary,
     bootstrap_values,
+    interval_scheme,
     layer_stability,
     null_summary,
     permutation_null,
@@ -139,26 +145,104 @@ def part_bootstrap(maps, scores, layer, boots, components, out):
     m = maps[layer]
     red = principal_components(m, components)
     obs = np.where(red.dead.numpy(), 0.0, np.clip(ace(red.scores.numpy(), scores).rho, 0, 1))
-    t0 = time.perf_counter()
-    boot = bootstrap_values(m, scores, components, boots=boots, seed=0)
-    seconds = time.perf_counter() - t0
-    s = bootstrap_summary(obs, boot)
-    b = bootstrap_summary(obs, boot, method="basic")
-    stab = layer_stability(obs, boot, top=10)
-    print(f"[bootstrap] {layer}: {m.shape[1]} channels x {boots} replicates in {seconds:.1f} s; "
-          f"mean bias {s.bias.mean():.3f}, mean percentile width "
-          f"{(s.ci_high - s.ci_low).mean():.3f}, Spearman {stab['spearman_mean']:.3f}, "
-          f"top-10 retention {stab['top_retention']:.2f}", flush=True)
-    print(s.sort_values("rank").head(10).round(3).to_string(index=False), flush=True)
-    out["bootstrap"] = {"layer": layer, "channels": int(m.shape[1]), "boots": boots,
-                        "seconds": seconds, "mean_bias": float(s.bias.mean()),
-                        "mean_width_percentile": float((s.ci_high - s.ci_low).mean()),
-                        "mean_width_basic": float((b.ci_high - b.ci_low).mean()),
-                        "spearman_mean": stab["spearman_mean"],
-                        "top10_retention": stab["top_retention"],
-                        "top10": stab["top_share"],
-                        "top10_rank_intervals": s.sort_values("rank").head(10)[
-                            ["channel", "pcace", "rank_low", "rank_high"]].to_dict("records")}
+    res = {"layer": layer, "channels": int(m.shape[1]), "boots": boots}
+    for scheme, methods in (("half-sample", ("half-sample",)),
+                            ("replacement", ("basic", "percentile"))):
+        t0 = time.perf_counter()
+        boot = bootstrap_values(m, scores, components, boots=boots, seed=0, scheme=scheme)
+        seconds = time.perf_counter() - t0
+        stab = layer_stability(obs, boot, top=10)
+        s = bootstrap_summary(obs, boot, method=methods[0])
+        widths = {}
+        for meth in methods:
+            t = bootstrap_summary(obs, boot, method=meth)
+            widths[meth] = float((t.ci_high - t.ci_low).mean())
+        print(f"[bootstrap] {layer}, {scheme}: {m.shape[1]} channels x {boots} replicates in "
+              f"{seconds:.1f} s; mean excess of replicates {s.bias.mean():.3f}, mean widths "
+              f"{widths}, Spearman {stab['spearman_mean']:.3f}, "
+              f"top-10 retention {stab['top_retention']:.2f}", flush=True)
+        top = s.sort_values("rank").head(10)
+        print(top.round(3).to_string(index=False), flush=True)
+        res[scheme] = {"seconds": seconds, "mean_excess": float(s.bias.mean()),
+                       "mean_width": widths,
+                       "share_interval_below_value": float((s.ci_high < s.pcace).mean()),
+                       "spearman_mean": stab["spearman_mean"],
+                       "top10_retention": stab["top_retention"],
+                       "top10": stab["top_share"],
+                       "top10_intervals": top[["channel", "pcace", "ci_low", "ci_high",
+                                               "rank_low", "rank_high"]].to_dict("records")}
+    out["bootstrap"] = res
+
+
+def planted_maps(rng, n, rho, shape, channels=1):
+    """Maps (n, channels, 12) whose maximal correlation with the returned score is rho.
+
+    Pixels: x1 eight times, x2 three times, x3 once (so the first three principal
+    components are about x1, x2, x3). x1 relates to the score only through u, standard
+    normal, with corr(u, score) = rho: "gauss": x1 = u; "abs": x1 = +-Phi(u), uniform on
+    (-1, 1), so u = Phi^-1(|x1|), a non-monotone relation. Same as tests/test_stats.py.
+    """
+    y = rng.normal(size=n)
+    u = rho * y[:, None] + np.sqrt(1 - rho * rho) * rng.normal(size=(n, channels))
+    x1 = u if shape == "gauss" else sps.norm.cdf(u) * rng.choice([-1.0, 1.0], size=u.shape)
+    x2, x3 = rng.normal(size=(2, n, channels))
+    return torch.as_tensor(np.stack([x1] * 8 + [x2] * 3 + [x3], axis=-1)), y
+
+
+def part_coverage(boots, sets, levels, out):
+    """Coverage of the true maximal correlation by bootstrap intervals, per method and level."""
+    methods = ("half-sample", "basic", "percentile")
+    rows = []
+    for shape in ("gauss", "abs"):
+        for n in (100, 300):
+            for rho in (0.0, 0.3, 0.6, 0.9):
+                rng = np.random.default_rng([2024, n, int(100 * rho), shape == "abs"])
+                ends = {(lv, m): ([], []) for lv in levels for m in methods}
+                values, seconds = [], {"half-sample": 0.0, "replacement": 0.0}
+                for i in range(sets):
+                    maps, y = planted_maps(rng, n, rho, shape)
+                    red = principal_components(maps, 3)
+                    obs = np.clip(ace(red.scores.numpy(), y).rho, 0, 1)
+                    values.append(obs[0])
+                    boot = {}
+                    for scheme in seconds:
+                        t0 = time.perf_counter()
+                        boot[scheme] = bootstrap_values(maps, y, 3, boots=boots, seed=i,
+                                                        scheme=scheme)
+                        seconds[scheme] += time.perf_counter() - t0
+                    for (lv, meth), (lo, hi) in ends.items():
+                        t = bootstrap_summary(obs, boot[interval_scheme(meth)], lv, method=meth)
+                        lo.append(t.ci_low[0])
+                        hi.append(t.ci_high[0])
+                for lv in levels:
+                    row = {"shape": shape, "n": n, "rho": rho, "level": lv, "sets": sets,
+                           "boots": boots, "mean_value": float(np.mean(values)),
+                           "sd_value": float(np.std(values)),
+                           "seconds_half": seconds["half-sample"],
+                           "seconds_replacement": seconds["replacement"]}
+                    for meth in methods:
+                        a, b = (np.array(e) for e in ends[lv, meth])
+                        row[f"coverage_{meth}"] = float(np.mean((a <= rho + 1e-12)
+                                                                & (rho <= b + 1e-12)))
+                        row[f"width_{meth}"] = float(np.mean(b - a))
+                        row[f"above_{meth}"] = float(np.mean(rho > b + 1e-12))  # truth above
+                    rows.append(row)
+                    print("[coverage]", {k: round(v, 3) if isinstance(v, float) else v
+                                         for k, v in row.items()}, flush=True)
+    table = pd.DataFrame(rows)
+    cols = ["shape", "n", "rho"] + [f"{p}_{m}" for m in methods for p in ("coverage", "width")]
+    for lv in levels:
+        sub = table[table.level == lv]
+        print(f"[coverage] level {lv}\n" + sub[cols].round(3).to_string(index=False),
+              flush=True)
+        pos = sub[sub.rho > 0]
+        for meth in methods:
+            cov = pos[f"coverage_{meth}"]
+            print(f"[coverage] level {lv}, {meth}: rho > 0 coverage {cov.min():.3f}-"
+                  f"{cov.max():.3f}, mean |coverage - {lv}| {np.abs(cov - lv).mean():.3f}; "
+                  f"rho = 0: {sub[sub.rho == 0][f'coverage_{meth}'].round(3).tolist()}",
+                  flush=True)
+    out["coverage"] = rows
 
 
 def part_synthetic(out):
@@ -181,31 +265,6 @@ def part_synthetic(out):
                           "adj_mean": float(t.pcace_adj.mean()),
                           "adj_linear_mean": float(t.pcace_adj_linear.mean())}
     print("[synthetic] calibration", res["calibration"], flush=True)
-
-    # bootstrap coverage on Gaussian pairs
-    cov = []
-    for r in (0.0, 0.3, 0.6, 0.9):
-        for n in (100, 300):
-            reps = 40
-            hits = {"percentile": 0, "basic": 0}
-            widths = {"percentile": [], "basic": []}
-            for i in range(reps):
-                x = rng.normal(size=n)
-                yy = r * x + np.sqrt(1 - r * r) * rng.normal(size=n)
-                obs = np.clip(np.atleast_1d(ace(x, yy).rho), 0, 1)
-                bt = bootstrap_values(torch.as_tensor(x)[:, None, None, None], yy, 1,
-                                      boots=100, seed=i)
-                for meth in hits:
-                    s = bootstrap_summary(obs, bt, method=meth)
-                    hits[meth] += int(s.ci_low[0] <= r <= s.ci_high[0])
-                    widths[meth].append(float(s.ci_high[0] - s.ci_low[0]))
-            row = {"r": r, "n": n, "replicates": reps}
-            for meth in hits:
-                row[f"coverage_{meth}"] = hits[meth] / reps
-                row[f"width_{meth}"] = float(np.mean(widths[meth]))
-            cov.append(row)
-            print("[synthetic] coverage", row, flush=True)
-    res["coverage"] = cov
 
     # pcace_adj across N and k (planted x^2 signal with maximal correlation rho)
     comp = []
@@ -279,10 +338,14 @@ def part_ablation(model, x, y, x_all, target, maps, scores, layers, components, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared")
-    ap.add_argument("--parts", default="null,bootstrap,synthetic,ablation")
+    ap.add_argument("--parts", default="null,bootstrap,coverage,synthetic,ablation")
     ap.add_argument("--class", dest="cls", default="cat")
     ap.add_argument("--permutations", type=int, default=1000)
     ap.add_argument("--boots", type=int, default=200)
+    ap.add_argument("--coverage-sets", type=int, default=300,
+                    help="simulated data sets per cell of the coverage part")
+    ap.add_argument("--levels", default="0.95,0.8",
+                    help="levels of the intervals in the coverage part, comma-separated")
     ap.add_argument("--components", type=int, default=3)
     ap.add_argument("--layer", default="layer3.2.conv2", help="layer of the bootstrap")
     ap.add_argument("--ablation-layers",
@@ -291,19 +354,23 @@ def main() -> None:
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     out: dict = {"machine": machine(), "args": vars(args)}
-    shared = shared_root(args.shared)
-    model = load_model(shared)
-    target = CIFAR10_CLASSES.index(args.cls)
-    x, y = load_images(shared, args.cls)
-    print(f"{len(x)} {args.cls} images; {machine()}", flush=True)
+    print(machine(), flush=True)
     maps = scores = None
     if parts & {"null", "bootstrap", "ablation"}:
+        shared = shared_root(args.shared)
+        model = load_model(shared)
+        target = CIFAR10_CLASSES.index(args.cls)
+        x, y = load_images(shared, args.cls)
+        print(f"{len(x)} {args.cls} images", flush=True)
         if "null" in parts:
             maps, scores = part_null(model, x, target, args.permutations, args.components, out)
         else:
             maps, scores = conv_maps(model, x, target)
     if "bootstrap" in parts:
         part_bootstrap(maps, scores, args.layer, args.boots, args.components, out)
+    if "coverage" in parts:
+        part_coverage(args.boots, args.coverage_sets,
+                      [float(v) for v in args.levels.split(",")], out)
     if "synthetic" in parts:
         part_synthetic(out)
     if "ablation" in parts:

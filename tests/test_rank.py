@@ -308,7 +308,10 @@ def test_null_and_bootstrap_columns_through_rank():
     assert (ch.ci_low <= ch.ci_high).all()
     layer = res.layers.iloc[0]
     assert 0 < layer.significant_share <= 1 and "rank_spearman" in res.layers.columns
-    assert res.manifest["permutations"] == 199 and res.manifest["interval"] == "basic"
+    assert res.manifest["permutations"] == 199 and res.manifest["interval"] == "half-sample"
+    with pytest.raises(ValueError, match="interval method"):
+        pcace.rank(PlantedNet(pattern), x, RegressionOutput(), layers=["features"],
+                   bootstrap=5, interval="bca", progress=False)
 
 
 def test_top_channels(planted_result):
