@@ -37,6 +37,18 @@ def test_rank_writes_run_directory(cifar_args, tmp_path):
     assert (out / "channels.csv").exists() and (out / "layers.csv").exists()
 
 
+def test_rank_bootstrap_interval_option(cifar_args, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("rank", *cifar_args, "--target", "cat", "--limit", "60", "--layers",
+                   "layer3.2.conv2", "--bootstrap", "8", "--interval", "basic", "--no-progress",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["interval"] == "basic" and manifest["bootstrap"] == 8
+    header = (out / "channels.csv").read_text().splitlines()[0]
+    assert "ci_low" in header and "ci_high" in header
+
+
 def test_layers_lists_modules(cifar_args):
     proc = run_cli("layers", *cifar_args[:4], "--input-shape", "3", "32", "32")
     assert proc.returncode == 0, proc.stderr

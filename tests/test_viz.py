@@ -142,22 +142,30 @@ def test_channel_ranking_labels_the_top_channels(run):
     assert [t.get_text() for t in ax_top.get_yticklabels()] == expected
     bars = [c for c in ax_top.containers if type(c).__name__ == "BarContainer"]
     assert len(bars) == 1 and len(bars[0]) == 5
-    assert bars[0].errorbar is None  # no bootstrap in these runs
+    assert not ax_top.collections  # no interval segments: no bootstrap in these runs
     with pytest.raises(ValueError, match="no layer"):
         channel_ranking(result, "nonexistent")
 
 
-def test_channel_ranking_error_bars_from_intervals(demo):
+def test_channel_ranking_draws_intervals_where_they_are(demo):
+    """Bias-corrected intervals can lie wholly below the value: drawn as they are."""
     _, result, _, _ = demo
     with_ci = copy.copy(result)
-    with_ci.channels = result.channels.assign(ci_low=result.channels.pcace - 0.05,
-                                              ci_high=(result.channels.pcace + 0.03).clip(0, 1))
+    with_ci.channels = result.channels.assign(ci_low=(result.channels.pcace - 0.3).clip(0, 1),
+                                              ci_high=(result.channels.pcace - 0.1).clip(0, 1))
     fig = channel_ranking(with_ci, "conv2", top=3)
     ax_all, ax_top = fig.axes
-    bars = [c for c in ax_top.containers if type(c).__name__ == "BarContainer"]
-    assert bars[0].errorbar is not None
     assert "bootstrap CI" in title(ax_top)
-    assert any(type(c).__name__ == "ErrorbarContainer" for c in ax_all.containers)
+    best = with_ci.channels[with_ci.channels.layer == "conv2"].sort_values(
+        "pcace", ascending=False).head(3)
+    segments = ax_top.collections[0].get_segments()
+    assert len(segments) == 3
+    np.testing.assert_allclose(sorted(s[:, 0].max() for s in segments),
+                               sorted(best.ci_high), atol=1e-12)
+    np.testing.assert_allclose(sorted(s[:, 0].min() for s in segments),
+                               sorted(best.ci_low), atol=1e-12)
+    n = int((with_ci.channels.layer == "conv2").sum())
+    assert len(ax_all.collections[0].get_segments()) == n
 
 
 def test_ace_transforms_panel_per_component():

@@ -165,10 +165,9 @@ def channel_ranking(result: Any, layer: str, top: int = 10) -> Figure:
     dead = sub.dead.to_numpy(dtype=bool) if "dead" in sub else np.zeros(len(sub), bool)
     colours = np.where(x <= top, TOP_COLOUR, "#4a6fa5")
     colours = np.where(dead, NULL_COLOUR, colours)
-    if has_ci:
-        err = np.vstack([values - sub.ci_low.to_numpy(float), sub.ci_high.to_numpy(float) - values])
-        ax_all.errorbar(x, values, yerr=np.clip(err, 0, None), fmt="none", ecolor="#999999",
-                        lw=0.8, zorder=1)
+    if has_ci:  # drawn as segments: a bias-corrected interval may lie wholly below the value
+        ax_all.vlines(x, sub.ci_low.to_numpy(float), sub.ci_high.to_numpy(float),
+                      color="#999999", lw=0.8, zorder=1)
     ax_all.scatter(x, values, c=colours, s=14 if len(sub) <= 128 else 6, zorder=2, lw=0)
     ax_all.plot(x, values, color="#4a6fa5", lw=0.6, alpha=0.5, zorder=1)
     if "null_q95" in sub and sub.null_q95.notna().any():
@@ -188,12 +187,11 @@ def channel_ranking(result: Any, layer: str, top: int = 10) -> Figure:
 
     best = sub.head(top)
     ys = np.arange(top)[::-1]
-    xerr = None
+    ax_top.barh(ys, best.pcace, color=TOP_COLOUR, height=0.7)
     if has_ci:
-        spread = np.vstack([best.pcace - best.ci_low, best.ci_high - best.pcace]).astype(float)
-        xerr = np.clip(spread, 0, None)
-    ax_top.barh(ys, best.pcace, color=TOP_COLOUR, height=0.7, xerr=xerr,
-                error_kw={"ecolor": "#555555", "lw": 0.9, "capsize": 2})
+        lo, hi = best.ci_low.to_numpy(float), best.ci_high.to_numpy(float)
+        ax_top.hlines(ys, lo, hi, color="#555555", lw=0.9)
+        ax_top.plot(np.r_[lo, hi], np.r_[ys, ys], "|", color="#555555", ms=5)
     ax_top.set_yticks(ys, [f"ch {c}" for c in best.channel], fontsize=8)
     for y, v in zip(ys, best.pcace, strict=True):
         ax_top.text(0.02, y, f"{v:.3f}", va="center", ha="left", fontsize=7, color="white",
