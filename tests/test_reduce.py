@@ -259,3 +259,19 @@ def test_reduce_block_float32_close_to_float64_and_in_place():
                                atol=1e-5, rtol=0)  # standardised in place
     with pytest.raises(ValueError, match=r"\(C, N, P\)"):
         reduce_block(block.int(), 3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("pixel_side", [False, True])
+def test_gram_kernel_matches_numpy(dtype, pixel_side):
+    from pcace._linalg_numba import gram
+
+    x = np.random.default_rng(8).standard_normal((3, 7, 11) if not pixel_side
+                                                 else (3, 11, 7)).astype(dtype)
+    expected = np.einsum("cnp,cmp->cnm", x.astype(np.float64), x.astype(np.float64)) \
+        if not pixel_side else np.einsum("cnp,cnq->cpq", x.astype(np.float64),
+                                         x.astype(np.float64))
+    got = gram(x, pixel_side)
+    assert got.dtype == np.float64 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-5 if dtype == np.float32 else 1e-12)

@@ -175,7 +175,7 @@ def score_components(z: torch.Tensor, scores: torch.Tensor, score: str = "maxima
     --------
     >>> import torch
     >>> z = torch.randn(4, 100, 3, dtype=torch.float64)
-    >>> score_components(z, z[0, :, 0] ** 2).round(2)[0]
+    >>> float(score_components(z, z[0, :, 0] ** 2)[0].round(2))
     1.0
     """
     if score not in SCORES:

@@ -19,7 +19,7 @@ layer held in RAM is never copied. On the CPU a compiled kernel standardises the
 block in two memory passes (column statistics accumulated in float64), one
 batched matrix product forms the Gram matrices in the block's precision, and the
 eigenproblems are solved in float64: block subspace iteration with Rayleigh-Ritz
-checks, one matrix per thread (:mod:`pcace._eigen_numba`), until every kept
+checks, one matrix per thread (:mod:`pcace._linalg_numba`), until every kept
 pair's residual is below ``1e-12`` of the largest eigenvalue; matrices whose
 spectrum is too flat for that (noise) go to LAPACK's subset solver.
 :func:`principal_components` is the same on an ``(N, C, ...)`` tensor it first
@@ -271,13 +271,20 @@ def _eigen(x: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     """Top ``q`` eigenpairs of the smaller Gram side (descending) and each Gram's trace."""
     n, p = x.shape[1], x.shape[2]
     gram_side = p >= n
-    if gram_side:
-        g = torch.bmm(x, x.transpose(1, 2))  # (C, N, N)
+    if x.device.type == "cpu":
+        from ._linalg_numba import gram
+
+        with _one_blas_thread():
+            g = torch.from_numpy(gram(x.numpy(), not gram_side))
+    elif gram_side:
+        g = torch.bmm(x, x.transpose(1, 2)).to(torch.float64)  # (C, N, N)
     else:
-        g = torch.bmm(x.transpose(1, 2), x)  # (C, P, P)
-    g = g.to(torch.float64)  # the eigenproblem in float64 whatever the data's precision
+        g = torch.bmm(x.transpose(1, 2), x).to(torch.float64)  # (C, P, P)
+    # the eigenproblem in float64 whatever the data's precision; no point iterating far
+    # below the precision the Gram matrices carry
+    tol = 1e-12 if x.dtype == torch.float64 else 1e-10
     total = g.diagonal(dim1=1, dim2=2).sum(-1)
-    vals, vecs = top_eigenpairs(g, q)
+    vals, vecs = top_eigenpairs(g, q, tol=tol)
     return vals, vecs, total, gram_side
 
 
@@ -314,8 +321,7 @@ def top_eigenpairs(g: torch.Tensor, q: int, *, tol: float = 1e-12,
     if g.device.type == "cpu":
         return _top_cpu(g, q, small, tol, max_rounds)
     if small:
-        vals, vecs = torch.linalg.eigh(g)
-        return vals.flip(-1)[:, :q], vecs.flip(-1)[:, :, :q]
+        return _exact_top_torch(g, q)
     block = q + 8
     start = _start_block(m, block).to(g)
     basis = torch.linalg.qr(torch.bmm(g, start.expand(c, m, block)))[0]
@@ -346,7 +352,7 @@ def top_eigenpairs(g: torch.Tensor, q: int, *, tol: float = 1e-12,
         sub = g[todo]
     missing = (~finished).nonzero().flatten()
     if missing.numel():
-        vals[missing], vecs[missing] = _exact_top(g[missing], q)
+        vals[missing], vecs[missing] = _exact_top_torch(g[missing], q)
     return vals, vecs
 
 
@@ -358,46 +364,54 @@ def _start_block(m: int, block: int) -> torch.Tensor:
 def _top_cpu(g: torch.Tensor, q: int, small: bool, tol: float,
              max_rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The CPU path of :func:`top_eigenpairs`: compiled, one matrix per thread."""
-    from threadpoolctl import threadpool_limits
-
-    from ._eigen_numba import full_top, top_eigenpairs_batch
+    from ._linalg_numba import full_top, top_eigenpairs_batch
 
     mats = g.to(torch.float64).contiguous().numpy()
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _one_blas_thread():
         if small:
             vals, vecs = full_top(mats, q)
             return torch.from_numpy(vals), torch.from_numpy(vecs)
         start = _start_block(g.shape[1], q + 8).numpy()
         vals, vecs, done = top_eigenpairs_batch(mats, start, q, tol, _STEPS, max_rounds)
-    vals, vecs = torch.from_numpy(vals), torch.from_numpy(vecs)
-    missing = torch.from_numpy(~done).nonzero().flatten()
-    if missing.numel():
-        vals[missing], vecs[missing] = _exact_top(g[missing].to(torch.float64), q)
-    return vals, vecs
+        missing = np.flatnonzero(~done)
+        if missing.size:
+            _exact_into(mats, q, missing, vals, vecs)
+    return torch.from_numpy(vals), torch.from_numpy(vecs)
 
 
-def _exact_top(g: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``q`` eigenpairs, descending; LAPACK's subset solver on the CPU."""
-    m = g.shape[-1]
-    if g.device.type != "cpu":
-        vals, vecs = torch.linalg.eigh(g)
-        return vals.flip(-1)[:, :q], vecs.flip(-1)[:, :, :q]
-    import scipy.linalg
-    from threadpoolctl import threadpool_limits
+def _exact_into(mats: np.ndarray, q: int, which: np.ndarray, vals: np.ndarray,
+                vecs: np.ndarray) -> None:
+    """Exact top-``q`` eigenpairs of ``mats[which]`` into ``vals``/``vecs`` (LAPACK evx)."""
+    from ._linalg_numba import exact_top
 
-    vals = torch.empty((g.shape[0], q), dtype=g.dtype)
-    vecs = torch.empty((g.shape[0], m, q), dtype=g.dtype)
-    mats = g.numpy()
+    status = exact_top(mats, q, which, vals, vecs)
+    for i in which[status != 0]:  # LAPACK did not converge (never seen): full solver
+        w, v = np.linalg.eigh(mats[i])
+        vals[i], vecs[i] = w[::-1][:q], v[:, ::-1][:, :q]
 
-    # one BLAS thread: scipy's threaded BLAS is slower on these small matrices, and 100x
-    # slower while torch's OpenMP threads spin after a torch call (measured on 2 cores)
-    with threadpool_limits(limits=1, user_api="blas"):
-        for i, mat in enumerate(mats):
-            w, v = scipy.linalg.eigh(mat, subset_by_index=(m - q, m - 1), driver="evx",
-                                     check_finite=False)
-            vals[i] = torch.from_numpy(w[::-1].copy())
-            vecs[i] = torch.from_numpy(v[:, ::-1].copy())
-    return vals, vecs
+
+def _exact_top_torch(g: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``q`` eigenpairs, descending, by a full ``eigh`` (the GPU path)."""
+    vals, vecs = torch.linalg.eigh(g)
+    return vals.flip(-1)[:, :q], vecs.flip(-1)[:, :, :q]
+
+
+_BLAS_CONTROLLER: Any = None
+
+
+def _one_blas_thread() -> Any:
+    """A context with one BLAS thread for the compiled solvers (each thread runs one matrix).
+
+    Threaded BLAS inside them would oversubscribe the cores, and is 100x slower while
+    torch's OpenMP threads spin after a torch call (measured on 2 cores). The controller
+    is built once: finding the loaded BLAS libraries costs tens of milliseconds.
+    """
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
 
 
 def _rank(eigvals: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,181 @@
+"""Compiled dense linear algebra of the reduce step: Gram matrices and top eigenpairs.
+
+One channel per thread, each with single-threaded BLAS/LAPACK calls (the caller limits
+BLAS to one thread). Torch's batched ``eigh`` and ``qr`` on stacks of small matrices pay a
+parallel region per matrix on the CPU, which costs far more than the arithmetic (and
+collapses when another process holds a core); its batched matrix product computes both
+halves of a symmetric Gram matrix, where BLAS's ``syrk`` computes one.
+
+BLAS/LAPACK routines come from scipy's ``cython_blas``/``cython_lapack`` and are bound by
+symbol names registered in each process (not by addresses baked into the code), so the
+compiled code can be cached. Fortran convention: every argument is a pointer; a C-order
+``(n, p)`` array is the column-major ``p x n`` matrix.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import get_cython_function_address
+
+from . import _ace_numba  # noqa: F401 - sets numba's threading layer before first use
+
+
+def _bind(module: str, name: str, n_args: int) -> types.ExternalFunction:
+    symbol = f"pcace_scipy_{name}"
+    llvm.add_symbol(symbol, get_cython_function_address(f"scipy.linalg.{module}", name))
+    return types.ExternalFunction(symbol, types.void(*([types.voidptr] * n_args)))
+
+
+_dsyevx = _bind("cython_lapack", "dsyevx", 20)  # scipy's own wrapper holds the GIL
+_ssyrk = _bind("cython_blas", "ssyrk", 10)
+_dsyrk = _bind("cython_blas", "dsyrk", 10)
+
+
+@njit(parallel=True, cache=True)
+def gram(x, pixel_side):  # pragma: no cover - compiled
+    """Gram matrices of a C-contiguous float32/float64 ``(C, N, P)`` block, in float64.
+
+    ``pixel_side=False``: ``x[c] @ x[c].T`` (``N x N``); ``True``: ``x[c].T @ x[c]``
+    (``P x P``). BLAS ``syrk`` in the block's precision (one triangle), mirrored and
+    widened to float64.
+    """
+    c, n, p = x.shape
+    m = p if pixel_side else n
+    single = x.itemsize == 4
+    out = np.empty((c, m, m))
+    for ci in prange(c):
+        uplo = np.array([ord("U")], np.uint8)
+        # column-major A = x[ci]^T (p x n): images side A^T A, pixel side A A^T
+        trans = np.array([ord("N") if pixel_side else ord("T")], np.uint8)
+        order = np.array([m], np.int32)
+        inner = np.array([n if pixel_side else p], np.int32)
+        lda = np.array([p], np.int32)
+        alpha = np.ones_like(x[ci, 0, :1])  # in the block's dtype
+        beta = np.zeros_like(alpha)
+        g = np.zeros_like(x[ci, :m, :m])  # m <= min(n, p)
+        if single:
+            _ssyrk(uplo.ctypes, trans.ctypes, order.ctypes, inner.ctypes, alpha.ctypes,
+                   x[ci].ctypes, lda.ctypes, beta.ctypes, g.ctypes, order.ctypes)
+        else:
+            _dsyrk(uplo.ctypes, trans.ctypes, order.ctypes, inner.ctypes, alpha.ctypes,
+                   x[ci].ctypes, lda.ctypes, beta.ctypes, g.ctypes, order.ctypes)
+        # the column-major upper triangle is the C-order lower one: mirror it
+        for i in range(m):
+            for j in range(i + 1):
+                v = np.float64(g[i, j])
+                out[ci, i, j] = v
+                out[ci, j, i] = v
+    return out
+
+
+@njit(parallel=True, cache=True)
+def exact_top(g, q, which, vals, vecs):  # pragma: no cover - compiled
+    """Top ``q`` eigenpairs (descending) of the matrices ``g[which]``, by LAPACK's ``dsyevx``.
+
+    Writes ``vals[i]`` (``(C, q)``) and ``vecs[i]`` (``(C, m, q)``) for each ``i`` in
+    ``which``; returns LAPACK's ``info`` per listed matrix (0 = success).
+    """
+    m = g.shape[1]
+    status = np.zeros(which.size, np.int32)
+    for t in prange(which.size):
+        ci = which[t]
+        a = g[ci].copy()  # overwritten by LAPACK
+        jobz = np.array([ord("V")], np.uint8)
+        by_index = np.array([ord("I")], np.uint8)  # eigenvalues il..iu, ascending
+        uplo = np.array([ord("L")], np.uint8)
+        n = np.array([m], np.int32)
+        il = np.array([m - q + 1], np.int32)
+        iu = np.array([m], np.int32)
+        vl = np.zeros(1)
+        vu = np.zeros(1)
+        abstol = np.zeros(1)
+        found = np.zeros(1, np.int32)
+        w = np.zeros(m)
+        z = np.zeros((q, m))  # column-major m x q: row j is eigenvector j
+        lwork = np.array([8 * m], np.int32)
+        work = np.zeros(8 * m)
+        iwork = np.zeros(5 * m, np.int32)
+        ifail = np.zeros(m, np.int32)
+        info = np.zeros(1, np.int32)
+        _dsyevx(jobz.ctypes, by_index.ctypes, uplo.ctypes, n.ctypes, a.ctypes, n.ctypes, vl.ctypes,
+                vu.ctypes, il.ctypes, iu.ctypes, abstol.ctypes, found.ctypes, w.ctypes,
+                z.ctypes, n.ctypes, work.ctypes, lwork.ctypes, iwork.ctypes, ifail.ctypes,
+                info.ctypes)
+        status[t] = info[0]
+        for j in range(q):
+            vals[ci, j] = w[q - 1 - j]
+            vecs[ci, :, j] = z[q - 1 - j]
+    return status
+
+
+@njit(cache=True)
+def _ritz(g, basis, q):  # pragma: no cover - compiled
+    """Rayleigh-Ritz on span(basis): descending Ritz values, vectors and rotation."""
+    h = basis.T @ (g @ basis)
+    h = 0.5 * (h + h.T)
+    w, s = np.linalg.eigh(h)
+    w = w[::-1].copy()
+    s = s[:, ::-1].copy()
+    return w, s
+
+
+@njit(parallel=True, cache=True)
+def top_eigenpairs_batch(g, start, q, tol, steps, max_rounds):  # pragma: no cover - compiled
+    """Top ``q`` eigenpairs of each ``g[c]`` (descending) and whether each converged.
+
+    ``start`` is the ``(m, b)`` start block shared by all matrices. A matrix converges
+    when every kept pair's residual ``||G v - w v||`` is at most ``tol * w_1``; a matrix
+    whose predicted convergence (from the ratio of the last Ritz value to the ``q``-th)
+    is out of reach in the remaining steps stops early, unconverged, for an exact solver.
+    """
+    c, m, _ = g.shape
+    b = start.shape[1]
+    vals = np.zeros((c, q))
+    vecs = np.zeros((c, m, q))
+    done = np.zeros(c, np.bool_)
+    tiny = np.finfo(np.float64).tiny
+    for ci in prange(c):
+        a = g[ci]
+        basis = np.ascontiguousarray(np.linalg.qr(a @ start)[0])
+        for rnd in range(max_rounds):
+            # a short first round: flat spectra (noise) are recognised after 2 steps
+            for _ in range(2 if rnd == 0 else steps):
+                basis = np.ascontiguousarray(np.linalg.qr(a @ basis)[0])
+            w, s = _ritz(a, basis, q)
+            v = basis @ np.ascontiguousarray(s[:, :q])
+            av = a @ v
+            top = max(abs(w[0]), tiny)
+            worst = 0.0
+            for j in range(q):
+                r = 0.0
+                for i in range(m):
+                    d = av[i, j] - w[j] * v[i, j]
+                    r += d * d
+                worst = max(worst, np.sqrt(r))
+            if worst <= tol * top:
+                vals[ci] = w[:q]
+                vecs[ci] = v
+                done[ci] = True
+                break
+            rate = max(w[b - 1], 0.0) / max(w[q - 1], tiny)
+            left = steps * (max_rounds - rnd - 1)
+            if rate ** left * worst / top > tol:
+                break  # a flat spectrum: hand it to the exact solver now
+            basis = np.ascontiguousarray(basis @ s)
+    return vals, vecs, done
+
+
+@njit(parallel=True, cache=True)
+def full_top(g, q):  # pragma: no cover - compiled
+    """Top ``q`` eigenpairs of each (small) ``g[c]`` from a full eigendecomposition."""
+    c, m, _ = g.shape
+    vals = np.zeros((c, q))
+    vecs = np.zeros((c, m, q))
+    for ci in prange(c):
+        w, v = np.linalg.eigh(g[ci])
+        for j in range(q):
+            vals[ci, j] = w[m - 1 - j]
+            vecs[ci, :, j] = v[:, m - 1 - j]
+    return vals, vecs
