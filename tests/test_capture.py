@@ -464,3 +464,26 @@ def test_auto_budget():
     assert resolve_budget(12345) == 12345
     with pytest.raises(ValueError, match="auto"):
         resolve_budget("lots")
+
+
+def test_spill_write_error_is_reported_and_cleaned_up(monkeypatch, tmp_path):
+    import pcace.capture as capture_module
+
+    class FullDisk:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def seek(self, offset):
+            return offset
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(capture_module, "open", FullDisk, raising=False)
+    with pytest.raises(OSError, match=r"could not spill layer 'conv1'.*No space left"):
+        capture(_net(), _batches(), ["conv1"], _score, memory_budget=0, spill_dir=tmp_path,
+                progress=False)
+    assert list(tmp_path.iterdir()) == []  # the spill directory is removed

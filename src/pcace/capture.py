@@ -294,6 +294,7 @@ class ActivationStore:
         self._layers = {name: _Layer() for name in layers}
         self._dir: Path | None = None
         self._cleanup: weakref.finalize | None = None
+        self._writer: _SpillWriter | None = None
         self.finalized = False
         self.closed = False
 
@@ -365,6 +366,9 @@ class ActivationStore:
         if len(counts) > 1:
             raise ValueError(f"layers hold different numbers of images: "
                              f"{ {n: lay.n for n, lay in self._layers.items()} }")
+        if self._writer is not None:
+            self._writer.close()  # waits for the queued writes; raises a write error
+            self._writer = None
         for layer in self._layers.values():
             if layer.file is not None:
                 layer.file.close()
@@ -419,6 +423,9 @@ class ActivationStore:
 
     def close(self) -> None:
         """Free the RAM copies and remove the spill directory."""
+        if self._writer is not None:
+            self._writer.close(discard=True)
+            self._writer = None
         for layer in self._layers.values():
             if layer.file is not None:
                 layer.file.close()
@@ -491,7 +498,7 @@ class ActivationStore:
             layer.file_segments += 1
             filled = self._filled(layer, j)
             if filled:
-                self._write(name, layer, j, 0, seg[:, :filled])
+                self._write(name, layer, j, 0, seg[:, :filled], copy=False)
 
     def _open_spill(self, name: str, layer: _Layer) -> None:
         directory = self._directory()
@@ -504,17 +511,27 @@ class ActivationStore:
                           f"{err}") from err
 
     def _write(self, name: str, layer: _Layer, segment: int, row: int,
-               part: torch.Tensor) -> None:
-        """Write ``part`` ``(C, b, P)`` at rows ``row:row+b`` of a file segment."""
-        data = part.to("cpu", torch.float32).contiguous().numpy()
-        try:
-            for ch in range(data.shape[0]):
-                layer.file.seek(self._offset(layer, segment, ch, row))
-                layer.file.write(memoryview(data[ch]).cast("B"))
-        except OSError as err:
-            raise OSError(f"could not spill layer {name!r} to {layer.path}: {err}. Free disk "
-                          "space, pass spill_dir= on a larger disk, or raise memory_budget")\
-                from err
+               part: torch.Tensor, copy: bool = True) -> None:
+        """Queue ``part`` ``(C, b, P)`` for rows ``row:row+b`` of a file segment.
+
+        A background thread writes it, so the forward pass goes on while the disk works.
+        ``part`` is copied first (a hook's output may be changed in place later) unless
+        ``copy=False`` (a RAM segment being moved to disk, which nothing else changes).
+        """
+        if self._writer is None:
+            self._writer = _SpillWriter()
+        c, b, p = part.shape
+        group = max(1, self._writer.max_pending // 4 // max(1, b * p * 4))  # channels per write
+        for c0 in range(0, c, group):
+            piece = part[c0:c0 + group]
+            if copy or piece.dtype != torch.float32 or piece.device.type != "cpu":
+                data = torch.empty(piece.shape, dtype=torch.float32)
+                data.copy_(piece)
+            else:
+                data = piece.contiguous()
+            offsets = [self._offset(layer, segment, ch, row)
+                       for ch in range(c0, c0 + data.shape[0])]
+            self._writer.submit(name, layer.path, layer.file, offsets, data.numpy())
 
     def _directory(self) -> Path:
         if self._dir is None:
@@ -524,6 +541,69 @@ class ActivationStore:
             self._dir = Path(tempfile.mkdtemp(prefix="pcace-spill-", dir=parent))
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
         return self._dir
+
+
+class _SpillWriter:
+    """Writes spilled batches on a background thread, at most ``max_pending`` bytes queued.
+
+    File writes release the GIL, so the disk works while the forward pass runs. A write
+    error is raised on the next :meth:`submit` or at :meth:`close`.
+    """
+
+    def __init__(self, max_pending: int = 128 * 2**20):
+        import queue
+        import threading
+
+        self.max_pending = max_pending
+        self._queue: queue.Queue = queue.Queue()
+        self._pending = 0
+        self._room = threading.Condition()
+        self._error: BaseException | None = None
+        self._discard = False
+        self._thread = threading.Thread(target=self._run, name="pcace-spill", daemon=True)
+        self._thread.start()
+
+    def submit(self, name: str, path: Path, file: BinaryIO, offsets: list[int],
+               data: np.ndarray) -> None:
+        self._raise()
+        with self._room:  # back-pressure: wait while too much is queued
+            while self._pending and self._pending + data.nbytes > self.max_pending \
+                    and self._error is None:
+                self._room.wait()
+            self._pending += data.nbytes
+        self._queue.put((name, path, file, offsets, data))
+
+    def close(self, discard: bool = False) -> None:
+        """Wait for the queued writes (or drop them, ``discard``) and stop the thread."""
+        self._discard = discard
+        self._queue.put(None)
+        self._thread.join()
+        if not discard:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            name, path, file, offsets, data = item
+            if self._error is None and not self._discard:
+                try:
+                    for offset, rows in zip(offsets, data, strict=True):
+                        file.seek(offset)
+                        file.write(memoryview(rows).cast("B"))
+                except OSError as err:
+                    self._error = OSError(
+                        f"could not spill layer {name!r} to {path}: {err}. Free disk space, "
+                        "pass spill_dir= on a larger disk, or raise memory_budget")
+            with self._room:
+                self._pending -= data.nbytes
+                self._room.notify_all()
 
 
 def _read_exact(f: BinaryIO, out: np.ndarray, path: Path) -> None:
