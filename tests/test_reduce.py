@@ -275,3 +275,35 @@ def test_gram_kernel_matches_numpy(dtype, pixel_side):
     assert got.dtype == np.float64 and got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
                                atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+# --- the torch (GPU) paths, run here on the CPU against the compiled ones -------------------
+
+def test_torch_standardisation_matches_compiled_kernel():
+    from pcace._standardise import standardise_
+    from pcace.reduce import CONSTANT_ULPS, _standardise_torch
+
+    gen = torch.Generator().manual_seed(9)
+    block = torch.randn(4, 30, 17, generator=gen) * 2 + 3
+    block[2, :, 5] = 1.5
+    a, b = block.clone(), block.clone()
+    const_torch = _standardise_torch(a)
+    const_numba = standardise_(b, CONSTANT_ULPS)
+    assert torch.equal(const_torch, const_numba)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("spectrum", ["steep", "flat"])
+def test_torch_eigen_path_matches_compiled(spectrum):
+    from pcace.reduce import _top_cpu, _top_torch
+
+    gen = torch.Generator().manual_seed(10)
+    a = torch.randn(3, 150, 200, generator=gen, dtype=torch.float64)
+    if spectrum == "steep":
+        a *= torch.logspace(0, -3, 200, dtype=torch.float64)
+    g = a @ a.transpose(1, 2)
+    v_cpu, u_cpu = _top_cpu(g, 3, False, 1e-12, 10)
+    v_t, u_t = _top_torch(g, 3, False, 1e-12, 10)
+    torch.testing.assert_close(v_t, v_cpu, rtol=1e-10, atol=0)
+    overlap = (u_t * u_cpu).sum(dim=1).abs()
+    torch.testing.assert_close(overlap, torch.ones_like(overlap), rtol=0, atol=1e-8)

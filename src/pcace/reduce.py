@@ -256,6 +256,11 @@ def _standardise_(x: torch.Tensor) -> torch.Tensor:
         from ._standardise import standardise_
 
         return standardise_(x, CONSTANT_ULPS)
+    return _standardise_torch(x)
+
+
+def _standardise_torch(x: torch.Tensor) -> torch.Tensor:
+    """The device-generic torch version of :func:`_standardise_` (used on GPUs)."""
     n = x.shape[1]
     lo, hi = torch.aminmax(x, dim=1)  # (C, P)
     mean = x.mean(dim=1, dtype=torch.float64)
@@ -323,6 +328,13 @@ def top_eigenpairs(g: torch.Tensor, q: int, *, tol: float = 1e-12,
     small = m <= 96 or 4 * (q + 8) >= m
     if g.device.type == "cpu":
         return _top_cpu(g, q, small, tol, max_rounds)
+    return _top_torch(g, q, small, tol, max_rounds)
+
+
+def _top_torch(g: torch.Tensor, q: int, small: bool, tol: float,
+               max_rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device-generic path of :func:`top_eigenpairs`: batched torch (used on GPUs)."""
+    c, m, _ = g.shape
     if small:
         return _exact_top_torch(g, q)
     block = q + 8
