@@ -316,10 +316,6 @@ class ActivationStore:
         """Where spilled layers live (None until the first spill)."""
         return self._dir
 
-    def count(self, name: str) -> int:
-        """Images written so far for one layer."""
-        return self._layers[name].n
-
     def put(self, name: str, acts: torch.Tensor) -> None:
         """Append one batch ``(B, C, H, W)`` (any device and float dtype) of one layer."""
         self._check_open(writing=True)
