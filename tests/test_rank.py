@@ -320,3 +320,16 @@ def test_top_channels(planted_result):
     assert len(planted_result.top(n=3)) == 3
     with pytest.raises(ValueError, match="features"):
         planted_result.top("nope")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rank_on_cuda_matches_cpu(planted_result):
+    """The device path (torch standardisation, Gram, eigen iteration and ACE on the GPU)."""
+    x, pattern = planted_images()
+    on_gpu = pcace.rank(PlantedNet(pattern), x, RegressionOutput(), layers=["features"],
+                        progress=False, device="cuda")
+    np.testing.assert_allclose(on_gpu.channels.pcace, planted_result.channels.pcace,
+                               atol=1e-4, rtol=0)
+    assert set(on_gpu.top("features", 2).channel) == {0, 1}
+    assert on_gpu.manifest["device"].startswith("cuda")

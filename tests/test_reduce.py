@@ -307,3 +307,18 @@ def test_torch_eigen_path_matches_compiled(spectrum):
     torch.testing.assert_close(v_t, v_cpu, rtol=1e-10, atol=0)
     overlap = (u_t * u_cpu).sum(dim=1).abs()
     torch.testing.assert_close(overlap, torch.ones_like(overlap), rtol=0, atol=1e-8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("p", [400, 120])
+def test_reduce_block_on_cuda_matches_cpu(p):
+    from pcace.reduce import reduce_block
+
+    maps = _maps(200, 3, p, seed=11)
+    block = maps.permute(1, 0, 2).contiguous()
+    cpu = reduce_block(block.clone(), 3)
+    gpu = reduce_block(block.clone().cuda(), 3)
+    assert gpu.scores.device.type == "cuda"
+    torch.testing.assert_close(gpu.scores.cpu(), cpu.scores, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(gpu.explained_variance.cpu(), cpu.explained_variance)
