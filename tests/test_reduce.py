@@ -322,3 +322,16 @@ def test_reduce_block_on_cuda_matches_cpu(p):
     assert gpu.scores.device.type == "cuda"
     torch.testing.assert_close(gpu.scores.cpu(), cpu.scores, atol=1e-8, rtol=1e-8)
     torch.testing.assert_close(gpu.explained_variance.cpu(), cpu.explained_variance)
+
+
+def test_exact_solver_in_float32_for_float32_grams():
+    from pcace.reduce import top_eigenpairs
+
+    gen = torch.Generator().manual_seed(12)
+    a = torch.randn(3, 150, 160, generator=gen) * torch.logspace(0, -1, 160)
+    g = (a @ a.transpose(1, 2)).double()  # float32 values, held in float64
+    w, v = torch.linalg.eigh(g)
+    vals, vecs = top_eigenpairs(g, 3, max_rounds=1, exact_dtype=torch.float32)  # all exact
+    torch.testing.assert_close(vals, w.flip(-1)[:, :3], rtol=1e-5, atol=0)
+    overlap = (vecs * v.flip(-1)[:, :, :3]).sum(dim=1).abs()
+    torch.testing.assert_close(overlap, torch.ones_like(overlap), rtol=0, atol=1e-4)

@@ -29,6 +29,7 @@ def _bind(module: str, name: str, n_args: int) -> types.ExternalFunction:
 
 
 _dsyevx = _bind("cython_lapack", "dsyevx", 20)  # scipy's own wrapper holds the GIL
+_ssyevx = _bind("cython_lapack", "ssyevx", 20)
 _ssyrk = _bind("cython_blas", "ssyrk", 10)
 _dsyrk = _bind("cython_blas", "dsyrk", 10)
 
@@ -71,38 +72,51 @@ def gram(x, pixel_side):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True)
-def exact_top(g, q, which, vals, vecs):  # pragma: no cover - compiled
-    """Top ``q`` eigenpairs (descending) of the matrices ``g[which]``, by LAPACK's ``dsyevx``.
+def exact_top(g, q, which, vals, vecs, single):  # pragma: no cover - compiled
+    """Top ``q`` eigenpairs (descending) of the matrices ``g[which]``, by LAPACK's ``syevx``.
 
     Writes ``vals[i]`` (``(C, q)``) and ``vecs[i]`` (``(C, m, q)``) for each ``i`` in
-    ``which``; returns LAPACK's ``info`` per listed matrix (0 = success).
+    ``which``; returns LAPACK's ``info`` per listed matrix (0 = success). ``single``: solve
+    in float32 (``ssyevx``), for Gram matrices that were computed in float32 (their values
+    are exact in float32), else in float64 (``dsyevx``).
     """
     m = g.shape[1]
     status = np.zeros(which.size, np.int32)
     for t in prange(which.size):
         ci = which[t]
-        a = g[ci].copy()  # overwritten by LAPACK
         jobz = np.array([ord("V")], np.uint8)
         by_index = np.array([ord("I")], np.uint8)  # eigenvalues il..iu, ascending
         uplo = np.array([ord("L")], np.uint8)
         n = np.array([m], np.int32)
         il = np.array([m - q + 1], np.int32)
         iu = np.array([m], np.int32)
-        vl = np.zeros(1)
-        vu = np.zeros(1)
-        abstol = np.zeros(1)
         found = np.zeros(1, np.int32)
-        w = np.zeros(m)
-        z = np.zeros((q, m))  # column-major m x q: row j is eigenvector j
         lwork = np.array([8 * m], np.int32)
-        work = np.zeros(8 * m)
         iwork = np.zeros(5 * m, np.int32)
         ifail = np.zeros(m, np.int32)
         info = np.zeros(1, np.int32)
-        _dsyevx(jobz.ctypes, by_index.ctypes, uplo.ctypes, n.ctypes, a.ctypes, n.ctypes, vl.ctypes,
-                vu.ctypes, il.ctypes, iu.ctypes, abstol.ctypes, found.ctypes, w.ctypes,
-                z.ctypes, n.ctypes, work.ctypes, lwork.ctypes, iwork.ctypes, ifail.ctypes,
-                info.ctypes)
+        w = np.zeros(m)
+        z = np.zeros((q, m))  # column-major m x q: row j is eigenvector j
+        if single:
+            a4 = g[ci].astype(np.float32)  # overwritten by LAPACK
+            bounds4 = np.zeros(3, np.float32)  # vl, vu (unused), abstol (0: LAPACK's default)
+            w4 = np.zeros(m, np.float32)
+            z4 = np.zeros((q, m), np.float32)
+            work4 = np.zeros(8 * m, np.float32)
+            _ssyevx(jobz.ctypes, by_index.ctypes, uplo.ctypes, n.ctypes, a4.ctypes, n.ctypes,
+                    bounds4[0:1].ctypes, bounds4[1:2].ctypes, il.ctypes, iu.ctypes,
+                    bounds4[2:3].ctypes, found.ctypes, w4.ctypes, z4.ctypes, n.ctypes,
+                    work4.ctypes, lwork.ctypes, iwork.ctypes, ifail.ctypes, info.ctypes)
+            w[:] = w4
+            z[:] = z4
+        else:
+            a8 = g[ci].copy()
+            bounds8 = np.zeros(3)
+            work8 = np.zeros(8 * m)
+            _dsyevx(jobz.ctypes, by_index.ctypes, uplo.ctypes, n.ctypes, a8.ctypes, n.ctypes,
+                    bounds8[0:1].ctypes, bounds8[1:2].ctypes, il.ctypes, iu.ctypes,
+                    bounds8[2:3].ctypes, found.ctypes, w.ctypes, z.ctypes, n.ctypes,
+                    work8.ctypes, lwork.ctypes, iwork.ctypes, ifail.ctypes, info.ctypes)
         status[t] = info[0]
         for j in range(q):
             vals[ci, j] = w[q - 1 - j]

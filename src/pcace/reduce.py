@@ -290,27 +290,31 @@ def _eigen(x: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
         g = torch.bmm(x.transpose(1, 2), x).to(torch.float64)  # (C, P, P)
     # the eigenproblem in float64 whatever the data's precision; no point iterating far
     # below the precision the Gram matrices carry
-    tol = 1e-12 if x.dtype == torch.float64 else 1e-10
+    tol = 1e-12 if x.dtype == torch.float64 else 1e-8
     total = g.diagonal(dim1=1, dim2=2).sum(-1)
-    vals, vecs = top_eigenpairs(g, q, tol=tol)
+    vals, vecs = top_eigenpairs(g, q, tol=tol, exact_dtype=x.dtype)
     return vals, vecs, total, gram_side
 
 
 _STEPS = 6  # subspace-iteration steps between Rayleigh-Ritz checks
+_EXTRA = 6  # block size beyond the q pairs wanted (measured: 6 beats 4, 8 and 12)
 
 
-def top_eigenpairs(g: torch.Tensor, q: int, *, tol: float = 1e-12,
-                   max_rounds: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def top_eigenpairs(g: torch.Tensor, q: int, *, tol: float = 1e-12, max_rounds: int = 10,
+                   exact_dtype: torch.dtype = torch.float64
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``q`` largest eigenpairs of a batch of symmetric PSD matrices, descending.
 
     A dense ``eigh`` of every ``m x m`` Gram matrix costs most of the reduce step when
     ``m`` is in the hundreds, yet only a few components are kept. This runs block subspace
-    iteration (block ``q + 8``, a Rayleigh-Ritz check every 6 steps) until each kept pair's
+    iteration (block ``q + 6``, a Rayleigh-Ritz check every 6 steps) until each kept pair's
     residual ``||G v - lambda v||`` is below ``tol * lambda_1``; matrices that cannot get
     there within ``max_rounds`` checks (a flat spectrum, judged from the Ritz values) go to
     an exact solver (LAPACK's subset ``evx`` on the CPU). Small matrices (``m <= 96``) go
     straight to a full ``eigh``. On the CPU each matrix runs on one thread (compiled); on a
     GPU the same iteration runs batched in torch. Results are float64 on the CPU.
+    ``exact_dtype=torch.float32`` lets the exact solver for flat spectra work in float32
+    on the CPU (about 1.5x faster), for Gram matrices whose values came from float32.
     Deterministic: the start block is drawn from a fixed seed.
 
     Examples
@@ -325,9 +329,9 @@ def top_eigenpairs(g: torch.Tensor, q: int, *, tol: float = 1e-12,
     """
     c, m, _ = g.shape
     q = min(q, m)
-    small = m <= 96 or 4 * (q + 8) >= m
+    small = m <= 96 or 4 * (q + _EXTRA) >= m
     if g.device.type == "cpu":
-        return _top_cpu(g, q, small, tol, max_rounds)
+        return _top_cpu(g, q, small, tol, max_rounds, exact_dtype == torch.float32)
     return _top_torch(g, q, small, tol, max_rounds)
 
 
@@ -337,7 +341,7 @@ def _top_torch(g: torch.Tensor, q: int, small: bool, tol: float,
     c, m, _ = g.shape
     if small:
         return _exact_top_torch(g, q)
-    block = q + 8
+    block = q + _EXTRA
     start = _start_block(m, block).to(g)
     basis = torch.linalg.qr(torch.bmm(g, start.expand(c, m, block)))[0]
     vals = torch.empty((c, q), dtype=g.dtype, device=g.device)
@@ -376,8 +380,8 @@ def _start_block(m: int, block: int) -> torch.Tensor:
     return torch.randn(m, block, generator=gen, dtype=torch.float64)
 
 
-def _top_cpu(g: torch.Tensor, q: int, small: bool, tol: float,
-             max_rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_cpu(g: torch.Tensor, q: int, small: bool, tol: float, max_rounds: int,
+             single: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The CPU path of :func:`top_eigenpairs`: compiled, one matrix per thread."""
     from ._linalg_numba import full_top, top_eigenpairs_batch
 
@@ -386,20 +390,20 @@ def _top_cpu(g: torch.Tensor, q: int, small: bool, tol: float,
         if small:
             vals, vecs = full_top(mats, q)
             return torch.from_numpy(vals), torch.from_numpy(vecs)
-        start = _start_block(g.shape[1], q + 8).numpy()
+        start = _start_block(g.shape[1], q + _EXTRA).numpy()
         vals, vecs, done = top_eigenpairs_batch(mats, start, q, tol, _STEPS, max_rounds)
         missing = np.flatnonzero(~done)
         if missing.size:
-            _exact_into(mats, q, missing, vals, vecs)
+            _exact_into(mats, q, missing, vals, vecs, single)
     return torch.from_numpy(vals), torch.from_numpy(vecs)
 
 
 def _exact_into(mats: np.ndarray, q: int, which: np.ndarray, vals: np.ndarray,
-                vecs: np.ndarray) -> None:
+                vecs: np.ndarray, single: bool = False) -> None:
     """Exact top-``q`` eigenpairs of ``mats[which]`` into ``vals``/``vecs`` (LAPACK evx)."""
     from ._linalg_numba import exact_top
 
-    status = exact_top(mats, q, which, vals, vecs)
+    status = exact_top(mats, q, which, vals, vecs, single)
     for i in which[status != 0]:  # LAPACK did not converge (never seen): full solver
         w, v = np.linalg.eigh(mats[i])
         vals[i], vecs[i] = w[::-1][:q], v[:, ::-1][:, :q]
