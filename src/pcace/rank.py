@@ -280,7 +280,7 @@ def rank(
         the eigenproblems and ACE always run in float64. ``torch.float32`` (default) works
         on the captured activations in place; on the shared CIFAR ResNet-20 (200 images)
         its values differ from an all-float64 run by a median of 2e-8 (99th percentile
-        4e-7) over 688 channels, with no rank changed; one channel differed by 1.3e-4,
+        5e-7) over 688 channels, with no rank changed; one channel differed by 1.3e-4,
         where ACE's smoother made a different discrete choice on inputs that differ at the
         1e-7 level. ``torch.float64`` copies each block first: slower, exact to ~1e-12.
     score : {"maximal", "first-component"}
