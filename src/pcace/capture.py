@@ -753,8 +753,9 @@ class Capture:
         The fast path of the pipeline: for a layer held in RAM the blocks are views of
         the stored activations (no copy), which the caller may overwrite (the pipeline
         standardises them in place; read what you need first). For a spilled layer each
-        block is read from disk into a fresh tensor. A channel larger than ``max_bytes``
-        still comes alone.
+        block is read from disk into a fresh tensor, the next one on a background thread
+        while the caller works on the current one (so two blocks are in memory at once).
+        A channel larger than ``max_bytes`` still comes alone.
 
         Examples
         --------
@@ -766,8 +767,22 @@ class Capture:
         ...     [tuple(b.shape) for _, b in cap.blocks("0", 4 * 16 * 4 * 4)]
         [(4, 4, 16), (2, 4, 16)]
         """
-        for chunk in _chunk_slices(self, name, max_bytes):
-            yield chunk, self._store.block(name, chunk.start, chunk.stop)
+        chunks = _chunk_slices(self, name, max_bytes)
+        if not self.spilled.get(name) or len(chunks) == 1:
+            for chunk in chunks:
+                yield chunk, self._store.block(name, chunk.start, chunk.stop)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="pcace-read") as pool:
+            ahead = pool.submit(self._store.block, name, chunks[0].start, chunks[0].stop)
+            for i, chunk in enumerate(chunks):
+                block = ahead.result()
+                if i + 1 < len(chunks):  # file reads release the GIL: the disk works meanwhile
+                    ahead = pool.submit(self._store.block, name, chunks[i + 1].start,
+                                        chunks[i + 1].stop)
+                yield chunk, block
+                del block
 
     @property
     def closed(self) -> bool:

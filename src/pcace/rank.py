@@ -553,13 +553,14 @@ def _chunk_bytes(shape: tuple[int, ...], n: int, memory_budget: int, spilled: bo
     """Bytes of stored maps per reduce step, so its working memory stays within a quarter budget.
 
     Per channel the reduce step holds the Gram matrix in the data's precision and in float64
-    plus the eigensolver's work (about 28 m^2 bytes, m = min(N, P)); a spilled layer's block
-    read from disk (4 N P), and a float64 working copy (8 N P) when ``dtype`` is float64.
+    plus the eigensolver's work (about 28 m^2 bytes, m = min(N, P)); for a spilled layer the
+    block read from disk and the next one, read ahead (2 x 4 N P); and a float64 working copy
+    (8 N P) when ``dtype`` is float64.
     A layer kept in RAM is reduced in place, in the store's own memory.
     """
     p = int(np.prod(shape[1:]))
     m = min(n, p)
-    per_channel = 28 * m * m + (4 * n * p if spilled else 0) + \
+    per_channel = 28 * m * m + (8 * n * p if spilled else 0) + \
         (8 * n * p if dtype == torch.float64 else 0)
     channels = max(1, (memory_budget // 4) // per_channel)
     return channels * 4 * n * p
