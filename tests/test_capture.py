@@ -487,3 +487,18 @@ def test_spill_write_error_is_reported_and_cleaned_up(monkeypatch, tmp_path):
         capture(_net(), _batches(), ["conv1"], _score, memory_budget=0, spill_dir=tmp_path,
                 progress=False)
     assert list(tmp_path.iterdir()) == []  # the spill directory is removed
+
+
+def test_read_ahead_of_spilled_blocks_stops_cleanly(tmp_path):
+    net = _net()
+    with capture(net, _batches(n=20), ["conv1"], _score, memory_budget=0, spill_dir=tmp_path,
+                 progress=False) as cap:
+        per_channel = 20 * 8 * 8 * 4
+        walk = cap.blocks("conv1", per_channel)  # one channel per block: reads run ahead
+        (first, block), = [next(walk)]
+        assert (first.start, first.stop) == (0, 1)
+        expected = cap.layer("conv1", 0).flatten(2).transpose(0, 1)
+        assert torch.equal(block, expected)
+        walk.close()  # the consumer stops early: the reader thread is joined
+        assert [s.start for s, _ in cap.blocks("conv1", per_channel)] == [0, 1, 2, 3]
+    assert list(tmp_path.iterdir()) == []
