@@ -455,7 +455,8 @@ class ActivationStore:
     @staticmethod
     def _offset(layer: _Layer, segment: int, channel: int, row: int) -> int:
         c, h, w = layer.shape
-        return (segment * c * layer.capacity + channel * layer.capacity + row) * h * w * 4
+        rows_before = (segment * c + channel) * layer.capacity + row
+        return rows_before * h * w * BYTES_PER_VALUE
 
     def _allocate(self, name: str, layer: _Layer, shape: tuple[int, ...], batch: int) -> None:
         if len(shape) != 3:
@@ -517,7 +518,8 @@ class ActivationStore:
         if self._writer is None:
             self._writer = _SpillWriter()
         c, b, p = part.shape
-        group = max(1, self._writer.max_pending // 4 // max(1, b * p * 4))  # channels per write
+        per_channel = max(1, b * p * BYTES_PER_VALUE)
+        group = max(1, self._writer.max_pending // 4 // per_channel)  # channels per write
         for c0 in range(0, c, group):
             piece = part[c0:c0 + group]
             if copy or piece.dtype != torch.float32 or piece.device.type != "cpu":

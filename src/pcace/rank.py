@@ -500,8 +500,6 @@ def _score_layers(cap: Any, names: list[str], scores: np.ndarray, components: in
             chunk = _chunk_bytes(cap.shapes[name], len(scores), memory_budget,
                                  cap.spilled[name], pca_dtype)
             for chans, block in cap.blocks(name, chunk):
-                if extras.bootstrap:  # resamples re-standardise: raw or standardised maps alike
-                    maps = block.transpose(0, 1)
                 work = block.to(dev, pca_dtype)  # the store's own memory when it can be
                 try:
                     red = reduce_block(work, components)
@@ -518,9 +516,10 @@ def _score_layers(cap: Any, names: list[str], scores: np.ndarray, components: in
                     "dead": red.dead.cpu().numpy().astype(bool),
                 }))
                 parts.append(red.scores.cpu())
-                if extras.bootstrap:
-                    boots.append(bootstrap_values(maps, scores, components, extras.bootstrap,
-                                                  extras.seed, ace_options=ace_kwargs,
+                if extras.bootstrap:  # resamples re-standardise: standardised maps do
+                    boots.append(bootstrap_values(block.transpose(0, 1), scores, components,
+                                                  extras.bootstrap, extras.seed,
+                                                  ace_options=ace_kwargs,
                                                   scheme=interval_scheme(extras.interval)))
                 bar.update(block.shape[0])
             table = pd.concat(rows, ignore_index=True)
