@@ -271,10 +271,30 @@ def test_gram_kernel_matches_numpy(dtype, pixel_side):
     expected = np.einsum("cnp,cmp->cnm", x.astype(np.float64), x.astype(np.float64)) \
         if not pixel_side else np.einsum("cnp,cnq->cpq", x.astype(np.float64),
                                          x.astype(np.float64))
-    got = gram(x, pixel_side)
+    got, spread = gram(x, pixel_side)
     assert got.dtype == np.float64 and got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
                                atol=1e-5 if dtype == np.float32 else 1e-12)
+    eig = np.linalg.eigvalsh(expected)  # participation ratio of the spectrum, over m
+    np.testing.assert_allclose(spread, eig.sum(1) ** 2 / (eig ** 2).sum(1) / eig.shape[1],
+                               rtol=1e-5 if dtype == np.float32 else 1e-10)
+
+
+def test_gram_spread_tells_flat_spectra_from_dominated_ones():
+    from pcace._linalg_numba import gram
+
+    rng = np.random.default_rng(3)
+    noise = rng.standard_normal((1, 50, 2000))
+    planted = noise[:, :, :40] * 0.05 + rng.standard_normal((1, 50, 2))[..., [0, 1] * 20] * 3
+    assert gram(noise, False)[1][0] > 0.9  # Marchenko-Pastur, ratio 50/2000: nearly flat
+    assert gram(planted, True)[1][0] < 0.1  # two dominant directions
+
+
+def test_gram_refuses_the_larger_side():
+    from pcace._linalg_numba import gram
+
+    with pytest.raises(ValueError, match="smaller"):
+        gram(np.zeros((1, 5, 3)), False)
 
 
 # --- the torch (GPU) paths, run here on the CPU against the compiled ones -------------------

@@ -40,12 +40,17 @@ def gram(x, pixel_side):  # pragma: no cover - compiled
 
     ``pixel_side=False``: ``x[c] @ x[c].T`` (``N x N``); ``True``: ``x[c].T @ x[c]``
     (``P x P``). BLAS ``syrk`` in the block's precision (one triangle), mirrored and
-    widened to float64.
+    widened to float64. Also returns each matrix's participation ratio over its order,
+    ``trace(G)^2 / (||G||_F^2 m)`` in ``[1/m, 1]``: near 1 for a flat spectrum (noise),
+    small when a few eigenvalues dominate (accumulated while mirroring, so it is free).
     """
     c, n, p = x.shape
     m = p if pixel_side else n
+    if m > min(n, p):
+        raise ValueError("gram: the Gram side must be the smaller one")
     single = x.itemsize == 4
     out = np.empty((c, m, m))
+    spread = np.zeros(c)
     for ci in prange(c):
         uplo = np.array([ord("U")], np.uint8)
         # column-major A = x[ci]^T (p x n): images side A^T A, pixel side A A^T
@@ -55,7 +60,7 @@ def gram(x, pixel_side):  # pragma: no cover - compiled
         lda = np.array([p], np.int32)
         alpha = np.ones_like(x[ci, 0, :1])  # in the block's dtype
         beta = np.zeros_like(alpha)
-        g = np.zeros_like(x[ci, :m, :m])  # m <= min(n, p)
+        g = np.zeros_like(x[ci, :m, :m])  # m <= min(n, p), checked above
         if single:
             _ssyrk(uplo.ctypes, trans.ctypes, order.ctypes, inner.ctypes, alpha.ctypes,
                    x[ci].ctypes, lda.ctypes, beta.ctypes, g.ctypes, order.ctypes)
@@ -63,12 +68,20 @@ def gram(x, pixel_side):  # pragma: no cover - compiled
             _dsyrk(uplo.ctypes, trans.ctypes, order.ctypes, inner.ctypes, alpha.ctypes,
                    x[ci].ctypes, lda.ctypes, beta.ctypes, g.ctypes, order.ctypes)
         # the column-major upper triangle is the C-order lower one: mirror it
+        trace = 0.0
+        squares = 0.0
         for i in range(m):
-            for j in range(i + 1):
+            for j in range(i):
                 v = np.float64(g[i, j])
                 out[ci, i, j] = v
                 out[ci, j, i] = v
-    return out
+                squares += 2.0 * v * v
+            v = np.float64(g[i, i])
+            out[ci, i, i] = v
+            trace += v
+            squares += v * v
+        spread[ci] = trace * trace / (squares * m) if squares > 0.0 else 1.0
+    return out, spread
 
 
 @njit(parallel=True, cache=True)
