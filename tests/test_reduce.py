@@ -271,7 +271,7 @@ def test_gram_kernel_matches_numpy(dtype, pixel_side):
     expected = np.einsum("cnp,cmp->cnm", x.astype(np.float64), x.astype(np.float64)) \
         if not pixel_side else np.einsum("cnp,cnq->cpq", x.astype(np.float64),
                                          x.astype(np.float64))
-    got, spread = gram(x, pixel_side)
+    got, spread = gram(x, pixel_side, np.empty(expected.shape))
     assert got.dtype == np.float64 and got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
                                atol=1e-5 if dtype == np.float32 else 1e-12)
@@ -286,15 +286,16 @@ def test_gram_spread_tells_flat_spectra_from_dominated_ones():
     rng = np.random.default_rng(3)
     noise = rng.standard_normal((1, 50, 2000))
     planted = noise[:, :, :40] * 0.05 + rng.standard_normal((1, 50, 2))[..., [0, 1] * 20] * 3
-    assert gram(noise, False)[1][0] > 0.9  # Marchenko-Pastur, ratio 50/2000: nearly flat
-    assert gram(planted, True)[1][0] < 0.1  # two dominant directions
+    # Marchenko-Pastur with ratio 50/2000: nearly flat
+    assert gram(noise, False, np.empty((1, 50, 50)))[1][0] > 0.9
+    assert gram(planted, True, np.empty((1, 40, 40)))[1][0] < 0.1  # two dominant directions
 
 
 def test_gram_refuses_the_larger_side():
     from pcace._linalg_numba import gram
 
     with pytest.raises(ValueError, match="smaller"):
-        gram(np.zeros((1, 5, 3)), False)
+        gram(np.zeros((1, 5, 3)), False, np.empty((1, 5, 5)))
 
 
 # --- the torch (GPU) paths, run here on the CPU against the compiled ones -------------------
@@ -355,3 +356,16 @@ def test_exact_solver_in_float32_for_float32_grams():
     torch.testing.assert_close(vals, w.flip(-1)[:, :3], rtol=1e-5, atol=0)
     overlap = (vecs * v.flip(-1)[:, :, :3]).sum(dim=1).abs()
     torch.testing.assert_close(overlap, torch.ones_like(overlap), rtol=0, atol=1e-4)
+
+
+def test_reused_gram_buffer_changes_no_result():
+    from pcace.reduce import reduce_block, reusing_buffers
+
+    gen = torch.Generator().manual_seed(12)
+    blocks = [torch.randn(c, 40, p, generator=gen) for c, p in [(5, 60), (3, 200), (6, 25)]]
+    fresh = [reduce_block(b.clone(), 3) for b in blocks]
+    with reusing_buffers():  # the second block needs a larger buffer, the third a smaller
+        reused = [reduce_block(b.clone(), 3) for b in blocks]
+    for a, b in zip(fresh, reused, strict=True):
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=0)
+        torch.testing.assert_close(a.explained_variance, b.explained_variance, rtol=0, atol=0)

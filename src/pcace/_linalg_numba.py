@@ -35,12 +35,14 @@ _dsyrk = _bind("cython_blas", "dsyrk", 10)
 
 
 @njit(parallel=True, cache=True)
-def gram(x, pixel_side):  # pragma: no cover - compiled
+def gram(x, pixel_side, out):  # pragma: no cover - compiled
     """Gram matrices of a C-contiguous float32/float64 ``(C, N, P)`` block, in float64.
 
     ``pixel_side=False``: ``x[c] @ x[c].T`` (``N x N``); ``True``: ``x[c].T @ x[c]``
     (``P x P``). BLAS ``syrk`` in the block's precision (one triangle), mirrored and
-    widened to float64. Also returns each matrix's participation ratio over its order,
+    widened to float64 into ``out``, a C-contiguous float64 ``(C, m, m)`` array (a buffer
+    the caller may reuse: fresh memory costs page faults). Returns ``out`` and each
+    matrix's participation ratio over its order,
     ``trace(G)^2 / (||G||_F^2 m)`` in ``[1/m, 1]``: near 1 for a flat spectrum (noise),
     small when a few eigenvalues dominate (accumulated while mirroring, so it is free).
     """
@@ -48,8 +50,9 @@ def gram(x, pixel_side):  # pragma: no cover - compiled
     m = p if pixel_side else n
     if m > min(n, p):
         raise ValueError("gram: the Gram side must be the smaller one")
+    if out.shape != (c, m, m):
+        raise ValueError("gram: out must have shape (C, m, m)")
     single = x.itemsize == 4
-    out = np.empty((c, m, m))
     spread = np.zeros(c)
     for ci in prange(c):
         uplo = np.array([ord("U")], np.uint8)

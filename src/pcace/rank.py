@@ -27,7 +27,7 @@ from .ace import MIN_OBSERVATIONS, ace
 from .capture import capture, resolve_budget, resolve_layers
 from .data import as_batches
 from .models import count_parameters, weights_hash
-from .reduce import reduce_block
+from .reduce import reduce_block, reusing_buffers
 from .stats import (
     bootstrap_summary,
     bootstrap_values,
@@ -495,37 +495,24 @@ def _score_layers(cap: Any, names: list[str], scores: np.ndarray, components: in
     bar = tqdm(total=total_channels, desc="scoring channels", unit="ch", disable=not progress)
     interrupted = False
     try:
-        for name in names:
-            parts, boots, rows = [], [], []
-            chunk = _chunk_bytes(cap.shapes[name], len(scores), memory_budget,
-                                 cap.spilled[name], pca_dtype)
-            for chans, block in cap.blocks(name, chunk):
-                work = block.to(dev, pca_dtype)  # the store's own memory when it can be
-                try:
-                    red = reduce_block(work, components)
-                except NonFiniteMaps as err:
-                    raise _non_finite_error(name, chans, work, err.channels) from None
-                del work
-                values = score_components(red.scores, y, score, **ace_kwargs)
-                start = chans.start or 0
-                rows.append(pd.DataFrame({
-                    "layer": name, "channel": np.arange(start, start + block.shape[0]),
-                    "pcace": np.where(red.dead.cpu().numpy(), 0.0, values),
-                    "n_components": red.n_components.cpu().numpy().astype(int),
-                    "explained_variance": red.explained_variance.cpu().numpy(),
-                    "dead": red.dead.cpu().numpy().astype(bool),
-                }))
-                parts.append(red.scores.cpu())
-                if extras.bootstrap:  # resamples re-standardise: standardised maps do
-                    boots.append(bootstrap_values(block.transpose(0, 1), scores, components,
-                                                  extras.bootstrap, extras.seed,
-                                                  ace_options=ace_kwargs,
-                                                  scheme=interval_scheme(extras.interval)))
-                bar.update(block.shape[0])
-            table = pd.concat(rows, ignore_index=True)
-            kept[name] = _pad_cat(parts)
-            tables.append(_add_statistics(table, kept[name], scores, np.concatenate(boots)
-                                          if boots else None, extras, ace_kwargs, name))
+        with reusing_buffers():
+            for name in names:
+                parts, boots, rows = [], [], []
+                chunk = _chunk_bytes(cap.shapes[name], len(scores), memory_budget,
+                                     cap.spilled[name], pca_dtype)
+                for chans, block in cap.blocks(name, chunk):
+                    row, red_scores, boot = _score_block(name, chans, block, y, scores,
+                                                         components, score, dev, ace_kwargs,
+                                                         extras, pca_dtype)
+                    rows.append(row)
+                    parts.append(red_scores)
+                    if boot is not None:
+                        boots.append(boot)
+                    bar.update(block.shape[0])
+                table = pd.concat(rows, ignore_index=True)
+                kept[name] = _pad_cat(parts)
+                tables.append(_add_statistics(table, kept[name], scores, np.concatenate(boots)
+                                              if boots else None, extras, ace_kwargs, name))
     except KeyboardInterrupt:
         interrupted = True
         warnings.warn(f"interrupted: returning the {len(tables)} layers scored so far",
@@ -533,6 +520,36 @@ def _score_layers(cap: Any, names: list[str], scores: np.ndarray, components: in
     finally:
         bar.close()
     return tables, kept, interrupted
+
+
+def _score_block(name: str, chans: slice, block: torch.Tensor, y: torch.Tensor,
+                 scores: np.ndarray, components: int | float, score: str, dev: torch.device,
+                 ace_kwargs: dict, extras: _Extras, pca_dtype: torch.dtype
+                 ) -> tuple[pd.DataFrame, torch.Tensor, np.ndarray | None]:
+    """One block of a layer's channels: its table rows, component scores and bootstrap."""
+    work = block.to(dev, pca_dtype)  # the store's own memory when it can be
+    try:
+        red = reduce_block(work, components)
+    except NonFiniteMaps as err:
+        raise _non_finite_error(name, chans, work, err.channels) from None
+    del work
+    values = score_components(red.scores, y, score, **ace_kwargs)
+    start = chans.start or 0
+    dead = red.dead.cpu().numpy()
+    row = pd.DataFrame({
+        "layer": name, "channel": np.arange(start, start + block.shape[0]),
+        "pcace": np.where(dead, 0.0, values),
+        "n_components": red.n_components.cpu().numpy().astype(int),
+        "explained_variance": red.explained_variance.cpu().numpy(),
+        "dead": dead.astype(bool),
+    })
+    boot = None
+    if extras.bootstrap:  # the block may now hold standardised maps: each resample is
+        # standardised again, which per-column affine changes do not affect
+        boot = bootstrap_values(block.transpose(0, 1), scores, components, extras.bootstrap,
+                                extras.seed, ace_options=ace_kwargs,
+                                scheme=interval_scheme(extras.interval))
+    return row, red.scores.cpu(), boot
 
 
 def _non_finite_error(name: str, chans: slice, block: torch.Tensor,
