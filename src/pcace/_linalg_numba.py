@@ -152,10 +152,12 @@ def _ritz(g, basis, q):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True)
-def top_eigenpairs_batch(g, start, q, tol, steps, max_rounds):  # pragma: no cover - compiled
+def top_eigenpairs_batch(g, start, q, tol, first, steps, max_rounds):  # pragma: no cover
     """Top ``q`` eigenpairs of each ``g[c]`` (descending) and whether each converged.
 
-    ``start`` is the ``(m, b)`` start block shared by all matrices. A matrix converges
+    ``start`` is the ``(m, b)`` start block shared by all matrices; the first Rayleigh-Ritz
+    check comes after ``first`` steps (short, to recognise flat spectra early, when they
+    have not been sorted out before), later ones every ``steps``. A matrix converges
     when every kept pair's residual ``||G v - w v||`` is at most ``tol * w_1``; a matrix
     whose predicted convergence (from the ratio of the last Ritz value to the ``q``-th)
     is out of reach in the remaining steps stops early, unconverged, for an exact solver.
@@ -170,8 +172,7 @@ def top_eigenpairs_batch(g, start, q, tol, steps, max_rounds):  # pragma: no cov
         a = g[ci]
         basis = np.ascontiguousarray(np.linalg.qr(a @ start)[0])
         for rnd in range(max_rounds):
-            # a short first round: flat spectra (noise) are recognised after 2 steps
-            for _ in range(2 if rnd == 0 else steps):
+            for _ in range(first if rnd == 0 else steps):
                 basis = np.ascontiguousarray(np.linalg.qr(a @ basis)[0])
             w, s = _ritz(a, basis, q)
             v = basis @ np.ascontiguousarray(s[:, :q])
