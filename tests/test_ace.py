@@ -298,6 +298,15 @@ def test_backends_agree_on_monotone_kind_without_ties():
     assert_backends_agree(x, y, x_kind="monotone", y_kind="monotone")  # default alpha=5
 
 
+@pytest.mark.parametrize("alpha", [2.5, 5.0, 7.0, 10.0])
+def test_backends_agree_across_bass_enhancements(alpha):
+    # the compiled supersmoother raises to a whole power (10 - alpha) by multiplication
+    # and to any other by pow(); torch always uses pow()
+    rng = np.random.default_rng(49)
+    x, y = random_batch(rng, 6, 120, 2)
+    assert_backends_agree(x, y, alpha=alpha)
+
+
 def test_backends_agree_on_monotone_kind_over_tied_values():
     # alpha=0 switches off the bass enhancement, so this checks the monotone step alone
     rng = np.random.default_rng(47)

@@ -108,16 +108,21 @@ def _tie_average(v, start, end, has_ties):
 
 
 @njit(cache=True)
-def _running_line(ax, s, y, fit, resid, cross_validate):
+def _prefix_sums(xc, y, py, pxy):
+    """Running sums of ``y`` and ``xc * y`` (length n + 1), which every span's fit reads."""
+    py[0] = 0.0
+    pxy[0] = 0.0
+    for t in range(y.size):
+        py[t + 1] = py[t] + y[t]
+        pxy[t + 1] = pxy[t] + xc[t] * y[t]
+
+
+@njit(cache=True)
+def _line_from_sums(ax, s, y, py, pxy, fit, resid, cross_validate):
     xc, _, widths, halves, x_mean, inv_ss, cv_scale, start, end, has_ties = ax
     n = y.size
     width = widths[s]
     ibw = halves[s]
-    py = np.zeros(n + 1)
-    pxy = np.zeros(n + 1)
-    for t in range(n):
-        py[t + 1] = py[t] + y[t]
-        pxy[t + 1] = pxy[t] + xc[t] * y[t]
     for t in range(n):
         lo = min(max(t - ibw, 0), n - width)
         sy = py[lo + width] - py[lo]
@@ -132,6 +137,15 @@ def _running_line(ax, s, y, fit, resid, cross_validate):
 
 
 @njit(cache=True)
+def _running_line(ax, s, y, fit, resid, cross_validate):
+    n = y.size
+    py = np.empty(n + 1)
+    pxy = np.empty(n + 1)
+    _prefix_sums(ax[0], y, py, pxy)
+    _line_from_sums(ax, s, y, py, pxy, fit, resid, cross_validate)
+
+
+@njit(cache=True)
 def _supersmoother(ax, y, alpha):
     n = y.size
     if ax[1]:
@@ -139,10 +153,18 @@ def _supersmoother(ax, y, alpha):
     fits = np.empty((3, n))
     cv = np.empty((3, n))
     resid = np.empty(n)
+    py = np.empty(n + 1)  # the response's running sums serve all three spans
+    pxy = np.empty(n + 1)
+    _prefix_sums(ax[0], y, py, pxy)
+    rpy = np.empty(n + 1)
+    rpxy = np.empty(n + 1)
     for s in range(3):
-        _running_line(ax, s, y, fits[s], resid, True)
-        _running_line(ax, 1, resid, cv[s], resid, False)
+        _line_from_sums(ax, s, y, py, pxy, fits[s], resid, True)
+        _prefix_sums(ax[0], resid, rpy, rpxy)
+        _line_from_sums(ax, 1, resid, rpy, rpxy, cv[s], resid, False)
     spans = np.empty(n)
+    power = 10.0 - alpha
+    whole = power == np.floor(power) and 0.0 <= power <= 10.0  # pow() is the slow part
     for t in range(n):
         resmin = cv[0, t]
         span = _SPANS[0]
@@ -152,7 +174,14 @@ def _supersmoother(ax, y, alpha):
                 span = _SPANS[s]
         if 0.0 < alpha <= 10.0 and resmin < cv[2, t]:
             woofer = cv[2, t] if cv[2, t] != 0 else 1.0
-            span += (_SPANS[2] - span) * max(_SML, resmin / woofer) ** (10.0 - alpha)
+            base = max(_SML, resmin / woofer)
+            if whole:
+                factor = 1.0
+                for _ in range(int(power)):
+                    factor *= base
+            else:
+                factor = base ** power
+            span += (_SPANS[2] - span) * factor
         spans[t] = span
     smoothed = np.empty(n)
     _running_line(ax, 1, spans, smoothed, resid, False)
