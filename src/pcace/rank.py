@@ -280,9 +280,9 @@ def rank(
         the eigenproblems and ACE always run in float64. ``torch.float32`` (default) works
         on the captured activations in place; on the shared CIFAR ResNet-20 (200 images)
         its values differ from an all-float64 run by a median of 2e-8 (99th percentile
-        5e-7) over 688 channels, with no rank changed; one channel differed by 1.3e-4,
-        where ACE's smoother made a different discrete choice on inputs that differ at the
-        1e-7 level. ``torch.float64`` copies each block first: slower, exact to ~1e-12.
+        5e-7) over 688 channels, with no rank changed; one or two channels differed by
+        1e-4 to 1e-3 (two image selections), where ACE's smoother made a different
+        discrete choice on inputs that differ at the 1e-7 level. ``torch.float64`` copies each block first: slower, exact to ~1e-12.
     score : {"maximal", "first-component"}
         ``"maximal"``: the maximal correlation over all k components (PCACE). The other
         reproduces the published scripts' ``|corr(phi_1, theta)|``, for comparison only.
