@@ -239,8 +239,12 @@ def test_top_eigenpairs_fallback_and_iteration_agree_with_eigh():
     g = a @ a.transpose(1, 2)
     w, v = torch.linalg.eigh(g)
     exact_w, exact_v = w.flip(-1)[:, :3], v.flip(-1)[:, :, :3]
-    for rounds in (10, 1):  # 1 round: everything not converged goes to the exact solver
-        vals, vecs = top_eigenpairs(g, 3, max_rounds=rounds)
+    # 1 round: everything not converged goes to the exact solver; a flat mask sends the
+    # marked matrices there without iterating (mixed, all, none)
+    for rounds, flat in [(10, None), (1, None), (10, [False, True, False]),
+                         (10, [True, True, True]), (10, [False, False, False])]:
+        vals, vecs = top_eigenpairs(g, 3, max_rounds=rounds,
+                                    flat=None if flat is None else torch.tensor(flat))
         torch.testing.assert_close(vals, exact_w, rtol=1e-10, atol=0)
         overlap = (vecs * exact_v).sum(dim=1).abs()
         torch.testing.assert_close(overlap, torch.ones_like(overlap), rtol=0, atol=1e-8)
