@@ -502,3 +502,57 @@ def test_read_ahead_of_spilled_blocks_stops_cleanly(tmp_path):
         walk.close()  # the consumer stops early: the reader thread is joined
         assert [s.start for s, _ in cap.blocks("conv1", per_channel)] == [0, 1, 2, 3]
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ device tier (GPU memory)
+# The tier logic is device-agnostic: here the "device" is the CPU, with a budget of its own.
+
+def _maps(n, c, seed):
+    return torch.randn(n, c, 2, 2, generator=torch.Generator().manual_seed(seed))
+
+
+def test_device_tier_holds_layers_while_they_fit():
+    maps = {"a": _maps(6, 3, 1), "b": _maps(6, 5, 2), "c": _maps(6, 2, 3)}  # 288, 480, 192 B
+    store = ActivationStore(list(maps), memory_budget=10**6, n_images=6, device="cpu",
+                            device_budget=500)
+    for name, x in maps.items():
+        store.put(name, x[:4])
+    for name, x in maps.items():
+        store.put(name, x[4:])
+    store.finalize()
+    assert store.on_device == {"a": True, "b": False, "c": True}
+    assert store.device_bytes == 288 + 192 and store.in_memory_bytes == 480
+    for name, x in maps.items():
+        assert torch.equal(store.read(name), x)
+    view = store.block("a")  # a view of the device tier, as for RAM
+    view.zero_()
+    assert (store.read("a") == 0).all()
+    store.close()
+
+
+@pytest.mark.parametrize("memory_budget", [10**6, 0], ids=["to-ram", "to-disk"])
+def test_device_layer_that_outgrows_the_device_moves_to_ram_or_disk(monkeypatch,
+                                                                    memory_budget):
+    monkeypatch.setattr(ActivationStore, "SEGMENT_IMAGES", 4)
+    x = _maps(11, 3, 4)  # N unknown: segments of 4 images, 192 B each
+    store = ActivationStore(["a"], memory_budget=memory_budget, device="cpu",
+                            device_budget=400)
+    for part in x.split(3):
+        store.put("a", part)
+        if store._layers["a"].n <= 8:
+            assert store.on_device["a"]  # two segments fit the device
+    store.finalize()
+    assert not store.on_device["a"] and store.device_bytes == 0
+    assert store.spilled["a"] == (memory_budget == 0)
+    assert torch.equal(store.read("a"), x)
+    assert torch.equal(store.block("a", 1, 3), x[:, 1:3].flatten(2).transpose(0, 1))
+    store.close()
+
+
+def test_capture_on_the_cpu_keeps_no_device_tier():
+    with capture(_net(), _batches(n=10), ["conv1"], _score, progress=False,
+                 device_memory_budget=10**9) as cap:
+        assert cap.on_device == {"conv1": False}
+    with pytest.raises(ValueError, match="device_memory_budget"):
+        capture(_net(), _batches(n=10), ["conv1"], _score, progress=False,
+                device_memory_budget=-1)

@@ -333,3 +333,9 @@ def test_rank_on_cuda_matches_cpu(planted_result):
                                atol=1e-4, rtol=0)
     assert set(on_gpu.top("features", 2).channel) == {0, 1}
     assert on_gpu.manifest["device"].startswith("cuda")
+    assert on_gpu.manifest["device_layers"] == ["features"]  # kept in the GPU's memory
+    in_ram = pcace.rank(PlantedNet(pattern), x, RegressionOutput(), layers=["features"],
+                        progress=False, device="cuda", device_memory_budget=0)
+    assert in_ram.manifest["device_layers"] == []
+    np.testing.assert_allclose(in_ram.channels.pcace, on_gpu.channels.pcace, atol=1e-6,
+                               rtol=0)

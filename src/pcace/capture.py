@@ -7,8 +7,8 @@ torchvision's feature extraction. :func:`conv_layer_names` and
 
 :func:`capture` runs the model once per batch with forward hooks on the
 requested modules; each hook writes its layer's output straight into an
-:class:`ActivationStore` (float32, on the CPU), channel-major: a layer is kept
-as ``(C, N, H*W)``, so that the reduce step can take a run of channels as one
+:class:`ActivationStore` (float32), channel-major: a layer is kept as
+``(C, N, H*W)``, so that the reduce step can take a run of channels as one
 contiguous block, in place, without another copy.
 
 Memory: the store reserves a layer's space when its first batch comes (all N
@@ -17,7 +17,10 @@ images at once when N is known). While the reservations stay within
 RAM; past it, the largest layers are spilled to raw float32 files in the same
 channel-major layout, written at their offsets as batches come, and read back
 in channel blocks with plain reads (no memory maps, whose pages would count
-against the process's resident memory).
+against the process's resident memory). On a GPU, layers first stay in the
+device's own memory while they fit ``device_memory_budget`` (``"auto"``: half of
+the device's free memory), so their reduce step runs there without a transfer;
+the rest go to RAM and disk as above.
 """
 
 from __future__ import annotations
@@ -223,6 +226,7 @@ class _Layer:
     file_segments: int = 0  # segments in the spill file
     path: Path | None = None
     file: BinaryIO | None = None
+    device: torch.device | None = None  # segments in a device's memory; None: RAM
 
     @property
     def spilled(self) -> bool:
@@ -236,7 +240,13 @@ class _Layer:
     @property
     def nbytes(self) -> int:
         """Bytes held in RAM."""
-        return len(self.segments) * self.segment_bytes if self.shape else 0
+        return len(self.segments) * self.segment_bytes if self.shape and not self.device \
+            else 0
+
+    @property
+    def device_nbytes(self) -> int:
+        """Bytes held in the device's memory."""
+        return len(self.segments) * self.segment_bytes if self.shape and self.device else 0
 
     @property
     def total_segments(self) -> int:
@@ -268,6 +278,12 @@ class ActivationStore:
         How many images will come, when known: one segment per layer then holds them all
         (fewer may come, e.g. when unreadable files are skipped; more go to further
         segments).
+    device : str or torch.device, optional
+        A device (a GPU) whose memory holds layers first, while they fit
+        ``device_budget`` bytes; layers that do not fit go to RAM (and disk) as above. A
+        layer whose further segments no longer fit moves to RAM whole.
+    device_budget : int, default 0
+        Bytes of activations kept on ``device``.
 
     Examples
     --------
@@ -283,14 +299,18 @@ class ActivationStore:
     SEGMENT_IMAGES = 256
 
     def __init__(self, layers: Sequence[str], memory_budget: int,
-                 spill_dir: str | Path | None = None, n_images: int | None = None):
+                 spill_dir: str | Path | None = None, n_images: int | None = None,
+                 device: str | torch.device | None = None, device_budget: int = 0):
         _check_budget(memory_budget)
+        _check_budget(device_budget, "device_budget")
         if n_images is not None and (isinstance(n_images, bool) or not isinstance(
                 n_images, int | np.integer) or n_images < 1):
             raise ValueError(f"n_images must be a positive int or None; got {n_images!r}")
         self.memory_budget = int(memory_budget)
         self.spill_dir = None if spill_dir is None else Path(spill_dir)
         self.n_images = None if n_images is None else int(n_images)
+        self.device = None if device is None else torch.device(device)
+        self.device_budget = int(device_budget)
         self._layers = {name: _Layer() for name in layers}
         self._dir: Path | None = None
         self._cleanup: weakref.finalize | None = None
@@ -304,8 +324,18 @@ class ActivationStore:
         return sum(layer.nbytes for layer in self._layers.values())
 
     @property
+    def device_bytes(self) -> int:
+        """Bytes of the device's memory reserved for activations."""
+        return sum(layer.device_nbytes for layer in self._layers.values())
+
+    @property
     def spilled(self) -> dict[str, bool]:
         return {name: layer.spilled for name, layer in self._layers.items()}
+
+    @property
+    def on_device(self) -> dict[str, bool]:
+        """Whether each layer is held in the device's memory."""
+        return {name: layer.device is not None for name, layer in self._layers.items()}
 
     @property
     def shapes(self) -> dict[str, tuple[int, int, int]]:
@@ -374,9 +404,10 @@ class ActivationStore:
     def block(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Channels ``start:stop`` of one layer as a ``(c, N, H*W)`` float32 block.
 
-        For a layer in RAM whose single segment is full this is a **view** of the store
-        (no copy): writing into it changes the stored activations, which the pipeline
-        does on purpose (it standardises blocks in place). Otherwise a fresh tensor.
+        For a layer in memory whose single segment is full this is a **view** of the
+        store (no copy): writing into it changes the stored activations, which the
+        pipeline does on purpose (it standardises blocks in place). Otherwise a fresh
+        tensor. A layer held on the device gives device tensors.
         """
         layer = self._get(name)
         c, h, w = layer.shape
@@ -403,7 +434,7 @@ class ActivationStore:
         return torch.from_numpy(out)
 
     def read(self, name: str, channels: ChannelIndex = slice(None)) -> torch.Tensor:
-        """Activations ``(N, c, H, W)`` of a channel subset of one layer (a fresh tensor)."""
+        """Activations ``(N, c, H, W)`` of a channel subset of one layer (a fresh CPU tensor)."""
         layer = self._get(name)
         c, h, w = layer.shape
         index = _channel_index(channels, c)
@@ -415,7 +446,7 @@ class ActivationStore:
         else:
             blk = torch.cat([self.block(name, int(i), int(i) + 1) for i in index]) \
                 if index.numel() else torch.empty((0, layer.n, h * w))
-        return blk.transpose(0, 1).reshape(layer.n, -1, h, w).contiguous()
+        return blk.transpose(0, 1).reshape(layer.n, -1, h, w).contiguous().cpu()
 
     def close(self) -> None:
         """Free the RAM copies and remove the spill directory."""
@@ -465,6 +496,16 @@ class ActivationStore:
         layer.capacity = self.n_images or max(self.SEGMENT_IMAGES, batch)
 
     def _add_segment(self, name: str, layer: _Layer) -> None:
+        if self._fits_device(layer):
+            c, h, w = layer.shape
+            with torch.inference_mode(False):
+                layer.segments.append(torch.empty((c, layer.capacity, h * w),
+                                                  dtype=torch.float32, device=self.device))
+            return
+        if layer.device is not None:  # the device is full: the whole layer moves to RAM
+            layer.segments = [seg.cpu() for seg in layer.segments]
+            layer.device = None
+            self._reserve(name, 0)
         if not layer.spilled:
             self._reserve(name, layer.segment_bytes)
         if layer.spilled:
@@ -476,6 +517,15 @@ class ActivationStore:
             with torch.inference_mode(False):  # a normal tensor: blocks may be edited later
                 layer.segments.append(torch.empty((c, layer.capacity, h * w),
                                                   dtype=torch.float32))
+
+    def _fits_device(self, layer: _Layer) -> bool:
+        """Whether the layer's next segment goes to the device (and mark the layer so)."""
+        if self.device is None or layer.spilled or (layer.segments and layer.device is None):
+            return False
+        if self.device_bytes + layer.segment_bytes > self.device_budget:
+            return False
+        layer.device = self.device
+        return True
 
     def _reserve(self, name: str, nbytes: int) -> None:
         """Make room for ``nbytes`` more of layer ``name`` by spilling the largest layers."""
@@ -652,10 +702,10 @@ def resolve_budget(memory_budget: Any) -> int:
     return int(memory_budget)
 
 
-def _check_budget(memory_budget: Any) -> None:
+def _check_budget(memory_budget: Any, what: str = "memory_budget") -> None:
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int | float) \
             or not memory_budget >= 0:
-        raise ValueError(f"memory_budget must be a number of bytes >= 0 or 'auto'; got "
+        raise ValueError(f"{what} must be a number of bytes >= 0 or 'auto'; got "
                          f"{memory_budget!r}")
 
 
@@ -699,6 +749,8 @@ class Capture:
         ``{layer: (C, H, W)}``.
     spilled : dict
         ``{layer: bool}``: whether the layer lives on disk.
+    on_device : dict
+        ``{layer: bool}``: whether the layer lives in the device's (GPU's) memory.
     forward_calls : int
         Forward passes of the model (one per non-empty batch).
     seconds : float
@@ -713,6 +765,7 @@ class Capture:
         self.n_images = int(scores.shape[0])
         self.shapes = store.shapes
         self.spilled = store.spilled
+        self.on_device = store.on_device
         self.forward_calls = forward_calls
         self.seconds = seconds
 
@@ -752,8 +805,8 @@ class Capture:
     def blocks(self, name: str, max_bytes: int) -> Iterator[tuple[slice, torch.Tensor]]:
         """Walk a layer in channel-major blocks ``(c, N, H*W)`` of at most ``max_bytes``.
 
-        The fast path of the pipeline: for a layer held in RAM the blocks are views of
-        the stored activations (no copy), which the caller may overwrite (the pipeline
+        The fast path of the pipeline: for a layer held in memory (RAM or a GPU's) the
+        blocks are views of the stored activations (no copy), which the caller may overwrite (the pipeline
         standardises them in place; read what you need first). For a spilled layer each
         block is read from disk into a fresh tensor, the next one on a background thread
         while the caller works on the current one (so two blocks are in memory at once).
@@ -859,6 +912,7 @@ def capture(
     spill_dir: str | Path | None = None,
     progress: bool = True,
     check_finite: bool = True,
+    device_memory_budget: int | str = "auto",
 ) -> Capture:
     """Run the model once over the batches and keep the outputs of the chosen layers.
 
@@ -888,6 +942,10 @@ def capture(
     check_finite : bool, default True
         Check every output for NaN and inf as it comes (one extra read of it). A caller
         that checks later, as :func:`pcace.rank` does while standardising, turns it off.
+    device_memory_budget : int or "auto", default "auto"
+        When ``device`` is not the CPU: bytes of activations kept in the device's memory
+        (layers beyond it go to RAM, then disk). ``"auto"``: half of the device's free
+        memory once the model is on it; 0 keeps everything in RAM.
 
     Returns
     -------
@@ -917,9 +975,10 @@ def capture(
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable (outputs -> (B,) scores); got "
                         f"{type(score_fn).__name__}")
+    device = torch.device(device)
+    _check_device_budget(device_memory_budget)
     store = ActivationStore(names, resolve_budget(memory_budget), spill_dir,
                             n_images=_known_count(batches))
-    device = torch.device(device)
     run = _Run(names, store, check_finite)
     modules = dict(model.named_modules())
     flags = _training_flags(model)
@@ -931,6 +990,9 @@ def capture(
     try:
         model.to(device)
         model.eval()
+        if device.type != "cpu":
+            store.device = device
+            store.device_budget = _device_budget(device, device_memory_budget)
         for name in names:
             handles.append(modules[name].register_forward_hook(run.hook(name)))
         with torch.inference_mode():
@@ -958,6 +1020,21 @@ def capture(
         bar.close()
     seconds = time.perf_counter() - start
     return Capture(store, names, np.concatenate(scores), run.forward_calls, seconds)
+
+
+def _check_device_budget(budget: Any) -> None:
+    if not (isinstance(budget, str) and budget == "auto"):
+        _check_budget(budget, "device_memory_budget")
+
+
+def _device_budget(device: torch.device, budget: int | str) -> int:
+    """``"auto"``: half the free memory of a CUDA device (0 for a device that cannot say)."""
+    if not (isinstance(budget, str) and budget == "auto"):
+        return int(budget)
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free // 2)
 
 
 class _Run:
