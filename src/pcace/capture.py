@@ -806,8 +806,9 @@ class Capture:
         """Walk a layer in channel-major blocks ``(c, N, H*W)`` of at most ``max_bytes``.
 
         The fast path of the pipeline: for a layer held in memory (RAM or a GPU's) the
-        blocks are views of the stored activations (no copy), which the caller may overwrite (the pipeline
-        standardises them in place; read what you need first). For a spilled layer each
+        blocks are views of the stored activations (no copy), which the caller may
+        overwrite (the pipeline standardises them in place; read what you need first).
+        For a spilled layer each
         block is read from disk into a fresh tensor, the next one on a background thread
         while the caller works on the current one (so two blocks are in memory at once).
         A channel larger than ``max_bytes`` still comes alone.
