@@ -497,10 +497,7 @@ class ActivationStore:
 
     def _add_segment(self, name: str, layer: _Layer) -> None:
         if self._fits_device(layer):
-            c, h, w = layer.shape
-            with torch.inference_mode(False):
-                layer.segments.append(torch.empty((c, layer.capacity, h * w),
-                                                  dtype=torch.float32, device=self.device))
+            self._new_segment(layer)
             return
         if layer.device is not None:  # the device is full: the whole layer moves to RAM
             layer.segments = [seg.cpu() for seg in layer.segments]
@@ -513,10 +510,15 @@ class ActivationStore:
                 self._open_spill(name, layer)
             layer.file_segments += 1
         else:
-            c, h, w = layer.shape
-            with torch.inference_mode(False):  # a normal tensor: blocks may be edited later
-                layer.segments.append(torch.empty((c, layer.capacity, h * w),
-                                                  dtype=torch.float32))
+            self._new_segment(layer)
+
+    @staticmethod
+    def _new_segment(layer: _Layer) -> None:
+        """Append an empty segment in the layer's memory (the device's, or RAM)."""
+        c, h, w = layer.shape
+        with torch.inference_mode(False):  # a normal tensor: blocks may be edited later
+            layer.segments.append(torch.empty((c, layer.capacity, h * w),
+                                              dtype=torch.float32, device=layer.device or "cpu"))
 
     def _fits_device(self, layer: _Layer) -> bool:
         """Whether the layer's next segment goes to the device (and mark the layer so)."""
@@ -808,10 +810,9 @@ class Capture:
         The fast path of the pipeline: for a layer held in memory (RAM or a GPU's) the
         blocks are views of the stored activations (no copy), which the caller may
         overwrite (the pipeline standardises them in place; read what you need first).
-        For a spilled layer each
-        block is read from disk into a fresh tensor, the next one on a background thread
-        while the caller works on the current one (so two blocks are in memory at once).
-        A channel larger than ``max_bytes`` still comes alone.
+        For a spilled layer each block is read from disk into a fresh tensor, the next one
+        on a background thread while the caller works on the current one (so two blocks
+        are in memory at once). A channel larger than ``max_bytes`` still comes alone.
 
         Examples
         --------
