@@ -364,7 +364,7 @@ def rank(
     with capture(model, batches, names, score_fn, device=dev,
                  memory_budget=memory_budget - memory_budget // 4, check_finite=False,
                  spill_dir=spill_dir, progress=progress,
-                 device_memory_budget=device_memory_budget) as cap:
+                 device_memory_budget=device_memory_budget) as cap, reusing_buffers():
         scores = np.asarray(cap.scores, dtype=np.float64)
         _check_scores(scores)
         t_captured = time.perf_counter()
@@ -505,24 +505,23 @@ def _score_layers(cap: Any, names: list[str], scores: np.ndarray, components: in
     bar = tqdm(total=total_channels, desc="scoring channels", unit="ch", disable=not progress)
     interrupted = False
     try:
-        with reusing_buffers():
-            for name in names:
-                parts, boots, rows = [], [], []
-                chunk = _chunk_bytes(cap.shapes[name], len(scores), memory_budget,
-                                     cap.spilled[name], pca_dtype)
-                for chans, block in cap.blocks(name, chunk):
-                    row, red_scores, boot = _score_block(name, chans, block, y, scores,
-                                                         components, score, dev, ace_kwargs,
-                                                         extras, pca_dtype)
-                    rows.append(row)
-                    parts.append(red_scores)
-                    if boot is not None:
-                        boots.append(boot)
-                    bar.update(block.shape[0])
-                table = pd.concat(rows, ignore_index=True)
-                kept[name] = _pad_cat(parts)
-                tables.append(_add_statistics(table, kept[name], scores, np.concatenate(boots)
-                                              if boots else None, extras, ace_kwargs, name))
+        for name in names:
+            parts, boots, rows = [], [], []
+            chunk = _chunk_bytes(cap.shapes[name], len(scores), memory_budget,
+                                 cap.spilled[name], pca_dtype)
+            for chans, block in cap.blocks(name, chunk):
+                row, red_scores, boot = _score_block(name, chans, block, y, scores,
+                                                     components, score, dev, ace_kwargs,
+                                                     extras, pca_dtype)
+                rows.append(row)
+                parts.append(red_scores)
+                if boot is not None:
+                    boots.append(boot)
+                bar.update(block.shape[0])
+            table = pd.concat(rows, ignore_index=True)
+            kept[name] = _pad_cat(parts)
+            tables.append(_add_statistics(table, kept[name], scores, np.concatenate(boots)
+                                          if boots else None, extras, ace_kwargs, name))
     except KeyboardInterrupt:
         interrupted = True
         warnings.warn(f"interrupted: returning the {len(tables)} layers scored so far",
