@@ -1102,9 +1102,19 @@ def _check_finite(name: str, output: torch.Tensor, offset: int) -> None:
         return
     channels = bad.any(dim=(0, 2, 3)).nonzero().flatten().tolist()
     images = (bad.any(dim=(1, 2, 3)).nonzero().flatten() + offset).tolist()
-    raise ValueError(f"layer {name!r} produced NaN or inf in channel(s) {_short(channels)} "
-                     f"for image(s) {_short(images)} (positions in the input order). Check "
-                     "those images, the weights, or overflow (e.g. half precision)")
+    raise non_finite_error(name, channels, images)
+
+
+def non_finite_error(name: str, channels: list[int], images: list[int],
+                     example: bool = False) -> ValueError:
+    """The error for NaN/inf in a layer's output, naming its channels and images.
+
+    ``example``: the images are those of the first listed channel only.
+    """
+    return ValueError(f"layer {name!r} produced NaN or inf in channel(s) {_short(channels)}"
+                      f"{', e.g.' if example else ''} for image(s) {_short(images)} (positions "
+                      "in the input order). Check those images, the weights, or overflow "
+                      "(e.g. half precision)")
 
 
 def _short(values: list[int], limit: int = 10) -> str:

@@ -24,7 +24,7 @@ import torch
 from . import __version__
 from ._standardise import NonFiniteMaps
 from .ace import MIN_OBSERVATIONS, ace
-from .capture import capture, resolve_budget, resolve_layers
+from .capture import capture, non_finite_error, resolve_budget, resolve_layers
 from .data import as_batches
 from .models import count_parameters, weights_hash
 from .reduce import reduce_block, reusing_buffers
@@ -566,11 +566,7 @@ def _non_finite_error(name: str, chans: slice, block: torch.Tensor,
     """The error for NaN/inf in a layer, naming its channels and (first channel's) images."""
     start = chans.start or 0
     images = (~torch.isfinite(block[channels[0]])).any(dim=1).nonzero().flatten().tolist()
-    more = f" and {len(channels) - 10} more" if len(channels) > 10 else ""
-    return ValueError(f"layer {name!r} produced NaN or inf in channel(s) "
-                      f"{[start + c for c in channels[:10]]}{more}, e.g. for image(s) "
-                      f"{images[:10]} (positions in the input order). Check those images, "
-                      "the weights, or overflow (e.g. half precision)")
+    return non_finite_error(name, [start + c for c in channels], images, example=True)
 
 
 def _chunk_bytes(shape: tuple[int, ...], n: int, memory_budget: int, spilled: bool,
