@@ -152,15 +152,18 @@ def _ritz(g, basis, q):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True)
-def top_eigenpairs_batch(g, start, q, tol, first, steps, max_rounds):  # pragma: no cover
-    """Top ``q`` eigenpairs of each ``g[c]`` (descending) and whether each converged.
+def top_eigenpairs_batch(g, which, start, q, tol, first, steps,
+                         max_rounds):  # pragma: no cover - compiled
+    """Top ``q`` eigenpairs of the matrices ``g[which]`` (descending), and which converged.
 
-    ``start`` is the ``(m, b)`` start block shared by all matrices; the first Rayleigh-Ritz
-    check comes after ``first`` steps (short, to recognise flat spectra early, when they
-    have not been sorted out before), later ones every ``steps``. A matrix converges
-    when every kept pair's residual ``||G v - w v||`` is at most ``tol * w_1``; a matrix
-    whose predicted convergence (from the ratio of the last Ritz value to the ``q``-th)
-    is out of reach in the remaining steps stops early, unconverged, for an exact solver.
+    Returns ``vals`` ``(C, q)``, ``vecs`` ``(C, m, q)`` and ``done`` ``(C,)`` for all ``C``
+    matrices; those not listed in ``which`` are left zero and not done. ``start`` is the
+    ``(m, b)`` start block shared by all matrices; the first Rayleigh-Ritz check comes
+    after ``first`` steps (short, to recognise flat spectra early, when they have not been
+    sorted out before), later ones every ``steps``. A matrix converges when every kept
+    pair's residual ``||G v - w v||`` is at most ``tol * w_1``; a matrix whose predicted
+    convergence (from the ratio of the last Ritz value to the ``q``-th) is out of reach in
+    the remaining steps stops early, unconverged, for an exact solver.
     """
     c, m, _ = g.shape
     b = start.shape[1]
@@ -168,7 +171,8 @@ def top_eigenpairs_batch(g, start, q, tol, first, steps, max_rounds):  # pragma:
     vecs = np.zeros((c, m, q))
     done = np.zeros(c, np.bool_)
     tiny = np.finfo(np.float64).tiny
-    for ci in prange(c):
+    for t in prange(which.size):
+        ci = which[t]
         a = g[ci]
         basis = np.ascontiguousarray(np.linalg.qr(a @ start)[0])
         for rnd in range(max_rounds):

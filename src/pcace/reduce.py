@@ -312,7 +312,6 @@ def _eigen(x: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return vals, vecs, total, gram_side
 
 
-
 _STEPS = 6  # subspace-iteration steps between Rayleigh-Ritz checks
 _FIRST = 2  # steps before the first check: a flat spectrum is given up on early
 _EXTRA = 6  # block size beyond the q pairs wanted (measured: 6 beats 4, 8 and 12)
@@ -412,17 +411,9 @@ def _top_cpu(g: torch.Tensor, q: int, small: bool, tol: float, max_rounds: int,
             vals, vecs = full_top(mats, q)
             return torch.from_numpy(vals), torch.from_numpy(vecs)
         start = _start_block(g.shape[1], q + _EXTRA).numpy()
-        iterate = np.ones(len(mats), bool) if flat is None else ~np.asarray(flat, bool)
-        vals = np.zeros((len(mats), q))
-        vecs = np.zeros((len(mats), g.shape[1], q))
-        done = np.zeros(len(mats), bool)
-        if iterate.all():
-            vals, vecs, done = top_eigenpairs_batch(mats, start, q, tol, _FIRST, _STEPS,
-                                                    max_rounds)
-        elif iterate.any():
-            which = np.flatnonzero(iterate)
-            vals[which], vecs[which], done[which] = top_eigenpairs_batch(
-                mats[which], start, q, tol, _FIRST, _STEPS, max_rounds)
+        iterate = np.arange(len(mats)) if flat is None else np.flatnonzero(~np.asarray(flat))
+        vals, vecs, done = top_eigenpairs_batch(mats, iterate, start, q, tol, _FIRST, _STEPS,
+                                                max_rounds)
         missing = np.flatnonzero(~done)
         if missing.size:
             _exact_into(mats, q, missing, vals, vecs, single)
