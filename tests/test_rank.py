@@ -68,6 +68,15 @@ def test_non_monotone_channel_found_where_pearson_fails(planted_result):
     assert value > 0.6
 
 
+def test_malloc_tuning_does_not_change_results(planted_result, monkeypatch):
+    monkeypatch.setenv("PCACE_TUNE_MALLOC", "0")
+    x, pattern = planted_images()
+    plain = pcace.rank(PlantedNet(pattern), x, RegressionOutput(), layers=["features"],
+                       progress=False)
+    np.testing.assert_array_equal(plain.channels.pcace.to_numpy(),
+                                  planted_result.channels.pcace.to_numpy())
+
+
 def test_tables_have_documented_columns(planted_result):
     for col in ("layer", "channel", "pcace", "rank", "n_components", "explained_variance",
                 "dead"):

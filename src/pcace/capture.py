@@ -43,6 +43,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ._memory import kept_heap, mapped_empty
+
 BYTES_PER_VALUE = 4  # activations are kept as float32
 _MAX_LISTED = 15
 
@@ -516,9 +518,10 @@ class ActivationStore:
     def _new_segment(layer: _Layer) -> None:
         """Append an empty segment in the layer's memory (the device's, or RAM)."""
         c, h, w = layer.shape
+        shape = (c, layer.capacity, h * w)
         with torch.inference_mode(False):  # a normal tensor: blocks may be edited later
-            layer.segments.append(torch.empty((c, layer.capacity, h * w),
-                                              dtype=torch.float32, device=layer.device or "cpu"))
+            layer.segments.append(mapped_empty(shape) if layer.device is None else
+                                  torch.empty(shape, dtype=torch.float32, device=layer.device))
 
     def _fits_device(self, layer: _Layer) -> bool:
         """Whether the layer's next segment goes to the device (and mark the layer so)."""
@@ -997,7 +1000,7 @@ def capture(
             store.device_budget = _device_budget(device, device_memory_budget)
         for name in names:
             handles.append(modules[name].register_forward_hook(run.hook(name)))
-        with torch.inference_mode():
+        with torch.inference_mode(), kept_heap():
             for item in bar:
                 images = _images(item, run.batches)
                 run.batches += 1
