@@ -121,5 +121,9 @@ def mapped_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> 
     count = int(np.prod(shape, dtype=np.int64))
     if count == 0:
         return torch.empty(shape, dtype=dtype)
-    buffer = mmap.mmap(-1, count * np_dtype.itemsize)
+    size = count * np_dtype.itemsize
+    if hasattr(mmap, "MAP_PRIVATE"):  # private: mmap's default, shared memory, would be shmem
+        buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    else:  # Windows: anonymous memory backed by the paging file
+        buffer = mmap.mmap(-1, size)
     return torch.from_numpy(np.frombuffer(buffer, dtype=np_dtype).reshape(shape))
