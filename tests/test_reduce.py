@@ -250,6 +250,24 @@ def test_top_eigenpairs_fallback_and_iteration_agree_with_eigh():
         torch.testing.assert_close(overlap, torch.ones_like(overlap), rtol=0, atol=1e-8)
 
 
+def test_small_matrices_exact_top_pairs():
+    from pcace.reduce import top_eigenpairs
+
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(5, 49, 300, generator=gen, dtype=torch.float64)
+    a[1, :, :2] *= 30  # two dominant directions
+    g = a @ a.transpose(1, 2)
+    g[4] = torch.eye(49, dtype=torch.float64) * 2  # a triple top eigenvalue
+    vals, vecs = top_eigenpairs(g, 3)
+    exact = torch.linalg.eigvalsh(g).flip(-1)[:, :3]
+    torch.testing.assert_close(vals, exact, rtol=1e-12, atol=0)
+    resid = (g @ vecs - vecs * vals[:, None, :]).norm(dim=1)
+    assert float(resid.max()) < 1e-10 * float(vals[:, 0].max())
+    gram = vecs.transpose(1, 2) @ vecs
+    torch.testing.assert_close(gram, torch.eye(3, dtype=torch.float64).expand(5, 3, 3),
+                               rtol=0, atol=1e-10)
+
+
 def test_reduce_block_float32_close_to_float64_and_in_place():
     from pcace.reduce import reduce_block
 

@@ -200,17 +200,3 @@ def top_eigenpairs_batch(g, which, start, q, tol, first, steps,
                 break  # a flat spectrum: hand it to the exact solver now
             basis = np.ascontiguousarray(basis @ s)
     return vals, vecs, done
-
-
-@njit(parallel=True, cache=True)
-def full_top(g, q):  # pragma: no cover - compiled
-    """Top ``q`` eigenpairs of each (small) ``g[c]`` from a full eigendecomposition."""
-    c, m, _ = g.shape
-    vals = np.zeros((c, q))
-    vecs = np.zeros((c, m, q))
-    for ci in prange(c):
-        w, v = np.linalg.eigh(g[ci])
-        for j in range(q):
-            vals[ci, j] = w[m - 1 - j]
-            vecs[ci, :, j] = v[:, m - 1 - j]
-    return vals, vecs

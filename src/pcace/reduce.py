@@ -328,8 +328,9 @@ def top_eigenpairs(g: torch.Tensor, q: int, *, tol: float = 1e-12, max_rounds: i
     residual ``||G v - lambda v||`` is below ``tol * lambda_1``; matrices that cannot get
     there within ``max_rounds`` checks (a flat spectrum, judged from the Ritz values) go to
     an exact solver (LAPACK's subset ``evx`` on the CPU). Small matrices (``m <= 96``) go
-    straight to a full ``eigh``. On the CPU each matrix runs on one thread (compiled); on a
-    GPU the same iteration runs batched in torch. Results are float64 on the CPU.
+    straight to the exact solver (a full ``eigh`` on a GPU). On the CPU each matrix runs
+    on one thread (compiled); on a GPU the same iteration runs batched in torch. Results
+    are float64 on the CPU.
     ``exact_dtype=torch.float32`` lets the exact solver for flat spectra work in float32
     on the CPU (about 1.5x faster), for Gram matrices whose values came from float32.
     ``flat``, a ``(C,)`` bool mask, sends the marked matrices to the exact solver without
@@ -403,12 +404,13 @@ def _top_cpu(g: torch.Tensor, q: int, small: bool, tol: float, max_rounds: int,
              single: bool = False, flat: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The CPU path of :func:`top_eigenpairs`: compiled, one matrix per thread."""
-    from ._linalg_numba import full_top, top_eigenpairs_batch
+    from ._linalg_numba import top_eigenpairs_batch
 
     mats = g.to(torch.float64).contiguous().numpy()
     with _one_blas_thread():
-        if small:
-            vals, vecs = full_top(mats, q)
+        if small:  # LAPACK's subset solver: 2x faster than a full eigh at m = 49
+            vals, vecs = np.zeros((len(mats), q)), np.zeros((len(mats), g.shape[1], q))
+            _exact_into(mats, q, np.arange(len(mats)), vals, vecs)
             return torch.from_numpy(vals), torch.from_numpy(vecs)
         start = _start_block(g.shape[1], q + _EXTRA).numpy()
         iterate = np.arange(len(mats)) if flat is None else np.flatnonzero(~np.asarray(flat))
