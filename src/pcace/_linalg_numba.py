@@ -151,6 +151,16 @@ def _ritz(g, basis, q):  # pragma: no cover - compiled
     return w, s
 
 
+@njit(cache=True)
+def _steps_to_converge(rate, error, target, most):  # pragma: no cover - compiled
+    """Steps for an error shrinking by ``rate`` per step to reach ``target`` (1..most)."""
+    if rate <= 0.0:
+        return 1
+    if rate >= 1.0:
+        return most
+    return min(most, max(1, int(np.ceil(np.log(target / error) / np.log(rate)))))
+
+
 @njit(parallel=True, cache=True)
 def top_eigenpairs_batch(g, which, start, q, tol, first, steps,
                          max_rounds):  # pragma: no cover - compiled
@@ -160,10 +170,14 @@ def top_eigenpairs_batch(g, which, start, q, tol, first, steps,
     matrices; those not listed in ``which`` are left zero and not done. ``start`` is the
     ``(m, b)`` start block shared by all matrices; the first Rayleigh-Ritz check comes
     after ``first`` steps (short, to recognise flat spectra early, when they have not been
-    sorted out before), later ones every ``steps``. A matrix converges when every kept
-    pair's residual ``||G v - w v||`` is at most ``tol * w_1``; a matrix whose predicted
-    convergence (from the ratio of the last Ritz value to the ``q``-th) is out of reach in
-    the remaining steps stops early, unconverged, for an exact solver.
+    sorted out before). After each check the iteration runs on ``G - sigma I`` with
+    ``sigma`` half the block's last Ritz value (the middle of the unwanted part of the
+    spectrum, as far as it is known: the error then shrinks by
+    ``(w_b - sigma) / (w_q - sigma)`` per step instead of ``w_b / w_q``), and the next check
+    comes when that rate predicts convergence, at most ``steps`` steps later. A matrix
+    converges when every kept pair's residual ``||G v - w v||`` is at most ``tol * w_1``;
+    a matrix whose predicted convergence is out of reach in the remaining rounds stops
+    early, unconverged, for an exact solver.
     """
     c, m, _ = g.shape
     b = start.shape[1]
@@ -175,9 +189,14 @@ def top_eigenpairs_batch(g, which, start, q, tol, first, steps,
         ci = which[t]
         a = g[ci]
         basis = np.ascontiguousarray(np.linalg.qr(a @ start)[0])
+        shift = 0.0
+        run = first
         for rnd in range(max_rounds):
-            for _ in range(first if rnd == 0 else steps):
-                basis = np.ascontiguousarray(np.linalg.qr(a @ basis)[0])
+            for _ in range(run):
+                y = a @ basis
+                if shift > 0.0:
+                    y -= shift * basis
+                basis = np.ascontiguousarray(np.linalg.qr(y)[0])
             w, s = _ritz(a, basis, q)
             v = basis @ np.ascontiguousarray(s[:, :q])
             av = a @ v
@@ -194,9 +213,11 @@ def top_eigenpairs_batch(g, which, start, q, tol, first, steps,
                 vecs[ci] = v
                 done[ci] = True
                 break
-            rate = max(w[b - 1], 0.0) / max(w[q - 1], tiny)
+            shift = 0.5 * max(w[b - 1], 0.0)
+            rate = shift / max(w[q - 1] - shift, tiny)
             left = steps * (max_rounds - rnd - 1)
             if rate ** left * worst / top > tol:
                 break  # a flat spectrum: hand it to the exact solver now
             basis = np.ascontiguousarray(basis @ s)
+            run = _steps_to_converge(rate, worst, tol * top, steps)
     return vals, vecs, done

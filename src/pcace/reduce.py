@@ -369,9 +369,11 @@ def _top_torch(g: torch.Tensor, q: int, small: bool, tol: float,
     todo = torch.arange(c, device=g.device)
     finished = torch.zeros(c, dtype=torch.bool, device=g.device)
     sub = g
+    shift = torch.zeros((c, 1, 1), dtype=g.dtype, device=g.device)
+    run = _STEPS
     for round_ in range(max_rounds):
-        for _ in range(_STEPS):
-            basis = torch.linalg.qr(torch.bmm(sub, basis))[0]
+        for _ in range(run):  # on G - shift I, as the compiled iteration
+            basis = torch.linalg.qr(torch.bmm(sub, basis) - shift * basis)[0]
         w, s = torch.linalg.eigh(torch.bmm(basis.transpose(1, 2), torch.bmm(sub, basis)))
         w, s = w.flip(-1), s.flip(-1)
         v = torch.bmm(basis, s[:, :, :q])
@@ -380,15 +382,20 @@ def _top_torch(g: torch.Tensor, q: int, small: bool, tol: float,
         done = (resid <= tol * top).all(dim=1)
         vals[todo[done]], vecs[todo[done]] = w[done, :q], v[done]
         finished[todo[done]] = True
-        # the error shrinks by about (w_block / w_q) per step: hand flat spectra to the
-        # exact solver at once instead of iterating in vain
-        rate = w[:, -1].clamp(min=0) / w[:, q - 1].clamp(min=torch.finfo(g.dtype).tiny)
+        # the error shrinks by about (w_block - shift) / (w_q - shift) per step: hand flat
+        # spectra to the exact solver at once instead of iterating in vain
+        half = 0.5 * w[:, -1].clamp(min=0)
+        rate = half / (w[:, q - 1] - half).clamp(min=torch.finfo(g.dtype).tiny)
         left = _STEPS * (max_rounds - round_ - 1)
-        keep = ~done & (rate.pow(left) * resid.amax(dim=1) / top[:, 0] <= tol)
-        todo, basis = todo[keep], torch.bmm(basis, s)[keep]
+        error = resid.amax(dim=1)
+        keep = ~done & (rate.pow(left) * error / top[:, 0] <= tol)
+        todo, basis, shift = todo[keep], torch.bmm(basis, s)[keep], half[keep, None, None]
         if todo.numel() == 0:
             break
         sub = g[todo]
+        need = torch.log(tol * top[keep, 0] / error[keep]) / torch.log(rate[keep])
+        need = torch.where(rate[keep] > 0, need, 1.0)
+        run = int(need.nan_to_num(_STEPS).clamp(1, _STEPS).ceil().max())
     missing = (~finished).nonzero().flatten()
     if missing.numel():
         vals[missing], vecs[missing] = _exact_top_torch(g[missing], q)
