@@ -55,7 +55,7 @@ def test_nested_scopes_tune_once_and_restore_once(monkeypatch):
     with kept_heap() as outer:
         with kept_heap() as inner:
             assert outer and inner
-        assert fake.calls == [("mallopt", _memory._M_MMAP_THRESHOLD, 2**30),
+        assert fake.calls == [("mallopt", _memory._M_MMAP_THRESHOLD, 128 * 2**20),
                               ("mallopt", _memory._M_TRIM_THRESHOLD, 2**31 - 1)]
     assert fake.calls[2:] == [("mallopt", _memory._M_MMAP_THRESHOLD, 32 * 2**20),
                               ("mallopt", _memory._M_TRIM_THRESHOLD, 64 * 2**20),
@@ -72,11 +72,11 @@ def test_restores_after_an_error(monkeypatch):
 
 
 def test_an_older_glibc_gets_its_largest_threshold(monkeypatch):
-    fake = FakeLibc(cap=32 * 2**20)  # glibc < 2.35 refuses more than HEAP_MAX_SIZE / 2
+    fake = FakeLibc(cap=32 * 2**20)  # older glibc refuses more than HEAP_MAX_SIZE / 2
     monkeypatch.setattr(_memory, "_glibc", lambda: fake)
     with kept_heap():
         pass
-    assert fake.calls[:2] == [("mallopt", _memory._M_MMAP_THRESHOLD, 2**30),
+    assert fake.calls[:2] == [("mallopt", _memory._M_MMAP_THRESHOLD, 128 * 2**20),
                               ("mallopt", _memory._M_MMAP_THRESHOLD, 32 * 2**20)]
 
 

@@ -22,7 +22,6 @@ import pandas as pd
 import torch
 
 from . import __version__
-from ._memory import kept_heap
 from ._standardise import NonFiniteMaps
 from .ace import MIN_OBSERVATIONS, ace
 from .capture import capture, non_finite_error, resolve_budget, resolve_layers
@@ -336,10 +335,10 @@ def rank(
 
     Notes
     -----
-    On Linux with glibc, the run keeps freed memory in the ``malloc`` heap so that each
-    batch reuses the previous one's, and hands it back at the end (see
-    :mod:`pcace._memory`; ``PCACE_TUNE_MALLOC=0`` turns this off). Results do not depend
-    on it.
+    On Linux with glibc, the forward pass keeps freed memory (blocks up to 128 MiB) in the
+    ``malloc`` heap so that each batch reuses the previous one's, and hands it back when
+    the pass ends (see :mod:`pcace._memory`; ``PCACE_TUNE_MALLOC=0`` turns this off).
+    Results do not depend on it.
 
     Examples
     --------
@@ -369,10 +368,10 @@ def rank(
     ace_kwargs = dict(ace_options or {})
 
     batches = as_batches(images, batch_size, label=label)
-    with kept_heap(), capture(model, batches, names, score_fn, device=dev,
-                              memory_budget=memory_budget - memory_budget // 4,
-                              check_finite=False, spill_dir=spill_dir, progress=progress,
-                              device_memory_budget=device_memory_budget) as cap, \
+    with capture(model, batches, names, score_fn, device=dev,
+                 memory_budget=memory_budget - memory_budget // 4, check_finite=False,
+                 spill_dir=spill_dir, progress=progress,
+                 device_memory_budget=device_memory_budget) as cap, \
             reusing_buffers():
         scores = np.asarray(cap.scores, dtype=np.float64)
         _check_scores(scores)
