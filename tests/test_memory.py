@@ -101,9 +101,10 @@ def test_freed_blocks_are_reused_inside_and_returned_after():
     rss_before = _rss()
     with kept_heap() as tuned:
         assert tuned
+        _faults_of_cycles(2)  # maps the block (in a long-lived heap: maybe two places)
         kept = _faults_of_cycles(4)
         assert _rss() > rss_before + BLOCK // 2  # the freed block is still held
-    assert kept < 1.5 * pages  # mapped once, then reused
+    assert kept < pages // 2  # then reused, already mapped
     assert _rss() < rss_before + BLOCK // 4  # and handed back at the end
 
 
