@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ._memory import kept_heap
 from .data import as_batches
 from .targets import resolve_target
 
@@ -214,6 +215,7 @@ class _Ablator:
 
 # -------------------------------------------------------------------------- ablate
 
+@kept_heap()  # many forward passes: reuse each batch's memory
 def ablate(
     model: torch.nn.Module,
     images: Any,
@@ -504,6 +506,7 @@ def baseline_rankings(
     return {name: np.argsort(-v, kind="stable") for name, v in values.items()}
 
 
+@kept_heap()  # many forward passes: reuse each batch's memory
 def baseline_importance(
     model: torch.nn.Module,
     images: Any,
