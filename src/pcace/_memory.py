@@ -128,8 +128,10 @@ def mapped_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> 
     if count == 0:
         return torch.empty(shape, dtype=dtype)
     size = count * np_dtype.itemsize
-    if hasattr(mmap, "MAP_PRIVATE"):  # private: mmap's default, shared memory, would be shmem
-        buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    anonymous = getattr(mmap, "MAP_ANONYMOUS", getattr(mmap, "MAP_ANON", None))
+    if hasattr(mmap, "MAP_PRIVATE") and anonymous is not None:
+        # private: mmap's default, a shared mapping, would be shmem
+        buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | anonymous)
     else:  # Windows: anonymous memory backed by the paging file
         buffer = mmap.mmap(-1, size)
     return torch.from_numpy(np.frombuffer(buffer, dtype=np_dtype).reshape(shape))
