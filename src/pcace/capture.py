@@ -502,7 +502,7 @@ class ActivationStore:
             self._new_segment(layer)
             return
         if layer.device is not None:  # the device is full: the whole layer moves to RAM
-            layer.segments = [seg.cpu() for seg in layer.segments]
+            layer.segments = [_in_ram(seg) for seg in layer.segments]
             layer.device = None
             self._reserve(name, 0)
         if not layer.spilled:
@@ -594,6 +594,12 @@ class ActivationStore:
             self._dir = Path(tempfile.mkdtemp(prefix="pcace-spill-", dir=parent))
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
         return self._dir
+
+
+def _in_ram(segment: torch.Tensor) -> torch.Tensor:
+    """A copy of a device segment in the store's RAM (its own mapping, as new segments)."""
+    with torch.inference_mode(False):
+        return mapped_empty(tuple(segment.shape)).copy_(segment)
 
 
 class _SpillWriter:

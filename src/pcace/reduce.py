@@ -324,7 +324,8 @@ def top_eigenpairs(g: torch.Tensor, q: int, *, tol: float = 1e-12, max_rounds: i
 
     A dense ``eigh`` of every ``m x m`` Gram matrix costs most of the reduce step when
     ``m`` is in the hundreds, yet only a few components are kept. This runs block subspace
-    iteration (block ``q + 6``, a Rayleigh-Ritz check every 6 steps) until each kept pair's
+    iteration (block ``q + 6``, shifted after the first Rayleigh-Ritz check, the next check
+    where the predicted error reaches ``tol``, at most 6 steps on) until each kept pair's
     residual ``||G v - lambda v||`` is below ``tol * lambda_1``; matrices that cannot get
     there within ``max_rounds`` checks (a flat spectrum, judged from the Ritz values) go to
     an exact solver (LAPACK's subset ``evx`` on the CPU). Small matrices (``m <= 96``) go
