@@ -1,7 +1,7 @@
 """Compiled dense linear algebra of the reduce step: Gram matrices and top eigenpairs.
 
-One channel per thread, each with single-threaded BLAS/LAPACK calls (the caller limits
-BLAS to one thread). Torch's batched ``eigh`` and ``qr`` on stacks of small matrices pay a
+One channel per thread (pcace's own threads, :mod:`pcace._threads`), each with
+single-threaded BLAS/LAPACK calls (the caller limits BLAS to one thread). Torch's batched ``eigh`` and ``qr`` on stacks of small matrices pay a
 parallel region per matrix on the CPU, which costs far more than the arithmetic (and
 collapses when another process holds a core); its batched matrix product computes both
 halves of a symmetric Gram matrix, where BLAS's ``syrk`` computes one.
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import llvmlite.binding as llvm
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import get_cython_function_address
 
-from . import _ace_numba  # noqa: F401 - sets numba's threading layer before first use
+from ._threads import parallel_ranges
 
 
 def _bind(module: str, name: str, n_args: int) -> types.ExternalFunction:
@@ -34,8 +34,7 @@ _ssyrk = _bind("cython_blas", "ssyrk", 10)
 _dsyrk = _bind("cython_blas", "dsyrk", 10)
 
 
-@njit(parallel=True, cache=True)
-def gram(x, pixel_side, out):  # pragma: no cover - compiled
+def gram(x: np.ndarray, pixel_side: bool, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Gram matrices of a C-contiguous float32/float64 ``(C, N, P)`` block, in float64.
 
     ``pixel_side=False``: ``x[c] @ x[c].T`` (``N x N``); ``True``: ``x[c].T @ x[c]``
@@ -52,9 +51,17 @@ def gram(x, pixel_side, out):  # pragma: no cover - compiled
         raise ValueError("gram: the Gram side must be the smaller one")
     if out.shape != (c, m, m):
         raise ValueError("gram: out must have shape (C, m, m)")
-    single = x.itemsize == 4
     spread = np.zeros(c)
-    for ci in prange(c):
+    parallel_ranges(_gram_range, c, x, bool(pixel_side), out, spread)
+    return out, spread
+
+
+@njit(nogil=True, cache=True)
+def _gram_range(lo, hi, x, pixel_side, out, spread):  # pragma: no cover - compiled
+    _, n, p = x.shape
+    m = out.shape[1]
+    single = x.itemsize == 4
+    for ci in range(lo, hi):
         uplo = np.array([ord("U")], np.uint8)
         # column-major A = x[ci]^T (p x n): images side A^T A, pixel side A A^T
         trans = np.array([ord("N") if pixel_side else ord("T")], np.uint8)
@@ -84,11 +91,10 @@ def gram(x, pixel_side, out):  # pragma: no cover - compiled
             trace += v
             squares += v * v
         spread[ci] = trace * trace / (squares * m) if squares > 0.0 else 1.0
-    return out, spread
 
 
-@njit(parallel=True, cache=True)
-def exact_top(g, q, which, vals, vecs, single):  # pragma: no cover - compiled
+def exact_top(g: np.ndarray, q: int, which: np.ndarray, vals: np.ndarray, vecs: np.ndarray,
+              single: bool) -> np.ndarray:
     """Top ``q`` eigenpairs (descending) of the matrices ``g[which]``, by LAPACK's ``syevx``.
 
     Writes ``vals[i]`` (``(C, q)``) and ``vecs[i]`` (``(C, m, q)``) for each ``i`` in
@@ -96,9 +102,16 @@ def exact_top(g, q, which, vals, vecs, single):  # pragma: no cover - compiled
     in float32 (``ssyevx``), for Gram matrices that were computed in float32 (their values
     are exact in float32), else in float64 (``dsyevx``).
     """
-    m = g.shape[1]
     status = np.zeros(which.size, np.int32)
-    for t in prange(which.size):
+    parallel_ranges(_exact_range, which.size, g, np.int64(q), which, vals, vecs, bool(single),
+                    status)
+    return status
+
+
+@njit(nogil=True, cache=True)
+def _exact_range(lo, hi, g, q, which, vals, vecs, single, status):  # pragma: no cover
+    m = g.shape[1]
+    for t in range(lo, hi):
         ci = which[t]
         jobz = np.array([ord("V")], np.uint8)
         by_index = np.array([ord("I")], np.uint8)  # eigenvalues il..iu, ascending
@@ -137,7 +150,6 @@ def exact_top(g, q, which, vals, vecs, single):  # pragma: no cover - compiled
         for j in range(q):
             vals[ci, j] = w[q - 1 - j]
             vecs[ci, :, j] = z[q - 1 - j]
-    return status
 
 
 @njit(cache=True)
@@ -161,9 +173,9 @@ def _steps_to_converge(rate, error, target, most):  # pragma: no cover - compile
     return min(most, max(1, int(np.ceil(np.log(target / error) / np.log(rate)))))
 
 
-@njit(parallel=True, cache=True)
-def top_eigenpairs_batch(g, which, start, q, tol, first, steps,
-                         max_rounds):  # pragma: no cover - compiled
+def top_eigenpairs_batch(g: np.ndarray, which: np.ndarray, start: np.ndarray, q: int,
+                         tol: float, first: int, steps: int, max_rounds: int
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top ``q`` eigenpairs of the matrices ``g[which]`` (descending), and which converged.
 
     Returns ``vals`` ``(C, q)``, ``vecs`` ``(C, m, q)`` and ``done`` ``(C,)`` for all ``C``
@@ -180,12 +192,21 @@ def top_eigenpairs_batch(g, which, start, q, tol, first, steps,
     early, unconverged, for an exact solver.
     """
     c, m, _ = g.shape
-    b = start.shape[1]
     vals = np.zeros((c, q))
     vecs = np.zeros((c, m, q))
     done = np.zeros(c, np.bool_)
+    parallel_ranges(_iterate_range, which.size, g, which, start, np.int64(q), float(tol),
+                    np.int64(first), np.int64(steps), np.int64(max_rounds), vals, vecs, done)
+    return vals, vecs, done
+
+
+@njit(nogil=True, cache=True)
+def _iterate_range(lo, hi, g, which, start, q, tol, first, steps, max_rounds, vals, vecs,
+                   done):  # pragma: no cover - compiled
+    m = g.shape[1]
+    b = start.shape[1]
     tiny = np.finfo(np.float64).tiny
-    for t in prange(which.size):
+    for t in range(lo, hi):
         ci = which[t]
         a = g[ci]
         basis = np.ascontiguousarray(np.linalg.qr(a @ start)[0])
@@ -220,4 +241,3 @@ def top_eigenpairs_batch(g, which, start, q, tol, first, steps,
                 break  # a flat spectrum: hand it to the exact solver now
             basis = np.ascontiguousarray(basis @ s)
             run = _steps_to_converge(rate, worst, tol * top, steps)
-    return vals, vecs, done

@@ -4,24 +4,32 @@ The reduce step works on ``(C, N, P)`` blocks (channels x images x pixels). Torc
 reductions over the middle axis plus the subtract/scale passes read the block about six
 times; this compiled kernel reads it once for the column statistics (accumulated in
 float64 whatever the block's dtype) and once more to write the standardised values,
-parallel over channels.
+parallel over channels on pcace's own threads.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 
-from . import _ace_numba  # noqa: F401 - sets numba's threading layer before first use
+from ._threads import parallel_ranges
 
 
-@njit(parallel=True, cache=True)
-def _standardise(x, constant_ulps, eps):  # pragma: no cover - compiled
-    c, n, p = x.shape
+def _standardise(x: np.ndarray, constant_ulps: float, eps: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    c, _, p = x.shape
     constant = np.zeros((c, p), np.bool_)
     finite = np.ones(c, np.bool_)
-    for ci in prange(c):
+    parallel_ranges(_standardise_range, c, x, float(constant_ulps), float(eps), constant,
+                    finite)
+    return constant, finite
+
+
+@njit(nogil=True, cache=True)
+def _standardise_range(lo, hi, x, constant_ulps, eps, constant, finite):  # pragma: no cover
+    _, n, p = x.shape
+    for ci in range(lo, hi):
         shift = x[ci, 0].astype(np.float64)
         s1 = np.zeros(p)
         s2 = np.zeros(p)
@@ -58,7 +66,6 @@ def _standardise(x, constant_ulps, eps):  # pragma: no cover - compiled
             row = x[ci, i]
             for j in range(p):
                 row[j] = (np.float64(row[j]) - mean[j]) * inv[j]
-    return constant, finite
 
 
 class NonFiniteMaps(ValueError):
