@@ -40,7 +40,8 @@ def main() -> None:
         ds = image_folder(args.data, class_name=args.class_name, transform=loaded.transform)
         ds = torch.utils.data.Subset(ds, range(min(args.images, len(ds))))
         res = pcace.rank(loaded.model, ds, args.target, categories=loaded.categories,
-                         batch_size=32, model_spec=loaded.spec)
+                         batch_size=32)
+        res.manifest["model"]["spec"] = loaded.spec
         res.save(f"{args.out}/{name}")
         print(f"\n== {loaded.description}: layers by median PCACE")
         columns = ["layer", "channels", "median", "q90", "max", "top_channels"]

@@ -112,7 +112,7 @@ def test_ranking_inputs_and_errors(toy):
         ablate(model, x, 0, "conv", [0, 1, 2, 2], sizes=(1,))
     with pytest.raises(ValueError, match="mode"):
         ablate(model, x, 0, "conv", [0, 1, 2, 3], mode="noise")
-    with pytest.raises(ValueError, match="did you mean 'conv'"):
+    with pytest.raises(ValueError, match="unknown layer 'cnv'. Valid names, closest first: conv"):
         ablate(model, x, 0, "cnv", [0, 1, 2, 3])
     with pytest.raises(ValueError, match="labels"):
         ablate(model, x, 0, "conv", [0, 1, 2, 3], labels=[0, 1])

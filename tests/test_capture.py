@@ -11,7 +11,6 @@ from pcace.capture import (
     ActivationStore,
     Capture,
     capture,
-    channel_chunks,
     conv_layer_names,
     describe_layers,
     resolve_layers,
@@ -368,21 +367,20 @@ def test_spill_dir_removed_on_garbage_collection():
     assert not directory.exists()
 
 
-def test_channel_chunks_bounded_and_complete():
+def test_blocks_in_channel_counts_are_bounded_and_complete():
     net = _net()
     with capture(net, _batches(n=20), ["block.0"], _score, memory_budget=0,
                  progress=False) as cap:
-        per_channel = 20 * 6 * 6 * 4
-        chunks = list(channel_chunks(cap, "block.0", 2.5 * per_channel))
+        chunks = list(cap.blocks("block.0", 2))
         assert [(s.start, s.stop) for s, _ in chunks] == [(0, 2), (2, 4), (4, 6)]
-        assert all(t.numel() * 4 <= 2.5 * per_channel for _, t in chunks)
-        assert torch.equal(torch.cat([t for _, t in chunks], 1), cap.layer("block.0"))
-        tiny = list(cap.channel_chunks("block.0", 1))
-        assert len(tiny) == 6 and all(t.shape[1] == 1 for _, t in tiny)
-        with pytest.raises(ValueError, match="max_bytes"):
-            list(channel_chunks(cap, "block.0", 0))
+        expected = cap.layer("block.0").flatten(2).transpose(0, 1)
+        assert torch.equal(torch.cat([t for _, t in chunks]), expected)
+        tiny = list(cap.blocks("block.0", 1))
+        assert len(tiny) == 6 and all(t.shape[0] == 1 for _, t in tiny)
+        with pytest.raises(ValueError, match="channels"):
+            list(cap.blocks("block.0", 0))
         with pytest.raises(KeyError, match="not captured"):
-            list(channel_chunks(cap, "conv1", 1000))
+            list(cap.blocks("conv1", 1000))
 
 
 def test_activation_store_checks():
@@ -432,17 +430,21 @@ def test_unknown_count_uses_segments_and_matches_known(monkeypatch, budget):
             assert unknown.spilled["conv1"]
 
 
-def test_blocks_are_views_of_a_layer_in_ram_and_copies_when_spilled():
+def test_destructive_blocks_are_views_of_a_layer_in_ram_and_copies_when_spilled():
     net = _net()
     with capture(net, _batches(n=20), ["conv1"], _score, progress=False) as ram, \
             capture(net, _batches(n=20), ["conv1"], _score, memory_budget=0,
                     progress=False) as disk:
-        (_, view), = list(ram.blocks("conv1", 10**9))
-        (_, copy), = list(disk.blocks("conv1", 10**9))
+        (_, own), = list(ram.blocks("conv1", 4))
+        own.zero_()  # not destructive: the caller's own copy
+        assert not (ram.layer("conv1") == 0).all()
+        (_, view), = list(ram.blocks("conv1", 4, destructive=True))
+        (_, copy), = list(disk.blocks("conv1", 4, destructive=True))
         assert torch.equal(view, copy) and view.shape == (4, 20, 64)
         view.zero_()  # the pipeline standardises in place: the store sees it
         assert (ram.layer("conv1") == 0).all()
         copy.zero_()
+        assert not (disk.layer("conv1") == 0).all()
         assert not (disk.layer("conv1") == 0).all()
 
 
@@ -458,7 +460,7 @@ def test_fewer_images_than_announced():
 
 
 def test_auto_budget():
-    from pcace.capture import default_memory_budget, resolve_budget
+    from pcace.plan import default_memory_budget, resolve_budget
 
     assert resolve_budget("auto") == default_memory_budget() >= 2**30
     assert resolve_budget(12345) == 12345
@@ -467,7 +469,7 @@ def test_auto_budget():
 
 
 def test_spill_write_error_is_reported_and_cleaned_up(monkeypatch, tmp_path):
-    import pcace.capture as capture_module
+    import pcace.store as store_module
 
     class FullDisk:
         def __init__(self, *args, **kwargs):
@@ -482,7 +484,7 @@ def test_spill_write_error_is_reported_and_cleaned_up(monkeypatch, tmp_path):
         def close(self):
             pass
 
-    monkeypatch.setattr(capture_module, "open", FullDisk, raising=False)
+    monkeypatch.setattr(store_module, "open", FullDisk, raising=False)
     with pytest.raises(OSError, match=r"could not spill layer 'conv1'.*No space left"):
         capture(_net(), _batches(), ["conv1"], _score, memory_budget=0, spill_dir=tmp_path,
                 progress=False)
@@ -493,14 +495,13 @@ def test_read_ahead_of_spilled_blocks_stops_cleanly(tmp_path):
     net = _net()
     with capture(net, _batches(n=20), ["conv1"], _score, memory_budget=0, spill_dir=tmp_path,
                  progress=False) as cap:
-        per_channel = 20 * 8 * 8 * 4
-        walk = cap.blocks("conv1", per_channel)  # one channel per block: reads run ahead
+        walk = cap.blocks("conv1", 1)  # one channel per block: reads run ahead
         (first, block), = [next(walk)]
         assert (first.start, first.stop) == (0, 1)
         expected = cap.layer("conv1", 0).flatten(2).transpose(0, 1)
         assert torch.equal(block, expected)
         walk.close()  # the consumer stops early: the reader thread is joined
-        assert [s.start for s, _ in cap.blocks("conv1", per_channel)] == [0, 1, 2, 3]
+        assert [s.start for s, _ in cap.blocks("conv1", 1)] == [0, 1, 2, 3]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -18,18 +18,21 @@ BLOCK = 64 * 2**20  # above glibc's largest automatic mmap threshold (32 MiB)
 
 
 class FakeLibc:
-    """Records mallopt/malloc_trim calls; refuses mmap thresholds above ``cap``."""
+    """A C library whose malloc parameters can be read back; caps the mmap threshold."""
 
     def __init__(self, cap=2**31):
-        self.calls = []
+        self.params = {}
+        self.trims = 0
         self.cap = cap
 
     def mallopt(self, param, value):
-        self.calls.append(("mallopt", param, value))
-        return int(param != _memory._M_MMAP_THRESHOLD or value <= self.cap)
+        if param == _memory._M_MMAP_THRESHOLD and value > self.cap:
+            return 0
+        self.params[param] = value
+        return 1
 
     def malloc_trim(self, pad):
-        self.calls.append(("malloc_trim", pad))
+        self.trims += 1
         return 1
 
 
@@ -38,17 +41,28 @@ def _rss():
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def test_nested_scopes_tune_once_and_restore_once(monkeypatch):
+MMAP, TRIM = _memory._M_MMAP_THRESHOLD, _memory._M_TRIM_THRESHOLD
+
+
+def test_nested_scopes_keep_the_heap_until_the_outermost_ends(monkeypatch):
     fake = FakeLibc()
     monkeypatch.setattr(_memory, "_glibc", lambda: fake)
     with kept_heap() as outer:
         with kept_heap() as inner:
             assert outer and inner
-        assert fake.calls == [("mallopt", _memory._M_MMAP_THRESHOLD, 128 * 2**20),
-                              ("mallopt", _memory._M_TRIM_THRESHOLD, 2**31 - 1)]
-    assert fake.calls[2:] == [("mallopt", _memory._M_MMAP_THRESHOLD, 32 * 2**20),
-                              ("mallopt", _memory._M_TRIM_THRESHOLD, 64 * 2**20),
-                              ("malloc_trim", 0)]
+            assert fake.params[MMAP] >= 128 * 2**20 and fake.params[TRIM] >= 2**30
+        # the inner scope's end changed nothing: the heap is still kept, nothing trimmed
+        assert fake.params[MMAP] >= 128 * 2**20 and fake.trims == 0
+    assert fake.params == {MMAP: 32 * 2**20, TRIM: 64 * 2**20}  # glibc's usual ceiling
+    assert fake.trims == 1  # the free memory went back to the system
+
+
+def test_disabled_scope_leaves_malloc_alone(monkeypatch):
+    fake = FakeLibc()
+    monkeypatch.setattr(_memory, "_glibc", lambda: fake)
+    with kept_heap(False) as tuned:
+        assert not tuned
+    assert fake.params == {} and fake.trims == 0
 
 
 def test_restores_after_an_error(monkeypatch):
@@ -56,17 +70,67 @@ def test_restores_after_an_error(monkeypatch):
     monkeypatch.setattr(_memory, "_glibc", lambda: fake)
     with pytest.raises(RuntimeError), kept_heap():
         raise RuntimeError("boom")
-    assert fake.calls[-1] == ("malloc_trim", 0)
-    assert _memory._depth == 0
+    assert fake.params == {MMAP: 32 * 2**20, TRIM: 64 * 2**20} and fake.trims == 1
+    with kept_heap():  # and a later scope tunes again
+        assert fake.params[MMAP] >= 128 * 2**20
 
 
 def test_an_older_glibc_gets_its_largest_threshold(monkeypatch):
     fake = FakeLibc(cap=32 * 2**20)  # older glibc refuses more than HEAP_MAX_SIZE / 2
     monkeypatch.setattr(_memory, "_glibc", lambda: fake)
     with kept_heap():
-        pass
-    assert fake.calls[:2] == [("mallopt", _memory._M_MMAP_THRESHOLD, 128 * 2**20),
-                              ("mallopt", _memory._M_MMAP_THRESHOLD, 32 * 2**20)]
+        assert fake.params[MMAP] == 32 * 2**20
+
+
+_UNTOUCHED_PROBE = """
+import ctypes, json
+import torch
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc.mallinfo2.restype = MallInfo2
+SIZE = 30 * 2**20  # below glibc's ceiling (32 MiB), above anything this process freed
+
+import pcace
+from pcace.zoo import mnist_cnn
+torch.manual_seed(0)
+pcace.rank(mnist_cnn(), torch.rand(40, 1, 28, 28), 3, progress=False)
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(SIZE)
+mapped = libc.mallinfo2().hblkhd - before >= SIZE  # its own mapping, or from the heap?
+libc.free(block)
+print(json.dumps({"mapped": mapped}))
+"""
+
+
+def _probe_malloc(env):
+    import os
+
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("PCACE_TUNE_MALLOC", *_memory._USER_SETTINGS)}
+    clean.update(env)
+    run = subprocess.run([sys.executable, "-c", _UNTOUCHED_PROBE], capture_output=True,
+                         text=True, timeout=300, env=clean)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@glibc
+@pytest.mark.skipif(not hasattr(_memory._glibc() or object(), "mallinfo2"),
+                    reason="needs glibc >= 2.33 (mallinfo2)")
+def test_import_and_rank_leave_malloc_alone_unless_asked():
+    # a plain `import pcace` and `pcace.rank`: glibc's own dynamic mmap threshold is still
+    # in force, so a 30 MiB block larger than anything freed so far gets its own mapping
+    assert _probe_malloc({}) == {"mapped": True}
+    # asked for (PCACE_TUNE_MALLOC=1, as the pcace command sets it): the threshold is left
+    # fixed at glibc's ceiling afterwards, so the same block comes from the heap
+    assert _probe_malloc({"PCACE_TUNE_MALLOC": "1"}) == {"mapped": False}
 
 
 @pytest.mark.parametrize("env", [{"PCACE_TUNE_MALLOC": "0"}, {"PCACE_TUNE_MALLOC": "off"},
@@ -166,8 +230,8 @@ def test_a_closed_capture_hands_its_memory_back():
     images = torch.rand(256, 3, 64, 64)  # the conv's maps: 256 x 16 x 64 x 64 floats = 64 MiB
 
     def run():
-        with capture(net, images.split(32), ["0"], lambda out: out[:, 0],
-                     progress=False) as cap:
+        with capture(net, images.split(32), ["0"], lambda out: out[:, 0], progress=False,
+                     tune_malloc=True) as cap:  # its end trims the pass's heap
             return _rss(), float(cap.layer("0").sum())
 
     run()  # warm-up: lazy imports, first allocations

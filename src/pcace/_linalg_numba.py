@@ -1,7 +1,8 @@
 """Compiled dense linear algebra of the reduce step: Gram matrices and top eigenpairs.
 
 One channel per thread (pcace's own threads, :mod:`pcace._threads`), each with
-single-threaded BLAS/LAPACK calls (the caller limits BLAS to one thread). Torch's batched ``eigh`` and ``qr`` on stacks of small matrices pay a
+single-threaded BLAS/LAPACK calls (the caller limits BLAS to one thread). Torch's batched
+``eigh`` and ``qr`` on stacks of small matrices pay a
 parallel region per matrix on the CPU, which costs far more than the arithmetic (and
 collapses when another process holds a core); its batched matrix product computes both
 halves of a symmetric Gram matrix, where BLAS's ``syrk`` computes one.

@@ -4,21 +4,25 @@ A forward pass allocates and frees hundreds of megabytes per batch (each layer's
 glibc's ``malloc`` serves blocks above its mmap threshold (at most 32 MiB by default) with
 fresh ``mmap`` calls and unmaps them on free, so every batch faults its working memory in
 again, page by page, and a heap whose free top passes the trim threshold gives it back to
-the system just as often: 1.5 million page faults in a bare ResNet-18 pass over 300 images
-at 224 x 224, 5.9 s instead of 4.7 s on a 2-core VM. :func:`kept_heap` raises the
-thresholds for a stage of a run (the forward pass; the reduce step), so freed blocks stay
-in the heap and the next batch reuses them already mapped, then sets them back and hands
-the free memory to the system (``malloc_trim``), so one stage's heap does not stay
-resident through the next.
+the system just as often. :func:`kept_heap` raises the thresholds for the forward pass,
+so freed blocks stay in the heap and the next batch reuses them already mapped, then sets
+them back and hands the free memory to the system (``malloc_trim``).
+
+This changes process-wide settings, so a library must not do it behind its host's back:
+it is **off by default**. It is turned on by ``tune_malloc=True`` (in :func:`pcace.rank`,
+:func:`pcace.capture.capture`, :func:`pcace.ablate.ablate`, ...) or by the environment
+variable ``PCACE_TUNE_MALLOC=1``; the ``pcace`` command, which owns its process, turns it on
+unless ``PCACE_TUNE_MALLOC=0``. Once tuned, glibc offers no way to restore its automatic
+threshold adjustment: the thresholds are left at the values that adjustment reaches in a
+PyTorch process (32 MiB / 64 MiB), fixed. The gain is measured in ``benchmarks/README.md``
+("The kept heap"). Only glibc on Linux is tuned; elsewhere (macOS, Windows, musl, or
+jemalloc/tcmalloc preloaded, which glibc's ``mallopt`` does not reach) it does nothing
+useful. glibc's own malloc settings (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
+``GLIBC_TUNABLES``) always win.
 
 The activation store is the run's largest and longest-lived allocation, so it does not go
 through ``malloc`` at all: :func:`mapped_empty` gives tensors backed by their own anonymous
 mapping, returned to the system as soon as the tensor is freed, whatever the heap does.
-
-Only glibc on Linux is tuned; elsewhere (macOS, Windows, musl) :func:`kept_heap` does
-nothing. Set the environment variable ``PCACE_TUNE_MALLOC=0`` to leave ``malloc`` alone;
-it is also left alone when the process sets glibc's own malloc tunables
-(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or ``GLIBC_TUNABLES``).
 """
 
 from __future__ import annotations
@@ -55,11 +59,28 @@ _lock = threading.Lock()
 _depth = 0
 
 
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
+
+
+def tuning_requested(tune_malloc: bool | None = None) -> bool:
+    """Whether a run should keep its heap: ``tune_malloc``, else ``PCACE_TUNE_MALLOC`` (off).
+
+    Examples
+    --------
+    >>> tuning_requested(False)
+    False
+    """
+    if tune_malloc is not None:
+        return bool(tune_malloc)
+    return os.environ.get("PCACE_TUNE_MALLOC", "").strip().lower() in _ON
+
+
 def _glibc() -> Any | None:
     """The process's C library when it is glibc and may be tuned, else None."""
     if not sys.platform.startswith("linux"):
         return None
-    if os.environ.get("PCACE_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
+    if os.environ.get("PCACE_TUNE_MALLOC", "").strip().lower() in _OFF:
         return None
     if any(key in os.environ for key in _USER_SETTINGS):
         return None
@@ -74,11 +95,12 @@ def _glibc() -> Any | None:
 
 
 @contextlib.contextmanager
-def kept_heap() -> Iterator[bool]:
+def kept_heap(enabled: bool = True) -> Iterator[bool]:
     """Keep freed memory in the heap while the block runs, then return it to the system.
 
-    Yields whether ``malloc`` was tuned (glibc on Linux, not turned off). Nested and
-    concurrent uses tune once: the outermost exit restores.
+    Yields whether ``malloc`` was tuned (``enabled``, glibc on Linux, not turned off by
+    ``PCACE_TUNE_MALLOC=0`` or glibc's own settings). Nested and concurrent uses tune once:
+    the outermost exit sets the thresholds back and trims the heap.
 
     Examples
     --------
@@ -90,7 +112,7 @@ def kept_heap() -> Iterator[bool]:
     16777216.0
     """
     global _depth
-    libc = _glibc()
+    libc = _glibc() if enabled else None
     if libc is None:
         yield False
         return

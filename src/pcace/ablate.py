@@ -30,7 +30,6 @@ Examples
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from numbers import Integral
@@ -40,9 +39,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._memory import kept_heap
+from ._memory import kept_heap, tuning_requested
 from .data import as_batches
+from .hooks import evaluating, forward_hooks
+from .layers import unknown_layers_message
 from .targets import resolve_target
+from .validation import device as resolve_device
+from .validation import integer
 
 __all__ = [
     "BASELINES",
@@ -59,27 +62,12 @@ BASELINES = ("mean_abs_activation", "weight_l1", "taylor", "layer_conductance")
 
 # ------------------------------------------------------------------------- helpers
 
-def _device(device: str | torch.device) -> torch.device:
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r}: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
-    return dev
-
-
 def _module(model: torch.nn.Module, layer: str) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     modules = dict(model.named_modules())
     if not isinstance(layer, str) or layer not in modules or layer == "":
-        names = [n for n in modules if n]
-        close = difflib.get_close_matches(str(layer), names, n=3)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"model has no module {layer!r}{hint}")
+        raise ValueError(unknown_layers_message([str(layer)], [n for n in modules if n]))
     return modules[layer]
 
 
@@ -180,8 +168,8 @@ def _sizes(sizes: Any, n_channels: int) -> list[int]:
 class _Ablator:
     """Runs the model with a set of channels of one module replaced."""
 
-    def __init__(self, model, module, batches, score_fn, dev, labels, fill, base_scores):
-        self.model, self.module, self.batches = model, module, batches
+    def __init__(self, model, layer, batches, score_fn, dev, labels, fill, base_scores):
+        self.model, self.layer, self.batches = model, layer, batches
         self.score_fn, self.dev, self.labels, self.fill = score_fn, dev, labels, fill
         self.base_scores = base_scores
         self.cache: dict[frozenset, tuple[float, float | None, float]] = {}
@@ -201,12 +189,9 @@ class _Ablator:
                     out[:, idx] = fill.to(out.dtype)
                 return out
 
-            handle = self.module.register_forward_hook(hook)
-            try:
+            with forward_hooks(self.model, {self.layer: hook}):
                 scores, preds = _forward(self.model, self.batches, self.score_fn, self.dev,
                                          self.labels is not None)
-            finally:
-                handle.remove()
             acc = None if preds is None else float((preds == self.labels).double().mean())
             change = float((scores - self.base_scores).abs().mean())
             self.cache[key] = (float(scores.mean()), acc, change)
@@ -215,7 +200,6 @@ class _Ablator:
 
 # -------------------------------------------------------------------------- ablate
 
-@kept_heap()  # many forward passes: reuse each batch's memory
 def ablate(
     model: torch.nn.Module,
     images: Any,
@@ -227,11 +211,12 @@ def ablate(
     repeats: int = 10,
     labels: Any = None,
     batch_size: int = 64,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     seed: int = 0,
     baselines: Mapping[str, Any] | bool | None = None,
     *,
     reference: Any = None,
+    tune_malloc: bool | None = None,
 ) -> pd.DataFrame:
     """Score and accuracy drop when a ranking's top, bottom or random channels are ablated.
 
@@ -242,7 +227,8 @@ def ablate(
     Parameters
     ----------
     model : torch.nn.Module
-        The network; put in eval mode.
+        The network. It runs in eval mode on ``device``; its training flags and device
+        are restored afterwards (:func:`pcace.hooks.evaluating`).
     images : tensor, Dataset or DataLoader
         Preprocessed images, as for :func:`pcace.rank`; read once and kept in
         memory.
@@ -269,8 +255,8 @@ def ablate(
         Class index per image; adds the accuracy drop (top-1, argmax of the output).
     batch_size : int, default 64
         Images per forward pass.
-    device : str or torch.device, default "cpu"
-        Where the model runs (``"auto"``: CUDA when available).
+    device : str or torch.device, default "auto"
+        Where the model runs (``"auto"``: CUDA when available, else the CPU).
     seed : int, default 0
         Seed of the random channel sets (``np.random.default_rng(seed)``).
     baselines : mapping name -> ranking, or True, optional
@@ -279,6 +265,9 @@ def ablate(
     reference : tensor, Dataset or DataLoader, optional
         Images whose mean maps fill the ablated channels in ``mode="mean"``
         (default: ``images``). See the notes.
+    tune_malloc : bool, optional
+        Keep freed memory in glibc's heap over the many forward passes (process-wide;
+        off unless True or ``PCACE_TUNE_MALLOC=1``; see :mod:`pcace._memory`).
 
     Returns
     -------
@@ -326,15 +315,20 @@ def ablate(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, Integral) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1; got {repeats!r}")
-    if isinstance(seed, bool) or not isinstance(seed, Integral):
-        raise ValueError(f"seed must be an int; got {seed!r}")
-    module = _module(model, layer)
-    dev = _device(device)
+    integer(repeats, "repeats")
+    integer(seed, "seed", minimum=None)
+    _module(model, layer)
+    dev = resolve_device(device)
     score_fn = resolve_target(target)
-    model.eval()
-    model.to(dev)
+    with evaluating(model, dev), kept_heap(tuning_requested(tune_malloc)):
+        return _ablate(model, images, score_fn, layer, ranking, sizes, mode, repeats, labels,
+                       batch_size, dev, seed, baselines, reference)
+
+
+def _ablate(model: torch.nn.Module, images: Any, score_fn: Callable, layer: str,
+            ranking: Any, sizes: Sequence[int], mode: str, repeats: int, labels: Any,
+            batch_size: int, dev: torch.device, seed: int, baselines: Any,
+            reference: Any) -> pd.DataFrame:
     batches = _batches(images, batch_size)
     n_images = sum(len(b) for b in batches)
     label_t = _labels(labels, n_images)
@@ -350,8 +344,7 @@ def ablate(
         else:
             total.append(s)
 
-    handle = module.register_forward_hook(record)
-    try:
+    with forward_hooks(model, {layer: record}):
         base_scores, base_preds = _forward(model, batches, score_fn, dev, label_t is not None)
         if reference is not None and mode == "mean":
             total.clear()
@@ -360,8 +353,6 @@ def ablate(
             n_reference = sum(len(b) for b in ref_batches)
         else:
             n_reference = n_images
-    finally:
-        handle.remove()
     if not total:
         raise ValueError(f"module {layer!r} was not called in the forward pass")
     mean_map = total[0] / n_reference
@@ -390,7 +381,7 @@ def ablate(
     ms = _sizes(sizes, n_channels)
 
     fill = mean_map.to(dev) if mode == "mean" else None
-    runner = _Ablator(model, module, batches, score_fn, dev, label_t, fill, base_scores)
+    runner = _Ablator(model, layer, batches, score_fn, dev, label_t, fill, base_scores)
     rows: list[dict[str, Any]] = []
 
     def row(name: str, selection: str, m: int, results: list[tuple]) -> None:
@@ -446,15 +437,16 @@ def baseline_rankings(
     *,
     methods: Sequence[str] | None = None,
     batch_size: int = 64,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     conductance_steps: int = 20,
+    tune_malloc: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """Channel orders (best first) of ``layer`` by common importance measures.
 
     Parameters
     ----------
     model : torch.nn.Module
-        The network; put in eval mode.
+        The network. It runs in eval mode on ``device``, and is restored afterwards.
     images : tensor, Dataset or DataLoader
         Preprocessed images.
     target : int, str or callable
@@ -479,11 +471,13 @@ def baseline_rankings(
           missing, with a warning when asked for.
     batch_size : int, default 64
         Images per pass.
-    device : str or torch.device, default "cpu"
-        Where the model runs.
+    device : str or torch.device, default "auto"
+        Where the model runs (CUDA when available, else the CPU).
     conductance_steps : int, default 20
         Integration steps of layer conductance (each one a forward and
         backward pass).
+    tune_malloc : bool, optional
+        As for :func:`ablate`.
 
     Returns
     -------
@@ -502,11 +496,10 @@ def baseline_rankings(
     """
     values = baseline_importance(model, images, target, layer, methods=methods,
                                  batch_size=batch_size, device=device,
-                                 conductance_steps=conductance_steps)
+                                 conductance_steps=conductance_steps, tune_malloc=tune_malloc)
     return {name: np.argsort(-v, kind="stable") for name, v in values.items()}
 
 
-@kept_heap()  # many forward passes: reuse each batch's memory
 def baseline_importance(
     model: torch.nn.Module,
     images: Any,
@@ -515,8 +508,9 @@ def baseline_importance(
     *,
     methods: Sequence[str] | None = None,
     batch_size: int = 64,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     conductance_steps: int = 20,
+    tune_malloc: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """The importance values behind :func:`baseline_rankings` (same arguments).
 
@@ -539,19 +533,24 @@ def baseline_importance(
     for m in wanted:
         if m not in BASELINES:
             raise ValueError(f"unknown baseline {m!r}; expected some of {BASELINES}")
-    if isinstance(conductance_steps, bool) or not isinstance(conductance_steps, Integral) \
-            or conductance_steps < 1:
-        raise ValueError(f"conductance_steps must be an int >= 1; got {conductance_steps!r}")
+    integer(conductance_steps, "conductance_steps")
     module = _module(model, layer)
-    dev = _device(device)
+    dev = resolve_device(device)
     score_fn = resolve_target(target)
-    model.eval()
-    model.to(dev)
+    with evaluating(model, dev), kept_heap(tuning_requested(tune_malloc)):
+        return _baseline_importance(model, module, images, score_fn, layer, wanted, explicit,
+                                    batch_size, dev, conductance_steps)
+
+
+def _baseline_importance(model: torch.nn.Module, module: torch.nn.Module, images: Any,
+                         score_fn: Callable, layer: str, wanted: list[str], explicit: bool,
+                         batch_size: int, dev: torch.device, conductance_steps: int
+                         ) -> dict[str, np.ndarray]:
     batches = _batches(images, batch_size)
     out: dict[str, np.ndarray] = {}
 
     if "mean_abs_activation" in wanted or "taylor" in wanted:
-        abs_sum, taylor_sum, n = _activation_pass(model, module, batches, score_fn, dev, layer,
+        abs_sum, taylor_sum, n = _activation_pass(model, batches, score_fn, dev, layer,
                                                   "taylor" in wanted)
         if "mean_abs_activation" in wanted:
             out["mean_abs_activation"] = abs_sum / n
@@ -587,7 +586,7 @@ def baseline_importance(
     return {m: out[m] for m in BASELINES if m in out}
 
 
-def _activation_pass(model, module, batches, score_fn, dev, layer, with_grad):
+def _activation_pass(model, batches, score_fn, dev, layer, with_grad):
     """Sums over images of mean |activation| and of the Taylor term, per channel."""
     held: list[torch.Tensor] = []
 
@@ -600,8 +599,7 @@ def _activation_pass(model, module, batches, score_fn, dev, layer, with_grad):
 
     abs_sum = taylor_sum = None
     n = 0
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hooks(model, {layer: hook}):
         for x in batches:
             held.clear()
             with torch.set_grad_enabled(with_grad):
@@ -617,8 +615,6 @@ def _activation_pass(model, module, batches, score_fn, dev, layer, with_grad):
                     term = (act.detach() * grad).flatten(2).sum(dim=2).abs().double().sum(dim=0)
                     taylor_sum = term if taylor_sum is None else taylor_sum + term
             n += x.shape[0]
-    finally:
-        handle.remove()
     taylor = None if taylor_sum is None else taylor_sum.cpu().numpy()
     return abs_sum.cpu().numpy(), taylor, n
 

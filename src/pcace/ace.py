@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 from .smoothers import KINDS, SortedAxis, smooth
-
-MIN_OBSERVATIONS = 10
+from .validation import MIN_OBSERVATIONS
 
 
 @dataclass

@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -124,7 +122,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from .capture import describe_layers
+    from .layers import describe_layers
 
     loaded = _load(args)
     shape = tuple(args.input_shape or loaded.input_shape or (3, 224, 224))
@@ -134,71 +132,19 @@ def cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
-DATA_KEYS = ("class_name", "label", "limit", "resize", "crop", "mean", "std", "path_column",
-             "label_column", "target_column")
+def _data_spec(args: argparse.Namespace) -> dict:
+    from .data import DATA_OPTIONS, describe_data
 
-
-def data_spec(args: argparse.Namespace) -> dict:
-    """The JSON description of the data options, as recorded in run.json."""
-    spec = {"path": str(Path(args.data).resolve())}
-    spec.update({key: getattr(args, key, None) for key in DATA_KEYS})
-    return spec
-
-
-def open_dataset(spec: dict, loaded: Any) -> tuple[Any, list[str] | None]:
-    """Open the dataset a data spec describes, preprocessed for ``loaded``'s model."""
-    from . import data
-
-    path = Path(spec["path"])
-    if not path.exists():
-        raise FileNotFoundError(f"data path {path} does not exist")
-    custom = any(spec.get(k) is not None for k in ("resize", "crop", "mean", "std"))
-    transform = loaded.transform
-    if transform is None or custom:
-        transform = data.default_transform(resize=spec.get("resize"), crop=spec.get("crop"),
-                                           mean=spec.get("mean"), std=spec.get("std"))
-    classes = None
-    if path.suffix.lower() == ".csv":
-        spec["kind"] = "csv"
-        ds = data.csv_images(path, path_column=spec.get("path_column") or "path",
-                             label_column=spec.get("label_column"),
-                             target_column=spec.get("target_column"), transform=transform)
-        classes = list(getattr(ds, "classes", None) or []) or None
-    elif _is_mnist(path):
-        spec["kind"] = "mnist"
-        ds = data.mnist_idx(path, digit=spec.get("label"))
-    else:
-        spec["kind"] = "image_folder"
-        ds = data.image_folder(path, class_name=spec.get("class_name"), transform=transform)
-        classes = list(getattr(ds, "classes", None) or []) or None
-    if spec.get("limit"):
-        ds = torch.utils.data.Subset(ds, range(min(int(spec["limit"]), len(ds))))
-    return ds, classes
-
-
-def normalisation(spec: dict, loaded: Any) -> tuple[Any, Any]:
-    """(mean, std) the images were normalised with, for display; (None, None) if unknown."""
-    if spec.get("mean") is not None:
-        return spec.get("mean"), spec.get("std")
-    tf = loaded.transform
-    for obj in [tf, *getattr(tf, "transforms", [])]:
-        if getattr(obj, "mean", None) is not None and getattr(obj, "std", None) is not None:
-            return list(obj.mean), list(obj.std)
-    return None, None
-
-
-def _is_mnist(path: Path) -> bool:
-    if path.is_file():
-        return "idx" in path.name
-    return any("idx3" in p.name for p in path.iterdir())
+    return describe_data(args.data, **{key: getattr(args, key, None) for key in DATA_OPTIONS})
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
+    from .data import normalisation, open_dataset, stack_images
     from .rank import rank
 
     loaded = _load(args)
-    spec = data_spec(args)
-    ds, classes = open_dataset(spec, loaded)
+    spec = _data_spec(args)
+    ds, classes = open_dataset(spec, loaded.transform)
     components: int | float = args.components
     if float(components).is_integer() and components >= 1:
         components = int(components)
@@ -207,11 +153,11 @@ def cmd_rank(args: argparse.Namespace) -> int:
                   batch_size=args.batch_size, device=args.device,
                   memory_budget=args.memory_budget, score=args.score, label=label,
                   categories=loaded.categories or classes, seed=args.seed,
-                  progress=not args.no_progress, model_spec=loaded.spec, data_spec=spec,
-                  permutations=args.permutations, bootstrap=args.bootstrap, level=args.level,
-                  interval=args.interval)
+                  progress=not args.no_progress, permutations=args.permutations,
+                  bootstrap=args.bootstrap, level=args.level, interval=args.interval)
     skipped = getattr(getattr(ds, "dataset", ds), "skipped", 0)
-    result.manifest["data"]["skipped_images"] = int(skipped or 0)
+    result.manifest["model"]["spec"] = loaded.spec
+    result.manifest["data"].update(spec=spec, skipped_images=int(skipped or 0))
     out = result.save(args.out)
     _print_summary(result, args.top)
     print(f"wrote {out}/ (channels.csv, layers.csv, run.json)")
@@ -219,7 +165,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         from .viz import collect_assets, write_report
 
         images, _ = stack_images(ds, label=label)
-        mean, std = normalisation(spec, loaded)
+        mean, std = normalisation(spec, loaded.transform)
         collect_assets(out, loaded.model, images, result, mean=mean, std=std,
                        device=result.manifest["device"])
         print(f"wrote {write_report(out)}")
@@ -252,16 +198,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def stack_images(ds: Any, label: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """All images of a dataset as one tensor (in iteration order), with labels if it has any."""
-    from .data import as_batches
-
-    batches = as_batches(ds, 64, label=label)
-    images = torch.cat(list(batches))
-    labels = getattr(batches, "labels", None)
-    return images, (torch.as_tensor(labels) if labels is not None else None)
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from .rank import load
     from .viz import write_report
@@ -273,8 +209,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from .ablate import ablate, faithfulness_summary
+    from .data import open_dataset, stack_images
     from .models import load_model
-    from .rank import load, resolve_device
+    from .rank import load
     from .targets import target_from_dict
 
     run = load(args.run_dir)
@@ -288,7 +225,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         raise ValueError("this run does not record how its model and data were loaded (it was "
                          "made from Python); call pcace.ablate(...) from Python instead")
     loaded = load_model(spec)
-    ds, _ = open_dataset(dict(dspec), loaded)
+    ds, _ = open_dataset(dict(dspec), loaded.transform)
     label = dspec.get("label") if dspec.get("kind") == "csv" else None
     images, labels = stack_images(ds, label=label)
     target = target_from_dict(manifest["target"])
@@ -298,7 +235,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         rankings["pcace_adj"] = table.sort_values("pcace_adj", ascending=False).channel.to_numpy()
     curves = ablate(loaded.model, images, target, args.layer, rankings, sizes=args.sizes,
                     mode=args.mode, repeats=args.repeats, labels=labels,
-                    batch_size=args.batch_size, device=resolve_device(args.device),
+                    batch_size=args.batch_size, device=args.device,
                     seed=args.seed, baselines=not args.no_baselines)
     out = Path(args.run_dir) / f"ablation_{args.layer}.csv"
     curves.to_csv(out, index=False)
@@ -318,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pcace`` command (set PCACE_DEBUG=1 to see tracebacks)."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    # this command owns its process: keep the forward pass's freed memory in the heap
+    # (faster on glibc; a library call leaves malloc alone unless asked)
+    os.environ.setdefault("PCACE_TUNE_MALLOC", "1")
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, TypeError, ImportError) as err:

@@ -621,3 +621,85 @@ def as_batches(images: Any, batch_size: int = 64, label: Any = None) -> ImageBat
         return ImageBatches(loader, batch_size, None, n)
     raise ValueError(f"cannot read images from {type(images).__name__}; give a tensor "
                      "(N, C, H, W), a Dataset or a DataLoader")
+
+
+# ------------------------------------------------------------------ data sources by path
+
+#: The options of a data source recorded in a run's manifest (besides its path).
+DATA_OPTIONS = ("class_name", "label", "limit", "resize", "crop", "mean", "std", "path_column",
+                "label_column", "target_column")
+
+
+def describe_data(path: str | Path, **options: Any) -> dict:
+    """The JSON description of a data source: its absolute path and the options given.
+
+    Examples
+    --------
+    >>> spec = describe_data(".", limit=10)
+    >>> spec["limit"], spec["crop"]
+    (10, None)
+    """
+    unknown = sorted(set(options) - set(DATA_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown data options {unknown}; expected some of {DATA_OPTIONS}")
+    spec: dict[str, Any] = {"path": str(Path(path).resolve())}
+    spec.update({key: options.get(key) for key in DATA_OPTIONS})
+    return spec
+
+
+def _is_mnist(path: Path) -> bool:
+    if path.is_file():
+        return "idx" in path.name
+    return any("idx3" in p.name for p in path.iterdir())
+
+
+def open_dataset(spec: dict, transform: Any = None) -> tuple[Dataset, list[str] | None]:
+    """Open the data source ``spec`` describes (:func:`describe_data`) and its class names.
+
+    The kind is detected from the path: a ``.csv`` file (:func:`csv_images`), MNIST IDX
+    files (:func:`mnist_idx`), else an image folder (:func:`image_folder`). ``transform``
+    (the model's own preprocessing) is used unless the spec sets ``resize``, ``crop``,
+    ``mean`` or ``std``. Sets ``spec["kind"]``.
+    """
+    path = Path(spec["path"])
+    if not path.exists():
+        raise FileNotFoundError(f"data path {path} does not exist")
+    if any(spec.get(k) is not None for k in ("resize", "crop", "mean", "std")) \
+            or transform is None:
+        transform = default_transform(resize=spec.get("resize"), crop=spec.get("crop"),
+                                      mean=spec.get("mean"), std=spec.get("std"))
+    classes = None
+    if path.suffix.lower() == ".csv":
+        spec["kind"] = "csv"
+        ds: Dataset = csv_images(path, path_column=spec.get("path_column") or "path",
+                                 label_column=spec.get("label_column"),
+                                 target_column=spec.get("target_column"), transform=transform)
+        classes = list(getattr(ds, "classes", None) or []) or None
+    elif _is_mnist(path):
+        spec["kind"] = "mnist"
+        ds = mnist_idx(path, digit=spec.get("label"))
+    else:
+        spec["kind"] = "image_folder"
+        ds = image_folder(path, class_name=spec.get("class_name"), transform=transform)
+        classes = list(getattr(ds, "classes", None) or []) or None
+    if spec.get("limit"):
+        ds = torch.utils.data.Subset(ds, range(min(int(spec["limit"]), len(ds))))
+    return ds, classes
+
+
+def normalisation(spec: dict, transform: Any = None) -> tuple[Any, Any]:
+    """(mean, std) the images were normalised with, for display; (None, None) if unknown."""
+    if spec.get("mean") is not None:
+        return spec.get("mean"), spec.get("std")
+    for obj in [transform, *getattr(transform, "transforms", [])]:
+        if getattr(obj, "mean", None) is not None and getattr(obj, "std", None) is not None:
+            return list(obj.mean), list(obj.std)
+    return None, None
+
+
+def stack_images(ds: Any, label: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All images of a dataset as one tensor (in iteration order), with labels if it has any."""
+    batches = as_batches(ds, 64, label=label)
+    images = torch.cat(list(batches))
+    labels = getattr(batches, "labels", None)
+    return images, (torch.as_tensor(labels) if labels is not None else None)

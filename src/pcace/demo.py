@@ -82,10 +82,11 @@ def run_demo(out: str | Path | None = "pcace-demo", data: str | Path | None = No
     x, y = full.tensors
     chosen = x[y == digit][:images]
     result = rank(model, chosen, target=ClassLogit(digit), progress=progress, device="cpu",
-                  permutations=permutations,
-                  data_spec={"source": source, "digit": digit, "images": len(chosen)},
-                  model_spec={"factory": "pcace.zoo:mnist_cnn", "trained": f"{epochs} epochs, "
-                              "seed 0", "held_out_accuracy": acc})
+                  permutations=permutations)
+    result.manifest["model"]["spec"] = {"factory": "pcace.zoo:mnist_cnn",
+                                        "trained": f"{epochs} epochs, seed 0",
+                                        "held_out_accuracy": acc}
+    result.manifest["data"]["spec"] = {"source": source, "digit": digit, "images": len(chosen)}
     result.manifest["demo"] = {"held_out_accuracy": acc, "seconds": time.perf_counter() - t0}
     if out is not None:
         result.save(out)

@@ -46,13 +46,17 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 import torch
 
 from ._standardise import NonFiniteMaps
+from .validation import components as check_components
+from .validation import maps as check_maps
+
+__all__ = ["NonFiniteMaps", "Reduction", "principal_components", "reduce_block",
+           "reusing_buffers", "top_eigenpairs"]
 
 #: A column is constant when its spread is below this many ulps of its magnitude.
 CONSTANT_ULPS = 8.0
@@ -144,8 +148,8 @@ def principal_components(
     >>> tuple(red.scores.shape), red.n_components.tolist()
     ((4, 50, 3), [3, 3, 3, 3])
     """
-    x_in = _check_maps(maps)
-    _check_components(components, max_components)
+    x_in = check_maps(maps)
+    check_components(components, max_components)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
     n, c, p = x_in.shape
@@ -183,7 +187,7 @@ def reduce_block(block: torch.Tensor, components: int | float = 3, *,
     >>> reduce_block(block, 2).scores.shape
     torch.Size([4, 50, 2])
     """
-    k_fixed, fraction = _check_components(components, max_components)
+    k_fixed, fraction = check_components(components, max_components)
     if block.ndim != 3 or block.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"block must be a (C, N, P) float32 or float64 tensor; got "
                          f"{tuple(block.shape)} {block.dtype}")
@@ -215,48 +219,6 @@ def reduce_block(block: torch.Tensor, components: int | float = 3, *,
     kept = eigvals[:, : min(width, r)].clamp(min=0) * keep[:, : min(width, r)]
     explained = torch.where(total > 0, kept.sum(dim=1) / torch.where(total > 0, total, 1), 0)
     return Reduction(scores=scores, n_components=n_comp, explained_variance=explained, dead=dead)
-
-
-def _check_maps(maps: Any) -> torch.Tensor:
-    if not isinstance(maps, torch.Tensor):
-        try:
-            maps = torch.as_tensor(np.asarray(maps))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"maps must be a tensor (N, C, H, W) or (N, C, P): {err}") from None
-    if maps.ndim == 4:
-        maps = maps.flatten(2)
-    if maps.ndim != 3:
-        raise ValueError(f"maps must have shape (N, C, H, W) or (N, C, P); got "
-                         f"{tuple(maps.shape)}. For a single channel use maps[:, None]")
-    if maps.is_complex() or maps.dtype == torch.bool:
-        raise ValueError(f"maps must be real-valued; got dtype {maps.dtype}")
-    n, c, p = maps.shape
-    if n < 2:
-        raise ValueError(f"maps needs at least 2 images (first axis) to standardise; got {n}")
-    if c < 1 or p < 1:
-        raise ValueError(f"maps has no channels or no pixels: shape {tuple(maps.shape)}")
-    return maps
-
-
-def _check_components(components: Any, max_components: Any) -> tuple[int, float | None]:
-    if isinstance(max_components, bool) or not isinstance(max_components, Integral) \
-            or max_components < 1:
-        raise ValueError(f"max_components must be an int >= 1; got {max_components!r}")
-    if isinstance(components, bool):
-        raise ValueError(f"components must be an int >= 1 or a float in (0, 1); "
-                         f"got {components!r}")
-    if isinstance(components, Integral):
-        if components < 1:
-            raise ValueError(f"components must be >= 1 when an int; got {components}")
-        return int(components), None
-    if isinstance(components, Real):
-        value = float(components)
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"components as a float is a variance fraction in (0, 1); got "
-                             f"{value}. For a fixed number of components pass an int")
-        return int(max_components), value
-    raise ValueError(f"components must be an int >= 1 or a float in (0, 1); "
-                     f"got {type(components).__name__} {components!r}")
 
 
 def _standardise_(x: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from numbers import Integral, Real
 from statistics import NormalDist
 from typing import Any
 
@@ -68,7 +67,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .ace import MIN_OBSERVATIONS, ace
+from .plan import MemoryPlan
+from .scoring import channel_values
+from .validation import MIN_OBSERVATIONS, float64_array, fraction, integer, score_kind
+from .validation import maps as check_maps
+from .validation import scores as check_scores
 
 __all__ = [
     "adjusted_value",
@@ -82,37 +85,14 @@ __all__ = [
     "share_significant",
 ]
 
-#: Default memory (bytes) that one batched ACE call may use for its inputs and outputs.
-CHUNK_BYTES = 2**27
+#: The working memory the statistics use when no plan is given (as ``pcace.rank`` with a
+#: 2 GiB budget would give them).
+_DEFAULT_PLAN = MemoryPlan(2 * 2**30)
 
 
 # ----------------------------------------------------------------------------- checks
 
-def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
-    return int(value)
-
-
-def _numpy64(a: Any, name: str) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().numpy()
-    try:
-        return np.asarray(a, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a numeric array: {err}") from None
-
-
-def _check_scores(scores: Any, n: int) -> np.ndarray:
-    y = _numpy64(scores, "scores")
-    if y.ndim != 1 or y.shape[0] != n:
-        raise ValueError(f"scores must have shape ({n},), one per image; got {y.shape}")
-    if not np.all(np.isfinite(y)):
-        bad = np.flatnonzero(~np.isfinite(y))[:10].tolist()
-        raise ValueError(f"scores holds NaN or inf at images {bad}")
-    if np.ptp(y) <= 0:
-        raise ValueError("scores is constant; a permutation null needs a score that varies")
-    return y
+_numpy64 = float64_array
 
 
 def _check_observed_matrix(observed: Any, matrix: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -140,43 +120,6 @@ def _channel_ids(channels: Sequence[int] | None, c: int) -> np.ndarray:
     if ids.shape != (c,):
         raise ValueError(f"channels must name one id per channel ({c}); got shape {ids.shape}")
     return ids
-
-
-def _chunk_size(chunk: int | None, n: int, k: int) -> int:
-    if chunk is None:
-        per_problem = (2 * k + 2) * n * 8  # x, y, theta, phi in float64
-        return max(1, CHUNK_BYTES // per_problem)
-    return _positive_int(chunk, "chunk")
-
-
-SCORES = ("maximal", "first-component")
-
-
-def _as_numpy(a: Any) -> np.ndarray:
-    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-
-
-def _rho(x: Any, y: Any, ace_options: dict, score: str = "maximal") -> np.ndarray:
-    """PCACE values of a batch of problems, as pcace.rank computes them.
-
-    ``"maximal"``: ACE's correlation clipped to [0, 1]; ``"first-component"``: the
-    published scripts' ``|corr(phi_1, theta)|``.
-    """
-    r = ace(x, y, **ace_options)
-    if score == "maximal":
-        return np.clip(_as_numpy(r.rho), 0.0, 1.0)
-    a = _as_numpy(r.phi)[..., 0]
-    b = _as_numpy(r.theta)
-    a = a - a.mean(-1, keepdims=True)
-    b = b - b.mean(-1, keepdims=True)
-    den = np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
-    return np.abs(np.where(den > 0, (a * b).sum(-1) / np.where(den > 0, den, 1.0), 0.0))
-
-
-def _check_score(score: Any) -> str:
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}; got {score!r}")
-    return score
 
 
 # -------------------------------------------------------------------- permutation null
@@ -248,10 +191,9 @@ def permutation_null(
     >>> permutation_null(z, rng.normal(size=60), permutations=20).shape
     (3, 20)
     """
-    b_count = _positive_int(permutations, "permutations")
-    if isinstance(seed, bool) or not isinstance(seed, Integral):
-        raise ValueError(f"seed must be an int; got {seed!r}")
-    _check_score(score)
+    b_count = integer(permutations, "permutations")
+    integer(seed, "seed", minimum=None)
+    score_kind(score)
     options = dict(ace_options or {})
     on_gpu = isinstance(z, torch.Tensor) and z.device.type != "cpu"
     if on_gpu:
@@ -268,8 +210,8 @@ def permutation_null(
         raise ValueError("z has no components (k = 0)")
     if not bool(torch.isfinite(zt).all()):
         raise ValueError("z holds NaN or inf")
-    y = _check_scores(scores, n)
-    step = _chunk_size(chunk, n, k)
+    y = check_scores(scores, n)
+    step = _DEFAULT_PLAN.ace_problems(n, k) if chunk is None else integer(chunk, "chunk")
 
     rng = np.random.default_rng(int(seed))
     perms = rng.permuted(np.tile(np.arange(n), (b_count, 1)), axis=1)  # (B, N)
@@ -299,7 +241,7 @@ def permutation_null(
                 ys = y_src[torch.as_tensor(pm, device=zt.device)]
             else:
                 xs, ys = z_live[ch], y_src[pm]
-            flat[start:start + idx.size] = _rho(xs, ys, options, score)
+            flat[start:start + idx.size] = channel_values(xs, ys, score, options)
             bar.update(idx.size)
     null[live] = flat.reshape(live.size, b_count)
     return null
@@ -458,8 +400,7 @@ def share_significant(q_values: Any, alpha: float = 0.05) -> float:
     >>> share_significant([0.01, 0.2, 0.04, 0.5])
     0.5
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be a number in (0, 1); got {alpha!r}")
+    fraction(alpha, "alpha")
     q = _numpy64(q_values, "q_values").ravel()
     if q.size == 0:
         raise ValueError("q_values is empty")
@@ -500,18 +441,6 @@ def interval_scheme(method: str) -> str:
     return INTERVALS[method]
 
 
-def _check_maps(maps: Any) -> torch.Tensor:
-    if not isinstance(maps, torch.Tensor):
-        try:
-            maps = torch.as_tensor(np.asarray(maps))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"maps must be a tensor (N, C, H, W): {err}") from None
-    if maps.ndim < 3:
-        raise ValueError(f"maps must have shape (N, C, H, W) or (N, C, P); got "
-                         f"{tuple(maps.shape)}. For one channel use maps[:, None]")
-    return maps
-
-
 def bootstrap_values(
     maps: Any,
     scores: Any,
@@ -520,7 +449,7 @@ def bootstrap_values(
     seed: int = 0,
     *,
     scheme: str = "half-sample",
-    chunk_bytes: int = 2**28,
+    chunk: int | None = None,
     score: str = "maximal",
     ace_options: dict | None = None,
     reduce_options: dict | None = None,
@@ -561,9 +490,10 @@ def bootstrap_values(
     scheme : {"half-sample", "replacement"}, default "half-sample"
         How images are drawn (see above). ``"half-sample"`` needs ``N >= 20``
         (half-samples of at least 10 images).
-    chunk_bytes : int, default 256 MiB
-        Memory for the resampled maps of one PCA call; replicates are stacked
-        along the channel axis up to this size.
+    chunk : int, optional
+        Replicates stacked along the channel axis in one PCA call. Default: as many
+        as fit the working memory of a 2 GiB :class:`pcace.plan.MemoryPlan`
+        (:func:`pcace.rank` passes its own plan's count).
     score : {"maximal", "first-component"}, default "maximal"
         As for :func:`permutation_null`.
     ace_options, reduce_options : dict, optional
@@ -602,20 +532,18 @@ def bootstrap_values(
     """
     from .reduce import principal_components
 
-    b_count = _positive_int(boots, "boots")
-    if isinstance(seed, bool) or not isinstance(seed, Integral):
-        raise ValueError(f"seed must be an int; got {seed!r}")
-    _positive_int(chunk_bytes, "chunk_bytes")
-    _check_score(score)
+    b_count = integer(boots, "boots")
+    integer(seed, "seed", minimum=None)
+    score_kind(score)
     if not isinstance(scheme, str) or scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}; got {scheme!r}")
-    m = _check_maps(maps)
+    m = check_maps(maps, min_images=1)
     n, c = m.shape[0], m.shape[1]
     half = scheme == "half-sample"
     if n < (2 if half else 1) * MIN_OBSERVATIONS:
         raise ValueError(f"a {scheme} bootstrap needs at least "
                          f"{(2 if half else 1) * MIN_OBSERVATIONS} images; got {n}")
-    y = _check_scores(scores, n)
+    y = check_scores(scores, n)
     options = dict(ace_options or {})
     red_options = dict(reduce_options or {})
 
@@ -629,8 +557,8 @@ def bootstrap_values(
                 break
         draws[i] = idx
 
-    per_replicate = max(1, m[0].numel() * size * 8)  # one replicate's maps in float64
-    step = max(1, chunk_bytes // per_replicate)
+    step = _DEFAULT_PLAN.replicates_per_call(size, c, m.shape[2]) if chunk is None \
+        else integer(chunk, "chunk")
     out = np.zeros((c, b_count), dtype=np.float64)
 
     from tqdm.auto import tqdm
@@ -650,20 +578,14 @@ def bootstrap_values(
             if live.size:
                 if z.device.type == "cpu":
                     zl = z[torch.as_tensor(live)].to(torch.float64).numpy()
-                    values[live] = _rho(zl, ys[live], options, score)
+                    values[live] = channel_values(zl, ys[live], score, options)
                 else:
                     zl = z[torch.as_tensor(live, device=z.device)].to(torch.float64)
-                    values[live] = _rho(zl, torch.as_tensor(ys[live], device=z.device), options,
-                                        score)
+                    values[live] = channel_values(
+                        zl, torch.as_tensor(ys[live], device=z.device), score, options)
             out[:, start:start + r] = values.reshape(r, c).T
             bar.update(r)
     return out
-
-
-def _level(level: Any) -> float:
-    if isinstance(level, bool) or not isinstance(level, Real) or not 0.0 < level < 1.0:
-        raise ValueError(f"level must be a number in (0, 1); got {level!r}")
-    return float(level)
 
 
 def _ranks_desc(values: np.ndarray) -> np.ndarray:
@@ -763,7 +685,7 @@ def bootstrap_summary(observed: Any, boot: Any, level: float = 0.95, *,
     [[0.794, 1.0], [0.0, 0.372]]
     """
     obs, bt = _check_observed_matrix(observed, boot, "boot")
-    lvl = _level(level)
+    lvl = fraction(level, "level")
     interval_scheme(method)
     if method == "half-sample" and bt.shape[1] < 2:
         raise ValueError("method='half-sample' needs at least 2 replicates (B >= 2)")
@@ -839,7 +761,7 @@ def layer_stability(observed: Any, boot: Any, top: int = 10, *,
     (1.0, [0, 1, 2, 3, 4], 1.0)
     """
     obs, bt = _check_observed_matrix(observed, boot, "boot")
-    size = _positive_int(top, "top")
+    size = integer(top, "top")
     c, b = bt.shape
     ids = _channel_ids(channels, c)
     size = min(size, c)

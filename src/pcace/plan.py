@@ -1,0 +1,141 @@
+"""One memory plan for a run: who may hold how many bytes, in channels and problems.
+
+A run's RAM budget (``memory_budget``) is split once, here, and every stage sizes its work
+from the plan in the units it works in:
+
+- the activation store holds captured maps in three quarters of the budget
+  (:attr:`MemoryPlan.store_bytes`); layers past it spill to disk;
+- the reduce step's working memory (Gram matrices, eigen work, spilled blocks read back
+  and the next one read ahead, float64 copies) and the statistics' batched ACE calls and
+  resampled maps share the last quarter (:attr:`MemoryPlan.work_bytes`), one stage at a time.
+
+Stages take counts (channels per block, problems per ACE call, replicates per PCA call),
+never bytes: the plan is the only place that converts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .validation import byte_count
+
+#: Activations are kept as float32.
+BYTES_PER_VALUE = 4
+
+
+def default_memory_budget() -> int:
+    """The memory budget ``"auto"`` stands for: a quarter of the machine's memory.
+
+    The machine's memory is the smaller of its physical RAM and a cgroup (container) limit,
+    when either is known; the budget is at least 1 GiB, and 2 GiB when nothing is known.
+
+    Examples
+    --------
+    >>> default_memory_budget() >= 2**30
+    True
+    """
+    import os
+    from pathlib import Path
+
+    sizes = []
+    try:
+        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            sizes.append(int(text))
+    if not sizes:
+        return 2 * 2**30
+    return max(2**30, min(sizes) // 4)
+
+
+def resolve_budget(memory_budget: Any) -> int:
+    """``"auto"`` -> :func:`default_memory_budget`; a number of bytes is checked and kept.
+
+    Examples
+    --------
+    >>> resolve_budget(2**30)
+    1073741824
+    """
+    if isinstance(memory_budget, str) and memory_budget == "auto":
+        return default_memory_budget()
+    return byte_count(memory_budget, "memory_budget")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a run's RAM budget is shared between the store and the work on it.
+
+    Parameters
+    ----------
+    budget : int
+        Bytes of RAM for activations and the work on them (the forward pass's own memory
+        and the model come on top).
+
+    Examples
+    --------
+    >>> plan = MemoryPlan(2**30)
+    >>> plan.store_bytes + plan.work_bytes == 2**30
+    True
+    >>> plan.channels_per_block((64, 8, 8), 300, spilled=False)
+    64
+    """
+
+    budget: int
+
+    @classmethod
+    def from_budget(cls, memory_budget: Any) -> MemoryPlan:
+        """A plan for ``memory_budget`` (bytes, or ``"auto"``)."""
+        return cls(resolve_budget(memory_budget))
+
+    @property
+    def store_bytes(self) -> int:
+        """Bytes of captured activations held in RAM."""
+        return self.budget - self.work_bytes
+
+    @property
+    def work_bytes(self) -> int:
+        """Bytes for one stage's working memory: the reduce step, or a batch of statistics."""
+        return self.budget // 4
+
+    def channels_per_block(self, shape: tuple[int, ...], n: int, spilled: bool,
+                           float64: bool = False) -> int:
+        """Channels of a ``(C, H, W)`` layer over ``n`` images that one reduce step takes.
+
+        Per channel the reduce step holds the Gram matrix in the data's precision and in
+        float64 plus the eigensolver's work (about 28 m^2 bytes, m = min(N, P)); for a
+        spilled layer the block read from disk and the next one, read ahead
+        (2 x 4 N P bytes); and a float64 working copy (8 N P) when ``float64``. A layer
+        held in RAM is reduced in place, in the store's own memory. At least one channel.
+        """
+        p = int(np.prod(shape[1:]))
+        m = min(n, p)
+        per_channel = 28 * m * m + (2 * BYTES_PER_VALUE * n * p if spilled else 0) + \
+            (8 * n * p if float64 else 0)
+        return int(min(shape[0], max(1, self.work_bytes // per_channel)))
+
+    def ace_problems(self, n: int, k: int) -> int:
+        """ACE problems of ``n`` observations and ``k`` predictors per batched call.
+
+        Each holds its inputs and outputs in float64 (x, y, theta, phi: ``(2k + 2) n``
+        values) and the engine's sorted copies and smoother work (as much again).
+        """
+        per_problem = 2 * (2 * k + 2) * n * 8
+        return max(1, self.work_bytes // per_problem)
+
+    def replicates_per_call(self, n: int, channels: int, pixels: int) -> int:
+        """Bootstrap replicates of ``channels`` maps of ``n`` images stacked in one PCA call.
+
+        A replicate's resampled maps in float64 plus the reduce step's Gram work.
+        """
+        m = min(n, pixels)
+        per_replicate = channels * (8 * n * pixels + 28 * m * m)
+        return max(1, self.work_bytes // max(1, per_replicate))
