@@ -97,9 +97,10 @@ class deferred_signals:  # noqa: N801 - used as a context manager, like contextl
     Examples
     --------
     >>> with deferred_signals(message=False) as guard:
+    ...     installed = guard.active
     ...     guard.check()
-    >>> guard.active
-    True
+    >>> installed, guard.active
+    (True, False)
     """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
