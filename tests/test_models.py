@@ -16,6 +16,8 @@ from pcace.models import (
     count_parameters,
     load_model,
     load_state_dict_file,
+    output_size,
+    rebuild_model,
     resolve_torchvision_weights,
     weights_hash,
 )
@@ -105,9 +107,9 @@ def test_factory_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot import"):
         load_model("no_such_package_xyz.models:net")
     with pytest.raises(ValueError, match="not a torch.nn.Module"):
-        load_model("collections:OrderedDict")
+        load_model("collections:OrderedDict", random_weights=True)
     with pytest.raises(ValueError, match="model_kwargs"):
-        load_model("pcace.zoo:mnist_cnn", model_kwargs={"width": 3})
+        load_model("pcace.zoo:mnist_cnn", model_kwargs={"width": 3}, random_weights=True)
 
 
 def test_checkpoint_with_pickled_model_is_refused(tmp_path):
@@ -142,7 +144,7 @@ def test_torchvision_random_weights_and_reload():
 def test_torchvision_unknown_name_suggests():
     with pytest.raises(ValueError, match="resnet18"):
         load_model("torchvision:resnet181")
-    assert load_model("torchvision:ResNet18").spec["name"] == "resnet18"
+    assert load_model("torchvision:ResNet18", weights="none").spec["name"] == "resnet18"
 
 
 def test_torchvision_weights_resolve_without_download():
@@ -183,18 +185,170 @@ def test_torchvision_state_dict_file(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_torchscript(tmp_path):
+def test_torchscript_is_refused_with_what_to_use(tmp_path):
+    """PyTorch runs no hooks on ScriptModules, nor on their submodules: refuse, say why."""
     net = mnist_cnn().eval()
     path = tmp_path / "mnist.ts"
     torch.jit.save(torch.jit.script(net), str(path))
-    loaded = load_model(str(path))
-    x = torch.rand(2, 1, 28, 28)
-    with torch.no_grad():
-        assert torch.allclose(loaded.model(x), net(x))
-    assert loaded.spec["kind"] == "torchscript"
+    scripted = torch.jit.load(str(path))
+    for module in (scripted, dict(scripted.named_modules())["conv1"]):
+        with pytest.raises(RuntimeError, match="not supported on ScriptModules"):
+            module.register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match=r"TorchScript .*no forward hooks.*torch\.export"):
+        load_model(str(path))
     torch.save(net.state_dict(), tmp_path / "sd.pt")
-    with pytest.raises(ValueError, match="not a TorchScript"):
+    with pytest.raises(ValueError, match="not an exported program.*package.module:factory"):
         load_model(str(tmp_path / "sd.pt"))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    net = mnist_cnn().eval()
+    path = tmp_path_factory.mktemp("export") / "mnist.pt2"
+    batch = torch.export.Dim.DYNAMIC
+    program = torch.export.export(net, (torch.rand(4, 1, 28, 28),),
+                                  dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+    return net, path
+
+
+def test_exported_program_loads_with_working_hooks(exported):
+    net, path = exported
+    loaded = load_model(str(path))
+    assert loaded.spec["kind"] == "exported" and loaded.input_shape == (1, 28, 28)
+    assert weights_hash(loaded.model) == weights_hash(net)
+    seen = []
+    layer = dict(loaded.model.named_modules())["conv2"]
+    layer.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), net(x), atol=1e-6)
+    assert seen == [(5, 16, 14, 14)]
+
+
+def test_exported_program_with_fixed_batch_is_refused(tmp_path):
+    path = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(mnist_cnn().eval(), (torch.rand(2, 1, 28, 28),)),
+                      str(path))
+    with pytest.raises(ValueError, match="batches of exactly 2.*Dim.DYNAMIC"):
+        load_model(str(path))
+
+
+def test_rank_runs_on_an_exported_program(exported):
+    import pcace
+
+    _, path = exported
+    loaded = load_model(str(path))
+    res = pcace.rank(loaded.model, torch.rand(40, 1, 28, 28), target=3, layers=["conv1"],
+                     progress=False, device="cpu")
+    assert len(res.channels) == 8 and res.channels.pcace.between(0, 1).all()
+
+
+# --- no silent random weights ------------------------------------------------------------------
+
+def test_factory_without_checkpoint_is_refused():
+    with pytest.raises(ValueError, match=r"pcace.zoo:cifar_resnet20 has no trained weights .*"
+                       "random_weights=True"):
+        load_model("pcace.zoo:cifar_resnet20")
+    with pytest.raises(ValueError, match="no trained weights"):
+        load_model("torchvision:resnet18")
+
+
+def test_random_weights_are_seeded_and_recorded():
+    a = load_model("pcace.zoo:cifar_resnet20", random_weights=True)
+    b = load_model("pcace.zoo:cifar_resnet20", random_weights=True)
+    c = load_model("pcace.zoo:cifar_resnet20", random_weights=True, seed=1)
+    assert weights_hash(a.model) == weights_hash(b.model) != weights_hash(c.model)
+    assert a.spec["random_weights"] is True and a.spec["seed"] == 0 and c.spec["seed"] == 1
+    assert "random weights (seed 1)" in c.description
+    again = load_model(json.loads(json.dumps(c.spec)))
+    assert weights_hash(again.model) == weights_hash(c.model)
+    state = torch.random.get_rng_state()
+    tv = load_model("torchvision:resnet18", weights="none", seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
+    assert weights_hash(tv.model) == weights_hash(load_model(tv.spec).model)
+
+
+# --- rebuilding the model a run records (pcace ablate) -----------------------------------------
+
+def recorded(loaded: LoadedModel) -> dict:
+    """run.json's model entry, as rank writes it, through JSON."""
+    return json.loads(json.dumps({"class": type(loaded.model).__name__,
+                                  "weights_sha256": weights_hash(loaded.model),
+                                  "spec": loaded.spec}))
+
+
+def test_rebuild_refuses_a_factory_named_only_in_run_json(tmp_path):
+    marker = tmp_path / "pwned"
+    entry = {"weights_sha256": "0" * 16,
+             "spec": {"kind": "factory", "spec": "os:system", "weights": None,
+                      "checkpoint": None, "model_kwargs": {"command": f"touch {marker}"}}}
+    with pytest.raises(ValueError, match="not a known builder.*--model os:system"):
+        rebuild_model(entry)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="differs from the run's model"):
+        rebuild_model(entry, model="pcace.zoo:mnist_cnn")
+    assert not marker.exists()
+    entry["spec"]["kind"] = "torchvision"  # a builder's kind with someone else's spec
+    with pytest.raises(ValueError, match="not a known builder"):
+        rebuild_model(entry)
+    entry["spec"].update(kind="factory", spec="pcace.zoo:torch")  # not a zoo factory
+    with pytest.raises(ValueError, match="not a known builder"):
+        rebuild_model(entry)
+    assert not marker.exists()
+
+
+def test_rebuild_known_builders_and_check_the_hash(tmp_path):
+    net = mnist_cnn()
+    torch.save(net.state_dict(), tmp_path / "mnist.pt")
+    loaded = load_model("pcace.zoo:mnist_cnn", checkpoint=tmp_path / "mnist.pt")
+    entry = recorded(loaded)
+    assert weights_hash(rebuild_model(entry).model) == entry["weights_sha256"]
+    tv = load_model("torchvision:resnet18", weights="none", seed=2)
+    assert weights_hash(rebuild_model(recorded(tv)).model) == weights_hash(tv.model)
+    with torch.no_grad():
+        net.conv1.weight.add_(1.0)
+    torch.save(net.state_dict(), tmp_path / "mnist.pt")  # the checkpoint changed since the run
+    with pytest.raises(ValueError, match=r"weights \(hash [0-9a-f]{16}\) differ from the run's "
+                       r".*mnist.pt changed since the run.*--checkpoint"):
+        rebuild_model(entry)
+    torch.save(mnist_cnn().state_dict(), tmp_path / "moved.pt")
+    with pytest.raises(ValueError, match="differ from the run's"):
+        rebuild_model(entry, checkpoint=tmp_path / "moved.pt")
+    del entry["weights_sha256"]
+    with pytest.raises(ValueError, match="records no weights_sha256"):
+        rebuild_model(entry)
+
+
+def test_rebuild_a_user_factory_named_again(tmp_path):
+    net = mnist_cnn()
+    torch.save(net.state_dict(), tmp_path / "mnist.pt")
+    loaded = load_model("pcace.zoo:MnistCNN", checkpoint=tmp_path / "mnist.pt")
+    entry = recorded(loaded)
+    rebuilt = rebuild_model(entry, model="pcace.zoo:MnistCNN")
+    assert weights_hash(rebuilt.model) == weights_hash(net)
+
+
+def test_rebuild_refuses_unsafe_recorded_kwargs():
+    entry = {"weights_sha256": "0" * 16,
+             "spec": {"kind": "timm", "spec": "timm:resnet18", "weights": None,
+                      "checkpoint": None,
+                      "model_kwargs": {"pretrained_cfg_overlay": {"file": "/x.pkl"}}}}
+    with pytest.raises(ValueError, match="cannot be replayed safely"):
+        rebuild_model(entry)
+
+
+def test_rebuild_exported_needs_the_file_named(exported):
+    net, path = exported
+    entry = recorded(load_model(str(path)))
+    with pytest.raises(ValueError, match="name it again with --model"):
+        rebuild_model(entry)
+    assert weights_hash(rebuild_model(entry, model=str(path)).model) == weights_hash(net)
+
+
+def test_output_size():
+    assert output_size(mnist_cnn(), (1, 28, 28)) == 10
+    assert output_size(cifar_resnet20(num_classes=1), (3, 32, 32)) == 1
 
 
 def test_timm_missing_says_pip_install(monkeypatch):

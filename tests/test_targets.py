@@ -9,12 +9,16 @@ import pytest
 import torch
 
 from pcace.targets import (
+    Categories,
     ClassLogit,
     ClassProbability,
     CustomTarget,
     RegressionOutput,
     Target,
+    choose_categories,
+    describe_resolved,
     resolve_target,
+    resolve_target_for_model,
     target_from_dict,
 )
 
@@ -126,3 +130,57 @@ def test_resolve_errors():
     for bad in ("", "softmax:3", "output:x", "prob:", 2.5, True, [1, 2]):
         with pytest.raises(ValueError):
             resolve_target(bad, CATS)
+
+
+# --- class names against the model's own list ---------------------------------------------------
+
+def test_single_folder_is_not_the_models_class_list():
+    """A data folder holding only cat/ must not make 'cat' mean output 0 of a 10-class model."""
+    with pytest.raises(ValueError, match=r"1 class folder but the model has 10 outputs.*"
+                       r"--target 3.*--categories"):
+        resolve_target_for_model("cat", data_classes=["cat"], n_outputs=10)
+    with pytest.raises(ValueError, match="cannot be matched"):
+        resolve_target_for_model("cat", data_classes=["cat"])
+    # the index still works, and is checked against the outputs before any pass
+    t, cats = resolve_target_for_model(3, data_classes=["cat"], n_outputs=10)
+    assert t == ClassLogit(3) and cats is None
+    with pytest.raises(ValueError, match=r"0\.\.9"):
+        resolve_target_for_model(12, n_outputs=10)
+
+
+def test_full_folder_list_is_used():
+    t, cats = resolve_target_for_model("cat", data_classes=CATS, n_outputs=10)
+    assert t == ClassLogit(3, "cat") and cats.source == "data folders"
+    assert describe_resolved(t, cats) == "logit of class 3 (cat; class names from the data folders)"
+
+
+def test_model_and_declared_lists_win_over_folders():
+    folders = sorted(CATS)  # same names in another order: the model's own order counts
+    t, cats = resolve_target_for_model("cat", model_categories=CATS, data_classes=folders,
+                                       n_outputs=10)
+    assert t.index == 3 and cats.source == "model"
+    assert "weights metadata" in describe_resolved(t, cats)
+    declared = list(reversed(CATS))
+    t, cats = resolve_target_for_model("prob:cat", model_categories=CATS, declared=declared,
+                                       n_outputs=10)
+    assert t == ClassProbability(6, "cat") and cats.source == "declared"
+    t, _ = resolve_target_for_model("cat", model_categories=CATS, data_classes=["cat"],
+                                    n_outputs=10)
+    assert t.index == 3
+
+
+def test_category_lists_must_fit_the_outputs():
+    with pytest.raises(ValueError, match="declared class names number 3 but the model has 10"):
+        choose_categories(declared=["a", "b", "c"], n_outputs=10)
+    with pytest.raises(ValueError, match="model's class names number 10 but the model has 4"):
+        choose_categories(model=CATS, n_outputs=4)
+    assert choose_categories() is None
+    assert choose_categories(data=CATS) is None  # unknown output count: folders unused
+    assert choose_categories(model=CATS) == Categories(tuple(CATS), "model")
+
+
+def test_describe_resolved():
+    assert describe_resolved(ClassLogit(0)) == "logit of class 0 (no class names known)"
+    assert describe_resolved(RegressionOutput(1)) == "regression output 1"
+    t, cats = resolve_target_for_model("output", n_outputs=1)
+    assert describe_resolved(t, cats) == "regression output"
