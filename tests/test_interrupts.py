@@ -35,12 +35,13 @@ SCRIPT = textwrap.dedent("""
     x = np.random.rand(200_000)
     spin(x, 1)  # compile
     guarded, check = sys.argv[1] == "guarded", sys.argv[2] == "check"
-    print("ready", flush=True)
     if not guarded:
+        print("ready", flush=True)
         while True:
             spin(x, 50)
     try:
         with deferred_signals() as guard:
+            print("ready", flush=True)  # the handlers are in place
             while True:
                 spin(x, 50)
                 if check:
