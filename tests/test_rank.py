@@ -160,7 +160,7 @@ def test_save_and_load_round_trip(planted_result, tmp_path):
 
 
 def test_load_rejects_non_run_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a pcace run directory"):
+    with pytest.raises(ValueError, match="not a pcace run directory"):
         pcace.load(tmp_path)
 
 

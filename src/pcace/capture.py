@@ -185,6 +185,7 @@ def capture(
     check_finite: bool = True,
     device_memory_budget: int | str = "auto",
     tune_malloc: bool | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> Capture:
     """Run the model once over the batches and keep the outputs of the chosen layers.
 
@@ -223,6 +224,9 @@ def capture(
     tune_malloc : bool, optional
         Keep freed memory in glibc's heap during the pass (:func:`pcace._memory.kept_heap`;
         process-wide, so off unless True or ``PCACE_TUNE_MALLOC=1``).
+    on_step : callable, optional
+        Called after each batch; it may raise to stop the pass (the store is then closed
+        and spilled files removed).
 
     Returns
     -------
@@ -280,6 +284,8 @@ def capture(
                 run.check_complete()
                 scores.append(_batch_scores(score_fn(outputs), images.shape[0], run.offset))
                 run.end()
+                if on_step is not None:
+                    on_step()
         if not scores:
             raise ValueError("batches yielded no images; pass at least one (B, C, H, W) batch")
         store.finalize()

@@ -29,13 +29,38 @@ def _budget(text: str) -> int | str:
     return "auto" if text.strip().lower() == "auto" else parse_size(text)
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="torchvision:NAME, timm:NAME, a TorchScript file, or "
-                   "package.module:factory")
-    p.add_argument("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1), 'none', "
-                   "or a state-dict file")
-    p.add_argument("--checkpoint", help="state-dict file for a package.module:factory model")
+def _model_arg(text: str) -> tuple[str, Any]:
+    """``name=value`` -> (name, value), the value read as JSON when it parses (3, 0.5, true)."""
+    import json
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"not NAME=VALUE: {text!r} (e.g. num_classes=10)")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
+
+
+def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required,
+                   help="torchvision:NAME (e.g. torchvision:resnet18), timm:NAME, an exported "
+                   "program file (.pt2, from torch.export.save), or package.module:factory "
+                   "(a function returning an nn.Module; the module must be importable: "
+                   "installed, or on PYTHONPATH)")
+    p.add_argument("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1), 'none' "
+                   "for an untrained network, or a state-dict file")
+    p.add_argument("--checkpoint", help="state-dict file for a package.module:factory model "
+                   "(loaded with weights_only=True)")
+    p.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg,
+                   default=[], metavar="NAME=VALUE",
+                   help="keyword argument for the model's factory, repeatable "
+                   "(e.g. --model-arg num_classes=10); values are read as JSON when they parse")
+    p.add_argument("--random-weights", action="store_true",
+                   help="allow a model with no trained weights (a factory without "
+                   "--checkpoint); its initialisation is seeded by --init-seed")
+    p.add_argument("--init-seed", type=int, default=0,
+                   help="seed of a random initialisation (with --random-weights; default 0)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -46,33 +71,47 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", help="list the modules with a 4-D output")
     _model_args(p)
     p.add_argument("--input-shape", type=int, nargs=3, metavar=("C", "H", "W"),
-                   help="input size for the dummy pass (default: the model's own, else 3 224 224)")
+                   help="input size for the dummy pass (default: the model's own when known, "
+                   "else 3 224 224)")
 
     p = sub.add_parser("rank", help="rank the channels of some layers over a set of images")
     _model_args(p)
-    p.add_argument("--data", required=True, help="image folder (ImageFolder layout), CSV of image "
-                   "paths, or a folder/file of MNIST IDX data")
-    p.add_argument("--class", dest="class_name", help="keep the images of this class only")
+    p.add_argument("--data", required=True, help="image folder (one subfolder per class, or "
+                   "images directly), CSV of image paths, or a folder/file of MNIST IDX data")
+    p.add_argument("--class", dest="class_name",
+                   help="keep the images of this subfolder of --data only")
     p.add_argument("--label", type=int, help="keep the images of this label (CSV, MNIST)")
-    p.add_argument("--target", required=True, help="class index, class name, prob:C, output:I, "
-                   "or output")
-    p.add_argument("--layers", nargs="+", help="module names (default: every Conv2d)")
+    p.add_argument("--target", required=True, help="what the score is: a class index (its "
+                   "logit), a class name of the model, prob:C (softmax probability), output:I "
+                   "or output (a regression output)")
+    p.add_argument("--categories", help="the model's class names in output order: a file with "
+                   "one name per line, or a comma-separated list (needed for class-name "
+                   "targets when the model does not declare its classes)")
+    p.add_argument("--layers", nargs="+", help="module names (default: every Conv2d); list them "
+                   "with `pcace layers`")
     p.add_argument("--components", type=float, default=3,
-                   help="k per channel, or a fraction in (0, 1) of explained variance")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
+                   help="k principal components per channel (default 3), or a fraction in "
+                   "(0, 1) of explained variance")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
     p.add_argument("--memory-budget", type=_budget, default="auto",
-                   help="RAM for activations, e.g. 2GiB; 'auto' (default): a quarter of the "
-                   "machine's memory. Layers beyond it are spilled to disk")
-    p.add_argument("--score", choices=["maximal", "first-component"], default="maximal")
+                   help="RAM for activations and the work on them, e.g. 2GiB; 'auto' (default): "
+                   "a quarter of the machine's memory. Layers beyond it are spilled to disk")
+    p.add_argument("--spill-dir", help="where spilled layers go (default: the system's "
+                   "temporary directory); leftovers of killed runs there are removed")
+    p.add_argument("--score", choices=["maximal", "first-component"], default="maximal",
+                   help="maximal: PCACE (default); first-component: the published scripts' "
+                   "|corr(phi_1, theta)|, for comparison only")
     p.add_argument("--limit", type=int, help="use at most this many images")
-    p.add_argument("--resize", type=int)
-    p.add_argument("--crop", type=int)
-    p.add_argument("--mean", type=float, nargs="+")
-    p.add_argument("--std", type=float, nargs="+")
-    p.add_argument("--path-column", default="path")
-    p.add_argument("--label-column")
-    p.add_argument("--target-column")
+    p.add_argument("--resize", type=int, help="resize the shorter side of each image to this "
+                   "many pixels (default: the model's own preprocessing when known)")
+    p.add_argument("--crop", type=int, help="center-crop each image to this size")
+    p.add_argument("--mean", type=float, nargs="+", help="per-channel mean for normalisation "
+                   "(one value per input channel, e.g. 0.485 0.456 0.406)")
+    p.add_argument("--std", type=float, nargs="+", help="per-channel standard deviation for "
+                   "normalisation (one per input channel)")
+    p.add_argument("--path-column", default="path", help="CSV data: the column of image paths")
+    p.add_argument("--label-column", help="CSV data: the column of class labels (for --label)")
     p.add_argument("--permutations", type=int, default=0,
                    help="B permutations of the score for a null, p- and q-values, pcace_adj")
     p.add_argument("--bootstrap", type=int, default=0,
@@ -83,12 +122,17 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="bootstrap interval: half-samples without replacement with a bias "
                    "correction (default; near-nominal coverage in our simulations), or the "
                    "classical with-replacement basic/percentile intervals")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of permutations and resamples")
+    p.add_argument("--out", required=True, help="run directory to write (new or empty; see "
+                   "--force and --resume)")
+    p.add_argument("--force", action="store_true", help="replace an earlier pcace run in --out "
+                   "(only the files it wrote are removed)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out "
+                   "from its last finished layer (same command line otherwise)")
     p.add_argument("--top", type=int, default=5, help="channels to print per layer")
     p.add_argument("--report", action="store_true",
                    help="also save the figures' material and write OUT/report.html")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html (and figures/*.png)")
     p.add_argument("run_dir")
@@ -97,34 +141,39 @@ def _build_parser() -> argparse.ArgumentParser:
                        "and compare with baseline rankings")
     p.add_argument("run_dir")
     p.add_argument("--layer", required=True, help="a layer of the run")
-    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--mode", choices=["mean", "zero"], default="mean")
+    _model_args(p, required=False)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                   help="numbers of channels ablated")
+    p.add_argument("--mode", choices=["mean", "zero"], default="mean",
+                   help="replace ablated channels by their mean map (default) or by 0")
     p.add_argument("--repeats", type=int, default=10, help="random sets per size")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the baseline rankings (activation, weight L1, Taylor, ...)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random channel sets")
 
     p = sub.add_parser("demo", help="train a small MNIST CNN and rank its two conv layers")
-    p.add_argument("--out", default="pcace-demo")
+    p.add_argument("--out", default="pcace-demo", help="run directory (default pcace-demo)")
     p.add_argument("--data", help="folder with MNIST IDX files (default: scikit-learn digits)")
-    p.add_argument("--digit", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--digit", type=int, default=3, help="the digit whose logit is the score")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
-def _load(args: argparse.Namespace) -> Any:
+def _load(args: argparse.Namespace, random_ok: bool = False) -> Any:
     from .models import load_model
 
-    return load_model(args.model, weights=args.weights, checkpoint=args.checkpoint)
+    return load_model(args.model, weights=args.weights, checkpoint=args.checkpoint,
+                      model_kwargs=dict(args.model_args) or None,
+                      random_weights=random_ok or args.random_weights, seed=args.init_seed)
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
     from .layers import describe_layers
 
-    loaded = _load(args)
+    loaded = _load(args, random_ok=True)  # listing layers needs no trained weights
     shape = tuple(args.input_shape or loaded.input_shape or (3, 224, 224))
     table = describe_layers(loaded.model, (1, *shape))
     print(f"{loaded.description}: {len(table)} modules with a 4-D output for input {shape}")
@@ -138,42 +187,115 @@ def _data_spec(args: argparse.Namespace) -> dict:
     return describe_data(args.data, **{key: getattr(args, key, None) for key in DATA_OPTIONS})
 
 
+def _categories(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    path = Path(text)
+    if path.is_file():
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"--categories {text!r} names no classes")
+    return names
+
+
+def _first_image_shape(ds: Any) -> tuple[int, ...] | None:
+    from .data import as_batches
+
+    try:
+        first = next(iter(as_batches(ds, 1)))
+    except StopIteration:
+        raise ValueError("the data holds no images; check --data, --class and --label") from None
+    return tuple(first.shape[1:])
+
+
 def cmd_rank(args: argparse.Namespace) -> int:
     from .data import normalisation, open_dataset, stack_images
+    from .interrupts import deferred_signals
+    from .layers import resolve_layers
+    from .models import output_size
     from .rank import rank
+    from .rundir import clean_stale_spills, prepare_run_dir, remove_checkpoints
+    from .targets import describe_resolved, resolve_target_for_model
 
+    out = prepare_run_dir(args.out, force=args.force, resume=args.resume)
+    for left in clean_stale_spills(args.spill_dir):
+        print(f"pcace: removed {left} (spilled activations of a run that was killed)",
+              file=sys.stderr)
     loaded = _load(args)
+    resolve_layers(loaded.model, args.layers)  # an unknown name fails before any work
     spec = _data_spec(args)
     ds, classes = open_dataset(spec, loaded.transform)
+    shape = _first_image_shape(ds)
+    _check_input(loaded.model, shape, args)
+    target, cats = resolve_target_for_model(
+        args.target, model_categories=loaded.categories, declared=_categories(args.categories),
+        data_classes=classes, n_outputs=output_size(loaded.model, shape))
+    print(f"pcace: score = {describe_resolved(target, cats)}; {loaded.description}",
+          file=sys.stderr)
     components: int | float = args.components
     if float(components).is_integer() and components >= 1:
         components = int(components)
     label = args.label if spec.get("kind") == "csv" else None
-    result = rank(loaded.model, ds, args.target, layers=args.layers, components=components,
-                  batch_size=args.batch_size, device=args.device,
-                  memory_budget=args.memory_budget, score=args.score, label=label,
-                  categories=loaded.categories or classes, seed=args.seed,
-                  progress=not args.no_progress, permutations=args.permutations,
-                  bootstrap=args.bootstrap, level=args.level, interval=args.interval)
+    with deferred_signals() as guard:
+        result = rank(loaded.model, ds, target, layers=args.layers, components=components,
+                      batch_size=args.batch_size, device=args.device,
+                      memory_budget=args.memory_budget, score=args.score, label=label,
+                      categories=list(cats.names) if cats else None, seed=args.seed,
+                      progress=not args.no_progress, permutations=args.permutations,
+                      bootstrap=args.bootstrap, level=args.level, interval=args.interval,
+                      spill_dir=args.spill_dir, checkpoint_dir=out, resume=args.resume,
+                      on_step=guard.check)
     skipped = getattr(getattr(ds, "dataset", ds), "skipped", 0)
     result.manifest["model"]["spec"] = loaded.spec
     result.manifest["data"].update(spec=spec, skipped_images=int(skipped or 0))
-    out = result.save(args.out)
+    result.save(out)
+    if not result.complete:
+        code = 143 if result.manifest.get("interrupt_signal") == 15 else 130
+        done = len(result.manifest.get("layers_done", []))
+        print(f"pcace: interrupted; {done} of {len(result.manifest['layers'])} layers are saved "
+              f"in {out} (marked incomplete). Continue with the same command and --resume",
+              file=sys.stderr)
+        return code
+    remove_checkpoints(out)
     _print_summary(result, args.top)
     print(f"wrote {out}/ (channels.csv, layers.csv, run.json)")
-    if args.report and result.complete:
+    if args.report:
+        from .rundir import add_files
         from .viz import collect_assets, write_report
 
         images, _ = stack_images(ds, label=label)
         mean, std = normalisation(spec, loaded.transform)
         collect_assets(out, loaded.model, images, result, mean=mean, std=std,
                        device=result.manifest["device"])
-        print(f"wrote {write_report(out)}")
-    if not result.complete:
-        print("pcace: interrupted; the run directory holds the layers finished so far",
-              file=sys.stderr)
-        return 130
+        report = write_report(out)
+        add_files(out, [p for p in ("assets", "figures", "report.html") if (out / p).exists()])
+        print(f"wrote {report}")
     return 0
+
+
+def _check_input(model: Any, shape: tuple[int, ...] | None, args: argparse.Namespace) -> None:
+    """One image through the model: a wrong normalisation or size fails here, in one line."""
+    import torch
+
+    from .hooks import evaluating
+
+    if shape is None:
+        return
+    for name in ("mean", "std"):
+        values = getattr(args, name, None)
+        if values is not None and len(values) not in (1, shape[0]):
+            raise ValueError(f"--{name} has {len(values)} values but the images have "
+                             f"{shape[0]} channels; give one value per channel")
+    try:
+        with evaluating(model), torch.no_grad():
+            model(torch.zeros((2, *shape)))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"the model cannot take the images as preprocessed (shape "
+                         f"{tuple(shape)}): {first}. Check --resize/--crop, --mean/--std and "
+                         "that the data suits the model") from None
 
 
 def _print_summary(result: Any, top: int) -> None:
@@ -210,8 +332,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     from .ablate import ablate, faithfulness_summary
     from .data import open_dataset, stack_images
-    from .models import load_model
+    from .models import rebuild_model
     from .rank import load
+    from .rundir import add_files, atomic_write
     from .targets import target_from_dict
 
     run = load(args.run_dir)
@@ -219,12 +342,13 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     layers = list(run.layers.layer)
     if args.layer not in layers:
         raise ValueError(f"layer {args.layer!r} is not in this run; its layers: {layers}")
-    spec = (manifest.get("model") or {}).get("spec")
+    recorded = manifest.get("model") or {}
     dspec = (manifest.get("data") or {}).get("spec")
-    if not spec or not dspec or "path" not in dspec:
+    if not recorded.get("spec") or not dspec or "path" not in dspec:
         raise ValueError("this run does not record how its model and data were loaded (it was "
                          "made from Python); call pcace.ablate(...) from Python instead")
-    loaded = load_model(spec)
+    loaded = rebuild_model(recorded, model=args.model, checkpoint=args.checkpoint,
+                           weights=args.weights)
     ds, _ = open_dataset(dict(dspec), loaded.transform)
     label = dspec.get("label") if dspec.get("kind") == "csv" else None
     images, labels = stack_images(ds, label=label)
@@ -237,13 +361,15 @@ def cmd_ablate(args: argparse.Namespace) -> int:
                     mode=args.mode, repeats=args.repeats, labels=labels,
                     batch_size=args.batch_size, device=args.device,
                     seed=args.seed, baselines=not args.no_baselines)
-    out = Path(args.run_dir) / f"ablation_{args.layer}.csv"
-    curves.to_csv(out, index=False)
+    root = Path(args.run_dir)
+    names = [f"ablation_{args.layer}.csv", f"faithfulness_{args.layer}.csv"]
     summary = faithfulness_summary(curves)
-    summary.to_csv(Path(args.run_dir) / f"faithfulness_{args.layer}.csv", index=False)
+    atomic_write(root / names[0], curves.to_csv(index=False))
+    atomic_write(root / names[1], summary.to_csv(index=False))
+    add_files(root, names)
     print(f"ablation of {args.layer} ({args.mode}), {len(images)} images")
     print(summary.to_string(index=False))
-    print(f"wrote {out}")
+    print(f"wrote {root / names[0]}")
     return 0
 
 
@@ -258,16 +384,28 @@ def main(argv: list[str] | None = None) -> int:
     # this command owns its process: keep the forward pass's freed memory in the heap
     # (faster on glibc; a library call leaves malloc alone unless asked)
     os.environ.setdefault("PCACE_TUNE_MALLOC", "1")
+    from .interrupts import Interrupted
+
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, TypeError, ImportError) as err:
+    except (ValueError, FileNotFoundError, TypeError, ImportError, OSError) as err:
         if os.environ.get("PCACE_DEBUG"):
             raise
-        print(f"pcace: error: {err}", file=sys.stderr)
+        print(f"pcace: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"pcace: {err}; nothing was finished, so nothing was saved", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("pcace: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        text = f"{err.strerror}: {err.filename}"
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -175,6 +175,10 @@ class ImageFiles(Dataset):
 
 def _require_dir(root: str | Path, what: str) -> Path:
     p = Path(root).expanduser()
+    if p.is_file():
+        raise ValueError(f"{p} is a file, not a folder: {what} must be a folder of images (one "
+                         "subfolder per class, or the images themselves); PCACE needs many "
+                         "images, not one")
     if not p.is_dir():
         raise FileNotFoundError(f"{what} not found: {p}; check the path")
     return p
@@ -465,7 +469,7 @@ class ImageBatches:
     def __iter__(self) -> Iterator[torch.Tensor]:
         count = 0
         labels: list[torch.Tensor] = []
-        for batch in self._source:
+        for batch in _collated(self._source):
             images, batch_labels = _split_batch(batch)
             if self.label is not None:
                 if batch_labels is None:
@@ -482,6 +486,23 @@ class ImageBatches:
             raise ValueError(f"no images have label {self.label!r}")
         self.n_images = count
         self.labels = torch.cat(labels) if labels else None
+
+
+def _collated(source: Any) -> Iterator[Any]:
+    """Iterate a DataLoader, turning a failed stack of images of mixed sizes into one line."""
+    it = iter(source)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            if "stack expects each tensor to be equal size" in str(err) \
+                    or "equal size" in str(err):
+                raise ValueError("the images have different sizes, so they cannot be batched: "
+                                 "resize or crop them alike (CLI: --resize N --crop N)") from None
+            raise
+        yield batch
 
 
 def _label_mask(labels: torch.Tensor, label: Any) -> torch.Tensor:

@@ -8,12 +8,11 @@ and returns a :class:`PCACEResult` with one row per channel and one per layer.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +74,7 @@ class PCACEResult:
     @property
     def complete(self) -> bool:
         """False when the run was interrupted before every layer was scored."""
-        return not self.manifest.get("interrupted", False)
+        return bool(self.manifest.get("complete", not self.manifest.get("interrupted", False)))
 
     def top(self, layer: str | None = None, n: int = 10) -> pd.DataFrame:
         """The ``n`` highest-ranked channels of ``layer`` (or of each layer when None)."""
@@ -88,19 +87,35 @@ class PCACEResult:
         return table.sort_values("rank").head(n)
 
     def save(self, path: str | Path) -> Path:
-        """Write ``channels.csv``, ``layers.csv``, ``scores.csv`` and ``run.json`` to ``path``."""
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        self.channels.to_csv(out / "channels.csv", index=False)
-        self.layers.to_csv(out / "layers.csv", index=False)
+        """Write the run to ``path``: channels, layers and scores CSVs, and ``run.json``.
+
+        Each file is written under a temporary name and renamed into place, ``run.json``
+        last; it lists every file with its size and SHA-256 and says whether the run is
+        complete (:func:`pcace.rundir.save_run`). Files an earlier pcace run wrote to
+        ``path`` and this one does not (an old report) are removed; files pcace did not
+        write are never overwritten.
+        """
+        from .rundir import save_run
+
+        files: dict[str, Any] = {"channels.csv": self.channels, "layers.csv": self.layers}
         if self.scores is not None:
-            pd.DataFrame({"score": self.scores}).to_csv(out / "scores.csv", index=False)
-        (out / "run.json").write_text(json.dumps(self.manifest, indent=2, default=str))
-        return out
+            files["scores.csv"] = pd.DataFrame({"score": self.scores})
+        self.manifest = save_run(path, files, self.manifest, complete=self.complete)
+        return Path(path)
+
+    def _repr_html_(self) -> str:
+        from .viz import result_html
+
+        return result_html(self)
 
 
 def load(path: str | Path) -> PCACEResult:
-    """Read a run directory written by :meth:`PCACEResult.save`.
+    """Read a run directory written by :meth:`PCACEResult.save`, checking its files.
+
+    Every file ``run.json`` lists must match its recorded size and SHA-256; a directory
+    that does not (a truncated or edited file) is refused with
+    :class:`pcace.rundir.RunDirError`. An interrupted run loads with ``complete`` False
+    and a warning.
 
     Examples
     --------
@@ -108,17 +123,19 @@ def load(path: str | Path) -> PCACEResult:
     >>> res = pcace.load("runs/cat")  # doctest: +SKIP
     >>> res.layers[["layer", "median"]]  # doctest: +SKIP
     """
+    from .rundir import read_run
+
     root = Path(path)
-    missing = [f for f in ("channels.csv", "layers.csv", "run.json") if not (root / f).exists()]
-    if missing:
-        raise FileNotFoundError(f"{root} is not a pcace run directory: missing {missing}")
+    run = read_run(root)
+    if not run.complete:
+        warnings.warn(f"{root}: {run.label}", stacklevel=2)
     scores = None
     if (root / "scores.csv").exists():
         scores = pd.read_csv(root / "scores.csv")["score"].to_numpy()
     return PCACEResult(
         channels=pd.read_csv(root / "channels.csv"),
         layers=pd.read_csv(root / "layers.csv"),
-        manifest=json.loads((root / "run.json").read_text()),
+        manifest=dict(run.manifest),
         scores=scores,
     )
 
@@ -176,6 +193,9 @@ def rank(
     spill_dir: str | Path | None = None,
     ace_options: dict | None = None,
     tune_malloc: bool | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    on_step: Callable[[], None] | None = None,
 ) -> PCACEResult:
     """Rank every channel of the chosen layers of ``model`` by PCACE.
 
@@ -261,6 +281,21 @@ def rank(
         Keep freed memory in glibc's heap during the forward pass (faster on Linux, but a
         process-wide setting; see :mod:`pcace._memory`). Off unless True or
         ``PCACE_TUNE_MALLOC=1``; the ``pcace`` command turns it on.
+    checkpoint_dir : path, optional
+        A run directory (see :func:`pcace.rundir.prepare_run_dir`): each finished layer
+        (values, null, bootstrap, components) is saved there as the run goes, so that an
+        interrupted run can be resumed.
+    resume : bool
+        With ``checkpoint_dir``: take the layers an earlier, interrupted run with the same
+        settings finished from their checkpoints and score only the rest. The result equals
+        an uninterrupted run's. Checkpoints of other settings are refused.
+    on_step : callable, optional
+        Called between batches of the forward pass and between blocks of channels; it may
+        raise to stop the run (the ``pcace`` command passes
+        :meth:`pcace.interrupts.deferred_signals.check`). A ``KeyboardInterrupt`` (or
+        :class:`pcace.interrupts.Interrupted`) while channels are scored returns the layers
+        finished so far, with ``result.complete`` False; during the forward pass it
+        propagates (nothing is finished yet).
 
     Returns
     -------
@@ -294,19 +329,38 @@ def rank(
     names = resolve_layers(model, layers)
     ace_kwargs = dict(ace_options or {})
 
-    batches = as_batches(images, batch_size, label=label)
-    with capture(model, batches, names, score_fn, device=dev, memory_budget=plan.store_bytes,
-                 check_finite=False, spill_dir=spill_dir, progress=progress,
-                 device_memory_budget=device_memory_budget, tune_malloc=tune_malloc) as cap, \
-            reusing_buffers():
-        scores = check_scores(cap.scores)
-        t_captured = time.perf_counter()
-        scored = _score_layers(cap, names, scores, components, score, dev, plan, progress,
-                               ace_kwargs, options, pca_dtype)
+    run = _Checkpoints.open(checkpoint_dir, resume, {
+        "weights_sha256": weights_hash(model), "layers": names,
+        "target": _describe_target(score_fn), "components": components, "score": score,
+        "statistics": asdict(options), "pca_dtype": str(pca_dtype), "ace": ace_kwargs,
+        "device": dev.type, "memory_budget": plan.budget, "label": label})
+    todo = [n for n in names if n not in run.done]
+    shapes = {n: tuple(run.done[n].extra["shape"]) for n in names if n in run.done}
+    stored = {"forward_calls": 0, "seconds": 0.0, "spilled": [], "on_device": []}
+    t_captured = time.perf_counter()
+    if not todo:  # every layer finished before: the scores came with them
+        scores = check_scores(run.scores())
+        scored = _score_layers(None, names, scores, components, score, dev, plan, progress,
+                               ace_kwargs, options, pca_dtype, run, on_step)
+    else:
+        batches = as_batches(images, batch_size, label=label)
+        with capture(model, batches, todo, score_fn, device=dev,
+                     memory_budget=plan.store_bytes, check_finite=False, spill_dir=spill_dir,
+                     progress=progress, device_memory_budget=device_memory_budget,
+                     tune_malloc=tune_malloc, on_step=on_step) as cap, reusing_buffers():
+            scores = check_scores(cap.scores)
+            run.check_scores(scores)
+            shapes.update(cap.shapes)
+            stored = {"forward_calls": cap.forward_calls, "seconds": cap.seconds,
+                      "spilled": [n for n, s in cap.spilled.items() if s],
+                      "on_device": [n for n, s in cap.on_device.items() if s]}
+            t_captured = time.perf_counter()
+            scored = _score_layers(cap, names, scores, components, score, dev, plan, progress,
+                                   ace_kwargs, options, pca_dtype, run, on_step)
     t_end = time.perf_counter()
 
     channels = _channel_table(scored.tables, names)
-    layer_table = layer_summary(channels, {n: cap.shapes[n] for n in names if n in cap.shapes})
+    layer_table = layer_summary(channels, {n: shapes[n] for n in names if n in shapes})
     _add_layer_statistics(layer_table, channels, scored.stability)
 
     manifest = {
@@ -321,7 +375,7 @@ def rank(
         "score": score,
         "components": components,
         "layers": names,
-        "shapes": {n: list(s) for n, s in cap.shapes.items()},
+        "shapes": {n: list(shapes[n]) for n in names if n in shapes},
         "device": str(dev),
         "seed": options.seed,
         "permutations": options.permutations,
@@ -330,14 +384,18 @@ def rank(
         "interval": interval,
         "memory_budget": plan.budget,
         "pca_dtype": str(pca_dtype).replace("torch.", ""),
-        "spilled_layers": [n for n, s in cap.spilled.items() if s],
-        "device_layers": [n for n, s in cap.on_device.items() if s],
-        "forward_calls": cap.forward_calls,
+        "spilled_layers": stored["spilled"],
+        "device_layers": stored["on_device"],
+        "forward_calls": stored["forward_calls"],
         "ace": {"delrsq": 0.01, "max_iter": 20, "alpha": 5.0, **ace_kwargs},
-        "timings": {"forward_and_capture": cap.seconds,
+        "timings": {"forward_and_capture": stored["seconds"],
                     "reduce_and_ace": t_end - t_captured,
                     "total": t_end - t_start},
         "interrupted": scored.interrupted,
+        "interrupt_signal": scored.signal,
+        "complete": not scored.interrupted,
+        "layers_done": [t.layer.iloc[0] for t in scored.tables if len(t)],
+        "resumed_layers": sorted(run.done),
         "stability": scored.stability,
         "versions": _versions(),
     }
@@ -399,20 +457,32 @@ class ScoredLayers:
     components: dict[str, torch.Tensor] = field(default_factory=dict)
     stability: dict[str, dict] = field(default_factory=dict)
     interrupted: bool = False
+    signal: int | None = None
 
 
-def _score_layers(cap: Capture, names: list[str], scores: np.ndarray, components: int | float,
-                  score: str, dev: torch.device, plan: MemoryPlan, progress: bool,
-                  ace_kwargs: dict, options: Statistics, pca_dtype: torch.dtype = torch.float32
-                  ) -> ScoredLayers:
+def _score_layers(cap: Capture | None, names: list[str], scores: np.ndarray,
+                  components: int | float, score: str, dev: torch.device, plan: MemoryPlan,
+                  progress: bool, ace_kwargs: dict, options: Statistics,
+                  pca_dtype: torch.dtype, run: _Checkpoints,
+                  on_step: Callable[[], None] | None) -> ScoredLayers:
     from tqdm.auto import tqdm
 
+    from .interrupts import Interrupted
+
     out = ScoredLayers()
-    total_channels = sum(cap.shapes[n][0] for n in names)
+    todo = [n for n in names if n not in run.done]
+    total_channels = sum(cap.shapes[n][0] for n in todo) if cap is not None else 0
     y = torch.as_tensor(scores, dtype=torch.float64)
     bar = tqdm(total=total_channels, desc="scoring channels", unit="ch", disable=not progress)
     try:
         for name in names:
+            if name in run.done:
+                ckpt = run.done[name]
+                out.tables.append(ckpt.table)
+                out.components[name] = torch.from_numpy(ckpt.arrays["components"])
+                if ckpt.stability is not None:
+                    out.stability[name] = ckpt.stability
+                continue
             parts, boots, rows = [], [], []
             per_block = plan.channels_per_block(cap.shapes[name], len(scores),
                                                 cap.spilled[name], pca_dtype == torch.float64)
@@ -425,6 +495,8 @@ def _score_layers(cap: Capture, names: list[str], scores: np.ndarray, components
                 if boot is not None:
                     boots.append(boot)
                 bar.update(block.shape[0])
+                if on_step is not None:
+                    on_step()
             table = pd.concat(rows, ignore_index=True)
             out.components[name] = _pad_cat(parts)
             table, stability = _add_statistics(
@@ -433,13 +505,58 @@ def _score_layers(cap: Capture, names: list[str], scores: np.ndarray, components
             out.tables.append(table)
             if stability is not None:
                 out.stability[name] = stability
-    except KeyboardInterrupt:
+            run.save(name, table, stability, out.components[name], scores, cap.shapes[name])
+    except (KeyboardInterrupt, Interrupted) as err:
         out.interrupted = True
+        out.signal = getattr(err, "signum", None)
         warnings.warn(f"interrupted: returning the {len(out.tables)} layers scored so far",
                       stacklevel=3)
     finally:
         bar.close()
     return out
+
+
+class _Checkpoints:
+    """A run's per-layer checkpoints in its directory (none when it has no directory)."""
+
+    def __init__(self, root: Path | None, settings: dict, done: dict):
+        self.root, self.settings, self.done = root, settings, done
+
+    @classmethod
+    def open(cls, root: str | Path | None, resume: bool, settings: dict) -> _Checkpoints:
+        if root is None:
+            if resume:
+                raise ValueError("resume=True needs checkpoint_dir= (the interrupted run's "
+                                 "directory)")
+            return cls(None, settings, {})
+        from .rundir import load_layer_checkpoints, start_checkpoints
+
+        done = load_layer_checkpoints(root, settings) if resume else {}
+        start_checkpoints(root, settings)
+        return cls(Path(root), settings, done)
+
+    def scores(self) -> np.ndarray:
+        return next(iter(self.done.values())).arrays["scores"]
+
+    def check_scores(self, scores: np.ndarray) -> None:
+        for name, ckpt in self.done.items():
+            if not np.array_equal(ckpt.arrays["scores"], scores):
+                from .rundir import RunDirError
+
+                raise RunDirError(f"the images (or their order) differ from those of the "
+                                  f"interrupted run: its layer {name!r} was scored on other "
+                                  "scores. Resume with the same --data and options, or start "
+                                  "afresh with --force")
+
+    def save(self, name: str, table: pd.DataFrame, stability: dict | None,
+             components: torch.Tensor, scores: np.ndarray, shape: tuple[int, ...]) -> None:
+        if self.root is None:
+            return
+        from .rundir import save_layer_checkpoint
+
+        save_layer_checkpoint(self.root, name, table, stability=stability,
+                              arrays={"components": components.numpy(), "scores": scores},
+                              extra={"shape": list(shape)})
 
 
 def _score_block(name: str, chans: slice, block: torch.Tensor, y: torch.Tensor,

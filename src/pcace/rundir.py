@@ -601,7 +601,8 @@ def read_run(path: str | Path, *, verify: bool = True,
     if not mpath.is_file():
         hint = (" (it holds checkpoints of an unfinished run: resume it with --resume)"
                 if (root / CHECKPOINTS / "state.json").is_file() else "")
-        raise RunDirError(f"{root} holds no run.json: not a finished pcace run directory{hint}")
+        raise RunDirError(f"{root} holds no run.json: not a pcace run directory (or an "
+                          f"unfinished one){hint}")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:

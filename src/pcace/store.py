@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch
 
 from ._memory import mapped_empty
 from .plan import BYTES_PER_VALUE
+from .rundir import make_spill_dir
 from .validation import byte_count
 
 ChannelIndex = int | slice | Sequence[int] | torch.Tensor | np.ndarray
@@ -405,7 +405,7 @@ class ActivationStore:
             parent = self.spill_dir
             if parent is not None:
                 parent.mkdir(parents=True, exist_ok=True)
-            self._dir = Path(tempfile.mkdtemp(prefix="pcace-spill-", dir=parent))
+            self._dir = make_spill_dir(parent)
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
         return self._dir
 
