@@ -327,5 +327,5 @@ def test_accumulator_memory_does_not_grow_with_n():
         count, nbytes, peak = map(int, run.stdout.split())
         assert count == n
         out[n] = (nbytes, peak)
-    assert out[2_000][0] == out[40_000][0] == 8 * (8 * 256 * 256 + 4 * 8 * 256)
+    assert out[2_000][0] == out[40_000][0] == 8 * (8 * 256 * 256 + 3 * 8 * 256)
     assert out[40_000][1] - out[2_000][1] < 64 * 2**20
