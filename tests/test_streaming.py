@@ -306,7 +306,7 @@ def test_streaming_reduce_picks_subspace_under_a_small_budget():
 _MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     from pcace.streaming import PixelMoments
-    n, c, p, b = int(sys.argv[1]), 8, 256, 250
+    n, c, p, b = int(sys.argv[1]), 8, 16, 4000
     gen = torch.Generator().manual_seed(0)
     acc = PixelMoments(c, p)
     for _ in range(n // b):
@@ -316,10 +316,10 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 
 
 def test_accumulator_memory_does_not_grow_with_n():
-    # 40,000 images of 8 x 256 float32 maps would take 328 MB if stored; measured in fresh
+    # 400,000 images of 8 x 16 float32 maps would take 205 MB if stored; measured in fresh
     # interpreters so other tests' allocations do not count
     out = {}
-    for n in (2_000, 40_000):
+    for n in (4_000, 400_000):
         run = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(n)], check=True,
                              capture_output=True, text=True, cwd=ROOT,
                              env={"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1",
@@ -327,5 +327,5 @@ def test_accumulator_memory_does_not_grow_with_n():
         count, nbytes, peak = map(int, run.stdout.split())
         assert count == n
         out[n] = (nbytes, peak)
-    assert out[2_000][0] == out[40_000][0] == 8 * (8 * 256 * 256 + 3 * 8 * 256)
-    assert out[40_000][1] - out[2_000][1] < 64 * 2**20
+    assert out[4_000][0] == out[400_000][0] == 8 * (8 * 16 * 16 + 3 * 8 * 16)
+    assert out[400_000][1] - out[4_000][1] < 64 * 2**20
