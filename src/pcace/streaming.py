@@ -1,0 +1,744 @@
+"""The reduce step over images streamed in batches: memory that does not grow with N.
+
+:func:`pcace.reduce.reduce_block` needs every ``N x P`` map of a layer at once. The
+PCA of the standardised maps needs much less: per channel, the count, the per-pixel
+sums and the ``P x P`` cross products over the images. This module accumulates those
+batch by batch (or per shard, merged afterwards), solves each channel's eigenproblem
+from them, and projects a second pass of the same images onto the basis. The results
+are those of the in-memory path: the same constant-column rule, the same rank and
+variance-fraction rules for ``k``, and the same sign rule over all ``N`` scores.
+
+Two routes
+----------
+``"moments"`` (:class:`PixelMoments`)
+    One pass accumulates ``(C, P, P)`` centred cross products in float64 (Chan's
+    pairwise update per batch, so a large mean does not cancel; two accumulators merge
+    exactly as one pass over all their images). The basis comes from each channel's
+    correlation matrix; a second pass projects. Memory: ``8 C P^2`` bytes plus one
+    chunk of correlation matrices, whatever ``N``.
+``"subspace"`` (:func:`subspace_basis`)
+    Where ``P x P`` per channel does not fit (``P = 12,544`` for a 112 x 112 map is
+    1.2 GiB per channel), a block subspace iteration on the standardised maps,
+    ``(C, P, q + oversample)`` float64 in memory. The first pass gathers per-pixel
+    statistics and, on the same pass, applies the covariance to a random start block;
+    every further pass applies the correlation matrix once more (``X Q`` per image,
+    ``X^T (X Q)`` summed over the images), with a Rayleigh-Ritz step after it, until
+    the estimated largest principal angle of each channel's top-``q`` subspace
+    (Ritz residual over the spectral gap) is below ``tol``. The caller supplies a
+    callable that iterates the batches again: a re-run forward pass or a spilled block.
+
+:func:`choose_route` picks between them for a byte budget; :func:`streaming_reduce`
+runs either end to end.
+
+Numerics
+--------
+Everything is float64 (float32 batches are widened on arrival). The constant-column
+rule and the rank threshold use the machine epsilon of the batches' dtype (the
+coarsest seen), as :func:`~pcace.reduce.reduce_block` does with its block's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from typing import Literal
+
+import torch
+
+from ._standardise import NonFiniteMaps
+from .reduce import (
+    CONSTANT_ULPS,
+    FLAT_SPREAD,
+    Reduction,
+    _check_components,
+    _fix_signs,
+    _k_for_fraction,
+    _rank,
+    top_eigenpairs,
+)
+
+__all__ = [
+    "PixelBasis",
+    "PixelMoments",
+    "RouteChoice",
+    "choose_route",
+    "streaming_reduce",
+    "subspace_basis",
+]
+
+Batches = Callable[[], Iterable[torch.Tensor]]
+
+#: Bytes of correlation matrices formed at once when a basis is taken from moments.
+BASIS_CHUNK_BYTES = 64 * 2**20
+
+
+def _as_cbp(batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.dtype]:
+    """A ``(B, C, H, W)`` or ``(B, C, P)`` batch as a ``(C, B, P)`` float64 tensor."""
+    if not isinstance(batch, torch.Tensor):
+        batch = torch.as_tensor(batch)
+    if batch.ndim == 4:
+        batch = batch.flatten(2)
+    if batch.ndim != 3 or batch.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"a batch must be a (B, C, H, W) or (B, C, P) float32 or float64 "
+                         f"tensor; got {tuple(batch.shape)} {batch.dtype}")
+    out = torch.empty((batch.shape[1], batch.shape[0], batch.shape[2]), dtype=torch.float64,
+                      device=device)
+    out.copy_(batch.permute(1, 0, 2))
+    return out, batch.dtype
+
+
+class PixelMoments:
+    """Running pixel-space moments of ``C`` channels of ``P`` pixels, over images.
+
+    Per channel: the image count, the per-pixel mean, minimum and maximum, the centred
+    sums of squares, and (``cross=True``) the ``P x P`` centred cross products, all
+    float64. Each batch is centred on its own mean and merged by Chan's pairwise
+    update, so large means do not cancel, and :meth:`merge` of two accumulators equals
+    one accumulator over all their images (up to rounding). Memory: ``8 C P^2`` bytes
+    with cross products, ``32 C P`` without, whatever the number of images.
+
+    Parameters
+    ----------
+    channels, pixels : int
+        ``C`` and ``P = H * W``.
+    cross : bool, default True
+        Keep the ``P x P`` cross products (needed by :meth:`basis`); without them only
+        the per-pixel statistics (the first pass of :func:`subspace_basis`).
+    device : torch.device or str, optional
+        Where the moments live (default: the CPU). Batches are moved there.
+
+    Attributes
+    ----------
+    count : int
+        Images seen.
+    mean, sq, lo, hi : torch.Tensor
+        ``(C, P)`` float64: per-pixel mean, centred sum of squares, minimum, maximum.
+    cross : torch.Tensor or None
+        ``(C, P, P)`` float64 centred cross products, or None.
+    eps : float
+        Machine epsilon of the coarsest batch dtype seen (for the constant-column rule).
+
+    Examples
+    --------
+    >>> import torch
+    >>> acc = PixelMoments(channels=4, pixels=36)
+    >>> for batch in torch.randn(250, 4, 6, 6, dtype=torch.float64).split(64):
+    ...     _ = acc.update(batch)
+    >>> basis = acc.basis(3)
+    >>> basis.project(torch.randn(10, 4, 6, 6)).shape
+    torch.Size([10, 4, 3])
+    """
+
+    def __init__(self, channels: int, pixels: int, *, cross: bool = True,
+                 device: torch.device | str | None = None):
+        if channels < 1 or pixels < 1:
+            raise ValueError(f"channels and pixels must be >= 1; got {channels}, {pixels}")
+        dev = torch.device("cpu" if device is None else device)
+        self.channels, self.pixels = int(channels), int(pixels)
+        self.count = 0
+        self.eps = 0.0
+        self.mean = torch.zeros((channels, pixels), dtype=torch.float64, device=dev)
+        # centred sums of squares: the cross products' diagonal when they are kept
+        self._sq = None if cross else torch.zeros_like(self.mean)
+        self.lo = torch.full_like(self.mean, math.inf)
+        self.hi = torch.full_like(self.mean, -math.inf)
+        self.cross = (torch.zeros((channels, pixels, pixels), dtype=torch.float64, device=dev)
+                      if cross else None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def sq(self) -> torch.Tensor:
+        """``(C, P)`` float64 centred sums of squares per pixel."""
+        if self.cross is not None:
+            return self.cross.diagonal(dim1=1, dim2=2).clone()
+        return self._sq
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the moments (independent of the number of images)."""
+        held = [self.mean, self.lo, self.hi]
+        held.append(self._sq if self.cross is None else self.cross)
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def update(self, batch: torch.Tensor) -> PixelMoments:
+        """Add a batch of images, ``(B, C, H, W)`` or ``(B, C, P)``, float32 or float64.
+
+        Returns ``self``. Raises :class:`~pcace._standardise.NonFiniteMaps` (naming the
+        channels) if the batch holds NaN or inf; the moments are then left unchanged.
+        """
+        x, dtype = _as_cbp(batch, self.device)
+        c, b, p = x.shape
+        if (c, p) != (self.channels, self.pixels):
+            raise ValueError(f"batch has {c} channels of {p} pixels; the moments are for "
+                             f"{self.channels} channels of {self.pixels}")
+        if b == 0:
+            return self
+        mean_b = x.mean(dim=1)
+        bad = ~torch.isfinite(mean_b).all(dim=1)
+        if bool(bad.any()):
+            raise NonFiniteMaps(bad.nonzero().flatten().tolist())
+        lo_b, hi_b = torch.aminmax(x, dim=1)
+        x -= mean_b[:, None, :]
+        sq_b = None if self.cross is not None else torch.linalg.vector_norm(x, dim=1).square_()
+        other = _Part(b, mean_b, sq_b, lo_b, hi_b, x)
+        self._absorb(other, torch.finfo(dtype).eps)
+        return self
+
+    def merge(self, other: PixelMoments) -> PixelMoments:
+        """Add the moments of another accumulator (another shard of images) into this one.
+
+        Returns ``self``; ``other`` is not modified. Both must have the same shape, and
+        cross products if this one has them.
+        """
+        if (other.channels, other.pixels) != (self.channels, self.pixels):
+            raise ValueError(f"cannot merge moments of {other.channels} x {other.pixels} "
+                             f"into {self.channels} x {self.pixels}")
+        if self.cross is not None and other.cross is None:
+            raise ValueError("cannot merge moments without cross products into moments with")
+        if other.count == 0:
+            return self
+        sq = None if self.cross is not None else other.sq.to(self.device)
+        part = _Part(other.count, other.mean.to(self.device), sq,
+                     other.lo.to(self.device), other.hi.to(self.device), None,
+                     None if self.cross is None else other.cross.to(self.device))
+        self._absorb(part, other.eps)
+        return self
+
+    def _absorb(self, part: _Part, eps: float) -> None:
+        na, nb = self.count, part.count
+        n = na + nb
+        delta = part.mean - self.mean
+        w = na * nb / n
+        if self.cross is not None:
+            if part.centred is not None:  # a batch: its centred products
+                self.cross.baddbmm_(part.centred.transpose(1, 2), part.centred)
+            else:
+                self.cross += part.cross
+            if na:
+                self.cross.baddbmm_(delta[:, :, None], delta[:, None, :], alpha=w)
+        if self._sq is not None:
+            self._sq += part.sq + w * delta.square()
+        self.mean += delta * (nb / n)
+        torch.minimum(self.lo, part.lo, out=self.lo)
+        torch.maximum(self.hi, part.hi, out=self.hi)
+        self.count = n
+        self.eps = max(self.eps, eps)
+
+    def standardiser(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-pixel mean, inverse standard deviation and constant mask, each ``(C, P)``.
+
+        The standard deviation is the population one (ddof 0). A pixel column is constant,
+        and its inverse scale 0, when its maximum equals its minimum or its standard
+        deviation is below ``CONSTANT_ULPS * eps * max|column|`` (the rule of
+        :func:`~pcace.reduce.reduce_block`, with the batches' epsilon).
+        """
+        if self.count < 2:
+            raise ValueError(f"standardising needs at least 2 images; got {self.count}")
+        std = (self.sq.clamp(min=0) / self.count).sqrt_()
+        scale = torch.maximum(self.hi.abs(), self.lo.abs())
+        constant = (self.hi <= self.lo) | (std <= CONSTANT_ULPS * self.eps * scale)
+        inv = torch.where(constant, 0.0, 1.0 / torch.where(constant, 1.0, std))
+        return self.mean.clone(), inv, constant
+
+    def basis(self, components: int | float = 3, *, max_components: int = 10) -> PixelBasis:
+        """Each channel's top principal axes of its standardised maps, from the moments.
+
+        Parameters
+        ----------
+        components : int or float, default 3
+            An int ``k >= 1`` or a variance fraction in ``(0, 1)``, as for
+            :func:`~pcace.reduce.principal_components`.
+        max_components : int, default 10
+            Cap on ``k`` when ``components`` is a fraction.
+
+        Returns
+        -------
+        PixelBasis
+            With ``route="moments"`` and ``passes=1``.
+        """
+        if self.cross is None:
+            raise ValueError("these moments have no cross products (cross=False)")
+        k_fixed, fraction = _check_components(components, max_components)
+        mean, inv, constant = self.standardiser()
+        q = min(k_fixed if fraction is None else max_components, self.pixels)
+        c, p, n = self.channels, self.pixels, self.count
+        vals = torch.empty((c, q), dtype=torch.float64)
+        vecs = torch.empty((c, p, q), dtype=torch.float64)
+        total = torch.empty(c, dtype=torch.float64)
+        step = max(1, BASIS_CHUNK_BYTES // (8 * p * p))
+        for lo in range(0, c, step):
+            sl = slice(lo, min(c, lo + step))
+            d = inv[sl]
+            g = self.cross[sl] * d[:, :, None]  # the Gram matrix X^T X of the standardised
+            g *= d[:, None, :]                  # maps: n times the correlation matrix
+            g = 0.5 * (g + g.transpose(1, 2))
+            tr = g.diagonal(dim1=1, dim2=2).sum(-1)
+            fro = g.square().sum(dim=(1, 2))
+            flat = (tr.square() / (fro * p).clamp(min=torch.finfo(torch.float64).tiny)
+                    > FLAT_SPREAD)
+            w, v = top_eigenpairs(g, q, tol=1e-12, flat=flat.cpu())
+            vals[sl], vecs[sl], total[sl] = w.cpu(), v.cpu(), tr.cpu()
+        return _finish_basis(mean, inv, constant, vals, vecs, total, n, self.eps, k_fixed,
+                             fraction, max_components, route="moments", passes=1)
+
+
+@dataclass
+class _Part:
+    """Moments of a batch or of another accumulator, ready to merge."""
+
+    count: int
+    mean: torch.Tensor
+    sq: torch.Tensor | None
+    lo: torch.Tensor
+    hi: torch.Tensor
+    centred: torch.Tensor | None
+    cross: torch.Tensor | None = None
+
+
+@dataclass
+class PixelBasis:
+    """Per-channel standardisation and principal axes: what the projection pass needs.
+
+    Attributes
+    ----------
+    mean, inv_std : torch.Tensor
+        ``(C, P)`` float64: per-pixel mean and inverse population standard deviation
+        (0 for a constant column).
+    constant : torch.Tensor
+        ``(C, P)`` bool: constant pixel columns.
+    vectors : torch.Tensor
+        ``(C, P, width)`` float64: the kept principal axes (columns beyond a channel's
+        ``n_components`` are 0). Their signs are arbitrary until :meth:`finish`.
+    eigenvalues : torch.Tensor
+        ``(C, q)`` float64: the top eigenvalues of each channel's correlation matrix
+        (variances of the scores), descending.
+    n_components, explained_variance, dead : torch.Tensor
+        ``(C,)``, as in :class:`~pcace.reduce.Reduction`.
+    count : int
+        Images the basis was computed from; :meth:`finish` checks the projection saw as
+        many.
+    route : {"moments", "subspace"}
+        How the basis was found.
+    passes : int
+        Passes over the data it took (not counting the projection pass).
+    converged : torch.Tensor
+        ``(C,)`` bool: the subspace iteration met its tolerance (always True from
+        moments).
+    angle : torch.Tensor
+        ``(C,)`` float64: the estimated largest principal angle (radians) between the
+        kept subspace and the exact one (Ritz residual over the gap; 0 from moments,
+        whose eigensolver works to ``1e-12`` of the largest eigenvalue).
+    """
+
+    mean: torch.Tensor
+    inv_std: torch.Tensor
+    constant: torch.Tensor
+    vectors: torch.Tensor
+    eigenvalues: torch.Tensor
+    n_components: torch.Tensor
+    explained_variance: torch.Tensor
+    dead: torch.Tensor
+    count: int
+    route: Literal["moments", "subspace"]
+    passes: int
+    converged: torch.Tensor
+    angle: torch.Tensor
+
+    def project(self, batch: torch.Tensor) -> torch.Tensor:
+        """Principal-component scores of a batch: ``(B, C, H, W)`` -> ``(B, C, width)`` float64.
+
+        The signs are not yet fixed: collect the scores of all images and pass them to
+        :meth:`finish`.
+        """
+        x, _ = _as_cbp(batch, self.mean.device)
+        if x.shape[0] != self.mean.shape[0] or x.shape[2] != self.mean.shape[1]:
+            raise ValueError(f"batch has {x.shape[0]} channels of {x.shape[2]} pixels; the "
+                             f"basis is for {self.mean.shape[0]} of {self.mean.shape[1]}")
+        x -= self.mean[:, None, :]
+        x *= self.inv_std[:, None, :]
+        return torch.bmm(x, self.vectors.to(x.device)).permute(1, 0, 2)
+
+    def finish(self, scores: torch.Tensor | Sequence[torch.Tensor]) -> Reduction:
+        """The :class:`~pcace.reduce.Reduction` of all images from their projected scores.
+
+        Parameters
+        ----------
+        scores : torch.Tensor or sequence of torch.Tensor
+            ``(N, C, width)`` from :meth:`project`, or the list of its batches in order.
+
+        Returns
+        -------
+        Reduction
+            ``scores`` ``(C, N, width)`` float64 with each column flipped so that its
+            largest-magnitude entry is positive (the in-memory sign rule, over all ``N``).
+        """
+        if not isinstance(scores, torch.Tensor):
+            scores = torch.cat(list(scores), dim=0)
+        if scores.shape[0] != self.count:
+            raise ValueError(f"the projection saw {scores.shape[0]} images; the basis was "
+                             f"computed from {self.count}: both passes must see the same "
+                             "images")
+        out = scores.permute(1, 0, 2).to(torch.float64).contiguous()
+        _fix_signs(out)
+        return Reduction(scores=out, n_components=self.n_components.clone(),
+                         explained_variance=self.explained_variance.clone(),
+                         dead=self.dead.clone())
+
+
+def _finish_basis(mean: torch.Tensor, inv: torch.Tensor, constant: torch.Tensor,
+                  vals: torch.Tensor, vecs: torch.Tensor, total: torch.Tensor, n: int,
+                  eps: float, k_fixed: int, fraction: float | None, max_components: int, *,
+                  route: Literal["moments", "subspace"], passes: int,
+                  converged: torch.Tensor | None = None,
+                  angle: torch.Tensor | None = None) -> PixelBasis:
+    """Rank, ``k``, explained variance and kept axes, as :func:`reduce_block` decides them.
+
+    ``vals`` are the top eigenvalues of ``X^T X`` (descending), ``total`` its trace.
+    """
+    c, p = mean.shape
+    dead = constant.all(dim=1).cpu()
+    total = total.clamp(min=0)
+    dtype = torch.float32 if eps > torch.finfo(torch.float64).eps else torch.float64
+    rank = _rank(vals, max(n, p), dtype)
+    if fraction is None:
+        wanted = torch.full_like(rank, k_fixed)
+    else:
+        wanted = _k_for_fraction(vals, total, fraction, max_components)
+    n_comp = torch.minimum(wanted, rank)
+    n_comp[dead] = 0
+    width = k_fixed if fraction is None else max(int(n_comp.max()), 1)
+    r = min(width, vals.shape[1])
+    keep = torch.arange(width)[None, :] < n_comp[:, None]
+    vectors = torch.zeros((c, p, width), dtype=torch.float64)
+    vectors[:, :, :r] = vecs[:, :, :r] * keep[:, None, :r]
+    kept = vals[:, :r].clamp(min=0) * keep[:, :r]
+    explained = torch.where(total > 0, kept.sum(dim=1) / torch.where(total > 0, total, 1), 0)
+    dev = mean.device
+    return PixelBasis(
+        mean=mean, inv_std=inv, constant=constant, vectors=vectors.to(dev),
+        eigenvalues=vals / n, n_components=n_comp, explained_variance=explained, dead=dead,
+        count=n, route=route, passes=passes,
+        converged=torch.ones(c, dtype=torch.bool) if converged is None else converged,
+        angle=torch.zeros(c, dtype=torch.float64) if angle is None else angle)
+
+
+def subspace_basis(batches: Batches, components: int | float = 3, *, max_components: int = 10,
+                   oversample: int = 10, tol: float = 1e-9, max_passes: int = 50,
+                   seed: int = 0, device: torch.device | str | None = None,
+                   first: Iterable[torch.Tensor] | None = None) -> PixelBasis:
+    """Each channel's top principal axes by block subspace iteration over passes of the data.
+
+    For maps whose ``P x P`` moments do not fit. Memory: about
+    ``8 C P (q + oversample) * 3`` bytes plus one batch, whatever ``N``.
+
+    Parameters
+    ----------
+    batches : callable
+        ``batches()`` returns an iterable of ``(B, C, H, W)`` (or ``(B, C, P)``) float32 or
+        float64 tensors: all the images, the same ones in the same order on every call
+        (a re-run forward pass, or a spilled block read back). Called once per pass.
+    components, max_components
+        As for :meth:`PixelMoments.basis`. ``q`` pairs are converged: ``k`` for an int,
+        ``max_components`` for a fraction.
+    oversample : int, default 10
+        Block columns beyond ``q``; more columns converge in fewer passes (the rate per
+        pass is about ``lambda_{block+1} / lambda_q``) at a higher cost per pass.
+    tol : float, default 1e-9
+        Stop a channel when its estimated largest principal angle (radians) between the
+        top-``q`` Ritz subspace and the exact one, ``||R V - V W||_F / (w_q - w_{q+1})``
+        (Davis-Kahan, ``R`` the correlation matrix), is below ``tol``, or when the Ritz
+        residual is at rounding level (``1e-13`` of the largest eigenvalue). Pairs
+        below the rank threshold need not converge (their scores are dropped).
+    max_passes : int, default 50
+        Passes over the data at most (the statistics pass included). Channels not
+        converged by then keep their last Ritz vectors, with ``converged`` False and
+        their ``angle`` estimate recorded: flat (noise-like) spectra converge slowly.
+    seed : int, default 0
+        Seed of the random start block (results are deterministic).
+    device : torch.device or str, optional
+        Where the iteration runs (default: the CPU).
+    first : iterable, optional
+        The batches of the first pass, if already started (used by
+        :func:`streaming_reduce`); later passes call ``batches()``.
+
+    Returns
+    -------
+    PixelBasis
+        With ``route="subspace"``, ``passes`` (data passes used), ``converged``, ``angle``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> low = torch.randn(300, 2, 4, dtype=torch.float64) @ torch.randn(4, 400,
+    ...                                                        dtype=torch.float64)
+    >>> maps = low + 0.1 * torch.randn(300, 2, 400, dtype=torch.float64)
+    >>> basis = subspace_basis(lambda: maps.split(64), 3)
+    >>> bool(basis.converged.all()), basis.passes < 10
+    (True, True)
+    """
+    k_fixed, fraction = _check_components(components, max_components)
+    if max_passes < 2:
+        raise ValueError(f"max_passes must be >= 2 (statistics + one iteration); got "
+                         f"{max_passes}")
+    dev = torch.device("cpu" if device is None else device)
+    gen = torch.Generator().manual_seed(seed)
+    it = iter(batches() if first is None else first)
+
+    # pass 1: per-pixel statistics, and the covariance applied to a random block (data
+    # shifted by the first batch's mean, corrected for the shift once the mean is known)
+    head = next(it, None)
+    if head is None:
+        raise ValueError("batches() yielded no batch")
+    x0, _ = _as_cbp(head, dev)
+    c, _, p = x0.shape
+    q_all = min(k_fixed if fraction is None else max_components, p)
+    block = min(q_all + max(oversample, 1), p)
+    omega = torch.randn((c, p, block), generator=gen, dtype=torch.float64).to(dev)
+    stats = PixelMoments(c, p, cross=False, device=dev)
+    shift = x0.mean(dim=1)
+    sketch = torch.zeros((c, p, block), dtype=torch.float64, device=dev)
+    for batch in chain([head], it):
+        stats.update(batch)
+        x, _ = _as_cbp(batch, dev)
+        x -= shift[:, None, :]
+        sketch.baddbmm_(x.transpose(1, 2), torch.bmm(x, omega))
+    mean, inv, constant = stats.standardiser()
+    n = stats.count
+    delta = mean - shift
+    sketch -= n * delta[:, :, None] * torch.bmm(delta[:, None, :], omega)
+    basis = torch.linalg.qr(sketch * inv[:, :, None])[0]  # R applied to a random block
+    passes = 1
+
+    dead = constant.all(dim=1)
+    vals = torch.zeros((c, block), dtype=torch.float64)
+    vecs = torch.zeros((c, p, q_all), dtype=torch.float64)
+    angle = torch.zeros(c, dtype=torch.float64)
+    converged = dead.clone().cpu()
+    active = (~dead).nonzero().flatten()
+    size_tol = max(n, p) * stats.eps
+    while active.numel() and passes < max_passes:
+        q_act, m_act, d_act = basis[active], mean[active], inv[active]
+        z = torch.zeros_like(q_act)
+        seen = 0
+        for batch in batches():
+            x, _ = _as_cbp(batch, dev)
+            seen += x.shape[1]
+            if len(active) < c:
+                x = x[active]
+            x -= m_act[:, None, :]
+            x *= d_act[:, None, :]
+            z.baddbmm_(x.transpose(1, 2), torch.bmm(x, q_act))
+        passes += 1
+        if seen != n:
+            raise ValueError("batches() yielded a different number of images on a later pass")
+        rq = z / n  # R Q
+        t = torch.bmm(q_act.transpose(1, 2), rq)
+        w, s = torch.linalg.eigh(0.5 * (t + t.transpose(1, 2)))
+        w, s = w.flip(-1), s.flip(-1)
+        v, rv = torch.bmm(q_act, s), torch.bmm(rq, s)
+        resid = rv - v * w[:, None, :]
+        top = w[:, :1].clamp(min=torch.finfo(torch.float64).tiny)
+        usable = ((w > size_tol * top) & (w > 0)).sum(dim=1)  # rank as reduce_block judges
+        need = usable.clamp(max=q_all)
+        if fraction is not None:  # only the pairs the fraction keeps need converge
+            ritz = n * w[:, :q_all].clamp(min=0)
+            live = n * (~constant[active]).sum(dim=1).to(torch.float64)
+            need = torch.minimum(need, _k_for_fraction(ritz, live, fraction, max_components))
+        done = torch.zeros(len(active), dtype=torch.bool, device=dev)
+        est = torch.zeros(len(active), dtype=torch.float64, device=dev)
+        for j in range(len(active)):
+            qj = int(need[j])
+            if qj == 0 or qj >= p:
+                done[j] = True
+                continue
+            r = resid[j, :, :qj].norm()
+            gap = w[j, qj - 1] - (w[j, qj] if qj < block else 0.0)
+            est[j] = r / gap if gap > 0 else math.inf
+            done[j] = bool(est[j] <= tol) or bool(r <= 1e-13 * top[j, 0])
+        last = passes >= max_passes
+        take = done | last
+        idx = active[take].cpu()
+        vals[idx] = w[take].cpu()
+        vecs[idx] = v[take][:, :, :q_all].cpu()
+        angle[idx] = est[take].cpu()
+        converged[idx] = done[take].cpu()
+        basis = basis.clone()
+        basis[active] = torch.linalg.qr(rv)[0]
+        active = active[~take]
+
+    # eigenvalues on the scale of X^T X, as the in-memory path has them
+    total = n * (~constant).sum(dim=1).to(torch.float64).cpu()
+    out = _finish_basis(mean, inv, constant, n * vals[:, :q_all], vecs, total, n, stats.eps,
+                        k_fixed, fraction, max_components, route="subspace", passes=passes,
+                        converged=converged, angle=angle)
+    return out
+
+
+@dataclass(frozen=True)
+class RouteChoice:
+    """Which streaming route fits a memory budget, and why.
+
+    Attributes
+    ----------
+    route : {"moments", "subspace"}
+    reason : str
+        One sentence for logs and manifests.
+    moments_bytes, subspace_bytes : int
+        Estimated peak bytes of each route.
+    """
+
+    route: Literal["moments", "subspace"]
+    reason: str
+    moments_bytes: int
+    subspace_bytes: int
+
+
+def choose_route(channels: int, pixels: int, components: int | float = 3, *,
+                 budget_bytes: int, images: int | None = None, max_components: int = 10,
+                 oversample: int = 10, batch_size: int = 256) -> RouteChoice:
+    """Pick the streaming route for a layer of ``channels`` maps of ``pixels`` under a budget.
+
+    The rule: ``"moments"`` when its peak memory fits the budget (one pass over the data,
+    then the projection pass; the cost of the pass grows as ``C N P^2``), else
+    ``"subspace"`` when its memory fits (a statistics pass, then one pass per iteration,
+    typically 3 to 10 on natural images, many more on flat spectra, then the projection
+    pass; each pass costs about ``4 C N P (q + oversample)``). If neither fits, a
+    ``ValueError`` says how much each needs.
+
+    Peak bytes counted: moments, ``8 C P^2`` for the cross products plus one chunk of
+    correlation matrices (:data:`BASIS_CHUNK_BYTES`, at least one ``P x P``), plus the
+    per-pixel statistics and a float64 copy of a batch; subspace, three
+    ``(C, P, q + oversample)`` float64 blocks plus the same statistics and batch copies.
+    Neither depends on ``N``.
+
+    Parameters
+    ----------
+    channels, pixels : int
+        ``C`` and ``P = H * W`` of the layer.
+    components, max_components
+        As for :meth:`PixelMoments.basis`.
+    budget_bytes : int
+        Memory the reduce may hold for this layer.
+    images : int, optional
+        ``N`` if known: the reason then says whether the in-memory
+        :func:`~pcace.reduce.reduce_block` (``8 C N P`` bytes in float64, half in
+        float32) would also fit.
+    oversample : int, default 10
+        As for :func:`subspace_basis`.
+    batch_size : int, default 256
+        Images per batch, for the float64 copy of a batch (``8 B C P`` bytes; for
+        64 channels of 112 x 112 and ``B = 256`` that alone is 1.6 GiB).
+
+    Returns
+    -------
+    RouteChoice
+
+    Examples
+    --------
+    >>> choose_route(64, 12_544, budget_bytes=2 * 2**30, batch_size=64).route
+    'subspace'
+    >>> choose_route(64, 1024, budget_bytes=2 * 2**30).route
+    'moments'
+    """
+    k_fixed, fraction = _check_components(components, max_components)
+    c, p = int(channels), int(pixels)
+    q = min(k_fixed if fraction is None else max_components, p)
+    block = min(q + oversample, p)
+    common = 8 * c * p * 5 + 8 * batch_size * c * p
+    chunk = max(p * p * 8, min(c * p * p * 8, BASIS_CHUNK_BYTES))
+    moments = 8 * c * p * p + chunk + common
+    subspace = 3 * 8 * c * p * block + common
+    mib = 2.0**20
+
+    def fmt(b: int) -> str:
+        return f"{b / mib:,.1f} MiB"
+
+    note = ""
+    if images is not None:
+        in_memory = 4 * c * int(images) * p
+        fits = "fit" if in_memory <= budget_bytes else "not fit"
+        note = (f"; the maps themselves (N = {images}) would take {fmt(in_memory)} in "
+                f"float32 and {fits} the budget")
+    if moments <= budget_bytes:
+        return RouteChoice("moments", f"P x P moments of {c} channels of {p} pixels need "
+                           f"{fmt(moments)} <= budget {fmt(budget_bytes)}: one pass plus the "
+                           f"projection pass{note}", moments, subspace)
+    if subspace <= budget_bytes:
+        return RouteChoice("subspace", f"P x P moments of {c} channels of {p} pixels need "
+                           f"{fmt(moments)} > budget {fmt(budget_bytes)}; subspace iteration "
+                           f"with {block} columns needs {fmt(subspace)}: several passes"
+                           f"{note}", moments, subspace)
+    raise ValueError(f"neither route fits {fmt(budget_bytes)} for {c} channels of {p} pixels: "
+                     f"moments need {fmt(moments)}, subspace iteration {fmt(subspace)} "
+                     f"(with batches of {batch_size}); reduce the layer's channels in groups")
+
+
+def streaming_reduce(batches: Batches, components: int | float = 3, *,
+                     max_components: int = 10, budget_bytes: int | None = None,
+                     route: Literal["moments", "subspace"] | None = None,
+                     device: torch.device | str | None = None,
+                     **subspace_options: float) -> tuple[Reduction, PixelBasis]:
+    """The reduce step of one layer over batches of images, in memory independent of N.
+
+    Parameters
+    ----------
+    batches : callable
+        ``batches()`` returns an iterable of ``(B, C, H, W)`` (or ``(B, C, P)``) tensors,
+        the same images in the same order on each call. Called twice on the moments
+        route (accumulate, project), ``passes + 1`` times on the subspace route.
+    components, max_components
+        As for :func:`~pcace.reduce.principal_components`.
+    budget_bytes : int, optional
+        Memory budget for :func:`choose_route` (default 1 GiB) when ``route`` is None.
+    route : {"moments", "subspace"}, optional
+        Force a route.
+    device : torch.device or str, optional
+        Where the moments and the iteration live (default: the CPU).
+    **subspace_options
+        ``oversample``, ``tol``, ``max_passes``, ``seed`` for :func:`subspace_basis`.
+
+    Returns
+    -------
+    (Reduction, PixelBasis)
+        The reduction (as :func:`~pcace.reduce.reduce_block` gives it for all the images
+        at once) and the basis it came from (route, passes, convergence).
+
+    Examples
+    --------
+    >>> import torch
+    >>> maps = torch.randn(500, 8, 6, 6)
+    >>> red, basis = streaming_reduce(lambda: maps.split(128), 3)
+    >>> tuple(red.scores.shape), basis.route
+    ((8, 500, 3), 'moments')
+    """
+    it = iter(batches())
+    head = next(it, None)
+    if head is None:
+        raise ValueError("batches() yielded no batch")
+    shape = head.shape
+    c, p = int(shape[1]), int(math.prod(shape[2:]))
+    if route is None:
+        route = choose_route(c, p, components, max_components=max_components,
+                             budget_bytes=2**30 if budget_bytes is None else budget_bytes,
+                             batch_size=int(shape[0])).route
+    first = chain([head], it)
+    if route == "moments":
+        acc = PixelMoments(c, p, device=device)
+        for batch in first:
+            acc.update(batch)
+        basis = acc.basis(components, max_components=max_components)
+    elif route == "subspace":
+        basis = subspace_basis(batches, components, max_components=max_components,
+                               device=device, first=first, **subspace_options)  # type: ignore[arg-type]
+    else:
+        raise ValueError(f"route must be 'moments' or 'subspace'; got {route!r}")
+    return basis.finish([basis.project(b) for b in _iterate(batches)]), basis
+
+
+def _iterate(batches: Batches) -> Iterator[torch.Tensor]:
+    yield from batches()
