@@ -200,12 +200,12 @@ def reduce_block(block: torch.Tensor, components: int | float = 3, *,
     wanted_q = k_fixed if fraction is None else max_components
     eigvals, vectors, total, gram_side = _eigen(x, wanted_q)  # top eigvals (C, q) descending
     total = total.clamp(min=0)
-    rank = _rank(eigvals, max(n_img, n_pix), x.dtype)
+    rank = numerical_rank(eigvals, max(n_img, n_pix), x.dtype)
 
     if fraction is None:
         wanted = torch.full_like(rank, k_fixed)
     else:
-        wanted = _k_for_fraction(eigvals, total, fraction, max_components)
+        wanted = k_for_fraction(eigvals, total, fraction, max_components)
     n_comp = torch.minimum(wanted, rank)
     n_comp[dead] = 0
     width = k_fixed if fraction is None else max(int(n_comp.max()), 1)
@@ -213,7 +213,7 @@ def reduce_block(block: torch.Tensor, components: int | float = 3, *,
     scores = _scores(x, eigvals, vectors, gram_side, width)
     keep = torch.arange(width, device=scores.device)[None, :] < n_comp[:, None]  # (C, width)
     scores *= keep[:, None, :].to(scores.dtype)
-    _fix_signs(scores)
+    fix_signs(scores)
 
     r = eigvals.shape[1]
     kept = eigvals[:, : min(width, r)].clamp(min=0) * keep[:, : min(width, r)]
@@ -457,13 +457,13 @@ def _one_blas_thread() -> Any:
     return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
 
 
-def _rank(eigvals: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+def numerical_rank(eigvals: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
     top = eigvals[:, :1].clamp(min=0)
     tol = size * torch.finfo(dtype).eps * top
     return ((eigvals > tol) & (eigvals > 0)).sum(dim=1)
 
 
-def _k_for_fraction(eigvals: torch.Tensor, total: torch.Tensor, fraction: float,
+def k_for_fraction(eigvals: torch.Tensor, total: torch.Tensor, fraction: float,
                     max_components: int) -> torch.Tensor:
     ratio = eigvals.clamp(min=0) / torch.where(total > 0, total, 1)[:, None]
     reached = torch.cumsum(ratio, dim=1) >= fraction
@@ -485,7 +485,7 @@ def _scores(x: torch.Tensor, eigvals: torch.Tensor, vectors: torch.Tensor, gram_
     return out
 
 
-def _fix_signs(scores: torch.Tensor) -> None:
+def fix_signs(scores: torch.Tensor) -> None:
     """Flip each column so its largest-magnitude entry is positive (in place)."""
     idx = scores.abs().argmax(dim=1, keepdim=True)  # (C, 1, k)
     pick = scores.gather(1, idx)

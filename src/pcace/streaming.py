@@ -52,12 +52,12 @@ from .reduce import (
     CONSTANT_ULPS,
     FLAT_SPREAD,
     Reduction,
-    _check_components,
-    _fix_signs,
-    _k_for_fraction,
-    _rank,
+    fix_signs,
+    k_for_fraction,
+    numerical_rank,
     top_eigenpairs,
 )
+from .validation import components as _check_components
 
 __all__ = [
     "PixelBasis",
@@ -384,7 +384,7 @@ class PixelBasis:
                              f"computed from {self.count}: both passes must see the same "
                              "images")
         out = scores.permute(1, 0, 2).to(torch.float64).contiguous()
-        _fix_signs(out)
+        fix_signs(out)
         return Reduction(scores=out, n_components=self.n_components.clone(),
                          explained_variance=self.explained_variance.clone(),
                          dead=self.dead.clone())
@@ -404,11 +404,11 @@ def _finish_basis(mean: torch.Tensor, inv: torch.Tensor, constant: torch.Tensor,
     dead = constant.all(dim=1).cpu()
     total = total.clamp(min=0)
     dtype = torch.float32 if eps > torch.finfo(torch.float64).eps else torch.float64
-    rank = _rank(vals, max(n, p), dtype)
+    rank = numerical_rank(vals, max(n, p), dtype)
     if fraction is None:
         wanted = torch.full_like(rank, k_fixed)
     else:
-        wanted = _k_for_fraction(vals, total, fraction, max_components)
+        wanted = k_for_fraction(vals, total, fraction, max_components)
     n_comp = torch.minimum(wanted, rank)
     n_comp[dead] = 0
     width = k_fixed if fraction is None else max(int(n_comp.max()), 1)
@@ -548,7 +548,7 @@ def subspace_basis(batches: Batches, components: int | float = 3, *, max_compone
         if fraction is not None:  # only the pairs the fraction keeps need converge
             ritz = n * w[:, :q_all].clamp(min=0)
             live = n * (~constant[active]).sum(dim=1).to(torch.float64)
-            need = torch.minimum(need, _k_for_fraction(ritz, live, fraction, max_components))
+            need = torch.minimum(need, k_for_fraction(ritz, live, fraction, max_components))
         done = torch.zeros(len(active), dtype=torch.bool, device=dev)
         est = torch.zeros(len(active), dtype=torch.float64, device=dev)
         for j in range(len(active)):
