@@ -241,7 +241,7 @@ def rank(
         the eigenproblems and ACE always run in float64. ``torch.float32`` (default) works
         on the captured activations in place; ``torch.float64`` copies each block first
         (slower, exact to ~1e-12). Their measured agreement is in ``benchmarks/README.md``
-        ("Precision").
+        ("Pipeline": float32 against float64).
     score : {"maximal", "first-component"}
         ``"maximal"``: the maximal correlation over all k components (PCACE). The other
         reproduces the published scripts' ``|corr(phi_1, theta)|``, for comparison only.

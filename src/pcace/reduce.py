@@ -26,18 +26,15 @@ subset solver, in the precision the Gram matrix was computed in.
 :func:`principal_components` is the same on an ``(N, C, ...)`` tensor it first
 copies (float64 by default).
 
-Precision: with a float32 block (the pipeline's default) the values PCACE
-computes from these components differ from an all-float64 computation by a
-median of 2e-8 and a 99th percentile of 5e-7 over the 688 channels of the
-shared CIFAR ResNet-20 (200 images, k = 3); float32 activations carry about
-that much anyway. ACE makes discrete choices (spans, when to stop), so a
-perturbation that small can occasionally move a value more (one channel of
-688 by 1.3e-4 on one selection of 200 images, by 8e-4 on another).
+Precision: a float32 block (the pipeline's default) gives values within float32's own
+accuracy of an all-float64 computation; ACE's discrete choices (spans, when to stop) can
+occasionally move a value more. The measured agreement is in ``benchmarks/README.md``
+("Pipeline": float32 against float64).
 
 Cost: ``C * N * min(N, P) * (P + min(N, P))`` for the Gram matrices, plus the
-eigenproblems (cheap when the spectrum falls off, as on natural images; about
-2 ms per 300 x 300 matrix when it is flat). Memory beyond the block: the Gram
-matrices, ``(C, m, m)`` in the block's precision and in float64.
+eigenproblems (cheap when the spectrum falls off, as on natural images; dearer when it
+is flat). Memory beyond the block: the Gram matrices, ``(C, m, m)`` in the block's
+precision and in float64. Timings: ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
