@@ -198,14 +198,8 @@ def reduce_block(block: torch.Tensor, components: int | float = 3, *,
     eigvals, vectors, total, gram_side = _eigen(x, wanted_q)  # top eigvals (C, q) descending
     total = total.clamp(min=0)
     rank = numerical_rank(eigvals, max(n_img, n_pix), x.dtype)
-
-    if fraction is None:
-        wanted = torch.full_like(rank, k_fixed)
-    else:
-        wanted = k_for_fraction(eigvals, total, fraction, max_components)
-    n_comp = torch.minimum(wanted, rank)
-    n_comp[dead] = 0
-    width = k_fixed if fraction is None else max(int(n_comp.max()), 1)
+    n_comp, width = components_kept(eigvals, total, rank, dead, k_fixed, fraction,
+                                    max_components)
 
     scores = _scores(x, eigvals, vectors, gram_side, width)
     keep = torch.arange(width, device=scores.device)[None, :] < n_comp[:, None]  # (C, width)
@@ -458,6 +452,25 @@ def numerical_rank(eigvals: torch.Tensor, size: int, dtype: torch.dtype) -> torc
     top = eigvals[:, :1].clamp(min=0)
     tol = size * torch.finfo(dtype).eps * top
     return ((eigvals > tol) & (eigvals > 0)).sum(dim=1)
+
+
+def components_kept(eigvals: torch.Tensor, total: torch.Tensor, rank: torch.Tensor,
+                    dead: torch.Tensor, k_fixed: int, fraction: float | None,
+                    max_components: int) -> tuple[torch.Tensor, int]:
+    """Components kept per channel (``(C,)``) and the width of the score tensor.
+
+    ``k_fixed`` components (or, with ``fraction``, the fewest that explain that share of
+    the variance, at most ``max_components``), never more than the numerical rank; none
+    for a dead channel. The width is ``k_fixed``, or the largest count kept.
+    """
+    if fraction is None:
+        wanted = torch.full_like(rank, k_fixed)
+    else:
+        wanted = k_for_fraction(eigvals, total, fraction, max_components)
+    n_comp = torch.minimum(wanted, rank)
+    n_comp[dead] = 0
+    width = k_fixed if fraction is None else max(int(n_comp.max()), 1)
+    return n_comp, width
 
 
 def k_for_fraction(eigvals: torch.Tensor, total: torch.Tensor, fraction: float,
