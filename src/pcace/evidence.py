@@ -55,6 +55,7 @@ Examples
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from numbers import Integral, Real
 from typing import Any
@@ -358,7 +359,8 @@ def split_half(
         pick = rng.integers(0, c, size=(resamples, c))
         boot = _spearman_rows(va[:, pick].transpose(1, 0, 2),
                               vb[:, pick].transpose(1, 0, 2))   # (R, S)
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():                   # all-NaN rows: resamples of
+            warnings.simplefilter("ignore", RuntimeWarning)  # one channel value only
             per = np.nanmean(boot, axis=1)                # (R,) mean over splits
         per = per[np.isfinite(per)]
         if per.size:
