@@ -168,8 +168,9 @@ def part_validate(args, shared: Path, results: dict) -> None:
     big = pool[:4800]
     comps_big = {n: pca(maps_train[n], big) for n in names}
     vbig = {n: values_of(comps_big[n], y_train[big]) for n in names}
-    sh200 = split_half_table(comps_200, y_test, splits=args.splits, seed=args.seed)
-    shbig = split_half_table(comps_big, y_train[big], splits=3, seed=args.seed)
+    sh200 = split_half_table(comps_200, y_test, splits=args.splits, seed=args.seed,
+                             level=args.level)
+    shbig = split_half_table(comps_big, y_train[big], splits=3, seed=args.seed, level=args.level)
     chans = []
     for n in names:
         null = permutation_null(comps_200[n], y_test, 100, seed=args.seed)
@@ -210,7 +211,7 @@ def part_validate(args, shared: Path, results: dict) -> None:
             comps = {n: pca(maps_train[n], s) for n in names}
             vals.append({n: values_of(comps[n], y_train[s]) for n in names})
             tables.append(split_half_table(comps, y_train[s], splits=args.splits,
-                                           seed=args.seed + j))
+                                           seed=args.seed + j, level=args.level))
             if j < args.own_sets:
                 o, r = own_pca_split_half(maps_train, comps, s, y_train[s], args.own_splits,
                                           args.seed + j)
@@ -352,6 +353,8 @@ def main() -> None:
                    help="sets per size whose halves also get their own PCA")
     p.add_argument("--own-splits", type=int, default=3)
     p.add_argument("--splits", type=int, default=10)
+    p.add_argument("--level", type=float, default=0.90,
+                   help="interval level of the split-half checks in part validate")
     p.add_argument("--cost-permutations", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out")
