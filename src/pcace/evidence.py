@@ -72,14 +72,15 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .ace import MIN_OBSERVATIONS, ace
+from .plan import MemoryPlan
+from .scoring import channel_values
+from .validation import MIN_OBSERVATIONS, fraction, integer
 
 __all__ = [
     "EVIDENCE",
@@ -102,23 +103,11 @@ REPRODUCIBLE_LOW = 0.5
 #: counts as not reproducible.
 NOT_REPRODUCIBLE = 0.5
 
-#: Default memory (bytes) for one batched ACE call's inputs.
-CHUNK_BYTES = 2**27
+#: The working memory used when no plan is given (as ``pcace.rank`` with a 2 GiB budget).
+_DEFAULT_PLAN = MemoryPlan(2 * 2**30)
 
 
 # ------------------------------------------------------------------------- helpers
-
-def _int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
-    return int(value)
-
-
-def _fraction(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be a number in (0, 1); got {value!r}")
-    return float(value)
-
 
 def spearman_brown(r: Any) -> Any:
     """Project a split-half correlation to the full sample: ``2 r / (1 + r)`` for ``r > 0``.
@@ -171,14 +160,6 @@ def _top_overlap(a: np.ndarray, b: np.ndarray, t: int) -> np.ndarray:
     tb = np.argsort(-b, axis=-1, kind="stable")[..., :t]
     hits = (ta[..., :, None] == tb[..., None, :]).any(-1).sum(-1)
     return hits / t
-
-
-def _ace_values(z: Any, y: Any, options: dict) -> np.ndarray:
-    r = ace(z, y, **options)
-    rho = r.rho
-    if isinstance(rho, torch.Tensor):
-        rho = rho.detach().cpu().numpy()
-    return np.clip(np.asarray(rho, dtype=np.float64), 0.0, 1.0)
 
 
 def _reading(spearman: float, low: float) -> str:
@@ -291,12 +272,11 @@ def split_half(
     >>> s["reading"]
     'not reproducible'
     """
-    s_count = _int(splits, "splits", 1)
-    top = _int(top, "top", 1)
-    resamples = _int(resamples, "resamples", 1)
-    lvl = _fraction(level, "level")
-    if isinstance(seed, bool) or not isinstance(seed, Integral):
-        raise ValueError(f"seed must be an int; got {seed!r}")
+    s_count = integer(splits, "splits")
+    top = integer(top, "top")
+    resamples = integer(resamples, "resamples")
+    lvl = fraction(level, "level")
+    integer(seed, "seed", minimum=None)
     options = dict(ace_options or {})
 
     on_gpu = isinstance(components, torch.Tensor) and components.device.type != "cpu"
@@ -351,8 +331,7 @@ def split_half(
     if live.size:
         idx = halves.reshape(s_count * 2, half)           # (2S, half)
         total = idx.shape[0] * live.size                  # problems, half-major
-        step = chunk if chunk is not None else max(1, CHUNK_BYTES // ((k + 1) * half * 8))
-        step = _int(step, "chunk", 1)
+        step = _DEFAULT_PLAN.ace_problems(half, k) if chunk is None else integer(chunk, "chunk")
         flat = np.empty(total)
         for start in range(0, total, step):
             p = np.arange(start, min(start + step, total))
@@ -365,7 +344,7 @@ def split_half(
             else:
                 xs = z[ch[:, None], rows]                 # (b, half, k)
                 ys = y[rows]
-            flat[start:start + p.size] = _ace_values(xs, ys, options)
+            flat[start:start + p.size] = channel_values(xs, ys, "maximal", options)
         values[:, :, live] = flat.reshape(s_count, 2, live.size)
     va, vb = values[:, 0], values[:, 1]
 
@@ -504,7 +483,7 @@ def significant(q_values: Any, alpha: float = 0.05) -> np.ndarray:
     >>> significant([0.01, 0.05, 0.2, float("nan")]).tolist()
     [True, True, False, False]
     """
-    a = _fraction(alpha, "alpha")
+    a = fraction(alpha, "alpha")
     q = np.asarray(q_values, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         return np.asarray(q <= a)
@@ -579,7 +558,7 @@ def layer_evidence(
     """
     if not isinstance(channels, pd.DataFrame):
         raise TypeError(f"channels must be a pandas DataFrame; got {type(channels).__name__}")
-    a = _fraction(alpha, "alpha")
+    a = fraction(alpha, "alpha")
     table = channels if "layer" in channels.columns else channels.assign(layer="")
     splits: dict[Any, dict] = {}
     if split is not None:

@@ -35,7 +35,6 @@ from .stats import (
     layer_stability,
     null_summary,
     permutation_null,
-    share_significant,
 )
 from .targets import resolve_target
 from .validation import components as check_components
@@ -184,7 +183,8 @@ def rank(
     score: str = "maximal",
     label: int | None = None,
     categories: Sequence[str] | None = None,
-    permutations: int = 0,
+    permutations: int = 100,
+    split_half: int = 10,
     bootstrap: int = 0,
     level: float = 0.95,
     interval: str = "half-sample",
@@ -249,11 +249,24 @@ def rank(
         Keep only the images of this label (the paper ranks over the images of one class).
     categories : sequence of str, optional
         Class names, to resolve a class-name ``target``.
-    permutations : int
+    permutations : int, default 100
         B > 0 re-scores every channel against B permutations of the score (the same for all
         channels; only ACE re-runs) and adds ``null_mean``, ``null_q95``, ``p_value`` (with the
-        +1 correction), ``q_value`` (Benjamini-Hochberg within each layer) and ``pcace_adj`` (a
-        null-corrected value comparable across layers and runs; see :mod:`pcace.stats`).
+        +1 correction), ``q_value`` (Benjamini-Hochberg within each layer), ``significant``
+        (``q <= 0.05``) and ``pcace_adj`` (a null-corrected value comparable across layers and
+        runs; see :mod:`pcace.stats`); the layer table gains the share of significant
+        channels and the median ``pcace_adj``. 0 opts out. With B permutations a p-value is
+        at least ``1 / (B + 1)``, so a layer of C channels shows significant channels only
+        when about ``C / (20 (B + 1))`` of them beat the whole null; use 1000 for claims
+        about single channels. The cost of the default is measured in
+        ``benchmarks/README.md`` ("Evidence").
+    split_half : int, default 10
+        S > 0: how reproducible each layer's ranking is. The channels are scored on S random
+        splits of the images into two halves and the halves' rankings compared (Spearman,
+        projected to N images, with an interval, and the top-10 overlap;
+        :func:`pcace.evidence.split_half`). With the null it gives each layer an
+        ``evidence`` verdict (``"strong"``, ``"weak"``, ``"none"``) and a sentence
+        (:func:`pcace.evidence.layer_evidence`). 0 opts out; skipped below 20 images.
     bootstrap : int
         B > 0 resamples the images B times (half-samples without replacement by default, see
         ``interval``), recomputes PCA and ACE per channel and adds ``ci_low``, ``ci_high`` (an
@@ -324,6 +337,7 @@ def rank(
                          level=fraction(level, "level"), seed=integer(seed, "seed", None),
                          interval=interval)
     interval_scheme(interval)
+    integer(split_half, "split_half", minimum=0)
     dev = resolve_device(device)
     score_fn = resolve_target(target, categories)
     names = resolve_layers(model, layers)
@@ -361,7 +375,9 @@ def rank(
 
     channels = _channel_table(scored.tables, names)
     layer_table = layer_summary(channels, {n: shapes[n] for n in names if n in shapes})
-    _add_layer_statistics(layer_table, channels, scored.stability)
+    split_half = integer(split_half, "split_half", minimum=0)
+    _add_layer_statistics(layer_table, channels, scored, scores, split_half, options.seed,
+                          ace_kwargs)
 
     manifest = {
         "pcace_version": __version__,
@@ -379,6 +395,8 @@ def rank(
         "device": str(dev),
         "seed": options.seed,
         "permutations": options.permutations,
+        "split_half": split_half,
+        "alpha": 0.05,
         "bootstrap": options.bootstrap,
         "level": options.level,
         "interval": interval,
@@ -417,14 +435,26 @@ def _channel_table(tables: list[pd.DataFrame], names: list[str]) -> pd.DataFrame
     return channels[BASE_COLUMNS + extra]
 
 
-def _add_layer_statistics(layers: pd.DataFrame, channels: pd.DataFrame,
-                          stability: dict[str, dict]) -> None:
+def _add_layer_statistics(layers: pd.DataFrame, channels: pd.DataFrame, scored: ScoredLayers,
+                          scores: np.ndarray, split_half: int, seed: int,
+                          ace_kwargs: dict) -> None:
+    """Evidence per layer (null share, split-half reproducibility, verdict), stability."""
+    from .evidence import layer_evidence, significant, split_half_table
+
     if layers.empty:
         return
     if "q_value" in channels.columns:
-        share = channels.groupby("layer").q_value.apply(share_significant)
-        layers["significant_share"] = layers.layer.map(share)
-        layers["median_adj"] = layers.layer.map(channels.groupby("layer").pcace_adj.median())
+        channels["significant"] = significant(channels.q_value)
+    split = None
+    if split_half and scores.size >= 20:
+        split = split_half_table(scored.components, scores, splits=split_half, seed=seed,
+                                 ace_options=ace_kwargs)
+    if "q_value" in channels.columns or split is not None:
+        evidence = layer_evidence(channels, split, n_images=int(scores.size))
+        evidence = evidence.drop(columns=["channels"]).set_index("layer")
+        for column in evidence.columns:
+            layers[column] = layers.layer.map(evidence[column])
+    stability = scored.stability
     if stability:
         layers["rank_spearman"] = layers.layer.map(
             {n: s.get("spearman_mean") for n, s in stability.items()})
