@@ -147,7 +147,7 @@ def test_top_save_and_load_with_targets(multi, tmp_path):
 
 def test_resume_keeps_every_target(planted, tmp_path):
     model, x = planted
-    kwargs = dict(layers=["features"], progress=False, permutations=9)
+    kwargs = dict(layers=["features"], progress=False, permutations=9, bootstrap=3)
     first = pcace.rank(model, x, [RegressionOutput(), NEG], checkpoint_dir=tmp_path, **kwargs)
     again = pcace.rank(model, x, [RegressionOutput(), NEG], checkpoint_dir=tmp_path,
                        resume=True, **kwargs)
@@ -155,6 +155,7 @@ def test_resume_keeps_every_target(planted, tmp_path):
     assert again.manifest["forward_calls"] == 0
     pd.testing.assert_frame_equal(again.channels, first.channels)
     pd.testing.assert_frame_equal(again.layers, first.layers)
+    assert again.manifest["stability"] == first.manifest["stability"]
 
 
 # --- per-label groups ---------------------------------------------------------------------------
@@ -266,3 +267,40 @@ def test_resnet20_per_class_equals_separate_runs(cifar):
         part = atlas.channels[atlas.channels.label == c]
         assert (part.target == classes[c]).all()
         _assert_same_rows(part, alone.channels, SHARED_COLUMNS, atol=1e-6)
+
+
+# --- the class atlas ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def atlas_run(labelled):
+    model, x, labels = labelled
+    return pcace.rank(model, (x, labels), per_label=True, layers=["features"],
+                      progress=False, permutations=99)
+
+
+def test_class_evidence_and_selectivity(atlas_run):
+    from pcace.atlas import class_evidence, selectivity
+    from pcace.stats import share_significant
+
+    table, measure = class_evidence(atlas_run)
+    assert measure.startswith("share") and list(table.columns) == ["0", "1", "2"]
+    ch = atlas_run.channels
+    for c in range(3):
+        q = ch[ch.label == c].q_value.to_numpy()
+        assert table.loc["features", str(c)] == pytest.approx(share_significant(q))
+    sel = selectivity(atlas_run, "features")
+    assert len(sel) == 12
+    for c in range(3):  # channel c carries class c's score, and only it
+        assert sel.loc[c, "best_class"] == str(c) and sel.loc[c, "classes"] == str(c)
+    assert (sel.drop([0, 1, 2]).n_classes <= 1).all()
+
+
+def test_class_atlas_figure(atlas_run):
+    from pcace.viz import class_atlas
+
+    fig = class_atlas(atlas_run)
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    assert any("layers x classes" in t for t in titles)
+    assert any(t.startswith("features:") for t in titles)
+    with pytest.raises(ValueError, match="no layer"):
+        class_atlas(atlas_run, layer="nope")

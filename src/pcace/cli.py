@@ -362,10 +362,11 @@ def many_summary(result: Any, top: int = 3) -> str:
     layers = result.layers
     keys = [k for k in ("label", "target") if k in layers.columns]
     evidence = "significant_share" if "significant_share" in layers.columns else "median"
-    lines = [f"{len(result.targets)} target(s); per target its layer with the highest "
+    groups = layers.groupby(keys, sort=False)
+    lines = [f"per {' and '.join(keys)} ({groups.ngroups}): the layer with the highest "
              f"{'share of significant channels' if evidence != 'median' else 'median PCACE'}"
-             f" and that layer's top {top} channels"]
-    for key, sub in layers.groupby(keys, sort=False):
+             f" and its top {top} channels"]
+    for key, sub in groups:
         key = key if isinstance(key, tuple) else (key,)
         best = sub.sort_values([evidence, "median"], ascending=False).iloc[0]
         name = " / ".join(f"{k} {v}" for k, v in zip(keys, key, strict=True))
@@ -440,6 +441,11 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     label = dspec.get("label") if dspec.get("kind") == "csv" else None
     images, labels = stack_images(ds, label=label)
     target = target_from_dict(manifest["target"])
+    if len(run.targets) > 1 or "label" in run.channels.columns:
+        raise ValueError(f"ablate works on a run with one target and one image set; this run "
+                         f"has {len(run.targets)} targets"
+                         f"{' and one image set per label' if manifest.get('per_label') else ''}"
+                         ": rank the target of interest on its own first")
     table = run.channels[run.channels.layer == args.layer]
     rankings = {"pcace": table.sort_values("rank").channel.to_numpy()}
     if "pcace_adj" in table.columns:

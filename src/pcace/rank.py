@@ -487,7 +487,8 @@ def rank(
                  "skipped_images": int(getattr(images, "skipped", 0) or 0)},
         "target": _describe_target(single) if single is not None else
         {"kind": "several", "labels": targets.labels},
-        "target_description": targets.describe(),
+        "target_description": "each label's own class logit, on that label's images"
+        if per_label and target is None else targets.describe(),
         "targets": [_describe_target(t) for t in targets.targets or []],
         "target_labels": targets.labels,
         "per_label": bool(per_label),
