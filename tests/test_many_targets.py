@@ -99,7 +99,7 @@ def planted():
 def multi(planted):
     model, x = planted
     return pcace.rank(model, x, [RegressionOutput(), NEG], layers=["features"], progress=False,
-                      permutations=39, bootstrap=6)
+                      permutations=39, bootstrap=6, split_half=4)
 
 
 def test_multi_target_equals_single_target_runs(planted, multi):
@@ -108,7 +108,7 @@ def test_multi_target_equals_single_target_runs(planted, multi):
     assert list(multi.layers.target) == ["output", "neg"]
     for name, target in (("output", RegressionOutput()), ("neg", NEG)):
         single = pcace.rank(model, x, target, layers=["features"], progress=False,
-                            permutations=39, bootstrap=6)
+                            permutations=39, bootstrap=6, split_half=4)
         part = multi.channels[multi.channels.target == name]
         _assert_same_rows(part, single.channels, SHARED_COLUMNS + STAT_COLUMNS)
         row = multi.layers[multi.layers.target == name].drop(columns="target")
@@ -246,12 +246,13 @@ def cifar(shared_dir):
 def test_resnet20_all_classes_equal_single_runs(cifar):
     model, x, y, classes = cifar
     cats = x[y == 3]
+    cheap = dict(permutations=0, split_half=0)  # the statistics are checked on planted data
     every = pcace.rank(model, cats, "all", layers=LAYERS, categories=classes, progress=False,
-                       device="cpu")
+                       device="cpu", **cheap)
     assert every.targets == classes and every.manifest["forward_calls"] == 1
     for index in (3, 5):
         single = pcace.rank(model, cats, index, layers=LAYERS, categories=classes,
-                            progress=False, device="cpu")
+                            progress=False, device="cpu", **cheap)
         part = every.channels[every.channels.target == classes[index]]
         _assert_same_rows(part, single.channels, SHARED_COLUMNS)
 
@@ -259,11 +260,12 @@ def test_resnet20_all_classes_equal_single_runs(cifar):
 def test_resnet20_per_class_equals_separate_runs(cifar):
     model, x, y, classes = cifar
     # one image per batch: each image's activations do not depend on its batch-mates
+    cheap = dict(permutations=0, split_half=0)
     atlas = pcace.rank(model, (x, y), per_label=True, layers=LAYERS, categories=classes,
-                       batch_size=1, progress=False, device="cpu")
+                       batch_size=1, progress=False, device="cpu", **cheap)
     for c in (3, 5, 7):
         alone = pcace.rank(model, (x, y), c, label=c, layers=LAYERS, categories=classes,
-                           batch_size=1, progress=False, device="cpu")
+                           batch_size=1, progress=False, device="cpu", **cheap)
         part = atlas.channels[atlas.channels.label == c]
         assert (part.target == classes[c]).all()
         _assert_same_rows(part, alone.channels, SHARED_COLUMNS, atol=1e-6)

@@ -117,8 +117,13 @@ def _build_parser() -> argparse.ArgumentParser:
                    "normalisation (one per input channel)")
     p.add_argument("--path-column", default="path", help="CSV data: the column of image paths")
     p.add_argument("--label-column", help="CSV data: the column of class labels (for --label)")
-    p.add_argument("--permutations", type=int, default=0,
-                   help="B permutations of the score for a null, p- and q-values, pcace_adj")
+    p.add_argument("--permutations", type=int, default=100,
+                   help="B permutations of the score for a null: p- and q-values, pcace_adj, "
+                   "which channels beat chance (default 100; 0: none; 1000 for claims about "
+                   "single channels)")
+    p.add_argument("--split-half", type=int, default=10,
+                   help="random splits of the images into halves for each layer's "
+                   "reproducibility check (default 10; 0: none)")
     p.add_argument("--bootstrap", type=int, default=0,
                    help="B bootstrap resamples of the images for intervals and rank stability")
     p.add_argument("--level", type=float, default=0.95, help="bootstrap interval level")
@@ -247,7 +252,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
                       per_label=args.per_class,
                       categories=list(cats.names) if cats else None, seed=args.seed,
                       progress=not args.no_progress, permutations=args.permutations,
-                      bootstrap=args.bootstrap, level=args.level, interval=args.interval,
+                      split_half=args.split_half, bootstrap=args.bootstrap, level=args.level,
+                      interval=args.interval,
                       spill_dir=args.spill_dir, checkpoint_dir=out, resume=args.resume,
                       on_step=guard.check)
     skipped = getattr(getattr(ds, "dataset", ds), "skipped", 0)
@@ -346,7 +352,7 @@ def _describe_targets(target: Any, cats: Any, per_class: bool) -> str:
 
 
 def _print_summary(result: Any, top: int) -> None:
-    from .demo import summary
+    from .printout import text_summary
 
     n = result.manifest["data"]["n_images"]
     target = result.manifest.get("target_description") or result.manifest["target"]
@@ -354,7 +360,7 @@ def _print_summary(result: Any, top: int) -> None:
     if len(result.targets) > 1 or "label" in result.channels.columns:
         print(many_summary(result, top=min(top, 3)))
     else:
-        print(summary(result, top=top))
+        print(text_summary(result, top=top))
 
 
 def many_summary(result: Any, top: int = 3) -> str:

@@ -165,7 +165,13 @@ class ImageFiles(Dataset):
         path, target = self.samples[index]
         with Image.open(path) as img:
             img = img.convert(self.mode) if self.mode else img.copy()
-        image = self.transform(img)
+        try:
+            image = self.transform(img)
+        except (RuntimeError, ValueError, TypeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"preprocessing {path} ({img.mode}, {img.size[0]}x{img.size[1]}) "
+                             f"failed: {first}. Check the normalisation (--mean/--std: one "
+                             "value per image channel) and --resize/--crop") from None
         return (image, target) if self.has_labels else image
 
     def __repr__(self) -> str:

@@ -35,7 +35,6 @@ from .stats import (
     layer_stability,
     null_summary,
     permutation_null,
-    share_significant,
 )
 from .targets import TargetSet, resolve_targets
 from .validation import components as check_components
@@ -276,7 +275,8 @@ def rank(
     label: int | None = None,
     per_label: bool = False,
     categories: Sequence[str] | None = None,
-    permutations: int = 0,
+    permutations: int = 100,
+    split_half: int = 10,
     bootstrap: int = 0,
     level: float = 0.95,
     interval: str = "half-sample",
@@ -337,7 +337,7 @@ def rank(
         the eigenproblems and ACE always run in float64. ``torch.float32`` (default) works
         on the captured activations in place; ``torch.float64`` copies each block first
         (slower, exact to ~1e-12). Their measured agreement is in ``benchmarks/README.md``
-        ("Precision").
+        ("Pipeline": float32 against float64).
     score : {"maximal", "first-component"}
         ``"maximal"``: the maximal correlation over all k components (PCACE). The other
         reproduces the published scripts' ``|corr(phi_1, theta)|``, for comparison only.
@@ -353,11 +353,24 @@ def rank(
         (:func:`pcace.viz.class_atlas`).
     categories : sequence of str, optional
         Class names, to resolve a class-name ``target``.
-    permutations : int
+    permutations : int, default 100
         B > 0 re-scores every channel against B permutations of the score (the same for all
         channels; only ACE re-runs) and adds ``null_mean``, ``null_q95``, ``p_value`` (with the
-        +1 correction), ``q_value`` (Benjamini-Hochberg within each layer) and ``pcace_adj`` (a
-        null-corrected value comparable across layers and runs; see :mod:`pcace.stats`).
+        +1 correction), ``q_value`` (Benjamini-Hochberg within each layer), ``significant``
+        (``q <= 0.05``) and ``pcace_adj`` (a null-corrected value comparable across layers and
+        runs; see :mod:`pcace.stats`); the layer table gains the share of significant
+        channels and the median ``pcace_adj``. 0 opts out. With B permutations a p-value is
+        at least ``1 / (B + 1)``, so a layer of C channels shows significant channels only
+        when about ``C / (20 (B + 1))`` of them beat the whole null; use 1000 for claims
+        about single channels. The cost of the default is measured in
+        ``benchmarks/README.md`` ("Evidence").
+    split_half : int, default 10
+        S > 0: how reproducible each layer's ranking is. The channels are scored on S random
+        splits of the images into two halves and the halves' rankings compared (Spearman,
+        projected to N images, with an interval, and the top-10 overlap;
+        :func:`pcace.evidence.split_half`). With the null it gives each layer an
+        ``evidence`` verdict (``"strong"``, ``"weak"``, ``"none"``) and a sentence
+        (:func:`pcace.evidence.layer_evidence`). 0 opts out; skipped below 20 images.
     bootstrap : int
         B > 0 resamples the images B times (half-samples without replacement by default, see
         ``interval``), recomputes PCA and ACE per channel and adds ``ci_low``, ``ci_high`` (an
@@ -428,6 +441,7 @@ def rank(
                          level=fraction(level, "level"), seed=integer(seed, "seed", None),
                          interval=interval)
     interval_scheme(interval)
+    integer(split_half, "split_half", minimum=0)
     dev = resolve_device(device)
     targets = _target_set(target, categories, per_label, label)
     names = resolve_layers(model, layers)
@@ -474,7 +488,9 @@ def rank(
 
     channels = _channel_table(scored.tables, names)
     layer_table = layer_summary(channels, {n: shapes[n] for n in names if n in shapes})
-    _add_layer_statistics(layer_table, channels, scored.stability)
+    split_half = integer(split_half, "split_half", minimum=0)
+    _add_layer_statistics(layer_table, channels, scored, scores, groups, targets.labels,
+                          split_half, options.seed, ace_kwargs)
     plain = len(targets) == 1 and not per_label
     single = targets.targets[0] if len(targets) == 1 else None
 
@@ -499,6 +515,8 @@ def rank(
         "device": str(dev),
         "seed": options.seed,
         "permutations": options.permutations,
+        "split_half": split_half,
+        "alpha": 0.05,
         "bootstrap": options.bootstrap,
         "level": options.level,
         "interval": interval,
@@ -630,23 +648,60 @@ def _channel_table(tables: list[pd.DataFrame], names: list[str]) -> pd.DataFrame
     return channels[base + extra]
 
 
-def _add_layer_statistics(layers: pd.DataFrame, channels: pd.DataFrame,
-                          stability: dict[str, dict]) -> None:
+def _add_layer_statistics(layers: pd.DataFrame, channels: pd.DataFrame, scored: ScoredLayers,
+                          scores: np.ndarray, groups: list[_Group], target_names: list[str],
+                          split_half: int, seed: int, ace_kwargs: dict) -> None:
+    """Evidence per (layer, label, target): null share, split-half, verdict; stability."""
+    from .evidence import significant
+
     if layers.empty:
         return
-    keys = ["layer", *[k for k in ("label", "target") if k in channels.columns]]
-    index = pd.MultiIndex.from_frame(layers[keys])
     if "q_value" in channels.columns:
-        grouped = channels.groupby(keys, sort=False)
-        layers["significant_share"] = grouped.q_value.apply(share_significant) \
-            .reindex(index).to_numpy()
-        layers["median_adj"] = grouped.pcace_adj.median().reindex(index).to_numpy()
+        channels["significant"] = significant(channels.q_value)
+    keys = ["layer", *[k for k in ("label", "target") if k in channels.columns]]
+    for g in groups:
+        for j, column in enumerate(g.columns):
+            _add_group_evidence(layers, channels, scored, g, target_names[column],
+                                g.scores(scores)[:, j], keys, split_half, seed, ace_kwargs)
+    stability = scored.stability
     if stability:
         found = [stability.get(row.layer, {}).get(
             (getattr(row, "label", None), getattr(row, "target", None)), {})
             for row in layers.itertuples()]
         layers["rank_spearman"] = [s.get("spearman_mean") for s in found]
         layers["top10_retention"] = [s.get("top_retention") for s in found]
+
+
+def _add_group_evidence(layers: pd.DataFrame, channels: pd.DataFrame, scored: ScoredLayers,
+                        group: _Group, target: str, scores: np.ndarray, keys: list[str],
+                        split_half: int, seed: int, ace_kwargs: dict) -> None:
+    """The evidence columns of one (label, target)'s rows of the layer table."""
+    from .evidence import layer_evidence, split_half_table
+
+    mine = channels.target.astype(str) == target
+    rows = layers.target.astype(str) == target
+    if group.label is not None:
+        mine &= channels.label == group.label
+        rows &= layers.label == group.label
+    split = None
+    if split_half and scores.size >= 20:
+        if group.label is None:
+            comps = dict(scored.components)
+        else:
+            comps = {key[0]: z for key, z in scored.components.items()
+                     if key[1] == group.label}
+        split = split_half_table(comps, scores, splits=split_half, seed=seed,
+                                 ace_options=ace_kwargs)
+    if "q_value" not in channels.columns and split is None:
+        return
+    evidence = layer_evidence(channels[mine], split, n_images=int(scores.size))
+    evidence = evidence.drop(columns=["channels"]).set_index("layer")
+    for column in evidence.columns:
+        if column not in layers.columns:
+            layers[column] = pd.Series(dtype=evidence[column].dtype)
+            if evidence[column].dtype == object:
+                layers[column] = layers[column].astype(object)
+        layers.loc[rows, column] = layers.loc[rows, "layer"].map(evidence[column])
 
 
 def _stability_manifest(stability: dict[str, dict], plain: bool, per_label: bool) -> dict:

@@ -26,18 +26,15 @@ subset solver, in the precision the Gram matrix was computed in.
 :func:`principal_components` is the same on an ``(N, C, ...)`` tensor it first
 copies (float64 by default).
 
-Precision: with a float32 block (the pipeline's default) the values PCACE
-computes from these components differ from an all-float64 computation by a
-median of 2e-8 and a 99th percentile of 5e-7 over the 688 channels of the
-shared CIFAR ResNet-20 (200 images, k = 3); float32 activations carry about
-that much anyway. ACE makes discrete choices (spans, when to stop), so a
-perturbation that small can occasionally move a value more (one channel of
-688 by 1.3e-4 on one selection of 200 images, by 8e-4 on another).
+Precision: a float32 block (the pipeline's default) gives values within float32's own
+accuracy of an all-float64 computation; ACE's discrete choices (spans, when to stop) can
+occasionally move a value more. The measured agreement is in ``benchmarks/README.md``
+("Pipeline": float32 against float64).
 
 Cost: ``C * N * min(N, P) * (P + min(N, P))`` for the Gram matrices, plus the
-eigenproblems (cheap when the spectrum falls off, as on natural images; about
-2 ms per 300 x 300 matrix when it is flat). Memory beyond the block: the Gram
-matrices, ``(C, m, m)`` in the block's precision and in float64.
+eigenproblems (cheap when the spectrum falls off, as on natural images; dearer when it
+is flat). Memory beyond the block: the Gram matrices, ``(C, m, m)`` in the block's
+precision and in float64. Timings: ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -201,14 +198,8 @@ def reduce_block(block: torch.Tensor, components: int | float = 3, *,
     eigvals, vectors, total, gram_side = _eigen(x, wanted_q)  # top eigvals (C, q) descending
     total = total.clamp(min=0)
     rank = numerical_rank(eigvals, max(n_img, n_pix), x.dtype)
-
-    if fraction is None:
-        wanted = torch.full_like(rank, k_fixed)
-    else:
-        wanted = k_for_fraction(eigvals, total, fraction, max_components)
-    n_comp = torch.minimum(wanted, rank)
-    n_comp[dead] = 0
-    width = k_fixed if fraction is None else max(int(n_comp.max()), 1)
+    n_comp, width = components_kept(eigvals, total, rank, dead, k_fixed, fraction,
+                                    max_components)
 
     scores = _scores(x, eigvals, vectors, gram_side, width)
     keep = torch.arange(width, device=scores.device)[None, :] < n_comp[:, None]  # (C, width)
@@ -461,6 +452,25 @@ def numerical_rank(eigvals: torch.Tensor, size: int, dtype: torch.dtype) -> torc
     top = eigvals[:, :1].clamp(min=0)
     tol = size * torch.finfo(dtype).eps * top
     return ((eigvals > tol) & (eigvals > 0)).sum(dim=1)
+
+
+def components_kept(eigvals: torch.Tensor, total: torch.Tensor, rank: torch.Tensor,
+                    dead: torch.Tensor, k_fixed: int, fraction: float | None,
+                    max_components: int) -> tuple[torch.Tensor, int]:
+    """Components kept per channel (``(C,)``) and the width of the score tensor.
+
+    ``k_fixed`` components (or, with ``fraction``, the fewest that explain that share of
+    the variance, at most ``max_components``), never more than the numerical rank; none
+    for a dead channel. The width is ``k_fixed``, or the largest count kept.
+    """
+    if fraction is None:
+        wanted = torch.full_like(rank, k_fixed)
+    else:
+        wanted = k_for_fraction(eigvals, total, fraction, max_components)
+    n_comp = torch.minimum(wanted, rank)
+    n_comp[dead] = 0
+    width = k_fixed if fraction is None else max(int(n_comp.max()), 1)
+    return n_comp, width
 
 
 def k_for_fraction(eigvals: torch.Tensor, total: torch.Tensor, fraction: float,

@@ -177,8 +177,8 @@ def permutation_null(
 
     Notes
     -----
-    Cost: ``C * B`` ACE problems, about 0.17 ms each at ``N = 300``, ``k = 3``
-    on two CPU cores (see ``benchmarks/README.md``). The smallest p-value a
+    Cost: ``C * B`` ACE problems (timings in ``benchmarks/README.md``). The smallest
+    p-value a
     permutation test can give is ``1 / (B + 1)``; with Benjamini-Hochberg over a
     layer of ``C`` channels a lone strong channel reaches ``q <= alpha`` only
     when ``B + 1 >= C / alpha`` (1,280 permutations for 64 channels at 0.05).

@@ -52,6 +52,7 @@ from .reduce import (
     CONSTANT_ULPS,
     FLAT_SPREAD,
     Reduction,
+    components_kept,
     fix_signs,
     k_for_fraction,
     numerical_rank,
@@ -405,13 +406,7 @@ def _finish_basis(mean: torch.Tensor, inv: torch.Tensor, constant: torch.Tensor,
     total = total.clamp(min=0)
     dtype = torch.float32 if eps > torch.finfo(torch.float64).eps else torch.float64
     rank = numerical_rank(vals, max(n, p), dtype)
-    if fraction is None:
-        wanted = torch.full_like(rank, k_fixed)
-    else:
-        wanted = k_for_fraction(vals, total, fraction, max_components)
-    n_comp = torch.minimum(wanted, rank)
-    n_comp[dead] = 0
-    width = k_fixed if fraction is None else max(int(n_comp.max()), 1)
+    n_comp, width = components_kept(vals, total, rank, dead, k_fixed, fraction, max_components)
     r = min(width, vals.shape[1])
     keep = torch.arange(width)[None, :] < n_comp[:, None]
     vectors = torch.zeros((c, p, width), dtype=torch.float64)
