@@ -277,7 +277,7 @@ def test_resnet20_per_class_equals_separate_runs(cifar):
 def atlas_run(labelled):
     model, x, labels = labelled
     return pcace.rank(model, (x, labels), per_label=True, layers=["features"],
-                      progress=False, permutations=99)
+                      progress=False, permutations=299)  # B + 1 >= C / alpha
 
 
 def test_class_evidence_and_selectivity(atlas_run):
