@@ -128,3 +128,41 @@ def test_rank_report_and_ablate(cifar_args, tmp_path):
 def test_report_on_a_non_run_directory(tmp_path):
     proc = run_cli("report", str(tmp_path))
     assert proc.returncode != 0 and "not a pcace run directory" in proc.stderr
+
+
+def test_rank_several_targets_one_line_each(cifar_args, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("rank", *cifar_args, "--target", "cat", "--target", "dog", "--limit", "40",
+                   "--layers", "layer2.0.conv1", "layer3.2.conv2", "--no-progress",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["target_labels"] == ["cat", "dog"]
+    assert [t["index"] for t in manifest["targets"]] == [3, 5]
+    lines = proc.stdout.splitlines()
+    assert sum(line.lstrip().startswith("target ") for line in lines) == 2
+    assert len(lines) < 10  # a short line per target, not a table per target
+    import pandas as pd
+
+    channels = pd.read_csv(out / "channels.csv")
+    assert channels.groupby("target").size().to_dict() == {"cat": 96, "dog": 96}
+
+
+def test_rank_per_class_writes_atlas(cifar_args, shared_dir, tmp_path):
+    data = tmp_path / "three"
+    for name in ("airplane", "automobile", "bird"):  # class indices 0, 1, 2 of CIFAR-10
+        (data / name).mkdir(parents=True)
+        for src in sorted((shared_dir / "data/cifar10/test" / name).glob("*.jpg"))[:14]:
+            (data / name / src.name).symlink_to(src)
+    args = [a for a in cifar_args if a not in ("--class", "cat")]
+    args[args.index("--data") + 1] = str(data)
+    out = tmp_path / "run"
+    proc = run_cli("rank", *args, "--per-class", "--layers", "layer3.2.conv2",
+                   "--permutations", "9", "--report", "--no-progress", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["per_label"] and manifest["data"]["labels"] == {"0": 14, "1": 14, "2": 14}
+    assert (out / "figures" / "class_atlas.png").exists()
+    assert "figures/class_atlas.png" in manifest["files"]
+    assert "label 0 / target airplane" in proc.stdout  # the model's own class names
+    assert "own class logit" in proc.stdout

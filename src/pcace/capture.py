@@ -42,7 +42,8 @@ class Capture:
     layers : list of str
         Captured layer names, in network order.
     scores : numpy.ndarray
-        ``(N,)`` float64: ``score_fn`` of the model's outputs, per image.
+        ``(N,)`` float64: ``score_fn`` of the model's outputs, per image (``(N, T)`` for a
+        score function that returns several scores per image).
     n_images : int
     shapes : dict
         ``{layer: (C, H, W)}``.
@@ -202,7 +203,9 @@ def capture(
         Qualified module names (see :func:`resolve_layers`); None for every conv
         layer. Each must produce a 4-D tensor and run once per forward pass.
     score_fn : callable
-        ``score_fn(outputs) -> (B,)`` tensor: the scalar score of each image.
+        ``score_fn(outputs) -> (B,)`` tensor: the scalar score of each image. One with a
+        true ``returns_matrix`` attribute (:class:`pcace.targets.TargetSet`) returns
+        ``(B, T)``, several scores per image; ``Capture.scores`` is then ``(N, T)``.
     device : str or torch.device, default "auto"
         Where the model runs: ``"auto"`` is CUDA when available, else the CPU.
     memory_budget : int or "auto", default "auto"
@@ -282,7 +285,8 @@ def capture(
                 outputs = model(images.to(device))
                 run.forward_calls += 1
                 run.check_complete()
-                scores.append(_batch_scores(score_fn(outputs), images.shape[0], run.offset))
+                scores.append(_batch_scores(score_fn(outputs), images.shape[0], run.offset,
+                                            getattr(score_fn, "returns_matrix", False)))
                 run.end()
                 if on_step is not None:
                     on_step()
@@ -391,15 +395,17 @@ def _short(values: list[int], limit: int = 10) -> str:
     return f"{values[:limit]}{more}"
 
 
-def _batch_scores(values: Any, batch_size: int, offset: int) -> np.ndarray:
+def _batch_scores(values: Any, batch_size: int, offset: int, matrix: bool = False) -> np.ndarray:
     s = values.detach() if isinstance(values, torch.Tensor) else torch.as_tensor(values)
-    if tuple(s.shape) != (batch_size,):
+    if matrix and s.ndim == 2 and s.shape[0] == batch_size and s.shape[1] >= 1:
+        pass  # several targets: (B, T)
+    elif tuple(s.shape) != (batch_size,):
         hint = " (for an (B, 1) output use out[:, 0])" if tuple(s.shape) == (batch_size, 1) \
             else ""
         raise ValueError(f"score_fn must return one score per image, shape ({batch_size},); "
                          f"got {tuple(s.shape)}{hint}")
     s = s.to("cpu", torch.float64).numpy().copy()
-    bad = np.flatnonzero(~np.isfinite(s))
+    bad = np.flatnonzero(~np.isfinite(s).reshape(batch_size, -1).all(axis=1))
     if bad.size:
         raise ValueError(f"score_fn returned NaN or inf for image(s) "
                          f"{_short((bad + offset).tolist())}; check the target and the images")

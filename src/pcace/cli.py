@@ -81,9 +81,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="class_name",
                    help="keep the images of this subfolder of --data only")
     p.add_argument("--label", type=int, help="keep the images of this label (CSV, MNIST)")
-    p.add_argument("--target", required=True, help="what the score is: a class index (its "
+    p.add_argument("--target", action="append", help="what the score is: a class index (its "
                    "logit), a class name of the model, prob:C (softmax probability), output:I "
-                   "or output (a regression output)")
+                   "or output (a regression output); 'all' for every class logit. Repeat it "
+                   "for several targets, ranked from one forward pass")
+    p.add_argument("--per-class", action="store_true",
+                   help="rank each class's images of --data (a folder of all classes) "
+                   "separately, from one forward pass; without --target each class on its own "
+                   "logit (the class index is the folder's position in sorted order)")
     p.add_argument("--categories", help="the model's class names in output order: a file with "
                    "one name per line, or a comma-separated list (needed for class-name "
                    "targets when the model does not declare its classes)")
@@ -222,7 +227,6 @@ def cmd_rank(args: argparse.Namespace) -> int:
     from .models import output_size
     from .rank import rank
     from .rundir import clean_stale_spills, prepare_run_dir, remove_checkpoints
-    from .targets import describe_resolved, resolve_target_for_model
 
     out = prepare_run_dir(args.out, force=args.force, resume=args.resume)
     for left in clean_stale_spills(args.spill_dir):
@@ -234,11 +238,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
     ds, classes = open_dataset(spec, loaded.transform)
     shape = _first_image_shape(ds)
     _check_input(loaded.model, shape, args)
-    target, cats = resolve_target_for_model(
-        args.target, model_categories=loaded.categories, declared=_categories(args.categories),
-        data_classes=classes, n_outputs=output_size(loaded.model, shape))
-    print(f"pcace: score = {describe_resolved(target, cats)}; {loaded.description}",
-          file=sys.stderr)
+    target, cats = _resolve_targets(args, loaded, classes, output_size(loaded.model, shape))
+    print(f"pcace: score = {_describe_targets(target, cats, args.per_class)}; "
+          f"{loaded.description}", file=sys.stderr)
     components: int | float = args.components
     if float(components).is_integer() and components >= 1:
         components = int(components)
@@ -247,6 +249,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         result = rank(loaded.model, ds, target, layers=args.layers, components=components,
                       batch_size=args.batch_size, device=args.device,
                       memory_budget=args.memory_budget, score=args.score, label=label,
+                      per_label=args.per_class,
                       categories=list(cats.names) if cats else None, seed=args.seed,
                       progress=not args.no_progress, permutations=args.permutations,
                       split_half=args.split_half, bootstrap=args.bootstrap, level=args.level,
@@ -267,7 +270,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
     remove_checkpoints(out)
     _print_summary(result, args.top)
     print(f"wrote {out}/ (channels.csv, layers.csv, run.json)")
-    if args.report:
+    if args.report and (len(result.targets) > 1 or args.per_class):
+        _write_atlas(out, result)
+    elif args.report:
         from .rundir import add_files
         from .viz import collect_assets, write_report
 
@@ -304,13 +309,96 @@ def _check_input(model: Any, shape: tuple[int, ...] | None, args: argparse.Names
                          "that the data suits the model") from None
 
 
+def _resolve_targets(args: argparse.Namespace, loaded: Any, classes: list[str] | None,
+                     n_outputs: int | None) -> tuple[Any, Any]:
+    """The --target values (or, with --per-class and none, each class's own logit)."""
+    from .targets import ClassLogit, TargetSet, choose_categories, resolve_target_for_model
+
+    specs = args.target or []
+    declared = _categories(args.categories)
+    if not specs and not args.per_class:
+        raise ValueError("give --target (a class index or name, prob:C, output, or all), "
+                         "or --per-class")
+    if args.per_class and getattr(args, "class_name", None):
+        raise ValueError("--per-class ranks every class folder of --data; do not also give "
+                         "--class")
+    if not specs:
+        return None, choose_categories(loaded.categories, declared, classes, n_outputs)
+    if [s.strip().lower() for s in specs] == ["all"]:
+        cats = choose_categories(loaded.categories, declared, classes, n_outputs)
+        if n_outputs is None:
+            raise ValueError("--target all needs a model with class outputs")
+        names = list(cats.names) if cats else None
+        return TargetSet([ClassLogit(i, names[i] if names else None)
+                          for i in range(n_outputs)]), cats
+    targets, cats = [], None
+    for spec in specs:
+        one, cats = resolve_target_for_model(
+            spec, model_categories=loaded.categories, declared=declared,
+            data_classes=classes, n_outputs=n_outputs)
+        targets.append(one)
+    return (targets[0] if len(targets) == 1 else TargetSet(targets)), cats
+
+
+def _describe_targets(target: Any, cats: Any, per_class: bool) -> str:
+    from .targets import TargetSet, describe_resolved
+
+    if target is None:
+        return "each class's own logit, on that class's images (--per-class)"
+    if isinstance(target, TargetSet):
+        text = target.describe()
+        return text + (" (each on every class's images)" if per_class else "")
+    return describe_resolved(target, cats)
+
+
 def _print_summary(result: Any, top: int) -> None:
     from .printout import text_summary
 
     n = result.manifest["data"]["n_images"]
     target = result.manifest.get("target_description") or result.manifest["target"]
     print(f"PCACE over {n} images, score: {target}")
-    print(text_summary(result, top=top))
+    if len(result.targets) > 1 or "label" in result.channels.columns:
+        print(many_summary(result, top=min(top, 3)))
+    else:
+        print(text_summary(result, top=top))
+
+
+def many_summary(result: Any, top: int = 3) -> str:
+    """Per (label, target) one line: its strongest layer and that layer's top channels."""
+    layers = result.layers
+    keys = [k for k in ("label", "target") if k in layers.columns]
+    evidence = "significant_share" if "significant_share" in layers.columns else "median"
+    groups = layers.groupby(keys, sort=False)
+    lines = [f"per {' and '.join(keys)} ({groups.ngroups}): the layer with the highest "
+             f"{'share of significant channels' if evidence != 'median' else 'median PCACE'}"
+             f" and its top {top} channels"]
+    for key, sub in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        best = sub.sort_values([evidence, "median"], ascending=False).iloc[0]
+        name = " / ".join(f"{k} {v}" for k, v in zip(keys, key, strict=True))
+        chans = result.channels
+        mask = chans.layer == best.layer
+        for k, v in zip(keys, key, strict=True):
+            mask &= chans[k] == v
+        rows = chans[mask].sort_values("rank").head(top)
+        pairs = ", ".join(f"{c}:{v:.3f}" for c, v in zip(rows.channel, rows.pcace, strict=True))
+        score = f"{best[evidence]:.0%} significant" if evidence != "median" else \
+            f"median {best['median']:.3f}"
+        lines.append(f"  {name:<28} {best.layer:<20} {score}  top {pairs}")
+    return "\n".join(lines)
+
+
+def _write_atlas(out: Path, result: Any) -> None:
+    """For a run with many targets or classes: the class atlas figure (no per-layer report)."""
+    from .rundir import add_files, atomic_write
+    from .viz import class_atlas
+    from .viz.report import _png
+
+    (out / "figures").mkdir(exist_ok=True)
+    atomic_write(out / "figures" / "class_atlas.png", _png(class_atlas(result)))
+    add_files(out, ["figures/class_atlas.png"])
+    print(f"wrote {out / 'figures' / 'class_atlas.png'} (a run with several targets gets the "
+          "class atlas; the per-layer HTML report is for one target)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -359,6 +447,11 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     label = dspec.get("label") if dspec.get("kind") == "csv" else None
     images, labels = stack_images(ds, label=label)
     target = target_from_dict(manifest["target"])
+    if len(run.targets) > 1 or "label" in run.channels.columns:
+        raise ValueError(f"ablate works on a run with one target and one image set; this run "
+                         f"has {len(run.targets)} targets"
+                         f"{' and one image set per label' if manifest.get('per_label') else ''}"
+                         ": rank the target of interest on its own first")
     table = run.channels[run.channels.layer == args.layer]
     rankings = {"pcace": table.sort_values("rank").channel.to_numpy()}
     if "pcace_adj" in table.columns:

@@ -26,8 +26,8 @@ from .data import as_batches
 from .layers import resolve_layers
 from .models import count_parameters, weights_hash
 from .plan import MemoryPlan
-from .reduce import NonFiniteMaps, reduce_block, reusing_buffers
-from .scoring import channel_values
+from .reduce import NonFiniteMaps, Reduction, reduce_block, reusing_buffers
+from .scoring import target_values
 from .stats import (
     bootstrap_summary,
     bootstrap_values,
@@ -36,7 +36,7 @@ from .stats import (
     null_summary,
     permutation_null,
 )
-from .targets import resolve_target
+from .targets import TargetSet, resolve_targets
 from .validation import components as check_components
 from .validation import device as resolve_device
 from .validation import fraction, integer, score_kind
@@ -61,29 +61,75 @@ class PCACEResult:
         seed, timings and library versions (written as ``run.json``).
     components : dict
         Per layer, the principal-component scores (C, N, k) the values were computed from
-        (kept in memory for follow-up statistics; not saved).
+        (kept in memory for follow-up statistics; not saved). A ``per_label`` run keys them
+        by ``(layer, label)``.
+    scores : numpy.ndarray, optional
+        The score per image, ``(N,)``; ``(N, T)`` (one column per target, in the order of
+        ``manifest["target_labels"]``) for a run with several targets or ``per_label``.
+    labels : numpy.ndarray, optional
+        The label of each image of a ``per_label`` run.
     """
 
     channels: pd.DataFrame
     layers: pd.DataFrame
     manifest: dict
-    components: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    components: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
     scores: np.ndarray | None = field(default=None, repr=False)
+    labels: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def complete(self) -> bool:
         """False when the run was interrupted before every layer was scored."""
         return bool(self.manifest.get("complete", not self.manifest.get("interrupted", False)))
 
-    def top(self, layer: str | None = None, n: int = 10) -> pd.DataFrame:
-        """The ``n`` highest-ranked channels of ``layer`` (or of each layer when None)."""
+    @property
+    def targets(self) -> list[str]:
+        """The run's targets, as named in the ``target`` column (one for a plain run)."""
+        names = self.manifest.get("target_labels")
+        if names:
+            return list(names)
+        if "target" in self.channels.columns:
+            return list(pd.unique(self.channels.target))
+        return []
+
+    def top(self, layer: str | None = None, n: int = 10, target: Any = None,
+            label: Any = None) -> pd.DataFrame:
+        """The ``n`` highest-ranked channels of ``layer`` (or of each layer when None).
+
+        Ranks are within (layer, target) (and label, for a ``per_label`` run): with several
+        targets and no ``target`` given, the top ``n`` of each target are returned.
+
+        Examples
+        --------
+        >>> res.top("layer3.2.conv2", 5, target="cat")  # doctest: +SKIP
+        """
+        table = self.channels
+        if target is not None:
+            table = table[table.target.astype(str) == _target_name(target, self.targets)]
+        if label is not None:
+            if "label" not in table.columns:
+                raise ValueError("label= needs a per_label run")
+            table = table[table.label == label]
+            if table.empty:
+                raise ValueError(f"no label {label!r} in this run; labels: "
+                                 f"{sorted(pd.unique(self.channels.label))}")
+        keys = [k for k in ("label", "target") if k in table.columns]
+        order = {t: i for i, t in enumerate(self.targets)}
+
+        def run_order(col: pd.Series) -> pd.Series:
+            return col.astype(str).map(order) if col.name == "target" else col
+
         if layer is None:
-            best = self.channels[self.channels["rank"] <= n]
-            return best.sort_values(["layer_order", "rank"])
-        table = self.channels[self.channels.layer == layer]
+            best = table[table["rank"] <= n]
+            return best.sort_values(["layer_order", *keys, "rank"], kind="stable",
+                                    key=run_order)
+        table = table[table.layer == layer]
         if table.empty:
-            raise ValueError(f"no layer {layer!r} in this run; layers: {list(self.layers.layer)}")
-        return table.sort_values("rank").head(n)
+            raise ValueError(f"no layer {layer!r} in this run; layers: "
+                             f"{list(pd.unique(self.layers.layer))}")
+        keys = [k for k in keys if table[k].nunique() > 1]
+        return table[table["rank"] <= n].sort_values([*keys, "rank"], kind="stable",
+                                                     key=run_order)
 
     def save(self, path: str | Path) -> Path:
         """Write the run to ``path``: channels, layers and scores CSVs, and ``run.json``.
@@ -98,7 +144,7 @@ class PCACEResult:
 
         files: dict[str, Any] = {"channels.csv": self.channels, "layers.csv": self.layers}
         if self.scores is not None:
-            files["scores.csv"] = pd.DataFrame({"score": self.scores})
+            files["scores.csv"] = _score_frame(self.scores, self.targets, self.labels)
         self.manifest = save_run(path, files, self.manifest, complete=self.complete)
         return Path(path)
 
@@ -128,34 +174,79 @@ def load(path: str | Path) -> PCACEResult:
     run = read_run(root)
     if not run.complete:
         warnings.warn(f"{root}: {run.label}", stacklevel=2)
-    scores = None
+    scores = labels = None
     if (root / "scores.csv").exists():
-        scores = pd.read_csv(root / "scores.csv")["score"].to_numpy()
+        scores, labels = _read_scores(pd.read_csv(root / "scores.csv"))
     return PCACEResult(
         channels=pd.read_csv(root / "channels.csv"),
         layers=pd.read_csv(root / "layers.csv"),
         manifest=dict(run.manifest),
         scores=scores,
+        labels=labels,
     )
+
+
+def _target_name(target: Any, names: list[str]) -> str:
+    """A target given as its column name, a class index or a Target -> its column name."""
+    from .targets import Target, target_label
+
+    text = target_label(target) if isinstance(target, Target) else str(target)
+    if text not in names:
+        raise ValueError(f"no target {target!r} in this run; targets: {names}")
+    return text
+
+
+def _score_frame(scores: np.ndarray, targets: list[str], labels: np.ndarray | None
+                 ) -> pd.DataFrame:
+    """``scores.csv``: ``score`` for one target, ``score:<target>`` columns for several."""
+    if scores.ndim == 1:
+        frame = pd.DataFrame({"score": scores})
+    else:
+        frame = pd.DataFrame({f"score:{t}": scores[:, j] for j, t in enumerate(targets)})
+    if labels is not None:
+        frame.insert(0, "label", labels)
+    return frame
+
+
+def _read_scores(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
+    labels = frame["label"].to_numpy() if "label" in frame.columns else None
+    if "score" in frame.columns:
+        return frame["score"].to_numpy(), labels
+    return frame[[c for c in frame.columns if c.startswith("score:")]].to_numpy(), labels
 
 
 def layer_summary(channels: pd.DataFrame, shapes: dict[str, tuple[int, ...]],
                   top: int = 5) -> pd.DataFrame:
-    """One row per layer (in the order of ``shapes``) summarising its channels' values."""
+    """One row per layer (in the order of ``shapes``) summarising its channels' values.
+
+    With a ``target`` (and ``label``) column, one row per (layer, label, target), in the
+    order the channel table lists them.
+
+    Examples
+    --------
+    >>> ch = pd.DataFrame({"layer": "c", "channel": [0, 1], "pcace": [0.2, 0.6],
+    ...                    "rank": [2, 1], "dead": False, "n_components": 3})
+    >>> layer_summary(ch, {"c": (2, 4, 4)})[["layer", "median", "top_channels"]].values.tolist()
+    [['c', 0.4, '1 0']]
+    """
+    keys = [k for k in ("label", "target") if k in channels.columns]
     rows = []
     for order, (name, shape) in enumerate(shapes.items()):
-        sub = channels[channels.layer == name]
-        if sub.empty:
+        layer = channels[channels.layer == name]
+        if layer.empty:
             continue
-        values = sub.pcace.to_numpy()
-        best = sub.sort_values("rank").channel.head(top).tolist()
-        rows.append({
-            "layer": name, "order": order, "channels": len(sub), "height": shape[1],
-            "width": shape[2], "mean": values.mean(), "median": float(np.median(values)),
-            "q90": float(np.quantile(values, 0.9)), "max": values.max(),
-            "dead": int(sub.dead.sum()), "components": float(sub.n_components.mean()),
-            "top_channels": " ".join(map(str, best)),
-        })
+        groups = layer.groupby(keys, sort=False) if keys else [((), layer)]
+        for key, sub in groups:
+            values = sub.pcace.to_numpy()
+            best = sub.sort_values("rank").channel.head(top).tolist()
+            rows.append({
+                "layer": name, **dict(zip(keys, key, strict=True)), "order": order,
+                "channels": len(sub), "height": shape[1],
+                "width": shape[2], "mean": values.mean(), "median": float(np.median(values)),
+                "q90": float(np.quantile(values, 0.9)), "max": values.max(),
+                "dead": int(sub.dead.sum()), "components": float(sub.n_components.mean()),
+                "top_channels": " ".join(map(str, best)),
+            })
     return pd.DataFrame(rows)
 
 
@@ -171,7 +262,7 @@ def _versions() -> dict[str, str]:
 def rank(
     model: torch.nn.Module,
     images: Any,
-    target: int | str | Callable[[torch.Tensor], torch.Tensor],
+    target: Any = None,
     layers: Sequence[str] | None = None,
     components: int | float = 3,
     *,
@@ -182,6 +273,7 @@ def rank(
     pca_dtype: torch.dtype = torch.float32,
     score: str = "maximal",
     label: int | None = None,
+    per_label: bool = False,
     categories: Sequence[str] | None = None,
     permutations: int = 100,
     split_half: int = 10,
@@ -208,11 +300,15 @@ def rank(
     images : torch.Tensor, Dataset or DataLoader
         Preprocessed images (N, C, H, W), or a Dataset whose items are images or
         (image, label) pairs, or a DataLoader of those.
-    target : int, str or callable
+    target : int, str, callable, list of those, or "all"
         An int ``c``: the score of class ``c`` before the softmax (the paper's choice); a string
         (``"prob:3"``, ``"output:0"``, ``"output"`` or a class name resolved through
         ``categories``); or a callable mapping the model's output batch to an (N,) score, such as
-        :class:`pcace.targets.RegressionOutput`.
+        :class:`pcace.targets.RegressionOutput`. A list of targets, or ``"all"`` (every class
+        output's logit), ranks against each of them from one forward pass and one PCA per
+        channel: ``channels`` then holds one row per (channel, target), ranks and statistics
+        are per target, and ``layers`` has one row per (layer, target). None: a regression
+        network's single output; with ``per_label``, each label's own class logit.
     layers : sequence of str, optional
         Qualified module names (``"layer3.1.conv2"``); None ranks every ``nn.Conv2d``. Any module
         with a (N, C, H, W) output may be named.
@@ -247,6 +343,14 @@ def rank(
         reproduces the published scripts' ``|corr(phi_1, theta)|``, for comparison only.
     label : int, optional
         Keep only the images of this label (the paper ranks over the images of one class).
+    per_label : bool
+        Rank each label's images separately, from one forward pass over labelled images of
+        many classes: each label's rows of every channel get their own standardisation, PCA
+        and ACE, exactly as if that label's images had been ranked alone. Without a
+        ``target`` each label is scored on its own class logit (labels must be class
+        indices); with targets, every label against every target. ``channels`` and
+        ``layers`` gain a ``label`` column: an atlas of every class, layer and channel
+        (:func:`pcace.viz.class_atlas`).
     categories : sequence of str, optional
         Class names, to resolve a class-name ``target``.
     permutations : int, default 100
@@ -339,55 +443,71 @@ def rank(
     interval_scheme(interval)
     integer(split_half, "split_half", minimum=0)
     dev = resolve_device(device)
-    score_fn = resolve_target(target, categories)
+    targets = _target_set(target, categories, per_label, label)
     names = resolve_layers(model, layers)
     ace_kwargs = dict(ace_options or {})
 
     run = _Checkpoints.open(checkpoint_dir, resume, {
         "weights_sha256": weights_hash(model), "layers": names,
-        "target": _describe_target(score_fn), "components": components, "score": score,
-        "statistics": asdict(options), "pca_dtype": str(pca_dtype), "ace": ace_kwargs,
-        "device": dev.type, "memory_budget": plan.budget, "label": label})
+        "target": _targets_setting(target, targets, per_label), "components": components,
+        "score": score, "statistics": asdict(options), "pca_dtype": str(pca_dtype),
+        "ace": ace_kwargs, "device": dev.type, "memory_budget": plan.budget, "label": label,
+        **({"per_label": True} if per_label else {})})
     todo = [n for n in names if n not in run.done]
     shapes = {n: tuple(run.done[n].extra["shape"]) for n in names if n in run.done}
     stored = {"forward_calls": 0, "seconds": 0.0, "spilled": [], "on_device": []}
     t_captured = time.perf_counter()
     if not todo:  # every layer finished before: the scores came with them
-        scores = check_scores(run.scores())
-        scored = _score_layers(None, names, scores, components, score, dev, plan, progress,
-                               ace_kwargs, options, pca_dtype, run, on_step)
+        scores, labels = run.scores(), run.labels()
+        if targets.targets is None:
+            targets.expand(scores.shape[1])
+        groups = _groups(labels, targets, per_label, own_class=target is None)
+        _check_score_matrix(scores, groups, targets.labels)
+        scored = _score_layers(None, names, scores, groups, targets.labels, components, score,
+                               dev, plan, progress, ace_kwargs, options, pca_dtype, run, on_step)
     else:
         batches = as_batches(images, batch_size, label=label)
-        with capture(model, batches, todo, score_fn, device=dev,
+        with capture(model, batches, todo, targets, device=dev,
                      memory_budget=plan.store_bytes, check_finite=False, spill_dir=spill_dir,
                      progress=progress, device_memory_budget=device_memory_budget,
                      tune_malloc=tune_malloc, on_step=on_step) as cap, reusing_buffers():
-            scores = check_scores(cap.scores)
-            run.check_scores(scores)
+            scores = cap.scores
+            labels = _image_labels(batches, per_label)
+            groups = _groups(labels, targets, per_label, own_class=target is None)
+            _check_score_matrix(scores, groups, targets.labels)
+            run.check_scores(scores, labels)
             shapes.update(cap.shapes)
             stored = {"forward_calls": cap.forward_calls, "seconds": cap.seconds,
                       "spilled": [n for n, s in cap.spilled.items() if s],
                       "on_device": [n for n, s in cap.on_device.items() if s]}
             t_captured = time.perf_counter()
-            scored = _score_layers(cap, names, scores, components, score, dev, plan, progress,
-                                   ace_kwargs, options, pca_dtype, run, on_step)
+            scored = _score_layers(cap, names, scores, groups, targets.labels, components,
+                                   score, dev, plan, progress, ace_kwargs, options, pca_dtype,
+                                   run, on_step)
     t_end = time.perf_counter()
 
     channels = _channel_table(scored.tables, names)
     layer_table = layer_summary(channels, {n: shapes[n] for n in names if n in shapes})
     split_half = integer(split_half, "split_half", minimum=0)
-    _add_layer_statistics(layer_table, channels, scored, scores, split_half, options.seed,
-                          ace_kwargs)
+    _add_layer_statistics(layer_table, channels, scored, scores, groups, targets.labels,
+                          split_half, options.seed, ace_kwargs)
+    plain = len(targets) == 1 and not per_label
+    single = targets.targets[0] if len(targets) == 1 else None
 
     manifest = {
         "pcace_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": {"class": type(model).__name__, "parameters": count_parameters(model),
                   "weights_sha256": weights_hash(model)},
-        "data": {"n_images": int(scores.size), "label": label,
+        "data": {"n_images": int(scores.shape[0]), "label": label,
                  "skipped_images": int(getattr(images, "skipped", 0) or 0)},
-        "target": _describe_target(score_fn),
-        "target_description": score_fn.describe() if hasattr(score_fn, "describe") else None,
+        "target": _describe_target(single) if single is not None else
+        {"kind": "several", "labels": targets.labels},
+        "target_description": "each label's own class logit, on that label's images"
+        if per_label and target is None else targets.describe(),
+        "targets": [_describe_target(t) for t in targets.targets or []],
+        "target_labels": targets.labels,
+        "per_label": bool(per_label),
         "score": score,
         "components": components,
         "layers": names,
@@ -412,15 +532,104 @@ def rank(
         "interrupted": scored.interrupted,
         "interrupt_signal": scored.signal,
         "complete": not scored.interrupted,
-        "layers_done": [t.layer.iloc[0] for t in scored.tables if len(t)],
+        "layers_done": list(dict.fromkeys(t.layer.iloc[0] for t in scored.tables if len(t))),
         "resumed_layers": sorted(run.done),
-        "stability": scored.stability,
+        "stability": _stability_manifest(scored.stability, plain, per_label),
         "versions": _versions(),
     }
-    return PCACEResult(channels, layer_table, manifest, scored.components, scores)
+    if per_label:
+        manifest["data"]["labels"] = {str(g.label): int(g.rows.size) for g in groups}
+        manifest["data"]["own_class"] = target is None
+    return PCACEResult(channels, layer_table, manifest, scored.components,
+                       scores[:, 0] if plain else scores, labels if per_label else None)
 
 
-BASE_COLUMNS = ["layer", "layer_order", "channel", "pcace", "rank", "n_components",
+# --- targets and image groups -------------------------------------------------------------------
+
+def _target_set(target: Any, categories: Sequence[str] | None, per_label: bool,
+                label: Any) -> TargetSet:
+    """The run's targets; for ``per_label`` without a target, every class logit."""
+    if per_label:
+        if label is not None:
+            raise ValueError("per_label=True ranks every label's images; do not also give "
+                             "label= (that keeps one label's images)")
+        if target is None:
+            return TargetSet(all_classes=True, categories=categories)
+    return resolve_targets(target, categories)
+
+
+def _targets_setting(spec: Any, targets: TargetSet, per_label: bool) -> Any:
+    """What the checkpoints' settings record of the targets."""
+    if targets.all_classes:
+        return "own class" if per_label and spec is None else "all"
+    if len(targets) == 1:
+        return _describe_target(targets.targets[0])
+    return [_describe_target(t) for t in targets.targets or []]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Images scored together against some targets: all images, or one label's."""
+
+    label: Any
+    rows: np.ndarray | None
+    columns: tuple[int, ...]
+
+    def scores(self, matrix: np.ndarray) -> np.ndarray:
+        """This group's (N_g, T_g) block of the score matrix."""
+        rows = matrix if self.rows is None else matrix[self.rows]
+        return rows[:, list(self.columns)]
+
+
+def _image_labels(batches: Any, per_label: bool) -> np.ndarray | None:
+    if not per_label:
+        return None
+    labels = getattr(batches, "labels", None)
+    if labels is None:
+        raise ValueError("per_label=True needs labelled images: (images, labels), a Dataset of "
+                         "(image, label) pairs or a DataLoader of them")
+    return np.asarray(torch.as_tensor(labels).cpu()).reshape(-1)
+
+
+def _groups(labels: np.ndarray | None, targets: TargetSet, per_label: bool,
+            own_class: bool) -> list[_Group]:
+    """One group of all images, or one per label (own class: scored on its own logit)."""
+    every = tuple(range(len(targets)))
+    if not per_label:
+        return [_Group(None, None, every)]
+    assert labels is not None
+    groups = []
+    for value in pd.unique(labels):
+        rows = np.flatnonzero(labels == value)
+        if own_class:
+            index = int(value)
+            if index != value or not 0 <= index < len(targets):
+                raise ValueError(f"label {value!r} is not a class index of the model's "
+                                 f"{len(targets)} outputs; per_label without a target scores "
+                                 "each label's images on that class's logit")
+            groups.append(_Group(value.item() if hasattr(value, "item") else value, rows,
+                                 (index,)))
+        else:
+            groups.append(_Group(value.item() if hasattr(value, "item") else value, rows,
+                                 every))
+    return sorted(groups, key=lambda g: g.label)
+
+
+def _check_score_matrix(scores: np.ndarray, groups: list[_Group], names: list[str]) -> None:
+    """Every target's score on every group: enough images, finite, varying."""
+    for g in groups:
+        block = g.scores(scores)
+        for j, column in enumerate(g.columns):
+            try:
+                check_scores(block[:, j])
+            except ValueError as err:
+                where = f"target {names[column]!r}" if len(names) > 1 else ""
+                if g.label is not None:
+                    where += f"{' on ' if where else ''}the images of label {g.label!r}"
+                raise ValueError(f"{where}: {err}" if where else str(err)) from None
+
+
+BASE_COLUMNS = ["layer", "layer_order", "channel", "target", "pcace", "rank", "n_components",
                 "explained_variance", "dead"]
 
 
@@ -429,37 +638,84 @@ def _channel_table(tables: list[pd.DataFrame], names: list[str]) -> pd.DataFrame
         return pd.DataFrame(columns=BASE_COLUMNS)
     channels = pd.concat(tables, ignore_index=True)
     channels["layer_order"] = channels.layer.map({n: i for i, n in enumerate(names)})
-    channels["rank"] = (channels.groupby("layer").pcace.rank(ascending=False, method="first")
-                        .astype(int))
-    extra = [c for c in channels.columns if c not in BASE_COLUMNS]
-    return channels[BASE_COLUMNS + extra]
+    keys = ["layer", *[k for k in ("label", "target") if k in channels.columns]]
+    channels["rank"] = (channels.groupby(keys, sort=False).pcace
+                        .rank(ascending=False, method="first").astype(int))
+    base = [c for c in BASE_COLUMNS if c in channels.columns]
+    if "label" in channels.columns:
+        base.insert(base.index("channel"), "label")
+    extra = [c for c in channels.columns if c not in base]
+    return channels[base + extra]
 
 
 def _add_layer_statistics(layers: pd.DataFrame, channels: pd.DataFrame, scored: ScoredLayers,
-                          scores: np.ndarray, split_half: int, seed: int,
-                          ace_kwargs: dict) -> None:
-    """Evidence per layer (null share, split-half reproducibility, verdict), stability."""
-    from .evidence import layer_evidence, significant, split_half_table
+                          scores: np.ndarray, groups: list[_Group], target_names: list[str],
+                          split_half: int, seed: int, ace_kwargs: dict) -> None:
+    """Evidence per (layer, label, target): null share, split-half, verdict; stability."""
+    from .evidence import significant
 
     if layers.empty:
         return
     if "q_value" in channels.columns:
         channels["significant"] = significant(channels.q_value)
-    split = None
-    if split_half and scores.size >= 20:
-        split = split_half_table(scored.components, scores, splits=split_half, seed=seed,
-                                 ace_options=ace_kwargs)
-    if "q_value" in channels.columns or split is not None:
-        evidence = layer_evidence(channels, split, n_images=int(scores.size))
-        evidence = evidence.drop(columns=["channels"]).set_index("layer")
-        for column in evidence.columns:
-            layers[column] = layers.layer.map(evidence[column])
+    keys = ["layer", *[k for k in ("label", "target") if k in channels.columns]]
+    for g in groups:
+        for j, column in enumerate(g.columns):
+            _add_group_evidence(layers, channels, scored, g, target_names[column],
+                                g.scores(scores)[:, j], keys, split_half, seed, ace_kwargs)
     stability = scored.stability
     if stability:
-        layers["rank_spearman"] = layers.layer.map(
-            {n: s.get("spearman_mean") for n, s in stability.items()})
-        layers["top10_retention"] = layers.layer.map(
-            {n: s.get("top_retention") for n, s in stability.items()})
+        found = [stability.get(row.layer, {}).get(
+            (getattr(row, "label", None), getattr(row, "target", None)), {})
+            for row in layers.itertuples()]
+        layers["rank_spearman"] = [s.get("spearman_mean") for s in found]
+        layers["top10_retention"] = [s.get("top_retention") for s in found]
+
+
+def _add_group_evidence(layers: pd.DataFrame, channels: pd.DataFrame, scored: ScoredLayers,
+                        group: _Group, target: str, scores: np.ndarray, keys: list[str],
+                        split_half: int, seed: int, ace_kwargs: dict) -> None:
+    """The evidence columns of one (label, target)'s rows of the layer table."""
+    from .evidence import layer_evidence, split_half_table
+
+    mine = channels.target.astype(str) == target
+    rows = layers.target.astype(str) == target
+    if group.label is not None:
+        mine &= channels.label == group.label
+        rows &= layers.label == group.label
+    split = None
+    if split_half and scores.size >= 20:
+        if group.label is None:
+            comps = dict(scored.components)
+        else:
+            comps = {key[0]: z for key, z in scored.components.items()
+                     if key[1] == group.label}
+        split = split_half_table(comps, scores, splits=split_half, seed=seed,
+                                 ace_options=ace_kwargs)
+    if "q_value" not in channels.columns and split is None:
+        return
+    evidence = layer_evidence(channels[mine], split, n_images=int(scores.size))
+    evidence = evidence.drop(columns=["channels"]).set_index("layer")
+    for column in evidence.columns:
+        if column not in layers.columns:
+            layers[column] = pd.Series(dtype=evidence[column].dtype)
+            if evidence[column].dtype == object:
+                layers[column] = layers[column].astype(object)
+        layers.loc[rows, column] = layers.loc[rows, "layer"].map(evidence[column])
+
+
+def _stability_manifest(stability: dict[str, dict], plain: bool, per_label: bool) -> dict:
+    """Per layer: its stability (one target), per target, or per label and target."""
+    out: dict[str, Any] = {}
+    for layer, entries in stability.items():
+        for (label, target), stats in entries.items():
+            if plain:
+                out[layer] = stats
+            elif per_label:
+                out.setdefault(layer, {}).setdefault(str(label), {})[target] = stats
+            else:
+                out.setdefault(layer, {})[target] = stats
+    return out
 
 
 def _describe_target(score_fn: Any) -> Any:
@@ -481,20 +737,51 @@ class Statistics:
 
 @dataclass
 class ScoredLayers:
-    """What the scoring stage returns: per-layer tables, components and stability."""
+    """What the scoring stage returns: per-layer tables, components and stability.
+
+    ``stability`` maps a layer to ``{(label, target): summary}`` (label None without
+    ``per_label``).
+    """
 
     tables: list[pd.DataFrame] = field(default_factory=list)
-    components: dict[str, torch.Tensor] = field(default_factory=dict)
+    components: dict[Any, torch.Tensor] = field(default_factory=dict)
     stability: dict[str, dict] = field(default_factory=dict)
     interrupted: bool = False
     signal: int | None = None
 
 
+@dataclass
+class _Accumulated:
+    """One group's blocks of a layer, gathered until the layer is done."""
+
+    values: list[np.ndarray] = field(default_factory=list)
+    n_components: list[np.ndarray] = field(default_factory=list)
+    explained: list[np.ndarray] = field(default_factory=list)
+    dead: list[np.ndarray] = field(default_factory=list)
+    parts: list[torch.Tensor] = field(default_factory=list)
+    boots: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, block: _BlockScores) -> None:
+        self.values.append(block.values)
+        self.n_components.append(block.n_components)
+        self.explained.append(block.explained_variance)
+        self.dead.append(block.dead)
+        self.parts.append(block.components)
+        if block.boot is not None:
+            self.boots.append(block.boot)
+
+
 def _score_layers(cap: Capture | None, names: list[str], scores: np.ndarray,
+                  groups: list[_Group], target_names: list[str],
                   components: int | float, score: str, dev: torch.device, plan: MemoryPlan,
                   progress: bool, ace_kwargs: dict, options: Statistics,
                   pca_dtype: torch.dtype, run: _Checkpoints,
                   on_step: Callable[[], None] | None) -> ScoredLayers:
+    """Score every layer not checkpointed, each image group against its targets.
+
+    Each block of channels is read once; a group of images (one label's) takes a copy of
+    its rows, so the store stays intact until every group is done.
+    """
     from tqdm.auto import tqdm
 
     from .interrupts import Interrupted
@@ -502,40 +789,41 @@ def _score_layers(cap: Capture | None, names: list[str], scores: np.ndarray,
     out = ScoredLayers()
     todo = [n for n in names if n not in run.done]
     total_channels = sum(cap.shapes[n][0] for n in todo) if cap is not None else 0
-    y = torch.as_tensor(scores, dtype=torch.float64)
+    grouped = groups[0].rows is not None
     bar = tqdm(total=total_channels, desc="scoring channels", unit="ch", disable=not progress)
     try:
         for name in names:
             if name in run.done:
-                ckpt = run.done[name]
-                out.tables.append(ckpt.table)
-                out.components[name] = torch.from_numpy(ckpt.arrays["components"])
-                if ckpt.stability is not None:
-                    out.stability[name] = ckpt.stability
+                run.restore(name, groups, out)
                 continue
-            parts, boots, rows = [], [], []
+            acc = [_Accumulated() for _ in groups]
             per_block = plan.channels_per_block(cap.shapes[name], len(scores),
-                                                cap.spilled[name], pca_dtype == torch.float64)
+                                                cap.spilled[name] or grouped,
+                                                pca_dtype == torch.float64)
             for chans, block in cap.blocks(name, per_block, destructive=True):
-                row, red_scores, boot = _score_block(name, chans, block, y, scores,
-                                                     components, score, dev, ace_kwargs,
-                                                     options, pca_dtype, plan)
-                rows.append(row)
-                parts.append(red_scores)
-                if boot is not None:
-                    boots.append(boot)
+                for g, a in zip(groups, acc, strict=True):
+                    part = block if g.rows is None else block[:, torch.as_tensor(g.rows)]
+                    a.add(_score_block(name, chans, part, g.scores(scores), components, score,
+                                       dev, ace_kwargs, options, pca_dtype, plan, g.rows))
+                    del part
                 bar.update(block.shape[0])
                 if on_step is not None:
                     on_step()
-            table = pd.concat(rows, ignore_index=True)
-            out.components[name] = _pad_cat(parts)
-            table, stability = _add_statistics(
-                table, out.components[name], scores, np.concatenate(boots) if boots else None,
-                options, ace_kwargs, plan, score)
+            tables, stability, comps = [], {}, {}
+            for g, a in zip(groups, acc, strict=True):
+                table, stab, comps[g.label] = _group_result(
+                    name, g, a, [target_names[c] for c in g.columns], g.scores(scores),
+                    options, ace_kwargs, plan, score)
+                tables.append(table)
+                stability.update(stab)
+            table = pd.concat(tables, ignore_index=True)
+            for label, comp in comps.items():
+                out.components[name if not grouped else (name, label)] = comp
             out.tables.append(table)
-            if stability is not None:
+            if stability:
                 out.stability[name] = stability
-            run.save(name, table, stability, out.components[name], scores, cap.shapes[name])
+            run.save(name, table, stability or None, comps, scores, cap.shapes[name],
+                     None if not grouped else _labels_of(groups, len(scores)))
     except (KeyboardInterrupt, Interrupted) as err:
         out.interrupted = True
         out.signal = getattr(err, "signum", None)
@@ -544,6 +832,41 @@ def _score_layers(cap: Capture | None, names: list[str], scores: np.ndarray,
     finally:
         bar.close()
     return out
+
+
+def _labels_of(groups: list[_Group], n: int) -> np.ndarray:
+    labels = np.empty(n, dtype=np.asarray([g.label for g in groups]).dtype)
+    for g in groups:
+        labels[g.rows] = g.label
+    return labels
+
+
+def _group_result(name: str, group: _Group, acc: _Accumulated, targets: list[str],
+                  scores: np.ndarray, options: Statistics, ace_kwargs: dict, plan: MemoryPlan,
+                  score: str) -> tuple[pd.DataFrame, dict, torch.Tensor]:
+    """A group's rows of a layer (per target, with statistics) and its components."""
+    values = np.concatenate(acc.values)
+    z = _pad_cat(acc.parts)
+    boot = np.concatenate(acc.boots) if acc.boots else None
+    dead = np.concatenate(acc.dead).astype(bool)
+    tables, stability = [], {}
+    for j, target in enumerate(targets):
+        table = pd.DataFrame({
+            "layer": name, "channel": np.arange(values.shape[0]), "target": target,
+            "pcace": values[:, j],
+            "n_components": np.concatenate(acc.n_components).astype(int),
+            "explained_variance": np.concatenate(acc.explained),
+            "dead": dead,
+        })
+        if group.label is not None:
+            table.insert(1, "label", group.label)
+        table, stab = _add_statistics(table, z, scores[:, j],
+                                      None if boot is None else boot[:, j], options,
+                                      ace_kwargs, plan, score)
+        tables.append(table)
+        if stab is not None:
+            stability[(group.label, target)] = stab
+    return pd.concat(tables, ignore_index=True), stability, z
 
 
 class _Checkpoints:
@@ -566,11 +889,17 @@ class _Checkpoints:
         return cls(Path(root), settings, done)
 
     def scores(self) -> np.ndarray:
-        return next(iter(self.done.values())).arrays["scores"]
+        scores = next(iter(self.done.values())).arrays["scores"]
+        return scores if scores.ndim == 2 else scores[:, None]
 
-    def check_scores(self, scores: np.ndarray) -> None:
+    def labels(self) -> np.ndarray | None:
+        return next(iter(self.done.values())).arrays.get("labels")
+
+    def check_scores(self, scores: np.ndarray, labels: np.ndarray | None = None) -> None:
         for name, ckpt in self.done.items():
-            if not np.array_equal(ckpt.arrays["scores"], scores):
+            same = np.array_equal(ckpt.arrays["scores"], scores) and (
+                labels is None or np.array_equal(ckpt.arrays.get("labels"), labels))
+            if not same:
                 from .rundir import RunDirError
 
                 raise RunDirError(f"the images (or their order) differ from those of the "
@@ -579,37 +908,85 @@ class _Checkpoints:
                                   "afresh with --force")
 
     def save(self, name: str, table: pd.DataFrame, stability: dict | None,
-             components: torch.Tensor, scores: np.ndarray, shape: tuple[int, ...]) -> None:
+             components: dict[Any, torch.Tensor], scores: np.ndarray, shape: tuple[int, ...],
+             labels: np.ndarray | None = None) -> None:
+        """Save a finished layer: all its groups and targets in one file."""
         if self.root is None:
             return
         from .rundir import save_layer_checkpoint
 
-        save_layer_checkpoint(self.root, name, table, stability=stability,
-                              arrays={"components": components.numpy(), "scores": scores},
+        arrays = {"scores": scores}
+        if labels is None:
+            arrays["components"] = next(iter(components.values())).numpy()
+        else:
+            arrays["labels"] = labels
+            for i, comp in enumerate(components.values()):
+                arrays[f"components_{i}"] = comp.numpy()
+        save_layer_checkpoint(self.root, name, table, stability=stability, arrays=arrays,
                               extra={"shape": list(shape)})
 
+    def restore(self, name: str, groups: list[_Group], out: ScoredLayers) -> None:
+        """Put a checkpointed layer's table, components and stability into ``out``."""
+        ckpt = self.done[name]
+        out.tables.append(ckpt.table)
+        if "components" in ckpt.arrays:
+            out.components[name] = torch.from_numpy(ckpt.arrays["components"])
+        else:
+            for i, g in enumerate(groups):
+                out.components[(name, g.label)] = torch.from_numpy(
+                    ckpt.arrays[f"components_{i}"])
+        if ckpt.stability is not None:
+            out.stability[name] = ckpt.stability
 
-def _score_block(name: str, chans: slice, block: torch.Tensor, y: torch.Tensor,
-                 scores: np.ndarray, components: int | float, score: str, dev: torch.device,
+
+@dataclass
+class _BlockScores:
+    """One block of channels scored against a group's targets."""
+
+    values: np.ndarray           # (c, T)
+    n_components: np.ndarray     # (c,)
+    explained_variance: np.ndarray
+    dead: np.ndarray
+    components: torch.Tensor     # (c, N, k) on the CPU
+    boot: np.ndarray | None      # (c, T, B)
+
+
+def score_reduction(red: Reduction, scores: np.ndarray, score: str = "maximal",
+                    ace_options: dict | None = None, plan: MemoryPlan | None = None
+                    ) -> np.ndarray:
+    """PCACE values ``(C, T)`` of a reduced block against an ``(N, T)`` score matrix.
+
+    The one step from principal components to values that every route through the
+    activations (in memory, spilled, streamed) shares: ACE per (channel, target), batched
+    in calls sized by ``plan``; dead channels score 0.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from pcace.reduce import reduce_block
+    >>> maps = torch.randn(4, 60, 9, dtype=torch.float64)
+    >>> red = reduce_block(maps.clone(), 2)
+    >>> s = np.stack([red.scores[0, :, 0].numpy() ** 2, np.random.rand(60)], axis=1)
+    >>> score_reduction(red, s).shape
+    (4, 2)
+    """
+    n, k = red.scores.shape[1], max(1, red.scores.shape[2])
+    chunk = (plan or MemoryPlan.from_budget(2 * 2**30)).ace_problems(n, k)
+    return target_values(red, scores, score, ace_options, chunk)
+
+
+def _score_block(name: str, chans: slice, block: torch.Tensor, scores: np.ndarray,
+                 components: int | float, score: str, dev: torch.device,
                  ace_kwargs: dict, options: Statistics, pca_dtype: torch.dtype,
-                 plan: MemoryPlan) -> tuple[pd.DataFrame, torch.Tensor, np.ndarray | None]:
-    """One block of a layer's channels: its table rows, component scores and bootstrap."""
+                 plan: MemoryPlan, rows: np.ndarray | None = None) -> _BlockScores:
+    """One block of a layer's channels over one group of images, against its targets."""
     work = block.to(dev, pca_dtype)  # the store's own memory when it can be
     try:
         red = reduce_block(work, components)
     except NonFiniteMaps as err:
-        raise _non_finite_error(name, chans, work, err.channels) from None
+        raise _non_finite_error(name, chans, work, err.channels, rows) from None
     del work
-    values = channel_values(red.scores, y, score, ace_kwargs)
-    start = chans.start or 0
-    dead = red.dead.cpu().numpy()
-    row = pd.DataFrame({
-        "layer": name, "channel": np.arange(start, start + block.shape[0]),
-        "pcace": np.where(dead, 0.0, values),
-        "n_components": red.n_components.cpu().numpy().astype(int),
-        "explained_variance": red.explained_variance.cpu().numpy(),
-        "dead": dead.astype(bool),
-    })
+    values = score_reduction(red, scores, score, ace_kwargs, plan)
     boot = None
     if options.bootstrap:  # the block may now hold standardised maps: each resample is
         # standardised again, which per-column affine changes do not affect
@@ -620,14 +997,20 @@ def _score_block(name: str, chans: slice, block: torch.Tensor, y: torch.Tensor,
             chunk=plan.replicates_per_call(maps.shape[0] // 2 if options.interval ==
                                            "half-sample" else maps.shape[0],
                                            maps.shape[1], maps[0, 0].numel()))
-    return row, red.scores.cpu(), boot
+    dead = red.dead.cpu().numpy()
+    return _BlockScores(np.where(dead[:, None], 0.0, values),
+                        red.n_components.cpu().numpy().astype(int),
+                        red.explained_variance.cpu().numpy(), dead.astype(bool),
+                        red.scores.cpu(), boot)
 
 
 def _non_finite_error(name: str, chans: slice, block: torch.Tensor,
-                      channels: list[int]) -> ValueError:
+                      channels: list[int], rows: np.ndarray | None = None) -> ValueError:
     """The error for NaN/inf in a layer, naming its channels and (first channel's) images."""
     start = chans.start or 0
     images = (~torch.isfinite(block[channels[0]])).any(dim=1).nonzero().flatten().tolist()
+    if rows is not None:
+        images = [int(rows[i]) for i in images]
     return non_finite_error(name, [start + c for c in channels], images, example=True)
 
 

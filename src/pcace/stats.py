@@ -480,7 +480,8 @@ def bootstrap_values(
         Activations of one layer (or a chunk of its channels), ``(N, C, H, W)``
         or ``(N, C, P)``.
     scores : array_like
-        Score per image, ``(N,)``.
+        Score per image, ``(N,)``; or ``(N, T)``, several targets: each resample's PCA
+        then serves all of them (a resample is redrawn when any target is constant on it).
     components : int or float, default 3
         As for :func:`pcace.reduce.principal_components`.
     boots : int, default 200
@@ -506,7 +507,7 @@ def bootstrap_values(
     -------
     numpy.ndarray
         ``(C, B)`` float64: clipped PCACE values per replicate; 0 where the
-        channel is constant on the resample.
+        channel is constant on the resample. ``(C, T, B)`` for ``(N, T)`` scores.
 
     Notes
     -----
@@ -529,6 +530,8 @@ def bootstrap_values(
     (2, 5)
     >>> bootstrap_values(maps, y, components=2, boots=5, scheme="replacement").shape
     (2, 5)
+    >>> bootstrap_values(maps, np.stack([y, -y ** 2], 1), components=2, boots=5).shape
+    (2, 2, 5)
     """
     from .reduce import principal_components
 
@@ -543,23 +546,25 @@ def bootstrap_values(
     if n < (2 if half else 1) * MIN_OBSERVATIONS:
         raise ValueError(f"a {scheme} bootstrap needs at least "
                          f"{(2 if half else 1) * MIN_OBSERVATIONS} images; got {n}")
-    y = check_scores(scores, n)
+    y = _score_columns(scores, n)
     options = dict(ace_options or {})
     red_options = dict(reduce_options or {})
 
+    single = np.ndim(scores) == 1
     size = n // 2 if half else n
     rng = np.random.default_rng(int(seed))
     draws = np.empty((b_count, size), dtype=np.int64)
     for i in range(b_count):
         while True:  # a resample whose scores are all equal cannot be scored; redraw
             idx = rng.permutation(n)[:size] if half else rng.integers(0, n, size=n)
-            if np.ptp(y[idx]) > 0:
+            if np.ptp(y[idx], axis=0).min() > 0:
                 break
         draws[i] = idx
 
     step = _DEFAULT_PLAN.replicates_per_call(size, c, m.shape[2]) if chunk is None \
         else integer(chunk, "chunk")
-    out = np.zeros((c, b_count), dtype=np.float64)
+    t = y.shape[1]
+    out = np.zeros((c, t, b_count), dtype=np.float64)
 
     from tqdm.auto import tqdm
 
@@ -570,22 +575,37 @@ def bootstrap_values(
             index = torch.as_tensor(reps.T.copy(), device=m.device)  # (size, r)
             stacked = m[index.flatten()].reshape(size, r * c, *m.shape[2:])  # replicate-major
             red = principal_components(stacked, components, **red_options)
-            z = red.scores
-            dead = red.dead.cpu().numpy()
-            ys = np.repeat(y[reps], c, axis=0)  # (r*c, N), same order as channels
-            values = np.zeros(r * c)
-            live = np.flatnonzero(~dead)
-            if live.size:
-                if z.device.type == "cpu":
-                    zl = z[torch.as_tensor(live)].to(torch.float64).numpy()
-                    values[live] = channel_values(zl, ys[live], score, options)
-                else:
-                    zl = z[torch.as_tensor(live, device=z.device)].to(torch.float64)
-                    values[live] = channel_values(
-                        zl, torch.as_tensor(ys[live], device=z.device), score, options)
-            out[:, start:start + r] = values.reshape(r, c).T
+            for j in range(t):
+                values = _replicate_values(red, np.repeat(y[reps, j], c, axis=0), score,
+                                           options)  # scores (r*c, N), channel order
+                out[:, j, start:start + r] = values.reshape(r, c).T
             bar.update(r)
-    return out
+    return out[:, 0] if single else out
+
+
+def _score_columns(scores: Any, n: int) -> np.ndarray:
+    """Scores ``(N,)`` or ``(N, T)`` as ``(N, T)``, each column checked."""
+    raw = _numpy64(scores, "scores")
+    if raw.ndim == 2 and raw.shape[0] == n:
+        return np.stack([check_scores(raw[:, j], n) for j in range(raw.shape[1])], axis=1)
+    return check_scores(raw, n)[:, None]
+
+
+def _replicate_values(red: Any, ys: np.ndarray, score: str, options: dict) -> np.ndarray:
+    """Values of the stacked replicate channels of ``red`` against their scores ``ys``."""
+    z = red.scores
+    dead = red.dead.cpu().numpy()
+    values = np.zeros(len(ys))
+    live = np.flatnonzero(~dead)
+    if live.size:
+        if z.device.type == "cpu":
+            zl = z[torch.as_tensor(live)].to(torch.float64).numpy()
+            values[live] = channel_values(zl, ys[live], score, options)
+        else:
+            zl = z[torch.as_tensor(live, device=z.device)].to(torch.float64)
+            values[live] = channel_values(
+                zl, torch.as_tensor(ys[live], device=z.device), score, options)
+    return values
 
 
 def _ranks_desc(values: np.ndarray) -> np.ndarray:

@@ -39,11 +39,14 @@ __all__ = [
     "CustomTarget",
     "RegressionOutput",
     "Target",
+    "TargetSet",
     "choose_categories",
     "describe_resolved",
     "resolve_target",
     "resolve_target_for_model",
+    "resolve_targets",
     "target_from_dict",
+    "target_label",
 ]
 
 TARGET_FORMS = (
@@ -562,3 +565,149 @@ def describe_resolved(target: Target, categories: Categories | None = None) -> s
               "data folders": "the data folders"}.get(
         categories.source if categories else "", "the given list")
     return f"{target.noun} of class {target.index} ({target.name}; class names from {source})"
+
+
+# --- several targets from one forward pass ------------------------------------------------------
+
+def target_label(target: Target) -> str:
+    """A short name of a target for tables: the ``target`` column of a run's channels.
+
+    Examples
+    --------
+    >>> target_label(ClassLogit(3, "cat")), target_label(ClassLogit(3))
+    ('cat', '3')
+    >>> target_label(ClassProbability(3, "cat")), target_label(RegressionOutput(1))
+    ('prob:cat', 'output:1')
+    """
+    if isinstance(target, _ClassTarget):
+        name = target.name if target.name is not None else str(target.index)
+        return name if isinstance(target, ClassLogit) else f"prob:{name}"
+    if isinstance(target, RegressionOutput):
+        return "output" if target.index is None else f"output:{target.index}"
+    if isinstance(target, CustomTarget):
+        return str(target.name)
+    return target.describe()
+
+
+class TargetSet:
+    """Several targets read from one model output: ``outputs -> (B, T)``.
+
+    Either an explicit list of targets, or every class output of the model (``"all"``),
+    whose count is known only once the model has run: after the first call, ``targets``
+    holds one :class:`ClassLogit` per output column.
+
+    Parameters
+    ----------
+    targets : sequence of Target, optional
+        The targets, in column order. None with ``all_classes``.
+    all_classes : bool
+        Every column of an (N, C) output, as class logits.
+    categories : sequence of str, optional
+        Class names, for the labels of ``"all"``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> ts = TargetSet([ClassLogit(1), ClassProbability(0)])
+    >>> ts(torch.zeros(4, 2)).shape, ts.labels
+    (torch.Size([4, 2]), ['1', 'prob:0'])
+    >>> every = TargetSet(all_classes=True, categories=["dog", "cat"])
+    >>> every(torch.zeros(3, 2)).shape, every.labels
+    (torch.Size([3, 2]), ['dog', 'cat'])
+    """
+
+    #: :func:`pcace.capture.capture` accepts an (B, T) score from it.
+    returns_matrix = True
+
+    def __init__(self, targets: Sequence[Target] | None = None, *, all_classes: bool = False,
+                 categories: Sequence[str] | None = None):
+        if all_classes == (targets is not None):
+            raise ValueError("give either a list of targets or all_classes=True")
+        self.all_classes = all_classes
+        self.categories = list(categories) if categories else None
+        self.targets: list[Target] | None = list(targets) if targets is not None else None
+        if self.targets is not None:
+            if not self.targets:
+                raise ValueError("the list of targets is empty; give at least one")
+            _check_unique(self.labels)
+
+    def __call__(self, output: Any) -> torch.Tensor:
+        if not self.all_classes:
+            assert self.targets is not None
+            return torch.stack([t(output) for t in self.targets], dim=1)
+        out = _output_tensor(output)
+        if out.ndim != 2:
+            raise ValueError(f"target 'all' needs outputs of shape (N, classes); got "
+                             f"{tuple(out.shape)}")
+        if self.targets is None:
+            self.expand(out.shape[1])
+        elif len(self.targets) != out.shape[1]:
+            raise ValueError(f"the model's output changed width: {out.shape[1]} columns, "
+                             f"{len(self.targets)} before")
+        return out
+
+    def expand(self, n_classes: int) -> None:
+        """Fix the classes of ``"all"`` without running the model (a resumed run)."""
+        if self.all_classes and self.targets is None:
+            self.targets = [ClassLogit(i, _name_of(i, self.categories)) for i in range(n_classes)]
+
+    @property
+    def labels(self) -> list[str]:
+        """One short name per target (:func:`target_label`), in column order."""
+        if self.targets is None:
+            raise ValueError("the classes of target 'all' are known only after the model ran")
+        return [target_label(t) for t in self.targets]
+
+    def __len__(self) -> int:
+        return len(self.targets) if self.targets is not None else 0
+
+    def describe(self) -> str:
+        if self.targets is None:
+            return "every class output (logits)"
+        if len(self.targets) == 1:
+            return self.targets[0].describe()
+        return f"{len(self.targets)} targets: {', '.join(self.labels)}"
+
+
+def _check_unique(labels: Sequence[str]) -> None:
+    seen: set[str] = set()
+    for label in labels:
+        if label in seen:
+            raise ValueError(f"target {label!r} is given twice; give each target once")
+        seen.add(label)
+
+
+def resolve_targets(spec: Any, categories: Sequence[str] | None = None) -> TargetSet:
+    """Turn one or several score definitions into a :class:`TargetSet`.
+
+    Parameters
+    ----------
+    spec : target, list of targets, or "all"
+        One target as for :func:`resolve_target`; a list or tuple of them (ints, names,
+        ``"prob:C"``, callables, ...); or ``"all"``: every class output's logit.
+    categories : sequence of str, optional
+        The model's class names.
+
+    Returns
+    -------
+    TargetSet
+
+    Examples
+    --------
+    >>> resolve_targets([3, "prob:cat"], categories=["a", "b", "c", "cat"]).labels
+    ['cat', 'prob:cat']
+    >>> resolve_targets("all").all_classes
+    True
+    """
+    if isinstance(spec, TargetSet):
+        return spec
+    if isinstance(spec, str) and spec.strip().lower() == "all" and not (
+            categories and any(c.lower() == "all" for c in categories)):
+        return TargetSet(all_classes=True, categories=categories)
+    if isinstance(spec, list | tuple):
+        if any(isinstance(s, str) and s.strip().lower() == "all" for s in spec):
+            if len(spec) != 1:
+                raise ValueError("target 'all' cannot be combined with other targets")
+            return TargetSet(all_classes=True, categories=categories)
+        return TargetSet([resolve_target(s, categories) for s in spec], categories=categories)
+    return TargetSet([resolve_target(spec, categories)], categories=categories)

@@ -1,7 +1,7 @@
 """Pictures of a PCACE run: figures, saved assets, and a self-contained HTML report.
 
 - From a run's tables: :func:`layer_overview`, :func:`channel_ranking`,
-  :func:`ace_transforms`.
+  :func:`ace_transforms`; :func:`class_atlas` for a run with many classes.
 - At rank time, with the model and the images: :func:`collect_assets` saves example
   activation maps, CAM/Grad-CAM, ACE transforms and feature visualisations to
   ``run_dir/assets/``; :func:`load_assets` reads them back.
@@ -22,7 +22,7 @@ PosixPath('runs/three/report.html')
 """
 
 from .assets import Assets, collect_assets, display_images, load_assets
-from .figures import ace_transforms, channel_ranking, layer_overview
+from .figures import ace_transforms, channel_ranking, class_atlas, layer_overview
 from .maps import activation_maps, feature_visualisations, overlay_maps, weighted_vs_cam
 from .report import render_figures, write_report
 
@@ -31,6 +31,7 @@ __all__ = [
     "ace_transforms",
     "activation_maps",
     "channel_ranking",
+    "class_atlas",
     "collect_assets",
     "display_images",
     "feature_visualisations",

@@ -279,3 +279,70 @@ def _transform_panel(ax, x: np.ndarray, fx: np.ndarray, xlabel: str, title: str,
     ax.tick_params(labelsize=8)
     ax.grid(color="#eeeeee", lw=0.6)
     ax.set_axisbelow(True)
+
+
+def class_atlas(result: Any, layer: str | None = None, *, alpha: float = 0.05) -> Figure:
+    """Layers x classes evidence of a many-class run, and one layer's channel selectivity.
+
+    For a run with several targets (``target="all"``) or one per label
+    (``per_label=True``). Left: one cell per (layer, class), the share of the layer's
+    channels with ``q <= alpha`` when the run has a permutation null, else the median
+    null-corrected value (``pcace_adj``), else the median raw value
+    (:func:`pcace.atlas.class_evidence`). Right: for ``layer`` (default the last), one
+    row per channel, its value for each class, channels grouped by the class they carry
+    most information about; dots mark ``q <= alpha`` (:func:`pcace.atlas.selectivity`).
+
+    Parameters
+    ----------
+    result : PCACEResult
+        A run with several targets or classes.
+    layer : str, optional
+        The layer whose channels are shown on the right (default: the last layer).
+    alpha : float
+        False-discovery rate for "significant".
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> from pcace.viz import class_atlas
+    >>> atlas = pcace.rank(model, (images, labels), per_label=True)  # doctest: +SKIP
+    >>> class_atlas(atlas).savefig("atlas.png")  # doctest: +SKIP
+    """
+    from ..atlas import class_evidence, selectivity
+
+    evidence, measure = class_evidence(result, alpha)
+    names = list(evidence.index)
+    if not names:
+        raise ValueError("the run has no scored layers")
+    layer = layer or names[-1]
+    table = selectivity(result, layer, alpha)
+    classes = list(evidence.columns)
+    values = table[classes].to_numpy(dtype=float)
+    fig = new_figure(FULL_WIDTH, max(3.6, 0.28 * len(names) + 1.6))
+    ax_ev = fig.add_axes((0.17, 0.2, 0.36, 0.68))
+    ax_ch = fig.add_axes((0.63, 0.2, 0.3, 0.68))
+    share = measure.startswith("share")
+    image = ax_ev.imshow(evidence.to_numpy(dtype=float), aspect="auto", cmap="viridis",
+                         vmin=0, vmax=1 if share else None, interpolation="nearest")
+    ax_ev.set_yticks(range(len(names)), names, fontsize=7)
+    ax_ev.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=7)
+    ax_ev.set_title(f"layers x classes: {measure}", fontsize=9, loc="left")
+    fig.colorbar(image, ax=ax_ev, fraction=0.05, pad=0.02)
+    scaled = "pcace_adj" if "pcace_adj" in result.channels.columns else "PCACE"
+    grid = ax_ch.imshow(values, aspect="auto", cmap="magma", interpolation="nearest",
+                        vmin=min(0.0, float(np.nanmin(values))), vmax=1)
+    if "q_value" in result.channels.columns:
+        marked = [(i, j) for i, row in enumerate(table.classes) for j, c in enumerate(classes)
+                  if c in row.split()]
+        if marked:
+            rows, cols = zip(*marked, strict=True)
+            ax_ch.scatter(cols, rows, s=4, c="white", lw=0)
+    ax_ch.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=7)
+    ax_ch.set_ylabel(f"{len(table)} channels, grouped by best class", fontsize=8)
+    ax_ch.set_yticks([])
+    ax_ch.set_title(f"{layer}: {scaled} per channel and class", fontsize=9, loc="left")
+    fig.colorbar(grid, ax=ax_ch, fraction=0.05, pad=0.02)
+    return fig
