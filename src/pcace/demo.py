@@ -61,12 +61,16 @@ def accuracy(model: torch.nn.Module, data: TensorDataset) -> float:
 
 def run_demo(out: str | Path | None = "pcace-demo", data: str | Path | None = None,
              digit: int = 3, epochs: int = 8, images: int = 300, permutations: int = 199,
-             progress: bool = True) -> PCACEResult:
-    """Train the small CNN, rank both conv layers for ``digit``, save the run.
+             progress: bool = True, report: bool = True) -> PCACEResult:
+    """Train the small CNN, rank both conv layers for ``digit``, save the run and its report.
 
     The ranking runs over (up to ``images``) images of the digit, as the paper ranks
     channels over the images of one class, with the digit's logit as the score and a
-    permutation null of ``permutations`` draws for p-values and ``pcace_adj``.
+    permutation null of ``permutations`` draws for p-values and ``pcace_adj``. With ``out``
+    and ``report``, the demo has the model and the images at hand, so it saves the
+    pictures' material (example activation maps, CAM, ACE transforms, feature
+    visualisations) and writes the full ``out/report.html``; its path is in
+    ``result.manifest["demo"]["report"]`` and in :func:`summary`.
 
     Examples
     --------
@@ -90,7 +94,21 @@ def run_demo(out: str | Path | None = "pcace-demo", data: str | Path | None = No
     if out is not None:
         result.save(out)
         torch.save(model.state_dict(), Path(out) / "model.pt")
+        if report:
+            result.manifest["demo"]["report"] = str(_write_report(out, model, chosen, result,
+                                                                  progress))
+            result.manifest["demo"]["seconds"] = time.perf_counter() - t0
+            result.save(out)
     return result
+
+
+def _write_report(out: str | Path, model: torch.nn.Module, images: torch.Tensor,
+                  result: PCACEResult, progress: bool) -> Path:
+    """Collect the report's assets from the model and the ranked images, write the report."""
+    from .viz import collect_assets, write_report
+
+    collect_assets(out, model, images, result, progress=progress)
+    return write_report(out, progress=progress)
 
 
 def _pairs(rows) -> str:
@@ -115,6 +133,9 @@ def summary(result: PCACEResult, top: int = 5) -> str:
         lines.append(line)
         lines.append(f"    top    {best}")
         lines.append(f"    bottom {worst}")
+    demo = result.manifest.get("demo") if isinstance(result.manifest, dict) else None
+    if isinstance(demo, dict) and demo.get("report"):
+        lines.append(f"report: {demo['report']}")
     return "\n".join(lines)
 
 
