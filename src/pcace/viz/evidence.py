@@ -175,7 +175,8 @@ def full_layers(result: Any, evidence: pd.DataFrame | None = None,
                 best_few: int = BEST_FEW) -> list[str]:
     """The layers worth full map sections: those with evidence, else the best few.
 
-    Layers whose evidence is ``"strong"`` or ``"weak"``; when none is, the ``best_few``
+    A run of at most ``best_few`` layers shows them all. Otherwise: the layers whose
+    evidence is ``"strong"`` or ``"weak"``; when none is, the ``best_few``
     layers with the highest median null-corrected value (or, without a null, the highest
     90th percentile of PCACE), so that a run without evidence still shows what its best
     layers look like.
@@ -186,6 +187,8 @@ def full_layers(result: Any, evidence: pd.DataFrame | None = None,
         In network order.
     """
     ev = layer_evidence(result) if evidence is None else evidence
+    if len(ev) <= best_few:
+        return ev.layer.tolist()
     chosen = ev.layer[ev.evidence.isin(("strong", "weak"))].tolist()
     if chosen:
         return chosen

@@ -95,7 +95,7 @@ class _Image(nn.Module):
     """An image batch as a 1/f-scaled spectrum with decorrelated colours, squashed to a box."""
 
     def __init__(self, k: int, reference: torch.Tensor, gen: torch.Generator,
-                 init_scale: float = 0.01, reach: float = 1.6):
+                 init_scale: float = 0.01, reach: float = 2.5):
         super().__init__()
         _, c, h, w = reference.shape
         dims = (0, 2, 3)
