@@ -90,25 +90,35 @@ def page_metrics(report: Path) -> dict:
             dt.close()
 
 
-def bench(net: str, n: int, permutations: int, work: Path) -> dict:
+def bench(net: str, n: int, permutations: int, work: Path, reuse: bool = False,
+          threads: int = 2) -> dict:
+    import pcace
     from pcace.viz import collect_assets, write_report
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     images = load_images(n)
     model = build(net)
     run = work / f"{net}-{n}"
-    result = ranked(net, model, images, permutations)
-    result.save(run)
-    t0 = time.perf_counter()
+    if reuse and (run / "run.json").exists():
+        result = pcace.load(run)  # no principal components: the ACE figures are left out
+        for stale in ("assets", "figures"):
+            for f in (run / stale).glob("*"):
+                f.unlink()
+    else:
+        result = ranked(net, model, images, permutations)
+        result.save(run)
+    t0, c0 = time.perf_counter(), time.process_time()
     collect_assets(run, model, images, result, mean=MEAN, std=STD)
-    t_assets = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_assets, c_assets = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
     path = write_report(run)
-    t_report = time.perf_counter() - t0
+    t_report, c_report = time.perf_counter() - t0, time.process_time() - c0
     figures = list((run / "figures").glob("*"))
-    out = {"net": net, "images": n, "layers": len(result.layers),
+    out = {"net": net, "images": len(images), "layers": len(result.layers),
            "channels": len(result.channels), "assets_s": round(t_assets, 1),
            "report_s": round(t_report, 1), "total_s": round(t_assets + t_report, 1),
+           "cpu_s": round(c_assets + c_report, 1),
+           "load_avg": round(__import__("os").getloadavg()[0], 1),
            "report_mb": round(path.stat().st_size / 1e6, 2), "figures": len(figures),
            "figures_mb": round(sum(f.stat().st_size for f in figures) / 1e6, 2)}
     out.update(page_metrics(path))
@@ -123,9 +133,12 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--permutations", type=int, default=99)
     ap.add_argument("--work", type=Path, default=Path("/tmp/pcace-bench-report"))
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse a run saved in --work (skips the ranking; no ACE figures)")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     for net in args.nets:
-        bench(net, args.images, args.permutations, args.work)
+        bench(net, args.images, args.permutations, args.work, args.reuse, args.threads)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def test_report_names_share_and_reproducibility_of_every_layer(tmp_path):
     # the layer with evidence has a full section, the others a row only
     assert 'id="layer-layer3-0-conv1" class="layer"' in html
     assert 'class="layer" data-layer="conv1"' not in html
-    assert "1 of 4 layers carry strong evidence" in html
+    assert "1 of 4 layers carries strong evidence" in html
     assert "more images are needed" in html
 
 

@@ -206,7 +206,7 @@ def visualise_channels(
     *,
     steps: int = 160,
     lr: float = 0.05,
-    copies: int = 4,
+    copies: int = 2,
     jitter: int | None = None,
     seed: int = 0,
 ) -> FeatureVisualisation:

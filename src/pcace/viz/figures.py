@@ -206,8 +206,8 @@ def channel_ranking(result: Any, layer: str, top: int = 10) -> Figure:
     else:
         what = (f"{int(sig.sum())} beat the null (q \u2264 0.05), "
                 + (f"top {shaded} of them shaded" if shaded else "none in the top")
-                + "; the rest light grey")
-    ax_all.set_title(f"{layer}: all {len(sub)} channels, sorted; {what}"
+                + "; the others light grey")
+    ax_all.set_title(f"{layer}: all {len(sub)} channels, sorted;\n{what}"
                      + (f"; {int(dead.sum())} dead" if dead.any() else ""),
                      fontsize=10, loc="left")
     ax_all.grid(color="#eeeeee", lw=0.6)
@@ -230,7 +230,7 @@ def channel_ranking(result: Any, layer: str, top: int = 10) -> Figure:
     ax_top.set_xlim(0, 1.0)
     ax_top.set_xlabel("PCACE")
     ax_top.set_title(f"top {top} channels" + (" (bootstrap CI)" if has_ci else "")
-                     + ("" if sig[:top].all() else "; grey: not beating the null"),
+                     + ("" if sig[:top].all() else "\ngrey: not beating the null"),
                      fontsize=10, loc="left")
     return fig
 

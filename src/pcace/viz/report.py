@@ -510,9 +510,11 @@ def _verdict(result: Any, evidence: pd.DataFrame, full: list[str]) -> str:
                      "full below for orientation only.")
     parts = []
     if strong:
-        parts.append(f"{len(strong)} of {n} layers carry strong evidence ({_list(strong)})")
+        parts.append(f"{len(strong)} of {n} layers {'carries' if len(strong) == 1 else 'carry'} "
+                     f"strong evidence ({_list(strong)})")
     if weak:
-        parts.append(f"{len(weak)} carry weak evidence ({_list(weak)})")
+        parts.append(f"{len(weak)} {'carries' if len(weak) == 1 else 'carry'} weak evidence "
+                     f"({_list(weak)})")
     rest = n - len(strong) - len(weak)
     tail = (f"; the other {rest} do not beat chance{n_img}: more images are needed to rank "
             "their channels, and they are listed in the table only." if rest else ".")
