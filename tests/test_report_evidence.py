@@ -198,3 +198,14 @@ def test_demo_report_has_activation_maps(tmp_path):
     assert 'alt="weighted_vs_cam"' in html
     assert result.manifest["demo"]["report"] == str(tmp_path / "report.html")
     assert summary(result).endswith(f"report: {tmp_path / 'report.html'}")
+
+
+def test_full_sections_are_capped_to_the_strongest_layers():
+    from pcace.viz.evidence import MAX_FULL, full_layers
+
+    names = [f"block{i}.conv" for i in range(20)]
+    result = hand_result(names, strong=tuple(names[5:]))
+    chosen = full_layers(result)
+    assert len(chosen) == MAX_FULL
+    assert chosen == [n for n in names if n in chosen]  # network order
+    assert set(chosen) <= set(names[5:])

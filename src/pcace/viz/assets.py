@@ -24,7 +24,7 @@ from torch import nn
 
 from ._common import resize
 from .cam import _out_tensor, explain, resolve_cam_target
-from .evidence import full_layers, with_significance
+from .evidence import MAX_FEATUREVIS, full_layers, with_significance
 from .featurevis import visualise_channels
 
 ASSET_DIR = "assets"
@@ -259,7 +259,7 @@ def collect_assets(
     featurevis_steps : int
         Gradient-ascent steps per layer.
     featurevis_layers : sequence of str, optional
-        Layers to visualise; default those the report draws in full
+        Layers to visualise; default the three strongest of those the report draws in full
         (:func:`pcace.viz.evidence.full_layers`: the layers with evidence, else the best few).
     target : Target or callable, optional
         The score, for CAM/Grad-CAM and the consistency check; default: rebuilt from
@@ -340,7 +340,8 @@ def _collect(model, images, result, score_fn, spec, notes, dev, *, mean, std, n_
     x = images[picked].to(dev)
     channels = with_significance(result.channels)
     layer_names = [n for n in _ranked_layers(result)]
-    fv_layers = set(full_layers(result) if featurevis_layers is None else featurevis_layers)
+    fv_layers = set(full_layers(result, strongest_first=True)[:MAX_FEATUREVIS]
+                    if featurevis_layers is None else featurevis_layers)
     out, maps = _capture(model, x, layer_names)
     if score_fn is not None and not np.isnan(examples[0]["score"]):
         _check_scores(score_fn, out, examples, notes)

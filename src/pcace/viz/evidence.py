@@ -17,6 +17,10 @@ import pandas as pd
 ALPHA = 0.05
 #: Layers drawn in full (maps, overlays, transforms) when no layer carries evidence.
 BEST_FEW = 3
+#: At most this many layers are drawn in full, the strongest evidence first.
+MAX_FULL = 8
+#: Feature visualisations (the slowest asset) for at most this many of them by default.
+MAX_FEATUREVIS = 3
 EVIDENCE_LEVELS = ("strong", "weak", "none", "unknown")
 
 NO_NULL_TEXT = ("No permutation null was computed for this run (permutations=0), so nothing "
@@ -172,30 +176,44 @@ def layer_order(result: Any) -> list[str]:
 
 
 def full_layers(result: Any, evidence: pd.DataFrame | None = None,
-                best_few: int = BEST_FEW) -> list[str]:
+                best_few: int = BEST_FEW, max_full: int = MAX_FULL,
+                strongest_first: bool = False) -> list[str]:
     """The layers worth full map sections: those with evidence, else the best few.
 
     A run of at most ``best_few`` layers shows them all. Otherwise: the layers whose
-    evidence is ``"strong"`` or ``"weak"``; when none is, the ``best_few``
-    layers with the highest median null-corrected value (or, without a null, the highest
-    90th percentile of PCACE), so that a run without evidence still shows what its best
-    layers look like.
+    evidence is ``"strong"`` or ``"weak"``, at most ``max_full`` of them (strong before
+    weak, then by median null-corrected value); when none is, the ``best_few`` layers with
+    the highest median null-corrected value (or, without a null, the highest 90th
+    percentile of PCACE), so that a run without evidence still shows what its best layers
+    look like.
 
     Returns
     -------
     list of str
-        In network order.
+        In network order, or with ``strongest_first`` from the strongest layer down.
     """
     ev = layer_evidence(result) if evidence is None else evidence
     if len(ev) <= best_few:
-        return ev.layer.tolist()
-    chosen = ev.layer[ev.evidence.isin(("strong", "weak"))].tolist()
-    if chosen:
-        return chosen
+        return _order(ev, strongest_first)
+    with_ev = ev[ev.evidence.isin(("strong", "weak"))]
+    if not with_ev.empty:
+        ranked = with_ev.assign(_s=(with_ev.evidence == "strong").astype(int),
+                                _a=with_ev.median_adj.fillna(-np.inf))
+        best = ranked.sort_values(["_s", "_a"], ascending=False, kind="stable").layer
+        best = best.head(max_full).tolist()
+        return best if strongest_first else [n for n in ev.layer if n in best]
     key = ev.median_adj.to_numpy(dtype=float)
     if not np.isfinite(key).any():
         q90 = result.channels.groupby("layer").pcace.quantile(0.9)
         key = np.array([q90.get(n, np.nan) for n in ev.layer], dtype=float)
     key = np.where(np.isfinite(key), key, -np.inf)
-    best = set(ev.layer.to_numpy()[np.argsort(-key, kind="stable")[:best_few]])
-    return [n for n in ev.layer if n in best]
+    best = ev.layer.to_numpy()[np.argsort(-key, kind="stable")[:best_few]].tolist()
+    return best if strongest_first else [n for n in ev.layer if n in best]
+
+
+def _order(ev: pd.DataFrame, strongest_first: bool) -> list[str]:
+    if not strongest_first:
+        return ev.layer.tolist()
+    key = ev.median_adj.fillna(-np.inf) + 10.0 * (ev.evidence == "strong") \
+        + 5.0 * (ev.evidence == "weak")
+    return ev.layer.to_numpy()[np.argsort(-key.to_numpy(), kind="stable")].tolist()

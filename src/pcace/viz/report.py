@@ -518,6 +518,11 @@ def _verdict(result: Any, evidence: pd.DataFrame, full: list[str]) -> str:
     rest = n - len(strong) - len(weak)
     tail = (f"; the other {rest} do not beat chance{n_img}: more images are needed to rank "
             "their channels, and they are listed in the table only." if rest else ".")
+    left_out = len(strong) + len(weak) - len([x for x in full if x in strong + weak])
+    if left_out > 0:
+        tail += (f" To keep the report light, {len(full)} of them (the strongest) have full "
+                 f"sections; the other {left_out} are rows of the layer table "
+                 "(write_report(run_dir, layers=[...]) draws chosen layers in full).")
     return f'<p class="verdict">{_e("; ".join(parts) + tail)}</p>'
 
 
