@@ -67,8 +67,8 @@ def report(tmp_path_factory) -> Path:
         result = pcace.rank(model, images, target=3, progress=False, device="cpu")
         run = tmp_path_factory.mktemp("browser-run")
         result.save(run)
-        collect_assets(run, model, images, result, featurevis_steps=4)
-        return write_report(run)
+        collect_assets(run, model, images, result, featurevis_steps=4, progress=False)
+        return write_report(run, progress=False)
     finally:
         torch.set_num_threads(threads)
 
@@ -211,13 +211,16 @@ def test_report_renders_without_network_or_errors(chromium, report, tmp_path):
         assert remote_requests(dt.events) == []
         assert console_errors(dt.events) == []
         assert evaluate(dt, session, "document.body.dataset.ready") == "1"
-        figures = sorted(p.name for p in (report.parent / "figures").glob("*.png"))
+        figures = sorted(p.stem for p in (report.parent / "figures").iterdir())
         images = evaluate(dt, session, """Array.from(document.images).map(function (i) {
             return [i.dataset.figure, i.complete && i.naturalWidth > 0,
                     i.getBoundingClientRect().width]; })""")
-        assert sorted(f"{name}.png" for name, _, _ in images) == figures
+        assert sorted(name for name, _, _ in images) == figures
         assert all(loaded for _, loaded, _ in images), images
         assert all(0 < width <= 1200 for _, _, width in images), images
+        # nothing wider than the window: the navigation wraps instead of running off
+        assert evaluate(dt, session, "document.documentElement.scrollWidth") <= 1200
+        assert evaluate(dt, session, "document.querySelector('nav').scrollWidth") <= 1200
         n_channels = len(__import__("pandas").read_csv(report.parent / "channels.csv"))
         assert evaluate(dt, session, "document.querySelectorAll('#channel-table tbody tr')"
                         ".length") == n_channels
@@ -283,6 +286,33 @@ def test_dump_dom_shows_script_ran(chromium, report, tmp_path):
          report.resolve().as_uri()],
         capture_output=True, text=True, timeout=120, check=True).stdout
     assert re.search(r'<body[^>]*data-ready="1"', out)
-    assert out.count('src="data:image/png;base64,') == len(list(
-        (report.parent / "figures").glob("*.png")))
+    assert len(re.findall(r'src="data:image/(?:png|jpeg);base64,', out)) == len(list(
+        (report.parent / "figures").iterdir()))
     assert "channels shown" in out
+
+
+def test_navigation_of_a_many_layer_report_wraps(chromium, tmp_path):
+    """55 layers with long names: the navigation wraps within the window, and every layer
+    link leads to an element of the page (a full section or the layer's table row)."""
+    from test_report_evidence import hand_result
+
+    from pcace.viz import write_report
+
+    names = [f"layer{s}.{b}.conv{c}" for s in (1, 2, 3) for b in range(9) for c in (1, 2)]
+    result = hand_result(["conv1", *names], channels=8, strong=("layer3.8.conv2",))
+    run = tmp_path / "run"
+    result.save(run)
+    page = write_report(run, progress=False)
+    dt, session = open_page(chromium, page, tmp_path / "profile")
+    try:
+        assert evaluate(dt, session, "document.documentElement.scrollWidth") <= 1200
+        nav = evaluate(dt, session, """(function () { var n = document.querySelector('nav');
+            var r = n.getBoundingClientRect(); return [n.scrollWidth, r.height]; })()""")
+        assert nav[0] <= 1200 and nav[1] < 400, nav
+        missing = evaluate(dt, session, """Array.from(document.querySelectorAll('nav a'))
+            .map(function (a) { return a.getAttribute('href').slice(1); })
+            .filter(function (id) { return !document.getElementById(id); })""")
+        assert missing == []
+        assert console_errors(dt.events) == []
+    finally:
+        dt.close()

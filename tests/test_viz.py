@@ -59,29 +59,36 @@ def demo(tmp_path_factory):
     model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
     x, y = sklearn_digits().tensors
     images = x[y == 3][:120]
-    assets = collect_assets(run, model.eval(), images, result, featurevis_steps=12)
-    write_report(run)
-    return run, result, assets, images
+    return run, result, load_assets(run), images
 
 
 @pytest.fixture(scope="module")
-def cifar(shared_dir, tmp_path_factory):
+def cifar_model(shared_dir):
+    """The shared pretrained CIFAR ResNet-20, in eval mode."""
+    from pcace.zoo import cifar_resnet20
+
+    checkpoint = shared_dir / "data" / "cifar10" / "resnet20-12fca82f.th"
+    if not checkpoint.exists():
+        pytest.skip("shared CIFAR-10 checkpoint missing")
+    state = torch.load(checkpoint, weights_only=True, map_location="cpu")["state_dict"]
+    model = cifar_resnet20()
+    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def cifar(shared_dir, cifar_model, tmp_path_factory):
     """ResNet-20 on 60 cat images: (run_dir, result, assets, images)."""
     from PIL import Image
     from torchvision import transforms
 
     import pcace
     from pcace.targets import ClassLogit
-    from pcace.zoo import cifar_resnet20
 
-    checkpoint = shared_dir / "data" / "cifar10" / "resnet20-12fca82f.th"
     folder = shared_dir / "data" / "cifar10" / "test" / "cat"
-    if not checkpoint.exists() or not folder.is_dir():
-        pytest.skip("shared CIFAR-10 checkpoint or images missing")
-    state = torch.load(checkpoint, weights_only=True, map_location="cpu")["state_dict"]
-    model = cifar_resnet20()
-    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
-    model.eval()
+    if not folder.is_dir():
+        pytest.skip("shared CIFAR-10 images missing")
+    model = cifar_model
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD)])
     files = sorted(folder.glob("*.jpg"))[:60]
     images = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
@@ -90,8 +97,8 @@ def cifar(shared_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("cifar")
     result.save(run)
     assets = collect_assets(run, model, images, result, mean=CIFAR_MEAN, std=CIFAR_STD,
-                            featurevis_steps=12)
-    write_report(run)
+                            featurevis_steps=64, progress=False)
+    write_report(run, progress=False)
     return run, result, assets, images
 
 
@@ -254,6 +261,7 @@ def test_run_without_rebuildable_target_has_no_cam(demo, tmp_path):
     result.manifest = {**result.manifest, "target": {"callable": "my_score"}}
     try:
         assets = collect_assets(tmp_path, mnist_cnn().eval(), images, result, featurevis=False,
+                                progress=False,
                                 n_examples=2)
     finally:
         result.manifest = {**result.manifest, "target": {"kind": "class_logit", "index": 3}}
@@ -280,7 +288,10 @@ def test_map_grid_panels_titles_colour_bars(run, draw):
     map_titles = [t for t in titles(fig) if t.startswith("ch ")]
     assert len(map_titles) == n_rows * n_maps
     for channel, value in zip(entry["channels"], entry["pcace"], strict=True):
-        assert f"ch {channel}\nPCACE {value:.2f}" in map_titles
+        assert any(t.startswith(f"ch {channel}\nPCACE {value:.2f}") for t in map_titles)
+    if entry.get("significant") is not None:  # chance channels say so in their titles
+        assert sum(t.endswith(" n.s.") for t in map_titles) == \
+            n_rows * (len(entry["significant"]) - sum(entry["significant"]))
     assert titles(fig).count("input") == n_rows
     for r in range(n_rows):  # all maps of a row share the colour bar's scale
         row_axes = fig.axes[r * (n_maps + 2) + 1: r * (n_maps + 2) + 1 + n_maps]
@@ -325,9 +336,11 @@ def test_report_is_self_contained(run):
     html = (run_dir / "report.html").read_text(encoding="utf-8")
     assert not REMOTE.search(html), REMOTE.search(html)
     assert "<link" not in html and "<script src" not in html
-    pngs = sorted((run_dir / "figures").glob("*.png"))
+    pngs = sorted((run_dir / "figures").glob("*.*"))
+    assert {p.suffix for p in pngs} <= {".png", ".jpeg"}
     assert len(pngs) >= 2 + 3 * len(result.layers)
-    embedded = re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+" alt="([^"]+)"', html)
+    embedded = re.findall(r'<img src="data:image/(?:png|jpeg);base64,[A-Za-z0-9+/=]+" '
+                          r'alt="([^"]+)"', html)
     assert sorted(embedded) == sorted(p.stem for p in pngs)
     assert html.count("<tr data-layer=") == len(result.channels)
     manifest = json.loads((run_dir / "run.json").read_text())
@@ -347,6 +360,39 @@ def test_report_without_assets_says_so(demo, tmp_path):
     path = write_report(tmp_path)
     html = path.read_text(encoding="utf-8")
     assert "saved without assets" in html
-    assert sorted(p.name for p in (tmp_path / "figures").glob("*.png")) == sorted(
+    assert sorted(p.name for p in (tmp_path / "figures").glob("*.*")) == sorted(
         ["overview.png"] + [f"ranking_{layer}.png" for layer in result.layers.layer])
     assert not REMOTE.search(html)
+
+
+def test_feature_visualisations_beat_every_image_and_are_not_flat(run):
+    """Each synthetic input excites its channel more than every reference image does, and
+    varies in space at least a third as much as a typical image."""
+    _, _, assets, _ = run
+    checked = 0
+    for layer in assets.layers:
+        info = assets.layer(layer)["featurevis"]
+        if info is None:
+            continue
+        excitation = np.array(info["excitation"])
+        best = np.array(info["best_image_excitation"])
+        assert (excitation > best).all(), (layer, excitation, best)
+        assert (np.array(info["variation"]) > 0.33).all(), (layer, info["variation"])
+        shown = assets.array(layer, "featurevis")
+        assert (shown.reshape(len(shown), -1).std(1) > 0.05).all()  # not flat on screen
+        checked += 1
+    assert checked >= 1
+
+
+def test_featurevis_on_a_pretrained_deep_layer(cifar, cifar_model):
+    """A deep layer of the pretrained ResNet-20 with the default settings: the same checks;
+    a flat image measures no variation."""
+    from pcace.viz.featurevis import spatial_variation, visualise_channels
+
+    _, result, _, images = cifar
+    top = result.top("layer3.2.conv2", 2).channel.tolist()
+    fv = visualise_channels(cifar_model, "layer3.2.conv2", top, images)
+    assert (fv.excitation > fv.best_image_excitation).all()
+    assert (fv.variation > 0.33).all()
+    assert spatial_variation(torch.zeros(1, 3, 8, 8), images).tolist() == [0.0]
+    assert all(p.requires_grad for p in cifar_model.parameters())  # restored

@@ -279,8 +279,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
         images, _ = stack_images(ds, label=label)
         mean, std = normalisation(spec, loaded.transform)
         collect_assets(out, loaded.model, images, result, mean=mean, std=std,
-                       device=result.manifest["device"])
-        report = write_report(out)
+                       device=result.manifest["device"], progress=not args.no_progress)
+        report = write_report(out, progress=not args.no_progress)
         add_files(out, [p for p in ("assets", "figures", "report.html") if (out / p).exists()])
         print(f"wrote {report}")
     return 0
@@ -416,10 +416,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .rank import load
+    from .rundir import add_files
     from .viz import write_report
 
     load(args.run_dir)  # a clear error when this is not a run directory
-    print(f"wrote {write_report(args.run_dir)}")
+    report = write_report(args.run_dir, progress=True)
+    root = Path(args.run_dir)
+    add_files(root, [p for p in ("figures", "report.html") if (root / p).exists()])
+    print(f"wrote {report}")
     return 0
 
 

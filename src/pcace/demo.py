@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .data import mnist_idx, sklearn_digits
 from .rank import PCACEResult, rank
+from .rundir import add_files
 from .targets import ClassLogit
 from .zoo import mnist_cnn
 
@@ -61,12 +62,16 @@ def accuracy(model: torch.nn.Module, data: TensorDataset) -> float:
 
 def run_demo(out: str | Path | None = "pcace-demo", data: str | Path | None = None,
              digit: int = 3, epochs: int = 8, images: int = 300, permutations: int = 199,
-             progress: bool = True) -> PCACEResult:
-    """Train the small CNN, rank both conv layers for ``digit``, save the run.
+             progress: bool = True, report: bool = True) -> PCACEResult:
+    """Train the small CNN, rank both conv layers for ``digit``, save the run and its report.
 
     The ranking runs over (up to ``images``) images of the digit, as the paper ranks
     channels over the images of one class, with the digit's logit as the score and a
-    permutation null of ``permutations`` draws for p-values and ``pcace_adj``.
+    permutation null of ``permutations`` draws for p-values and ``pcace_adj``. With ``out``
+    and ``report``, the demo has the model and the images at hand, so it saves the
+    pictures' material (example activation maps, CAM, ACE transforms, feature
+    visualisations) and writes the full ``out/report.html``; its path is in
+    ``result.manifest["demo"]["report"]`` and in :func:`summary`.
 
     Examples
     --------
@@ -91,32 +96,35 @@ def run_demo(out: str | Path | None = "pcace-demo", data: str | Path | None = No
     if out is not None:
         result.save(out)
         torch.save(model.state_dict(), Path(out) / "model.pt")
+        written = ["model.pt"]
+        if report:
+            result.manifest["demo"]["report"] = str(_write_report(out, model, chosen, result,
+                                                                  progress))
+            result.manifest["demo"]["seconds"] = time.perf_counter() - t0
+            result.save(out)
+            written += ["assets", "figures", "report.html"]
+        add_files(out, [name for name in written if (Path(out) / name).exists()])
     return result
 
 
-def _pairs(rows) -> str:
-    if "p_value" in rows:
-        return ", ".join(f"{c}:{v:.3f} (p={p:.3f})"
-                         for c, v, p in zip(rows.channel, rows.pcace, rows.p_value, strict=True))
-    return ", ".join(f"{c}:{v:.3f}" for c, v in zip(rows.channel, rows.pcace, strict=True))
+def _write_report(out: str | Path, model: torch.nn.Module, images: torch.Tensor,
+                  result: PCACEResult, progress: bool) -> Path:
+    """Collect the report's assets from the model and the ranked images, write the report."""
+    from .viz import collect_assets, write_report
+
+    collect_assets(out, model, images, result, progress=progress, device="cpu")
+    return write_report(out, progress=progress)
 
 
 def summary(result: PCACEResult, top: int = 5) -> str:
-    """A short text table of each layer's top and bottom channels."""
-    lines = []
-    for _, layer in result.layers.iterrows():
-        sub = result.channels[result.channels.layer == layer.layer].sort_values("rank")
-        best = _pairs(sub.head(top))
-        worst = _pairs(sub.tail(3))
-        line = (f"{layer.layer:<24} {int(layer.channels):>5} ch  "
-                f"median {layer['median']:.3f}  max {layer['max']:.3f}")
-        if "significant_share" in layer:
-            line += (f"  significant (q<=0.05) {layer['significant_share']:.0%}  "
-                     f"median pcace_adj {layer['median_adj']:.3f}")
-        lines.append(line)
-        lines.append(f"    top    {best}")
-        lines.append(f"    bottom {worst}")
-    return "\n".join(lines)
+    """The run's evidence and top channels (:func:`pcace.printout.text_summary`), and its report."""
+    from .printout import text_summary
+
+    text = text_summary(result, top=top)
+    demo = result.manifest.get("demo") if isinstance(result.manifest, dict) else None
+    if isinstance(demo, dict) and demo.get("report"):
+        text += f"\nreport: {demo['report']}"
+    return text
 
 
 __all__ = ["run_demo", "train_mnist_cnn", "accuracy", "summary"]

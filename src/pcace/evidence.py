@@ -579,7 +579,7 @@ def layer_evidence(
         high = float(sp.get("split_half_spearman_high", math.nan))
         top = float(sp.get("split_half_top10", math.nan))
         n = n_images if n_images is not None else sp.get("n_images")
-        evidence, text = _verdict(share, rho, low, n, a)
+        evidence, text = verdict(share, rho, low, n, a)
         rows.append({"layer": name, "channels": int(len(sub)), "significant_share": share,
                      "median_adj": adj, "split_half_spearman": rho,
                      "split_half_spearman_low": low, "split_half_spearman_high": high,
@@ -587,7 +587,19 @@ def layer_evidence(
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
 
 
-def _verdict(share: float, rho: float, low: float, n: Any, alpha: float) -> tuple[str, str]:
+def verdict(share: float, rho: float, low: float, n: Any, alpha: float = 0.05
+            ) -> tuple[str, str]:
+    """The evidence level of one layer and its sentence (the rules of :func:`layer_evidence`).
+
+    ``share``: share of channels with ``q <= alpha`` (NaN: no null); ``rho`` and ``low``:
+    projected split-half Spearman and its interval's lower end (NaN: not measured); ``n``:
+    the number of images (for the sentence).
+
+    Examples
+    --------
+    >>> verdict(0.0, 0.1, -0.2, 300)[0]
+    'none'
+    """
     at = f" at N = {int(n)}" if n is not None and not pd.isna(n) else ""
     reading = _reading(rho, low)
     known_share = math.isfinite(share)

@@ -624,20 +624,17 @@ def output_size(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
     >>> output_size(mnist_cnn(), (1, 28, 28))
     10
     """
-    from .targets import _output_tensor
+    from .hooks import evaluating
+    from .targets import output_tensor
 
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             out = model(torch.zeros((2, *input_shape), device=device))
-        tensor = _output_tensor(out)
+        tensor = output_tensor(out)
     except ValueError:
         return None
-    finally:
-        model.train(was_training)
     return 1 if tensor.ndim == 1 else int(tensor[0].numel())
 
 

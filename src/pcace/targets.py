@@ -55,8 +55,14 @@ TARGET_FORMS = (
 )
 
 
-def _output_tensor(output: Any) -> torch.Tensor:
-    """The tensor in a model's output: itself, ``.logits``, or the first of a tuple."""
+def output_tensor(output: Any) -> torch.Tensor:
+    """The tensor in a model's output: itself, ``.logits``, or the first of a tuple.
+
+    Examples
+    --------
+    >>> output_tensor((torch.ones(2, 3), "aux")).shape
+    torch.Size([2, 3])
+    """
     if isinstance(output, torch.Tensor):
         return output
     logits = getattr(output, "logits", None)
@@ -84,7 +90,7 @@ class Target:
     kind = "target"
 
     def __call__(self, output: Any) -> torch.Tensor:
-        out = _output_tensor(output)
+        out = output_tensor(output)
         self.check(tuple(out.shape))
         return self.score(out)
 
@@ -283,7 +289,7 @@ class CustomTarget(Target):
 
 def _batch_size(output: Any) -> int | None:
     try:
-        return int(_output_tensor(output).shape[0])
+        return int(output_tensor(output).shape[0])
     except (ValueError, IndexError):
         return None
 
@@ -635,7 +641,7 @@ class TargetSet:
         if not self.all_classes:
             assert self.targets is not None
             return torch.stack([t(output) for t in self.targets], dim=1)
-        out = _output_tensor(output)
+        out = output_tensor(output)
         if out.ndim != 2:
             raise ValueError(f"target 'all' needs outputs of shape (N, classes); got "
                              f"{tuple(out.shape)}")

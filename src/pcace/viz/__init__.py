@@ -7,7 +7,9 @@
   ``run_dir/assets/``; :func:`load_assets` reads them back.
 - From assets: :func:`activation_maps`, :func:`overlay_maps`, :func:`weighted_vs_cam`,
   :func:`feature_visualisations`.
-- :func:`write_report` writes ``run_dir/report.html`` and ``run_dir/figures/*.png``.
+- :func:`write_report` writes ``run_dir/report.html`` and ``run_dir/figures/``;
+  :func:`result_html` gives a notebook fragment (layer table with evidence, overview).
+- :func:`layer_evidence` says per layer whether its ranking carries evidence.
 
 All figures are :class:`matplotlib.figure.Figure` objects drawn without pyplot (Agg).
 
@@ -22,9 +24,10 @@ PosixPath('runs/three/report.html')
 """
 
 from .assets import Assets, collect_assets, display_images, load_assets
+from .evidence import layer_evidence, significance
 from .figures import ace_transforms, channel_ranking, class_atlas, layer_overview
 from .maps import activation_maps, feature_visualisations, overlay_maps, weighted_vs_cam
-from .report import render_figures, write_report
+from .report import render_figures, result_html, write_report
 
 __all__ = [
     "Assets",
@@ -35,10 +38,13 @@ __all__ = [
     "collect_assets",
     "display_images",
     "feature_visualisations",
+    "layer_evidence",
     "layer_overview",
     "load_assets",
     "overlay_maps",
     "render_figures",
+    "result_html",
+    "significance",
     "weighted_vs_cam",
     "write_report",
 ]

@@ -13,9 +13,35 @@ h2 { margin: 36px 0 8px; font-size: 21px; border-bottom: 1px solid var(--line);
      padding-bottom: 4px; }
 h3 { margin: 24px 0 6px; font-size: 17px; }
 p.lead { margin: 4px 0; color: var(--muted); }
-nav { margin: 12px 0; font-size: 14px; }
-nav a { margin-right: 14px; color: #1f5fa8; text-decoration: none; white-space: nowrap; }
+nav { margin: 12px 0; font-size: 14px; max-width: 100%; }
+nav .nav-main, nav .nav-layers { display: flex; flex-wrap: wrap; gap: 4px 14px; }
+nav .nav-layers { gap: 4px 6px; margin-top: 8px; font-size: 12px; max-height: 9.5em;
+                  overflow-y: auto; }
+nav a { color: #1f5fa8; text-decoration: none; white-space: nowrap; }
 nav a:hover { text-decoration: underline; }
+nav a.chip { padding: 0 6px; border-radius: 9px; border: 1px solid #ccd; background: #fff; }
+nav a.chip.lv-strong { background: #d7f0e6; border-color: #1b9e77; }
+nav a.chip.lv-weak { background: #eef7f2; border-color: #8cc9b2; }
+nav a.chip.lv-none, nav a.chip.lv-unknown { color: #888; }
+.ev { display: inline-block; padding: 0 7px; border-radius: 9px; font-size: 12px;
+      border: 1px solid #ccc; color: #555; background: #f4f4f4; }
+.ev-strong { background: #1b9e77; border-color: #1b9e77; color: #fff; }
+.ev-weak { background: #d7f0e6; border-color: #1b9e77; color: #135f49; }
+.ev-none { background: #eee; color: #777; }
+.verdict { font-size: 15px; background: #eef7f2; border-left: 4px solid var(--accent);
+           padding: 8px 12px; }
+p.say { font-size: 15px; margin: 6px 0; }
+tr.ev-row-none td, tr.ev-row-unknown td { color: #888; }
+td.say { text-align: left; min-width: 320px; font-size: 12px; }
+#layer-table th:last-child { text-align: left; }
+td.tops { text-align: left; font-size: 12px; }
+.table-wrap.wide { max-height: 640px; }
+tr.ns td { color: #aaa; }
+tr.top td { background: #e6f4ee; }
+.swatch { display: inline-block; width: 12px; height: 12px; vertical-align: -1px;
+          border: 1px solid #ccc; }
+.swatch.top { background: #e6f4ee; }
+.swatch.ns { background: #fff; border-color: #aaa; }
 dl.summary { display: grid; grid-template-columns: max-content 1fr; gap: 4px 18px;
              margin: 8px 0; }
 dl.summary dt { font-weight: 600; color: var(--muted); }
@@ -40,6 +66,24 @@ tr.dead td { color: #999; }
                   border-radius: 4px; }
 .stats { font-size: 14px; color: var(--muted); }
 footer { margin-top: 40px; font-size: 12px; color: var(--muted); }
+"""
+
+#: Style of the notebook fragment (:func:`pcace.viz.result_html`), scoped to its ``div``.
+NOTEBOOK_CSS = """
+.pcace-result { font: 13px/1.45 system-ui, sans-serif; }
+.pcace-result table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
+.pcace-result th, .pcace-result td { padding: 2px 8px; border-bottom: 1px solid #eee;
+  text-align: right; }
+.pcace-result th:first-child, .pcace-result td:first-child { text-align: left; }
+.pcace-result td.say, .pcace-result td.tops { text-align: left; font-size: 12px; }
+.pcace-result tr.ev-row-none td, .pcace-result tr.ev-row-unknown td { color: #888; }
+.pcace-result .ev { padding: 0 6px; border-radius: 8px; border: 1px solid #ccc; }
+.pcace-result .ev-strong { background: #1b9e77; color: #fff; }
+.pcace-result .ev-weak { background: #d7f0e6; }
+.pcace-result .verdict, .pcace-result .note { border-left: 4px solid #1b9e77;
+  padding: 4px 10px; background: #f3faf7; }
+.pcace-result .note { border-color: #e6a700; background: #fff8e5; }
+.pcace-result .table-wrap { max-height: 420px; overflow: auto; }
 """
 
 JS = """

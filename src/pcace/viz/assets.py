@@ -22,8 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..hooks import evaluating, forward_hooks
+from ..targets import output_tensor
+from ..validation import device as resolve_device
 from ._common import resize
-from .cam import _out_tensor, explain, resolve_cam_target
+from .cam import explain, resolve_cam_target
+from .evidence import MAX_FEATUREVIS, full_layers, layer_order, with_significance
 from .featurevis import visualise_channels
 
 ASSET_DIR = "assets"
@@ -168,14 +172,10 @@ def _capture(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> tuple[
     if missing:
         raise ValueError(f"the model has no modules {missing}; was it the model that was ranked?")
     caught: dict[str, torch.Tensor] = {}
-    handles = [modules[name].register_forward_hook(
-        lambda _m, _i, out, name=name: caught.setdefault(name, out.detach())) for name in layers]
-    try:
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = {name: (lambda _m, _i, out, name=name: caught.setdefault(name, out.detach()))
+             for name in layers}
+    with forward_hooks(model, hooks), torch.no_grad():
+        out = model(x)
     return out, caught
 
 
@@ -220,10 +220,12 @@ def collect_assets(
     bottom: int = 4,
     featurevis: bool = True,
     featurevis_channels: int = 4,
-    featurevis_steps: int = 48,
+    featurevis_steps: int = 96,
+    featurevis_layers: Sequence[str] | None = None,
     target: Any = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     seed: int = 0,
+    progress: bool = True,
 ) -> Assets:
     """Compute and save the pictures' raw material to ``run_dir/assets/``.
 
@@ -255,6 +257,9 @@ def collect_assets(
         Channels per layer to visualise (at most ``top``).
     featurevis_steps : int
         Gradient-ascent steps per layer.
+    featurevis_layers : sequence of str, optional
+        Layers to visualise; default the three strongest of those the report draws in full
+        (:func:`pcace.viz.evidence.full_layers`: the layers with evidence, else the best few).
     target : Target or callable, optional
         The score, for CAM/Grad-CAM and the consistency check; default: rebuilt from
         ``result.manifest["target"]``.
@@ -262,6 +267,8 @@ def collect_assets(
         Where the model runs.
     seed : int
         Seeds the feature visualisation.
+    progress : bool
+        Show a progress bar over the layers on stderr.
 
     Returns
     -------
@@ -283,20 +290,18 @@ def collect_assets(
     if images.dim() != 4:
         raise ValueError(f"images must be a tensor (N, C, H, W); got shape {tuple(images.shape)}")
     images = images.float()
-    dev = torch.device(device)
-    was_training = model.training
-    model.eval().to(dev)
+    dev = resolve_device(device)
     notes: list[str] = []
     spec = target if target is not None else result.manifest.get("target")
     score_fn = resolve_cam_target(spec)
-    try:
+    with evaluating(model, dev):
         arrays, index = _collect(model, images, result, score_fn, spec, notes, dev,
                                  mean=mean, std=std, n_examples=n_examples, top=top,
                                  bottom=bottom, featurevis=featurevis,
                                  featurevis_channels=featurevis_channels,
-                                 featurevis_steps=featurevis_steps, seed=seed)
-    finally:
-        model.train(was_training)
+                                 featurevis_steps=featurevis_steps,
+                                 featurevis_layers=featurevis_layers, seed=seed,
+                                 progress=progress)
     index.update({"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "seconds": time.perf_counter() - t0, "notes": notes})
     folder = Path(run_dir) / ASSET_DIR
@@ -307,7 +312,10 @@ def collect_assets(
 
 
 def _collect(model, images, result, score_fn, spec, notes, dev, *, mean, std, n_examples, top,
-             bottom, featurevis, featurevis_channels, featurevis_steps, seed):
+             bottom, featurevis, featurevis_channels, featurevis_steps, featurevis_layers, seed,
+             progress):
+    from tqdm.auto import tqdm
+
     scores = result.scores
     if scores is None and score_fn is not None:
         scores = _all_scores(model, images, score_fn, dev)
@@ -325,8 +333,10 @@ def _collect(model, images, result, score_fn, spec, notes, dev, *, mean, std, n_
         examples = pick_examples(scores, n_examples)
     picked = torch.tensor([e["index"] for e in examples])
     x = images[picked].to(dev)
-    channels = result.channels
-    layer_names = [n for n in _ranked_layers(result)]
+    channels = with_significance(result.channels)
+    layer_names = layer_order(result)
+    fv_layers = set(full_layers(result, strongest_first=True)[:MAX_FEATUREVIS]
+                    if featurevis_layers is None else featurevis_layers)
     out, maps = _capture(model, x, layer_names)
     if score_fn is not None and not np.isnan(examples[0]["score"]):
         _check_scores(score_fn, out, examples, notes)
@@ -335,7 +345,8 @@ def _collect(model, images, result, score_fn, spec, notes, dev, *, mean, std, n_
                                      "scores": scores.astype(np.float64)}
     size = tuple(images.shape[-2:])
     entries = []
-    for i, name in enumerate(layer_names):
+    for i, name in enumerate(tqdm(layer_names, desc="report assets", unit="layer",
+                                  disable=not progress)):
         key = f"L{i}"
         table = channels[channels.layer == name]
         act = maps[name].float()
@@ -356,24 +367,15 @@ def _collect(model, images, result, score_fn, spec, notes, dev, *, mean, std, n_
                  if "rank" in table else None,
                  "dead": [bool(table.set_index("channel").dead[c]) for c in chosen]
                  if "dead" in table else None,
+                 "significant": [bool(table.set_index("channel").significant[c])
+                                 for c in chosen] if "significant" in table else None,
                  "n_channels": int(act.shape[1]), "map_size": list(act.shape[-2:]),
                  "ace": None, "featurevis": None}
         _add_ace(entry, arrays, key, result, name, table, best, scores, notes)
-        if featurevis and best:
-            fv_channels = best[:max(0, min(featurevis_channels, len(best)))]
-            if fv_channels:
-                ref = images[:REFERENCE_IMAGES].to(dev)
-                fx, reached = visualise_channels(model, name, fv_channels, ref,
-                                                 steps=featurevis_steps, seed=seed)
-                # without a known normalisation, show them on the real images' value range
-                arrays[f"{key}_featurevis"] = display_images(
-                    fx, mean, std, value_range=(float(ref.min()), float(ref.max())))
-                mean_act = act[:, fv_channels].mean(dim=(0, 2, 3)).cpu().numpy()
-                entry["featurevis"] = {"channels": fv_channels,
-                                       "pcace": [float(values[c]) for c in fv_channels],
-                                       "activation": [float(a) for a in reached],
-                                       "example_activation": [float(a) for a in mean_act],
-                                       "steps": featurevis_steps, "seed": seed}
+        if featurevis and best and name in fv_layers and featurevis_channels > 0:
+            entry["featurevis"] = _add_featurevis(
+                arrays, key, model, name, best[:featurevis_channels], images, dev, values,
+                mean, std, featurevis_steps, seed)
         entries.append(entry)
 
     explanation = explain(model, x, score_fn) if score_fn is not None else None
@@ -394,11 +396,20 @@ def _collect(model, images, result, score_fn, spec, notes, dev, *, mean, std, n_
     return arrays, index
 
 
-def _ranked_layers(result: Any) -> list[str]:
-    layers = result.layers
-    if layers is not None and not layers.empty:
-        return layers.sort_values("order").layer.tolist()
-    return list(dict.fromkeys(result.channels.layer))
+def _add_featurevis(arrays: dict, key: str, model: nn.Module, layer: str, channels: list[int],
+                    images: torch.Tensor, dev: torch.device, values: Any, mean: Any, std: Any,
+                    steps: int, seed: int) -> dict:
+    """Synthesise inputs for a layer's top channels; store them, return their index entry."""
+    ref = images[:REFERENCE_IMAGES].to(dev)
+    fv = visualise_channels(model, layer, channels, ref, steps=steps, seed=seed)
+    # without a known normalisation, show them on the real images' value range
+    arrays[f"{key}_featurevis"] = display_images(
+        fv.inputs, mean, std, value_range=(float(ref.min()), float(ref.max())))
+    return {"channels": channels, "pcace": [float(values[c]) for c in channels],
+            "excitation": [float(a) for a in fv.excitation],
+            "best_image_excitation": [float(a) for a in fv.best_image_excitation],
+            "variation": [float(v) for v in fv.variation],
+            "reference_images": int(len(ref)), "steps": steps, "seed": seed}
 
 
 def _jsonable(v: Any) -> Any:
@@ -409,7 +420,7 @@ def _jsonable(v: Any) -> Any:
 
 def _check_scores(score_fn: Any, out: Any, examples: list[dict], notes: list[str]) -> None:
     try:
-        got = score_fn(_out_tensor(out)).double().cpu().numpy()
+        got = score_fn(output_tensor(out)).double().cpu().numpy()
     except ValueError:
         return
     want = np.array([e["score"] for e in examples])

@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..targets import ClassLogit, ClassProbability, RegressionOutput, Target, target_from_dict
+from ..hooks import forward_hooks
+from ..targets import (
+    ClassLogit,
+    ClassProbability,
+    RegressionOutput,
+    Target,
+    output_tensor,
+    target_from_dict,
+)
 
 
 @dataclass
@@ -47,7 +55,6 @@ def _recorded_forward(model: nn.Module, x: torch.Tensor) -> tuple[Any, list, dic
     """Run ``model`` with every submodule's tensor output recorded in completion order."""
     outputs: list[tuple[str, torch.Tensor]] = []
     linear_io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
 
     def hook(name: str, module: nn.Module):
         def fn(_mod, inputs, out):
@@ -57,26 +64,10 @@ def _recorded_forward(model: nn.Module, x: torch.Tensor) -> tuple[Any, list, dic
                     linear_io[name] = (inputs[0], out)
         return fn
 
-    for name, module in model.named_modules():
-        if name:
-            handles.append(module.register_forward_hook(hook(name, module)))
-    try:
+    modules = {name: module for name, module in model.named_modules() if name}
+    with forward_hooks(model, {name: hook(name, m) for name, m in modules.items()}):
         out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
     return out, outputs, linear_io
-
-
-def _out_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, list | tuple) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    raise ValueError(f"cannot read a tensor from a model output of type {type(out).__name__}")
 
 
 def _last_maps(outputs: list) -> tuple[str, torch.Tensor] | None:
@@ -103,7 +94,7 @@ def find_cam_layer(model: nn.Module, x: torch.Tensor) -> tuple[str, str] | None:
         out, outputs, linear_io = _recorded_forward(model, x)
     if not linear_io:
         return None
-    final = _out_tensor(out)
+    final = output_tensor(out)
     name, (lin_in, lin_out) = list(linear_io.items())[-1]
     if lin_out.shape != final.shape or not torch.allclose(lin_out, final):
         return None

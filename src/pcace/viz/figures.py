@@ -15,12 +15,15 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from ._common import FULL_WIDTH, new_figure
+from .evidence import significance
 
 #: At most this many jittered points per layer in the overview (a random, seeded subset).
 MAX_POINTS = 400
 ACCENT = "#d95f02"
 TOP_COLOUR = "#1b9e77"
 NULL_COLOUR = "#bbbbbb"
+#: Channels that do not beat the permutation null.
+CHANCE_COLOUR = "#c8c8c8"
 
 
 def _layers_in_order(result: Any) -> list[str]:
@@ -80,15 +83,19 @@ def layer_overview(result: Any, *, seed: int = 0) -> Figure:
     if not names:
         raise ValueError("the run has no ranked layers to draw")
     ch = result.channels
+    sig_all = significance(ch)
     rng = np.random.default_rng(seed)
     top_in, bottom_in = 0.85, 0.6
-    height = min(top_in + bottom_in + max(1.2, 0.5 * len(names)), 40.0)
+    per_row = 0.5 if len(names) <= 12 else 0.3
+    height = min(top_in + bottom_in + max(1.2, per_row * len(names)), 40.0)
     fig = new_figure(FULL_WIDTH * 0.82, height)
     ax = fig.add_axes((0.2, bottom_in / height, 0.76, 1.0 - (top_in + bottom_in) / height))
     ys = np.arange(len(names))[::-1]
     has_null = False
     for y, name in zip(ys, names, strict=True):
-        values = ch.loc[ch.layer == name, "pcace"].to_numpy(dtype=float)
+        mask = (ch.layer == name).to_numpy()
+        values = ch.loc[mask, "pcace"].to_numpy(dtype=float)
+        sig = sig_all.to_numpy()[mask] if sig_all is not None else np.ones(values.size, bool)
         band = _null_band(result, name)
         if band is not None:
             has_null = True
@@ -101,12 +108,14 @@ def layer_overview(result: Any, *, seed: int = 0) -> Figure:
                    boxprops={"facecolor": "#e8eef7", "edgecolor": "#4a6fa5"},
                    whiskerprops={"color": "#4a6fa5"}, capprops={"color": "#4a6fa5"},
                    medianprops={"color": ACCENT, "lw": 2.5})
-        shown = values if values.size <= MAX_POINTS else rng.choice(values, MAX_POINTS,
-                                                                     replace=False)
-        jitter = rng.uniform(-0.22, 0.22, shown.size)
-        ax.scatter(shown, y + jitter, s=9, color="#333333", alpha=0.55, lw=0, zorder=2)
+        pick = np.arange(values.size) if values.size <= MAX_POINTS else \
+            rng.choice(values.size, MAX_POINTS, replace=False)
+        jitter = rng.uniform(-0.22, 0.22, pick.size)
+        colours = np.where(sig[pick], "#333333", CHANCE_COLOUR)
+        ax.scatter(values[pick], y + jitter, s=9 if len(names) <= 12 else 6, c=colours,
+                   alpha=0.6, lw=0, zorder=2)
     labels = [f"{n}  ({int((ch.layer == n).sum())} ch)" for n in names]
-    ax.set_yticks(ys, labels, fontsize=9)
+    ax.set_yticks(ys, labels, fontsize=9 if len(names) <= 24 else 7)
     ax.set_ylim(-0.7, len(names) - 0.3)
     ax.set_xlim(-0.02, 1.02)
     ax.set_xlabel("PCACE (maximal correlation of a channel's maps with the score)")
@@ -115,10 +124,14 @@ def layer_overview(result: Any, *, seed: int = 0) -> Figure:
     handles = [Patch(facecolor="#e8eef7", edgecolor="#4a6fa5", label="quartiles (box)"),
                Line2D([], [], color=ACCENT, lw=2.5, label="median"),
                Line2D([], [], marker="o", ls="", color="#333333", ms=4, label="one channel")]
+    if sig_all is not None:
+        handles[-1].set_label("channel beating the null")
+        handles.append(Line2D([], [], marker="o", ls="", color=CHANCE_COLOUR, ms=4,
+                              label="not beating it"))
     if has_null:
         handles.append(Patch(facecolor=NULL_COLOUR, label="null: mean to 95th pct"))
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.2, 1 - 0.36 / height),
-               ncols=len(handles), fontsize=8, frameon=False, borderaxespad=0)
+               ncols=min(len(handles), 5), fontsize=8, frameon=False, borderaxespad=0)
     fig.suptitle("PCACE of each layer's channels (network order, first layer at the top)",
                  fontsize=11, x=0.02, ha="left", y=1 - 0.08 / height, va="top")
     return fig
@@ -127,10 +140,13 @@ def layer_overview(result: Any, *, seed: int = 0) -> Figure:
 def channel_ranking(result: Any, layer: str, top: int = 10) -> Figure:
     """A layer's channels sorted by PCACE, with the ``top`` channels labelled.
 
-    Left: every channel of the layer, sorted, the top ones in colour (dead channels in
-    grey; the permutation null's 95th percentile as a dashed line when the run has one).
-    Right: the top channels as labelled bars with their values. Error bars show the
-    bootstrap interval (``ci_low``, ``ci_high``) when the run computed one.
+    Left: every channel of the layer, sorted, the top ones in colour (the permutation
+    null's 95th percentile as a dashed line when the run has one). Channels that do not
+    beat the null (``significant`` false, or ``q_value > 0.05``) are light grey, dead ones
+    grey, and the "top" shading covers only the leading channels that do beat it.
+    Right: the top channels as labelled bars with their values (grey bars: not beating the
+    null). Error bars show the bootstrap interval (``ci_low``, ``ci_high``) when the run
+    computed one; being bias-corrected, it can lie below the raw value.
 
     Parameters
     ----------
@@ -163,8 +179,13 @@ def channel_ranking(result: Any, layer: str, top: int = 10) -> Figure:
     x = np.arange(1, len(sub) + 1)
     values = sub.pcace.to_numpy(dtype=float)
     dead = sub.dead.to_numpy(dtype=bool) if "dead" in sub else np.zeros(len(sub), bool)
+    sig_col = significance(sub)
+    sig = np.ones(len(sub), bool) if sig_col is None else sig_col.to_numpy(dtype=bool)
     colours = np.where(x <= top, TOP_COLOUR, "#4a6fa5")
+    colours = np.where(sig, colours, CHANCE_COLOUR)
     colours = np.where(dead, NULL_COLOUR, colours)
+    # "top" shading only over the leading run of channels that beat the null
+    shaded = int(np.argmin(sig[:top])) if not sig[:top].all() else top
     if has_ci:  # drawn as segments: a bias-corrected interval may lie wholly below the value
         ax_all.vlines(x, sub.ci_low.to_numpy(float), sub.ci_high.to_numpy(float),
                       color="#999999", lw=0.8, zorder=1)
@@ -174,31 +195,42 @@ def channel_ranking(result: Any, layer: str, top: int = 10) -> Figure:
         ax_all.axhline(float(sub.null_q95.mean()), ls="--", color="#777777", lw=1,
                        label="null 95th percentile (mean)")
         ax_all.legend(fontsize=8, loc="lower left", frameon=False)
-    ax_all.axvspan(0.5, top + 0.5, color=TOP_COLOUR, alpha=0.08, lw=0)
+    if shaded:
+        ax_all.axvspan(0.5, shaded + 0.5, color=TOP_COLOUR, alpha=0.08, lw=0)
     ax_all.set_xlim(0, len(sub) + 1)
     ax_all.set_ylim(-0.02, 1.05)
     ax_all.set_xlabel("rank within the layer")
     ax_all.set_ylabel("PCACE")
-    ax_all.set_title(f"{layer}: all {len(sub)} channels, sorted; top {top} shaded"
-                     + (f"; {int(dead.sum())} dead (grey)" if dead.any() else ""),
+    if sig_col is None:
+        what = f"top {top} shaded; no permutation null computed"
+    else:
+        what = (f"{int(sig.sum())} beat the null (q \u2264 0.05), "
+                + (f"top {shaded} of them shaded" if shaded else "none in the top")
+                + "; the others light grey")
+    ax_all.set_title(f"{layer}: all {len(sub)} channels, sorted;\n{what}"
+                     + (f"; {int(dead.sum())} dead" if dead.any() else ""),
                      fontsize=10, loc="left")
     ax_all.grid(color="#eeeeee", lw=0.6)
     ax_all.set_axisbelow(True)
 
     best = sub.head(top)
     ys = np.arange(top)[::-1]
-    ax_top.barh(ys, best.pcace, color=TOP_COLOUR, height=0.7)
+    ax_top.barh(ys, best.pcace, color=np.where(sig[:top], TOP_COLOUR, CHANCE_COLOUR),
+                height=0.7)
     if has_ci:
         lo, hi = best.ci_low.to_numpy(float), best.ci_high.to_numpy(float)
         ax_top.hlines(ys, lo, hi, color="#555555", lw=0.9)
         ax_top.plot(np.r_[lo, hi], np.r_[ys, ys], "|", color="#555555", ms=5)
     ax_top.set_yticks(ys, [f"ch {c}" for c in best.channel], fontsize=8)
+    for label, ok in zip(ax_top.get_yticklabels(), sig[:top], strict=True):
+        label.set_color("#222222" if ok else "#999999")
     for y, v in zip(ys, best.pcace, strict=True):
         ax_top.text(0.02, y, f"{v:.3f}", va="center", ha="left", fontsize=7, color="white",
                     fontweight="bold")
     ax_top.set_xlim(0, 1.0)
     ax_top.set_xlabel("PCACE")
-    ax_top.set_title(f"top {top} channels" + (" (bootstrap CI)" if has_ci else ""),
+    ax_top.set_title(f"top {top} channels" + (" (bootstrap CI)" if has_ci else "")
+                     + ("" if sig[:top].all() else "\ngrey: not beating the null"),
                      fontsize=10, loc="left")
     return fig
 

@@ -22,6 +22,8 @@ TOP_COLOUR = "#1b9e77"
 BOTTOM_COLOUR = "#7570b3"
 OVERLAY_ALPHA = 0.55
 OVERLAY_CMAP = "inferno"
+#: Titles and frames of top channels that do not beat the permutation null.
+CHANCE_COLOUR = "#9a9a9a"
 
 
 def _as_assets(assets: Assets | str | Path) -> Assets:
@@ -88,8 +90,11 @@ def _map_grid(assets: Assets, layer: str, overlay: bool) -> Figure:
                 im = ax.imshow(row[j], cmap=cmap, norm=norm, interpolation="nearest")
             colour = TOP_COLOUR if groups[j] == "top" else BOTTOM_COLOUR
             dead = entry.get("dead") and entry["dead"][j]
-            ax.set_title(f"ch {channel}\nPCACE {value:.2f}" + (" (dead)" if dead else ""),
-                         fontsize=8, color=colour)
+            chance = entry.get("significant") is not None and not entry["significant"][j]
+            if chance and groups[j] == "top":
+                colour = CHANCE_COLOUR
+            ax.set_title(f"ch {channel}\nPCACE {value:.2f}" + (" (dead)" if dead else "")
+                         + (" n.s." if chance else ""), fontsize=8, color=colour)
             bare(ax)
             for spine in ax.spines.values():
                 spine.set_visible(True)
@@ -109,6 +114,8 @@ def _map_grid(assets: Assets, layer: str, overlay: bool) -> Figure:
         fig.text(x_bot, 1 - 0.5 / height, f"bottom {n_bottom} by PCACE", ha="center",
                  fontsize=9, color=BOTTOM_COLOUR, fontweight="bold")
     what = "overlaid on the input (upsampled)" if overlay else "activation maps"
+    if entry.get("significant") is not None and not all(entry["significant"]):
+        what += "; grey 'n.s.': does not beat the permutation null"
     fig.suptitle(f"{layer}: {what}; one colour scale per row", x=0.01, ha="left",
                  y=1 - 0.12 / height, va="top", fontsize=11)
     return fig
@@ -217,6 +224,20 @@ def weighted_vs_cam(assets: Assets | str | Path, layers: list[str] | None = None
     return fig
 
 
+def _excitation_text(info: dict, j: int) -> str:
+    if info.get("excitation") and info.get("best_image_excitation"):
+        reached, best = info["excitation"][j], info["best_image_excitation"][j]
+        ratio = f" ({reached / best:.1f}x)" if best > 0 else ""
+        text = f"\nexcites {reached:.2g} vs {best:.2g}{ratio}"
+        if info.get("variation"):
+            text += f"\nvariation {info['variation'][j]:.2f}"
+        return text
+    if info.get("activation") and info.get("example_activation"):  # assets of older runs
+        return (f"\nmean act. {info['activation'][j]:.2g} "
+                f"(images {info['example_activation'][j]:.2g})")
+    return ""
+
+
 def feature_visualisations(assets: Assets | str | Path, layer: str) -> Figure:
     """Synthetic inputs that maximise each of the layer's top channels.
 
@@ -234,22 +255,18 @@ def feature_visualisations(assets: Assets | str | Path, layer: str) -> Figure:
     n = len(images)
     cell = min(2.0, (FULL_WIDTH - 1.0) / max(n, 1))
     width = max(0.6 + cell * n, 6.5)
-    height = 0.1 + 0.92 * cell + 0.6 + 0.55
+    height = 0.1 + 0.92 * cell + 0.75 + 0.55
     fig = new_figure(width, height)
     left = 0.3 / width
     for j in range(n):
         ax = fig.add_axes((left + j * cell / width + 0.04 * cell / width, 0.1 / height,
                            0.92 * cell / width, 0.92 * cell / height))
         show_image(ax, images[j], interpolation="nearest")
-        reached = ""
-        if info.get("activation") and info.get("example_activation"):
-            reached = (f"\nmean act. {info['activation'][j]:.2g} "
-                       f"(images {info['example_activation'][j]:.2g})")
-        ax.set_title(f"ch {info['channels'][j]}\nPCACE {info['pcace'][j]:.2f}{reached}",
-                     fontsize=8, color=TOP_COLOUR)
-    fig.suptitle(f"{layer}: inputs synthesised to excite each top channel (gradient ascent on "
-                 f"its positive activation, {info['steps']} steps,\njitter, blur and decay, "
-                 f"seed {info['seed']}); 'mean act.' is the channel's mean activation on the "
-                 "synthetic input and on the example images", x=0.01, ha="left",
-                 y=1 - 0.06 / height, va="top", fontsize=9)
+        ax.set_title(f"ch {info['channels'][j]}\nPCACE {info['pcace'][j]:.2f}"
+                     + _excitation_text(info, j), fontsize=8, color=TOP_COLOUR)
+    fig.suptitle(f"{layer}: inputs synthesised to excite each top channel (decorrelated "
+                 f"Fourier image, jitter/scale/rotation robust, {info['steps']} steps, seed "
+                 f"{info['seed']});\n'excites': its response vs the strongest of the "
+                 "reference images; 'variation': spatial spread vs the images' (0 = flat)",
+                 x=0.01, ha="left", y=1 - 0.06 / height, va="top", fontsize=9)
     return fig
