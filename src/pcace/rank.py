@@ -25,7 +25,7 @@ from .capture import Capture, capture, non_finite_error
 from .data import as_batches
 from .layers import resolve_layers
 from .models import count_parameters, weights_hash
-from .plan import MemoryPlan
+from .plan import LayerRoute, MemoryPlan
 from .reduce import NonFiniteMaps, reduce_block, reusing_buffers
 from .scoring import channel_values
 from .stats import (
@@ -344,19 +344,35 @@ def rank(
                                ace_kwargs, options, pca_dtype, run, on_step)
     else:
         batches = as_batches(images, batch_size, label=label)
-        with capture(model, batches, todo, score_fn, device=dev,
-                     memory_budget=plan.store_bytes, check_finite=False, spill_dir=spill_dir,
-                     progress=progress, device_memory_budget=device_memory_budget,
-                     tune_malloc=tune_malloc, on_step=on_step) as cap, reusing_buffers():
+        routes = _layer_routes(model, images, batches, todo, plan, dev, options)
+        two = _two_pass(images, routes, components, pca_dtype)
+        kept = [n for n in todo if n not in routes or routes[n].route != "moments"]
+        with capture(model, batches if two is None else two.watch(batches), kept, score_fn,
+                     device=dev, memory_budget=plan.store_bytes - plan.streamed_bytes(routes),
+                     check_finite=False, spill_dir=spill_dir, progress=progress,
+                     device_memory_budget=device_memory_budget, tune_malloc=tune_malloc,
+                     on_step=on_step, observers=None if two is None else two.hooks()) as cap, \
+                reusing_buffers():
             scores = check_scores(cap.scores)
             run.check_scores(scores)
+            streamed = {} if two is None else two.second_pass(
+                model, batches, device=dev, progress=progress, tune_malloc=tune_malloc,
+                on_step=on_step)
             shapes.update(cap.shapes)
+            shapes.update(two.shapes if two is not None else {})
             stored = {"forward_calls": cap.forward_calls, "seconds": cap.seconds,
                       "spilled": [n for n, s in cap.spilled.items() if s],
-                      "on_device": [n for n, s in cap.on_device.items() if s]}
+                      "on_device": [n for n, s in cap.on_device.items() if s],
+                      "projection_seconds": 0.0 if two is None else two.seconds,
+                      "routes": _route_record(routes, cap.spilled, streamed)}
             t_captured = time.perf_counter()
-            scored = _score_layers(cap, names, scores, components, score, dev, plan, progress,
-                                   ace_kwargs, options, pca_dtype, run, on_step)
+            scored = _score_layers(cap, [n for n in names if n not in streamed], scores,
+                                   components, score, dev, plan, progress, ace_kwargs, options,
+                                   pca_dtype, run, on_step)
+            _score_streamed(scored, streamed, scores, score, plan, ace_kwargs, options, run,
+                            on_step)
+            order = {n: i for i, n in enumerate(names)}
+            scored.tables.sort(key=lambda t: order.get(t.layer.iloc[0], -1) if len(t) else -1)
     t_end = time.perf_counter()
 
     channels = _channel_table(scored.tables, names)
@@ -387,8 +403,10 @@ def rank(
         "spilled_layers": stored["spilled"],
         "device_layers": stored["on_device"],
         "forward_calls": stored["forward_calls"],
+        "routes": stored.get("routes", {}),
         "ace": {"delrsq": 0.01, "max_iter": 20, "alpha": 5.0, **ace_kwargs},
         "timings": {"forward_and_capture": stored["seconds"],
+                    "projection_pass": stored.get("projection_seconds", 0.0),
                     "reduce_and_ace": t_end - t_captured,
                     "total": t_end - t_start},
         "interrupted": scored.interrupted,
@@ -627,3 +645,100 @@ def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
     k = max(p.shape[-1] for p in parts)
     padded = [torch.nn.functional.pad(p, (0, k - p.shape[-1])) for p in parts]
     return torch.cat(padded)
+
+
+# --- layers reduced in two passes (pcace.twopass) ----------------------------------------------
+
+def _layer_routes(model: torch.nn.Module, images: Any, batches: Any, todo: list[str],
+                  plan: MemoryPlan, dev: torch.device,
+                  options: Statistics) -> dict[str, LayerRoute]:
+    """Each layer's route (:meth:`pcace.plan.MemoryPlan.routes`), from one probe pass.
+
+    A bootstrap resamples the maps themselves, so it keeps every layer in memory.
+    """
+    if options.bootstrap:
+        return {}
+    n = getattr(batches, "n_images", None)
+    if isinstance(images, torch.Tensor):
+        input_shape = tuple(images.shape[1:])
+    else:
+        from .twopass import _images_of
+
+        first = next(iter(batches), None)
+        if first is None:
+            return {}
+        input_shape = tuple(_images_of(first).shape[1:])
+    from .layers import describe_layers
+
+    table = describe_layers(model, input_shape, device=dev).set_index("name")
+    shapes = {name: (int(table.out_channels[name]), int(table.height[name]),
+                     int(table.width[name])) for name in todo if name in table.index}
+    if len(shapes) < len(todo):  # a layer the probe did not see: let the capture explain
+        return {}
+    return plan.routes(shapes, n)
+
+
+def _two_pass(images: Any, routes: dict[str, LayerRoute], components: int | float,
+              pca_dtype: torch.dtype) -> Any:
+    from .twopass import TwoPass, check_repeatable
+
+    streamed = {n: r for n, r in routes.items() if r.route == "moments"}
+    if not streamed:
+        return None
+    check_repeatable(images)
+    return TwoPass({n: r.shape for n, r in streamed.items()}, components, pca_dtype=pca_dtype)
+
+
+def _route_record(routes: dict[str, LayerRoute], spilled: dict[str, bool],
+                  streamed: dict[str, Any]) -> dict[str, dict]:
+    """The manifest's per-layer route: route, reason, passes, bytes of statistics."""
+    out = {}
+    for name, r in routes.items():
+        entry = {"route": r.route, "reason": r.reason, "passes": r.passes,
+                 "stats_bytes": r.stats_bytes}
+        if spilled.get(name):
+            entry["route"] = "spilled"
+        if name in streamed:
+            entry["stats_bytes"] = int(streamed[name].stats_bytes)
+        out[name] = entry
+    return out
+
+
+def _score_streamed(out: ScoredLayers, streamed: dict[str, Any], scores: np.ndarray,
+                    score: str, plan: MemoryPlan, ace_kwargs: dict, options: Statistics,
+                    run: _Checkpoints, on_step: Callable[[], None] | None) -> None:
+    """Table rows of the layers reduced in two passes, as :func:`_score_block` makes them."""
+    from .interrupts import Interrupted
+
+    if out.interrupted:
+        return
+    y = torch.as_tensor(scores, dtype=torch.float64)
+    try:
+        for name, layer in streamed.items():
+            red = layer.reduction
+            step = plan.ace_problems(red.scores.shape[1], red.scores.shape[2])
+            values = np.concatenate([
+                channel_values(red.scores[lo:lo + step], y, score, ace_kwargs)
+                for lo in range(0, red.scores.shape[0], step)])
+            dead = red.dead.cpu().numpy()
+            table = pd.DataFrame({
+                "layer": name, "channel": np.arange(red.scores.shape[0]),
+                "pcace": np.where(dead, 0.0, values),
+                "n_components": red.n_components.cpu().numpy().astype(int),
+                "explained_variance": red.explained_variance.cpu().numpy(),
+                "dead": dead.astype(bool),
+            })
+            out.components[name] = red.scores
+            table, stability = _add_statistics(table, red.scores, scores, None, options,
+                                               ace_kwargs, plan, score)
+            out.tables.append(table)
+            if stability is not None:
+                out.stability[name] = stability
+            run.save(name, table, stability, red.scores, scores, layer.shape)
+            if on_step is not None:
+                on_step()
+    except (KeyboardInterrupt, Interrupted) as err:
+        out.interrupted = True
+        out.signal = getattr(err, "signum", None)
+        warnings.warn(f"interrupted: returning the {len(out.tables)} layers scored so far",
+                      stacklevel=3)
