@@ -123,7 +123,9 @@ def test_one_forward_pass_per_batch_and_hooks_removed():
     calls = []
     model.register_forward_pre_hook(lambda m, i: calls.append(i[0].shape[0]))
     pcace.rank(model, x, RegressionOutput(), layers=["features"], batch_size=32, progress=False)
-    assert calls == [32, 32, 32, 4]
+    # one single-image probe (pcace.layers.describe_layers) gives the layer shapes for the
+    # route decision (pcace.plan.MemoryPlan.routes), then one call per batch
+    assert calls == [1, 32, 32, 32, 4]
     assert len(model.features._forward_hooks) == 0
 
 

@@ -242,3 +242,46 @@ def _iterate_range(lo, hi, g, which, start, q, tol, first, steps, max_rounds, va
                 break  # a flat spectrum: hand it to the exact solver now
             basis = np.ascontiguousarray(basis @ s)
             run = _steps_to_converge(rate, worst, tol * top, steps)
+
+
+def accumulate_gram(x: np.ndarray, acc: np.ndarray, scratch: np.ndarray) -> None:
+    """Add each channel's ``x[c].T @ x[c]`` into the lower triangle of ``acc[c]``.
+
+    ``x``: C-contiguous ``(C, B, P)`` float32 or float64 (B images of P pixels); ``acc``:
+    C-contiguous ``(C, P, P)`` float64 running sums (only the C-order lower triangle,
+    diagonal included, is updated; mirror it when done). float64 data: BLAS ``dsyrk``
+    adds into ``acc`` directly. float32 data: ``ssyrk`` into ``scratch`` (at least
+    ``(C, P, P)`` float32 worth of C-contiguous memory), whose triangle is then widened
+    and added, so rounding accumulates in float32 over one batch only.
+    """
+    c, _, p = x.shape
+    if acc.shape != (c, p, p) or acc.dtype != np.float64:
+        raise ValueError("accumulate_gram: acc must be (C, P, P) float64")
+    if x.dtype == np.float32 and (scratch.dtype != np.float32 or scratch.size < c * p * p):
+        raise ValueError("accumulate_gram: scratch must hold (C, P, P) float32")
+    parallel_ranges(_accumulate_range, c, x, acc, scratch)
+
+
+@njit(nogil=True, cache=True)
+def _accumulate_range(lo, hi, x, acc, scratch):  # pragma: no cover - compiled
+    _, b, p = x.shape
+    uplo = np.array([ord("U")], np.uint8)
+    trans = np.array([ord("N")], np.uint8)  # column-major x[ci] is p x b: A A^T
+    order = np.array([p], np.int32)
+    inner = np.array([b], np.int32)
+    lda = np.array([p], np.int32)
+    for ci in range(lo, hi):
+        alpha = np.ones_like(x[ci, 0, :1])
+        if x.itemsize == 8:
+            beta = np.ones(1, np.float64)
+            _dsyrk(uplo.ctypes, trans.ctypes, order.ctypes, inner.ctypes, alpha.ctypes,
+                   x[ci].ctypes, lda.ctypes, beta.ctypes, acc[ci].ctypes, order.ctypes)
+            continue
+        g = scratch[ci * p * p:(ci + 1) * p * p].reshape((p, p))
+        beta = np.zeros(1, np.float32)
+        _ssyrk(uplo.ctypes, trans.ctypes, order.ctypes, inner.ctypes, alpha.ctypes,
+               x[ci].ctypes, lda.ctypes, beta.ctypes, g.ctypes, order.ctypes)
+        a = acc[ci]
+        for i in range(p):  # column-major upper triangle = C-order lower triangle
+            for j in range(i + 1):
+                a[i, j] += g[i, j]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +187,7 @@ def capture(
     device_memory_budget: int | str = "auto",
     tune_malloc: bool | None = None,
     on_step: Callable[[], None] | None = None,
+    observers: Mapping[str, Callable] | None = None,
 ) -> Capture:
     """Run the model once over the batches and keep the outputs of the chosen layers.
 
@@ -230,6 +231,10 @@ def capture(
     on_step : callable, optional
         Called after each batch; it may raise to stop the pass (the store is then closed
         and spilled files removed).
+    observers : mapping of str to callable, optional
+        More forward hooks ``{layer: hook(module, inputs, output)}`` run on every batch of
+        the same pass, for layers that are not stored (``layers`` may then be ``[]``):
+        :class:`pcace.twopass.TwoPass` gathers its statistics this way.
 
     Returns
     -------
@@ -255,7 +260,12 @@ def capture(
     """
     from tqdm.auto import tqdm
 
-    names = resolve_layers(model, layers)
+    observers = dict(observers or {})
+    empty = observers and isinstance(layers, list | tuple) and not layers
+    names = [] if empty else resolve_layers(model, layers)
+    both = sorted(set(names) & set(observers))
+    if both:
+        raise ValueError(f"layer(s) {both} are both stored and observed")
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable (outputs -> (B,) scores); got "
                         f"{type(score_fn).__name__}")
@@ -271,7 +281,8 @@ def capture(
     start = time.perf_counter()
     try:
         with evaluating(model, device), \
-                forward_hooks(model, {name: run.hook(name) for name in names}), \
+                forward_hooks(model, {**{name: run.hook(name) for name in names},
+                                      **observers}), \
                 torch.inference_mode(), kept_heap(tuning_requested(tune_malloc)):
             if device.type != "cpu":
                 store.device = device

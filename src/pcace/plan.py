@@ -139,3 +139,83 @@ class MemoryPlan:
         m = min(n, pixels)
         per_replicate = channels * (8 * n * pixels + 28 * m * m)
         return max(1, self.work_bytes // max(1, per_replicate))
+
+    def routes(self, shapes: dict[str, tuple[int, ...]], n: int | None,
+               run_images: int = 256) -> dict[str, LayerRoute]:
+        """How each layer's reduce step runs: the one place the route is decided.
+
+        ``"in-memory"`` (today's capture and :func:`~pcace.reduce.reduce_block`) for
+        every layer when all their maps (``4 C N P`` bytes each) fit
+        :attr:`store_bytes`: one pass, nothing recomputed. Otherwise a layer is reduced
+        in two passes over the images (``"moments"``, :mod:`pcace.twopass`) when its
+        moments are smaller than its maps (``2 P <= N``), its ``8 C P^2`` bytes fit
+        :attr:`work_bytes` (its basis is solved there), and the moments of all layers so
+        routed, with their runs of ``run_images`` images, fit :attr:`store_bytes`
+        together (they are held at once during the first pass, in place of the maps);
+        the rest stay ``"in-memory"`` in what remains of the store, which spills them
+        to disk past it. ``n`` None (unknown) counts as large.
+
+        Examples
+        --------
+        >>> plan = MemoryPlan(2**30)
+        >>> plan.routes({"a": (16, 32, 32)}, 1000)["a"].route
+        'in-memory'
+        >>> plan.routes({"a": (16, 32, 32)}, 50_000)["a"].route
+        'moments'
+        """
+        sizes = {name: (int(s[0]), int(np.prod(s[1:]))) for name, s in shapes.items()}
+        maps = {name: BYTES_PER_VALUE * c * (n or 0) * p for name, (c, p) in sizes.items()}
+        gib = 2.0**30
+        if n is not None and sum(maps.values()) <= self.store_bytes:
+            return {name: LayerRoute("in-memory", f"all maps ({sum(maps.values()) / gib:.2f} "
+                                     f"GiB) fit the store ({self.store_bytes / gib:.2f} GiB)",
+                                     maps[name], shape=tuple(shapes[name]))
+                    for name in shapes}
+        out: dict[str, LayerRoute] = {}
+        held = 0
+        for name, (c, p) in sizes.items():
+            moments = 8 * c * p * p
+            stats = moments + BYTES_PER_VALUE * c * p * min(run_images, n or run_images)
+            if n is not None and 2 * p > n:
+                why = f"P = {p} > N / 2: its maps are smaller than its P x P moments"
+            elif moments > self.work_bytes:
+                why = (f"its P x P moments ({moments / gib:.2f} GiB) exceed the work share "
+                       f"({self.work_bytes / gib:.2f} GiB)")
+            elif held + stats > self.store_bytes:
+                why = "the store is taken by other layers' moments"
+            else:
+                held += stats
+                out[name] = LayerRoute("moments", "the maps of all layers do not fit the "
+                                       f"store; its moments take {stats / 2**20:.1f} MiB",
+                                       stats, passes=2, shape=tuple(shapes[name]))
+                continue
+            out[name] = LayerRoute("in-memory", why + "; kept in the store (spilled to disk "
+                                   "past it)", maps[name], shape=tuple(shapes[name]))
+        return {name: out[name] for name in shapes}
+
+    def streamed_bytes(self, routes: dict[str, LayerRoute]) -> int:
+        """Bytes the streamed layers' statistics take from the store."""
+        return sum(r.stats_bytes for r in routes.values() if r.route == "moments")
+
+
+@dataclass(frozen=True)
+class LayerRoute:
+    """How one layer is reduced (see :meth:`MemoryPlan.routes`).
+
+    Attributes
+    ----------
+    route : {"in-memory", "moments"}
+    reason : str
+    stats_bytes : int
+        Bytes held for the layer during the first pass: its maps, or its moments.
+    passes : int
+        Forward passes that see the layer.
+    shape : tuple of int
+        ``(C, H, W)``.
+    """
+
+    route: str
+    reason: str
+    stats_bytes: int
+    passes: int = 1
+    shape: tuple[int, ...] = ()

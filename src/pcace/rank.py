@@ -25,7 +25,7 @@ from .capture import Capture, capture, non_finite_error
 from .data import as_batches
 from .layers import resolve_layers
 from .models import count_parameters, weights_hash
-from .plan import MemoryPlan
+from .plan import LayerRoute, MemoryPlan
 from .reduce import NonFiniteMaps, Reduction, reduce_block, reusing_buffers
 from .scoring import target_values
 from .stats import (
@@ -467,23 +467,38 @@ def rank(
                                dev, plan, progress, ace_kwargs, options, pca_dtype, run, on_step)
     else:
         batches = as_batches(images, batch_size, label=label)
-        with capture(model, batches, todo, targets, device=dev,
-                     memory_budget=plan.store_bytes, check_finite=False, spill_dir=spill_dir,
-                     progress=progress, device_memory_budget=device_memory_budget,
-                     tune_malloc=tune_malloc, on_step=on_step) as cap, reusing_buffers():
+        routes = _layer_routes(model, images, batches, todo, plan, dev, options, per_label)
+        two = _two_pass(images, routes, components, pca_dtype)
+        kept = [n for n in todo if n not in routes or routes[n].route != "moments"]
+        with capture(model, batches if two is None else two.watch(batches), kept, targets,
+                     device=dev, memory_budget=plan.store_bytes - plan.streamed_bytes(routes),
+                     check_finite=False, spill_dir=spill_dir, progress=progress,
+                     device_memory_budget=device_memory_budget, tune_malloc=tune_malloc,
+                     on_step=on_step, observers=None if two is None else two.hooks()) as cap, \
+                reusing_buffers():
             scores = cap.scores
             labels = _image_labels(batches, per_label)
             groups = _groups(labels, targets, per_label, own_class=target is None)
             _check_score_matrix(scores, groups, targets.labels)
             run.check_scores(scores, labels)
+            streamed = {} if two is None else two.second_pass(
+                model, batches, device=dev, progress=progress, tune_malloc=tune_malloc,
+                on_step=on_step)
             shapes.update(cap.shapes)
+            shapes.update(two.shapes if two is not None else {})
             stored = {"forward_calls": cap.forward_calls, "seconds": cap.seconds,
                       "spilled": [n for n, s in cap.spilled.items() if s],
-                      "on_device": [n for n, s in cap.on_device.items() if s]}
+                      "on_device": [n for n, s in cap.on_device.items() if s],
+                      "projection_seconds": 0.0 if two is None else two.seconds,
+                      "routes": _route_record(routes, cap.spilled, streamed)}
             t_captured = time.perf_counter()
-            scored = _score_layers(cap, names, scores, groups, targets.labels, components,
-                                   score, dev, plan, progress, ace_kwargs, options, pca_dtype,
-                                   run, on_step)
+            scored = _score_layers(cap, [n for n in names if n not in streamed], scores,
+                                   groups, targets.labels, components, score, dev, plan,
+                                   progress, ace_kwargs, options, pca_dtype, run, on_step)
+            _score_streamed(scored, streamed, scores, groups, targets.labels, score, plan,
+                            ace_kwargs, options, run, on_step)
+            order = {n: i for i, n in enumerate(names)}
+            scored.tables.sort(key=lambda t: order.get(t.layer.iloc[0], -1) if len(t) else -1)
     t_end = time.perf_counter()
 
     channels = _channel_table(scored.tables, names)
@@ -525,8 +540,10 @@ def rank(
         "spilled_layers": stored["spilled"],
         "device_layers": stored["on_device"],
         "forward_calls": stored["forward_calls"],
+        "routes": stored.get("routes", {}),
         "ace": {"delrsq": 0.01, "max_iter": 20, "alpha": 5.0, **ace_kwargs},
         "timings": {"forward_and_capture": stored["seconds"],
+                    "projection_pass": stored.get("projection_seconds", 0.0),
                     "reduce_and_ace": t_end - t_captured,
                     "total": t_end - t_start},
         "interrupted": scored.interrupted,
@@ -1040,3 +1057,101 @@ def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
     k = max(p.shape[-1] for p in parts)
     padded = [torch.nn.functional.pad(p, (0, k - p.shape[-1])) for p in parts]
     return torch.cat(padded)
+
+
+# --- layers reduced in two passes (pcace.twopass) ----------------------------------------------
+
+def _layer_routes(model: torch.nn.Module, images: Any, batches: Any, todo: list[str],
+                  plan: MemoryPlan, dev: torch.device, options: Statistics,
+                  per_label: bool = False) -> dict[str, LayerRoute]:
+    """Each layer's route (:meth:`pcace.plan.MemoryPlan.routes`), from one probe pass.
+
+    A bootstrap resamples the maps themselves, and per-label groups standardise each
+    label's rows on their own, so both keep every layer in memory.
+    """
+    if options.bootstrap or per_label:
+        return {}
+    n = getattr(batches, "n_images", None)
+    if isinstance(images, torch.Tensor):
+        input_shape = tuple(images.shape[1:])
+    else:
+        from .twopass import _images_of
+
+        first = next(iter(batches), None)
+        if first is None:
+            return {}
+        input_shape = tuple(_images_of(first).shape[1:])
+    from .layers import describe_layers
+
+    table = describe_layers(model, input_shape, device=dev).set_index("name")
+    shapes = {name: (int(table.out_channels[name]), int(table.height[name]),
+                     int(table.width[name])) for name in todo if name in table.index}
+    if len(shapes) < len(todo):  # a layer the probe did not see: let the capture explain
+        return {}
+    return plan.routes(shapes, n)
+
+
+def _two_pass(images: Any, routes: dict[str, LayerRoute], components: int | float,
+              pca_dtype: torch.dtype) -> Any:
+    from .twopass import TwoPass, check_repeatable
+
+    streamed = {n: r for n, r in routes.items() if r.route == "moments"}
+    if not streamed:
+        return None
+    check_repeatable(images)
+    return TwoPass({n: r.shape for n, r in streamed.items()}, components, pca_dtype=pca_dtype)
+
+
+def _route_record(routes: dict[str, LayerRoute], spilled: dict[str, bool],
+                  streamed: dict[str, Any]) -> dict[str, dict]:
+    """The manifest's per-layer route: route, reason, passes, bytes of statistics."""
+    out = {}
+    for name, r in routes.items():
+        entry = {"route": r.route, "reason": r.reason, "passes": r.passes,
+                 "stats_bytes": r.stats_bytes}
+        if spilled.get(name):
+            entry["route"] = "spilled"
+        if name in streamed:
+            entry["stats_bytes"] = int(streamed[name].stats_bytes)
+        out[name] = entry
+    return out
+
+
+def _score_streamed(out: ScoredLayers, streamed: dict[str, Any], scores: np.ndarray,
+                    groups: list[_Group], target_names: list[str], score: str,
+                    plan: MemoryPlan, ace_kwargs: dict, options: Statistics,
+                    run: _Checkpoints, on_step: Callable[[], None] | None) -> None:
+    """Table rows of the layers reduced in two passes, as :func:`_score_layers` makes them.
+
+    Streamed layers come only from runs of one image group (no ``per_label``).
+    """
+    from .interrupts import Interrupted
+
+    if out.interrupted or not streamed:
+        return
+    (group,) = groups
+    try:
+        for name, layer in streamed.items():
+            red = layer.reduction
+            acc = _Accumulated()
+            dead = red.dead.cpu().numpy()
+            values = score_reduction(red, group.scores(scores), score, ace_kwargs, plan)
+            acc.add(_BlockScores(np.where(dead[:, None], 0.0, values),
+                                 red.n_components.cpu().numpy().astype(int),
+                                 red.explained_variance.cpu().numpy(), dead.astype(bool),
+                                 red.scores.cpu(), None))
+            table, stability, comp = _group_result(
+                name, group, acc, [target_names[c] for c in group.columns],
+                group.scores(scores), options, ace_kwargs, plan, score)
+            out.components[name] = comp
+            out.tables.append(table)
+            if stability:
+                out.stability[name] = stability
+            run.save(name, table, stability or None, {None: comp}, scores, layer.shape)
+            if on_step is not None:
+                on_step()
+    except (KeyboardInterrupt, Interrupted) as err:
+        out.interrupted = True
+        out.signal = getattr(err, "signum", None)
+        warnings.warn(f"interrupted: returning the {len(out.tables)} layers scored so far",
+                      stacklevel=3)

@@ -148,6 +148,37 @@ class PixelMoments:
         self.cross = (torch.zeros((channels, pixels, pixels), dtype=torch.float64, device=dev)
                       if cross else None)
 
+    @classmethod
+    def from_centred(cls, count: int, mean: torch.Tensor, cross: torch.Tensor,
+                     lo: torch.Tensor, hi: torch.Tensor, eps: float) -> PixelMoments:
+        """Moments from sums gathered elsewhere (e.g. a compiled accumulator).
+
+        ``mean``, ``lo``, ``hi``: ``(C, P)`` float64; ``cross``: ``(C, P, P)`` float64
+        centred cross products, taken over (not copied); ``eps``: machine epsilon of the
+        data's dtype.
+
+        Examples
+        --------
+        >>> import torch
+        >>> x = torch.randn(40, 2, 5, dtype=torch.float64)
+        >>> c = x - x.mean(0)
+        >>> m = PixelMoments.from_centred(40, x.mean(0), torch.einsum("nci,ncj->cij", c, c),
+        ...                               x.amin(0), x.amax(0), 2.0**-52)
+        >>> m.basis(2).n_components.tolist()
+        [2, 2]
+        """
+        c, p = mean.shape
+        if tuple(cross.shape) != (c, p, p) or cross.dtype != torch.float64:
+            raise ValueError(f"cross must be ({c}, {p}, {p}) float64; got "
+                             f"{tuple(cross.shape)} {cross.dtype}")
+        out = cls(c, p, cross=False, device=mean.device)
+        out._sq = None
+        out.cross = cross
+        out.count, out.eps = int(count), float(eps)
+        out.mean = mean.to(torch.float64)
+        out.lo, out.hi = lo.to(torch.float64), hi.to(torch.float64)
+        return out
+
     @property
     def device(self) -> torch.device:
         return self.mean.device
@@ -246,7 +277,8 @@ class PixelMoments:
         inv = torch.where(constant, 0.0, 1.0 / torch.where(constant, 1.0, std))
         return self.mean.clone(), inv, constant
 
-    def basis(self, components: int | float = 3, *, max_components: int = 10) -> PixelBasis:
+    def basis(self, components: int | float = 3, *, max_components: int = 10,
+              tol: float = 1e-12) -> PixelBasis:
         """Each channel's top principal axes of its standardised maps, from the moments.
 
         Parameters
@@ -256,6 +288,10 @@ class PixelMoments:
             :func:`~pcace.reduce.principal_components`.
         max_components : int, default 10
             Cap on ``k`` when ``components`` is a fraction.
+        tol : float, default 1e-12
+            Residual of each kept eigenpair relative to the largest eigenvalue
+            (:func:`~pcace.reduce.top_eigenpairs`); the in-memory path uses ``1e-8`` for
+            float32 data, whose Gram matrices carry no more.
 
         Returns
         -------
@@ -282,7 +318,7 @@ class PixelMoments:
             fro = g.square().sum(dim=(1, 2))
             flat = (tr.square() / (fro * p).clamp(min=torch.finfo(torch.float64).tiny)
                     > FLAT_SPREAD)
-            w, v = top_eigenpairs(g, q, tol=1e-12, flat=flat.cpu())
+            w, v = top_eigenpairs(g, q, tol=tol, flat=flat.cpu())
             vals[sl], vecs[sl], total[sl] = w.cpu(), v.cpu(), tr.cpu()
         return _finish_basis(mean, inv, constant, vals, vecs, total, n, self.eps, k_fixed,
                              fraction, max_components, route="moments", passes=1)

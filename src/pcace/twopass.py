@@ -1,0 +1,391 @@
+"""The reduce step in two passes over the images: memory that does not grow with N.
+
+For a layer whose maps do not fit the memory plan, :class:`TwoPass` keeps no maps at
+all. During the first forward pass (the one :func:`pcace.capture.capture` runs for the
+layers kept in memory) its hooks gather each channel's pixel moments: per-pixel minimum,
+maximum and sum, and the ``P x P`` cross products, by BLAS ``syrk`` over runs of a few
+hundred images shifted by a fixed per-pixel reference (the first run's mean), each run's
+products added into float64 (:func:`pcace._linalg_numba.accumulate_gram`). The moments
+give each channel's standardisation and principal axes
+(:meth:`pcace.streaming.PixelMoments.basis`); a second forward pass, stopped after the
+last streamed layer has run, projects each image onto them
+(:meth:`pcace.streaming.PixelBasis.project`). The result per layer is the
+:class:`~pcace.reduce.Reduction` that :func:`~pcace.reduce.reduce_block` gives on all
+maps at once.
+
+Precision follows ``pca_dtype`` as in the in-memory path: with float32 the products of
+one run of images are formed in float32 and summed across runs in float64 (so rounding
+accumulates over a few hundred images, not over N); with float64 everything is float64.
+
+Both passes must see the same images in the same order. The image count and a checksum
+per image (the float64 sum of its pixels) are compared; a mismatch (a shuffling loader,
+random augmentation) is an error. A ``DataLoader`` with a random sampler is refused
+before the first pass (:func:`check_repeatable`).
+
+Memory: per streamed layer ``8 C P^2`` bytes of moments and a run of ``C M P`` values,
+plus one shared ``4 C P^2`` float32 scratch, whatever ``N``; then the ``(C, N, k)``
+scores.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._memory import kept_heap, tuning_requested
+from .hooks import evaluating, forward_hooks
+from .reduce import Reduction, _one_blas_thread
+from .streaming import PixelBasis, PixelMoments
+
+__all__ = ["StreamedLayer", "TwoPass", "check_repeatable"]
+
+#: Images per ``syrk`` update of a layer's cross products (fewer when memory is short).
+RUN_IMAGES = 256
+
+
+class _Stop(Exception):
+    """Raised by the second pass's last hook: the rest of the network is not needed."""
+
+
+def check_repeatable(images: Any) -> None:
+    """Refuse an input whose second pass would yield other images or another order.
+
+    A ``DataLoader`` whose sampler draws at random (``shuffle=True``) gives each pass a
+    new order; the two passes of the streamed reduce need the same one.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch.utils.data import DataLoader
+    >>> check_repeatable(DataLoader(torch.rand(4, 1, 2, 2), batch_size=2))
+    >>> check_repeatable(DataLoader(torch.rand(4, 1, 2, 2), shuffle=True))
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: the DataLoader shuffles (RandomSampler), but layers too large to keep ...
+    """
+    from torch.utils.data import DataLoader, RandomSampler
+
+    if isinstance(images, DataLoader):
+        sampler = images.batch_sampler.sampler if images.batch_sampler is not None \
+            else images.sampler
+        if isinstance(sampler, RandomSampler) or isinstance(images.sampler, RandomSampler):
+            raise ValueError(
+                "the DataLoader shuffles (RandomSampler), but layers too large to keep in "
+                "memory are reduced in two passes over the images, which must come in the "
+                "same order: pass shuffle=False, or a larger memory_budget")
+
+
+@dataclass
+class StreamedLayer:
+    """One layer reduced in two passes.
+
+    Attributes
+    ----------
+    reduction : Reduction
+        As :func:`~pcace.reduce.reduce_block` returns it for all the images.
+    basis : PixelBasis
+        The standardisation and axes it came from (without the moments).
+    stats_bytes : int
+        Bytes the layer's statistics held during the first pass (moments and its run
+        of images).
+    shape : tuple of int
+        ``(C, H, W)``.
+    """
+
+    reduction: Reduction
+    basis: PixelBasis
+    stats_bytes: int
+    shape: tuple[int, int, int]
+
+
+class _Accumulator:
+    """One layer's pixel moments, gathered in runs of images with a compiled ``syrk``."""
+
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, run: int):
+        c, h, w = shape
+        p = h * w
+        self.shape, self.dtype, self.pixels = shape, dtype, p
+        self.run = torch.empty((c, run, p), dtype=dtype)
+        self.fill = 0
+        self.count = 0
+        self.cross = np.zeros((c, p, p))
+        self.sums = torch.zeros((c, p), dtype=torch.float64)
+        self.lo = torch.full((c, p), np.inf, dtype=torch.float64)
+        self.hi = torch.full((c, p), -np.inf, dtype=torch.float64)
+        self.shift: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.cross.nbytes + self.run.numel() * self.run.element_size()
+
+    def add(self, output: torch.Tensor, scratch: np.ndarray) -> None:
+        x = output.detach().flatten(2).permute(1, 0, 2)  # (C, B, P) view
+        start = 0
+        while start < x.shape[1]:
+            take = min(x.shape[1] - start, self.run.shape[1] - self.fill)
+            self.run[:, self.fill:self.fill + take].copy_(x[:, start:start + take])
+            self.fill += take
+            start += take
+            if self.fill == self.run.shape[1]:
+                self.flush(scratch)
+
+    def flush(self, scratch: np.ndarray) -> None:
+        if self.fill == 0:
+            return
+        x = self.run if self.fill == self.run.shape[1] else \
+            self.run[:, :self.fill].contiguous()
+        lo, hi = torch.aminmax(x, dim=1)
+        torch.minimum(self.lo, lo.to(torch.float64), out=self.lo)
+        torch.maximum(self.hi, hi.to(torch.float64), out=self.hi)
+        if self.shift is None:  # a reference close to the mean: little cancellation later
+            self.shift = x.mean(dim=1, dtype=torch.float64).to(x.dtype)
+        x -= self.shift[:, None, :]
+        sums = x.sum(dim=1, dtype=torch.float64)
+        if not bool(torch.isfinite(sums).all()):
+            from ._standardise import NonFiniteMaps
+
+            raise NonFiniteMaps((~torch.isfinite(sums)).any(dim=1).nonzero().flatten().tolist())
+        self.sums += sums
+        from ._linalg_numba import accumulate_gram
+
+        with _one_blas_thread():
+            accumulate_gram(x.numpy(), self.cross, scratch)
+        self.count += self.fill
+        self.fill = 0
+
+    def moments(self) -> PixelMoments:
+        """The centred moments (the accumulator's arrays are handed over)."""
+        n = self.count
+        d = self.sums / n  # mean - shift
+        cross = torch.from_numpy(self.cross)
+        for m in cross:  # the upper triangle is still 0: mirror the lower one into it
+            m.add_(torch.tril(m, -1).T)
+        cross.baddbmm_(d[:, :, None], d[:, None, :], alpha=-n)  # shifted -> centred
+        mean = self.shift.to(torch.float64) + d
+        self.cross = np.zeros((0, 0, 0))
+        return PixelMoments.from_centred(n, mean, cross, self.lo, self.hi,
+                                         torch.finfo(self.dtype).eps)
+
+
+class _Checksums:
+    """Wraps batches: records each image's pixel sum and the count as they are drawn."""
+
+    def __init__(self, batches: Iterable[Any]):
+        self.batches = batches
+        self.sums: list[torch.Tensor] = []
+        self.n_images = getattr(batches, "n_images", None)
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.batches:
+            self.sums.append(_image_sums(item))
+            yield item
+
+    def values(self) -> torch.Tensor:
+        return torch.cat(self.sums) if self.sums else torch.zeros(0, dtype=torch.float64)
+
+
+def _images_of(item: Any) -> torch.Tensor:
+    if isinstance(item, tuple | list) and item:
+        item = item[0]
+    if isinstance(item, np.ndarray):
+        item = torch.from_numpy(item)
+    return item
+
+
+def _image_sums(item: Any) -> torch.Tensor:
+    images = _images_of(item)
+    if not isinstance(images, torch.Tensor) or images.ndim < 2:
+        return torch.zeros(0, dtype=torch.float64)
+    return images.detach().flatten(1).sum(1, dtype=torch.float64).cpu()
+
+
+class TwoPass:
+    """The streamed reduce of some layers: hooks for the first pass, then a second pass.
+
+    Parameters
+    ----------
+    shapes : dict
+        ``{layer: (C, H, W)}`` of the streamed layers.
+    components : int or float
+        As for :func:`pcace.rank`.
+    pca_dtype : torch.dtype
+        Precision of the products (see the module notes).
+    run_images : int
+        Images per ``syrk`` update.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from pcace.capture import capture
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(144, 2))
+    >>> images = torch.rand(30, 1, 8, 8)
+    >>> tp = TwoPass({"0": (4, 6, 6)}, 2)
+    >>> batches = tp.watch(images.split(8))
+    >>> with capture(net, batches, [], lambda out: out[:, 0], progress=False,
+    ...              observers=tp.hooks()) as cap:
+    ...     done = tp.second_pass(net, images.split(8), progress=False)
+    >>> tuple(done["0"].reduction.scores.shape)
+    (4, 30, 2)
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int, int]], components: int | float = 3,
+                 *, pca_dtype: torch.dtype = torch.float32, run_images: int = RUN_IMAGES):
+        self.shapes = dict(shapes)
+        self.components = components
+        self.dtype = pca_dtype
+        self._acc = {n: _Accumulator(s, pca_dtype, max(1, run_images))
+                     for n, s in shapes.items()}
+        widest = max((c * h * w * h * w for c, h, w in shapes.values()), default=0)
+        self._scratch = np.empty(widest if pca_dtype == torch.float32 else 0, np.float32)
+        self._order: list[str] = []  # the order the layers ran in, from the first batch
+        self._seen: set[str] = set()
+        self._watch: _Checksums | None = None
+        self.stats_bytes = {n: a.nbytes for n, a in self._acc.items()}
+        self.seconds = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the first pass's statistics hold (independent of N)."""
+        return sum(self.stats_bytes.values()) + self._scratch.nbytes
+
+    def watch(self, batches: Iterable[Any]) -> Iterable[Any]:
+        """Wrap the first pass's batches so that the second pass can be checked against it."""
+        self._watch = _Checksums(batches)
+        return self._watch
+
+    def hooks(self) -> dict[str, Callable]:
+        """Forward hooks for the first pass (pass them to ``capture(observers=...)``)."""
+        def make(name: str) -> Callable:
+            acc = self._acc[name]
+
+            def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+                if name not in self._seen:
+                    self._seen.add(name)
+                    self._order.append(name)
+                _check_shape(name, output, acc.shape)
+                acc.add(output.cpu(), self._scratch)
+            return hook
+        return {name: make(name) for name in self._acc}
+
+    def bases(self) -> dict[str, PixelBasis]:
+        """Finish the first pass: each layer's basis (its moments are freed)."""
+        out = {}
+        for name, acc in self._acc.items():
+            acc.flush(self._scratch)
+            if acc.count < 2:
+                raise ValueError(f"layer {name!r} saw {acc.count} image(s); PCA needs 2")
+            moments = acc.moments()
+            out[name] = moments.basis(self.components, tol=1e-8 if self.dtype == torch.float32
+                                      else 1e-12)
+            del moments
+        self._acc.clear()
+        self._scratch = np.empty(0, np.float32)
+        return out
+
+    def second_pass(self, model: nn.Module, batches: Iterable[Any], *,
+                    device: str | torch.device = "cpu", progress: bool = True,
+                    tune_malloc: bool | None = None,
+                    on_step: Callable[[], None] | None = None) -> dict[str, StreamedLayer]:
+        """Project every image onto the bases; the forward pass stops after the last layer.
+
+        ``batches`` must yield the images of the first pass, in the same order.
+        """
+        from tqdm.auto import tqdm
+
+        start = time.perf_counter()
+        bases = self.bases()
+        n = next(iter(bases.values())).count
+        width = {name: b.vectors.shape[2] for name, b in bases.items()}
+        scores = {name: torch.zeros((self.shapes[name][0], n, width[name]), dtype=torch.float64)
+                  for name in bases}
+        state = {"offset": 0, "size": 0, "seen": set()}
+        last = self._order[-1] if self._order else None
+
+        def make(name: str) -> Callable:
+            basis = bases[name]
+
+            def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+                lo, size = state["offset"], state["size"]
+                if lo + size > n:
+                    raise ValueError(_mismatch(f"more than {n} images"))
+                z = basis.project(output.detach().cpu())  # (B, C, width)
+                scores[name][:, lo:lo + size].copy_(z.permute(1, 0, 2))
+                state["seen"].add(name)
+                if name == last and len(state["seen"]) == len(bases):
+                    raise _Stop
+            return hook
+
+        sums = []
+        bar = tqdm(batches, total=_length(batches), desc="projection pass", unit="batch",
+                   file=sys.stderr, disable=not progress)
+        dev = torch.device(device)
+        try:
+            with evaluating(model, dev), forward_hooks(model, {k: make(k) for k in bases}), \
+                    torch.inference_mode(), kept_heap(tuning_requested(tune_malloc)):
+                for item in bar:
+                    images = _images_of(item)
+                    if images.shape[0] == 0:
+                        continue
+                    sums.append(_image_sums(item))
+                    state["size"], state["seen"] = images.shape[0], set()
+                    try:
+                        model(images.to(dev))
+                    except _Stop:
+                        pass
+                    if len(state["seen"]) != len(bases):
+                        missing = sorted(set(bases) - state["seen"])
+                        raise ValueError(f"layer(s) {missing} did not run in the projection "
+                                         "pass")
+                    state["offset"] += images.shape[0]
+                    if on_step is not None:
+                        on_step()
+        finally:
+            bar.close()
+        if state["offset"] != n:
+            raise ValueError(_mismatch(f"{state['offset']} images, the first {n}"))
+        if self._watch is not None:
+            first = self._watch.values()
+            again = torch.cat(sums) if sums else torch.zeros(0, dtype=torch.float64)
+            if first.shape == again.shape and not torch.equal(first, again):
+                bad = (first != again).nonzero().flatten()[:5].tolist()
+                raise ValueError(_mismatch(f"other pixels at image(s) {bad}"))
+        out = {}
+        for name, basis in bases.items():
+            red = basis.finish(scores.pop(name).permute(1, 0, 2))
+            out[name] = StreamedLayer(red, basis, self.stats_bytes[name], self.shapes[name])
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def _mismatch(what: str) -> str:
+    return (f"the second pass over the images saw {what}: layers too large to keep in "
+            "memory are reduced in two passes, which must see the same images in the same "
+            "order (no shuffling, no random transforms); fix the input or pass a "
+            "memory_budget large enough to keep every layer in memory")
+
+
+def _check_shape(name: str, output: Any, shape: Sequence[int]) -> None:
+    if not isinstance(output, torch.Tensor) or output.ndim != 4 or \
+            tuple(output.shape[1:]) != tuple(shape):
+        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        want = ", ".join(map(str, shape))
+        raise ValueError(f"layer {name!r} produced {got}; expected (B, {want})")
+
+
+def _length(batches: Any) -> int | None:
+    try:
+        return len(batches)
+    except TypeError:
+        return None

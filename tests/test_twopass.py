@@ -1,0 +1,194 @@
+"""The two-pass reduce (pcace.twopass) inside pcace.rank, against the in-memory path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import pcace
+from pcace.capture import capture
+from pcace.plan import LayerRoute, MemoryPlan
+from pcace.twopass import TwoPass
+
+
+def _all_moments(self, shapes, n, run_images=256):
+    return {k: LayerRoute("moments", "forced by the test", 0, 2, tuple(s))
+            for k, s in shapes.items()}
+
+
+@pytest.fixture(scope="module")
+def cifar(shared_dir):
+    from torchvision import transforms
+
+    from pcace.data import image_folder
+    from pcace.models import load_model
+    from pcace.zoo import CIFAR_MEAN, CIFAR_STD
+
+    loaded = load_model("pcace.zoo:cifar_resnet20",
+                        checkpoint=shared_dir / "data/cifar10/resnet20-12fca82f.th")
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    ds = image_folder(shared_dir / "data/cifar10/test", class_name="cat", transform=tf)
+    return loaded.model, torch.stack([ds[i][0] for i in range(150)])
+
+
+def test_resnet20_streamed_equals_in_memory(cifar, monkeypatch):
+    """Layers of every map size of the shared ResNet-20 streamed; 150 images in batches of 64 (not a
+    multiple); float64 passes on both sides, so the values must agree to 1e-6."""
+    model, images = cifar
+    kw = dict(target=3, progress=False, device="cpu", pca_dtype=torch.float64, batch_size=64,
+              layers=["conv1", "layer1.2.conv2", "layer2.0.conv1", "layer2.2.conv2",
+                      "layer3.0.conv2", "layer3.2.conv2"])  # every map size, first and last
+    ref = pcace.rank(model, images, **kw)
+    monkeypatch.setattr(MemoryPlan, "routes", _all_moments)
+    got = pcace.rank(model, images, **kw)
+    assert {r["route"] for r in got.manifest["routes"].values()} == {"moments"}
+    assert all(r["passes"] == 2 for r in got.manifest["routes"].values())
+    assert got.manifest["data"]["n_images"] == 150
+    a = ref.channels.set_index(["layer", "channel"])
+    b = got.channels.set_index(["layer", "channel"]).loc[a.index]
+    assert list(got.channels.layer.unique()) == list(ref.channels.layer.unique())
+    np.testing.assert_allclose(b.pcace, a.pcace, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(b.explained_variance, a.explained_variance, atol=1e-9)
+    assert (b.n_components == a.n_components).all()
+
+
+def test_route_chosen_by_budget_on_resnet20(cifar):
+    """A budget too small for the maps: the 8 x 8 layers (P = 64 <= N / 2) are streamed,
+    the others stay in the store (spilled); values agree with the in-memory run."""
+    model, images = cifar
+    kw = dict(target=3, progress=False, device="cpu", pca_dtype=torch.float64, batch_size=50,
+              layers=["layer2.2.conv2", "layer3.0.conv1", "layer3.2.conv2"])
+    ref = pcace.rank(model, images, **kw)
+    assert {r["route"] for r in ref.manifest["routes"].values()} == {"in-memory"}
+    got = pcace.rank(model, images, memory_budget=12 * 2**20, **kw)
+    routes = got.manifest["routes"]
+    assert routes["layer3.0.conv1"]["route"] == "moments"
+    assert routes["layer3.2.conv2"]["route"] == "moments"
+    assert routes["layer2.2.conv2"]["route"] in ("in-memory", "spilled")
+    assert "P = 256 > N / 2" in routes["layer2.2.conv2"]["reason"]
+    assert routes["layer3.0.conv1"]["stats_bytes"] >= 8 * 64 * 64**2
+    np.testing.assert_allclose(got.channels.pcace, ref.channels.pcace, atol=1e-6, rtol=0)
+
+
+def test_route_rule():
+    plan = MemoryPlan(2**30)
+    small = plan.routes({"a": (16, 32, 32), "b": (64, 8, 8)}, 1_000)
+    assert {r.route for r in small.values()} == {"in-memory"}
+    big = plan.routes({"a": (16, 32, 32), "b": (64, 8, 8)}, 100_000)
+    assert big["a"].route == big["b"].route == "moments"
+    assert big["a"].stats_bytes >= 8 * 16 * 1024**2
+    huge = plan.routes({"a": (64, 112, 112)}, 100_000)  # P x P moments: 80 GB
+    assert huge["a"].route == "in-memory" and "work share" in huge["a"].reason
+
+
+class _Images(Dataset):
+    """Dataset whose second pass (after ``len(first)`` items were drawn) has one image less,
+    or other pixels."""
+
+    def __init__(self, x: torch.Tensor, mode: str):
+        self.x, self.mode, self.calls = x, mode, 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > len(self.x) and self.mode == "noise":
+            return self.x[i] + 0.1
+        return self.x[i]
+
+
+class _Shrinking:
+    """Batches that yield one image fewer on every new iteration."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.passes = x, 0
+
+    def __iter__(self):
+        x = self.x[: len(self.x) - self.passes]
+        self.passes += 1
+        return iter(x.split(16))
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(),
+                         nn.Linear(4 * 16, 1))
+
+
+def test_second_pass_with_other_count_is_refused():
+    torch.manual_seed(0)
+    net, x = _net(), torch.rand(60, 1, 8, 8)
+    tp = TwoPass({"0": (4, 6, 6)}, 2)
+    batches = _Shrinking(x)
+    with capture(net, tp.watch(batches), [], lambda out: out[:, 0], progress=False,
+                 observers=tp.hooks()), pytest.raises(ValueError, match="same images"):
+        tp.second_pass(net, batches, progress=False)
+
+
+def test_second_pass_with_other_images_is_refused(monkeypatch):
+    torch.manual_seed(0)
+    net, x = _net(), torch.rand(60, 1, 8, 8)
+    monkeypatch.setattr(MemoryPlan, "routes", _all_moments)
+    loader = DataLoader(_Images(x, "noise"), batch_size=16)
+    with pytest.raises(ValueError, match="same images in the same order"):
+        pcace.rank(net, loader, target="output:0", progress=False, device="cpu")
+    shuffled = DataLoader(_Images(x, "same"), batch_size=16, shuffle=True)
+    with pytest.raises(ValueError, match="shuffle=False"):
+        pcace.rank(net, shuffled, target="output:0", progress=False, device="cpu")
+    ok = pcace.rank(net, DataLoader(_Images(x, "same"), batch_size=16), target="output:0",
+                    progress=False, device="cpu")
+    assert ok.manifest["routes"]["0"]["route"] == "moments"
+
+
+_MEMORY_PROBE = textwrap.dedent("""
+    import json, resource, sys
+    import torch
+    from torch import nn
+    from pcace.capture import capture
+    from pcace.twopass import TwoPass
+
+    n = int(sys.argv[1])
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 256, 1))
+
+    def batches():  # generated on the fly: the input never exists whole
+        g = torch.Generator().manual_seed(1)
+        for _ in range(n // 250):
+            yield torch.rand(250, 1, 16, 16, generator=g)
+
+    tp = TwoPass({"0": (8, 16, 16)}, 3)
+    with capture(net, tp.watch(batches()), [], lambda out: out[:, 0], progress=False,
+                 observers=tp.hooks()):
+        pass
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    done = tp.second_pass(net, batches(), progress=False)
+    red = done["0"].reduction
+    print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "first_pass_peak_kib": before, "n": int(red.scores.shape[1])}))
+""")
+
+
+def _probe(n: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(n)], check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_memory_of_first_pass_does_not_grow_with_n():
+    """20,000 vs 200,000 images of 8 maps of 16 x 16: storing them would take 164 MB vs
+    1.6 GB; the first pass's peak must stay put (the second holds the N x k scores, 8 x 3
+    float64 per image: 48 MB at 200,000)."""
+    small, large = _probe(20_000), _probe(200_000)
+    assert small["n"] == 20_000 and large["n"] == 200_000
+    grown_mib = (large["first_pass_peak_kib"] - small["first_pass_peak_kib"]) / 1024
+    assert grown_mib < 60, (small, large)
+    total_mib = (large["peak_kib"] - small["peak_kib"]) / 1024
+    assert total_mib < 250, (small, large)
