@@ -217,6 +217,7 @@ def ablate(
     *,
     reference: Any = None,
     tune_malloc: bool | None = None,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """Score and accuracy drop when a ranking's top, bottom or random channels are ablated.
 
@@ -268,6 +269,8 @@ def ablate(
     tune_malloc : bool, optional
         Keep freed memory in glibc's heap over the many forward passes (process-wide;
         off unless True or ``PCACE_TUNE_MALLOC=1``; see :mod:`pcace._memory`).
+    progress : bool, default False
+        Show a progress bar over the ablated forward passes on stderr.
 
     Returns
     -------
@@ -322,13 +325,13 @@ def ablate(
     score_fn = resolve_target(target)
     with evaluating(model, dev), kept_heap(tuning_requested(tune_malloc)):
         return _ablate(model, images, score_fn, layer, ranking, sizes, mode, repeats, labels,
-                       batch_size, dev, seed, baselines, reference)
+                       batch_size, dev, seed, baselines, reference, progress)
 
 
 def _ablate(model: torch.nn.Module, images: Any, score_fn: Callable, layer: str,
             ranking: Any, sizes: Sequence[int], mode: str, repeats: int, labels: Any,
             batch_size: int, dev: torch.device, seed: int, baselines: Any,
-            reference: Any) -> pd.DataFrame:
+            reference: Any, progress: bool = False) -> pd.DataFrame:
     batches = _batches(images, batch_size)
     n_images = sum(len(b) for b in batches)
     label_t = _labels(labels, n_images)
@@ -401,14 +404,24 @@ def _ablate(model: torch.nn.Module, images: Any, score_fn: Callable, layer: str,
         entry["n_sets"] = len(results)
         rows.append(entry)
 
-    for name, order in orders.items():
-        for m in ms:
-            row(name, "top", m, [runner.run(order[:m])])
-            row(name, "bottom", m, [runner.run(order[-m:])])
+    from tqdm.auto import tqdm
+
     rng = np.random.default_rng(int(seed))
-    for m in ms:
-        sets = [rng.choice(n_channels, size=m, replace=False) for _ in range(repeats)]
-        row("random", "random", m, [runner.run(s) for s in sets])
+    random_sets = {m: [rng.choice(n_channels, size=m, replace=False) for _ in range(repeats)]
+                   for m in ms}
+    with tqdm(total=len(ms) * (2 * len(orders) + repeats), desc=f"ablating {layer}",
+              unit="set", disable=not progress) as bar:
+        for name, order in orders.items():
+            for m in ms:
+                row(name, "top", m, [runner.run(order[:m])])
+                row(name, "bottom", m, [runner.run(order[-m:])])
+                bar.update(2)
+        for m in ms:
+            results = []
+            for channel_set in random_sets[m]:
+                results.append(runner.run(channel_set))
+                bar.update(1)
+            row("random", "random", m, results)
 
     df = pd.DataFrame(rows)
     df.attrs.update({"layer": layer, "mode": mode, "n_images": n_images,

@@ -157,6 +157,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["mean", "zero"], default="mean",
                    help="replace ablated channels by their mean map (default) or by 0")
     p.add_argument("--repeats", type=int, default=10, help="random sets per size")
+    p.add_argument("--metric", choices=["score_change", "score_drop", "accuracy_drop"],
+                   default="score_change",
+                   help="what the summary compares: score_change (default: how far each "
+                   "image's score moves; suits PCACE, which ranks what the score varies "
+                   "with), score_drop (how much the mean score falls) or accuracy_drop")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the baseline rankings (activation, weight L1, Taylor, ...)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
@@ -463,17 +468,35 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     curves = ablate(loaded.model, images, target, args.layer, rankings, sizes=args.sizes,
                     mode=args.mode, repeats=args.repeats, labels=labels,
                     batch_size=args.batch_size, device=args.device,
-                    seed=args.seed, baselines=not args.no_baselines)
+                    seed=args.seed, baselines=not args.no_baselines, progress=True)
     root = Path(args.run_dir)
     names = [f"ablation_{args.layer}.csv", f"faithfulness_{args.layer}.csv"]
-    summary = faithfulness_summary(curves)
+    if args.metric == "accuracy_drop" and labels is None:
+        raise ValueError("--metric accuracy_drop needs labelled images (the run's data has "
+                         "no labels); use score_change or score_drop")
+    summary = faithfulness_summary(curves, metric=args.metric)
     atomic_write(root / names[0], curves.to_csv(index=False))
     atomic_write(root / names[1], summary.to_csv(index=False))
     add_files(root, names)
-    print(f"ablation of {args.layer} ({args.mode}), {len(images)} images")
+    print(f"ablation of {args.layer} ({args.mode} ablation), {len(images)} images, metric "
+          f"{args.metric}")
     print(summary.to_string(index=False))
-    print(f"wrote {root / names[0]}")
+    print(ABLATION_COLUMNS.format(metric=args.metric))
+    print(f"wrote {root / names[0]} (the curves) and {root / names[1]} (this table)")
     return 0
+
+
+ABLATION_COLUMNS = """\
+How to read it: each ranking's top m channels (and its bottom m) are replaced by their mean
+map (or 0), for each size m, and compared with random sets of m channels.
+  area               {metric} of the top m minus that of random sets, integrated over
+                     log2 m: larger = the ranking's top channels matter more than chance
+  mean_gap           the same as an average excess per size, in the metric's units
+  mean_gap_sd_units  that excess in standard deviations of the random sets (above ~2: clear)
+  bottom_mean_gap    the same for the bottom m channels (negative: they matter less than
+                     random ones, as a faithful ranking's bottom should)
+  top_minus_bottom   mean_gap - bottom_mean_gap
+  accuracy_mean_gap  the excess accuracy lost (with labels)"""
 
 
 COMMANDS = {"layers": cmd_layers, "rank": cmd_rank, "demo": cmd_demo, "report": cmd_report,

@@ -814,6 +814,7 @@ def _score_layers(cap: Capture | None, names: list[str], scores: np.ndarray,
                 run.restore(name, groups, out)
                 continue
             acc = [_Accumulated() for _ in groups]
+            bar.set_postfix_str(name, refresh=False)
             per_block = plan.channels_per_block(cap.shapes[name], len(scores),
                                                 cap.spilled[name] or grouped,
                                                 pca_dtype == torch.float64)
