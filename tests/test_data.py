@@ -230,3 +230,15 @@ def test_default_transform():
     assert gray.shape == (1, 5, 5)
     with pytest.raises(ValueError, match="both"):
         default_transform(mean=(0.5,))
+
+
+def test_csv_target_column_refuses_inf_and_names_the_line(tmp_path):
+    from PIL import Image
+
+    from pcace.data import csv_images
+
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "t.csv").write_text("path,no2\n0.png,1.5\n1.png,inf\n2.png,2.0\n")
+    with pytest.raises(ValueError, match=r"inf on line\(s\) \[3\]"):
+        csv_images(tmp_path / "t.csv", target_column="no2")

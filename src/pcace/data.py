@@ -298,6 +298,11 @@ def csv_images(csv_path: str | Path, path_column: str = "path",
         if values.isna().any():
             bad = table[target_column][values.isna()].head(3).tolist()
             raise ValueError(f"column {target_column!r} must be numeric; found {bad}")
+        infinite = np.flatnonzero(~np.isfinite(values.to_numpy(dtype=float)))
+        if infinite.size:
+            rows = (infinite[:10] + 2).tolist()  # line numbers, after the header
+            raise ValueError(f"column {target_column!r} holds inf on line(s) {rows} of "
+                             f"{csv_path.name}; give every image a finite target")
         targets: list[Any] = [float(v) for v in values]
     elif label_column is not None:
         column = table[label_column]
