@@ -397,13 +397,15 @@ def _write_atlas(out: Path, result: Any) -> None:
     """For a run with many targets or classes: the class atlas figure (no per-layer report)."""
     from .rundir import add_files, atomic_write
     from .viz import class_atlas
-    from .viz.report import _png
+    from .viz._common import figure_bytes
 
     (out / "figures").mkdir(exist_ok=True)
-    atomic_write(out / "figures" / "class_atlas.png", _png(class_atlas(result)))
-    add_files(out, ["figures/class_atlas.png"])
-    print(f"wrote {out / 'figures' / 'class_atlas.png'} (a run with several targets gets the "
-          "class atlas; the per-layer HTML report is for one target)")
+    data, fmt = figure_bytes(class_atlas(result))
+    name = f"figures/class_atlas.{fmt}"
+    atomic_write(out / name, data)
+    add_files(out, [name])
+    print(f"wrote {out / name} (a run with several targets gets the class atlas; the "
+          "per-layer HTML report is for one target)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
