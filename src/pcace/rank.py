@@ -23,6 +23,7 @@ import torch
 from . import __version__
 from .capture import Capture, capture, non_finite_error
 from .data import as_batches
+from .engine import Engine, EngineLost, Problems, resolve_engine
 from .layers import resolve_layers
 from .models import count_parameters, weights_hash
 from .plan import MemoryPlan
@@ -196,6 +197,8 @@ def rank(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     on_step: Callable[[], None] | None = None,
+    engine: str | Engine = "local",
+    ray_address: str | None = None,
 ) -> PCACEResult:
     """Rank every channel of the chosen layers of ``model`` by PCACE.
 
@@ -309,6 +312,17 @@ def rank(
         :class:`pcace.interrupts.Interrupted`) while channels are scored returns the layers
         finished so far, with ``result.complete`` False; during the forward pass it
         propagates (nothing is finished yet).
+    engine : {"local", "ray"} or pcace.engine.Engine
+        Where the ACE problems (observed values, null, split-half, bootstrap) run:
+        ``"local"`` (default) in this process; ``"ray"`` as tasks on a Ray cluster
+        (``pip install "pcace[ray]"``; :mod:`pcace._ray_engine`). The same inputs and seed
+        give the same results on either. A cluster that goes away ends the run like an
+        interruption (finished layers kept, ``result.complete`` False). An engine object is
+        used as given and left open.
+    ray_address : str, optional
+        With ``engine="ray"``: ``"auto"`` joins the cluster running on this machine,
+        ``"HOST:PORT"`` (or ``"ray://HOST:PORT"``) another; None starts a local cluster
+        for the run.
 
     Returns
     -------
@@ -342,7 +356,28 @@ def rank(
     score_fn = resolve_target(target, categories)
     names = resolve_layers(model, layers)
     ace_kwargs = dict(ace_options or {})
+    runner, owned = resolve_engine(engine, ray_address)
+    try:
+        return _rank(model, images, target, names, components, batch_size=batch_size, dev=dev,
+                     device_memory_budget=device_memory_budget, plan=plan, pca_dtype=pca_dtype,
+                     score=score, label=label, score_fn=score_fn, options=options,
+                     split_half=split_half, interval=interval, progress=progress,
+                     spill_dir=spill_dir, ace_kwargs=ace_kwargs, tune_malloc=tune_malloc,
+                     checkpoint_dir=checkpoint_dir, resume=resume, on_step=on_step,
+                     engine=runner, t_start=t_start)
+    finally:
+        if owned:
+            runner.close()
 
+
+def _rank(model: torch.nn.Module, images: Any, target: Any, names: list[str],
+          components: int | float, *, batch_size: int, dev: torch.device,
+          device_memory_budget: int | str, plan: MemoryPlan, pca_dtype: torch.dtype,
+          score: str, label: int | None, score_fn: Any, options: Statistics, split_half: int,
+          interval: str, progress: bool, spill_dir: str | Path | None, ace_kwargs: dict,
+          tune_malloc: bool | None, checkpoint_dir: str | Path | None, resume: bool,
+          on_step: Callable[[], None] | None, engine: Engine, t_start: float) -> PCACEResult:
+    """:func:`rank` once its arguments are checked and its engine is open."""
     run = _Checkpoints.open(checkpoint_dir, resume, {
         "weights_sha256": weights_hash(model), "layers": names,
         "target": _describe_target(score_fn), "components": components, "score": score,
@@ -355,7 +390,7 @@ def rank(
     if not todo:  # every layer finished before: the scores came with them
         scores = check_scores(run.scores())
         scored = _score_layers(None, names, scores, components, score, dev, plan, progress,
-                               ace_kwargs, options, pca_dtype, run, on_step)
+                               ace_kwargs, options, pca_dtype, run, on_step, engine)
     else:
         batches = as_batches(images, batch_size, label=label)
         with capture(model, batches, todo, score_fn, device=dev,
@@ -370,14 +405,14 @@ def rank(
                       "on_device": [n for n, s in cap.on_device.items() if s]}
             t_captured = time.perf_counter()
             scored = _score_layers(cap, names, scores, components, score, dev, plan, progress,
-                                   ace_kwargs, options, pca_dtype, run, on_step)
+                                   ace_kwargs, options, pca_dtype, run, on_step, engine)
     t_end = time.perf_counter()
 
     channels = _channel_table(scored.tables, names)
     layer_table = layer_summary(channels, {n: shapes[n] for n in names if n in shapes})
     split_half = integer(split_half, "split_half", minimum=0)
     _add_layer_statistics(layer_table, channels, scored, scores, split_half, options.seed,
-                          ace_kwargs)
+                          ace_kwargs, engine)
 
     manifest = {
         "pcace_version": __version__,
@@ -409,6 +444,7 @@ def rank(
         "timings": {"forward_and_capture": stored["seconds"],
                     "reduce_and_ace": t_end - t_captured,
                     "total": t_end - t_start},
+        "engine": engine.describe(),
         "interrupted": scored.interrupted,
         "interrupt_signal": scored.signal,
         "complete": not scored.interrupted,
@@ -437,7 +473,7 @@ def _channel_table(tables: list[pd.DataFrame], names: list[str]) -> pd.DataFrame
 
 def _add_layer_statistics(layers: pd.DataFrame, channels: pd.DataFrame, scored: ScoredLayers,
                           scores: np.ndarray, split_half: int, seed: int,
-                          ace_kwargs: dict) -> None:
+                          ace_kwargs: dict, engine: Engine | None = None) -> None:
     """Evidence per layer (null share, split-half reproducibility, verdict), stability."""
     from .evidence import layer_evidence, significant, split_half_table
 
@@ -448,7 +484,7 @@ def _add_layer_statistics(layers: pd.DataFrame, channels: pd.DataFrame, scored: 
     split = None
     if split_half and scores.size >= 20:
         split = split_half_table(scored.components, scores, splits=split_half, seed=seed,
-                                 ace_options=ace_kwargs)
+                                 ace_options=ace_kwargs, engine=engine)
     if "q_value" in channels.columns or split is not None:
         evidence = layer_evidence(channels, split, n_images=int(scores.size))
         evidence = evidence.drop(columns=["channels"]).set_index("layer")
@@ -494,7 +530,8 @@ def _score_layers(cap: Capture | None, names: list[str], scores: np.ndarray,
                   components: int | float, score: str, dev: torch.device, plan: MemoryPlan,
                   progress: bool, ace_kwargs: dict, options: Statistics,
                   pca_dtype: torch.dtype, run: _Checkpoints,
-                  on_step: Callable[[], None] | None) -> ScoredLayers:
+                  on_step: Callable[[], None] | None,
+                  engine: Engine | None = None) -> ScoredLayers:
     from tqdm.auto import tqdm
 
     from .interrupts import Interrupted
@@ -519,7 +556,7 @@ def _score_layers(cap: Capture | None, names: list[str], scores: np.ndarray,
             for chans, block in cap.blocks(name, per_block, destructive=True):
                 row, red_scores, boot = _score_block(name, chans, block, y, scores,
                                                      components, score, dev, ace_kwargs,
-                                                     options, pca_dtype, plan)
+                                                     options, pca_dtype, plan, engine)
                 rows.append(row)
                 parts.append(red_scores)
                 if boot is not None:
@@ -531,15 +568,16 @@ def _score_layers(cap: Capture | None, names: list[str], scores: np.ndarray,
             out.components[name] = _pad_cat(parts)
             table, stability = _add_statistics(
                 table, out.components[name], scores, np.concatenate(boots) if boots else None,
-                options, ace_kwargs, plan, score)
+                options, ace_kwargs, plan, score, engine)
             out.tables.append(table)
             if stability is not None:
                 out.stability[name] = stability
             run.save(name, table, stability, out.components[name], scores, cap.shapes[name])
-    except (KeyboardInterrupt, Interrupted) as err:
+    except (KeyboardInterrupt, Interrupted, EngineLost) as err:
         out.interrupted = True
         out.signal = getattr(err, "signum", None)
-        warnings.warn(f"interrupted: returning the {len(out.tables)} layers scored so far",
+        why = f"{err}; " if isinstance(err, EngineLost) else ""
+        warnings.warn(f"interrupted: {why}returning the {len(out.tables)} layers scored so far",
                       stacklevel=3)
     finally:
         bar.close()
@@ -592,7 +630,8 @@ class _Checkpoints:
 def _score_block(name: str, chans: slice, block: torch.Tensor, y: torch.Tensor,
                  scores: np.ndarray, components: int | float, score: str, dev: torch.device,
                  ace_kwargs: dict, options: Statistics, pca_dtype: torch.dtype,
-                 plan: MemoryPlan) -> tuple[pd.DataFrame, torch.Tensor, np.ndarray | None]:
+                 plan: MemoryPlan, engine: Engine | None = None
+                 ) -> tuple[pd.DataFrame, torch.Tensor, np.ndarray | None]:
     """One block of a layer's channels: its table rows, component scores and bootstrap."""
     work = block.to(dev, pca_dtype)  # the store's own memory when it can be
     try:
@@ -600,7 +639,7 @@ def _score_block(name: str, chans: slice, block: torch.Tensor, y: torch.Tensor,
     except NonFiniteMaps as err:
         raise _non_finite_error(name, chans, work, err.channels) from None
     del work
-    values = channel_values(red.scores, y, score, ace_kwargs)
+    values = _observed_values(red.scores, y, score, ace_kwargs, plan, engine)
     start = chans.start or 0
     dead = red.dead.cpu().numpy()
     row = pd.DataFrame({
@@ -616,11 +655,21 @@ def _score_block(name: str, chans: slice, block: torch.Tensor, y: torch.Tensor,
         maps = block.transpose(0, 1).cpu()
         boot = bootstrap_values(
             maps, scores, components, options.bootstrap, options.seed, score=score,
-            ace_options=ace_kwargs, scheme=interval_scheme(options.interval),
+            ace_options=ace_kwargs, scheme=interval_scheme(options.interval), engine=engine,
             chunk=plan.replicates_per_call(maps.shape[0] // 2 if options.interval ==
                                            "half-sample" else maps.shape[0],
                                            maps.shape[1], maps[0, 0].numel()))
     return row, red.scores.cpu(), boot
+
+
+def _observed_values(z: torch.Tensor, y: torch.Tensor, score: str, ace_kwargs: dict,
+                     plan: MemoryPlan, engine: Engine | None) -> np.ndarray:
+    """The block's values: one problem per channel against the score, on the engine."""
+    if engine is None:
+        return channel_values(z, y, score, ace_kwargs)
+    problems = Problems(z, y.to(z.device)[None], np.arange(z.shape[0]), order="channel")
+    return engine.values(problems, chunk=plan.ace_problems(z.shape[1], z.shape[2]),
+                         score=score, ace_options=ace_kwargs, stage="observed")
 
 
 def _non_finite_error(name: str, chans: slice, block: torch.Tensor,
@@ -633,13 +682,14 @@ def _non_finite_error(name: str, chans: slice, block: torch.Tensor,
 
 def _add_statistics(table: pd.DataFrame, z: torch.Tensor, scores: np.ndarray,
                     boot: np.ndarray | None, options: Statistics, ace_kwargs: dict,
-                    plan: MemoryPlan, score: str) -> tuple[pd.DataFrame, dict | None]:
+                    plan: MemoryPlan, score: str,
+                    engine: Engine | None = None) -> tuple[pd.DataFrame, dict | None]:
     observed = table.pcace.to_numpy()
     stability = None
     if options.permutations:
         null = permutation_null(z, scores, options.permutations, options.seed,
                                 chunk=plan.ace_problems(z.shape[1], z.shape[2]), score=score,
-                                ace_options=ace_kwargs)
+                                ace_options=ace_kwargs, engine=engine)
         summary = null_summary(observed, null)
         for col in summary.columns:
             if col not in table.columns and col != "channel":
