@@ -126,6 +126,7 @@ class RayEngine(Engine):
         self.min_task_seconds, self.max_task_seconds = min_task_seconds, max_task_seconds
         self.inline_seconds = inline_seconds
         self.tasks = 0
+        self._actors: tuple[str, list[Any]] | None = None
         self._remote = ray.remote(_solve_chunk).options(
             num_cpus=self.task_cpus, max_retries=int(max_retries), retry_exceptions=False)
         # workers import pcace and load the compiled kernels while the driver runs the
@@ -157,9 +158,56 @@ class RayEngine(Engine):
         return out
 
     def close(self) -> None:
+        self._actors = None
         if self.owned:
             _ray().shutdown()
             self.owned = False
+
+    # ------------------------------------------------------------------ sharded passes
+
+    def map_shards(self, cls: type, args: tuple, kwargs: dict, method: str,
+                   bounds: list[tuple[int, int]], extra: tuple = ()) -> list[Any]:
+        """``cls(*args, **kwargs).method(lo, hi, *extra)`` for each shard, on actors.
+
+        One actor per CPU slot (``task_cpus`` CPUs each; at most one per shard) is made
+        for a given ``(cls, args, kwargs)`` and kept for later calls with the same ones
+        (the second pass reuses the models the first one built). ``extra`` is put in the
+        object store once. Results come back in shard order. An actor whose process dies
+        is restarted (it rebuilds its model) and its call re-run.
+        """
+        ray = _ray()
+        key = repr((cls.__qualname__, args, sorted(kwargs.items())))
+        if self._actors is None or self._actors[0] != key:
+            count = max(1, min(self.slots(), len(bounds)))
+            actor = ray.remote(cls).options(num_cpus=self.task_cpus, max_restarts=3,
+                                            max_task_retries=3)
+            self._actors = (key, [actor.remote(*args, **kwargs) for _ in range(count)])
+        actors = list(self._actors[1])
+        out: list[Any] = [None] * len(bounds)
+        try:
+            refs = [ray.put(e) for e in extra]
+            todo = iter(enumerate(bounds))
+            pending: dict[Any, tuple[int, Any]] = {}
+            for actor in actors:
+                nxt = next(todo, None)
+                if nxt is None:
+                    break
+                i, (lo, hi) = nxt
+                pending[getattr(actor, method).remote(lo, hi, *refs)] = (i, actor)
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    i, actor = pending.pop(ref)
+                    out[i] = ray.get(ref)
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        j, (lo, hi) = nxt
+                        pending[getattr(actor, method).remote(lo, hi, *refs)] = (j, actor)
+        except ray.exceptions.RayTaskError as err:
+            raise err.as_instanceof_cause() from None
+        except ray.exceptions.RayError as err:
+            raise EngineLost(_lost_message(self.address, err)) from None
+        return out
 
     # ------------------------------------------------------------------ ACE problems
 
