@@ -1,9 +1,10 @@
 """The Ray engine against a real cluster on this machine, compared with the local engine.
 
 The cluster is a head started as its own process (``ray start --head --block`` in a new
-process group, on a free loopback port, in a temporary directory, 2 CPUs, a small object
+session, on a free loopback port, in a temporary directory, 2 CPUs, a small object
 store); the runs join it by address. Its workers import this checkout (PYTHONPATH). The
-finaliser kills the head's process group. Skipped where Ray is not installed.
+finaliser kills the head's session (the head and every process it started). Skipped
+where Ray is not installed.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _group(pgid: int) -> list[int]:
+def _session(sid: int) -> list[int]:
+    """The processes of session ``sid``: the head and everything it started (workers run
+    in process groups of their own, in the head's session)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -48,29 +51,30 @@ def _group(pgid: int) -> list[int]:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[2]) == pgid:
+            if int(fields[3]) == sid:
                 pids.append(int(entry.name))
     return pids
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    pgid = proc.pid
+    """Stop the head's process group, then anything left in its session."""
     for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
+        for pid in _session(proc.pid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
         deadline = time.monotonic() + wait
-        while _group(pgid) and time.monotonic() < deadline:
+        while _session(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if not _group(pgid):
+        if not _session(proc.pid):
             break
     proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A 2-CPU Ray head on 127.0.0.1; yields (address, process group id)."""
+    """A 2-CPU Ray head on 127.0.0.1; yields (address, session id)."""
     exe = Path(sys.executable).parent / "ray"
     if not exe.exists():
         pytest.skip("the ray command is not installed beside this Python")
@@ -100,7 +104,7 @@ def cluster():
             ray.shutdown()
         _stop(proc)
         shutil.rmtree(temp, ignore_errors=True)
-        assert not _group(proc.pid), "Ray processes left behind"
+        assert not _session(proc.pid), "Ray processes left behind"
 
 
 @pytest.fixture(scope="module")
@@ -153,11 +157,11 @@ def test_ray_engine_equals_local_engine(cluster, resnet_cats, local_result):
     assert not ray.is_initialized()  # the run disconnected from the cluster it joined
 
 
-def _kill_first_task(pgid: int, name: str, stop: threading.Event, killed: list) -> None:
+def _kill_first_task(sid: int, name: str, stop: threading.Event, killed: list) -> None:
     """SIGKILL the first worker of the cluster seen running task ``name``."""
     title = f"ray::{name}".encode()
     while not stop.is_set():
-        for pid in _group(pgid):
+        for pid in _session(sid):
             try:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
@@ -173,12 +177,12 @@ def _kill_first_task(pgid: int, name: str, stop: threading.Event, killed: list) 
 def test_a_worker_killed_during_ace_changes_nothing(cluster, resnet_cats, local_result):
     from pcace._ray_engine import RayEngine
 
-    address, pgid = cluster
+    address, sid = cluster
     engine = RayEngine(address=address)
     try:
         stop, killed = threading.Event(), []
         killer = threading.Thread(target=_kill_first_task,
-                                  args=(pgid, "_solve_chunk", stop, killed), daemon=True)
+                                  args=(sid, "_solve_chunk", stop, killed), daemon=True)
         killer.start()
         try:
             result = _rank(*resnet_cats, engine=engine)
