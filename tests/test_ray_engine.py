@@ -194,3 +194,47 @@ def test_a_worker_killed_during_ace_changes_nothing(cluster, resnet_cats, local_
         assert result.complete
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+def test_sharded_passes_on_actors_equal_one_process(cluster, shared_dir):
+    from pcace._ray_engine import RayEngine
+    from pcace.data import describe_data, open_dataset
+    from pcace.models import load_model
+    from pcace.sharded import sharded_components
+    from pcace.streaming import streaming_reduce
+    from pcace.zoo import CIFAR_MEAN, CIFAR_STD
+
+    address, _ = cluster
+    loaded = load_model("pcace.zoo:cifar_resnet20",
+                        checkpoint=shared_dir / "data/cifar10/resnet20-12fca82f.th")
+    data = describe_data(shared_dir / "data/cifar10/test", class_name="cat", limit=150,
+                         mean=list(CIFAR_MEAN), std=list(CIFAR_STD))
+    layer = "layer2.0.conv1"
+    engine = RayEngine(address=address)
+    try:
+        reds, scores = sharded_components(loaded.spec, data, [layer], 3, 3, shard_size=40,
+                                          batch_size=32, engine=engine)
+    finally:
+        engine.close()
+    # the reference: this process, one streaming pass over the same images in batches
+    ds, _ = open_dataset(dict(data), loaded.transform)
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    model, seen = loaded.model.eval(), {}
+    handle = dict(model.named_modules())[layer].register_forward_hook(
+        lambda m, i, out: seen.__setitem__("x", out.detach()))
+
+    def batches():
+        with torch.inference_mode():
+            for b in images.split(64):
+                model(b)
+                yield seen["x"]
+    try:
+        ref, _ = streaming_reduce(batches, 3, route="moments")
+        with torch.inference_mode():
+            expected = model(images)[:, 3].double().numpy()
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    np.testing.assert_allclose(reds[layer].scores.numpy(), ref.scores.numpy(), atol=1e-9)
+    assert "forward_moments" in engine.stage_seconds
