@@ -238,3 +238,25 @@ def test_sharded_passes_on_actors_equal_one_process(cluster, shared_dir):
     np.testing.assert_allclose(scores, expected, atol=1e-5)
     np.testing.assert_allclose(reds[layer].scores.numpy(), ref.scores.numpy(), atol=1e-9)
     assert "forward_moments" in engine.stage_seconds
+
+
+@pytest.mark.slow
+def test_cli_joins_a_cluster_by_address(cluster, shared_dir, tmp_path):
+    import json
+
+    address, _ = cluster
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pcace.cli", "rank", "--model", "pcace.zoo:cifar_resnet20",
+         "--checkpoint", str(shared_dir / "data/cifar10/resnet20-12fca82f.th"), "--data",
+         str(shared_dir / "data/cifar10/test"), "--class", "cat", "--target", "cat",
+         "--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.225",
+         "--limit", "60", "--layers", "layer3.2.conv2", "--permutations", "10",
+         "--split-half", "2", "--engine", "ray", "--ray-address", address, "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"engine ray at {address}" in proc.stderr
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["engine"]["name"] == "ray" and manifest["engine"]["resources"]["CPU"] == 2

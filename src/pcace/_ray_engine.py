@@ -157,6 +157,13 @@ class RayEngine(Engine):
         out.update(tasks=self.tasks, task_cpus=self.task_cpus)
         return out
 
+    def summary(self) -> str:
+        info = self.describe()
+        res = info.get("resources", {})
+        return (f"engine ray at {self.address}: {info.get('nodes', '?')} node(s), "
+                f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs, "
+                f"{res.get('object_store_memory', 0) / 2**30:.1f} GiB object store")
+
     def close(self) -> None:
         self._actors = None
         if self.owned:

@@ -209,6 +209,10 @@ class Engine:
         """What the manifest records: the engine, its resources, per-stage seconds."""
         return {"name": self.name, "stage_seconds": dict(self.stage_seconds)}
 
+    def summary(self) -> str:
+        """One line for progress output: the engine and what it runs on."""
+        return f"engine {self.name}"
+
     def close(self) -> None:
         """Release what the engine started (nothing for the local engine)."""
 

@@ -9,6 +9,7 @@ and returns a :class:`PCACEResult` with one row per channel and one per layer.
 from __future__ import annotations
 
 import platform
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -357,6 +358,8 @@ def rank(
     names = resolve_layers(model, layers)
     ace_kwargs = dict(ace_options or {})
     runner, owned = resolve_engine(engine, ray_address)
+    if progress and runner.name != "local":
+        print(f"pcace: {runner.summary()}", file=sys.stderr)
     try:
         return _rank(model, images, target, names, components, batch_size=batch_size, dev=dev,
                      device_memory_budget=device_memory_budget, plan=plan, pca_dtype=pca_dtype,
