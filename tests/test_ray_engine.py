@@ -260,3 +260,38 @@ def test_cli_joins_a_cluster_by_address(cluster, shared_dir, tmp_path):
     assert f"engine ray at {address}" in proc.stderr
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["engine"]["name"] == "ray" and manifest["engine"]["resources"]["CPU"] == 2
+
+
+@pytest.mark.slow
+def test_a_lost_cluster_ends_like_an_interruption(cluster, resnet_cats, tmp_path):
+    """Last in this module: it kills the module's cluster."""
+    import pcace
+    from pcace._ray_engine import RayEngine
+
+    address, sid = cluster
+    engine = RayEngine(address=address, lost_after=3)
+    ckpt = tmp_path / "run"
+    layers = ["layer1.0.conv1", "layer2.0.conv1", "layer3.2.conv2"]
+
+    def kill_after_first_layer():
+        while not list(ckpt.glob("checkpoints/layer-*.npz")):
+            time.sleep(0.1)
+        for pid in _session(sid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    killer = threading.Thread(target=kill_after_first_layer, daemon=True)
+    killer.start()
+    try:
+        with pytest.warns(UserWarning, match="is gone"):
+            result = pcace.rank(resnet_cats[0], resnet_cats[1], target=3, layers=layers,
+                                progress=False, device="cpu", permutations=300, split_half=4,
+                                engine=engine, checkpoint_dir=ckpt)
+    finally:
+        engine.close()
+    assert not result.complete
+    assert 1 <= len(result.manifest["layers_done"]) < 3
+    assert result.manifest["engine"]["connected"] is False
+    assert not ray.is_initialized()  # nothing was started behind the caller's back
+    assert list(ckpt.glob("checkpoints/layer-*.npz"))

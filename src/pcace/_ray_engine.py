@@ -89,6 +89,9 @@ class RayEngine(Engine):
         cost more than it saves); their values are the same.
     max_retries : int, default 5
         Times Ray re-runs a task whose worker died.
+    lost_after : float, default 10
+        Seconds the cluster's GCS may refuse connections before the engine gives up on
+        it (:class:`~pcace.engine.EngineLost`); Ray itself ends the process after 60.
 
     Examples
     --------
@@ -101,7 +104,8 @@ class RayEngine(Engine):
     def __init__(self, address: str | None = None, *, num_cpus: int | None = None,
                  runtime_env: dict | None = None, task_cpus: int = 1,
                  min_task_seconds: float = 0.1, max_task_seconds: float = 2.0,
-                 inline_seconds: float = 0.05, max_retries: int = 5):
+                 inline_seconds: float = 0.05, max_retries: int = 5,
+                 lost_after: float = 10.0):
         super().__init__(name="ray")
         ray = _ray()
         self.owned = False
@@ -125,6 +129,7 @@ class RayEngine(Engine):
         self.task_cpus = int(task_cpus)
         self.min_task_seconds, self.max_task_seconds = min_task_seconds, max_task_seconds
         self.inline_seconds = inline_seconds
+        self.lost_after = float(lost_after)
         self.tasks = 0
         self._actors: tuple[str, list[Any]] | None = None
         self._remote = ray.remote(_solve_chunk).options(
@@ -138,7 +143,7 @@ class RayEngine(Engine):
 
     def resources(self) -> dict[str, float]:
         """The cluster's total resources (``CPU``, ``GPU``, memory, object store)."""
-        ray = _ray()
+        ray = self._connected()
         keep = ("CPU", "GPU", "memory", "object_store_memory")
         return {k: float(v) for k, v in ray.cluster_resources().items() if k in keep}
 
@@ -149,6 +154,10 @@ class RayEngine(Engine):
     def describe(self) -> dict[str, Any]:
         ray = _ray()
         out = super().describe()
+        if not ray.is_initialized():  # disconnected (the cluster went away)
+            out.update(address=self.address, tasks=self.tasks, task_cpus=self.task_cpus,
+                       connected=False)
+            return out
         try:
             nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
             out.update(address=self.address, nodes=nodes, resources=self.resources())
@@ -156,6 +165,17 @@ class RayEngine(Engine):
             out.update(address=self.address, error=str(err))
         out.update(tasks=self.tasks, task_cpus=self.task_cpus)
         return out
+
+    @property
+    def alive(self) -> bool:
+        return _ray().is_initialized()
+
+    def _connected(self) -> Any:
+        """Ray, if still connected (never re-initialised behind the caller's back)."""
+        ray = _ray()
+        if not ray.is_initialized():
+            raise EngineLost(f"the Ray engine is disconnected from {self.address}")
+        return ray
 
     def summary(self) -> str:
         info = self.describe()
@@ -182,7 +202,7 @@ class RayEngine(Engine):
         object store once. Results come back in shard order. An actor whose process dies
         is restarted (it rebuilds its model) and its call re-run.
         """
-        ray = _ray()
+        ray = self._connected()
         key = repr((cls.__qualname__, args, sorted(kwargs.items())))
         if self._actors is None or self._actors[0] != key:
             count = max(1, min(self.slots(), len(bounds)))
@@ -202,7 +222,7 @@ class RayEngine(Engine):
                 i, (lo, hi) = nxt
                 pending[getattr(actor, method).remote(lo, hi, *refs)] = (i, actor)
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                ready = self._wait(list(pending))
                 for ref in ready:
                     i, actor = pending.pop(ref)
                     out[i] = ray.get(ref)
@@ -232,7 +252,7 @@ class RayEngine(Engine):
         estimate = SECONDS_PER_VALUE * total * problems.observations * problems.predictors
         if estimate < self.inline_seconds:
             return _inline(problems, chunk, score, options, progress)
-        ray = _ray()
+        ray = self._connected()
         on_cpu = _to_numpy(problems)
         size = self.task_size(on_cpu, chunk)
         bounds = [(lo, min(lo + size, total)) for lo in range(0, total, size)]
@@ -250,7 +270,7 @@ class RayEngine(Engine):
                 if len(pending) >= window:
                     break
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                ready = self._wait(list(pending))
                 for ref in ready:
                     lo, hi = pending.pop(ref)
                     out[lo:hi] = ray.get(ref)
@@ -264,17 +284,65 @@ class RayEngine(Engine):
             raise err.as_instanceof_cause() from None
         except ray.exceptions.RayError as err:
             raise EngineLost(_lost_message(self.address, err)) from None
-        except BaseException:
-            for ref in list(locals().get("pending", {})):
-                ray.cancel(ref, force=True)
+        except EngineLost:
+            raise
+        except BaseException:  # Ctrl-C: stop the tasks still queued or running
+            if ray.is_initialized():
+                for ref in list(locals().get("pending", {})):
+                    try:
+                        ray.cancel(ref, force=True)
+                    except Exception:  # noqa: BLE001, S110 - best effort on the way out
+                        pass
             raise
         return out
+
+    def _wait(self, refs: list[Any]) -> list[Any]:
+        """The finished refs among ``refs``, waiting for one; checks the cluster meanwhile.
+
+        Ray ends a driver whose GCS has been unreachable for a minute (a hard exit). When
+        the GCS refuses connections for ``lost_after`` seconds, the engine disconnects
+        first and raises :class:`~pcace.engine.EngineLost`, so that the run can keep its
+        finished layers.
+        """
+        ray = _ray()
+        down_since = None
+        while True:
+            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            if ready:
+                return ready
+            if _reachable(self.address):
+                down_since = None
+                continue
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since >= self.lost_after:
+                ray.shutdown()
+                self.owned = False
+                raise EngineLost(f"the Ray cluster at {self.address} is gone (its GCS refuses "
+                                 f"connections for {self.lost_after:g} s). The layers "
+                                 "finished so far are kept: rerun the same command with "
+                                 "--resume (once the cluster is back, or with --engine local)")
 
     def _submit(self, z_ref: Any, ys_ref: Any, ch_ref: Any, order: str, img_ref: Any,
                 lo: int, hi: int, score: str, options: dict) -> Any:
         self.tasks += 1
         return self._remote.remote(z_ref, ys_ref, ch_ref, order, img_ref, lo, hi, score,
                                    options, self.task_cpus)
+
+
+def _reachable(address: str | None, timeout: float = 1.0) -> bool:
+    """Whether the GCS at ``HOST:PORT`` accepts a TCP connection (True when unknown)."""
+    import socket
+
+    if not address or ":" not in address:
+        return True
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except ConnectionRefusedError:
+        return False
+    except (OSError, ValueError):
+        return True  # a slow or odd network: let Ray decide
+    return True
 
 
 def _inline(problems: Problems, chunk: int, score: str, options: dict,

@@ -209,6 +209,11 @@ class Engine:
         """What the manifest records: the engine, its resources, per-stage seconds."""
         return {"name": self.name, "stage_seconds": dict(self.stage_seconds)}
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine's workers are gone (then run the rest elsewhere)."""
+        return True
+
     def summary(self) -> str:
         """One line for progress output: the engine and what it runs on."""
         return f"engine {self.name}"

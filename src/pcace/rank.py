@@ -415,7 +415,8 @@ def _rank(model: torch.nn.Module, images: Any, target: Any, names: list[str],
     layer_table = layer_summary(channels, {n: shapes[n] for n in names if n in shapes})
     split_half = integer(split_half, "split_half", minimum=0)
     _add_layer_statistics(layer_table, channels, scored, scores, split_half, options.seed,
-                          ace_kwargs, engine)
+                          ace_kwargs, engine if engine.alive else None)  # a lost cluster:
+    # the finished layers' split-half check runs here
 
     manifest = {
         "pcace_version": __version__,
