@@ -125,7 +125,10 @@ class RayEngine(Engine):
                                  "one with `ray start --head` (see the README, 'Ray')") \
                     from None
             self.owned = True
-        self.address = ray.get_runtime_context().gcs_address
+        try:
+            self.address = ray.get_runtime_context().gcs_address
+        except Exception:  # noqa: BLE001 - the Ray client (ray://) does not know it
+            self.address = address
         self.task_cpus = int(task_cpus)
         self.min_task_seconds, self.max_task_seconds = min_task_seconds, max_task_seconds
         self.inline_seconds = inline_seconds
