@@ -143,6 +143,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true",
                    help="also save the figures' material and write OUT/report.html")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="where the ACE problems run: local (default, this process) or ray "
+                   "(tasks on a Ray cluster; pip install 'pcace[ray]'); same results")
+    p.add_argument("--ray-address", help="with --engine ray: the cluster to join ('auto': the "
+                   "one started on this machine with `ray start`; HOST:PORT; ray://HOST:PORT); "
+                   "default: start a local one for the run")
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html (and figures/*.png)")
     p.add_argument("run_dir")
@@ -260,7 +266,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
                       split_half=args.split_half, bootstrap=args.bootstrap, level=args.level,
                       interval=args.interval,
                       spill_dir=args.spill_dir, checkpoint_dir=out, resume=args.resume,
-                      on_step=guard.check)
+                      on_step=guard.check, engine=args.engine,
+                      ray_address=args.ray_address)
     skipped = getattr(getattr(ds, "dataset", ds), "skipped", 0)
     result.manifest["model"]["spec"] = loaded.spec
     result.manifest["data"].update(spec=spec, skipped_images=int(skipped or 0))

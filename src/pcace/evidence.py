@@ -78,8 +78,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .engine import Engine, LocalEngine, Problems
 from .plan import MemoryPlan
-from .scoring import channel_values
 from .validation import MIN_OBSERVATIONS, fraction, integer
 
 __all__ = [
@@ -185,6 +185,7 @@ def split_half(
     resamples: int = 1000,
     chunk: int | None = None,
     ace_options: dict | None = None,
+    engine: Engine | None = None,
 ) -> dict[str, Any]:
     """Split-half reproducibility of one layer's channel ranking.
 
@@ -219,6 +220,8 @@ def split_half(
         ACE problems per call (default: as many as fit in about 128 MB).
     ace_options : dict, optional
         Keyword arguments for :func:`pcace.ace` (use those of the ranking).
+    engine : pcace.engine.Engine, optional
+        Where the ACE problems run (default: this process); the values do not depend on it.
 
     Returns
     -------
@@ -330,21 +333,15 @@ def split_half(
     values = np.zeros((s_count, 2, c))
     if live.size:
         idx = halves.reshape(s_count * 2, half)           # (2S, half)
-        total = idx.shape[0] * live.size                  # problems, half-major
         step = _DEFAULT_PLAN.ace_problems(half, k) if chunk is None else integer(chunk, "chunk")
-        flat = np.empty(total)
-        for start in range(0, total, step):
-            p = np.arange(start, min(start + step, total))
-            h, ch = p // live.size, live[p % live.size]
-            rows = idx[h]                                 # (b, half)
-            if on_gpu:
-                dev = z.device
-                xs = z[torch.as_tensor(ch, device=dev)[:, None], torch.as_tensor(rows, device=dev)]
-                ys = torch.as_tensor(y[rows], device=dev, dtype=xs.dtype)
-            else:
-                xs = z[ch[:, None], rows]                 # (b, half, k)
-                ys = y[rows]
-            flat[start:start + p.size] = channel_values(xs, ys, "maximal", options)
+        if on_gpu:
+            ys: Any = torch.as_tensor(y[idx], device=z.device, dtype=z.dtype)
+        else:
+            ys = y[idx]
+        problems = Problems(z, ys, live, order="row", images=idx)  # half-major, as before
+        run_on = LocalEngine() if engine is None else engine
+        flat = run_on.values(problems, chunk=step, score="maximal", ace_options=options,
+                             stage="split_half")
         values[:, :, live] = flat.reshape(s_count, 2, live.size)
     va, vb = values[:, 0], values[:, 1]
 
@@ -419,7 +416,7 @@ def split_half_table(
         As for :func:`split_half`; every layer gets the same splits of the images.
     **options
         Further keyword arguments of :func:`split_half` (``top``, ``level``,
-        ``resamples``, ``chunk``, ``ace_options``).
+        ``resamples``, ``chunk``, ``ace_options``, ``engine``).
 
     Returns
     -------

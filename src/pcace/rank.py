@@ -8,7 +8,9 @@ and returns a :class:`PCACEResult` with one row per channel and one per layer.
 
 from __future__ import annotations
 
+import contextvars
 import platform
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,6 +25,7 @@ import torch
 from . import __version__
 from .capture import Capture, capture, non_finite_error
 from .data import as_batches
+from .engine import Engine, EngineLost, Problems, resolve_engine
 from .layers import resolve_layers
 from .models import count_parameters, weights_hash
 from .plan import LayerRoute, MemoryPlan
@@ -288,6 +291,8 @@ def rank(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     on_step: Callable[[], None] | None = None,
+    engine: str | Engine = "local",
+    ray_address: str | None = None,
 ) -> PCACEResult:
     """Rank every channel of the chosen layers of ``model`` by PCACE.
 
@@ -413,6 +418,17 @@ def rank(
         :class:`pcace.interrupts.Interrupted`) while channels are scored returns the layers
         finished so far, with ``result.complete`` False; during the forward pass it
         propagates (nothing is finished yet).
+    engine : {"local", "ray"} or pcace.engine.Engine
+        Where the ACE problems (observed values, null, split-half, bootstrap) run:
+        ``"local"`` (default) in this process; ``"ray"`` as tasks on a Ray cluster
+        (``pip install "pcace[ray]"``; :mod:`pcace._ray_engine`). The same inputs and seed
+        give the same results on either. A cluster that goes away ends the run like an
+        interruption (finished layers kept, ``result.complete`` False). An engine object is
+        used as given and left open.
+    ray_address : str, optional
+        With ``engine="ray"``: ``"auto"`` joins the cluster running on this machine,
+        ``"HOST:PORT"`` (or ``"ray://HOST:PORT"``) another; None starts a local cluster
+        for the run.
 
     Returns
     -------
@@ -446,119 +462,130 @@ def rank(
     targets = _target_set(target, categories, per_label, label)
     names = resolve_layers(model, layers)
     ace_kwargs = dict(ace_options or {})
+    runner, owned = resolve_engine(engine, ray_address)
+    if progress and runner.name != "local":
+        print(f"pcace: {runner.summary()}", file=sys.stderr)
+    token = _ENGINE.set(runner)
+    try:
 
-    run = _Checkpoints.open(checkpoint_dir, resume, {
-        "weights_sha256": weights_hash(model), "layers": names,
-        "target": _targets_setting(target, targets, per_label), "components": components,
-        "score": score, "statistics": asdict(options), "pca_dtype": str(pca_dtype),
-        "ace": ace_kwargs, "device": dev.type, "memory_budget": plan.budget, "label": label,
-        **({"per_label": True} if per_label else {})})
-    todo = [n for n in names if n not in run.done]
-    shapes = {n: tuple(run.done[n].extra["shape"]) for n in names if n in run.done}
-    stored = {"forward_calls": 0, "seconds": 0.0, "spilled": [], "on_device": []}
-    t_captured = time.perf_counter()
-    if not todo:  # every layer finished before: the scores came with them
-        scores, labels = run.scores(), run.labels()
-        if targets.targets is None:
-            targets.expand(scores.shape[1])
-        groups = _groups(labels, targets, per_label, own_class=target is None)
-        _check_score_matrix(scores, groups, targets.labels)
-        scored = _score_layers(None, names, scores, groups, targets.labels, components, score,
-                               dev, plan, progress, ace_kwargs, options, pca_dtype, run, on_step)
-    else:
-        batches = as_batches(images, batch_size, label=label)
-        routes = _layer_routes(model, images, batches, todo, plan, dev, options, per_label)
-        two = _two_pass(images, routes, components, pca_dtype)
-        kept = [n for n in todo if n not in routes or routes[n].route != "moments"]
-        with capture(model, batches if two is None else two.watch(batches), kept, targets,
-                     device=dev, memory_budget=plan.store_bytes - plan.streamed_bytes(routes),
-                     check_finite=False, spill_dir=spill_dir, progress=progress,
-                     device_memory_budget=device_memory_budget, tune_malloc=tune_malloc,
-                     on_step=on_step, observers=None if two is None else two.hooks()) as cap, \
-                reusing_buffers():
-            scores = cap.scores
-            labels = _image_labels(batches, per_label)
+        run = _Checkpoints.open(checkpoint_dir, resume, {
+            "weights_sha256": weights_hash(model), "layers": names,
+            "target": _targets_setting(target, targets, per_label), "components": components,
+            "score": score, "statistics": asdict(options), "pca_dtype": str(pca_dtype),
+            "ace": ace_kwargs, "device": dev.type, "memory_budget": plan.budget, "label": label,
+            **({"per_label": True} if per_label else {})})
+        todo = [n for n in names if n not in run.done]
+        shapes = {n: tuple(run.done[n].extra["shape"]) for n in names if n in run.done}
+        stored = {"forward_calls": 0, "seconds": 0.0, "spilled": [], "on_device": []}
+        t_captured = time.perf_counter()
+        if not todo:  # every layer finished before: the scores came with them
+            scores, labels = run.scores(), run.labels()
+            if targets.targets is None:
+                targets.expand(scores.shape[1])
             groups = _groups(labels, targets, per_label, own_class=target is None)
             _check_score_matrix(scores, groups, targets.labels)
-            run.check_scores(scores, labels)
-            streamed = {} if two is None else two.second_pass(
-                model, batches, device=dev, progress=progress, tune_malloc=tune_malloc,
-                on_step=on_step)
-            shapes.update(cap.shapes)
-            shapes.update(two.shapes if two is not None else {})
-            stored = {"forward_calls": cap.forward_calls, "seconds": cap.seconds,
-                      "spilled": [n for n, s in cap.spilled.items() if s],
-                      "on_device": [n for n, s in cap.on_device.items() if s],
-                      "projection_seconds": 0.0 if two is None else two.seconds,
-                      "routes": _route_record(routes, cap.spilled, streamed)}
-            t_captured = time.perf_counter()
-            scored = _score_layers(cap, [n for n in names if n not in streamed], scores,
-                                   groups, targets.labels, components, score, dev, plan,
-                                   progress, ace_kwargs, options, pca_dtype, run, on_step)
-            _score_streamed(scored, streamed, scores, groups, targets.labels, score, plan,
-                            ace_kwargs, options, run, on_step)
-            order = {n: i for i, n in enumerate(names)}
-            scored.tables.sort(key=lambda t: order.get(t.layer.iloc[0], -1) if len(t) else -1)
-    t_end = time.perf_counter()
+            scored = _score_layers(None, names, scores, groups, targets.labels, components,
+                                   score, dev, plan, progress, ace_kwargs, options, pca_dtype,
+                                   run, on_step)
+        else:
+            batches = as_batches(images, batch_size, label=label)
+            routes = _layer_routes(model, images, batches, todo, plan, dev, options, per_label)
+            two = _two_pass(images, routes, components, pca_dtype)
+            kept = [n for n in todo if n not in routes or routes[n].route != "moments"]
+            with capture(model, batches if two is None else two.watch(batches), kept, targets,
+                         device=dev, memory_budget=plan.store_bytes - plan.streamed_bytes(routes),
+                         check_finite=False, spill_dir=spill_dir, progress=progress,
+                         device_memory_budget=device_memory_budget, tune_malloc=tune_malloc,
+                         on_step=on_step, observers=None if two is None else two.hooks()) as cap, \
+                    reusing_buffers():
+                scores = cap.scores
+                labels = _image_labels(batches, per_label)
+                groups = _groups(labels, targets, per_label, own_class=target is None)
+                _check_score_matrix(scores, groups, targets.labels)
+                run.check_scores(scores, labels)
+                streamed = {} if two is None else two.second_pass(
+                    model, batches, device=dev, progress=progress, tune_malloc=tune_malloc,
+                    on_step=on_step)
+                shapes.update(cap.shapes)
+                shapes.update(two.shapes if two is not None else {})
+                stored = {"forward_calls": cap.forward_calls, "seconds": cap.seconds,
+                          "spilled": [n for n, s in cap.spilled.items() if s],
+                          "on_device": [n for n, s in cap.on_device.items() if s],
+                          "projection_seconds": 0.0 if two is None else two.seconds,
+                          "routes": _route_record(routes, cap.spilled, streamed)}
+                t_captured = time.perf_counter()
+                scored = _score_layers(cap, [n for n in names if n not in streamed], scores,
+                                       groups, targets.labels, components, score, dev, plan,
+                                       progress, ace_kwargs, options, pca_dtype, run, on_step)
+                _score_streamed(scored, streamed, scores, groups, targets.labels, score, plan,
+                                ace_kwargs, options, run, on_step)
+                order = {n: i for i, n in enumerate(names)}
+                scored.tables.sort(key=lambda t: order.get(t.layer.iloc[0], -1) if len(t) else -1)
+        t_end = time.perf_counter()
 
-    channels = _channel_table(scored.tables, names)
-    layer_table = layer_summary(channels, {n: shapes[n] for n in names if n in shapes})
-    split_half = integer(split_half, "split_half", minimum=0)
-    _add_layer_statistics(layer_table, channels, scored, scores, groups, targets.labels,
-                          split_half, options.seed, ace_kwargs)
-    plain = len(targets) == 1 and not per_label
-    single = targets.targets[0] if len(targets) == 1 else None
+        channels = _channel_table(scored.tables, names)
+        layer_table = layer_summary(channels, {n: shapes[n] for n in names if n in shapes})
+        split_half = integer(split_half, "split_half", minimum=0)
+        _add_layer_statistics(layer_table, channels, scored, scores, groups, targets.labels,
+                              split_half, options.seed, ace_kwargs)
+        plain = len(targets) == 1 and not per_label
+        single = targets.targets[0] if len(targets) == 1 else None
 
-    manifest = {
-        "pcace_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": {"class": type(model).__name__, "parameters": count_parameters(model),
-                  "weights_sha256": weights_hash(model)},
-        "data": {"n_images": int(scores.shape[0]), "label": label,
-                 "skipped_images": int(getattr(images, "skipped", 0) or 0)},
-        "target": _describe_target(single) if single is not None else
-        {"kind": "several", "labels": targets.labels},
-        "target_description": "each label's own class logit, on that label's images"
-        if per_label and target is None else targets.describe(),
-        "targets": [_describe_target(t) for t in targets.targets or []],
-        "target_labels": targets.labels,
-        "per_label": bool(per_label),
-        "score": score,
-        "components": components,
-        "layers": names,
-        "shapes": {n: list(shapes[n]) for n in names if n in shapes},
-        "device": str(dev),
-        "seed": options.seed,
-        "permutations": options.permutations,
-        "split_half": split_half,
-        "alpha": 0.05,
-        "bootstrap": options.bootstrap,
-        "level": options.level,
-        "interval": interval,
-        "memory_budget": plan.budget,
-        "pca_dtype": str(pca_dtype).replace("torch.", ""),
-        "spilled_layers": stored["spilled"],
-        "device_layers": stored["on_device"],
-        "forward_calls": stored["forward_calls"],
-        "routes": stored.get("routes", {}),
-        "ace": {"delrsq": 0.01, "max_iter": 20, "alpha": 5.0, **ace_kwargs},
-        "timings": {"forward_and_capture": stored["seconds"],
-                    "projection_pass": stored.get("projection_seconds", 0.0),
-                    "reduce_and_ace": t_end - t_captured,
-                    "total": t_end - t_start},
-        "interrupted": scored.interrupted,
-        "interrupt_signal": scored.signal,
-        "complete": not scored.interrupted,
-        "layers_done": list(dict.fromkeys(t.layer.iloc[0] for t in scored.tables if len(t))),
-        "resumed_layers": sorted(run.done),
-        "stability": _stability_manifest(scored.stability, plain, per_label),
-        "versions": _versions(),
-    }
-    if per_label:
-        manifest["data"]["labels"] = {str(g.label): int(g.rows.size) for g in groups}
-        manifest["data"]["own_class"] = target is None
-    return PCACEResult(channels, layer_table, manifest, scored.components,
-                       scores[:, 0] if plain else scores, labels if per_label else None)
+        manifest = {
+            "pcace_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model": {"class": type(model).__name__, "parameters": count_parameters(model),
+                      "weights_sha256": weights_hash(model)},
+            "data": {"n_images": int(scores.shape[0]), "label": label,
+                     "skipped_images": int(getattr(images, "skipped", 0) or 0)},
+            "target": _describe_target(single) if single is not None else
+            {"kind": "several", "labels": targets.labels},
+            "target_description": "each label's own class logit, on that label's images"
+            if per_label and target is None else targets.describe(),
+            "targets": [_describe_target(t) for t in targets.targets or []],
+            "target_labels": targets.labels,
+            "per_label": bool(per_label),
+            "score": score,
+            "components": components,
+            "layers": names,
+            "shapes": {n: list(shapes[n]) for n in names if n in shapes},
+            "device": str(dev),
+            "seed": options.seed,
+            "permutations": options.permutations,
+            "split_half": split_half,
+            "alpha": 0.05,
+            "bootstrap": options.bootstrap,
+            "level": options.level,
+            "interval": interval,
+            "memory_budget": plan.budget,
+            "pca_dtype": str(pca_dtype).replace("torch.", ""),
+            "spilled_layers": stored["spilled"],
+            "device_layers": stored["on_device"],
+            "forward_calls": stored["forward_calls"],
+            "routes": stored.get("routes", {}),
+            "ace": {"delrsq": 0.01, "max_iter": 20, "alpha": 5.0, **ace_kwargs},
+            "timings": {"forward_and_capture": stored["seconds"],
+                        "projection_pass": stored.get("projection_seconds", 0.0),
+                        "reduce_and_ace": t_end - t_captured,
+                        "total": t_end - t_start},
+            "engine": runner.describe(),
+            "interrupted": scored.interrupted,
+            "interrupt_signal": scored.signal,
+            "complete": not scored.interrupted,
+            "layers_done": list(dict.fromkeys(t.layer.iloc[0] for t in scored.tables if len(t))),
+            "resumed_layers": sorted(run.done),
+            "stability": _stability_manifest(scored.stability, plain, per_label),
+            "versions": _versions(),
+        }
+        if per_label:
+            manifest["data"]["labels"] = {str(g.label): int(g.rows.size) for g in groups}
+            manifest["data"]["own_class"] = target is None
+        return PCACEResult(channels, layer_table, manifest, scored.components,
+                           scores[:, 0] if plain else scores, labels if per_label else None)
+    finally:
+        _ENGINE.reset(token)
+        if owned:
+            runner.close()
 
 
 # --- targets and image groups -------------------------------------------------------------------
@@ -708,7 +735,7 @@ def _add_group_evidence(layers: pd.DataFrame, channels: pd.DataFrame, scored: Sc
             comps = {key[0]: z for key, z in scored.components.items()
                      if key[1] == group.label}
         split = split_half_table(comps, scores, splits=split_half, seed=seed,
-                                 ace_options=ace_kwargs)
+                                 ace_options=ace_kwargs, engine=_engine())
     if "q_value" not in channels.columns and split is None:
         return
     evidence = layer_evidence(channels[mine], split, n_images=int(scores.size))
@@ -842,10 +869,11 @@ def _score_layers(cap: Capture | None, names: list[str], scores: np.ndarray,
                 out.stability[name] = stability
             run.save(name, table, stability or None, comps, scores, cap.shapes[name],
                      None if not grouped else _labels_of(groups, len(scores)))
-    except (KeyboardInterrupt, Interrupted) as err:
+    except (KeyboardInterrupt, Interrupted, EngineLost) as err:
         out.interrupted = True
         out.signal = getattr(err, "signum", None)
-        warnings.warn(f"interrupted: returning the {len(out.tables)} layers scored so far",
+        why = f"{err}; " if isinstance(err, EngineLost) else ""
+        warnings.warn(f"interrupted: {why}returning the {len(out.tables)} layers scored so far",
                       stacklevel=3)
     finally:
         bar.close()
@@ -969,6 +997,17 @@ class _BlockScores:
     boot: np.ndarray | None      # (c, T, B)
 
 
+#: The engine of the rank call in progress (None: this process, the local engine's way).
+_ENGINE: contextvars.ContextVar[Engine | None] = contextvars.ContextVar("pcace_engine",
+                                                                        default=None)
+
+
+def _engine() -> Engine | None:
+    """The engine of the rank call in progress, unless the cluster was lost (then local)."""
+    engine = _ENGINE.get()
+    return engine if engine is not None and engine.alive else None
+
+
 def score_reduction(red: Reduction, scores: np.ndarray, score: str = "maximal",
                     ace_options: dict | None = None, plan: MemoryPlan | None = None
                     ) -> np.ndarray:
@@ -990,7 +1029,20 @@ def score_reduction(red: Reduction, scores: np.ndarray, score: str = "maximal",
     """
     n, k = red.scores.shape[1], max(1, red.scores.shape[2])
     chunk = (plan or MemoryPlan.from_budget(2 * 2**30)).ace_problems(n, k)
-    return target_values(red, scores, score, ace_options, chunk)
+    engine = _engine()
+    if engine is None or engine.name == "local":
+        return target_values(red, scores, score, ace_options, chunk)
+    values = np.zeros((red.scores.shape[0], scores.shape[1]))
+    live = np.flatnonzero(~red.dead.cpu().numpy())
+    if live.size:
+        z = red.scores.to(torch.float64)
+        ys = torch.as_tensor(np.ascontiguousarray(scores.T), dtype=torch.float64,
+                             device=z.device)
+        problems = Problems(z, ys, live, order="channel")
+        values[live] = engine.values(problems, chunk=chunk, score=score,
+                                     ace_options=ace_options or {},
+                                     stage="observed").reshape(live.size, scores.shape[1])
+    return values
 
 
 def _score_block(name: str, chans: slice, block: torch.Tensor, scores: np.ndarray,
@@ -1011,6 +1063,7 @@ def _score_block(name: str, chans: slice, block: torch.Tensor, scores: np.ndarra
         maps = block.transpose(0, 1).cpu()
         boot = bootstrap_values(
             maps, scores, components, options.bootstrap, options.seed, score=score,
+            engine=_engine(),
             ace_options=ace_kwargs, scheme=interval_scheme(options.interval),
             chunk=plan.replicates_per_call(maps.shape[0] // 2 if options.interval ==
                                            "half-sample" else maps.shape[0],
@@ -1038,7 +1091,7 @@ def _add_statistics(table: pd.DataFrame, z: torch.Tensor, scores: np.ndarray,
     observed = table.pcace.to_numpy()
     stability = None
     if options.permutations:
-        null = permutation_null(z, scores, options.permutations, options.seed,
+        null = permutation_null(z, scores, options.permutations, options.seed, engine=_engine(),
                                 chunk=plan.ace_problems(z.shape[1], z.shape[2]), score=score,
                                 ace_options=ace_kwargs)
         summary = null_summary(observed, null)
@@ -1151,8 +1204,9 @@ def _score_streamed(out: ScoredLayers, streamed: dict[str, Any], scores: np.ndar
             run.save(name, table, stability or None, {None: comp}, scores, layer.shape)
             if on_step is not None:
                 on_step()
-    except (KeyboardInterrupt, Interrupted) as err:
+    except (KeyboardInterrupt, Interrupted, EngineLost) as err:
         out.interrupted = True
         out.signal = getattr(err, "signum", None)
-        warnings.warn(f"interrupted: returning the {len(out.tables)} layers scored so far",
+        why = f"{err}; " if isinstance(err, EngineLost) else ""
+        warnings.warn(f"interrupted: {why}returning the {len(out.tables)} layers scored so far",
                       stacklevel=3)

@@ -67,8 +67,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .engine import Engine, LocalEngine, Problems
 from .plan import MemoryPlan
-from .scoring import channel_values
 from .validation import MIN_OBSERVATIONS, float64_array, fraction, integer, score_kind
 from .validation import maps as check_maps
 from .validation import scores as check_scores
@@ -134,6 +134,7 @@ def permutation_null(
     score: str = "maximal",
     ace_options: dict | None = None,
     progress: bool = False,
+    engine: Engine | None = None,
 ) -> np.ndarray:
     """PCACE values of every channel against ``B`` permutations of the score.
 
@@ -167,6 +168,9 @@ def permutation_null(
         observed values).
     progress : bool, default False
         Show a progress bar on stderr.
+    engine : pcace.engine.Engine, optional
+        Where the ACE problems run (default: this process, :class:`pcace.engine.LocalEngine`;
+        a Ray engine fans them out over a cluster with the same values).
 
     Returns
     -------
@@ -221,28 +225,20 @@ def permutation_null(
     live = np.flatnonzero((zt != 0).flatten(1).any(dim=1).cpu().numpy())
     if live.size == 0:
         return null
-    z_live = zt[torch.as_tensor(live, device=zt.device)]
     if on_gpu:
         y_src: Any = torch.as_tensor(y_perm, device=zt.device)
+        z_src: Any = zt
     else:
-        z_live = z_live.numpy()
-        y_src = y_perm
-    total = live.size * b_count
-    flat = np.empty(total, dtype=np.float64)
+        y_src, z_src = y_perm, zt.numpy()
+    problems = Problems(z_src, y_src, live, order="channel")  # channel-major, as before
 
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc="permutation null", unit="fit", disable=not progress) as bar:
-        for start in range(0, total, step):
-            idx = np.arange(start, min(start + step, total))
-            ch, pm = idx // b_count, idx % b_count
-            if on_gpu:
-                xs = z_live[torch.as_tensor(ch, device=zt.device)]
-                ys = y_src[torch.as_tensor(pm, device=zt.device)]
-            else:
-                xs, ys = z_live[ch], y_src[pm]
-            flat[start:start + idx.size] = channel_values(xs, ys, score, options)
-            bar.update(idx.size)
+    run_on = LocalEngine() if engine is None else engine
+    with tqdm(total=len(problems), desc="permutation null", unit="fit",
+              disable=not progress) as bar:
+        flat = run_on.values(problems, chunk=step, score=score, ace_options=options,
+                             stage="null", progress=bar.update)
     null[live] = flat.reshape(live.size, b_count)
     return null
 
@@ -454,6 +450,7 @@ def bootstrap_values(
     ace_options: dict | None = None,
     reduce_options: dict | None = None,
     progress: bool = False,
+    engine: Engine | None = None,
 ) -> np.ndarray:
     """PCACE values of every channel on ``B`` resamples of the images.
 
@@ -502,6 +499,9 @@ def bootstrap_values(
         :func:`pcace.reduce.principal_components`.
     progress : bool, default False
         Show a progress bar on stderr.
+    engine : pcace.engine.Engine, optional
+        Where the ACE problems of each batch of replicates run (default: this process;
+        the resampling and PCA stay here). The values do not depend on it.
 
     Returns
     -------
@@ -565,6 +565,7 @@ def bootstrap_values(
         else integer(chunk, "chunk")
     t = y.shape[1]
     out = np.zeros((c, t, b_count), dtype=np.float64)
+    run_on = LocalEngine() if engine is None else engine
 
     from tqdm.auto import tqdm
 
@@ -577,7 +578,7 @@ def bootstrap_values(
             red = principal_components(stacked, components, **red_options)
             for j in range(t):
                 values = _replicate_values(red, np.repeat(y[reps, j], c, axis=0), score,
-                                           options)  # scores (r*c, N), channel order
+                                           options, run_on)  # scores (r*c, N), channel order
                 out[:, j, start:start + r] = values.reshape(r, c).T
             bar.update(r)
     return out[:, 0] if single else out
@@ -591,7 +592,8 @@ def _score_columns(scores: Any, n: int) -> np.ndarray:
     return check_scores(raw, n)[:, None]
 
 
-def _replicate_values(red: Any, ys: np.ndarray, score: str, options: dict) -> np.ndarray:
+def _replicate_values(red: Any, ys: np.ndarray, score: str, options: dict,
+                      engine: Engine) -> np.ndarray:
     """Values of the stacked replicate channels of ``red`` against their scores ``ys``."""
     z = red.scores
     dead = red.dead.cpu().numpy()
@@ -600,11 +602,13 @@ def _replicate_values(red: Any, ys: np.ndarray, score: str, options: dict) -> np
     if live.size:
         if z.device.type == "cpu":
             zl = z[torch.as_tensor(live)].to(torch.float64).numpy()
-            values[live] = channel_values(zl, ys[live], score, options)
+            problems = Problems(zl, ys[live], np.arange(live.size), order="paired")
         else:
             zl = z[torch.as_tensor(live, device=z.device)].to(torch.float64)
-            values[live] = channel_values(
-                zl, torch.as_tensor(ys[live], device=z.device), score, options)
+            problems = Problems(zl, torch.as_tensor(ys[live], device=z.device),
+                                np.arange(live.size), order="paired")
+        values[live] = engine.values(problems, chunk=max(1, live.size), score=score,
+                                     ace_options=options, stage="bootstrap")
     return values
 
 
