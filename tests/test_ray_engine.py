@@ -263,6 +263,11 @@ def test_cli_joins_a_cluster_by_address(cluster, shared_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PCACE_RAY_LOST_TEST") != "1",
+                    reason="kills the cluster this test process is a driver of: when Ray's "
+                    "raylet dies first, Ray ends the driver process at once (its own rule), "
+                    "which would end the whole test session; run it alone with "
+                    "PCACE_RAY_LOST_TEST=1")
 def test_a_lost_cluster_ends_like_an_interruption(cluster, resnet_cats, tmp_path):
     """Last in this module: it kills the module's cluster."""
     import pcace

@@ -1030,7 +1030,7 @@ def score_reduction(red: Reduction, scores: np.ndarray, score: str = "maximal",
     n, k = red.scores.shape[1], max(1, red.scores.shape[2])
     chunk = (plan or MemoryPlan.from_budget(2 * 2**30)).ace_problems(n, k)
     engine = _engine()
-    if engine is None or engine.name == "local":
+    if engine is None:  # called on its own, outside a rank call
         return target_values(red, scores, score, ace_options, chunk)
     values = np.zeros((red.scores.shape[0], scores.shape[1]))
     live = np.flatnonzero(~red.dead.cpu().numpy())
