@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .engine import Engine, EngineLost, Problems
+from .engine import Engine, EngineLost, Problems, solve_in_process
 
 #: Seconds per (observation x predictor) of one ACE problem on one core (measured:
 #: 3.7e-7 on an idle 2-core Xeon at N = 300, k = 3; 1.3e-6 to 1.8e-6 under load 5).
@@ -254,7 +254,7 @@ class RayEngine(Engine):
         total = len(problems)
         estimate = SECONDS_PER_VALUE * total * problems.observations * problems.predictors
         if estimate < self.inline_seconds:
-            return _inline(problems, chunk, score, options, progress)
+            return solve_in_process(problems, chunk, score, options, progress)
         ray = self._connected()
         on_cpu = _to_numpy(problems)
         size = self.task_size(on_cpu, chunk)
@@ -346,18 +346,6 @@ def _reachable(address: str | None, timeout: float = 1.0) -> bool:
     except (OSError, ValueError):
         return True  # a slow or odd network: let Ray decide
     return True
-
-
-def _inline(problems: Problems, chunk: int, score: str, options: dict,
-            progress: Callable[[int], Any] | None) -> np.ndarray:
-    total = len(problems)
-    flat = np.empty(total, dtype=np.float64)
-    for lo in range(0, total, chunk):
-        hi = min(lo + chunk, total)
-        flat[lo:hi] = problems.solve(lo, hi, score, options)
-        if progress is not None:
-            progress(hi - lo)
-    return flat
 
 
 def _to_numpy(problems: Problems) -> Problems:

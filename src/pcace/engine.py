@@ -236,14 +236,20 @@ class LocalEngine(Engine):
 
     def _solve(self, problems: Problems, chunk: int, score: str, options: dict,
                progress: Callable[[int], Any] | None) -> np.ndarray:
-        total = len(problems)
-        flat = np.empty(total, dtype=np.float64)
-        for lo in range(0, total, chunk):
-            hi = min(lo + chunk, total)
-            flat[lo:hi] = problems.solve(lo, hi, score, options)
-            if progress is not None:
-                progress(hi - lo)
-        return flat
+        return solve_in_process(problems, chunk, score, options, progress)
+
+
+def solve_in_process(problems: Problems, chunk: int, score: str, options: dict,
+                     progress: Callable[[int], Any] | None = None) -> np.ndarray:
+    """All of ``problems`` in this process, ``chunk`` at a time, in problem order."""
+    total = len(problems)
+    flat = np.empty(total, dtype=np.float64)
+    for lo in range(0, total, chunk):
+        hi = min(lo + chunk, total)
+        flat[lo:hi] = problems.solve(lo, hi, score, options)
+        if progress is not None:
+            progress(hi - lo)
+    return flat
 
 
 def resolve_engine(engine: str | Engine | None = "local", address: str | None = None,

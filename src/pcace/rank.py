@@ -870,11 +870,7 @@ def _score_layers(cap: Capture | None, names: list[str], scores: np.ndarray,
             run.save(name, table, stability or None, comps, scores, cap.shapes[name],
                      None if not grouped else _labels_of(groups, len(scores)))
     except (KeyboardInterrupt, Interrupted, EngineLost) as err:
-        out.interrupted = True
-        out.signal = getattr(err, "signum", None)
-        why = f"{err}; " if isinstance(err, EngineLost) else ""
-        warnings.warn(f"interrupted: {why}returning the {len(out.tables)} layers scored so far",
-                      stacklevel=3)
+        _stopped(out, err)
     finally:
         bar.close()
     return out
@@ -913,6 +909,15 @@ def _group_result(name: str, group: _Group, acc: _Accumulated, targets: list[str
         if stab is not None:
             stability[(group.label, target)] = stab
     return pd.concat(tables, ignore_index=True), stability, z
+
+
+def _stopped(out: ScoredLayers, err: BaseException) -> None:
+    """Mark a scoring stage stopped by a signal or a lost cluster; keep what it finished."""
+    out.interrupted = True
+    out.signal = getattr(err, "signum", None)
+    why = f"{err}; " if isinstance(err, EngineLost) else ""
+    warnings.warn(f"interrupted: {why}returning the {len(out.tables)} layers scored so far",
+                  stacklevel=4)
 
 
 class _Checkpoints:
@@ -1205,8 +1210,4 @@ def _score_streamed(out: ScoredLayers, streamed: dict[str, Any], scores: np.ndar
             if on_step is not None:
                 on_step()
     except (KeyboardInterrupt, Interrupted, EngineLost) as err:
-        out.interrupted = True
-        out.signal = getattr(err, "signum", None)
-        why = f"{err}; " if isinstance(err, EngineLost) else ""
-        warnings.warn(f"interrupted: {why}returning the {len(out.tables)} layers scored so far",
-                      stacklevel=3)
+        _stopped(out, err)
