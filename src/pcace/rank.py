@@ -467,9 +467,9 @@ def rank(
         print(f"pcace: {runner.summary()}", file=sys.stderr)
     token = _ENGINE.set(runner)
     try:
-
+        weights = weights_hash(model)  # hashes every parameter: once per run
         run = _Checkpoints.open(checkpoint_dir, resume, {
-            "weights_sha256": weights_hash(model), "layers": names,
+            "weights_sha256": weights, "layers": names,
             "target": _targets_setting(target, targets, per_label), "components": components,
             "score": score, "statistics": asdict(options), "pca_dtype": str(pca_dtype),
             "ace": ace_kwargs, "device": dev.type, "memory_budget": plan.budget, "label": label,
@@ -535,7 +535,7 @@ def rank(
             "pcace_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model": {"class": type(model).__name__, "parameters": count_parameters(model),
-                      "weights_sha256": weights_hash(model)},
+                      "weights_sha256": weights},
             "data": {"n_images": int(scores.shape[0]), "label": label,
                      "skipped_images": int(getattr(images, "skipped", 0) or 0)},
             "target": _describe_target(single) if single is not None else
