@@ -517,3 +517,62 @@ def test_bad_iteration_settings(kw, message):
     rng = np.random.default_rng(5)
     with pytest.raises(ValueError, match=message):
         ace(rng.normal(size=(50, 2)), rng.normal(size=50), **kw)
+
+
+# --- problems that share their data: set-up done once per channel and per response ---
+
+def _shared_case(seed=3, n=240):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(4, n, 3))
+    z[1, :, 2] = np.round(z[1, :, 2])          # ties in a predictor
+    z[2, :, 1] = 0.0                           # a constant predictor column
+    y = z[0, :, 0] ** 2 + 0.3 * rng.normal(size=n)
+    base = np.round(y, 1)                      # ties in the response
+    ys = np.stack([base] + [base[rng.permutation(n)] for _ in range(5)]
+                  + [rng.normal(size=n)])      # permutations of one score, then another
+    return z, ys
+
+
+@pytest.mark.parametrize("order", ["channel", "row"])
+def test_ace_shared_equals_ace_on_the_gathered_problems(order):
+    from pcace.ace import ace_shared
+
+    z, ys = _shared_case()
+    c, r = np.meshgrid(np.arange(len(z)), np.arange(len(ys)), indexing="ij")
+    if order == "row":
+        c, r = c.T, r.T
+    channels, rows = c.ravel(), r.ravel()
+    rho, first = ace_shared(z, ys, channels, rows)
+    gathered = ace(z[channels], ys[rows])
+    np.testing.assert_array_equal(rho, gathered.rho)
+    phi0, theta = gathered.phi[..., 0], gathered.theta
+    a = phi0 - phi0.mean(1, keepdims=True)
+    b = theta - theta.mean(1, keepdims=True)
+    expected = np.abs((a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1)))
+    np.testing.assert_allclose(first, expected, atol=1e-12)
+
+
+def test_ace_shared_checks_its_input():
+    from pcace.ace import ace_shared
+
+    z, ys = _shared_case()
+    ys_bad = ys.copy()
+    ys_bad[2] = 1.0
+    with pytest.raises(ValueError, match="constant"):
+        ace_shared(z, ys_bad, np.array([0]), np.array([2]))
+    z_bad = z.copy()
+    z_bad[3, 5, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        ace_shared(z_bad, ys, np.array([3]), np.array([0]))
+    with pytest.raises(ValueError, match="same n"):
+        ace_shared(z, ys[:, :-1], np.array([0]), np.array([0]))
+
+
+def test_response_orders_join_permutations_of_one_score():
+    from pcace.ace import response_orders
+
+    z, ys = _shared_case()
+    orders, groups = response_orders(ys)
+    assert groups.tolist() == [0] * 6 + [1]
+    for r in range(len(ys)):
+        np.testing.assert_array_equal(orders[r], np.argsort(ys[r], kind="mergesort"))

@@ -271,8 +271,32 @@ def _smooth(kind, ax, y, alpha):
 
 
 @njit(cache=True)
+def _x_axes(x):
+    """Sort orders and smoother axes of every column of one problem's ``x`` (n, k)."""
+    n, k = x.shape
+    orders = np.empty((k, n), np.int64)
+    axes = []
+    for j in range(k):
+        order = np.argsort(x[:, j], kind="mergesort")
+        orders[j] = order
+        axes.append(_axis(x[order, j]))
+    return orders, axes
+
+
+@njit(cache=True)
 def _one(x, y, x_kinds, y_kind, delrsq, max_iter, alpha, nterm,
          theta, phi):
+    orders, axes = _x_axes(x)
+    y_order = np.argsort(y, kind="mergesort")
+    y_ax = _axis(y[y_order])
+    return _solve(x, y, orders, axes, y_order, y_ax, x_kinds, y_kind, delrsq, max_iter,
+                  alpha, nterm, theta, phi)
+
+
+@njit(cache=True)
+def _solve(x, y, orders, axes, y_order, y_ax, x_kinds, y_kind, delrsq, max_iter, alpha,
+           nterm, theta, phi):
+    """One problem given the sorted axes of its columns and of its response."""
     n, k = x.shape
     ym = y.mean()
     sd = np.sqrt(np.mean((y - ym) ** 2))
@@ -284,15 +308,6 @@ def _one(x, y, x_kinds, y_kind, delrsq, max_iter, alpha, nterm,
     coef = np.linalg.pinv(xc.T @ xc) @ (xc.T @ theta)
     for j in range(k):
         phi[:, j] = xc[:, j] * coef[j]
-
-    orders = np.empty((k, n), np.int64)
-    axes = []
-    for j in range(k):
-        order = np.argsort(x[:, j], kind="mergesort")
-        orders[j] = order
-        axes.append(_axis(x[order, j]))
-    y_order = np.argsort(y, kind="mergesort")
-    y_ax = _axis(y[y_order])
 
     rsq = 0.0
     history = np.full(nterm, 100.0)
@@ -384,3 +399,60 @@ def ace_batch(x, y, x_kinds, y_kind, delrsq, max_iter, alpha):
                     np.int64(max_iter), float(alpha), rho, rsq, theta, phi, iterations,
                     converged)
     return rho, rsq, theta, phi, iterations, converged
+
+
+@njit(cache=True)
+def _first_correlation(phi, theta):
+    """``|corr(phi[:, 0], theta)|``, 0 where one side is constant."""
+    a = phi[:, 0] - phi[:, 0].mean()
+    b = theta - theta.mean()
+    den = np.sqrt(np.sum(a * a) * np.sum(b * b))
+    return abs(np.sum(a * b) / den) if den > 0 else 0.0
+
+
+@njit(nogil=True, cache=True)
+def _indexed_range(lo, hi, z, ys, y_orders, y_groups, channels, rows, x_kinds, y_kind,
+                   delrsq, max_iter, alpha, rho, first, iterations,
+                   converged):  # pragma: no cover - compiled
+    n, k = z.shape[1], z.shape[2]
+    theta = np.empty(n)
+    phi = np.empty((n, k))
+    c_now = channels[lo]
+    orders, axes = _x_axes(z[c_now])
+    g_now = y_groups[rows[lo]]
+    y_ax = _axis(ys[rows[lo]][y_orders[rows[lo]]])
+    for i in range(lo, hi):
+        c, r = channels[i], rows[i]
+        if c != c_now:
+            c_now = c
+            orders, axes = _x_axes(z[c])
+        if y_groups[r] != g_now:
+            g_now = y_groups[r]
+            y_ax = _axis(ys[r][y_orders[r]])
+        v, _, it, ok = _solve(z[c], ys[r], orders, axes, y_orders[r], y_ax, x_kinds, y_kind,
+                              delrsq, max_iter, alpha, 3, theta, phi)
+        rho[i] = v
+        first[i] = _first_correlation(phi, theta)
+        iterations[i] = it
+        converged[i] = ok
+
+
+def ace_indexed(z, ys, y_orders, y_groups, channels, rows, x_kinds, y_kind, delrsq,
+                max_iter, alpha):
+    """Problems ``(z[channels[i]], ys[rows[i]])`` without gathering them.
+
+    ``y_orders`` holds each row's stable sort order, ``y_groups`` a label per row, equal
+    for consecutive rows whose sorted values are equal (permutations of one score).
+    Consecutive problems that share a channel share its sorted axes, and those whose rows
+    share a group share the response's axis: the sorting and smoother set-up of a
+    permutation null is done once per channel, not once per permutation.
+    """
+    b = channels.size
+    rho = np.empty(b)
+    first = np.empty(b)
+    iterations = np.empty(b, np.int64)
+    converged = np.empty(b, np.bool_)
+    parallel_ranges(_indexed_range, b, z, ys, y_orders, y_groups, channels, rows, x_kinds,
+                    np.int64(y_kind), float(delrsq), np.int64(max_iter), float(alpha), rho,
+                    first, iterations, converged)
+    return rho, first, iterations, converged

@@ -41,9 +41,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .ace import ace_shared, response_orders
 from .scoring import channel_values
+from .validation import score_kind
 
 __all__ = ["Engine", "EngineLost", "LocalEngine", "Problems", "resolve_engine"]
+
+#: ``ace_options`` the shared-set-up solver takes (the rest go to :func:`pcace.ace`).
+_SHARED_OPTIONS = {"x_kind", "y_kind", "delrsq", "max_iter", "alpha", "backend", "dtype"}
 
 #: Engine names :func:`resolve_engine` accepts.
 ENGINES = ("local", "ray")
@@ -157,8 +162,39 @@ class Problems:
     def solve(self, lo: int, hi: int, score: str = "maximal",
               ace_options: dict | None = None) -> np.ndarray:
         """Values of problems ``lo .. hi - 1`` (:func:`pcace.scoring.channel_values`)."""
+        options = dict(ace_options or {})
+        if self._shares_setup(options):
+            ch, rows = self.index(lo, hi)
+            settings = {k: v for k, v in options.items() if k not in ("backend", "dtype")}
+            used, local = np.unique(rows, return_inverse=True)
+            rho, first = ace_shared(self.z, np.asarray(self.ys)[used], ch, local,
+                                    orders=self._response_orders(used), **settings)
+            return np.clip(rho, 0.0, 1.0) if score_kind(score) == "maximal" else first
         xs, ys = self.take(lo, hi)
-        return channel_values(xs, ys, score, ace_options)
+        return channel_values(xs, ys, score, options)
+
+    def _shares_setup(self, options: dict) -> bool:
+        """Whether :func:`pcace.ace.ace_shared` can solve these problems (CPU, all images)."""
+        return (self.images is None and not isinstance(self.z, torch.Tensor)
+                and not isinstance(self.ys, torch.Tensor)
+                and set(options) <= _SHARED_OPTIONS and options.get("backend", "auto") != "torch"
+                and options.get("dtype") in (None, torch.float64))
+
+    def _response_orders(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sort orders and group labels of score rows ``rows``, each sorted once per set."""
+        cache = self.__dict__.setdefault("_orders", {})
+        missing = [int(r) for r in rows if int(r) not in cache]
+        if missing:
+            orders, _ = response_orders(np.asarray(self.ys, dtype=np.float64)[missing])
+            for r, order in zip(missing, orders, strict=True):
+                values = np.asarray(self.ys[r], dtype=np.float64)[order]
+                last = self.__dict__.get("_last_sorted")
+                if last is None or not np.array_equal(values, last[1]):
+                    last = (len({g for _, g in cache.values()}), values)
+                    self.__dict__["_last_sorted"] = last
+                cache[r] = (order, last[0])
+        return (np.stack([cache[int(r)][0] for r in rows]),
+                np.array([cache[int(r)][1] for r in rows], dtype=np.int64))
 
 
 @dataclass
