@@ -9,6 +9,9 @@ uint8 cache under /tmp and normalised per batch by a Dataset, so the input costs
     .venv/bin/python benchmarks/bench_scale.py --n 5000
     .venv/bin/python benchmarks/bench_scale.py --n 50000
     .venv/bin/python benchmarks/bench_scale.py --n 5000 --budget 2147483648   # streamed
+
+``rank`` runs without the permutation null and split-half check by default (the ratio
+measures the pipeline); ``--permutations 100 --split-half 10`` times rank's defaults.
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ class Normalised(torch.utils.data.Dataset):
         return (x - self.mean) / self.std
 
 
-def measure(mode: str, n: int, batch: int, shared: Path, budget: str = "auto") -> dict:
+def measure(mode: str, n: int, batch: int, shared: Path, budget: str = "auto",
+            permutations: int = 0, split_half: int = 0) -> dict:
     import pcace
     from pcace.models import load_model
 
@@ -80,7 +84,8 @@ def measure(mode: str, n: int, batch: int, shared: Path, budget: str = "auto") -
                 model(x)[:, 3].numpy()
     else:
         res = pcace.rank(model, loader, target=3, progress=False, device="cpu",
-                         memory_budget=budget if budget == "auto" else int(float(budget)))
+                         memory_budget=budget if budget == "auto" else int(float(budget)),
+                         permutations=permutations, split_half=split_half)
         routes = res.manifest["routes"]
         out["routes"] = {r: sum(v["route"] == r for v in routes.values())
                          for r in ("in-memory", "spilled", "moments")}
@@ -98,18 +103,22 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--shared", type=Path, default=SHARED)
     ap.add_argument("--budget", default="auto", help="memory_budget in bytes, or auto")
+    ap.add_argument("--permutations", type=int, default=0,
+                    help="rank's permutation null (0: the pipeline alone, the ratio's measure)")
+    ap.add_argument("--split-half", type=int, default=0, help="rank's split-half check (0)")
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.n, args.batch_size, args.shared,
-                                 args.budget)))
+                                 args.budget, args.permutations, args.split_half)))
         return
     images_uint8(args.shared)
     results = {}
     for mode in ("forward", "rank"):
         cmd = [sys.executable, __file__, "--child", mode, "--n", str(args.n),
                "--batch-size", str(args.batch_size), "--shared", str(args.shared),
-               "--budget", args.budget]
+               "--budget", args.budget, "--permutations", str(args.permutations),
+               "--split-half", str(args.split_half)]
         done = subprocess.run(cmd, check=True, capture_output=True, text=True)
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
         print(json.dumps(results[mode]), flush=True)

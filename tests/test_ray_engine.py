@@ -300,3 +300,32 @@ def test_a_lost_cluster_ends_like_an_interruption(cluster, resnet_cats, tmp_path
     assert result.manifest["engine"]["connected"] is False
     assert not ray.is_initialized()  # nothing was started behind the caller's back
     assert list(ckpt.glob("checkpoints/layer-*.npz"))
+
+
+def test_streamed_layers_run_on_the_workers(cluster, resnet_cats, monkeypatch):
+    """Layers on the two-pass route: on Ray both passes run on actors that got the model
+    and the images through the object store; two targets and a null equal the local run
+    (whose passes run in this process) to 1e-9."""
+    import pcace
+    from pcace.plan import LayerRoute, MemoryPlan
+
+    address, _ = cluster
+    model, images = resnet_cats
+
+    def routes(self, shapes, n, run_images=256):
+        return {k: LayerRoute("moments", "forced by the test", 0, 2, tuple(s))
+                for k, s in shapes.items()}
+
+    monkeypatch.setattr(MemoryPlan, "routes", routes)
+    kw = dict(target=[3, 5], layers=LAYERS, progress=False, device="cpu", permutations=20,
+              split_half=2, seed=3, batch_size=50)
+    local = pcace.rank(model, images, **kw)
+    remote = pcace.rank(model, images, engine="ray", ray_address=address, **kw)
+    stages = remote.manifest["engine"]["stage_seconds"]
+    assert {"forward_moments", "forward_project", "observed", "null"} <= set(stages)
+    assert "forward_moments" not in local.manifest["engine"]["stage_seconds"]
+    np.testing.assert_array_equal(remote.scores, local.scores)
+    cols = ["pcace", "null_mean", "p_value", "q_value"]
+    np.testing.assert_allclose(remote.channels[cols].to_numpy(),
+                               local.channels[cols].to_numpy(), rtol=0, atol=1e-9)
+    assert {r["route"] for r in remote.manifest["routes"].values()} == {"moments"}

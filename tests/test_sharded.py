@@ -66,4 +66,4 @@ def test_worker_rebuilds_model_and_data_from_specs(shared_dir):
                          mean=list(CIFAR_MEAN), std=list(CIFAR_STD))
     worker = ShardWorker(loaded.spec, data, ["layer1.0.conv1"], 3, batch_size=16)
     moments, scores = worker.moments(10, 40)
-    assert len(worker) == 40 and moments["layer1.0.conv1"].count == 30 and scores.shape == (30,)
+    assert len(worker) == 40 and moments["layer1.0.conv1"]["count"] == 30 and scores.shape == (30,)

@@ -192,3 +192,71 @@ def test_memory_of_first_pass_does_not_grow_with_n():
     assert grown_mib < 60, (small, large)
     total_mib = (large["peak_kib"] - small["peak_kib"]) / 1024
     assert total_mib < 250, (small, large)
+
+
+class _InProcessWorkers(pcace.engine.LocalEngine):
+    """An engine whose 'workers' are objects in this process: the sharded route of rank."""
+
+    def __init__(self):
+        super().__init__(name="in-process-workers")
+        self.shards = []
+
+    def slots(self):
+        return 2
+
+    def map_shards(self, cls, args, kwargs, method, bounds, extra=()):
+        import copy
+        import pickle
+
+        self.shards.append((method, list(bounds)))
+        worker = cls(*pickle.loads(pickle.dumps(copy.deepcopy(args))), **kwargs)
+        return [getattr(worker, method)(lo, hi, *extra) for lo, hi in bounds]
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_streamed_layers_on_workers_equal_the_one_process_passes(cifar, monkeypatch, mixed):
+    """float32 products (the default): the workers' shards add up to the one-process pass's
+    runs, so values agree to 1e-9 (not merely to float32 noise); several targets; with
+    ``mixed`` one layer stays in the driver's store and the scores of both passes agree."""
+    model, images = cifar
+    layers = ["conv1", "layer2.0.conv1", "layer3.2.conv2"]
+    kw = dict(target=[3, 5], progress=False, device="cpu", batch_size=64, layers=layers,
+              permutations=5, split_half=0)
+
+    def routes(self, shapes, n, run_images=256):
+        return {k: LayerRoute("in-memory" if mixed and k == "conv1" else "moments", "test",
+                              0, 2, tuple(s)) for k, s in shapes.items()}
+
+    monkeypatch.setattr(MemoryPlan, "routes", routes)
+    one = pcace.rank(model, images, **kw)
+    workers = _InProcessWorkers()
+    shards = pcace.rank(model, images, engine=workers, **kw)
+    assert [m for m, _ in workers.shards] == ["shifts", "moments", "project"]
+    assert workers.shards[1][1] == [(0, 150)]  # one shard of 1,024 images (aligned)
+    a = one.channels.set_index(["target", "layer", "channel"])
+    b = shards.channels.set_index(["target", "layer", "channel"]).loc[a.index]
+    np.testing.assert_allclose(b.pcace, a.pcace, atol=1e-9, rtol=0)
+    np.testing.assert_allclose(b.p_value, a.p_value, atol=0)
+    np.testing.assert_allclose(shards.scores, one.scores, atol=0)
+    assert {r["route"] for r in shards.manifest["routes"].values()} == \
+        ({"in-memory", "moments"} if mixed else {"moments"})
+
+
+def test_sharded_float32_sums_match_the_one_process_pass_across_shards(cifar):
+    """Shards of 256 images (run-aligned) and a last short one: float32 products, the
+    same reference shift: the bases equal the one-process TwoPass's to 1e-9."""
+    from pcace.sharded import sharded_components
+
+    model, images = cifar
+    images = torch.cat([images, images.flip(3)])[:300]
+    layers = ["layer1.0.conv1", "layer3.0.conv2"]
+    reds, _ = sharded_components(model, images, layers, 3, 3, shard_size=256, batch_size=64,
+                                 pca_dtype=torch.float32)
+    shapes = {"layer1.0.conv1": (16, 32, 32), "layer3.0.conv2": (64, 8, 8)}
+    tp = TwoPass(shapes, 3, pca_dtype=torch.float32)
+    with capture(model, tp.watch(images.split(64)), [], lambda out: out[:, 3], progress=False,
+                 observers=tp.hooks()):
+        done = tp.second_pass(model, images.split(64), progress=False)
+    for name in layers:
+        np.testing.assert_allclose(reds[name].scores.numpy(),
+                                   done[name].reduction.scores.numpy(), atol=1e-9, rtol=0)

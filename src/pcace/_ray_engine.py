@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,13 @@ def _ray() -> Any:
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("engine='ray' needs Ray: pip install 'pcace[ray]'") from err
     return ray
+
+
+def _identity(value: Any) -> str:
+    """What tells two actors' arguments apart: specs by value, live objects by identity."""
+    if value is None or isinstance(value, str | int | float | bool | Mapping | list | tuple):
+        return repr(value)
+    return f"{type(value).__qualname__}@{id(value):x}"
 
 
 def _solve_chunk(z: np.ndarray, ys: np.ndarray, channels: np.ndarray, order: str,
@@ -195,6 +202,14 @@ class RayEngine(Engine):
 
     # ------------------------------------------------------------------ sharded passes
 
+    def forget_shards(self) -> None:
+        """Let the actors of :meth:`map_shards` go (the next call builds new ones)."""
+        if self._actors is not None:
+            ray = _ray()
+            for actor in self._actors[1]:
+                ray.kill(actor)
+        self._actors = None
+
     def map_shards(self, cls: type, args: tuple, kwargs: dict, method: str,
                    bounds: list[tuple[int, int]], extra: tuple = ()) -> list[Any]:
         """``cls(*args, **kwargs).method(lo, hi, *extra)`` for each shard, on actors.
@@ -206,12 +221,14 @@ class RayEngine(Engine):
         is restarted (it rebuilds its model) and its call re-run.
         """
         ray = self._connected()
-        key = repr((cls.__qualname__, args, sorted(kwargs.items())))
+        key = repr((cls.__qualname__, [_identity(a) for a in args],
+                    sorted((k, _identity(v)) for k, v in kwargs.items())))
         if self._actors is None or self._actors[0] != key:
             count = max(1, min(self.slots(), len(bounds)))
             actor = ray.remote(cls).options(num_cpus=self.task_cpus, max_restarts=3,
                                             max_task_retries=3)
-            self._actors = (key, [actor.remote(*args, **kwargs) for _ in range(count)])
+            shipped = [ray.put(a) for a in args]  # a model or dataset travels once
+            self._actors = (key, [actor.remote(*shipped, **kwargs) for _ in range(count)])
         actors = list(self._actors[1])
         out: list[Any] = [None] * len(bounds)
         try:

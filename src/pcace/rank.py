@@ -490,29 +490,42 @@ def rank(
         else:
             batches = as_batches(images, batch_size, label=label)
             routes = _layer_routes(model, images, batches, todo, plan, dev, options, per_label)
-            two = _two_pass(images, routes, components, pca_dtype)
             kept = [n for n in todo if n not in routes or routes[n].route != "moments"]
-            with capture(model, batches if two is None else two.watch(batches), kept, targets,
-                         device=dev, memory_budget=plan.store_bytes - plan.streamed_bytes(routes),
-                         check_finite=False, spill_dir=spill_dir, progress=progress,
-                         device_memory_budget=device_memory_budget, tune_malloc=tune_malloc,
-                         on_step=on_step, observers=None if two is None else two.hooks()) as cap, \
-                    reusing_buffers():
+            on_workers = _workers_stream(runner, images, batch_size, label, routes)
+            two = None if on_workers else _two_pass(images, routes, components, pca_dtype)
+            remote = _Sharded.run(on_workers, model, routes, targets, components, pca_dtype,
+                                  runner, progress) if on_workers else None
+            if remote is not None and targets.targets is None:
+                targets.expand(remote.scores.shape[1])
+            passes = capture(model, batches if two is None else two.watch(batches), kept,
+                             targets, device=dev,
+                             memory_budget=plan.store_bytes - plan.streamed_bytes(routes),
+                             check_finite=False, spill_dir=spill_dir, progress=progress,
+                             device_memory_budget=device_memory_budget,
+                             tune_malloc=tune_malloc, on_step=on_step,
+                             observers=None if two is None else two.hooks()) \
+                if remote is None or kept else remote
+            with passes as cap, reusing_buffers():
                 scores = cap.scores
+                if remote is not None:
+                    remote.check_scores(scores)
                 labels = _image_labels(batches, per_label)
                 groups = _groups(labels, targets, per_label, own_class=target is None)
                 _check_score_matrix(scores, groups, targets.labels)
                 run.check_scores(scores, labels)
-                streamed = {} if two is None else two.second_pass(
-                    model, batches, device=dev, progress=progress, tune_malloc=tune_malloc,
-                    on_step=on_step)
+                streamed = remote.streamed if remote is not None else {} if two is None else \
+                    two.second_pass(model, batches, device=dev, progress=progress,
+                                    tune_malloc=tune_malloc, on_step=on_step)
                 shapes.update(cap.shapes)
-                shapes.update(two.shapes if two is not None else {})
+                shapes.update({n: layer.shape for n, layer in streamed.items()})
                 stored = {"forward_calls": cap.forward_calls, "seconds": cap.seconds,
                           "spilled": [n for n, s in cap.spilled.items() if s],
                           "on_device": [n for n, s in cap.on_device.items() if s],
                           "projection_seconds": 0.0 if two is None else two.seconds,
                           "routes": _route_record(routes, cap.spilled, streamed)}
+                for name in streamed:
+                    stored["routes"][name]["passes_on"] = \
+                        f"{runner.name} workers" if remote is not None else "this process"
                 t_captured = time.perf_counter()
                 scored = _score_layers(cap, [n for n in names if n not in streamed], scores,
                                        groups, targets.labels, components, score, dev, plan,
@@ -1148,6 +1161,72 @@ def _layer_routes(model: torch.nn.Module, images: Any, batches: Any, todo: list[
     if len(shapes) < len(todo):  # a layer the probe did not see: let the capture explain
         return {}
     return plan.routes(shapes, n)
+
+
+def _workers_stream(runner: Engine, images: Any, batch_size: int, label: Any,
+                    routes: dict[str, LayerRoute]) -> tuple[Any, int] | None:
+    """The dataset and batch size the engine's workers stream, or None (the driver does).
+
+    On an engine with workers (Ray), the passes of the layers routed to ``"moments"`` run
+    there (:func:`pcace.sharded.sharded_components`) when the images can be split into
+    shards the workers read (:func:`pcace.sharded.shardable`).
+    """
+    if not hasattr(runner, "map_shards") or not any(r.route == "moments"
+                                                      for r in routes.values()):
+        return None
+    from .sharded import shardable
+
+    return shardable(images, batch_size, label)
+
+
+@dataclass
+class _Sharded:
+    """The streamed layers reduced on the engine's workers; stands in for the capture."""
+
+    streamed: dict[str, Any]
+    scores: np.ndarray
+    seconds: float
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    spilled: dict[str, bool] = field(default_factory=dict)
+    on_device: dict[str, bool] = field(default_factory=dict)
+    forward_calls: int = 0
+
+    @classmethod
+    def run(cls, source: tuple[Any, int], model: torch.nn.Module,
+            routes: dict[str, LayerRoute], targets: TargetSet, components: int | float,
+            pca_dtype: torch.dtype, runner: Engine, progress: bool) -> _Sharded:
+        from .sharded import aligned_shard_size, sharded_components
+        from .twopass import StreamedLayer
+
+        data, batch = source
+        names = [n for n, r in routes.items() if r.route == "moments"]
+        size = aligned_shard_size(len(data), batch, getattr(runner, "slots", lambda: 1)())
+        if progress:
+            print(f"pcace: {len(names)} streamed layer(s) on the {runner.name} engine's "
+                  f"workers, in shards of {size} images", file=sys.stderr)
+        start = time.perf_counter()
+        reds, scores = sharded_components(model, data, names, targets, components,
+                                          shard_size=size, batch_size=batch, engine=runner,
+                                          pca_dtype=pca_dtype)
+        streamed = {n: StreamedLayer(reds[n], None, routes[n].stats_bytes, routes[n].shape)
+                    for n in names}
+        scores = scores[:, None] if scores.ndim == 1 else scores
+        return cls(streamed, scores, time.perf_counter() - start)
+
+    def check_scores(self, scores: np.ndarray) -> None:
+        """The driver's pass and the workers' must have scored the same images alike."""
+        if scores is self.scores:
+            return
+        if scores.shape != self.scores.shape or not np.allclose(scores, self.scores,
+                                                                rtol=1e-6, atol=1e-6):
+            raise ValueError("the engine's workers scored the images differently from this "
+                             "process: the data must read the same on every node")
+
+    def __enter__(self) -> _Sharded:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
 
 
 def _two_pass(images: Any, routes: dict[str, LayerRoute], components: int | float,

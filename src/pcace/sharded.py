@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .capture import _batch_scores
 from .engine import Engine
 from .reduce import Reduction
-from .streaming import PixelBasis, PixelMoments
+from .streaming import PixelBasis
+from .twopass import RUN_IMAGES, _Accumulator, _scratch_for, basis_of, first_run_shift
 
 __all__ = ["ShardWorker", "shard_bounds", "sharded_components"]
 
@@ -82,14 +84,14 @@ class ShardWorker:
     >>> from pcace.zoo import mnist_cnn
     >>> worker = ShardWorker(mnist_cnn(), torch.rand(30, 1, 28, 28), ["conv1"], 3)
     >>> moments, scores = worker.moments(0, 30)
-    >>> moments["conv1"].count, scores.shape
+    >>> moments["conv1"]["count"], scores.shape
     (30, (30,))
     """
 
     def __init__(self, model: nn.Module | Mapping[str, Any], data: Any, layers: Sequence[str],
                  target: Any, *, batch_size: int = 64, device: str = "cpu",
                  categories: Sequence[str] | None = None):
-        from .targets import resolve_target
+        from .targets import TargetSet, resolve_target
 
         transform = None
         if isinstance(model, Mapping):
@@ -104,7 +106,8 @@ class ShardWorker:
             data, _ = open_dataset(dict(data), transform)
         self.model, self.data = model, data
         self.layers = list(layers)
-        self.score_fn = resolve_target(target, categories)
+        self.score_fn = target if isinstance(target, TargetSet) else \
+            resolve_target(target, categories)
         self.batch_size, self.device = int(batch_size), torch.device(device)
 
     def __len__(self) -> int:
@@ -131,20 +134,49 @@ class ShardWorker:
             for images in as_batches(part, self.batch_size):
                 seen.clear()
                 out = self.model(images.to(self.device))
-                scores = torch.as_tensor(self.score_fn(out)).detach().double().cpu().numpy()
-                yield {n: seen[n].float() for n in self.layers}, scores.reshape(-1)
+                scores = _batch_scores(self.score_fn(out), images.shape[0], lo,
+                                       getattr(self.score_fn, "returns_matrix", False))
+                yield {n: seen[n].float() for n in self.layers}, scores
 
-    def moments(self, lo: int, hi: int) -> tuple[dict[str, PixelMoments], np.ndarray]:
-        """Pass 1 over images ``lo .. hi - 1``: each layer's pixel moments, and the scores."""
-        acc: dict[str, PixelMoments] = {}
+    def shifts(self, lo: int, hi: int, dtype: str = "float64",
+               run: int = RUN_IMAGES) -> dict[str, torch.Tensor]:
+        """Each layer's reference for the first pass: the mean of images ``lo .. hi - 1``.
+
+        Called on the first ``run`` images (:func:`pcace.twopass.first_run_shift`), so every
+        shard's sums are shifted as a one-pass :class:`~pcace.twopass.TwoPass` shifts them.
+        """
+        outputs: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
+        for maps, _ in self._batches(lo, hi):
+            for name, m in maps.items():
+                outputs[name].append(m.cpu())
+        return {name: first_run_shift(outs, tuple(outs[0].shape[1:]), getattr(torch, dtype),
+                                      run) for name, outs in outputs.items()}
+
+    def moments(self, lo: int, hi: int, shifts: Mapping[str, torch.Tensor] | None = None,
+                dtype: str = "float64", run: int = RUN_IMAGES
+                ) -> tuple[dict[str, dict[str, Any]], np.ndarray]:
+        """Pass 1 over images ``lo .. hi - 1``: each layer's shifted sums, and the scores.
+
+        The sums are gathered in runs of ``run`` images shifted by ``shifts`` (see
+        :meth:`shifts`; None: the shard's own first run) in precision ``dtype``;
+        :func:`sharded_components` adds the shards'.
+        """
+        compute = getattr(torch, dtype)
+        acc: dict[str, _Accumulator] = {}
+        scratch = np.empty(0, np.float32)
         scores = []
         for outputs, s in self._batches(lo, hi):
             for name, maps in outputs.items():
                 if name not in acc:
-                    acc[name] = PixelMoments(maps.shape[1], math.prod(maps.shape[2:]))
-                acc[name].update(maps.cpu())
+                    shape = tuple(maps.shape[1:])
+                    acc[name] = _Accumulator(shape, compute, run,
+                                             shift=None if shifts is None else shifts[name])
+                    need = _scratch_for(shape, compute)
+                    scratch = need if need.size > scratch.size else scratch
+                acc[name].add(maps.cpu(), scratch)
             scores.append(s)
-        return acc, np.concatenate(scores) if scores else np.zeros(0)
+        out = {name: a.partial() for name, a in acc.items()}
+        return out, np.concatenate(scores) if scores else np.zeros(0)
 
     def project(self, lo: int, hi: int, bases: Mapping[str, PixelBasis]
                 ) -> dict[str, torch.Tensor]:
@@ -158,24 +190,28 @@ class ShardWorker:
 
 def sharded_components(model: nn.Module | Mapping[str, Any], data: Any, layers: Sequence[str],
                        target: Any, components: int | float = 3, *, shard_size: int = 1024,
-                       batch_size: int = 64, max_components: int = 10,
+                       batch_size: int = 64, max_components: int | None = None,
                        engine: Engine | None = None, device: str = "cpu",
-                       categories: Sequence[str] | None = None
+                       categories: Sequence[str] | None = None,
+                       pca_dtype: torch.dtype = torch.float64, run_images: int = RUN_IMAGES
                        ) -> tuple[dict[str, Reduction], np.ndarray]:
     """Each layer's principal-component scores from two sharded passes over the images.
 
     Parameters
     ----------
     model, data, target, categories
-        As for :class:`ShardWorker`. With the Ray engine pass specs (dicts): every worker
-        rebuilds the model and opens the data itself, so the data's path must be one every
-        node sees (a shared file system, or the same copy on each node).
+        As for :class:`ShardWorker`. On a Ray engine the model and the data travel to
+        the workers once, through Ray's object store; pass specs (dicts) instead to have
+        every worker rebuild the model and open the data itself (then the data's path
+        must be one every node sees: a shared file system, or the same copy on each node).
     layers : sequence of str
         Layers to reduce.
     components, max_components
         As for :meth:`pcace.streaming.PixelMoments.basis`.
     shard_size : int, default 1024
-        Images per shard: the unit of work of a worker, and of a retry.
+        Images per shard: the unit of work of a worker, and of a retry. A multiple of
+        ``run_images`` and ``batch_size`` gives the one-process pass's sums exactly
+        (:class:`pcace.twopass.TwoPass`, up to the order of float64 additions).
     batch_size : int, default 64
         Images per forward pass.
     engine : pcace.engine.Engine, optional
@@ -183,12 +219,16 @@ def sharded_components(model: nn.Module | Mapping[str, Any], data: Any, layers: 
         CPU slot (:meth:`pcace._ray_engine.RayEngine.map_shards`).
     device : str, default "cpu"
         Where each worker runs its forward passes.
+    pca_dtype : torch.dtype, default torch.float64
+        Precision of the products, as in :class:`pcace.twopass.TwoPass`.
+    run_images : int
+        Images per ``syrk`` update.
 
     Returns
     -------
     (dict, numpy.ndarray)
         Layer name -> :class:`~pcace.reduce.Reduction` (scores ``(C, N, k)`` float64, in
-        image order), and the ``(N,)`` scores.
+        image order), and the scores, ``(N,)`` (or ``(N, T)`` for several targets).
 
     Examples
     --------
@@ -204,34 +244,45 @@ def sharded_components(model: nn.Module | Mapping[str, Any], data: Any, layers: 
     kwargs = {"batch_size": batch_size, "device": device, "categories": categories}
     remote = engine is not None and hasattr(engine, "map_shards")
     if remote:
-        if not isinstance(model, Mapping) or not isinstance(data, Mapping):
-            raise TypeError("on a cluster the workers rebuild the model and open the data "
-                            "themselves: pass the model's spec (LoadedModel.spec) and a data "
-                            "spec (pcace.data.describe_data) as dicts")
-        from .data import open_dataset
-
-        n = len(open_dataset(dict(data))[0])
+        n = len(_open_data(data))
     else:
         local = ShardWorker(*args, **kwargs)
         n = len(local)
+    if n < 2:
+        raise ValueError(f"a sharded pass needs at least 2 images; got {n}")
     bounds = shard_bounds(n, shard_size)
 
-    def run(method: str, extra: tuple = ()) -> list[Any]:
+    def run(method: str, extra: tuple = (), where: list[tuple[int, int]] = bounds) -> list[Any]:
         if remote:
             return engine.map_shards(ShardWorker, args, kwargs,  # type: ignore[union-attr]
-                                     method, bounds, extra)
-        return [getattr(local, method)(lo, hi, *extra) for lo, hi in bounds]
+                                     method, where, extra)
+        return [getattr(local, method)(lo, hi, *extra) for lo, hi in where]
 
+    try:
+        return _two_passes(run, bounds, names, components, max_components, pca_dtype,
+                           run_images, n, engine)
+    finally:
+        if remote and hasattr(engine, "forget_shards"):
+            engine.forget_shards()  # the next call may bring another model
+
+
+def _two_passes(run: Callable[..., list[Any]], bounds: list[tuple[int, int]],
+                names: list[str], components: int | float, max_components: int | None,
+                pca_dtype: torch.dtype, run_images: int, n: int, engine: Engine | None
+                ) -> tuple[dict[str, Reduction], np.ndarray]:
+    dtype = str(pca_dtype).replace("torch.", "")
     start = time.perf_counter()
-    parts = run("moments")
-    merged: dict[str, PixelMoments] = {}
-    for moments, _ in parts:  # shard order: the sums' grouping never depends on the workers
-        for name, m in moments.items():
+    (shifts,) = run("shifts", (dtype, run_images), [(0, min(n, run_images))])
+    parts = run("moments", (shifts, dtype, run_images))
+    merged: dict[str, _Accumulator] = {}
+    for sums, _ in parts:  # shard order: the sums' grouping never depends on the workers
+        for name, part in sums.items():
             if name not in merged:
-                merged[name] = PixelMoments(m.channels, m.pixels)
-            merged[name].merge(m)
+                shape = (part["sums"].shape[0], *_layer_shape(part))
+                merged[name] = _Accumulator(shape, pca_dtype, 1, shift=shifts[name])
+            merged[name].absorb(part)
     scores = np.concatenate([s for _, s in parts])
-    bases = {n: merged[n].basis(components, max_components=max_components) for n in names}
+    bases = {n: basis_of(merged.pop(n), components, pca_dtype, max_components) for n in names}
     middle = time.perf_counter()
     projected = run("project", (bases,))
     out = {n: bases[n].finish([p[n] for p in projected]) for n in names}
@@ -239,3 +290,69 @@ def sharded_components(model: nn.Module | Mapping[str, Any], data: Any, layers: 
         engine.time_stage("forward_moments", middle - start)
         engine.time_stage("forward_project", time.perf_counter() - middle)
     return out, scores
+
+
+def _layer_shape(part: dict[str, Any]) -> tuple[int, int]:
+    """``(P, 1)``: the accumulator only needs the pixel count of a layer."""
+    return (int(part["sums"].shape[1]), 1)
+
+
+def _open_data(data: Any) -> Any:
+    """The dataset a worker will see (a spec is opened here only to count its images)."""
+    if isinstance(data, Mapping):
+        from .data import open_dataset
+
+        return open_dataset(dict(data))[0]
+    return data
+
+
+def shardable(images: Any, batch_size: int, label: Any = None) -> tuple[Any, int] | None:
+    """The dataset workers can index, and the images per batch, or None.
+
+    A ``(N, C, H, W)`` tensor, a map-style Dataset, or a DataLoader that reads its
+    dataset in order (sequential sampler, default batching and collation) can be split
+    into shards that workers read themselves; iterables, shuffling loaders and label
+    filters cannot (their passes run on the driver).
+
+    Examples
+    --------
+    >>> import torch
+    >>> shardable(torch.rand(8, 1, 4, 4), 4)[1]
+    4
+    >>> shardable(iter([torch.rand(2, 1, 4, 4)]), 4) is None
+    True
+    """
+    from torch.utils.data import DataLoader, Dataset, SequentialSampler
+    from torch.utils.data.dataloader import default_collate
+
+    if label is not None:
+        return None
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return images, int(batch_size)
+    if isinstance(images, DataLoader):
+        plain = (isinstance(images.sampler, SequentialSampler) and images.batch_size
+                 and images.collate_fn is default_collate and not images.drop_last)
+        if not plain or not isinstance(images.dataset, Dataset):
+            return None
+        images, batch_size = images.dataset, int(images.batch_size)
+    if isinstance(images, Dataset) and hasattr(images, "__len__"):
+        return images, int(batch_size)
+    return None
+
+
+def aligned_shard_size(n: int, batch_size: int, slots: int, run: int = RUN_IMAGES) -> int:
+    """Images per shard: whole batches and whole ``syrk`` runs, about 4 shards per slot.
+
+    Shards that start on a batch and a run boundary see the same batches and runs as one
+    pass over all images, so their sums add up to that pass's.
+
+    Examples
+    --------
+    >>> aligned_shard_size(50_000, 256, 2)
+    6400
+    >>> aligned_shard_size(300, 64, 2)
+    1024
+    """
+    unit = math.lcm(int(batch_size), int(run))
+    want = max(1024, math.ceil(n / (4 * max(1, slots))))
+    return unit * max(1, math.ceil(want / unit))

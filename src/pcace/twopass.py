@@ -109,10 +109,16 @@ class StreamedLayer:
 class _Accumulator:
     """One layer's pixel moments, gathered in runs of images with a compiled ``syrk``."""
 
-    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, run: int):
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, run: int,
+                 shift: torch.Tensor | None = None):
         c, h, w = shape
         p = h * w
         self.shape, self.dtype, self.pixels = shape, dtype, p
+        with torch.inference_mode(False):  # normal tensors, also when made inside a pass
+            self._allocate(c, p, run, shift)
+
+    def _allocate(self, c: int, p: int, run: int, shift: torch.Tensor | None) -> None:
+        dtype = self.dtype
         self.run = torch.empty((c, run, p), dtype=dtype)
         self.fill = 0
         self.count = 0
@@ -120,7 +126,10 @@ class _Accumulator:
         self.sums = torch.zeros((c, p), dtype=torch.float64)
         self.lo = torch.full((c, p), np.inf, dtype=torch.float64)
         self.hi = torch.full((c, p), -np.inf, dtype=torch.float64)
-        self.shift: torch.Tensor | None = None
+        # the reference every run is shifted by: the first run's mean, or one given (the
+        # shards of a sharded pass all use the first run's, so their sums add up exactly
+        # as one pass's would)
+        self.shift = None if shift is None else shift.to(dtype).clone()
 
     @property
     def nbytes(self) -> int:
@@ -161,6 +170,26 @@ class _Accumulator:
         self.count += self.fill
         self.fill = 0
 
+    def partial(self) -> dict[str, Any]:
+        """The shifted sums gathered so far (flushed first), to add into another accumulator."""
+        self.flush(_scratch_for(self.shape, self.dtype))
+        return {"count": self.count, "sums": self.sums, "cross": self.cross, "lo": self.lo,
+                "hi": self.hi, "shift": self.shift}
+
+    def absorb(self, part: dict[str, Any]) -> None:
+        """Add the :meth:`partial` sums of another shard shifted by the same reference."""
+        if part["count"] == 0:
+            return
+        if self.shift is None:
+            self.shift = part["shift"]
+        elif part["shift"] is None or not torch.equal(part["shift"], self.shift):
+            raise ValueError("shards shifted by different references cannot be added")
+        self.count += int(part["count"])
+        self.sums += part["sums"]
+        self.cross += part["cross"]
+        torch.minimum(self.lo, part["lo"], out=self.lo)
+        torch.maximum(self.hi, part["hi"], out=self.hi)
+
     def moments(self) -> PixelMoments:
         """The centred moments (the accumulator's arrays are handed over)."""
         n = self.count
@@ -173,6 +202,42 @@ class _Accumulator:
         self.cross = np.zeros((0, 0, 0))
         return PixelMoments.from_centred(n, mean, cross, self.lo, self.hi,
                                          torch.finfo(self.dtype).eps)
+
+
+def _scratch_for(shape: tuple[int, int, int], dtype: torch.dtype) -> np.ndarray:
+    """The float32 scratch :func:`pcace._linalg_numba.accumulate_gram` needs for a layer."""
+    c, h, w = shape
+    return np.empty(c * (h * w) ** 2 if dtype == torch.float32 else 0, np.float32)
+
+
+def basis_of(acc: _Accumulator, components: int | float, dtype: torch.dtype,
+             max_components: int | None = None) -> PixelBasis:
+    """A layer's basis from its accumulated moments (the one rule of both routes' passes)."""
+    if acc.count < 2:
+        raise ValueError(f"a streamed layer saw {acc.count} image(s); PCA needs 2")
+    extra = {} if max_components is None else {"max_components": max_components}
+    return acc.moments().basis(components, tol=1e-8 if dtype == torch.float32 else 1e-12,
+                               **extra)
+
+
+def first_run_shift(outputs: Iterable[torch.Tensor], shape: tuple[int, int, int],
+                    dtype: torch.dtype, run: int = RUN_IMAGES) -> torch.Tensor:
+    """The reference a layer's runs are shifted by: the mean of its first ``run`` images.
+
+    ``outputs`` are the layer's batches of maps from the first image on; the value is the
+    one a one-pass :class:`TwoPass` takes, so shards shifted by it add up to that pass.
+    """
+    acc = _Accumulator(shape, dtype, run)
+    scratch = _scratch_for(shape, dtype)
+    for out in outputs:
+        acc.add(out, scratch)
+        if acc.shift is not None:
+            break
+    if acc.shift is None:
+        acc.flush(scratch)
+    if acc.shift is None:
+        raise ValueError("no images: a streamed layer needs at least one")
+    return acc.shift
 
 
 class _Checksums:
@@ -286,10 +351,7 @@ class TwoPass:
             acc.flush(self._scratch)
             if acc.count < 2:
                 raise ValueError(f"layer {name!r} saw {acc.count} image(s); PCA needs 2")
-            moments = acc.moments()
-            out[name] = moments.basis(self.components, tol=1e-8 if self.dtype == torch.float32
-                                      else 1e-12)
-            del moments
+            out[name] = basis_of(acc, self.components, self.dtype)
         self._acc.clear()
         self._scratch = np.empty(0, np.float32)
         return out
