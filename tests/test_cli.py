@@ -164,5 +164,13 @@ def test_rank_per_class_writes_atlas(cifar_args, shared_dir, tmp_path):
     assert manifest["per_label"] and manifest["data"]["labels"] == {"0": 14, "1": 14, "2": 14}
     assert (out / "figures" / "class_atlas.png").exists()
     assert "figures/class_atlas.png" in manifest["files"]
+    # the overview links one page per class, each the report of that class's own run
+    overview = (out / "report.html").read_text()
+    pages = sorted(p.name for p in out.glob("report-*.html"))
+    assert len(pages) == 3 and all(p in manifest["files"] for p in pages)
+    for page in pages:
+        assert f'href="{page}"' in overview
+        text = (out / page).read_text()
+        assert "layer3.2.conv2" in text and "Evidence" in text or "evidence" in text
     assert "label 0 / target airplane" in proc.stdout  # the model's own class names
     assert "own class logit" in proc.stdout

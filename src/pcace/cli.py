@@ -282,20 +282,25 @@ def cmd_rank(args: argparse.Namespace) -> int:
     remove_checkpoints(out)
     _print_summary(result, args.top)
     print(f"wrote {out}/ (channels.csv, layers.csv, run.json)")
-    if args.report and (len(result.targets) > 1 or args.per_class):
-        _write_atlas(out, result)
-    elif args.report:
+    if args.report:
         from .rundir import add_files
         from .viz import collect_assets, write_report
 
-        images, _ = stack_images(ds, label=label)
-        mean, std = normalisation(spec, loaded.transform)
-        collect_assets(out, loaded.model, images, result, mean=mean, std=std,
-                       device=result.manifest["device"], progress=not args.no_progress)
+        if len(result.targets) <= 1 and not args.per_class:  # assets belong to one target
+            images, _ = stack_images(ds, label=label)
+            mean, std = normalisation(spec, loaded.transform)
+            collect_assets(out, loaded.model, images, result, mean=mean, std=std,
+                           device=result.manifest["device"], progress=not args.no_progress)
         report = write_report(out, progress=not args.no_progress)
-        add_files(out, [p for p in ("assets", "figures", "report.html") if (out / p).exists()])
+        add_files(out, _report_files(out))
         print(f"wrote {report}")
     return 0
+
+
+def _report_files(out: Path) -> list[str]:
+    """What a report wrote into a run directory (assets, figures, the page or pages)."""
+    pages = sorted(p.name for p in out.glob("report-*.html"))
+    return [p for p in ("assets", "figures", "report.html") if (out / p).exists()] + pages
 
 
 def _check_input(model: Any, shape: tuple[int, ...] | None, args: argparse.Namespace) -> None:
@@ -400,21 +405,6 @@ def many_summary(result: Any, top: int = 3) -> str:
     return "\n".join(lines)
 
 
-def _write_atlas(out: Path, result: Any) -> None:
-    """For a run with many targets or classes: the class atlas figure (no per-layer report)."""
-    from .rundir import add_files, atomic_write
-    from .viz import class_atlas
-    from .viz._common import figure_bytes
-
-    (out / "figures").mkdir(exist_ok=True)
-    data, fmt = figure_bytes(class_atlas(result))
-    name = f"figures/class_atlas.{fmt}"
-    atomic_write(out / name, data)
-    add_files(out, [name])
-    print(f"wrote {out / name} (a run with several targets gets the class atlas; the "
-          "per-layer HTML report is for one target)")
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -436,7 +426,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     load(args.run_dir)  # a clear error when this is not a run directory
     report = write_report(args.run_dir, progress=True)
     root = Path(args.run_dir)
-    add_files(root, [p for p in ("figures", "report.html") if (root / p).exists()])
+    add_files(root, [p for p in _report_files(root) if p != "assets"])
     print(f"wrote {report}")
     return 0
 

@@ -134,6 +134,65 @@ class PCACEResult:
         return table[table["rank"] <= n].sort_values([*keys, "rank"], kind="stable",
                                                      key=run_order)
 
+    def subset(self, target: Any = None, label: Any = None) -> PCACEResult:
+        """The run as a plain one-target run: the rows of one target (and label).
+
+        For a run with several targets (or a ``per_label`` run) this is what a run of that
+        target alone (on that label's images) would have given: the same values, ranks and
+        statistics, a manifest naming that target, its score column. Reports and figures
+        made for one target take it.
+
+        Examples
+        --------
+        >>> cat = res.subset("cat")  # doctest: +SKIP
+        >>> cat.manifest["target"]  # doctest: +SKIP
+        {'kind': 'class_logit', 'index': 3, 'name': 'cat'}
+        """
+        names = self.targets
+        channels, layers = self.channels, self.layers
+        manifest = dict(self.manifest)
+        columns = list(range(len(names)))
+        if label is not None:
+            if "label" not in channels.columns:
+                raise ValueError("label= needs a per_label run")
+            keep = channels.label == label
+            if not keep.any():
+                raise ValueError(f"no label {label!r} in this run; labels: "
+                                 f"{sorted(pd.unique(channels.label))}")
+            channels = channels[keep]
+            layers = layers[layers.label == label] if "label" in layers.columns else layers
+        if "target" in channels.columns:
+            if target is None:
+                present = list(pd.unique(channels.target.astype(str)))
+                if len(present) != 1:
+                    raise ValueError(f"this run has several targets ({', '.join(present)}); "
+                                     "name one")
+                target = present[0]
+            name = _target_name(target, names)
+            if name not in names:
+                raise ValueError(f"no target {target!r} in this run; targets: {names}")
+            channels = channels[channels.target.astype(str) == name]
+            if "target" in layers.columns:
+                layers = layers[layers.target.astype(str) == name]
+            i = names.index(name)
+            columns = [i]
+            described = (manifest.get("targets") or [None] * len(names))[i]
+            manifest.update(target=described if described is not None else name,
+                            target_labels=[name], target_description=name, targets=[described])
+        channels = channels.drop(columns=[c for c in ("target", "label") if c in channels])
+        layers = layers.drop(columns=[c for c in ("target", "label") if c in layers])
+        scores, labels = self.scores, self.labels
+        if scores is not None and scores.ndim == 2:
+            rows = slice(None) if label is None or labels is None else labels == label
+            scores = scores[rows][:, columns[0]] if len(columns) == 1 else scores[rows]
+        if label is not None:
+            manifest["per_label"] = False
+            manifest["data"] = {**manifest.get("data", {}), "label": label,
+                                "n_images": int(np.sum(labels == label)) if labels is not None
+                                else manifest.get("data", {}).get("n_images")}
+        return PCACEResult(channels.reset_index(drop=True), layers.reset_index(drop=True),
+                           manifest, {}, scores, None)
+
     def save(self, path: str | Path) -> Path:
         """Write the run to ``path``: channels, layers and scores CSVs, and ``run.json``.
 

@@ -158,7 +158,8 @@ FEATUREVIS_CAPTION = (
 def render_figures(run_dir: str | Path, result: Any = None,
                    assets: Assets | None = None, top: int = 10, *,
                    layers: list[str] | None = None,
-                   progress: bool = False) -> list[RenderedFigure]:
+                   progress: bool = False, figure_dir: str = "",
+                   use_assets: bool = True) -> list[RenderedFigure]:
     """Draw the report's figures and write each to ``run_dir/figures/``.
 
     Only the layers that carry evidence get full sections (ranking, maps, overlays, ACE
@@ -180,6 +181,11 @@ def render_figures(run_dir: str | Path, result: Any = None,
         Layers drawn in full; default :func:`~pcace.viz.evidence.full_layers`.
     progress : bool
         Show a progress bar on stderr.
+    figure_dir : str
+        Folder of the figures under ``run_dir`` (default ``figures``).
+    use_assets : bool
+        False: draw only the figures that need no assets (one target of a run with
+        several, whose assets belong to no target in particular).
 
     Returns
     -------
@@ -198,10 +204,10 @@ def render_figures(run_dir: str | Path, result: Any = None,
 
     root = Path(run_dir)
     result = load(root) if result is None else result
-    assets = load_assets(root) if assets is None else assets
+    assets = (load_assets(root) if assets is None else assets) if use_assets else None
     full = full_layers(result) if layers is None else list(layers)
     sig = significance(result.channels) is not None
-    out_dir = root / FIGURE_DIR
+    out_dir = root / (figure_dir or FIGURE_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*"):
         if old.suffix in (".png", ".jpeg", ".jpg") and old.is_file():
@@ -219,6 +225,10 @@ def render_figures(run_dir: str | Path, result: Any = None,
 def write_report(run_dir: str | Path, *, title: str | None = None, top: int = 10,
                  layers: list[str] | None = None, progress: bool = False) -> Path:
     """Write ``run_dir/report.html`` (self-contained) and ``run_dir/figures/``.
+
+    A run with several targets (or one per label) gets an overview page (the class atlas
+    and one row per target) and one page per target, ``report-<target>.html``, each the
+    report of a one-target run (:meth:`pcace.PCACEResult.subset`).
 
     The page says per layer whether its ranking carries evidence (share of channels that
     beat the permutation null, median null-corrected value, split-half reproducibility);
@@ -254,6 +264,10 @@ def write_report(run_dir: str | Path, *, title: str | None = None, top: int = 10
 
     root = Path(run_dir)
     result = load(root)
+    if len(result.targets) > 1 or result.manifest.get("per_label"):
+        from .atlas_report import write_atlas_report
+
+        return write_atlas_report(root, result, top=top, progress=progress)
     assets = load_assets(root)
     full = full_layers(result) if layers is None else list(layers)
     figures = render_figures(root, result, assets, top=top, layers=full, progress=progress)

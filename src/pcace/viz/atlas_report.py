@@ -1,0 +1,157 @@
+"""The HTML report of a run with several targets, or one per label: an overview and a page each.
+
+``report.html`` is the overview: the class atlas (layers x targets evidence, and the last
+layer's channel selectivity, :func:`pcace.viz.class_atlas`) and one row per target with
+its verdict, its best layer and that layer's top channels, linking to the target's own
+page. ``report-<target>.html`` is, for each target, the report a one-target run would get
+(:meth:`pcace.PCACEResult.subset`), with its figures under ``figures/<target>/``. Like
+the one-target report, every page is self-contained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ._common import figure_bytes, safe_name
+from ._html import CSS, JS
+from .evidence import full_layers, layer_evidence
+from .report import REPORT_FILE, RenderedFigure, _e, _img, _page, render_figures
+
+__all__ = ["report_groups", "write_atlas_report"]
+
+
+def report_groups(result: Any) -> list[tuple[Any, Any, str]]:
+    """The ``(target, label, name)`` of each page: one per target, or per (label, target).
+
+    Examples
+    --------
+    >>> report_groups(res)  # doctest: +SKIP
+    [('cat', None, 'cat'), ('dog', None, 'dog')]
+    """
+    ch = result.channels
+    keys = [k for k in ("label", "target") if k in ch.columns]
+    if not keys:
+        return [(None, None, "run")]
+    pairs = ch[keys].drop_duplicates()
+    out = []
+    for rec in pairs.to_dict("records"):
+        label, target = rec.get("label"), rec.get("target")
+        name = str(target) if label is None else \
+            (str(label) if target is None or str(target) == str(label)
+             else f"{label}: {target}")
+        out.append((None if target is None else str(target), label, name))
+    if "target" in keys and "label" not in keys:
+        order = {t: i for i, t in enumerate(result.targets)}
+        out.sort(key=lambda g: order.get(g[0], len(order)))
+    return out
+
+
+def _page_file(name: str) -> str:
+    return f"report-{safe_name(name)}.html"
+
+
+def _row(name: str, sub: Any, evidence: pd.DataFrame) -> dict[str, Any]:
+    counts = evidence.evidence.value_counts()
+    ranked = evidence.assign(
+        key=evidence.significant_share.fillna(-1.0) + 1e-3 * evidence.median_adj.fillna(0.0))
+    best = ranked.sort_values("key", ascending=False).iloc[0]
+    top = sub.channels[(sub.channels.layer == best.layer)].sort_values("rank").head(5)
+    return {"name": name, "strong": int(counts.get("strong", 0)),
+            "weak": int(counts.get("weak", 0)), "none": int(counts.get("none", 0)),
+            "layer": best.layer, "share": best.significant_share,
+            "top": ", ".join(f"{c} ({v:.2f})" for c, v in
+                             zip(top.channel, top.pcace, strict=True))}
+
+
+def _share(value: Any) -> str:
+    return "" if pd.isna(value) else f"{value:.0%}"
+
+
+def _overview(result: Any, rows: list[dict[str, Any]], atlas: RenderedFigure | None,
+              title: str) -> str:
+    m = result.manifest
+    n = m.get("data", {}).get("n_images", "?")
+    head = ("<tr><th>target</th><th>layers with evidence (strong / weak / none)</th>"
+            "<th>best layer</th><th>significant share</th><th>its top channels</th></tr>")
+    body = "".join(
+        f'<tr><td><a href="{_e(_page_file(r["name"]))}">{_e(r["name"])}</a></td>'
+        f'<td>{r["strong"]} / {r["weak"]} / {r["none"]}</td><td>{_e(r["layer"])}</td>'
+        f'<td>{_share(r["share"])}</td><td>{_e(r["top"])}</td></tr>' for r in rows)
+    per_label = bool(m.get("per_label"))
+    what = ("each label's images ranked against " +
+            ("its own class's score" if m.get("data", {}).get("own_class") else "the score")
+            if per_label else f"{len(rows)} targets from one forward pass")
+    parts = [
+        f"<header><h1>{_e(title)}</h1><p class=\"lead\">PCACE over {_e(n)} images, "
+        f"{_e(what)}. Each target links to its own report: the page a run of that target "
+        "alone would get.</p></header>",
+        '<section id="atlas"><h2>Layers x targets</h2>',
+        _img(atlas) if atlas is not None else "",
+        "</section>",
+        '<section id="targets"><h2>Targets</h2><table class="sortable">'
+        f"<thead>{head}</thead><tbody>{body}</tbody></table></section>",
+        f'<footer>Written by pcace {_e(m.get("pcace_version", ""))}. Self-contained: '
+        "figures are embedded.</footer>",
+    ]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{_e(title)}</title><style>{CSS}</style></head>"
+            f'<body data-ready="0"><main>{"".join(parts)}</main>'
+            f"<script>{JS}</script></body></html>\n")
+
+
+def write_atlas_report(root: Path, result: Any, *, top: int = 10,
+                       progress: bool = False) -> Path:
+    """Write ``root/report.html`` (the overview) and one ``report-<target>.html`` per target.
+
+    Parameters
+    ----------
+    root : pathlib.Path
+        The run directory.
+    result : PCACEResult
+        The run, with several targets or ``per_label``.
+    top : int
+        Channels labelled in each target's ranking figures.
+    progress : bool
+        Show progress bars on stderr.
+
+    Returns
+    -------
+    pathlib.Path
+        The overview's path.
+    """
+    from .figures import class_atlas
+
+    model = result.manifest.get("model", {})
+    model_name = model.get("class", "model") if isinstance(model, dict) else str(model)
+    rows = []
+    for target, label, name in report_groups(result):
+        sub = result.subset(target=target, label=label)
+        evidence = layer_evidence(sub)
+        full = full_layers(sub, evidence)
+        folder = f"figures/{safe_name(name)}"
+        figures = render_figures(root, sub, None, top=top, layers=full, progress=progress,
+                                 figure_dir=folder, use_assets=False)
+        page = _page(sub, None, figures, f"PCACE report: {model_name}, {name}", full)
+        (root / _page_file(name)).write_text(page, encoding="utf-8")
+        rows.append(_row(name, sub, evidence))
+    atlas = None
+    try:
+        data, fmt = figure_bytes(class_atlas(result))
+    except ValueError:  # e.g. a run whose targets carry no values to compare
+        data = b""
+    if data:
+        path = root / "figures" / f"class_atlas.{fmt}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        atlas = RenderedFigure("atlas", "class_atlas",
+                               "Left: per layer and target, the evidence of its channels. "
+                               "Right: the last layer's channels and the targets they carry "
+                               "information about.", data, path, fmt)
+    out = root / REPORT_FILE
+    out.write_text(_overview(result, rows, atlas, f"PCACE report: {model_name}, "
+                             f"{len(rows)} targets"), encoding="utf-8")
+    return out
