@@ -84,7 +84,7 @@ def test_route_rule():
     assert {r.route for r in small.values()} == {"in-memory"}
     big = plan.routes({"a": (16, 32, 32), "b": (64, 8, 8)}, 100_000)
     assert big["a"].route == big["b"].route == "moments"
-    assert big["a"].stats_bytes >= 8 * 16 * 1024**2
+    assert big["a"].stats_bytes >= 4 * 16 * 1024 * 1025  # packed float64 triangles
     huge = plan.routes({"a": (64, 112, 112)}, 100_000)  # P x P moments: 80 GB
     assert huge["a"].route == "in-memory" and "work share" in huge["a"].reason
 

@@ -244,21 +244,26 @@ def _iterate_range(lo, hi, g, which, start, q, tol, first, steps, max_rounds, va
             run = _steps_to_converge(rate, worst, tol * top, steps)
 
 
+def packed_size(p: int) -> int:
+    """Entries of the packed lower triangle of a ``P x P`` matrix, ``P (P + 1) / 2``."""
+    return p * (p + 1) // 2
+
+
 def accumulate_gram(x: np.ndarray, acc: np.ndarray, scratch: np.ndarray) -> None:
-    """Add each channel's ``x[c].T @ x[c]`` into the lower triangle of ``acc[c]``.
+    """Add each channel's ``x[c].T @ x[c]`` into ``acc[c]``, its packed lower triangle.
 
     ``x``: C-contiguous ``(C, B, P)`` float32 or float64 (B images of P pixels); ``acc``:
-    C-contiguous ``(C, P, P)`` float64 running sums (only the C-order lower triangle,
-    diagonal included, is updated; mirror it when done). float64 data: BLAS ``dsyrk``
-    adds into ``acc`` directly. float32 data: ``ssyrk`` into ``scratch`` (at least
-    ``(C, P, P)`` float32 worth of C-contiguous memory), whose triangle is then widened
-    and added, so rounding accumulates in float32 over one batch only.
+    C-contiguous ``(C, P (P + 1) / 2)`` float64 running sums, row ``i`` of the lower
+    triangle (``j <= i``) at offset ``i (i + 1) / 2`` (:func:`unpack_lower`). BLAS
+    ``ssyrk``/``dsyrk`` forms one batch's products in ``scratch`` (at least ``(C, P, P)``
+    values of ``x``'s dtype), whose triangle is then added, so rounding accumulates in
+    the data's precision over one batch only. Half the memory of full matrices.
     """
     c, _, p = x.shape
-    if acc.shape != (c, p, p) or acc.dtype != np.float64:
-        raise ValueError("accumulate_gram: acc must be (C, P, P) float64")
-    if x.dtype == np.float32 and (scratch.dtype != np.float32 or scratch.size < c * p * p):
-        raise ValueError("accumulate_gram: scratch must hold (C, P, P) float32")
+    if acc.shape != (c, packed_size(p)) or acc.dtype != np.float64:
+        raise ValueError("accumulate_gram: acc must be (C, P (P + 1) / 2) float64")
+    if scratch.dtype != x.dtype or scratch.size < c * p * p:
+        raise ValueError("accumulate_gram: scratch must hold (C, P, P) values of x's dtype")
     parallel_ranges(_accumulate_range, c, x, acc, scratch)
 
 
@@ -272,16 +277,81 @@ def _accumulate_range(lo, hi, x, acc, scratch):  # pragma: no cover - compiled
     lda = np.array([p], np.int32)
     for ci in range(lo, hi):
         alpha = np.ones_like(x[ci, 0, :1])
-        if x.itemsize == 8:
-            beta = np.ones(1, np.float64)
-            _dsyrk(uplo.ctypes, trans.ctypes, order.ctypes, inner.ctypes, alpha.ctypes,
-                   x[ci].ctypes, lda.ctypes, beta.ctypes, acc[ci].ctypes, order.ctypes)
-            continue
+        beta = np.zeros_like(x[ci, 0, :1])
         g = scratch[ci * p * p:(ci + 1) * p * p].reshape((p, p))
-        beta = np.zeros(1, np.float32)
-        _ssyrk(uplo.ctypes, trans.ctypes, order.ctypes, inner.ctypes, alpha.ctypes,
-               x[ci].ctypes, lda.ctypes, beta.ctypes, g.ctypes, order.ctypes)
+        if x.itemsize == 8:
+            _dsyrk(uplo.ctypes, trans.ctypes, order.ctypes, inner.ctypes, alpha.ctypes,
+                   x[ci].ctypes, lda.ctypes, beta.ctypes, g.ctypes, order.ctypes)
+        else:
+            _ssyrk(uplo.ctypes, trans.ctypes, order.ctypes, inner.ctypes, alpha.ctypes,
+                   x[ci].ctypes, lda.ctypes, beta.ctypes, g.ctypes, order.ctypes)
         a = acc[ci]
+        k = 0
         for i in range(p):  # column-major upper triangle = C-order lower triangle
             for j in range(i + 1):
-                a[i, j] += g[i, j]
+                a[k] += g[i, j]
+                k += 1
+
+
+def unpack_lower(packed: np.ndarray, p: int) -> np.ndarray:
+    """``(C, P (P + 1) / 2)`` packed lower triangles -> ``(C, P, P)`` symmetric matrices.
+
+    Examples
+    --------
+    >>> unpack_lower(np.array([[1.0, 2.0, 3.0]]), 2).tolist()
+    [[[1.0, 2.0], [2.0, 3.0]]]
+    """
+    out = np.empty((packed.shape[0], p, p))
+    _unpack(packed, out)
+    return out
+
+
+@njit(cache=True)
+def _unpack(packed, out):  # pragma: no cover - compiled
+    c, p, _ = out.shape
+    for ci in range(c):
+        k = 0
+        for i in range(p):
+            for j in range(i + 1):
+                v = packed[ci, k]
+                out[ci, i, j] = v
+                out[ci, j, i] = v
+                k += 1
+
+
+def shift_and_summarise(x: np.ndarray, shift: np.ndarray, sums: np.ndarray, lo: np.ndarray,
+                        hi: np.ndarray) -> bool:
+    """Per channel of ``x`` ``(C, B, P)``: track each pixel's min and max, subtract ``shift``.
+
+    ``x`` (float32 or float64, C-contiguous) is shifted in place by ``shift`` ``(C, P)``
+    (its dtype); ``lo``/``hi`` ``(C, P)`` float64 take the running minimum and maximum of
+    the unshifted values, ``sums`` ``(C, P)`` float64 the sums of the shifted ones (added
+    in float64). One pass over memory. Returns False when a value is NaN or inf (nothing
+    is then guaranteed about the outputs).
+    """
+    ok = np.ones(x.shape[0], np.bool_)
+    parallel_ranges(_summarise_range, x.shape[0], x, shift, sums, lo, hi, ok)
+    return bool(ok.all())
+
+
+@njit(nogil=True, cache=True)
+def _summarise_range(c0, c1, x, shift, sums, lo, hi, ok):  # pragma: no cover - compiled
+    _, b, p = x.shape
+    for c in range(c0, c1):
+        s = sums[c]
+        mn = lo[c]
+        mx = hi[c]
+        sh = shift[c]
+        for i in range(b):
+            row = x[c, i]
+            for j in range(p):
+                v = row[j]
+                fv = np.float64(v)
+                mn[j] = min(mn[j], fv)
+                mx[j] = max(mx[j], fv)
+                d = v - sh[j]
+                row[j] = d
+                s[j] += np.float64(d)
+        for j in range(p):
+            if not np.isfinite(s[j]):
+                ok[c] = False

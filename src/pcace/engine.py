@@ -167,7 +167,10 @@ class Problems:
             ch, rows = self.index(lo, hi)
             settings = {k: v for k, v in options.items() if k not in ("backend", "dtype")}
             used, local = np.unique(rows, return_inverse=True)
-            rho, first = ace_shared(self.z, np.asarray(self.ys)[used], ch, local,
+            host = self.__dict__.get("_host_z")
+            if host is None:  # converted once per problem set, not per chunk
+                host = self.__dict__["_host_z"] = _host(self.z)
+            rho, first = ace_shared(host, _host(self.ys)[used], ch, local,
                                     orders=self._response_orders(used), **settings)
             return np.clip(rho, 0.0, 1.0) if score_kind(score) == "maximal" else first
         xs, ys = self.take(lo, hi)
@@ -175,8 +178,7 @@ class Problems:
 
     def _shares_setup(self, options: dict) -> bool:
         """Whether :func:`pcace.ace.ace_shared` can solve these problems (CPU, all images)."""
-        return (self.images is None and not isinstance(self.z, torch.Tensor)
-                and not isinstance(self.ys, torch.Tensor)
+        return (self.images is None and _on_host(self.z) and _on_host(self.ys)
                 and set(options) <= _SHARED_OPTIONS and options.get("backend", "auto") != "torch"
                 and options.get("dtype") in (None, torch.float64))
 
@@ -185,9 +187,10 @@ class Problems:
         cache = self.__dict__.setdefault("_orders", {})
         missing = [int(r) for r in rows if int(r) not in cache]
         if missing:
-            orders, _ = response_orders(np.asarray(self.ys, dtype=np.float64)[missing])
+            ys = _host(self.ys)
+            orders, _ = response_orders(ys[missing])
             for r, order in zip(missing, orders, strict=True):
-                values = np.asarray(self.ys[r], dtype=np.float64)[order]
+                values = ys[r][order]
                 last = self.__dict__.get("_last_sorted")
                 if last is None or not np.array_equal(values, last[1]):
                     last = (len({g for _, g in cache.values()}), values)
@@ -195,6 +198,18 @@ class Problems:
                 cache[r] = (order, last[0])
         return (np.stack([cache[int(r)][0] for r in rows]),
                 np.array([cache[int(r)][1] for r in rows], dtype=np.int64))
+
+
+def _on_host(a: Any) -> bool:
+    """A NumPy array or a CPU tensor."""
+    return not isinstance(a, torch.Tensor) or a.device.type == "cpu"
+
+
+def _host(a: Any) -> np.ndarray:
+    """``a`` as a float64 NumPy array (a view where it already is one)."""
+    if isinstance(a, torch.Tensor):
+        a = a.detach().numpy()
+    return np.asarray(a, dtype=np.float64)
 
 
 @dataclass

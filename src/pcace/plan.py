@@ -150,7 +150,7 @@ class MemoryPlan:
         in two passes over the images (``"moments"``, :mod:`pcace.twopass`) when its
         moments are smaller than its maps (``2 P <= N``), its ``8 C P^2`` bytes fit
         :attr:`work_bytes` (its basis is solved there), and the moments of all layers so
-        routed, with their runs of ``run_images`` images, fit :attr:`store_bytes`
+        routed (packed triangles, ``4 C P (P + 1)`` bytes each), with their runs of ``run_images`` images, fit :attr:`store_bytes`
         together (they are held at once during the first pass, in place of the maps);
         the rest stay ``"in-memory"`` in what remains of the store, which spills them
         to disk past it. ``n`` None (unknown) counts as large.
@@ -174,8 +174,9 @@ class MemoryPlan:
         out: dict[str, LayerRoute] = {}
         held = 0
         for name, (c, p) in sizes.items():
-            moments = 8 * c * p * p
-            stats = moments + BYTES_PER_VALUE * c * p * min(run_images, n or run_images)
+            moments = 8 * c * p * p  # as the basis is solved: full float64 matrices
+            stats = 4 * c * p * (p + 1) + BYTES_PER_VALUE * c * p * min(run_images,
+                                                                       n or run_images)
             if n is not None and 2 * p > n:
                 why = f"P = {p} > N / 2: its maps are smaller than its P x P moments"
             elif moments > self.work_bytes:

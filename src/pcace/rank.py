@@ -1185,6 +1185,8 @@ def _add_statistics(table: pd.DataFrame, z: torch.Tensor, scores: np.ndarray,
 
 
 def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    if len(parts) == 1:  # a whole layer in one block: no copy
+        return parts[0]
     k = max(p.shape[-1] for p in parts)
     padded = [torch.nn.functional.pad(p, (0, k - p.shape[-1])) for p in parts]
     return torch.cat(padded)
@@ -1320,6 +1322,9 @@ def _score_streamed(out: ScoredLayers, streamed: dict[str, Any], scores: np.ndar
                     run: _Checkpoints, on_step: Callable[[], None] | None) -> None:
     """Table rows of the layers reduced in two passes, as :func:`_score_layers` makes them.
 
+    Takes the layers out of ``streamed`` as it scores them (their components then live
+    in the result only, not twice).
+
     Streamed layers come only from runs of one image group (no ``per_label``).
     """
     from .interrupts import Interrupted
@@ -1328,7 +1333,8 @@ def _score_streamed(out: ScoredLayers, streamed: dict[str, Any], scores: np.ndar
         return
     (group,) = groups
     try:
-        for name, layer in streamed.items():
+        for name in list(streamed):
+            layer = streamed.pop(name)  # its reduction lives on in the result only
             red = layer.reduction
             acc = _Accumulated()
             dead = red.dead.cpu().numpy()

@@ -19,7 +19,8 @@ summed in another grouping). A :class:`ShardWorker` holds the model and the data
 local engine runs one in this process, the Ray engine one per CPU slot (or GPU) as an
 actor that rebuilds the model from its spec (:attr:`pcace.models.LoadedModel.spec`) and
 opens the data from its spec (:func:`pcace.data.describe_data`): a path every node sees.
-Only the moments (``8 C P^2`` bytes per layer and shard) and the ``n x k`` scores travel.
+Only the moments (``4 C P (P + 1)`` bytes per layer and shard) and the ``n x k`` scores
+travel.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ per image (the float64 sum of its pixels) are compared; a mismatch (a shuffling 
 random augmentation) is an error. A ``DataLoader`` with a random sampler is refused
 before the first pass (:func:`check_repeatable`).
 
-Memory: per streamed layer ``8 C P^2`` bytes of moments and a run of ``C M P`` values,
-plus one shared ``4 C P^2`` float32 scratch, whatever ``N``; then the ``(C, N, k)``
-scores.
+Memory: per streamed layer ``4 C P (P + 1)`` bytes of moments (packed lower triangles in
+float64) and a run of ``C M P`` values, plus one shared ``C P^2`` scratch, whatever ``N``;
+then the ``(C, N, k)`` scores.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from torch import nn
 
 from ._memory import kept_heap, tuning_requested
 from .hooks import evaluating, forward_hooks
+from ._linalg_numba import packed_size, unpack_lower
 from .reduce import Reduction, _one_blas_thread
 from .streaming import PixelBasis, PixelMoments
 
@@ -122,7 +123,7 @@ class _Accumulator:
         self.run = torch.empty((c, run, p), dtype=dtype)
         self.fill = 0
         self.count = 0
-        self.cross = np.zeros((c, p, p))
+        self.cross = np.zeros((c, packed_size(p)))  # packed lower triangles, float64
         self.sums = torch.zeros((c, p), dtype=torch.float64)
         self.lo = torch.full((c, p), np.inf, dtype=torch.float64)
         self.hi = torch.full((c, p), -np.inf, dtype=torch.float64)
@@ -151,19 +152,17 @@ class _Accumulator:
             return
         x = self.run if self.fill == self.run.shape[1] else \
             self.run[:, :self.fill].contiguous()
-        lo, hi = torch.aminmax(x, dim=1)
-        torch.minimum(self.lo, lo.to(torch.float64), out=self.lo)
-        torch.maximum(self.hi, hi.to(torch.float64), out=self.hi)
         if self.shift is None:  # a reference close to the mean: little cancellation later
             self.shift = x.mean(dim=1, dtype=torch.float64).to(x.dtype)
-        x -= self.shift[:, None, :]
-        sums = x.sum(dim=1, dtype=torch.float64)
-        if not bool(torch.isfinite(sums).all()):
+        from ._linalg_numba import accumulate_gram, shift_and_summarise
+
+        before = self.sums.clone()
+        if not shift_and_summarise(x.numpy(), self.shift.numpy(), self.sums.numpy(),
+                                   self.lo.numpy(), self.hi.numpy()):
             from ._standardise import NonFiniteMaps
 
-            raise NonFiniteMaps((~torch.isfinite(sums)).any(dim=1).nonzero().flatten().tolist())
-        self.sums += sums
-        from ._linalg_numba import accumulate_gram
+            bad = ~torch.isfinite(self.sums - before)
+            raise NonFiniteMaps(bad.any(dim=1).nonzero().flatten().tolist())
 
         with _one_blas_thread():
             accumulate_gram(x.numpy(), self.cross, scratch)
@@ -194,12 +193,10 @@ class _Accumulator:
         """The centred moments (the accumulator's arrays are handed over)."""
         n = self.count
         d = self.sums / n  # mean - shift
-        cross = torch.from_numpy(self.cross)
-        for m in cross:  # the upper triangle is still 0: mirror the lower one into it
-            m.add_(torch.tril(m, -1).T)
+        cross = torch.from_numpy(unpack_lower(self.cross, self.pixels))
+        self.cross = np.zeros((0, 0))
         cross.baddbmm_(d[:, :, None], d[:, None, :], alpha=-n)  # shifted -> centred
         mean = self.shift.to(torch.float64) + d
-        self.cross = np.zeros((0, 0, 0))
         return PixelMoments.from_centred(n, mean, cross, self.lo, self.hi,
                                          torch.finfo(self.dtype).eps)
 
@@ -207,7 +204,7 @@ class _Accumulator:
 def _scratch_for(shape: tuple[int, int, int], dtype: torch.dtype) -> np.ndarray:
     """The float32 scratch :func:`pcace._linalg_numba.accumulate_gram` needs for a layer."""
     c, h, w = shape
-    return np.empty(c * (h * w) ** 2 if dtype == torch.float32 else 0, np.float32)
+    return np.empty(c * (h * w) ** 2, np.float32 if dtype == torch.float32 else np.float64)
 
 
 def basis_of(acc: _Accumulator, components: int | float, dtype: torch.dtype,
@@ -313,7 +310,8 @@ class TwoPass:
         self._acc = {n: _Accumulator(s, pca_dtype, max(1, run_images))
                      for n, s in shapes.items()}
         widest = max((c * h * w * h * w for c, h, w in shapes.values()), default=0)
-        self._scratch = np.empty(widest if pca_dtype == torch.float32 else 0, np.float32)
+        self._scratch = np.empty(widest, np.float32 if pca_dtype == torch.float32 else
+                                 np.float64)
         self._order: list[str] = []  # the order the layers ran in, from the first batch
         self._seen: set[str] = set()
         self._watch: _Checksums | None = None
