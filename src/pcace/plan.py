@@ -150,10 +150,11 @@ class MemoryPlan:
         in two passes over the images (``"moments"``, :mod:`pcace.twopass`) when its
         moments are smaller than its maps (``2 P <= N``), its ``8 C P^2`` bytes fit
         :attr:`work_bytes` (its basis is solved there), and the moments of all layers so
-        routed (packed triangles, ``4 C P (P + 1)`` bytes each), with their runs of ``run_images`` images, fit :attr:`store_bytes`
-        together (they are held at once during the first pass, in place of the maps);
-        the rest stay ``"in-memory"`` in what remains of the store, which spills them
-        to disk past it. ``n`` None (unknown) counts as large.
+        routed (packed triangles, ``4 C P (P + 1)`` bytes each), with their runs of
+        ``run_images`` images, fit :attr:`store_bytes` together (they are held at once
+        during the first pass, in place of the maps); the rest stay ``"in-memory"`` in
+        what remains of the store, which spills them to disk past it. ``n`` None
+        (unknown) counts as large.
 
         Examples
         --------

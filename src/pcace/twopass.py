@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._linalg_numba import packed_size, unpack_lower
 from ._memory import kept_heap, tuning_requested
 from .hooks import evaluating, forward_hooks
-from ._linalg_numba import packed_size, unpack_lower
 from .reduce import Reduction, _one_blas_thread
 from .streaming import PixelBasis, PixelMoments
 
