@@ -27,6 +27,8 @@ import torch
 # A loopback-only cluster: Ray then keeps every server on 127.0.0.1, and a driver must know
 # it too before Ray is imported (else it resolves 127.0.0.1 to the machine's address).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# A token that an earlier local Ray left in ~/.ray must not lock this test's cluster out.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -82,7 +84,8 @@ def cluster():
     temp = tempfile.mkdtemp(prefix="pcace-ray-", dir="/tmp")  # socket paths must be short
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # local-only: every server on 127.0.0.1
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # local-only: every server on 127.0.0.1
+        RAY_AUTH_MODE="disabled")
     proc = subprocess.Popen(
         [str(exe), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
          "--port", str(port), "--num-cpus", "2", "--object-store-memory", str(500 * 2**20),
@@ -329,3 +332,35 @@ def test_streamed_layers_run_on_the_workers(cluster, resnet_cats, monkeypatch):
     np.testing.assert_allclose(remote.channels[cols].to_numpy(),
                                local.channels[cols].to_numpy(), rtol=0, atol=1e-9)
     assert {r["route"] for r in remote.manifest["routes"].values()} == {"moments"}
+
+
+def test_a_ray_dataset_as_input(cluster, resnet_cats, monkeypatch):
+    """Images as a Ray Dataset (several blocks): the streamed layers' workers read their own
+    rows from the dataset's blocks; the values equal the local run on the same tensor."""
+    pytest.importorskip("pyarrow")
+    import pcace
+    from pcace.plan import LayerRoute, MemoryPlan
+
+    address, _ = cluster
+    model, images = resnet_cats
+
+    def routes(self, shapes, n, run_images=256):
+        return {k: LayerRoute("moments" if k == LAYERS[-1] else "in-memory", "test", 0, 2,
+                              tuple(s)) for k, s in shapes.items()}
+
+    monkeypatch.setattr(MemoryPlan, "routes", routes)
+    kw = dict(target=3, layers=LAYERS, progress=False, device="cpu", permutations=10,
+              split_half=0, seed=1, batch_size=40)
+    local = pcace.rank(model, images, **kw)
+    ray.init(address=address, log_to_driver=False)
+    try:
+        ds = ray.data.from_numpy(images.numpy()).repartition(3)
+        remote = pcace.rank(model, ds, engine="ray", **kw)
+    finally:
+        ray.shutdown()
+    assert remote.manifest["routes"][LAYERS[-1]]["passes_on"] == "ray workers"
+    assert remote.manifest["data"]["n_images"] == len(images)
+    np.testing.assert_array_equal(remote.scores, local.scores)
+    np.testing.assert_allclose(remote.channels[["pcace", "p_value"]].to_numpy(),
+                               local.channels[["pcace", "p_value"]].to_numpy(), rtol=0,
+                               atol=1e-9)

@@ -588,11 +588,12 @@ def as_batches(images: Any, batch_size: int = 64, label: Any = None) -> ImageBat
 
     Parameters
     ----------
-    images : tensor, ndarray, (images, labels) pair, Dataset or DataLoader
+    images : tensor, ndarray, (images, labels) pair, Dataset, DataLoader or Ray Dataset
         A tensor/array of shape (N, C, H, W); a pair ``(images, labels)`` of such
         and an (N,) tensor; a Dataset whose items are image tensors or
-        ``(image, label)``; or a DataLoader yielding those batches (its own batch
-        size is kept).
+        ``(image, label)``; a DataLoader yielding those batches (its own batch
+        size is kept); or a ``ray.data.Dataset`` of image arrays
+        (:class:`pcace.raydata.RayImages`).
     batch_size : int, default 64
         Images per batch (not used for a DataLoader).
     label : optional
@@ -617,6 +618,15 @@ def as_batches(images: Any, batch_size: int = 64, label: Any = None) -> ImageBat
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
+    from .raydata import RayBatches, RayImages, is_ray_dataset
+
+    if is_ray_dataset(images):
+        images = RayImages.of(images)
+    if isinstance(images, RayImages):
+        if label is not None:
+            raise ValueError("label filtering is not done for a Ray Dataset; filter it first "
+                             "(ds.filter(...))")
+        return ImageBatches(RayBatches(images, batch_size), batch_size, None, len(images))
     if isinstance(images, tuple) and len(images) == 2 and \
             all(isinstance(t, torch.Tensor | np.ndarray) for t in images):
         images = TensorDataset(*(torch.as_tensor(t) for t in images))

@@ -36,6 +36,7 @@ from torch import nn
 
 from .capture import _batch_scores
 from .engine import Engine
+from .raydata import RayImages, is_ray_dataset
 from .reduce import Reduction
 from .streaming import PixelBasis
 from .twopass import RUN_IMAGES, _Accumulator, _scratch_for, basis_of, first_run_shift
@@ -119,8 +120,10 @@ class ShardWorker:
         from .data import as_batches
         from .hooks import evaluating, forward_hooks
 
-        if isinstance(self.data, torch.Tensor):
-            part: Any = self.data[lo:hi]
+        if isinstance(self.data, RayImages):
+            part: Any = self.data.batches(lo, hi, self.batch_size)
+        elif isinstance(self.data, torch.Tensor):
+            part = self.data[lo:hi]
         else:
             part = torch.utils.data.Subset(self.data, range(lo, hi))
         seen: dict[str, torch.Tensor] = {}
@@ -132,7 +135,11 @@ class ShardWorker:
 
         with evaluating(self.model, self.device), torch.inference_mode(), \
                 forward_hooks(self.model, {n: keep(n) for n in self.layers}):
-            for images in as_batches(part, self.batch_size):
+            batches = part if isinstance(self.data, RayImages) else \
+                as_batches(part, self.batch_size)
+            for images in batches:
+                if isinstance(images, tuple | list):  # (images, labels) from a Ray Dataset
+                    images = images[0]
                 seen.clear()
                 out = self.model(images.to(self.device))
                 scores = _batch_scores(self.score_fn(out), images.shape[0], lo,
@@ -310,10 +317,11 @@ def _open_data(data: Any) -> Any:
 def shardable(images: Any, batch_size: int, label: Any = None) -> tuple[Any, int] | None:
     """The dataset workers can index, and the images per batch, or None.
 
-    A ``(N, C, H, W)`` tensor, a map-style Dataset, or a DataLoader that reads its
-    dataset in order (sequential sampler, default batching and collation) can be split
-    into shards that workers read themselves; iterables, shuffling loaders and label
-    filters cannot (their passes run on the driver).
+    A ``(N, C, H, W)`` tensor, a map-style Dataset, a Ray Dataset (each worker reads its
+    own rows), or a DataLoader that reads its dataset in order (sequential sampler,
+    default batching and collation) can be split into shards that workers read
+    themselves; iterables, shuffling loaders and label filters cannot (their passes run
+    on the driver).
 
     Examples
     --------
@@ -328,6 +336,10 @@ def shardable(images: Any, batch_size: int, label: Any = None) -> tuple[Any, int
 
     if label is not None:
         return None
+    if is_ray_dataset(images):
+        images = RayImages.of(images)
+    if isinstance(images, RayImages):
+        return images, int(batch_size)
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         return images, int(batch_size)
     if isinstance(images, DataLoader):
