@@ -124,8 +124,11 @@ def overhead(args, address: str) -> dict:
     from pcace._ray_engine import RayEngine
 
     model, images = resnet(), train_images(args.n)
-    common = dict(target=3, layers=LAYERS, progress=False, device="cpu",
-                  permutations=args.permutations, split_half=args.split_half, seed=0)
+    target = args.target if args.target == "all" else int(args.target)
+    budget = "auto" if args.budget == "auto" else int(float(args.budget))
+    common = dict(target=target, layers=LAYERS, progress=False, device="cpu",
+                  permutations=args.permutations, split_half=args.split_half, seed=0,
+                  memory_budget=budget)
     out: dict = {"runs": []}
     t = time.perf_counter()
     engine = RayEngine(address=address)  # joined once: a session on a running cluster
@@ -139,7 +142,9 @@ def overhead(args, address: str) -> dict:
                 t = time.perf_counter()
                 res = pcace.rank(model, images, engine=runner, **common)
                 wall = time.perf_counter() - t
+                routes = {r["route"] for r in res.manifest["routes"].values()}
                 out["runs"].append({"engine": name, "seconds": wall, "load1_before": load,
+                                    "routes": sorted(routes),
                                     "timings": res.manifest["timings"],
                                     "stages": dict(res.manifest["engine"]["stage_seconds"]),
                                     "tasks": res.manifest["engine"].get("tasks")})
@@ -163,7 +168,7 @@ def costs(args, address: str) -> dict:
 
     from pcace._ray_engine import RayEngine
     from pcace.engine import Problems
-    from pcace.sharded import ShardWorker
+    from pcace.sharded import ShardWorker, merged_bases
     from pcace.streaming import PixelMoments
 
     out = {}
@@ -191,10 +196,11 @@ def costs(args, address: str) -> dict:
     out["ace_ms_per_problem_one_core"] = 1e3 * (time.perf_counter() - t) / 8
     images = train_images(1024)
     worker = ShardWorker(resnet(), images, LAYERS, 3, batch_size=256)
+    shifts = worker.shifts(0, 256, "float32")
     t = time.perf_counter()
-    moments, _ = worker.moments(0, 1024)
+    sums, _ = worker.moments(0, 1024, shifts, "float32")
     out["shard_moments_ms_per_image"] = 1e3 * (time.perf_counter() - t) / 1024
-    bases = {n: m.basis(3) for n, m in moments.items()}
+    bases = merged_bases([sums], shifts, 3, torch.float32)
     t = time.perf_counter()
     worker.project(0, 1024, bases)
     out["shard_project_ms_per_image"] = 1e3 * (time.perf_counter() - t) / 1024
@@ -213,6 +219,10 @@ def main() -> None:
     parser.add_argument("--permutations", type=int, default=100)
     parser.add_argument("--split-half", type=int, default=10)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--target", default="3", help="a class index, or all")
+    parser.add_argument("--budget", default="auto",
+                        help="memory_budget (bytes): a small one routes the layers through "
+                        "two passes, which then run on the Ray workers")
     parser.add_argument("--parts", default="overhead,costs")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()

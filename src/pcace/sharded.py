@@ -41,7 +41,7 @@ from .reduce import Reduction
 from .streaming import PixelBasis
 from .twopass import RUN_IMAGES, _Accumulator, _scratch_for, basis_of, first_run_shift
 
-__all__ = ["ShardWorker", "shard_bounds", "sharded_components"]
+__all__ = ["ShardWorker", "merged_bases", "shard_bounds", "sharded_components"]
 
 
 def shard_bounds(n: int, shard_size: int) -> list[tuple[int, int]]:
@@ -245,7 +245,7 @@ def sharded_components(model: nn.Module | Mapping[str, Any], data: Any, layers: 
     >>> reds, y = sharded_components(mnist_cnn(), torch.rand(50, 1, 28, 28), ["conv1"], 3,
     ...                              shard_size=20)
     >>> tuple(reds["conv1"].scores.shape), y.shape
-    ((32, 50, 3), (50,))
+    ((8, 50, 3), (50,))
     """
     names = list(layers)
     args = (model, data, names, target)
@@ -282,15 +282,9 @@ def _two_passes(run: Callable[..., list[Any]], bounds: list[tuple[int, int]],
     start = time.perf_counter()
     (shifts,) = run("shifts", (dtype, run_images), [(0, min(n, run_images))])
     parts = run("moments", (shifts, dtype, run_images))
-    merged: dict[str, _Accumulator] = {}
-    for sums, _ in parts:  # shard order: the sums' grouping never depends on the workers
-        for name, part in sums.items():
-            if name not in merged:
-                shape = (part["sums"].shape[0], *_layer_shape(part))
-                merged[name] = _Accumulator(shape, pca_dtype, 1, shift=shifts[name])
-            merged[name].absorb(part)
+    bases = merged_bases([sums for sums, _ in parts], shifts, components, pca_dtype,
+                         max_components)
     scores = np.concatenate([s for _, s in parts])
-    bases = {n: basis_of(merged.pop(n), components, pca_dtype, max_components) for n in names}
     middle = time.perf_counter()
     projected = run("project", (bases,))
     out = {n: bases[n].finish([p[n] for p in projected]) for n in names}
@@ -300,9 +294,31 @@ def _two_passes(run: Callable[..., list[Any]], bounds: list[tuple[int, int]],
     return out, scores
 
 
-def _layer_shape(part: dict[str, Any]) -> tuple[int, int]:
-    """``(P, 1)``: the accumulator only needs the pixel count of a layer."""
-    return (int(part["sums"].shape[1]), 1)
+def merged_bases(parts: Sequence[Mapping[str, dict[str, Any]]],
+                 shifts: Mapping[str, torch.Tensor], components: int | float = 3,
+                 pca_dtype: torch.dtype = torch.float64, max_components: int | None = None
+                 ) -> dict[str, PixelBasis]:
+    """Each layer's basis from the shards' sums (:meth:`ShardWorker.moments`), in order.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from pcace.zoo import mnist_cnn
+    >>> worker = ShardWorker(mnist_cnn(), torch.rand(30, 1, 28, 28), ["conv1"], 3)
+    >>> shifts = worker.shifts(0, 30)
+    >>> parts = [worker.moments(lo, hi, shifts)[0] for lo, hi in [(0, 15), (15, 30)]]
+    >>> merged_bases(parts, shifts)["conv1"].count
+    30
+    """
+    merged: dict[str, _Accumulator] = {}
+    for sums in parts:  # shard order: the sums' grouping never depends on the workers
+        for name, part in sums.items():
+            if name not in merged:
+                shape = (part["sums"].shape[0], int(part["sums"].shape[1]), 1)
+                merged[name] = _Accumulator(shape, pca_dtype, 1, shift=shifts[name])
+            merged[name].absorb(part)
+    return {n: basis_of(merged.pop(n), components, pca_dtype, max_components)
+            for n in list(merged)}
 
 
 def _open_data(data: Any) -> Any:

@@ -46,6 +46,7 @@ tightly at 0 for noise but shrinks true signals more, the more so for large
 Examples
 --------
 >>> import numpy as np
+>>> from pcace import ace
 >>> rng = np.random.default_rng(0)
 >>> z = rng.normal(size=(5, 100, 3))        # 5 channels, 100 images, k = 3
 >>> y = z[0, :, 0] ** 2 + 0.5 * rng.normal(size=100)   # channel 0 carries the score
