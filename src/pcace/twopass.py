@@ -344,14 +344,15 @@ class TwoPass:
 
     def bases(self) -> dict[str, PixelBasis]:
         """Finish the first pass: each layer's basis (its moments are freed)."""
-        out = {}
         for name, acc in self._acc.items():
             acc.flush(self._scratch)
+            acc.run = torch.empty(0, dtype=acc.dtype)  # the runs go before the bases are solved
             if acc.count < 2:
                 raise ValueError(f"layer {name!r} saw {acc.count} image(s); PCA needs 2")
-            out[name] = basis_of(acc, self.components, self.dtype)
-        self._acc.clear()
         self._scratch = np.empty(0, np.float32)
+        out = {}
+        for name in list(self._acc):  # each layer's moments go as soon as its basis is there
+            out[name] = basis_of(self._acc.pop(name), self.components, self.dtype)
         return out
 
     def second_pass(self, model: nn.Module, batches: Iterable[Any], *,
