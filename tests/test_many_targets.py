@@ -306,3 +306,31 @@ def test_class_atlas_figure(atlas_run):
     assert any(t.startswith("features:") for t in titles)
     with pytest.raises(ValueError, match="no layer"):
         class_atlas(atlas_run, layer="nope")
+
+
+def test_per_label_in_turn_when_the_maps_do_not_fit(labelled, monkeypatch):
+    """A budget too small for all labels' maps: the labels are ranked in turn (each over
+    its own images, by the two-pass route here) and the atlas equals the one-pass atlas."""
+    from pcace.plan import MemoryPlan
+
+    model, x, labels = labelled
+    kwargs = dict(layers=["features"], progress=False, pca_dtype=torch.float64,
+                  permutations=19, split_half=2)
+    one_pass = pcace.rank(model, (x, labels), per_label=True, **kwargs)
+    assert "per_label_passes" not in one_pass.manifest
+    maps = 4 * 12 * 8 * 8 * 180  # features: 12 channels of 8 x 8 over 180 images
+    monkeypatch.setattr(MemoryPlan, "store_bytes", property(lambda self: maps // 2))
+    turn = pcace.rank(model, (x, labels), per_label=True, **kwargs)
+    assert turn.manifest["per_label_passes"]["mode"] == "in turn"
+    assert set(turn.manifest["per_label_runs"]) == {"0", "1", "2"}
+    assert list(turn.channels.columns) == list(one_pass.channels.columns)
+    assert list(turn.layers.columns) == list(one_pass.layers.columns)
+    for c in range(3):
+        a = one_pass.channels[one_pass.channels.label == c]
+        b = turn.channels[turn.channels.label == c]
+        _assert_same_rows(b, a, SHARED_COLUMNS + STAT_COLUMNS[:4], atol=1e-9)
+        own = turn.scores[labels.numpy() == c, turn.targets.index(str(c))]
+        np.testing.assert_allclose(own, one_pass.scores[labels.numpy() == c, c], atol=1e-6)
+    assert set(turn.components) == set(one_pass.components)
+    assert turn.labels.tolist() == labels.tolist()
+    assert turn.complete

@@ -521,9 +521,26 @@ def rank(
     targets = _target_set(target, categories, per_label, label)
     names = resolve_layers(model, layers)
     ace_kwargs = dict(ace_options or {})
+    in_turn = _labels_in_turn(model, images, names, plan, dev) if per_label else None
     runner, owned = resolve_engine(engine, ray_address)
     if progress and runner.name != "local":
         print(f"pcace: {runner.summary()}", file=sys.stderr)
+    if in_turn is not None:  # an atlas too big for one pass in memory: label by label
+        from .perlabel import rank_in_turn
+
+        each = dict(layers=names, components=components, batch_size=batch_size, device=dev,
+                    memory_budget=plan.budget, device_memory_budget=device_memory_budget,
+                    pca_dtype=pca_dtype, score=score, categories=categories,
+                    permutations=permutations, split_half=split_half, bootstrap=bootstrap,
+                    level=level, interval=interval, seed=seed, spill_dir=spill_dir,
+                    ace_options=ace_options, tune_malloc=tune_malloc, resume=resume,
+                    on_step=on_step, engine=runner)
+        try:
+            return rank_in_turn(rank, model, images, target, in_turn[0], each,
+                                checkpoint_dir, progress, in_turn[1])
+        finally:
+            if owned:
+                runner.close()
     token = _ENGINE.set(runner)
     try:
         weights = weights_hash(model)  # hashes every parameter: once per run
@@ -661,6 +678,27 @@ def rank(
 
 
 # --- targets and image groups -------------------------------------------------------------------
+
+def _labels_in_turn(model: torch.nn.Module, images: Any, names: list[str], plan: MemoryPlan,
+                    dev: torch.device) -> tuple[np.ndarray, str] | None:
+    """For ``per_label``: every image's label and why, when the labels should run in turn.
+
+    They do when the maps of all images exceed the store and the labels can be read
+    without decoding the images (:mod:`pcace.perlabel`); else one pass serves them all.
+    """
+    from .perlabel import labels_without_decoding, maps_bytes
+
+    labels = labels_without_decoding(images)
+    if labels is None or labels.size == 0:
+        return None
+    size = maps_bytes(model, images, names, labels.size, dev)
+    if size is None or size <= plan.store_bytes:
+        return None
+    gib = 2.0**30
+    return labels, (f"the maps of all {labels.size} images ({size / gib:.1f} GiB) exceed the "
+                    f"store ({plan.store_bytes / gib:.1f} GiB): each label's images are "
+                    "ranked in turn, with every route of a one-label run")
+
 
 def _target_set(target: Any, categories: Sequence[str] | None, per_label: bool,
                 label: Any) -> TargetSet:
