@@ -204,13 +204,18 @@ class _InProcessWorkers(pcace.engine.LocalEngine):
     def slots(self):
         return 2
 
-    def map_shards(self, cls, args, kwargs, method, bounds, extra=()):
+    def map_shards(self, cls, args, kwargs, method, bounds, extra=(), on_shard=None):
         import copy
         import pickle
 
         self.shards.append((method, list(bounds)))
         worker = cls(*pickle.loads(pickle.dumps(copy.deepcopy(args))), **kwargs)
-        return [getattr(worker, method)(lo, hi, *extra) for lo, hi in bounds]
+        out = []
+        for lo, hi in bounds:
+            out.append(getattr(worker, method)(lo, hi, *extra))
+            if on_shard is not None:
+                on_shard(lo, hi)
+        return out
 
 
 @pytest.mark.parametrize("mixed", [False, True])

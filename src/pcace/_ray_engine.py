@@ -211,13 +211,15 @@ class RayEngine(Engine):
         self._actors = None
 
     def map_shards(self, cls: type, args: tuple, kwargs: dict, method: str,
-                   bounds: list[tuple[int, int]], extra: tuple = ()) -> list[Any]:
+                   bounds: list[tuple[int, int]], extra: tuple = (),
+                   on_shard: Callable[[int, int], Any] | None = None) -> list[Any]:
         """``cls(*args, **kwargs).method(lo, hi, *extra)`` for each shard, on actors.
 
         One actor per CPU slot (``task_cpus`` CPUs each; at most one per shard) is made
         for a given ``(cls, args, kwargs)`` and kept for later calls with the same ones
         (the second pass reuses the models the first one built). ``extra`` is put in the
-        object store once. Results come back in shard order. An actor whose process dies
+        object store once. Results come back in shard order; ``on_shard(lo, hi)`` is called
+        as each finishes. An actor whose process dies
         is restarted (it rebuilds its model) and its call re-run.
         """
         ray = self._connected()
@@ -246,6 +248,8 @@ class RayEngine(Engine):
                 for ref in ready:
                     i, actor = pending.pop(ref)
                     out[i] = ray.get(ref)
+                    if on_shard is not None:
+                        on_shard(*bounds[i])
                     nxt = next(todo, None)
                     if nxt is not None:
                         j, (lo, hi) = nxt

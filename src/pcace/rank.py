@@ -1306,7 +1306,7 @@ class _Sharded:
         start = time.perf_counter()
         reds, scores = sharded_components(model, data, names, targets, components,
                                           shard_size=size, batch_size=batch, engine=runner,
-                                          pca_dtype=pca_dtype)
+                                          pca_dtype=pca_dtype, progress=progress)
         streamed = {n: StreamedLayer(reds[n], None, routes[n].stats_bytes, routes[n].shape)
                     for n in names}
         scores = scores[:, None] if scores.ndim == 1 else scores

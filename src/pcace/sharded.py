@@ -201,8 +201,8 @@ def sharded_components(model: nn.Module | Mapping[str, Any], data: Any, layers: 
                        batch_size: int = 64, max_components: int | None = None,
                        engine: Engine | None = None, device: str = "cpu",
                        categories: Sequence[str] | None = None,
-                       pca_dtype: torch.dtype = torch.float64, run_images: int = RUN_IMAGES
-                       ) -> tuple[dict[str, Reduction], np.ndarray]:
+                       pca_dtype: torch.dtype = torch.float64, run_images: int = RUN_IMAGES,
+                       progress: bool = False) -> tuple[dict[str, Reduction], np.ndarray]:
     """Each layer's principal-component scores from two sharded passes over the images.
 
     Parameters
@@ -231,6 +231,8 @@ def sharded_components(model: nn.Module | Mapping[str, Any], data: Any, layers: 
         Precision of the products, as in :class:`pcace.twopass.TwoPass`.
     run_images : int
         Images per ``syrk`` update.
+    progress : bool
+        Show a progress bar per pass on stderr (images per second, ETA).
 
     Returns
     -------
@@ -261,10 +263,22 @@ def sharded_components(model: nn.Module | Mapping[str, Any], data: Any, layers: 
     bounds = shard_bounds(n, shard_size)
 
     def run(method: str, extra: tuple = (), where: list[tuple[int, int]] = bounds) -> list[Any]:
-        if remote:
-            return engine.map_shards(ShardWorker, args, kwargs,  # type: ignore[union-attr]
-                                     method, where, extra)
-        return [getattr(local, method)(lo, hi, *extra) for lo, hi in where]
+        from tqdm.auto import tqdm
+
+        label = {"moments": "first pass (moments)", "project": "projection pass"}
+        with tqdm(total=sum(hi - lo for lo, hi in where), desc=label.get(method, method),
+                  unit="img", disable=not progress or method not in label) as bar:
+            def done(lo: int, hi: int) -> None:
+                bar.update(hi - lo)
+
+            if remote:
+                return engine.map_shards(ShardWorker, args, kwargs,  # type: ignore[union-attr]
+                                         method, where, extra, on_shard=done)
+            out = []
+            for lo, hi in where:
+                out.append(getattr(local, method)(lo, hi, *extra))
+                done(lo, hi)
+            return out
 
     try:
         return _two_passes(run, bounds, names, components, max_components, pca_dtype,
