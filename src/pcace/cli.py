@@ -87,7 +87,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    "for several targets, ranked from one forward pass")
     p.add_argument("--per-class", action="store_true",
                    help="rank each class's images of --data (a folder of all classes) "
-                   "separately, from one forward pass; without --target each class on its own "
+                   "separately, from one forward pass (class by class when the maps of all "
+                   "images exceed --memory-budget); without --target each class on its own "
                    "logit (the class index is the folder's position in sorted order)")
     p.add_argument("--categories", help="the model's class names in output order: a file with "
                    "one name per line, or a comma-separated list (needed for class-name "
@@ -144,8 +145,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="also save the figures' material and write OUT/report.html")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help="where the ACE problems run: local (default, this process) or ray "
-                   "(tasks on a Ray cluster; pip install 'pcace[ray]'); same results")
+                   help="where the work runs: local (default, this process) or ray (the ACE "
+                   "problems as Ray tasks, and the forward passes of layers reduced in two "
+                   "passes on Ray actors; pip install 'pcace[ray]'); same results")
     p.add_argument("--ray-address", help="with --engine ray: the cluster to join ('auto': the "
                    "one started on this machine with `ray start`; HOST:PORT; ray://HOST:PORT); "
                    "default: start a local one for the run")
