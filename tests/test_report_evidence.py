@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pcace.rank import PCACEResult
+from pcace.result import PCACEResult
 from pcace.viz import channel_ranking, layer_evidence, layer_overview, result_html, write_report
 from pcace.viz.figures import CHANCE_COLOUR
 

@@ -9,6 +9,7 @@ score of the network's output.
 __version__ = "0.1.0"
 
 from .ace import AceResult, ace  # noqa: E402
-from .rank import PCACEResult, load, rank  # noqa: E402
+from .rank import rank  # noqa: E402
+from .result import PCACEResult, load  # noqa: E402
 
 __all__ = ["AceResult", "PCACEResult", "ace", "load", "rank", "__version__"]

@@ -421,7 +421,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .rank import load
+    from .result import load
     from .rundir import add_files
     from .viz import write_report
 
@@ -437,7 +437,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from .ablate import ablate, faithfulness_summary
     from .data import open_dataset, stack_images
     from .models import rebuild_model
-    from .rank import load
+    from .result import load
     from .rundir import add_files, atomic_write
     from .targets import target_from_dict
 

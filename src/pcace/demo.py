@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .data import mnist_idx, sklearn_digits
-from .rank import PCACEResult, rank
+from .rank import rank
+from .result import PCACEResult
 from .rundir import add_files
 from .targets import ClassLogit
 from .zoo import mnist_cnn

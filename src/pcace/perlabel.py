@@ -98,7 +98,7 @@ def rank_in_turn(rank: Callable[..., Any], model: torch.nn.Module, images: Any,
     reason : str
         Why the labels run in turn (recorded in the manifest).
     """
-    from .rank import PCACEResult
+    from .result import PCACEResult
 
     start = time.perf_counter()
     order = list(pd.unique(labels))
