@@ -142,6 +142,7 @@ class RayEngine(Engine):
         self.lost_after = float(lost_after)
         self.tasks = 0
         self._actors: tuple[str, list[Any]] | None = None
+        self._shipped: list[Any] = []
         self._remote = ray.remote(_solve_chunk).options(
             num_cpus=self.task_cpus, max_retries=int(max_retries), retry_exceptions=False)
         # workers import pcace and load the compiled kernels while the driver runs the
@@ -209,6 +210,7 @@ class RayEngine(Engine):
             for actor in self._actors[1]:
                 ray.kill(actor)
         self._actors = None
+        self._shipped = []
 
     def map_shards(self, cls: type, args: tuple, kwargs: dict, method: str,
                    bounds: list[tuple[int, int]], extra: tuple = (),
@@ -231,6 +233,7 @@ class RayEngine(Engine):
                                             max_task_retries=3)
             shipped = [ray.put(a) for a in args]  # a model or dataset travels once
             self._actors = (key, [actor.remote(*shipped, **kwargs) for _ in range(count)])
+            self._shipped = shipped  # kept while the actors live: a restart rebuilds from them
         actors = list(self._actors[1])
         out: list[Any] = [None] * len(bounds)
         try:
