@@ -464,10 +464,13 @@ def _labels_in_turn(model: torch.nn.Module, images: Any, names: list[str], plan:
     size = maps_bytes(model, images, names, labels.size, dev)
     if size is None or size <= plan.store_bytes:
         return None
-    gib = 2.0**30
-    return labels, (f"the maps of all {labels.size} images ({size / gib:.1f} GiB) exceed the "
-                    f"store ({plan.store_bytes / gib:.1f} GiB): each label's images are "
-                    "ranked in turn, with every route of a one-label run")
+    return labels, (f"the maps of all {labels.size} images ({_bytes_text(size)}) exceed the "
+                    f"store ({_bytes_text(plan.store_bytes)}): each label's images are ranked "
+                    "in turn, with every route of a one-label run")
+
+
+def _bytes_text(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def _target_set(target: Any, categories: Sequence[str] | None, per_label: bool,
