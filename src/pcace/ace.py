@@ -383,6 +383,24 @@ def response_orders(ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return orders, groups
 
 
+def _check_shared(z: np.ndarray, ys: np.ndarray, used_x: np.ndarray,
+                  used_y: np.ndarray) -> None:
+    """:func:`_check` for shared data, one channel and row at a time (no copies of ``z``)."""
+    if z.shape[1] < MIN_OBSERVATIONS:
+        raise ValueError(f"ACE needs at least {MIN_OBSERVATIONS} observations; got "
+                         f"{z.shape[1]}")
+    bad_x = [int(c) for c in used_x if not np.isfinite(z[c]).all()]
+    bad_y = [int(r) for r in used_y if not np.isfinite(ys[r]).all()]
+    for name, bad, what in (("x", bad_x, "channels"), ("y", bad_y, "score rows")):
+        if bad:
+            raise ValueError(f"{name} holds NaN or inf in {what} {bad[:10]}; drop or impute "
+                             "those observations")
+    constant = [int(r) for r in used_y if ys[r].max() <= ys[r].min()]
+    if constant:
+        raise ValueError(f"y is constant in score rows {constant[:10]}; ACE needs a response "
+                         "that varies")
+
+
 def ace_shared(
     z: np.ndarray,
     ys: np.ndarray,
@@ -447,9 +465,7 @@ def ace_shared(
         raise ValueError("channels and rows must be 1-d arrays of one length")
     if channels.size == 0:
         return np.zeros(0), np.zeros(0)
-    used_x = np.unique(channels)
-    used_y = np.unique(rows)
-    _check(torch.from_numpy(z[used_x]), torch.from_numpy(ys[used_y]), batched=True)
+    _check_shared(z, ys, np.unique(channels), np.unique(rows))
     x_kinds = _kinds(x_kind, z.shape[2], "x_kind")
     if y_kind not in KINDS:
         raise ValueError(f"y_kind: unknown kind {y_kind!r}; expected one of {KINDS}")
