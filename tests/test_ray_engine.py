@@ -364,3 +364,43 @@ def test_a_ray_dataset_as_input(cluster, resnet_cats, monkeypatch):
     np.testing.assert_allclose(remote.channels[["pcace", "p_value"]].to_numpy(),
                                local.channels[["pcace", "p_value"]].to_numpy(), rtol=0,
                                atol=1e-9)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_during_the_first_pass_changes_nothing(cluster, resnet_cats,
+                                                               monkeypatch):
+    """An actor's process SIGKILLed while it accumulates its shard's moments: Ray restarts
+    it (it rebuilds its model from the object store) and re-runs the shard; same values."""
+    import pcace
+    from pcace._ray_engine import RayEngine
+    from pcace.plan import LayerRoute, MemoryPlan
+
+    address, sid = cluster
+    model, images = resnet_cats
+
+    def routes(self, shapes, n, run_images=256):
+        return {k: LayerRoute("moments", "forced by the test", 0, 2, tuple(s))
+                for k, s in shapes.items()}
+
+    monkeypatch.setattr(MemoryPlan, "routes", routes)
+    kw = dict(target=3, layers=LAYERS, progress=False, device="cpu", permutations=5,
+              split_half=0, seed=2, batch_size=16)
+    local = pcace.rank(model, images, **kw)
+    engine = RayEngine(address=address)
+    try:
+        stop, killed = threading.Event(), []
+        killer = threading.Thread(target=_kill_first_task,
+                                  args=(sid, "ShardWorker.moments", stop, killed), daemon=True)
+        killer.start()
+        try:
+            remote = pcace.rank(model, images, engine=engine, **kw)
+        finally:
+            stop.set()
+            killer.join(timeout=5)
+        assert killed, "no shard was seen running: nothing was killed"
+        assert remote.complete
+        np.testing.assert_allclose(remote.channels[["pcace", "p_value"]].to_numpy(),
+                                   local.channels[["pcace", "p_value"]].to_numpy(), rtol=0,
+                                   atol=1e-9)
+    finally:
+        engine.close()
