@@ -101,6 +101,11 @@ def rank_in_turn(rank: Callable[..., Any], model: torch.nn.Module, images: Any,
     from .result import PCACEResult
 
     start = time.perf_counter()
+    from torch.utils.data import DataLoader
+
+    if isinstance(images, DataLoader):  # read each label's items only, not every batch
+        images, options = images.dataset, {**options, "batch_size": images.batch_size or
+                                           options.get("batch_size", 64)}
     order = list(pd.unique(labels))
     runs: list[tuple[Any, Any]] = []
     for i, value in enumerate(order):
