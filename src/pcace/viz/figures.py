@@ -362,6 +362,14 @@ def class_atlas(result: Any, layer: str | None = None, *, alpha: float = 0.05) -
     ax_ev.set_yticks(range(len(names)), names, fontsize=7)
     ax_ev.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=7)
     ax_ev.set_title(f"layers x classes: {measure}", fontsize=9, loc="left")
+    b = int(result.manifest.get("permutations") or 0)
+    if share and b:
+        # with B permutations the smallest p is 1 / (B + 1): BH over a layer of C channels
+        # passes any of them only when about C / (alpha (B + 1)) beat the whole null
+        least = min(1.0, 1.0 / (alpha * (b + 1)))
+        ax_ev.set_xlabel(f"B = {b} permutations: a layer shows significant channels only "
+                         f"when at least ~{least:.0%} of them beat every permutation",
+                         fontsize=7)
     fig.colorbar(image, ax=ax_ev, fraction=0.05, pad=0.02)
     scaled = "pcace_adj" if "pcace_adj" in result.channels.columns else "PCACE"
     grid = ax_ch.imshow(values, aspect="auto", cmap="magma", interpolation="nearest",
