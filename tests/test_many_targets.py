@@ -334,3 +334,35 @@ def test_per_label_in_turn_when_the_maps_do_not_fit(labelled, monkeypatch):
     assert set(turn.components) == set(one_pass.components)
     assert turn.labels.tolist() == labels.tolist()
     assert turn.complete
+
+
+def test_per_label_in_turn_resumes_after_an_interrupt(labelled, monkeypatch, tmp_path):
+    """Interrupted while the second label runs: the first label is kept, a resume restores
+    it, continues, and ends equal to an uninterrupted run; the checkpoints (one folder per
+    label inside the run's own) go with remove_checkpoints."""
+    from pcace.plan import MemoryPlan
+    from pcace.rundir import remove_checkpoints
+
+    model, x, labels = labelled
+    kwargs = dict(layers=["features"], progress=False, pca_dtype=torch.float64,
+                  permutations=9, split_half=0)
+    monkeypatch.setattr(MemoryPlan, "store_bytes", property(lambda self: 1000))
+    whole = pcace.rank(model, (x, labels), per_label=True, **kwargs)
+    def stop_in_second_label():
+        if (tmp_path / "checkpoints" / "label-1").exists():
+            raise KeyboardInterrupt
+
+    first = pcace.rank(model, (x, labels), per_label=True, checkpoint_dir=tmp_path,
+                       on_step=stop_in_second_label, **kwargs)
+    assert not first.complete and set(first.channels.label) == {0}
+    assert (tmp_path / "checkpoints" / "label-0" / "checkpoints" / "state.json").is_file()
+    again = pcace.rank(model, (x, labels), per_label=True, checkpoint_dir=tmp_path,
+                       resume=True, **kwargs)
+    assert again.complete
+    assert again.manifest["per_label_runs"]["0"]["complete"]
+    pd.testing.assert_frame_equal(
+        again.channels[SHARED_COLUMNS + ["label"]].reset_index(drop=True),
+        whole.channels[SHARED_COLUMNS + ["label"]].reset_index(drop=True))
+    removed = remove_checkpoints(tmp_path)
+    assert any(r.startswith("checkpoints/label-1/") for r in removed)
+    assert not (tmp_path / "checkpoints").exists()

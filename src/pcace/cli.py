@@ -276,10 +276,15 @@ def cmd_rank(args: argparse.Namespace) -> int:
     result.save(out)
     if not result.complete:
         code = 143 if result.manifest.get("interrupt_signal") == 15 else 130
-        done = len(result.manifest.get("layers_done", []))
-        print(f"pcace: interrupted; {done} of {len(result.manifest['layers'])} layers are saved "
-              f"in {out} (marked incomplete). Continue with the same command and --resume",
-              file=sys.stderr)
+        runs = result.manifest.get("per_label_runs")
+        if runs:  # labels ranked in turn
+            done = sum(bool(r.get("complete")) for r in runs.values())
+            what = f"{done} of {len(result.manifest['data'].get('labels', runs))} labels are"
+        else:
+            done = len(result.manifest.get("layers_done", []))
+            what = f"{done} of {len(result.manifest['layers'])} layers are"
+        print(f"pcace: interrupted; {what} saved in {out} (marked incomplete). Continue with "
+              "the same command and --resume", file=sys.stderr)
         return code
     remove_checkpoints(out)
     _print_summary(result, args.top)

@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .rundir import CHECKPOINTS
+
 __all__ = ["labels_without_decoding", "maps_bytes", "rank_in_turn"]
 
 
@@ -92,12 +94,16 @@ def rank_in_turn(rank: Callable[..., Any], model: torch.nn.Module, images: Any,
     options : dict
         The other keyword arguments of the run (passed to each label's run).
     checkpoint_dir : path, optional
-        Each label's run checkpoints in ``checkpoint_dir/label-<label>``.
+        Each label's run checkpoints in ``checkpoint_dir/checkpoints/label-<label>``
+        (removed with the run's own by :func:`pcace.rundir.remove_checkpoints`); with
+        ``resume`` in ``options`` the labels finished before are restored and the
+        interrupted one continues.
     progress : bool
         Print which label runs.
     reason : str
         Why the labels run in turn (recorded in the manifest).
     """
+    from .interrupts import Interrupted
     from .result import PCACEResult
 
     start = time.perf_counter()
@@ -107,7 +113,12 @@ def rank_in_turn(rank: Callable[..., Any], model: torch.nn.Module, images: Any,
         images, options = images.dataset, {**options, "batch_size": images.batch_size or
                                            options.get("batch_size", 64)}
     order = list(pd.unique(labels))
+    if checkpoint_dir is not None:  # marks the directory as a run that --resume continues
+        from .rundir import start_checkpoints
+
+        start_checkpoints(checkpoint_dir, {"per_label": "in turn", "labels": len(order)})
     runs: list[tuple[Any, Any]] = []
+    stopped: BaseException | None = None
     for i, value in enumerate(order):
         if progress:
             import sys
@@ -115,15 +126,35 @@ def rank_in_turn(rank: Callable[..., Any], model: torch.nn.Module, images: Any,
             count = int(np.sum(labels == value))
             print(f"pcace: label {value} ({i + 1} of {len(order)}, {count} images)",
                   file=sys.stderr)
-        sub = rank(model, images, target=_own_target(value) if target is None else target,
-                   label=value, per_label=False,
-                   checkpoint_dir=None if checkpoint_dir is None else
-                   Path(checkpoint_dir) / f"label-{value}", progress=progress, **options)
+        where = None if checkpoint_dir is None else _label_checkpoints(checkpoint_dir, value)
+        resume = bool(options.get("resume")) and where is not None and \
+            (where / CHECKPOINTS / "state.json").is_file()  # labels not reached start afresh
+        try:
+            sub = rank(model, images, target=_own_target(value) if target is None else target,
+                       label=value, per_label=False, checkpoint_dir=where, progress=progress,
+                       **{**options, "resume": resume})
+        except (KeyboardInterrupt, Interrupted) as err:  # in this label's forward pass
+            stopped = err
+            break
         runs.append((value, sub))
         if not sub.complete:
             break
-    return _joined(PCACEResult, runs, labels, target is None, reason,
-                   time.perf_counter() - start)
+    if not runs:  # stopped before any label had a result: nothing to join
+        assert stopped is not None
+        raise stopped
+    out = _joined(PCACEResult, runs, labels, target is None, reason,
+                  time.perf_counter() - start)
+    if stopped is not None:
+        out.manifest.update(complete=False, interrupted=True,
+                            interrupt_signal=getattr(stopped, "signum", 2))
+    return out
+
+
+def _label_checkpoints(checkpoint_dir: str | Path, value: Any) -> Path:
+    """Where label ``value``'s run checkpoints: inside the run's own checkpoint folder."""
+    from .viz._common import safe_name
+
+    return Path(checkpoint_dir) / CHECKPOINTS / f"label-{safe_name(str(value))}"
 
 
 def _own_target(value: Any) -> int:
@@ -144,6 +175,8 @@ def _joined(result_type: Any, runs: list[tuple[Any, Any]], labels: np.ndarray,
     channels, layers, components = [], [], {}
     scores = np.full((labels.size, len(target_names)), np.nan)
     for value, sub in runs:
+        if sub.channels.empty:  # interrupted before its first layer was done
+            continue
         ch = sub.channels.copy()
         ly = sub.layers.copy()
         name = sub.targets[0] if sub.targets else ""
@@ -180,7 +213,8 @@ def _joined(result_type: Any, runs: list[tuple[Any, Any]], labels: np.ndarray,
     manifest["data"] = {**first.get("data", {}), "label": None,
                         "n_images": int(sum(sub.manifest["data"]["n_images"]
                                             for _, sub in runs)),
-                        "labels": {str(v): int(np.sum(labels == v)) for v, _ in runs},
+                        "labels": {str(v): int(np.sum(labels == v))
+                                   for v in pd.unique(labels)},  # every label, also unreached
                         "own_class": own_class}
     manifest["timings"] = {"total": seconds}
     keep = np.isin(labels, [v for v, _ in runs])

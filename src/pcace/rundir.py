@@ -850,6 +850,11 @@ def remove_checkpoints(path: str | Path) -> list[str]:
     if not ckdir.is_dir() or ckdir.is_symlink():
         return []
     removed = []
+    for sub in sorted(ckdir.glob("label-*")):  # a per-label run's labels, one run each
+        if sub.is_dir() and not sub.is_symlink():
+            removed += [f"{CHECKPOINTS}/{sub.name}/{name}" for name in remove_checkpoints(sub)]
+            with contextlib.suppress(OSError):
+                sub.rmdir()
     for file in sorted(ckdir.iterdir()):
         ours = file.name == "state.json" or re.fullmatch(r"layer-.*\.npz", file.name) or \
             file.name.startswith(".layer-")
