@@ -16,6 +16,7 @@ outputs were not kept).
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import DataLoader
 
 from .rundir import CHECKPOINTS
 
@@ -107,8 +109,6 @@ def rank_in_turn(rank: Callable[..., Any], model: torch.nn.Module, images: Any,
     from .result import PCACEResult
 
     start = time.perf_counter()
-    from torch.utils.data import DataLoader
-
     if isinstance(images, DataLoader):  # read each label's items only, not every batch
         images, options = images.dataset, {**options, "batch_size": images.batch_size or
                                            options.get("batch_size", 64)}
@@ -121,8 +121,6 @@ def rank_in_turn(rank: Callable[..., Any], model: torch.nn.Module, images: Any,
     stopped: BaseException | None = None
     for i, value in enumerate(order):
         if progress:
-            import sys
-
             count = int(np.sum(labels == value))
             print(f"pcace: label {value} ({i + 1} of {len(order)}, {count} images)",
                   file=sys.stderr)
