@@ -28,3 +28,37 @@ def shared_dir() -> Path:
     if path is None:
         pytest.skip("shared data not found: set PCACE_SHARED or put it at ../shared")
     return path
+
+
+@pytest.fixture(scope="session")
+def cifar_cats(shared_dir):
+    """``n -> (model, images)``: the shared pretrained ResNet-20 and its first ``n`` cat test
+    images, normalised as it was trained."""
+    import torch
+    from torchvision import transforms
+
+    from pcace.data import image_folder
+    from pcace.models import load_model
+    from pcace.zoo import CIFAR_MEAN, CIFAR_STD
+
+    def load(n: int):
+        loaded = load_model("pcace.zoo:cifar_resnet20",
+                            checkpoint=shared_dir / "data/cifar10/resnet20-12fca82f.th")
+        tf = transforms.Compose([transforms.ToTensor(),
+                                 transforms.Normalize(CIFAR_MEAN, CIFAR_STD)])
+        ds = image_folder(shared_dir / "data/cifar10/test", class_name="cat", transform=tf)
+        return loaded.model, torch.stack([ds[i][0] for i in range(n)])
+
+    return load
+
+
+@pytest.fixture
+def two_pass_routes(monkeypatch):
+    """Every layer through the two passes (``MemoryPlan.routes`` replaced for the test)."""
+    from pcace.plan import LayerRoute, MemoryPlan
+
+    def routes(self, shapes, n, run_images=256):
+        return {k: LayerRoute("moments", "forced by the test", 0, 2, tuple(s))
+                for k, s in shapes.items()}
+
+    monkeypatch.setattr(MemoryPlan, "routes", routes)

@@ -240,19 +240,8 @@ def test_bad_components():
 # --- the shared pretrained CIFAR ResNet-20 -----------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cifar(shared_dir):
-    from pcace.data import image_folder
-    from pcace.models import load_model
-    from pcace.zoo import CIFAR_MEAN, CIFAR_STD
-
-    loaded = load_model("pcace.zoo:cifar_resnet20",
-                        checkpoint=shared_dir / "data/cifar10/resnet20-12fca82f.th")
-    from torchvision import transforms
-
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD)])
-    ds = image_folder(shared_dir / "data/cifar10/test", class_name="cat", transform=tf)
-    images = torch.stack([ds[i][0] for i in range(120)])
-    return loaded.model, images
+def cifar(cifar_cats):
+    return cifar_cats(120)
 
 
 @pytest.fixture(scope="module")

@@ -305,21 +305,14 @@ def test_a_lost_cluster_ends_like_an_interruption(cluster, resnet_cats, tmp_path
     assert list(ckpt.glob("checkpoints/layer-*.npz"))
 
 
-def test_streamed_layers_run_on_the_workers(cluster, resnet_cats, monkeypatch):
+def test_streamed_layers_run_on_the_workers(cluster, resnet_cats, two_pass_routes):
     """Layers on the two-pass route: on Ray both passes run on actors that got the model
     and the images through the object store; two targets and a null equal the local run
     (whose passes run in this process) to 1e-9."""
     import pcace
-    from pcace.plan import LayerRoute, MemoryPlan
-
     address, _ = cluster
     model, images = resnet_cats
 
-    def routes(self, shapes, n, run_images=256):
-        return {k: LayerRoute("moments", "forced by the test", 0, 2, tuple(s))
-                for k, s in shapes.items()}
-
-    monkeypatch.setattr(MemoryPlan, "routes", routes)
     kw = dict(target=[3, 5], layers=LAYERS, progress=False, device="cpu", permutations=20,
               split_half=2, seed=3, batch_size=50)
     local = pcace.rank(model, images, **kw)
@@ -368,21 +361,14 @@ def test_a_ray_dataset_as_input(cluster, resnet_cats, monkeypatch):
 
 @pytest.mark.slow
 def test_a_worker_killed_during_the_first_pass_changes_nothing(cluster, resnet_cats,
-                                                               monkeypatch):
+                                                               two_pass_routes):
     """An actor's process SIGKILLed while it accumulates its shard's moments: Ray restarts
     it (it rebuilds its model from the object store) and re-runs the shard; same values."""
     import pcace
     from pcace._ray_engine import RayEngine
-    from pcace.plan import LayerRoute, MemoryPlan
-
     address, sid = cluster
     model, images = resnet_cats
 
-    def routes(self, shapes, n, run_images=256):
-        return {k: LayerRoute("moments", "forced by the test", 0, 2, tuple(s))
-                for k, s in shapes.items()}
-
-    monkeypatch.setattr(MemoryPlan, "routes", routes)
     kw = dict(target=3, layers=LAYERS, progress=False, device="cpu", permutations=5,
               split_half=0, seed=2, batch_size=16)
     local = pcace.rank(model, images, **kw)

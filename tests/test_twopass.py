@@ -19,27 +19,12 @@ from pcace.plan import LayerRoute, MemoryPlan
 from pcace.twopass import TwoPass
 
 
-def _all_moments(self, shapes, n, run_images=256):
-    return {k: LayerRoute("moments", "forced by the test", 0, 2, tuple(s))
-            for k, s in shapes.items()}
-
-
 @pytest.fixture(scope="module")
-def cifar(shared_dir):
-    from torchvision import transforms
-
-    from pcace.data import image_folder
-    from pcace.models import load_model
-    from pcace.zoo import CIFAR_MEAN, CIFAR_STD
-
-    loaded = load_model("pcace.zoo:cifar_resnet20",
-                        checkpoint=shared_dir / "data/cifar10/resnet20-12fca82f.th")
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD)])
-    ds = image_folder(shared_dir / "data/cifar10/test", class_name="cat", transform=tf)
-    return loaded.model, torch.stack([ds[i][0] for i in range(150)])
+def cifar(cifar_cats):
+    return cifar_cats(150)
 
 
-def test_resnet20_streamed_equals_in_memory(cifar, monkeypatch):
+def test_resnet20_streamed_equals_in_memory(cifar, request):
     """Layers of every map size of the shared ResNet-20 streamed; 150 images in batches of 64 (not a
     multiple); float64 passes on both sides, so the values must agree to 1e-6."""
     model, images = cifar
@@ -47,7 +32,7 @@ def test_resnet20_streamed_equals_in_memory(cifar, monkeypatch):
               layers=["conv1", "layer1.2.conv2", "layer2.0.conv1", "layer2.2.conv2",
                       "layer3.0.conv2", "layer3.2.conv2"])  # every map size, first and last
     ref = pcace.rank(model, images, **kw)
-    monkeypatch.setattr(MemoryPlan, "routes", _all_moments)
+    request.getfixturevalue("two_pass_routes")  # from here on, every layer in two passes
     got = pcace.rank(model, images, **kw)
     assert {r["route"] for r in got.manifest["routes"].values()} == {"moments"}
     assert all(r["passes"] == 2 for r in got.manifest["routes"].values())
@@ -133,10 +118,9 @@ def test_second_pass_with_other_count_is_refused():
         tp.second_pass(net, batches, progress=False)
 
 
-def test_second_pass_with_other_images_is_refused(monkeypatch):
+def test_second_pass_with_other_images_is_refused(two_pass_routes):
     torch.manual_seed(0)
     net, x = _net(), torch.rand(60, 1, 8, 8)
-    monkeypatch.setattr(MemoryPlan, "routes", _all_moments)
     loader = DataLoader(_Images(x, "noise"), batch_size=16)
     with pytest.raises(ValueError, match="same images in the same order"):
         pcace.rank(net, loader, target="output:0", progress=False, device="cpu")
