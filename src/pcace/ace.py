@@ -71,6 +71,26 @@ def _kinds(spec: str | Sequence[str], k: int, name: str) -> list[str]:
     return kinds
 
 
+def _settings(x_kind: str | Sequence[str], k: int, y_kind: str, delrsq: float,
+              max_iter: int) -> list[str]:
+    """Check the iteration settings of :func:`ace`; return the kind of each of ``k`` columns."""
+    x_kinds = _kinds(x_kind, k, "x_kind")
+    if y_kind not in KINDS:
+        raise ValueError(f"y_kind: unknown kind {y_kind!r}; expected one of {KINDS}")
+    if not delrsq > 0:
+        raise ValueError(f"delrsq must be > 0 (acepack's default is 0.01); got {delrsq}")
+    if int(max_iter) < 1:
+        raise ValueError(f"max_iter must be >= 1; got {max_iter}")
+    return x_kinds
+
+
+def _kind_codes(x_kinds: list[str]) -> np.ndarray:
+    """The compiled engine's codes of the column kinds."""
+    from . import _ace_numba as nb
+
+    return np.array([nb.KIND_CODES[kind] for kind in x_kinds], dtype=np.int64)
+
+
 def _locations(mask: torch.Tensor, batched: bool) -> str:
     """Describe where ``mask`` is set: problem indices for a batch, else rows/columns."""
     hits = torch.nonzero(mask).cpu().tolist()
@@ -214,7 +234,7 @@ def _solve_numba(x: torch.Tensor, y: torch.Tensor, x_kinds: list[str], y_kind: s
                  delrsq: float, max_iter: int, alpha: float) -> tuple[torch.Tensor, ...]:
     from . import _ace_numba as nb
 
-    codes = np.array([nb.KIND_CODES[kind] for kind in x_kinds], dtype=np.int64)
+    codes = _kind_codes(x_kinds)
     xn = np.ascontiguousarray(x.detach().cpu().numpy())
     yn = np.ascontiguousarray(y.detach().cpu().numpy())
     out = nb.ace_batch(xn, yn, codes, nb.KIND_CODES[y_kind], float(delrsq), int(max_iter),
@@ -320,14 +340,7 @@ def ace(
     if xt.shape[2] < 1:
         raise ValueError("x has no columns")
     _check(xt, yt, batched)
-    x_kinds = _kinds(x_kind, xt.shape[2], "x_kind")
-    if y_kind not in KINDS:
-        raise ValueError(f"y_kind: unknown kind {y_kind!r}; expected one of {KINDS}")
-
-    if not delrsq > 0:
-        raise ValueError(f"delrsq must be > 0 (acepack's default is 0.01); got {delrsq}")
-    if int(max_iter) < 1:
-        raise ValueError(f"max_iter must be >= 1; got {max_iter}")
+    x_kinds = _settings(x_kind, xt.shape[2], y_kind, delrsq, max_iter)
     if backend == "auto":
         backend = "torch" if as_torch else "numba"
     if backend not in ("numba", "torch"):
@@ -466,15 +479,9 @@ def ace_shared(
     if channels.size == 0:
         return np.zeros(0), np.zeros(0)
     _check_shared(z, ys, np.unique(channels), np.unique(rows))
-    x_kinds = _kinds(x_kind, z.shape[2], "x_kind")
-    if y_kind not in KINDS:
-        raise ValueError(f"y_kind: unknown kind {y_kind!r}; expected one of {KINDS}")
-    if not delrsq > 0:
-        raise ValueError(f"delrsq must be > 0 (acepack's default is 0.01); got {delrsq}")
-    if int(max_iter) < 1:
-        raise ValueError(f"max_iter must be >= 1; got {max_iter}")
+    x_kinds = _settings(x_kind, z.shape[2], y_kind, delrsq, max_iter)
     y_orders, y_groups = response_orders(ys) if orders is None else orders
-    codes = np.array([nb.KIND_CODES[kind] for kind in x_kinds], dtype=np.int64)
+    codes = _kind_codes(x_kinds)
     rho, first, _, _ = nb.ace_indexed(z, ys, np.ascontiguousarray(y_orders, dtype=np.int64),
                                       np.asarray(y_groups, dtype=np.int64), channels, rows,
                                       codes, nb.KIND_CODES[y_kind], float(delrsq),

@@ -41,7 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .ace import ace_shared, response_orders
+from .ace import ace_shared
 from .scoring import channel_values
 from .validation import score_kind
 
@@ -167,11 +167,9 @@ class Problems:
             ch, rows = self.index(lo, hi)
             settings = {k: v for k, v in options.items() if k not in ("backend", "dtype")}
             used, local = np.unique(rows, return_inverse=True)
-            host = self.__dict__.get("_host_z")
-            if host is None:  # converted once per problem set, not per chunk
-                host = self.__dict__["_host_z"] = _host(self.z)
-            rho, first = ace_shared(host, _host(self.ys)[used], ch, local,
-                                    orders=self._response_orders(used), **settings)
+            z, ys = self._host_data()
+            rho, first = ace_shared(z, ys[used], ch, local, orders=self._response_orders(used),
+                                    **settings)
             return np.clip(rho, 0.0, 1.0) if score_kind(score) == "maximal" else first
         xs, ys = self.take(lo, hi)
         return channel_values(xs, ys, score, options)
@@ -182,20 +180,30 @@ class Problems:
                 and set(options) <= _SHARED_OPTIONS and options.get("backend", "auto") != "torch"
                 and options.get("dtype") in (None, torch.float64))
 
+    def _host_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """``z`` and ``ys`` as float64 NumPy arrays, converted once per problem set."""
+        if "_host" not in self.__dict__:
+            self.__dict__["_host"] = (_host(self.z), _host(self.ys))
+        return self.__dict__["_host"]
+
     def _response_orders(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Sort orders and group labels of score rows ``rows``, each sorted once per set."""
+        """Sort orders and group labels of score rows ``rows``, each row sorted once per set.
+
+        A row whose sorted values equal the previous new row's (a permutation of it) gets
+        its group label (see :func:`pcace.ace.response_orders`).
+        """
         cache = self.__dict__.setdefault("_orders", {})
-        missing = [int(r) for r in rows if int(r) not in cache]
-        if missing:
-            ys = _host(self.ys)
-            orders, _ = response_orders(ys[missing])
-            for r, order in zip(missing, orders, strict=True):
-                values = ys[r][order]
-                last = self.__dict__.get("_last_sorted")
-                if last is None or not np.array_equal(values, last[1]):
-                    last = (len({g for _, g in cache.values()}), values)
-                    self.__dict__["_last_sorted"] = last
-                cache[r] = (order, last[0])
+        ys = self._host_data()[1]
+        for r in (int(r) for r in rows):
+            if r in cache:
+                continue
+            order = np.argsort(ys[r], kind="stable")
+            values = ys[r][order]
+            group, last = self.__dict__.get("_last_sorted", (-1, None))
+            if last is None or not np.array_equal(values, last):
+                group += 1
+                self.__dict__["_last_sorted"] = (group, values)
+            cache[r] = (order, group)
         return (np.stack([cache[int(r)][0] for r in rows]),
                 np.array([cache[int(r)][1] for r in rows], dtype=np.int64))
 

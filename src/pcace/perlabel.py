@@ -41,7 +41,7 @@ def labels_without_decoding(images: Any) -> np.ndarray | None:
     >>> labels_without_decoding((x, y)).tolist()
     [0, 1, 0, 1, 2, 2]
     """
-    from torch.utils.data import DataLoader, Dataset, SequentialSampler
+    from torch.utils.data import Dataset, SequentialSampler
 
     from .data import ImageFiles, _dataset_labels
 

@@ -368,10 +368,9 @@ def rank(
                           "spilled": [n for n, s in cap.spilled.items() if s],
                           "on_device": [n for n, s in cap.on_device.items() if s],
                           "projection_seconds": 0.0 if two is None else two.seconds,
-                          "routes": _route_record(routes, cap.spilled, streamed)}
-                for name in streamed:
-                    stored["routes"][name]["passes_on"] = \
-                        f"{runner.name} workers" if remote is not None else "this process"
+                          "routes": _route_record(routes, cap.spilled, streamed,
+                                                  f"{runner.name} workers" if remote is not None
+                                                  else "this process")}
                 t_captured = time.perf_counter()
                 scored = _score_layers(cap, [n for n in names if n not in streamed], scores,
                                        groups, targets.labels, components, score, dev, plan,
@@ -1113,8 +1112,9 @@ def _two_pass(images: Any, routes: dict[str, LayerRoute], components: int | floa
 
 
 def _route_record(routes: dict[str, LayerRoute], spilled: dict[str, bool],
-                  streamed: dict[str, Any]) -> dict[str, dict]:
-    """The manifest's per-layer route: route, reason, passes, bytes of statistics."""
+                  streamed: dict[str, Any], passes_on: str) -> dict[str, dict]:
+    """The manifest's per-layer route: route, reason, passes, bytes of statistics, and for a
+    streamed layer where its passes ran (``passes_on``)."""
     out = {}
     for name, r in routes.items():
         entry = {"route": r.route, "reason": r.reason, "passes": r.passes,
@@ -1123,6 +1123,7 @@ def _route_record(routes: dict[str, LayerRoute], spilled: dict[str, bool],
             entry["route"] = "spilled"
         if name in streamed:
             entry["stats_bytes"] = int(streamed[name].stats_bytes)
+            entry["passes_on"] = passes_on
         out[name] = entry
     return out
 

@@ -183,7 +183,7 @@ class ShardWorker:
                     scratch = need if need.size > scratch.size else scratch
                 acc[name].add(maps.cpu(), scratch)
             scores.append(s)
-        out = {name: a.partial() for name, a in acc.items()}
+        out = {name: a.partial(scratch) for name, a in acc.items()}
         return out, np.concatenate(scores) if scores else np.zeros(0)
 
     def project(self, lo: int, hi: int, bases: Mapping[str, PixelBasis]

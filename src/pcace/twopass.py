@@ -169,9 +169,12 @@ class _Accumulator:
         self.count += self.fill
         self.fill = 0
 
-    def partial(self) -> dict[str, Any]:
-        """The shifted sums gathered so far (flushed first), to add into another accumulator."""
-        self.flush(_scratch_for(self.shape, self.dtype))
+    def partial(self, scratch: np.ndarray | None = None) -> dict[str, Any]:
+        """The shifted sums gathered so far (flushed first), to add into another accumulator.
+
+        ``scratch``: the one :meth:`add` used (a new one is made when not given).
+        """
+        self.flush(_scratch_for(self.shape, self.dtype) if scratch is None else scratch)
         return {"count": self.count, "sums": self.sums, "cross": self.cross, "lo": self.lo,
                 "hi": self.hi, "shift": self.shift}
 
