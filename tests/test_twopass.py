@@ -74,6 +74,76 @@ def test_route_rule():
     assert huge["a"].route == "in-memory" and "work share" in huge["a"].reason
 
 
+def test_route_rule_subspace():
+    """Exact routes that cannot fit the work share go to the subspace iteration."""
+    plan = MemoryPlan(2 * 2**30)
+    big = plan.routes({"a": (64, 112, 112)}, 50_000)["a"]  # P x P: 80 GB; 2P <= N
+    assert big.route == "subspace" and "subspace iteration" in big.reason
+    assert big.stats_bytes < plan.work_bytes
+    few = plan.routes({"a": (64, 112, 112)}, 20_000)["a"]  # 2P > N, but N x N per channel
+    assert few.route == "subspace" and "one channel's reduce" in few.reason
+    small = plan.routes({"a": (64, 112, 112)}, 2_000)["a"]  # maps fit as N x N Gram work
+    assert small.route == "in-memory"
+
+
+def _low_rank_images(n: int, seed: int = 0) -> torch.Tensor:
+    """Five spatial patterns with decreasing weights and a little noise: maps whose top
+    components are well separated (the subspace iteration converges in a few passes)."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(5, 3, 32, 32, generator=g)
+    weights = torch.randn(n, 5, generator=g) * torch.tensor([4.0, 2.0, 1.0, 0.5, 0.25])
+    return torch.einsum("nk,kchw->nchw", weights, patterns) + \
+        0.05 * torch.randn(n, 3, 32, 32, generator=g)
+
+
+def test_subspace_route_in_rank_equals_in_memory():
+    """A budget whose work share cannot hold the first layer's P x P moments: that layer is
+    reduced by subspace iteration over re-run forward passes, the second by moments; the
+    values equal the in-memory run's (float64 on both sides) and the manifest says how
+    many passes it took and that every channel converged."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    x = _low_rank_images(2100)  # N >= 2 P for P = 1024; 65 batches, the last short
+    kw = dict(target=0, progress=False, device="cpu", pca_dtype=torch.float64, batch_size=32,
+              layers=["0", "2"])
+    ref = pcace.rank(net, x, **kw)
+    got = pcace.rank(net, x, memory_budget=40 * 2**20, **kw)
+    routes = got.manifest["routes"]
+    assert routes["0"]["route"] == "subspace" and routes["2"]["route"] == "moments"
+    assert 3 <= routes["0"]["passes"] < 50 and routes["0"]["unconverged_channels"] == 0
+    assert routes["0"]["largest_angle"] <= 1e-9
+    np.testing.assert_allclose(got.channels.pcace, ref.channels.pcace, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got.channels.explained_variance,
+                               ref.channels.explained_variance, atol=1e-9)
+
+
+def test_subspace_passes_must_see_the_same_images():
+    """The iteration's extra passes are checked like the projection pass."""
+    torch.manual_seed(0)
+    net, x = _net(), torch.rand(60, 1, 8, 8)
+    tp = TwoPass({"0": (4, 6, 6)}, 2, subspace=["0"])
+    batches = _Shrinking(x)
+    with capture(net, tp.watch(batches), [], lambda out: out[:, 0], progress=False,
+                 observers=tp.hooks()), pytest.raises(ValueError, match="same images"):
+        tp.second_pass(net, batches, progress=False)
+
+
+def test_subspace_non_convergence_is_reported():
+    """Noise maps (a flat spectrum) cannot converge in the allowed passes: a warning names
+    the layer and the route record counts the channels."""
+    torch.manual_seed(0)
+    net, x = _net(), torch.rand(80, 1, 8, 8)
+    tp = TwoPass({"0": (4, 6, 6)}, 2, subspace=["0"])
+    for sub in tp._sub.values():
+        sub.max_passes = 3
+    with capture(net, tp.watch(x.split(16)), [], lambda out: out[:, 0], progress=False,
+                 observers=tp.hooks()), pytest.warns(UserWarning, match="did not converge"):
+        done = tp.second_pass(net, x.split(16), progress=False)
+    assert done["0"].basis.passes == 3 and not bool(done["0"].basis.converged.all())
+
+
 class _Images(Dataset):
     """Dataset whose second pass (after ``len(first)`` items were drawn) has one image less,
     or other pixels."""

@@ -25,6 +25,31 @@ from .validation import byte_count
 #: Activations are kept as float32.
 BYTES_PER_VALUE = 4
 
+#: Routes whose layers keep no maps: their statistics come from passes over the images.
+STREAMED = ("moments", "subspace")
+
+
+def subspace_bytes(channels: int, pixels: int, components: int | float = 3,
+                   oversample: int = 10, max_components: int = 10,
+                   batch_images: int = 256) -> int:
+    """Bytes a layer's block subspace iteration holds (:class:`~pcace.streaming.SubspaceIteration`).
+
+    Three ``(C, P, q + oversample)`` float64 blocks and five per-pixel statistics, plus
+    one float64 copy of a batch's maps (``batch_images`` images, in chunks of at most
+    :data:`pcace.streaming.CHUNK_BYTES`).
+
+    Examples
+    --------
+    >>> subspace_bytes(64, 112 * 112) / 2**20 < 400
+    True
+    """
+    from .streaming import CHUNK_BYTES
+
+    q = int(components) if isinstance(components, int) else max_components
+    block = min(q + oversample, pixels)
+    return 8 * channels * pixels * (3 * block + 5) + min(CHUNK_BYTES,
+                                                         8 * channels * pixels * batch_images)
+
 
 def default_memory_budget() -> int:
     """The memory budget ``"auto"`` stands for: a quarter of the machine's memory.
@@ -141,7 +166,8 @@ class MemoryPlan:
         return max(1, self.work_bytes // max(1, per_replicate))
 
     def routes(self, shapes: dict[str, tuple[int, ...]], n: int | None,
-               run_images: int = 256) -> dict[str, LayerRoute]:
+               run_images: int = 256, components: int | float = 3,
+               batch_images: int = 256) -> dict[str, LayerRoute]:
         """How each layer's reduce step runs: the one place the route is decided.
 
         ``"in-memory"`` (today's capture and :func:`~pcace.reduce.reduce_block`) for
@@ -152,9 +178,14 @@ class MemoryPlan:
         :attr:`work_bytes` (its basis is solved there), and the moments of all layers so
         routed (packed triangles, ``4 C P (P + 1)`` bytes each), with their runs of
         ``run_images`` images, fit :attr:`store_bytes` together (they are held at once
-        during the first pass, in place of the maps); the rest stay ``"in-memory"`` in
-        what remains of the store, which spills them to disk past it. ``n`` None
-        (unknown) counts as large.
+        during the first pass, in place of the maps). A layer whose exact reduce cannot
+        fit the work share at all (its ``P x P`` moments when ``2 P <= N``, or one
+        channel's ``min(N, P)^2`` Gram work in memory otherwise) takes ``"subspace"``:
+        block subspace iteration (:class:`~pcace.streaming.SubspaceIteration`), one more
+        forward pass (stopped after the layer) per iteration, to a stated tolerance. The
+        rest stay ``"in-memory"`` in what remains of the store, which spills them to disk
+        past it. ``n`` None (unknown) counts as large; ``batch_images``, the images per
+        forward pass, sizes the subspace route's float64 copy of a batch.
 
         Examples
         --------
@@ -163,6 +194,8 @@ class MemoryPlan:
         'in-memory'
         >>> plan.routes({"a": (16, 32, 32)}, 50_000)["a"].route
         'moments'
+        >>> MemoryPlan(2 * 2**30).routes({"a": (64, 112, 112)}, 50_000)["a"].route
+        'subspace'
         """
         sizes = {name: (int(s[0]), int(np.prod(s[1:]))) for name, s in shapes.items()}
         maps = {name: BYTES_PER_VALUE * c * (n or 0) * p for name, (c, p) in sizes.items()}
@@ -178,11 +211,18 @@ class MemoryPlan:
             moments = 8 * c * p * p  # as the basis is solved: full float64 matrices
             stats = 4 * c * p * (p + 1) + BYTES_PER_VALUE * c * p * min(run_images,
                                                                        n or run_images)
+            m = p if n is None else min(n, p)
+            too_big = False
             if n is not None and 2 * p > n:
                 why = f"P = {p} > N / 2: its maps are smaller than its P x P moments"
+                too_big = 28 * m * m > self.work_bytes
+                if too_big:
+                    why += (f", but one channel's reduce ({28 * m * m / gib:.2f} GiB) exceeds "
+                            f"the work share ({self.work_bytes / gib:.2f} GiB)")
             elif moments > self.work_bytes:
                 why = (f"its P x P moments ({moments / gib:.2f} GiB) exceed the work share "
                        f"({self.work_bytes / gib:.2f} GiB)")
+                too_big = True
             elif held + stats > self.store_bytes:
                 why = "the store is taken by other layers' moments"
             else:
@@ -191,13 +231,21 @@ class MemoryPlan:
                                        f"store; its moments take {stats / 2**20:.1f} MiB",
                                        stats, passes=2, shape=tuple(shapes[name]))
                 continue
+            iterating = subspace_bytes(c, p, components, batch_images=batch_images)
+            if too_big and iterating <= self.work_bytes and held + iterating <= self.store_bytes:
+                held += iterating
+                out[name] = LayerRoute("subspace", why + f"; block subspace iteration takes "
+                                       f"{iterating / 2**20:.1f} MiB (one forward pass per "
+                                       "iteration)", iterating, passes=3,
+                                       shape=tuple(shapes[name]))
+                continue
             out[name] = LayerRoute("in-memory", why + "; kept in the store (spilled to disk "
                                    "past it)", maps[name], shape=tuple(shapes[name]))
         return {name: out[name] for name in shapes}
 
     def streamed_bytes(self, routes: dict[str, LayerRoute]) -> int:
         """Bytes the streamed layers' statistics take from the store."""
-        return sum(r.stats_bytes for r in routes.values() if r.route == "moments")
+        return sum(r.stats_bytes for r in routes.values() if r.route in STREAMED)
 
 
 @dataclass(frozen=True)
@@ -206,7 +254,7 @@ class LayerRoute:
 
     Attributes
     ----------
-    route : {"in-memory", "moments"}
+    route : {"in-memory", "moments", "subspace"}
     reason : str
     stats_bytes : int
         Bytes held for the layer during the first pass: its maps, or its moments.

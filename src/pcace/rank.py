@@ -28,7 +28,7 @@ from .data import as_batches
 from .engine import Engine, EngineLost, Problems, resolve_engine
 from .layers import resolve_layers
 from .models import count_parameters, weights_hash
-from .plan import LayerRoute, MemoryPlan
+from .plan import STREAMED, LayerRoute, MemoryPlan
 from .reduce import NonFiniteMaps, Reduction, reduce_block, reusing_buffers
 from .result import PCACEResult
 from .scoring import target_values
@@ -335,10 +335,12 @@ def rank(
                                    run, on_step)
         else:
             batches = as_batches(images, batch_size, label=label)
-            routes = _layer_routes(model, images, batches, todo, plan, dev, options, per_label)
-            kept = [n for n in todo if n not in routes or routes[n].route != "moments"]
+            routes = _layer_routes(model, images, batches, todo, plan, dev, options, per_label,
+                                   components, batch_size)
+            kept = [n for n in todo if n not in routes or routes[n].route not in STREAMED]
             on_workers = _workers_stream(runner, images, batch_size, label, routes)
-            two = None if on_workers else _two_pass(images, routes, components, pca_dtype)
+            two = _two_pass(images, routes, components, pca_dtype,
+                            only_subspace=on_workers is not None)
             remote = _Sharded.run(on_workers, model, routes, targets, components, pca_dtype,
                                   runner, progress) if on_workers else None
             if remote is not None and targets.targets is None:
@@ -350,7 +352,7 @@ def rank(
                              device_memory_budget=device_memory_budget,
                              tune_malloc=tune_malloc, on_step=on_step,
                              observers=None if two is None else two.hooks()) \
-                if remote is None or kept else remote
+                if remote is None or kept or two is not None else remote
             with passes as cap, reusing_buffers():
                 scores = cap.scores
                 if remote is not None:
@@ -359,9 +361,11 @@ def rank(
                 groups = _groups(labels, targets, per_label, own_class=target is None)
                 _check_score_matrix(scores, groups, targets.labels)
                 run.check_scores(scores, labels)
-                streamed = remote.streamed if remote is not None else {} if two is None else \
-                    two.second_pass(model, batches, device=dev, progress=progress,
-                                    tune_malloc=tune_malloc, on_step=on_step)
+                streamed = {} if remote is None else dict(remote.streamed)
+                if two is not None:
+                    streamed.update(two.second_pass(model, batches, device=dev,
+                                                    progress=progress, tune_malloc=tune_malloc,
+                                                    on_step=on_step))
                 shapes.update(cap.shapes)
                 shapes.update({n: layer.shape for n, layer in streamed.items()})
                 stored = {"forward_calls": cap.forward_calls, "seconds": cap.seconds,
@@ -369,8 +373,9 @@ def rank(
                           "on_device": [n for n, s in cap.on_device.items() if s],
                           "projection_seconds": 0.0 if two is None else two.seconds,
                           "routes": _route_record(routes, cap.spilled, streamed,
-                                                  f"{runner.name} workers" if remote is not None
-                                                  else "this process")}
+                                                  {} if remote is None else
+                                                  dict.fromkeys(remote.streamed,
+                                                                f"{runner.name} workers"))}
                 t_captured = time.perf_counter()
                 scored = _score_layers(cap, [n for n in names if n not in streamed], scores,
                                        groups, targets.labels, components, score, dev, plan,
@@ -1006,7 +1011,8 @@ def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def _layer_routes(model: torch.nn.Module, images: Any, batches: Any, todo: list[str],
                   plan: MemoryPlan, dev: torch.device, options: Statistics,
-                  per_label: bool = False) -> dict[str, LayerRoute]:
+                  per_label: bool = False, components: int | float = 3,
+                  batch_size: int = 256) -> dict[str, LayerRoute]:
     """Each layer's route (:meth:`pcace.plan.MemoryPlan.routes`), from one probe pass.
 
     A bootstrap resamples the maps themselves, and per-label groups standardise each
@@ -1031,7 +1037,7 @@ def _layer_routes(model: torch.nn.Module, images: Any, batches: Any, todo: list[
                      int(table.width[name])) for name in todo if name in table.index}
     if len(shapes) < len(todo):  # a layer the probe did not see: let the capture explain
         return {}
-    return plan.routes(shapes, n)
+    return plan.routes(shapes, n, components=components, batch_images=batch_size)
 
 
 def _workers_stream(runner: Engine, images: Any, batch_size: int, label: Any,
@@ -1101,20 +1107,25 @@ class _Sharded:
 
 
 def _two_pass(images: Any, routes: dict[str, LayerRoute], components: int | float,
-              pca_dtype: torch.dtype) -> Any:
+              pca_dtype: torch.dtype, only_subspace: bool = False) -> Any:
+    """The driver's passes for the streamed layers (those on the engine's workers left out)."""
     from .twopass import TwoPass, check_repeatable
 
-    streamed = {n: r for n, r in routes.items() if r.route == "moments"}
+    kinds = ("subspace",) if only_subspace else STREAMED
+    streamed = {n: r for n, r in routes.items() if r.route in kinds}
     if not streamed:
         return None
     check_repeatable(images)
-    return TwoPass({n: r.shape for n, r in streamed.items()}, components, pca_dtype=pca_dtype)
+    return TwoPass({n: r.shape for n, r in streamed.items()}, components, pca_dtype=pca_dtype,
+                   subspace=[n for n, r in streamed.items() if r.route == "subspace"])
 
 
 def _route_record(routes: dict[str, LayerRoute], spilled: dict[str, bool],
-                  streamed: dict[str, Any], passes_on: str) -> dict[str, dict]:
-    """The manifest's per-layer route: route, reason, passes, bytes of statistics, and for a
-    streamed layer where its passes ran (``passes_on``)."""
+                  streamed: dict[str, Any], passes_on: dict[str, str]) -> dict[str, dict]:
+    """The manifest's per-layer route: route, reason, passes, bytes of statistics; for a
+    streamed layer where its passes ran (``passes_on``, default this process), and for a
+    subspace layer the passes it took, its channels that did not converge and the largest
+    estimated principal angle of a kept subspace."""
     out = {}
     for name, r in routes.items():
         entry = {"route": r.route, "reason": r.reason, "passes": r.passes,
@@ -1123,7 +1134,12 @@ def _route_record(routes: dict[str, LayerRoute], spilled: dict[str, bool],
             entry["route"] = "spilled"
         if name in streamed:
             entry["stats_bytes"] = int(streamed[name].stats_bytes)
-            entry["passes_on"] = passes_on
+            entry["passes_on"] = passes_on.get(name, "this process")
+            basis = streamed[name].basis
+            if basis is not None and basis.route == "subspace":
+                entry["passes"] = int(basis.passes) + 1  # and the projection pass
+                entry["unconverged_channels"] = int((~basis.converged).sum())
+                entry["largest_angle"] = float(basis.angle.max()) if len(basis.angle) else 0.0
         out[name] = entry
     return out
 

@@ -64,6 +64,7 @@ __all__ = [
     "PixelBasis",
     "PixelMoments",
     "RouteChoice",
+    "SubspaceIteration",
     "choose_route",
     "streaming_reduce",
     "subspace_basis",
@@ -392,13 +393,17 @@ class PixelBasis:
         The signs are not yet fixed: collect the scores of all images and pass them to
         :meth:`finish`.
         """
-        x, _ = _as_cbp(batch, self.mean.device)
-        if x.shape[0] != self.mean.shape[0] or x.shape[2] != self.mean.shape[1]:
-            raise ValueError(f"batch has {x.shape[0]} channels of {x.shape[2]} pixels; the "
-                             f"basis is for {self.mean.shape[0]} of {self.mean.shape[1]}")
-        x -= self.mean[:, None, :]
-        x *= self.inv_std[:, None, :]
-        return torch.bmm(x, self.vectors.to(x.device)).permute(1, 0, 2)
+        parts = []
+        for part in _image_chunks(batch):  # bounded float64 copies of large maps
+            x, _ = _as_cbp(part, self.mean.device)
+            if x.shape[0] != self.mean.shape[0] or x.shape[2] != self.mean.shape[1]:
+                raise ValueError(f"batch has {x.shape[0]} channels of {x.shape[2]} pixels; "
+                                 f"the basis is for {self.mean.shape[0]} of "
+                                 f"{self.mean.shape[1]}")
+            x -= self.mean[:, None, :]
+            x *= self.inv_std[:, None, :]
+            parts.append(torch.bmm(x, self.vectors.to(x.device)).permute(1, 0, 2))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def finish(self, scores: torch.Tensor | Sequence[torch.Tensor]) -> Reduction:
         """The :class:`~pcace.reduce.Reduction` of all images from their projected scores.
@@ -458,6 +463,203 @@ def _finish_basis(mean: torch.Tensor, inv: torch.Tensor, constant: torch.Tensor,
         angle=torch.zeros(c, dtype=torch.float64) if angle is None else angle)
 
 
+#: Bytes of float64 copy a batch is widened into at once (larger batches go in chunks of
+#: images: a batch of 64 maps of 64 x 112 x 112 would otherwise take 411 MiB).
+CHUNK_BYTES = 64 * 2**20
+
+
+def _image_chunks(batch: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``batch`` ``(B, C, ...)`` in runs of images whose float64 copy fits CHUNK_BYTES."""
+    if not isinstance(batch, torch.Tensor):
+        batch = torch.as_tensor(batch)
+    per_image = 8 * max(1, math.prod(batch.shape[1:]))
+    rows = max(1, CHUNK_BYTES // per_image)
+    if batch.ndim == 0 or batch.shape[0] <= rows:
+        yield batch
+        return
+    yield from batch.split(rows)
+
+
+class SubspaceIteration:
+    """The block subspace iteration of :func:`subspace_basis`, one pass at a time.
+
+    For a caller that drives the passes itself (several layers of one forward pass,
+    :class:`pcace.twopass.TwoPass`): feed every batch of a pass to :meth:`add`, then call
+    :meth:`end_pass`; repeat while :attr:`needs_pass`; then :meth:`basis`. The first pass
+    gathers the per-pixel statistics and applies the covariance to a random start block;
+    each later pass applies the correlation matrix of the channels not yet converged.
+
+    Parameters
+    ----------
+    channels, pixels : int
+        ``C`` and ``P = H * W``.
+    components, max_components, oversample, tol, max_passes, seed, device
+        As for :func:`subspace_basis`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> maps = torch.randn(200, 2, 3, dtype=torch.float64) @ torch.randn(3, 50,
+    ...                                                       dtype=torch.float64)
+    >>> it = SubspaceIteration(2, 50, 2)
+    >>> while it.needs_pass:
+    ...     for batch in maps.split(64):
+    ...         it.add(batch)
+    ...     it.end_pass()
+    >>> it.basis().vectors.shape
+    torch.Size([2, 50, 2])
+    """
+
+    def __init__(self, channels: int, pixels: int, components: int | float = 3, *,
+                 max_components: int = 10, oversample: int = 10, tol: float = 1e-9,
+                 max_passes: int = 50, seed: int = 0,
+                 device: torch.device | str | None = None):
+        self.k_fixed, self.fraction = _check_components(components, max_components)
+        if max_passes < 2:
+            raise ValueError(f"max_passes must be >= 2 (statistics + one iteration); got "
+                             f"{max_passes}")
+        self.max_components, self.tol, self.max_passes = max_components, tol, max_passes
+        self.device = torch.device("cpu" if device is None else device)
+        c, p = int(channels), int(pixels)
+        self.channels, self.pixels = c, p
+        self.q_all = min(self.k_fixed if self.fraction is None else max_components, p)
+        self.block = min(self.q_all + max(oversample, 1), p)
+        gen = torch.Generator().manual_seed(seed)
+        self._omega: torch.Tensor | None = torch.randn((c, p, self.block), generator=gen,
+                                                       dtype=torch.float64).to(self.device)
+        self._stats = PixelMoments(c, p, cross=False, device=self.device)
+        self._shift: torch.Tensor | None = None
+        self._z = torch.zeros((c, p, self.block), dtype=torch.float64, device=self.device)
+        self._seen = 0
+        self.passes = 0
+        self._active = torch.arange(c, device=self.device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held between passes: three ``(C, P, block)`` float64 blocks and statistics."""
+        return 8 * self.channels * self.pixels * (3 * self.block + 5)
+
+    @property
+    def needs_pass(self) -> bool:
+        """Whether another pass over the data is wanted."""
+        return self.passes == 0 or (self._active.numel() > 0 and self.passes < self.max_passes)
+
+    def add(self, batch: torch.Tensor) -> None:
+        """Feed one batch of the current pass: ``(B, C, H, W)`` or ``(B, C, P)`` maps."""
+        for part in _image_chunks(batch):
+            if self.passes == 0:
+                self._add_first(part)
+            else:
+                self._add_later(part)
+
+    def _add_first(self, batch: torch.Tensor) -> None:
+        # statistics, and the covariance applied to the random block (data shifted by the
+        # first batch's mean, corrected for the shift when the mean is known)
+        self._stats.update(batch)
+        x, _ = _as_cbp(batch, self.device)
+        if self._shift is None:
+            self._shift = x.mean(dim=1)
+        x -= self._shift[:, None, :]
+        self._z.baddbmm_(x.transpose(1, 2), torch.bmm(x, self._omega))
+
+    def _add_later(self, batch: torch.Tensor) -> None:
+        x, _ = _as_cbp(batch, self.device)
+        self._seen += x.shape[1]
+        if len(self._active) < self.channels:
+            x = x[self._active]
+        x -= self._mean_act[:, None, :]
+        x *= self._inv_act[:, None, :]
+        self._z.baddbmm_(x.transpose(1, 2), torch.bmm(x, self._basis_act))
+
+    def end_pass(self) -> None:
+        """Close the pass: the first sets up the iteration, later ones take a Ritz step."""
+        if self.passes == 0:
+            self._end_first()
+        else:
+            self._end_later()
+        if self.needs_pass:
+            self._mean_act = self.mean[self._active]
+            self._inv_act = self.inv[self._active]
+            self._basis_act = self._basis[self._active]
+            self._z = torch.zeros_like(self._basis_act)
+            self._seen = 0
+
+    def _end_first(self) -> None:
+        if self._shift is None:
+            raise ValueError("the first pass saw no batch")
+        self.mean, self.inv, self.constant = self._stats.standardiser()
+        n = self.count = self._stats.count
+        c = self.channels
+        delta = self.mean - self._shift
+        sketch = self._z
+        sketch -= n * delta[:, :, None] * torch.bmm(delta[:, None, :], self._omega)
+        self._basis = torch.linalg.qr(sketch * self.inv[:, :, None])[0]  # R on a random block
+        self._omega = self._z = None  # type: ignore[assignment]
+        self.passes = 1
+        dead = self.constant.all(dim=1)
+        self._vals = torch.zeros((c, self.block), dtype=torch.float64)
+        self._vecs = torch.zeros((c, self.pixels, self.q_all), dtype=torch.float64)
+        self._angle = torch.zeros(c, dtype=torch.float64)
+        self._converged = dead.clone().cpu()
+        self._active = (~dead).nonzero().flatten()
+        self._size_tol = max(n, self.pixels) * self._stats.eps
+
+    def _end_later(self) -> None:
+        n, p, q_all, block = self.count, self.pixels, self.q_all, self.block
+        self.passes += 1
+        if self._seen != n:
+            raise ValueError("batches() yielded a different number of images on a later pass")
+        active, q_act = self._active, self._basis_act
+        rq = self._z / n  # R Q
+        t = torch.bmm(q_act.transpose(1, 2), rq)
+        w, s = torch.linalg.eigh(0.5 * (t + t.transpose(1, 2)))
+        w, s = w.flip(-1), s.flip(-1)
+        v, rv = torch.bmm(q_act, s), torch.bmm(rq, s)
+        resid = rv - v * w[:, None, :]
+        top = w[:, :1].clamp(min=torch.finfo(torch.float64).tiny)
+        usable = ((w > self._size_tol * top) & (w > 0)).sum(dim=1)  # rank as reduce_block
+        need = usable.clamp(max=q_all)
+        if self.fraction is not None:  # only the pairs the fraction keeps need converge
+            ritz = n * w[:, :q_all].clamp(min=0)
+            live = n * (~self.constant[active]).sum(dim=1).to(torch.float64)
+            need = torch.minimum(need, k_for_fraction(ritz, live, self.fraction,
+                                                      self.max_components))
+        done = torch.zeros(len(active), dtype=torch.bool, device=self.device)
+        est = torch.zeros(len(active), dtype=torch.float64, device=self.device)
+        for j in range(len(active)):
+            qj = int(need[j])
+            if qj == 0 or qj >= p:
+                done[j] = True
+                continue
+            r = resid[j, :, :qj].norm()
+            gap = w[j, qj - 1] - (w[j, qj] if qj < block else 0.0)
+            est[j] = r / gap if gap > 0 else math.inf
+            done[j] = bool(est[j] <= self.tol) or bool(r <= 1e-13 * top[j, 0])
+        take = done | (self.passes >= self.max_passes)
+        idx = active[take].cpu()
+        self._vals[idx] = w[take].cpu()
+        self._vecs[idx] = v[take][:, :, :q_all].cpu()
+        self._angle[idx] = est[take].cpu()
+        self._converged[idx] = done[take].cpu()
+        self._basis = self._basis.clone()
+        self._basis[active] = torch.linalg.qr(rv)[0]
+        self._active = active[~take]
+        self._z = None  # type: ignore[assignment]
+
+    def basis(self) -> PixelBasis:
+        """The converged basis (after the last pass)."""
+        if self.needs_pass:
+            raise ValueError(f"the subspace iteration wants another pass (after "
+                             f"{self.passes})")
+        n = self.count
+        # eigenvalues on the scale of X^T X, as the in-memory path has them
+        total = n * (~self.constant).sum(dim=1).to(torch.float64).cpu()
+        return _finish_basis(self.mean, self.inv, self.constant, n * self._vals[:, :self.q_all],
+                             self._vecs, total, n, self._stats.eps, self.k_fixed,
+                             self.fraction, self.max_components, route="subspace",
+                             passes=self.passes, converged=self._converged, angle=self._angle)
+
+
 def subspace_basis(batches: Batches, components: int | float = 3, *, max_components: int = 10,
                    oversample: int = 10, tol: float = 1e-9, max_passes: int = 50,
                    seed: int = 0, device: torch.device | str | None = None,
@@ -512,102 +714,22 @@ def subspace_basis(batches: Batches, components: int | float = 3, *, max_compone
     >>> bool(basis.converged.all()), basis.passes < 10
     (True, True)
     """
-    k_fixed, fraction = _check_components(components, max_components)
-    if max_passes < 2:
-        raise ValueError(f"max_passes must be >= 2 (statistics + one iteration); got "
-                         f"{max_passes}")
-    dev = torch.device("cpu" if device is None else device)
-    gen = torch.Generator().manual_seed(seed)
     it = iter(batches() if first is None else first)
-
-    # pass 1: per-pixel statistics, and the covariance applied to a random block (data
-    # shifted by the first batch's mean, corrected for the shift once the mean is known)
     head = next(it, None)
     if head is None:
         raise ValueError("batches() yielded no batch")
-    x0, _ = _as_cbp(head, dev)
-    c, _, p = x0.shape
-    q_all = min(k_fixed if fraction is None else max_components, p)
-    block = min(q_all + max(oversample, 1), p)
-    omega = torch.randn((c, p, block), generator=gen, dtype=torch.float64).to(dev)
-    stats = PixelMoments(c, p, cross=False, device=dev)
-    shift = x0.mean(dim=1)
-    sketch = torch.zeros((c, p, block), dtype=torch.float64, device=dev)
+    shape = head.shape
+    sub = SubspaceIteration(int(shape[1]), int(math.prod(shape[2:])), components,
+                            max_components=max_components, oversample=oversample, tol=tol,
+                            max_passes=max_passes, seed=seed, device=device)
     for batch in chain([head], it):
-        stats.update(batch)
-        x, _ = _as_cbp(batch, dev)
-        x -= shift[:, None, :]
-        sketch.baddbmm_(x.transpose(1, 2), torch.bmm(x, omega))
-    mean, inv, constant = stats.standardiser()
-    n = stats.count
-    delta = mean - shift
-    sketch -= n * delta[:, :, None] * torch.bmm(delta[:, None, :], omega)
-    basis = torch.linalg.qr(sketch * inv[:, :, None])[0]  # R applied to a random block
-    passes = 1
-
-    dead = constant.all(dim=1)
-    vals = torch.zeros((c, block), dtype=torch.float64)
-    vecs = torch.zeros((c, p, q_all), dtype=torch.float64)
-    angle = torch.zeros(c, dtype=torch.float64)
-    converged = dead.clone().cpu()
-    active = (~dead).nonzero().flatten()
-    size_tol = max(n, p) * stats.eps
-    while active.numel() and passes < max_passes:
-        q_act, m_act, d_act = basis[active], mean[active], inv[active]
-        z = torch.zeros_like(q_act)
-        seen = 0
+        sub.add(batch)
+    sub.end_pass()
+    while sub.needs_pass:
         for batch in batches():
-            x, _ = _as_cbp(batch, dev)
-            seen += x.shape[1]
-            if len(active) < c:
-                x = x[active]
-            x -= m_act[:, None, :]
-            x *= d_act[:, None, :]
-            z.baddbmm_(x.transpose(1, 2), torch.bmm(x, q_act))
-        passes += 1
-        if seen != n:
-            raise ValueError("batches() yielded a different number of images on a later pass")
-        rq = z / n  # R Q
-        t = torch.bmm(q_act.transpose(1, 2), rq)
-        w, s = torch.linalg.eigh(0.5 * (t + t.transpose(1, 2)))
-        w, s = w.flip(-1), s.flip(-1)
-        v, rv = torch.bmm(q_act, s), torch.bmm(rq, s)
-        resid = rv - v * w[:, None, :]
-        top = w[:, :1].clamp(min=torch.finfo(torch.float64).tiny)
-        usable = ((w > size_tol * top) & (w > 0)).sum(dim=1)  # rank as reduce_block judges
-        need = usable.clamp(max=q_all)
-        if fraction is not None:  # only the pairs the fraction keeps need converge
-            ritz = n * w[:, :q_all].clamp(min=0)
-            live = n * (~constant[active]).sum(dim=1).to(torch.float64)
-            need = torch.minimum(need, k_for_fraction(ritz, live, fraction, max_components))
-        done = torch.zeros(len(active), dtype=torch.bool, device=dev)
-        est = torch.zeros(len(active), dtype=torch.float64, device=dev)
-        for j in range(len(active)):
-            qj = int(need[j])
-            if qj == 0 or qj >= p:
-                done[j] = True
-                continue
-            r = resid[j, :, :qj].norm()
-            gap = w[j, qj - 1] - (w[j, qj] if qj < block else 0.0)
-            est[j] = r / gap if gap > 0 else math.inf
-            done[j] = bool(est[j] <= tol) or bool(r <= 1e-13 * top[j, 0])
-        last = passes >= max_passes
-        take = done | last
-        idx = active[take].cpu()
-        vals[idx] = w[take].cpu()
-        vecs[idx] = v[take][:, :, :q_all].cpu()
-        angle[idx] = est[take].cpu()
-        converged[idx] = done[take].cpu()
-        basis = basis.clone()
-        basis[active] = torch.linalg.qr(rv)[0]
-        active = active[~take]
-
-    # eigenvalues on the scale of X^T X, as the in-memory path has them
-    total = n * (~constant).sum(dim=1).to(torch.float64).cpu()
-    out = _finish_basis(mean, inv, constant, n * vals[:, :q_all], vecs, total, n, stats.eps,
-                        k_fixed, fraction, max_components, route="subspace", passes=passes,
-                        converged=converged, angle=angle)
-    return out
+            sub.add(batch)
+        sub.end_pass()
+    return sub.basis()
 
 
 @dataclass(frozen=True)

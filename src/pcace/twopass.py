@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,7 @@ from ._linalg_numba import packed_size, unpack_lower
 from ._memory import kept_heap, tuning_requested
 from .hooks import evaluating, forward_hooks
 from .reduce import Reduction, _one_blas_thread
-from .streaming import PixelBasis, PixelMoments
+from .streaming import PixelBasis, PixelMoments, SubspaceIteration
 
 __all__ = ["StreamedLayer", "TwoPass", "check_repeatable"]
 
@@ -306,19 +307,27 @@ class TwoPass:
     """
 
     def __init__(self, shapes: dict[str, tuple[int, int, int]], components: int | float = 3,
-                 *, pca_dtype: torch.dtype = torch.float32, run_images: int = RUN_IMAGES):
+                 *, pca_dtype: torch.dtype = torch.float32, run_images: int = RUN_IMAGES,
+                 subspace: Collection[str] = ()):
         self.shapes = dict(shapes)
         self.components = components
         self.dtype = pca_dtype
+        unknown = sorted(set(subspace) - set(shapes))
+        if unknown:
+            raise ValueError(f"subspace layer(s) {unknown} are not among the shapes")
+        self._sub = {n: SubspaceIteration(s[0], s[1] * s[2], components)
+                     for n, s in shapes.items() if n in set(subspace)}
         self._acc = {n: _Accumulator(s, pca_dtype, max(1, run_images))
-                     for n, s in shapes.items()}
-        widest = max((c * h * w * h * w for c, h, w in shapes.values()), default=0)
+                     for n, s in shapes.items() if n not in self._sub}
+        widest = max((c * h * w * h * w for n, (c, h, w) in shapes.items()
+                      if n in self._acc), default=0)
         self._scratch = np.empty(widest, np.float32 if pca_dtype == torch.float32 else
                                  np.float64)
         self._order: list[str] = []  # the order the layers ran in, from the first batch
         self._seen: set[str] = set()
         self._watch: _Checksums | None = None
         self.stats_bytes = {n: a.nbytes for n, a in self._acc.items()}
+        self.stats_bytes.update({n: s.nbytes for n, s in self._sub.items()})
         self.seconds = 0.0
 
     @property
@@ -334,19 +343,25 @@ class TwoPass:
     def hooks(self) -> dict[str, Callable]:
         """Forward hooks for the first pass (pass them to ``capture(observers=...)``)."""
         def make(name: str) -> Callable:
-            acc = self._acc[name]
+            acc, sub = self._acc.get(name), self._sub.get(name)
 
             def hook(module: nn.Module, inputs: Any, output: Any) -> None:
                 if name not in self._seen:
                     self._seen.add(name)
                     self._order.append(name)
-                _check_shape(name, output, acc.shape)
-                acc.add(output.cpu(), self._scratch)
+                _check_shape(name, output, self.shapes[name])
+                if acc is not None:
+                    acc.add(output.cpu(), self._scratch)
+                else:
+                    sub.add(output.detach().cpu())
             return hook
-        return {name: make(name) for name in self._acc}
+        return {name: make(name) for name in self.shapes}
 
     def bases(self) -> dict[str, PixelBasis]:
-        """Finish the first pass: each layer's basis (its moments are freed)."""
+        """Finish the first pass: each moments layer's basis (its moments are freed).
+
+        The subspace layers' bases need more passes (:meth:`second_pass` runs them).
+        """
         for name, acc in self._acc.items():
             acc.flush(self._scratch)
             acc.run = torch.empty(0, dtype=acc.dtype)  # the runs go before the bases are solved
@@ -364,54 +379,105 @@ class TwoPass:
                     on_step: Callable[[], None] | None = None) -> dict[str, StreamedLayer]:
         """Project every image onto the bases; the forward pass stops after the last layer.
 
-        ``batches`` must yield the images of the first pass, in the same order.
+        ``batches`` must yield the images of the first pass, in the same order; they are
+        drawn once more per subspace-iteration pass when some layers take that route
+        (each such pass stops after the last layer still iterating).
         """
-        from tqdm.auto import tqdm
-
         start = time.perf_counter()
+        run = {"model": model, "batches": batches, "device": torch.device(device),
+               "progress": progress, "tune_malloc": tune_malloc, "on_step": on_step}
         bases = self.bases()
+        bases.update(self._iterate(run))
         n = next(iter(bases.values())).count
         width = {name: b.vectors.shape[2] for name, b in bases.items()}
         scores = {name: torch.zeros((self.shapes[name][0], n, width[name]), dtype=torch.float64)
                   for name in bases}
-        state = {"offset": 0, "size": 0, "seen": set()}
-        last = self._order[-1] if self._order else None
+
+        def projector(name: str) -> Callable[[torch.Tensor, int], None]:
+            basis, out = bases[name], scores[name]
+
+            def put(maps: torch.Tensor, lo: int) -> None:
+                if lo + maps.shape[0] > n:
+                    raise ValueError(_mismatch(f"more than {n} images"))
+                out[:, lo:lo + maps.shape[0]].copy_(basis.project(maps).permute(1, 0, 2))
+            return put
+
+        self._pass(run, {name: projector(name) for name in bases}, "projection pass", n)
+        out = {}
+        for name, basis in bases.items():
+            red = basis.finish(scores.pop(name).permute(1, 0, 2))
+            out[name] = StreamedLayer(red, basis, self.stats_bytes[name], self.shapes[name])
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def _iterate(self, run: dict[str, Any]) -> dict[str, PixelBasis]:
+        """The subspace layers' further passes, until each has converged (or its limit)."""
+        for sub in self._sub.values():
+            sub.end_pass()
+        while True:
+            active = {name: sub for name, sub in self._sub.items() if sub.needs_pass}
+            if not active:
+                break
+            n = next(iter(active.values())).count
+            feed = {name: (lambda maps, lo, sub=sub: sub.add(maps)) for name, sub in active.items()}
+            number = max(sub.passes for sub in active.values()) + 1
+            self._pass(run, feed, f"subspace pass {number} ({len(active)} layer(s))", n)
+            for sub in active.values():
+                sub.end_pass()
+        out = {name: sub.basis() for name, sub in self._sub.items()}
+        for name, basis in out.items():
+            stuck = int((~basis.converged).sum())
+            if stuck:
+                warnings.warn(
+                    f"layer {name!r}: {stuck} of {len(basis.converged)} channels did not "
+                    f"converge in {basis.passes} subspace-iteration passes (largest estimated "
+                    f"principal angle {float(basis.angle.max()):.1e} rad); their components are "
+                    "approximate. A memory_budget that fits the layer's P x P moments gives "
+                    "the exact basis in two passes.", stacklevel=2)
+        return out
+
+    def _pass(self, run: dict[str, Any], work: dict[str, Callable[[torch.Tensor, int], None]],
+              desc: str, n: int) -> None:
+        """One more forward pass over the images: each layer in ``work`` gets its maps and
+        the index of the batch's first image; the pass stops once they all ran. The images
+        are checked against the first pass's (count and per-image sums)."""
+        from tqdm.auto import tqdm
+
+        batches, dev, on_step = run["batches"], run["device"], run["on_step"]
+        state: dict[str, Any] = {"offset": 0, "seen": set()}
+        hooked = [name for name in self._order if name in work]
+        last = hooked[-1] if hooked else None
 
         def make(name: str) -> Callable:
-            basis = bases[name]
+            feed = work[name]
 
             def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-                lo, size = state["offset"], state["size"]
-                if lo + size > n:
-                    raise ValueError(_mismatch(f"more than {n} images"))
-                z = basis.project(output.detach().cpu())  # (B, C, width)
-                scores[name][:, lo:lo + size].copy_(z.permute(1, 0, 2))
+                feed(output.detach().cpu(), state["offset"])
                 state["seen"].add(name)
-                if name == last and len(state["seen"]) == len(bases):
+                if name == last and len(state["seen"]) == len(work):
                     raise _Stop
             return hook
 
         sums = []
-        bar = tqdm(batches, total=_length(batches), desc="projection pass", unit="batch",
-                   file=sys.stderr, disable=not progress)
-        dev = torch.device(device)
+        bar = tqdm(batches, total=_length(batches), desc=desc, unit="batch", file=sys.stderr,
+                   disable=not run["progress"])
+        model = run["model"]
         try:
-            with evaluating(model, dev), forward_hooks(model, {k: make(k) for k in bases}), \
-                    torch.inference_mode(), kept_heap(tuning_requested(tune_malloc)):
+            with evaluating(model, dev), forward_hooks(model, {k: make(k) for k in work}), \
+                    torch.inference_mode(), kept_heap(tuning_requested(run["tune_malloc"])):
                 for item in bar:
                     images = _images_of(item)
                     if images.shape[0] == 0:
                         continue
                     sums.append(_image_sums(item))
-                    state["size"], state["seen"] = images.shape[0], set()
+                    state["seen"] = set()
                     try:
                         model(images.to(dev))
                     except _Stop:
                         pass
-                    if len(state["seen"]) != len(bases):
-                        missing = sorted(set(bases) - state["seen"])
-                        raise ValueError(f"layer(s) {missing} did not run in the projection "
-                                         "pass")
+                    if len(state["seen"]) != len(work):
+                        missing = sorted(set(work) - state["seen"])
+                        raise ValueError(f"layer(s) {missing} did not run in the {desc}")
                     state["offset"] += images.shape[0]
                     if on_step is not None:
                         on_step()
@@ -425,12 +491,6 @@ class TwoPass:
             if first.shape == again.shape and not torch.equal(first, again):
                 bad = (first != again).nonzero().flatten()[:5].tolist()
                 raise ValueError(_mismatch(f"other pixels at image(s) {bad}"))
-        out = {}
-        for name, basis in bases.items():
-            red = basis.finish(scores.pop(name).permute(1, 0, 2))
-            out[name] = StreamedLayer(red, basis, self.stats_bytes[name], self.shapes[name])
-        self.seconds += time.perf_counter() - start
-        return out
 
 
 def _mismatch(what: str) -> str:
