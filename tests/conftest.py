@@ -57,7 +57,7 @@ def two_pass_routes(monkeypatch):
     """Every layer through the two passes (``MemoryPlan.routes`` replaced for the test)."""
     from pcace.plan import LayerRoute, MemoryPlan
 
-    def routes(self, shapes, n, run_images=256):
+    def routes(self, shapes, n, run_images=256, **_):
         return {k: LayerRoute("moments", "forced by the test", 0, 2, tuple(s))
                 for k, s in shapes.items()}
 

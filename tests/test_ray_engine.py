@@ -337,7 +337,7 @@ def test_a_ray_dataset_as_input(cluster, resnet_cats, monkeypatch):
     address, _ = cluster
     model, images = resnet_cats
 
-    def routes(self, shapes, n, run_images=256):
+    def routes(self, shapes, n, run_images=256, **_):
         return {k: LayerRoute("moments" if k == LAYERS[-1] else "in-memory", "test", 0, 2,
                               tuple(s)) for k, s in shapes.items()}
 

@@ -76,7 +76,7 @@ def test_route_rule():
 
 def test_route_rule_subspace():
     """Exact routes that cannot fit the work share go to the subspace iteration."""
-    plan = MemoryPlan(2 * 2**30)
+    plan = MemoryPlan(4 * 2**30)
     big = plan.routes({"a": (64, 112, 112)}, 50_000)["a"]  # P x P: 80 GB; 2P <= N
     assert big.route == "subspace" and "subspace iteration" in big.reason
     assert big.stats_bytes < plan.work_bytes
@@ -282,7 +282,7 @@ def test_streamed_layers_on_workers_equal_the_one_process_passes(cifar, monkeypa
     kw = dict(target=[3, 5], progress=False, device="cpu", batch_size=64, layers=layers,
               permutations=5, split_half=0)
 
-    def routes(self, shapes, n, run_images=256):
+    def routes(self, shapes, n, run_images=256, **_):
         return {k: LayerRoute("in-memory" if mixed and k == "conv1" else "moments", "test",
                               0, 2, tuple(s)) for k, s in shapes.items()}
 
