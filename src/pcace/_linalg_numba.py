@@ -319,6 +319,106 @@ def _unpack(packed, out):  # pragma: no cover - compiled
                 k += 1
 
 
+def standardised_from_packed(packed: np.ndarray, d: np.ndarray, n: int, inv: np.ndarray,
+                             out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Correlation-scale Gram matrices straight from shifted, packed cross products.
+
+    Per channel ``c`` (rows of ``packed``, ``(C, P (P + 1) / 2)`` float64 sums of
+    ``(x - s)(x - s)^T`` over ``n`` images, ``d = mean - s``, ``inv`` the inverse
+    standard deviations, all ``(C, P)`` float64): writes the symmetric
+    ``out[c] = diag(inv) (S - n d d^T) diag(inv)`` (``(C, P, P)`` float64) in one pass
+    and returns its traces and squared Frobenius norms ``(C,)``. Replaces unpacking,
+    centring, scaling and two reductions, each a pass over ``C P^2`` values.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 2.0], [3.0, 5.0], [2.0, 2.0]])
+    >>> c = x - x.mean(0)
+    >>> packed = np.array([[x[:, 0] @ x[:, 0], x[:, 1] @ x[:, 0], x[:, 1] @ x[:, 1]]])
+    >>> out = np.empty((1, 2, 2))
+    >>> tr, fro = standardised_from_packed(packed, x.mean(0)[None], 3, np.ones((1, 2)), out)
+    >>> bool(np.allclose(out[0], c.T @ c)), float(tr[0]) == float(np.trace(out[0]))
+    (True, True)
+    """
+    c, p = d.shape
+    if packed.shape != (c, packed_size(p)) or out.shape[0] < c or out.shape[1:] != (p, p):
+        raise ValueError("standardised_from_packed: shapes do not match")
+    tr, fro = np.zeros(c), np.zeros(c)
+    parallel_ranges(_standardised_range, c, packed, d, float(n), inv, out, tr, fro)
+    return tr, fro
+
+
+@njit(nogil=True, cache=True)
+def _standardised_range(lo, hi, packed, d, n, inv, out, tr, fro):  # pragma: no cover
+    p = d.shape[1]
+    for c in range(lo, hi):
+        src, dc, sc, g = packed[c], d[c], inv[c], out[c]
+        k = 0
+        t = 0.0
+        f = 0.0
+        for i in range(p):
+            ndi, si = n * dc[i], sc[i]
+            for j in range(i):
+                v = (src[k] - ndi * dc[j]) * si * sc[j]
+                g[i, j] = v
+                g[j, i] = v
+                f += 2.0 * v * v
+                k += 1
+            v = (src[k] - ndi * dc[i]) * si * si
+            g[i, i] = v
+            t += v
+            f += v * v
+            k += 1
+        tr[c] = t
+        fro[c] = f
+
+
+def project_standardised(x: np.ndarray, mean: np.ndarray, inv: np.ndarray,
+                         vectors: np.ndarray) -> np.ndarray:
+    """Scores of standardised maps on per-channel axes, in float64, in one pass over ``x``.
+
+    ``x``: C-contiguous ``(B, C, P)`` float32 or float64 maps as a layer produced them;
+    ``mean``, ``inv``: ``(C, P)`` float64; ``vectors``: ``(C, P, W)`` float64. Returns
+    ``out[b, c] = ((x[b, c] - mean[c]) * inv[c]) @ vectors[c]``, ``(B, C, W)`` float64,
+    each product widened and summed in float64 (no transposed float64 copy of the batch).
+
+    Examples
+    --------
+    >>> x = np.arange(12.0).reshape(2, 1, 6).astype(np.float32)
+    >>> v = np.ones((1, 6, 1))
+    >>> project_standardised(x, np.zeros((1, 6)), np.ones((1, 6)), v)[:, 0, 0].tolist()
+    [15.0, 51.0]
+    """
+    b, c, p = x.shape
+    w = vectors.shape[2]
+    if mean.shape != (c, p) or inv.shape != (c, p) or vectors.shape[:2] != (c, p):
+        raise ValueError("project_standardised: shapes do not match")
+    out = np.zeros((b, c, w))
+    parallel_ranges(_project_range, c, x, mean, inv, vectors, out)
+    return out
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def _project_range(lo, hi, x, mean, inv, vectors, out):  # pragma: no cover - compiled
+    # sums reassociated (vectorised); NaN and inf still propagate (no nnan/ninf flags)
+    b, _, p = x.shape
+    w = vectors.shape[2]
+    d = np.empty(p)
+    for c in range(lo, hi):
+        m, s = mean[c], inv[c]
+        vt = np.ascontiguousarray(vectors[c].T)  # (W, P)
+        for i in range(b):
+            row = x[i, c]
+            for j in range(p):
+                d[j] = (np.float64(row[j]) - m[j]) * s[j]
+            for k in range(w):
+                axis = vt[k]
+                acc = 0.0
+                for j in range(p):
+                    acc += d[j] * axis[j]
+                out[i, c, k] = acc
+
+
 def shift_and_summarise(x: np.ndarray, shift: np.ndarray, sums: np.ndarray, lo: np.ndarray,
                         hi: np.ndarray) -> bool:
     """Per channel of ``x`` ``(C, B, P)``: track each pixel's min and max, subtract ``shift``.

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Literal
 
+import numpy as np
 import torch
 
 from ._standardise import NonFiniteMaps
@@ -144,6 +145,7 @@ class PixelMoments:
         self.mean = torch.zeros((channels, pixels), dtype=torch.float64, device=dev)
         # centred sums of squares: the cross products' diagonal when they are kept
         self._sq = None if cross else torch.zeros_like(self.mean)
+        self._packed: tuple[np.ndarray, np.ndarray] | None = None  # see from_packed
         self.lo = torch.full_like(self.mean, math.inf)
         self.hi = torch.full_like(self.mean, -math.inf)
         self.cross = (torch.zeros((channels, pixels, pixels), dtype=torch.float64, device=dev)
@@ -175,9 +177,52 @@ class PixelMoments:
         out = cls(c, p, cross=False, device=mean.device)
         out._sq = None
         out.cross = cross
+        out._packed = None
         out.count, out.eps = int(count), float(eps)
         out.mean = mean.to(torch.float64)
         out.lo, out.hi = lo.to(torch.float64), hi.to(torch.float64)
+        return out
+
+    @classmethod
+    def from_packed(cls, count: int, shift: torch.Tensor, packed: np.ndarray,
+                    sums: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                    eps: float) -> PixelMoments:
+        """Moments from a compiled accumulator's packed sums, without unpacking them.
+
+        ``packed``: ``(C, P (P + 1) / 2)`` float64 lower triangles of the cross products
+        of the maps shifted by ``shift`` ``(C, P)``; ``sums``: the shifted maps' sums
+        ``(C, P)`` float64 (both taken over, not copied). :meth:`basis` then forms each
+        chunk of correlation matrices in one compiled pass
+        (:func:`pcace._linalg_numba.standardised_from_packed`): the full ``C x P x P``
+        cross products never exist. Such moments cannot be updated or merged.
+
+        Examples
+        --------
+        >>> import numpy as np, torch
+        >>> x = torch.randn(40, 1, 3, dtype=torch.float64)
+        >>> i, j = np.tril_indices(3)
+        >>> packed = torch.einsum("ni,nj->ij", x[:, 0], x[:, 0]).numpy()[i, j][None]
+        >>> m = PixelMoments.from_packed(40, torch.zeros(1, 3, dtype=torch.float64), packed,
+        ...                              x.sum(0), x.amin(0), x.amax(0), 2.0**-52)
+        >>> c = x[:, 0] - x[:, 0].mean(0)
+        >>> bool(torch.allclose(m.sq[0], (c * c).sum(0)))
+        True
+        """
+        from ._linalg_numba import packed_size
+
+        c, p = sums.shape
+        if packed.shape != (c, packed_size(p)) or packed.dtype != np.float64:
+            raise ValueError(f"packed must be ({c}, {packed_size(p)}) float64; got "
+                             f"{packed.shape} {packed.dtype}")
+        n = int(count)
+        d = sums.to(torch.float64) / n  # mean - shift
+        out = cls(c, p, cross=False)
+        diagonal = torch.from_numpy(packed[:, (np.arange(p) + 1) * (np.arange(p) + 2) // 2 - 1])
+        out._sq = diagonal - n * d.square()
+        out.count, out.eps = n, float(eps)
+        out.mean = shift.to(torch.float64) + d
+        out.lo, out.hi = lo.to(torch.float64), hi.to(torch.float64)
+        out._packed = (packed, d.contiguous().numpy())
         return out
 
     @property
@@ -196,7 +241,8 @@ class PixelMoments:
         """Bytes held by the moments (independent of the number of images)."""
         held = [self.mean, self.lo, self.hi]
         held.append(self._sq if self.cross is None else self.cross)
-        return sum(t.numel() * t.element_size() for t in held)
+        extra = 0 if self._packed is None else self._packed[0].nbytes
+        return extra + sum(t.numel() * t.element_size() for t in held)
 
     def update(self, batch: torch.Tensor) -> PixelMoments:
         """Add a batch of images, ``(B, C, H, W)`` or ``(B, C, P)``, float32 or float64.
@@ -243,6 +289,9 @@ class PixelMoments:
         return self
 
     def _absorb(self, part: _Part, eps: float) -> None:
+        if self._packed is not None:
+            raise ValueError("moments taken from packed sums (from_packed) cannot be updated "
+                             "or merged")
         na, nb = self.count, part.count
         n = na + nb
         delta = part.mean - self.mean
@@ -299,7 +348,7 @@ class PixelMoments:
         PixelBasis
             With ``route="moments"`` and ``passes=1``.
         """
-        if self.cross is None:
+        if self.cross is None and self._packed is None:
             raise ValueError("these moments have no cross products (cross=False)")
         k_fixed, fraction = _check_components(components, max_components)
         mean, inv, constant = self.standardiser()
@@ -309,14 +358,25 @@ class PixelMoments:
         vecs = torch.empty((c, p, q), dtype=torch.float64)
         total = torch.empty(c, dtype=torch.float64)
         step = max(1, BASIS_CHUNK_BYTES // (8 * p * p))
+        buffer = None if self._packed is None else np.empty((min(step, c), p, p))
         for lo in range(0, c, step):
             sl = slice(lo, min(c, lo + step))
-            d = inv[sl]
-            g = self.cross[sl] * d[:, :, None]  # the Gram matrix X^T X of the standardised
-            g *= d[:, None, :]                  # maps: n times the correlation matrix
-            g = 0.5 * (g + g.transpose(1, 2))
-            tr = g.diagonal(dim1=1, dim2=2).sum(-1)
-            fro = g.square().sum(dim=(1, 2))
+            # the Gram matrix X^T X of the standardised maps: n times the correlation matrix
+            if self._packed is not None:
+                from ._linalg_numba import standardised_from_packed
+
+                g = buffer[:sl.stop - sl.start]
+                tr, fro = map(torch.from_numpy, standardised_from_packed(
+                    self._packed[0][sl], self._packed[1][sl], n,
+                    inv[sl].contiguous().numpy(), g))
+                g = torch.from_numpy(g)
+            else:
+                d = inv[sl]
+                g = self.cross[sl] * d[:, :, None]
+                g *= d[:, None, :]
+                g = 0.5 * (g + g.transpose(1, 2))
+                tr = g.diagonal(dim1=1, dim2=2).sum(-1)
+                fro = g.square().sum(dim=(1, 2))
             flat = (tr.square() / (fro * p).clamp(min=torch.finfo(torch.float64).tiny)
                     > FLAT_SPREAD)
             w, v = top_eigenpairs(g, q, tol=tol, flat=flat.cpu())
@@ -393,6 +453,17 @@ class PixelBasis:
         The signs are not yet fixed: collect the scores of all images and pass them to
         :meth:`finish`.
         """
+        if self.mean.device.type == "cpu" and isinstance(batch, torch.Tensor) and \
+                batch.device.type == "cpu" and batch.ndim in (3, 4) and \
+                batch.dtype in (torch.float32, torch.float64) and \
+                batch.shape[1] == self.mean.shape[0] and \
+                math.prod(batch.shape[2:]) == self.mean.shape[1]:
+            from ._linalg_numba import project_standardised
+
+            x = batch.detach().reshape(batch.shape[0], batch.shape[1], -1).contiguous()
+            return torch.from_numpy(project_standardised(
+                x.numpy(), self.mean.numpy(), self.inv_std.numpy(),
+                self.vectors.contiguous().numpy()))
         parts = []
         for part in _image_chunks(batch):  # bounded float64 copies of large maps
             x, _ = _as_cbp(part, self.mean.device)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._linalg_numba import packed_size, unpack_lower
+from ._linalg_numba import packed_size
 from ._memory import kept_heap, tuning_requested
 from .hooks import evaluating, forward_hooks
 from .reduce import Reduction, _one_blas_thread
@@ -194,15 +194,10 @@ class _Accumulator:
         torch.maximum(self.hi, part["hi"], out=self.hi)
 
     def moments(self) -> PixelMoments:
-        """The centred moments (the accumulator's arrays are handed over)."""
-        n = self.count
-        d = self.sums / n  # mean - shift
-        cross = torch.from_numpy(unpack_lower(self.cross, self.pixels))
-        self.cross = np.zeros((0, 0))
-        cross.baddbmm_(d[:, :, None], d[:, None, :], alpha=-n)  # shifted -> centred
-        mean = self.shift.to(torch.float64) + d
-        return PixelMoments.from_centred(n, mean, cross, self.lo, self.hi,
-                                         torch.finfo(self.dtype).eps)
+        """The moments, still packed (the accumulator's arrays are handed over)."""
+        packed, self.cross = self.cross, np.zeros((0, 0))
+        return PixelMoments.from_packed(self.count, self.shift, packed, self.sums, self.lo,
+                                        self.hi, torch.finfo(self.dtype).eps)
 
 
 def _scratch_for(shape: tuple[int, int, int], dtype: torch.dtype) -> np.ndarray:
