@@ -272,18 +272,19 @@ class _InProcessWorkers(pcace.engine.LocalEngine):
         return out
 
 
-@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("mixed", [False, "in-memory", "subspace"])
 def test_streamed_layers_on_workers_equal_the_one_process_passes(cifar, monkeypatch, mixed):
     """float32 products (the default): the workers' shards add up to the one-process pass's
     runs, so values agree to 1e-9 (not merely to float32 noise); several targets; with
-    ``mixed`` one layer stays in the driver's store and the scores of both passes agree."""
+    ``mixed`` one layer stays in the driver (its store, or its own subspace passes) and the
+    scores of both passes agree."""
     model, images = cifar
     layers = ["conv1", "layer2.0.conv1", "layer3.2.conv2"]
     kw = dict(target=[3, 5], progress=False, device="cpu", batch_size=64, layers=layers,
               permutations=5, split_half=0)
 
     def routes(self, shapes, n, run_images=256, **_):
-        return {k: LayerRoute("in-memory" if mixed and k == "conv1" else "moments", "test",
+        return {k: LayerRoute(mixed if mixed and k == "conv1" else "moments", "test",
                               0, 2, tuple(s)) for k, s in shapes.items()}
 
     monkeypatch.setattr(MemoryPlan, "routes", routes)
@@ -298,7 +299,12 @@ def test_streamed_layers_on_workers_equal_the_one_process_passes(cifar, monkeypa
     np.testing.assert_allclose(b.p_value, a.p_value, atol=0)
     np.testing.assert_allclose(shards.scores, one.scores, atol=0)
     assert {r["route"] for r in shards.manifest["routes"].values()} == \
-        ({"in-memory", "moments"} if mixed else {"moments"})
+        ({mixed, "moments"} if mixed else {"moments"})
+    where = {k: r.get("passes_on") for k, r in shards.manifest["routes"].items()}
+    assert where["layer3.2.conv2"] == "in-process-workers workers"
+    if mixed == "subspace":
+        assert where["conv1"] == "this process"
+        assert shards.manifest["routes"]["conv1"]["passes"] > 2
 
 
 def test_sharded_float32_sums_match_the_one_process_pass_across_shards(cifar):
