@@ -36,7 +36,7 @@ def subspace_bytes(channels: int, pixels: int, components: int | float = 3,
 
     Three ``(C, P, q + oversample)`` float64 blocks and five per-pixel statistics, plus
     one float64 copy of a batch's maps (``batch_images`` images, in chunks of at most
-    :data:`pcace.streaming.CHUNK_BYTES`).
+    :data:`pcace.streaming.CHUNK_BYTES`; 0 for the bytes held between passes).
 
     Examples
     --------
@@ -178,9 +178,9 @@ class MemoryPlan:
         :attr:`work_bytes` (its basis is solved there), and the moments of all layers so
         routed (packed triangles, ``4 C P (P + 1)`` bytes each), with their runs of
         ``run_images`` images, fit :attr:`store_bytes` together (they are held at once
-        during the first pass, in place of the maps). A layer whose exact reduce cannot
-        fit the work share at all (its ``P x P`` moments when ``2 P <= N``, or one
-        channel's ``min(N, P)^2`` Gram work in memory otherwise) takes ``"subspace"``:
+        during the first pass, in place of the maps). A layer that cannot take moments
+        and whose maps cannot be reduced in the store either (one channel's
+        ``min(N, P)^2`` Gram work exceeds the work share) takes ``"subspace"``:
         block subspace iteration (:class:`~pcace.streaming.SubspaceIteration`), one more
         forward pass (stopped after the layer) per iteration, to a stated tolerance. The
         rest stay ``"in-memory"`` in what remains of the store, which spills them to disk
@@ -212,17 +212,13 @@ class MemoryPlan:
             stats = 4 * c * p * (p + 1) + BYTES_PER_VALUE * c * p * min(run_images,
                                                                        n or run_images)
             m = p if n is None else min(n, p)
-            too_big = False
+            # one channel's reduce of the stored (or spilled) maps: its min(N, P)^2 Gram work
+            too_big = 28 * m * m > self.work_bytes
             if n is not None and 2 * p > n:
                 why = f"P = {p} > N / 2: its maps are smaller than its P x P moments"
-                too_big = 28 * m * m > self.work_bytes
-                if too_big:
-                    why += (f", but one channel's reduce ({28 * m * m / gib:.2f} GiB) exceeds "
-                            f"the work share ({self.work_bytes / gib:.2f} GiB)")
             elif moments > self.work_bytes:
                 why = (f"its P x P moments ({moments / gib:.2f} GiB) exceed the work share "
                        f"({self.work_bytes / gib:.2f} GiB)")
-                too_big = True
             elif held + stats > self.store_bytes:
                 why = "the store is taken by other layers' moments"
             else:
@@ -232,11 +228,13 @@ class MemoryPlan:
                                        stats, passes=2, shape=tuple(shapes[name]))
                 continue
             iterating = subspace_bytes(c, p, components, batch_images=batch_images)
-            if too_big and iterating <= self.work_bytes and held + iterating <= self.store_bytes:
-                held += iterating
-                out[name] = LayerRoute("subspace", why + f"; block subspace iteration takes "
-                                       f"{iterating / 2**20:.1f} MiB (one forward pass per "
-                                       "iteration)", iterating, passes=3,
+            blocks = subspace_bytes(c, p, components, batch_images=0)  # held between passes
+            if too_big and iterating <= self.work_bytes and held + blocks <= self.store_bytes:
+                held += blocks
+                out[name] = LayerRoute("subspace", why + f", and one channel's reduce of its "
+                                       f"maps ({28 * m * m / gib:.2f} GiB) too; block subspace "
+                                       f"iteration takes {iterating / 2**20:.1f} MiB (one "
+                                       "forward pass per iteration)", blocks, passes=3,
                                        shape=tuple(shapes[name]))
                 continue
             out[name] = LayerRoute("in-memory", why + "; kept in the store (spilled to disk "
