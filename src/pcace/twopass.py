@@ -13,6 +13,12 @@ last streamed layer has run, projects each image onto them
 :class:`~pcace.reduce.Reduction` that :func:`~pcace.reduce.reduce_block` gives on all
 maps at once.
 
+Layers named in ``subspace`` (whose exact reduce would not fit, see
+:meth:`pcace.plan.MemoryPlan.routes`) gather per-pixel statistics and a sketch in the
+first pass instead (:class:`~pcace.streaming.SubspaceIteration`); before the projection
+pass, further forward passes, each stopped after the last layer still iterating, refine
+their bases until every channel meets the tolerance (or the pass limit, with a warning).
+
 Precision follows ``pca_dtype`` as in the in-memory path: with float32 the products of
 one run of images are formed in float32 and summed across runs in float64 (so rounding
 accumulates over a few hundred images, not over N); with float64 everything is float64.
