@@ -84,6 +84,10 @@ def test_route_rule_subspace():
     assert few.route == "subspace" and "one channel's reduce" in few.reason
     small = plan.routes({"a": (64, 112, 112)}, 2_000)["a"]  # maps fit as N x N Gram work
     assert small.route == "in-memory"
+    grouped = MemoryPlan(2**30).routes({"a": (128, 28, 28)}, 50_000)["a"]  # 629 MB > 256 MiB
+    assert grouped.route == "moments" and grouped.groups == 3 and grouped.passes == 4
+    assert grouped.stats_bytes < 4 * 128 * 784 * 785  # a group's moments, not the layer's
+    assert "3 groups of 43 channels" in grouped.reason
 
 
 def _low_rank_images(n: int, seed: int = 0) -> torch.Tensor:
@@ -96,27 +100,63 @@ def _low_rank_images(n: int, seed: int = 0) -> torch.Tensor:
         0.05 * torch.randn(n, 3, 32, 32, generator=g)
 
 
-def test_subspace_route_in_rank_equals_in_memory():
-    """A budget whose work share cannot hold the first layer's P x P moments: that layer is
-    reduced by subspace iteration over re-run forward passes, the second by moments; the
-    values equal the in-memory run's (float64 on both sides) and the manifest says how
-    many passes it took and that every channel converged."""
+@pytest.mark.parametrize("budget", [30, 40])
+def test_layers_too_big_for_one_basis_in_rank_equal_in_memory(budget):
+    """Budgets whose work share cannot hold the first layer's P x P moments at once: with
+    40 MB one channel's fit, so its moments are gathered in channel groups, a pass each;
+    with 30 MB not even one channel's (nor its maps' reduce), so it is reduced by subspace
+    iteration over re-run forward passes. The second layer takes moments in one group.
+    The values equal the in-memory run's (float64 on both sides); the manifest says how
+    many passes each took and, for the iteration, that every channel converged."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
                         nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
-    x = _low_rank_images(2100)  # N >= 2 P for P = 1024; 65 batches, the last short
+    x = _low_rank_images(2100)  # N >= 2 P for P = 1024; 66 batches, the last short
     kw = dict(target=0, progress=False, device="cpu", pca_dtype=torch.float64, batch_size=32,
               layers=["0", "2"])
     ref = pcace.rank(net, x, **kw)
-    got = pcace.rank(net, x, memory_budget=40 * 2**20, **kw)
+    got = pcace.rank(net, x, memory_budget=budget * 2**20, **kw)
     routes = got.manifest["routes"]
-    assert routes["0"]["route"] == "subspace" and routes["2"]["route"] == "moments"
-    assert 3 <= routes["0"]["passes"] < 50 and routes["0"]["unconverged_channels"] == 0
-    assert routes["0"]["largest_angle"] <= 1e-9
+    assert routes["2"]["route"] == "moments" and "channel_groups" not in routes["2"]
+    if budget == 30:
+        assert routes["0"]["route"] == "subspace"
+        assert 3 <= routes["0"]["passes"] < 50 and routes["0"]["unconverged_channels"] == 0
+        assert routes["0"]["largest_angle"] <= 1e-9
+    else:
+        assert routes["0"]["route"] == "moments" and routes["0"]["channel_groups"] == 4
+        assert routes["0"]["passes"] == 5
     np.testing.assert_allclose(got.channels.pcace, ref.channels.pcace, atol=1e-6, rtol=0)
     np.testing.assert_allclose(got.channels.explained_variance,
                                ref.channels.explained_variance, atol=1e-9)
+
+
+def test_channel_groups_and_subspace_share_passes():
+    """One TwoPass with a layer in two channel groups and a subspace layer: the group's
+    pass is also an iteration pass (no pass runs for one alone while the other needs one),
+    and each equals its one-pass counterpart."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    x = _low_rank_images(400)  # 7 batches of 64
+    shapes = {"0": (4, 32, 32), "2": (4, 32, 32)}
+    tp = TwoPass(shapes, 3, pca_dtype=torch.float64, subspace=["2"], groups={"0": 2})
+    with capture(net, tp.watch(x.split(64)), [], lambda out: out.flatten(1)[:, 0],
+                 progress=False, observers=tp.hooks()):
+        calls = []
+        handle = net[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        done = tp.second_pass(net, x.split(64), progress=False)
+        handle.remove()
+    one = TwoPass(shapes, 3, pca_dtype=torch.float64)
+    with capture(net, one.watch(x.split(64)), [], lambda out: out.flatten(1)[:, 0],
+                 progress=False, observers=one.hooks()):
+        ref = one.second_pass(net, x.split(64), progress=False)
+    # after the first pass: the iteration's passes (the second group in the first of
+    # them), then the projection
+    assert len(calls) == 7 * done["2"].basis.passes
+    assert done["0"].basis.passes == 1
+    for name in shapes:
+        np.testing.assert_allclose(done[name].reduction.scores.numpy(),
+                                   ref[name].reduction.scores.numpy(), atol=1e-7)
 
 
 def test_subspace_passes_must_see_the_same_images():

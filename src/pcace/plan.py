@@ -28,6 +28,10 @@ BYTES_PER_VALUE = 4
 #: Routes whose layers keep no maps: their statistics come from passes over the images.
 STREAMED = ("moments", "subspace")
 
+#: Channel groups (one forward pass each) a layer's moments may be split into when they do
+#: not fit the work share at once; past it the layer's maps are stored (spilled) instead.
+MAX_GROUPS = 8
+
 
 def subspace_bytes(channels: int, pixels: int, components: int | float = 3,
                    oversample: int = 20, max_components: int = 10,
@@ -178,9 +182,12 @@ class MemoryPlan:
         :attr:`work_bytes` (its basis is solved there), and the moments of all layers so
         routed (packed triangles, ``4 C P (P + 1)`` bytes each), with their runs of
         ``run_images`` images, fit :attr:`store_bytes` together (they are held at once
-        during the first pass, in place of the maps). A layer that cannot take moments
-        and whose maps cannot be reduced in the store either (one channel's
-        ``min(N, P)^2`` Gram work exceeds the work share) takes ``"subspace"``:
+        during the first pass, in place of the maps). Moments whose full matrices do not
+        fit :attr:`work_bytes` at once are split into up to :data:`MAX_GROUPS` groups of
+        channels, one forward pass each (stopped after the last layer with a group left).
+        A layer that cannot take moments and whose maps cannot be reduced in the store
+        either (one channel's ``min(N, P)^2`` Gram work exceeds the work share) takes
+        ``"subspace"``:
         block subspace iteration (:class:`~pcace.streaming.SubspaceIteration`), one more
         forward pass (stopped after the layer) per iteration, to a stated tolerance. The
         rest stay ``"in-memory"`` in what remains of the store, which spills them to disk
@@ -209,23 +216,32 @@ class MemoryPlan:
         held = 0
         for name, (c, p) in sizes.items():
             moments = 8 * c * p * p  # as the basis is solved: full float64 matrices
-            stats = 4 * c * p * (p + 1) + BYTES_PER_VALUE * c * p * min(run_images,
-                                                                       n or run_images)
+            # channels whose bases fit the work share at once; more go in groups, a forward
+            # pass each
+            fit = self.work_bytes // (8 * p * p)
+            groups = -(-c // fit) if fit else MAX_GROUPS + 1
+            size = -(-c // groups)
+            stats = 4 * size * p * (p + 1) + BYTES_PER_VALUE * size * p * min(run_images,
+                                                                             n or run_images)
             m = p if n is None else min(n, p)
             # one channel's reduce of the stored (or spilled) maps: its min(N, P)^2 Gram work
             too_big = 28 * m * m > self.work_bytes
             if n is not None and 2 * p > n:
                 why = f"P = {p} > N / 2: its maps are smaller than its P x P moments"
-            elif moments > self.work_bytes:
+            elif groups > MAX_GROUPS:
                 why = (f"its P x P moments ({moments / gib:.2f} GiB) exceed the work share "
-                       f"({self.work_bytes / gib:.2f} GiB)")
+                       f"({self.work_bytes / gib:.2f} GiB) {MAX_GROUPS} times over")
             elif held + stats > self.store_bytes:
                 why = "the store is taken by other layers' moments"
             else:
                 held += stats
+                split = "" if groups == 1 else (
+                    f"; its P x P moments ({moments / gib:.2f} GiB) exceed the work share, so "
+                    f"{groups} groups of {size} channels, a forward pass each")
                 out[name] = LayerRoute("moments", "the maps of all layers do not fit the "
-                                       f"store; its moments take {stats / 2**20:.1f} MiB",
-                                       stats, passes=2, shape=tuple(shapes[name]))
+                                       f"store; its moments take {stats / 2**20:.1f} MiB"
+                                       + split, stats, passes=groups + 1,
+                                       shape=tuple(shapes[name]), groups=groups)
                 continue
             iterating = subspace_bytes(c, p, components, batch_images=batch_images)
             blocks = subspace_bytes(c, p, components, batch_images=0)  # held between passes
@@ -260,6 +276,8 @@ class LayerRoute:
         Forward passes that see the layer.
     shape : tuple of int
         ``(C, H, W)``.
+    groups : int
+        Channel groups of a ``"moments"`` layer, each accumulated in its own pass.
     """
 
     route: str
@@ -267,3 +285,4 @@ class LayerRoute:
     stats_bytes: int
     passes: int = 1
     shape: tuple[int, ...] = ()
+    groups: int = 1

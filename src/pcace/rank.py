@@ -340,7 +340,7 @@ def rank(
             kept = [n for n in todo if n not in routes or routes[n].route not in STREAMED]
             on_workers = _workers_stream(runner, images, batch_size, label, routes)
             two = _two_pass(images, routes, components, pca_dtype,
-                            only_subspace=on_workers is not None)
+                            beside_workers=on_workers is not None)
             remote = _Sharded.run(on_workers, model, routes, targets, components, pca_dtype,
                                   runner, progress) if on_workers else None
             if remote is not None and targets.targets is None:
@@ -1048,8 +1048,7 @@ def _workers_stream(runner: Engine, images: Any, batch_size: int, label: Any,
     there (:func:`pcace.sharded.sharded_components`) when the images can be split into
     shards the workers read (:func:`pcace.sharded.shardable`).
     """
-    if not hasattr(runner, "map_shards") or not any(r.route == "moments"
-                                                      for r in routes.values()):
+    if not hasattr(runner, "map_shards") or not any(_sharded_route(r) for r in routes.values()):
         return None
     from .sharded import shardable
 
@@ -1076,7 +1075,7 @@ class _Sharded:
         from .twopass import StreamedLayer
 
         data, batch = source
-        names = [n for n, r in routes.items() if r.route == "moments"]
+        names = [n for n, r in routes.items() if _sharded_route(r)]
         size = aligned_shard_size(len(data), batch, getattr(runner, "slots", lambda: 1)())
         if progress:
             print(f"pcace: {len(names)} streamed layer(s) on the {runner.name} engine's "
@@ -1106,18 +1105,25 @@ class _Sharded:
         return None
 
 
+def _sharded_route(route: LayerRoute) -> bool:
+    """Whether an engine's workers can run the layer's passes: moments in one group."""
+    return route.route == "moments" and route.groups == 1
+
+
 def _two_pass(images: Any, routes: dict[str, LayerRoute], components: int | float,
-              pca_dtype: torch.dtype, only_subspace: bool = False) -> Any:
-    """The driver's passes for the streamed layers (those on the engine's workers left out)."""
+              pca_dtype: torch.dtype, beside_workers: bool = False) -> Any:
+    """The driver's passes for the streamed layers (those on the engine's workers left out:
+    with ``beside_workers``, only subspace layers and moments in several channel groups)."""
     from .twopass import TwoPass, check_repeatable
 
-    kinds = ("subspace",) if only_subspace else STREAMED
-    streamed = {n: r for n, r in routes.items() if r.route in kinds}
+    streamed = {n: r for n, r in routes.items() if r.route in STREAMED and
+                not (beside_workers and _sharded_route(r))}
     if not streamed:
         return None
     check_repeatable(images)
     return TwoPass({n: r.shape for n, r in streamed.items()}, components, pca_dtype=pca_dtype,
-                   subspace=[n for n, r in streamed.items() if r.route == "subspace"])
+                   subspace=[n for n, r in streamed.items() if r.route == "subspace"],
+                   groups={n: r.groups for n, r in streamed.items() if r.groups > 1})
 
 
 def _route_record(routes: dict[str, LayerRoute], spilled: dict[str, bool],
@@ -1132,6 +1138,8 @@ def _route_record(routes: dict[str, LayerRoute], spilled: dict[str, bool],
                  "stats_bytes": r.stats_bytes}
         if spilled.get(name):
             entry["route"] = "spilled"
+        if r.groups > 1:
+            entry["channel_groups"] = r.groups
         if name in streamed:
             entry["stats_bytes"] = int(streamed[name].stats_bytes)
             entry["passes_on"] = passes_on.get(name, "this process")

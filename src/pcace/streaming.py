@@ -476,6 +476,41 @@ class PixelBasis:
             parts.append(torch.bmm(x, self.vectors.to(x.device)).permute(1, 0, 2))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    @classmethod
+    def concat(cls, parts: Sequence[PixelBasis]) -> PixelBasis:
+        """One basis from the bases of consecutive channel groups of a layer.
+
+        Each group's axes are padded with zero columns to the widest group's width; the
+        groups must come from the same images.
+
+        Examples
+        --------
+        >>> import torch
+        >>> maps = torch.randn(200, 4, 10, dtype=torch.float64)
+        >>> whole = PixelMoments(4, 10).update(maps).basis(2)
+        >>> halves = [PixelMoments(2, 10).update(m).basis(2) for m in maps.split(2, dim=1)]
+        >>> bool(torch.allclose(PixelBasis.concat(halves).vectors.abs(), whole.vectors.abs()))
+        True
+        """
+        if len({p.count for p in parts}) != 1:
+            raise ValueError("channel groups of one layer must come from the same images")
+        if len(parts) == 1:
+            return parts[0]
+        width = max(p.vectors.shape[2] for p in parts)
+        vectors = torch.cat([torch.nn.functional.pad(p.vectors, (0, width - p.vectors.shape[2]))
+                             for p in parts])
+
+        def cat(field: str) -> torch.Tensor:
+            return torch.cat([getattr(p, field) for p in parts])
+
+        return cls(mean=cat("mean"), inv_std=cat("inv_std"), constant=cat("constant"),
+                   vectors=vectors, eigenvalues=cat("eigenvalues"),
+                   n_components=cat("n_components"),
+                   explained_variance=cat("explained_variance"), dead=cat("dead"),
+                   count=parts[0].count, route=parts[0].route,
+                   passes=max(p.passes for p in parts), converged=cat("converged"),
+                   angle=cat("angle"))
+
     def finish(self, scores: torch.Tensor | Sequence[torch.Tensor]) -> Reduction:
         """The :class:`~pcace.reduce.Reduction` of all images from their projected scores.
 

@@ -309,19 +309,23 @@ class TwoPass:
 
     def __init__(self, shapes: dict[str, tuple[int, int, int]], components: int | float = 3,
                  *, pca_dtype: torch.dtype = torch.float32, run_images: int = RUN_IMAGES,
-                 subspace: Collection[str] = ()):
+                 subspace: Collection[str] = (), groups: dict[str, int] | None = None):
         self.shapes = dict(shapes)
         self.components = components
         self.dtype = pca_dtype
-        unknown = sorted(set(subspace) - set(shapes))
+        self.run_images = max(1, run_images)
+        unknown = sorted((set(subspace) | set(groups or {})) - set(shapes))
         if unknown:
-            raise ValueError(f"subspace layer(s) {unknown} are not among the shapes")
+            raise ValueError(f"layer(s) {unknown} are not among the shapes")
         self._sub = {n: SubspaceIteration(s[0], s[1] * s[2], components)
                      for n, s in shapes.items() if n in set(subspace)}
-        self._acc = {n: _Accumulator(s, pca_dtype, max(1, run_images))
-                     for n, s in shapes.items() if n not in self._sub}
-        widest = max((c * h * w * h * w for n, (c, h, w) in shapes.items()
-                      if n in self._acc), default=0)
+        # each moments layer's channel groups, one pass each (one group: all channels)
+        self._slices = {n: _channel_slices(s[0], (groups or {}).get(n, 1))
+                        for n, s in shapes.items() if n not in self._sub}
+        self._parts: dict[str, list[PixelBasis]] = {n: [] for n in self._slices}
+        self._acc = {n: self._group_accumulator(n, 0) for n in self._slices}
+        widest = max((sl.stop - sl.start) * (h * w) ** 2 for n, (_, h, w) in shapes.items()
+                     if n in self._slices for sl in self._slices[n]) if self._slices else 0
         self._scratch = np.empty(widest, np.float32 if pca_dtype == torch.float32 else
                                  np.float64)
         self._order: list[str] = []  # the order the layers ran in, from the first batch
@@ -330,6 +334,20 @@ class TwoPass:
         self.stats_bytes = {n: a.nbytes for n, a in self._acc.items()}
         self.stats_bytes.update({n: s.nbytes for n, s in self._sub.items()})
         self.seconds = 0.0
+
+    def _group_accumulator(self, name: str, group: int) -> _Accumulator:
+        sl = self._slices[name][group]
+        _, h, w = self.shapes[name]
+        return _Accumulator((sl.stop - sl.start, h, w), self.dtype, self.run_images)
+
+    def _feed(self, name: str, acc: _Accumulator, group: int) -> Callable[[torch.Tensor], None]:
+        """Adds a batch's maps of the layer's channel group to ``acc``."""
+        sl = self._slices[name][group]
+        whole = sl.stop - sl.start == self.shapes[name][0]
+
+        def feed(maps: torch.Tensor) -> None:
+            acc.add(maps if whole else maps[:, sl], self._scratch)
+        return feed
 
     @property
     def nbytes(self) -> int:
@@ -344,34 +362,38 @@ class TwoPass:
     def hooks(self) -> dict[str, Callable]:
         """Forward hooks for the first pass (pass them to ``capture(observers=...)``)."""
         def make(name: str) -> Callable:
-            acc, sub = self._acc.get(name), self._sub.get(name)
+            feed = self._sub[name].add if name in self._sub else \
+                self._feed(name, self._acc[name], 0)
 
             def hook(module: nn.Module, inputs: Any, output: Any) -> None:
                 if name not in self._seen:
                     self._seen.add(name)
                     self._order.append(name)
                 _check_shape(name, output, self.shapes[name])
-                if acc is not None:
-                    acc.add(output.cpu(), self._scratch)
-                else:
-                    sub.add(output.detach().cpu())
+                feed(output.detach().cpu())
             return hook
         return {name: make(name) for name in self.shapes}
 
     def bases(self) -> dict[str, PixelBasis]:
-        """Finish the first pass: each moments layer's basis (its moments are freed).
+        """Finish a pass: the bases of the channel groups it gathered (their moments are
+        freed); returns those of the layers whose every group is done.
 
-        The subspace layers' bases need more passes (:meth:`second_pass` runs them).
+        Subspace layers and further channel groups need more passes (:meth:`second_pass`
+        runs them).
         """
         for name, acc in self._acc.items():
             acc.flush(self._scratch)
             acc.run = torch.empty(0, dtype=acc.dtype)  # the runs go before the bases are solved
             if acc.count < 2:
                 raise ValueError(f"layer {name!r} saw {acc.count} image(s); PCA needs 2")
-        self._scratch = np.empty(0, np.float32)
+        if all(len(p) + 1 >= len(self._slices[n]) for n, p in self._parts.items()):
+            self._scratch = np.empty(0, np.float32)  # no group left to gather
         out = {}
-        for name in list(self._acc):  # each layer's moments go as soon as its basis is there
-            out[name] = basis_of(self._acc.pop(name), self.components, self.dtype)
+        for name in list(self._acc):  # each group's moments go as soon as its basis is there
+            self._parts[name].append(basis_of(self._acc.pop(name), self.components,
+                                              self.dtype))
+            if len(self._parts[name]) == len(self._slices[name]):
+                out[name] = PixelBasis.concat(self._parts.pop(name))
         return out
 
     def second_pass(self, model: nn.Module, batches: Iterable[Any], *,
@@ -388,7 +410,7 @@ class TwoPass:
         run = {"model": model, "batches": batches, "device": torch.device(device),
                "progress": progress, "tune_malloc": tune_malloc, "on_step": on_step}
         bases = self.bases()
-        bases.update(self._iterate(run))
+        bases.update(self._more_passes(run))
         n = next(iter(bases.values())).count
         width = {name: b.vectors.shape[2] for name, b in bases.items()}
         scores = {name: torch.zeros((self.shapes[name][0], n, width[name]), dtype=torch.float64)
@@ -411,22 +433,38 @@ class TwoPass:
         self.seconds += time.perf_counter() - start
         return out
 
-    def _iterate(self, run: dict[str, Any]) -> dict[str, PixelBasis]:
-        """The subspace layers' further passes, until each has converged (or its limit)."""
+    def _more_passes(self, run: dict[str, Any]) -> dict[str, PixelBasis]:
+        """The passes after the first, before the projection: the moments layers' further
+        channel groups and the subspace layers' iterations, both in the same passes, until
+        every group is gathered and every subspace layer has converged (or its limit)."""
         for sub in self._sub.values():
             sub.end_pass()
+        n = self._watch.values().numel() if self._watch is not None else None
+        out: dict[str, PixelBasis] = {}
+        number = 1
         while True:
+            feed: dict[str, Callable[[torch.Tensor, int], None]] = {}
+            for name, parts in self._parts.items():
+                acc = self._acc[name] = self._group_accumulator(name, len(parts))
+                add = self._feed(name, acc, len(parts))
+                feed[name] = lambda maps, lo, add=add: add(maps)
             active = {name: sub for name, sub in self._sub.items() if sub.needs_pass}
-            if not active:
+            for name, sub in active.items():
+                feed[name] = lambda maps, lo, sub=sub: sub.add(maps)
+            if not feed:
                 break
-            n = next(iter(active.values())).count
-            feed = {name: (lambda maps, lo, sub=sub: sub.add(maps)) for name, sub in active.items()}
-            number = max(sub.passes for sub in active.values()) + 1
-            self._pass(run, feed, f"subspace pass {number} ({len(active)} layer(s))", n)
+            number += 1
+            if n is None:
+                n = next(iter(active.values())).count if active else \
+                    self._parts[next(iter(self._parts))][0].count
+            what = [f"{len(self._parts)} channel group(s)" if self._parts else "",
+                    f"{len(active)} subspace layer(s)" if active else ""]
+            self._pass(run, feed, f"pass {number} ({', '.join(w for w in what if w)})", n)
+            out.update(self.bases())
             for sub in active.values():
                 sub.end_pass()
-        out = {name: sub.basis() for name, sub in self._sub.items()}
-        for name, basis in out.items():
+        subspace = {name: sub.basis() for name, sub in self._sub.items()}
+        for name, basis in subspace.items():
             stuck = int((~basis.converged).sum())
             if stuck:
                 warnings.warn(
@@ -435,7 +473,7 @@ class TwoPass:
                     f"principal angle {float(basis.angle.max()):.1e} rad); their components are "
                     "approximate. A memory_budget that fits the layer's P x P moments gives "
                     "the exact basis in two passes.", stacklevel=2)
-        return out
+        return {**out, **subspace}
 
     def _pass(self, run: dict[str, Any], work: dict[str, Callable[[torch.Tensor, int], None]],
               desc: str, n: int) -> None:
@@ -492,6 +530,12 @@ class TwoPass:
             if first.shape == again.shape and not torch.equal(first, again):
                 bad = (first != again).nonzero().flatten()[:5].tolist()
                 raise ValueError(_mismatch(f"other pixels at image(s) {bad}"))
+
+
+def _channel_slices(channels: int, groups: int) -> list[slice]:
+    """``groups`` consecutive, near-equal slices covering ``range(channels)``."""
+    size = -(-channels // max(1, groups))
+    return [slice(lo, min(channels, lo + size)) for lo in range(0, channels, size)]
 
 
 def _mismatch(what: str) -> str:
