@@ -177,7 +177,6 @@ class PixelMoments:
         out = cls(c, p, cross=False, device=mean.device)
         out._sq = None
         out.cross = cross
-        out._packed = None
         out.count, out.eps = int(count), float(eps)
         out.mean = mean.to(torch.float64)
         out.lo, out.hi = lo.to(torch.float64), hi.to(torch.float64)
