@@ -55,6 +55,11 @@ def subspace_bytes(channels: int, pixels: int, components: int | float = 3,
                                                          8 * channels * pixels * batch_images)
 
 
+def _size(nbytes: int) -> str:
+    """Bytes for a reason text: MiB below a GiB, GiB above."""
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes < 2**30 else f"{nbytes / 2**30:.2f} GiB"
+
+
 def default_memory_budget() -> int:
     """The memory budget ``"auto"`` stands for: a quarter of the machine's memory.
 
@@ -236,8 +241,9 @@ class MemoryPlan:
             else:
                 held += stats
                 split = "" if groups == 1 else (
-                    f"; its P x P moments ({moments / gib:.2f} GiB) exceed the work share, so "
-                    f"{groups} groups of {size} channels, a forward pass each")
+                    f"; its P x P moments ({_size(moments)}) exceed the work share "
+                    f"({_size(self.work_bytes)}), so {groups} groups of {size} channels, a "
+                    "forward pass each")
                 out[name] = LayerRoute("moments", "the maps of all layers do not fit the "
                                        f"store; its moments take {stats / 2**20:.1f} MiB"
                                        + split, stats, passes=groups + 1,

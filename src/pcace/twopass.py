@@ -457,9 +457,9 @@ class TwoPass:
             if n is None:
                 n = next(iter(active.values())).count if active else \
                     self._parts[next(iter(self._parts))][0].count
-            what = [f"{len(self._parts)} channel group(s)" if self._parts else "",
-                    f"{len(active)} subspace layer(s)" if active else ""]
-            self._pass(run, feed, f"pass {number} ({', '.join(w for w in what if w)})", n)
+            what = [f"next channel group of {len(self._parts)} layer(s)" if self._parts else "",
+                    f"subspace iteration of {len(active)} layer(s)" if active else ""]
+            self._pass(run, feed, f"pass {number}: {' + '.join(w for w in what if w)}", n)
             out.update(self.bases())
             for sub in active.values():
                 sub.end_pass()
