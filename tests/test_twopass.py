@@ -365,3 +365,36 @@ def test_sharded_float32_sums_match_the_one_process_pass_across_shards(cifar):
     for name in layers:
         np.testing.assert_allclose(reds[name].scores.numpy(),
                                    done[name].reduction.scores.numpy(), atol=1e-9, rtol=0)
+
+
+def test_interrupt_in_the_further_passes_keeps_the_layers_in_memory(cifar, monkeypatch,
+                                                                   tmp_path):
+    """The layers held in memory are scored (and checkpointed) before the streamed layers'
+    further passes: a Ctrl-C in those passes returns them, and a resume runs only the
+    streamed layer, ending equal to an uninterrupted run."""
+    model, images = cifar
+    kw = dict(target=3, progress=False, device="cpu", pca_dtype=torch.float64, batch_size=64,
+              layers=["layer1.0.conv1", "layer3.0.conv1"], permutations=0, split_half=0)
+
+    def routes(self, shapes, n, run_images=256, **_):
+        return {k: LayerRoute("moments" if k == "layer1.0.conv1" else "in-memory", "test",
+                              0, 2, tuple(s)) for k, s in shapes.items()}
+
+    monkeypatch.setattr(MemoryPlan, "routes", routes)
+    whole = pcace.rank(model, images, **kw)
+    original = TwoPass.second_pass
+
+    def stopped(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TwoPass, "second_pass", stopped)
+    with pytest.warns(UserWarning, match="interrupted"):
+        first = pcace.rank(model, images, checkpoint_dir=tmp_path, **kw)
+    assert not first.complete and set(first.channels.layer) == {"layer3.0.conv1"}
+    monkeypatch.setattr(TwoPass, "second_pass", original)
+    again = pcace.rank(model, images, checkpoint_dir=tmp_path, resume=True, **kw)
+    assert again.complete
+    assert again.manifest["routes"].keys() == {"layer1.0.conv1"}  # only it ran again
+    a = whole.channels.set_index(["layer", "channel"])
+    b = again.channels.set_index(["layer", "channel"]).loc[a.index]
+    np.testing.assert_allclose(b.pcace, a.pcace, atol=1e-12, rtol=0)

@@ -26,6 +26,7 @@ from . import __version__
 from .capture import Capture, capture, non_finite_error
 from .data import as_batches
 from .engine import Engine, EngineLost, Problems, resolve_engine
+from .interrupts import Interrupted
 from .layers import resolve_layers
 from .models import count_parameters, weights_hash
 from .plan import STREAMED, LayerRoute, MemoryPlan
@@ -362,11 +363,23 @@ def rank(
                 _check_score_matrix(scores, groups, targets.labels)
                 run.check_scores(scores, labels)
                 streamed = {} if remote is None else dict(remote.streamed)
-                if two is not None:
-                    streamed.update(two.second_pass(model, batches, device=dev,
-                                                    progress=progress, tune_malloc=tune_malloc,
-                                                    on_step=on_step))
                 shapes.update(cap.shapes)
+                t_captured = time.perf_counter()
+                # the layers held in memory first: their results are saved before the
+                # further passes of the streamed ones (a Ctrl-C there keeps them)
+                later = set() if two is None else set(two.shapes)
+                scored = _score_layers(cap, [n for n in names if n not in streamed and
+                                             n not in later], scores,
+                                       groups, targets.labels, components, score, dev, plan,
+                                       progress, ace_kwargs, options, pca_dtype, run, on_step)
+                if two is not None and not scored.interrupted:
+                    try:
+                        streamed.update(two.second_pass(model, batches, device=dev,
+                                                        progress=progress,
+                                                        tune_malloc=tune_malloc,
+                                                        on_step=on_step))
+                    except (KeyboardInterrupt, Interrupted) as err:
+                        _stopped(scored, err)
                 shapes.update({n: layer.shape for n, layer in streamed.items()})
                 stored = {"forward_calls": cap.forward_calls, "seconds": cap.seconds,
                           "spilled": [n for n, s in cap.spilled.items() if s],
@@ -376,10 +389,6 @@ def rank(
                                                   {} if remote is None else
                                                   dict.fromkeys(remote.streamed,
                                                                 f"{runner.name} workers"))}
-                t_captured = time.perf_counter()
-                scored = _score_layers(cap, [n for n in names if n not in streamed], scores,
-                                       groups, targets.labels, components, score, dev, plan,
-                                       progress, ace_kwargs, options, pca_dtype, run, on_step)
                 _score_streamed(scored, streamed, scores, groups, targets.labels, score, plan,
                                 ace_kwargs, options, run, on_step)
                 order = {n: i for i, n in enumerate(names)}
@@ -429,7 +438,8 @@ def rank(
             "ace": {"delrsq": 0.01, "max_iter": 20, "alpha": 5.0, **ace_kwargs},
             "timings": {"forward_and_capture": stored["seconds"],
                         "projection_pass": stored.get("projection_seconds", 0.0),
-                        "reduce_and_ace": t_end - t_captured,
+                        "reduce_and_ace": t_end - t_captured -
+                        stored.get("projection_seconds", 0.0),
                         "total": t_end - t_start},
             "engine": runner.describe(),
             "interrupted": scored.interrupted,
@@ -714,8 +724,6 @@ def _score_layers(cap: Capture | None, names: list[str], scores: np.ndarray,
     its rows, so the store stays intact until every group is done.
     """
     from tqdm.auto import tqdm
-
-    from .interrupts import Interrupted
 
     out = ScoredLayers()
     todo = [n for n in names if n not in run.done]
@@ -1163,8 +1171,6 @@ def _score_streamed(out: ScoredLayers, streamed: dict[str, Any], scores: np.ndar
 
     Streamed layers come only from runs of one image group (no ``per_label``).
     """
-    from .interrupts import Interrupted
-
     if out.interrupted or not streamed:
         return
     (group,) = groups
