@@ -398,3 +398,31 @@ def test_interrupt_in_the_further_passes_keeps_the_layers_in_memory(cifar, monke
     a = whole.channels.set_index(["layer", "channel"])
     b = again.channels.set_index(["layer", "channel"]).loc[a.index]
     np.testing.assert_allclose(b.pcace, a.pcace, atol=1e-12, rtol=0)
+
+
+class _SideNan(nn.Module):
+    """A conv net with a side module whose channel 5 is NaN (the score stays finite)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.side = nn.Identity()
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        bad = y.clone()
+        bad[:, 5] = float("nan")
+        return self.head(y.mean((2, 3))) + 0 * self.side(bad).nan_to_num().sum()
+
+
+@pytest.mark.parametrize("budget", [60, 30])  # moments in channel groups; subspace
+def test_nan_in_a_streamed_layer_names_the_layer_and_channel(budget):
+    """NaN in channel 5 (in the second or later channel group): the error names the layer
+    and the channel as numbered in the layer, not in its group."""
+    torch.manual_seed(0)
+    x = torch.randn(2100, 3, 32, 32)
+    with pytest.raises(ValueError,
+                       match=r"layer 'side' produced NaN or inf in channel\(s\) \[5\]"):
+        pcace.rank(_SideNan(), x, target="output:0", layers=["side"], progress=False,
+                   batch_size=32, memory_budget=budget * 2**20)

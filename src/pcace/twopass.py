@@ -39,6 +39,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,7 @@ from torch import nn
 
 from ._linalg_numba import packed_size
 from ._memory import kept_heap, tuning_requested
+from ._standardise import NonFiniteMaps
 from .hooks import evaluating, forward_hooks
 from .reduce import Reduction, _one_blas_thread
 from .streaming import PixelBasis, PixelMoments, SubspaceIteration
@@ -346,7 +348,17 @@ class TwoPass:
         whole = sl.stop - sl.start == self.shapes[name][0]
 
         def feed(maps: torch.Tensor) -> None:
-            acc.add(maps if whole else maps[:, sl], self._scratch)
+            with _naming(name, sl.start):
+                acc.add(maps if whole else maps[:, sl], self._scratch)
+        return feed
+
+    def _subspace_feed(self, name: str) -> Callable[[torch.Tensor], None]:
+        """Adds a batch's maps to the layer's subspace iteration."""
+        sub = self._sub[name]
+
+        def feed(maps: torch.Tensor) -> None:
+            with _naming(name):
+                sub.add(maps)
         return feed
 
     @property
@@ -362,7 +374,7 @@ class TwoPass:
     def hooks(self) -> dict[str, Callable]:
         """Forward hooks for the first pass (pass them to ``capture(observers=...)``)."""
         def make(name: str) -> Callable:
-            feed = self._sub[name].add if name in self._sub else \
+            feed = self._subspace_feed(name) if name in self._sub else \
                 self._feed(name, self._acc[name], 0)
 
             def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -382,7 +394,8 @@ class TwoPass:
         runs them).
         """
         for name, acc in self._acc.items():
-            acc.flush(self._scratch)
+            with _naming(name, self._slices[name][len(self._parts[name])].start):
+                acc.flush(self._scratch)
             acc.run = torch.empty(0, dtype=acc.dtype)  # the runs go before the bases are solved
             if acc.count < 2:
                 raise ValueError(f"layer {name!r} saw {acc.count} image(s); PCA needs 2")
@@ -449,8 +462,9 @@ class TwoPass:
                 add = self._feed(name, acc, len(parts))
                 feed[name] = lambda maps, lo, add=add: add(maps)
             active = {name: sub for name, sub in self._sub.items() if sub.needs_pass}
-            for name, sub in active.items():
-                feed[name] = lambda maps, lo, sub=sub: sub.add(maps)
+            for name in active:
+                add = self._subspace_feed(name)
+                feed[name] = lambda maps, lo, add=add: add(maps)
             if not feed:
                 break
             number += 1
@@ -530,6 +544,18 @@ class TwoPass:
             if first.shape == again.shape and not torch.equal(first, again):
                 bad = (first != again).nonzero().flatten()[:5].tolist()
                 raise ValueError(_mismatch(f"other pixels at image(s) {bad}"))
+
+
+@contextmanager
+def _naming(layer: str, first_channel: int = 0) -> Iterator[None]:
+    """Turn a channel group's NaN/inf error into one that names the layer and its channels."""
+    try:
+        yield
+    except NonFiniteMaps as err:
+        channels = [first_channel + c for c in err.channels]
+        raise ValueError(f"layer {layer!r} produced NaN or inf in channel(s) {channels[:10]}"
+                         f"{' and more' if len(channels) > 10 else ''}. Check the images, the "
+                         "weights, or overflow (e.g. half precision)") from None
 
 
 def _channel_slices(channels: int, groups: int) -> list[slice]:
