@@ -254,7 +254,7 @@ def accumulate_gram(x: np.ndarray, acc: np.ndarray, scratch: np.ndarray) -> None
 
     ``x``: C-contiguous ``(C, B, P)`` float32 or float64 (B images of P pixels); ``acc``:
     C-contiguous ``(C, P (P + 1) / 2)`` float64 running sums, row ``i`` of the lower
-    triangle (``j <= i``) at offset ``i (i + 1) / 2`` (:func:`unpack_lower`). BLAS
+    triangle (``j <= i``) at offset ``i (i + 1) / 2``. BLAS
     ``ssyrk``/``dsyrk`` forms one batch's products in ``scratch`` (at least ``(C, P, P)``
     values of ``x``'s dtype), whose triangle is then added, so rounding accumulates in
     the data's precision over one batch only. Half the memory of full matrices.
@@ -290,32 +290,6 @@ def _accumulate_range(lo, hi, x, acc, scratch):  # pragma: no cover - compiled
         for i in range(p):  # column-major upper triangle = C-order lower triangle
             for j in range(i + 1):
                 a[k] += g[i, j]
-                k += 1
-
-
-def unpack_lower(packed: np.ndarray, p: int) -> np.ndarray:
-    """``(C, P (P + 1) / 2)`` packed lower triangles -> ``(C, P, P)`` symmetric matrices.
-
-    Examples
-    --------
-    >>> unpack_lower(np.array([[1.0, 2.0, 3.0]]), 2).tolist()
-    [[[1.0, 2.0], [2.0, 3.0]]]
-    """
-    out = np.empty((packed.shape[0], p, p))
-    _unpack(packed, out)
-    return out
-
-
-@njit(cache=True)
-def _unpack(packed, out):  # pragma: no cover - compiled
-    c, p, _ = out.shape
-    for ci in range(c):
-        k = 0
-        for i in range(p):
-            for j in range(i + 1):
-                v = packed[ci, k]
-                out[ci, i, j] = v
-                out[ci, j, i] = v
                 k += 1
 
 

@@ -152,37 +152,6 @@ class PixelMoments:
                       if cross else None)
 
     @classmethod
-    def from_centred(cls, count: int, mean: torch.Tensor, cross: torch.Tensor,
-                     lo: torch.Tensor, hi: torch.Tensor, eps: float) -> PixelMoments:
-        """Moments from sums gathered elsewhere (e.g. a compiled accumulator).
-
-        ``mean``, ``lo``, ``hi``: ``(C, P)`` float64; ``cross``: ``(C, P, P)`` float64
-        centred cross products, taken over (not copied); ``eps``: machine epsilon of the
-        data's dtype.
-
-        Examples
-        --------
-        >>> import torch
-        >>> x = torch.randn(40, 2, 5, dtype=torch.float64)
-        >>> c = x - x.mean(0)
-        >>> m = PixelMoments.from_centred(40, x.mean(0), torch.einsum("nci,ncj->cij", c, c),
-        ...                               x.amin(0), x.amax(0), 2.0**-52)
-        >>> m.basis(2).n_components.tolist()
-        [2, 2]
-        """
-        c, p = mean.shape
-        if tuple(cross.shape) != (c, p, p) or cross.dtype != torch.float64:
-            raise ValueError(f"cross must be ({c}, {p}, {p}) float64; got "
-                             f"{tuple(cross.shape)} {cross.dtype}")
-        out = cls(c, p, cross=False, device=mean.device)
-        out._sq = None
-        out.cross = cross
-        out.count, out.eps = int(count), float(eps)
-        out.mean = mean.to(torch.float64)
-        out.lo, out.hi = lo.to(torch.float64), hi.to(torch.float64)
-        return out
-
-    @classmethod
     def from_packed(cls, count: int, shift: torch.Tensor, packed: np.ndarray,
                     sums: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                     eps: float) -> PixelMoments:
