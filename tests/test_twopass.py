@@ -90,6 +90,79 @@ def test_route_rule_subspace():
     assert "3 groups of 43 channels" in grouped.reason
 
 
+_RESNET20 = {f"s{stage}.{i}": shape for stage, shape in
+             enumerate([(16, 32, 32), (32, 16, 16), (64, 8, 8)]) for i in range(6)} | \
+    {"conv1": (16, 32, 32)}
+_RESNET18_224 = {"conv1": (64, 112, 112)} | \
+    {f"l1.{i}": (64, 56, 56) for i in range(4)} | {f"l2.{i}": (128, 28, 28) for i in range(5)} | \
+    {f"l3.{i}": (256, 14, 14) for i in range(5)} | {f"l4.{i}": (512, 7, 7) for i in range(5)}
+
+
+def test_auto_budget_is_flat_in_n_where_layers_stream(monkeypatch):
+    """``"auto"`` plans in 1 GiB and widens to a quarter of the machine only where 1 GiB
+    would spill maps or take extra passes: ResNet-20's layers over 5,000 or 50,000 images
+    all stream within 1 GiB (the same plan at both N), over 500 they are all kept; ResNet-18's
+    224 px maps over 300 images cannot stream (P > N / 2) and would spill, so that run widens
+    and keeps them all in memory; moments that would need channel groups widen too."""
+    import pcace.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "default_memory_budget", lambda: 6 * 2**30)
+    auto = MemoryPlan.from_budget("auto")
+    assert (auto.budget, auto.ceiling) == (2**30, 6 * 2**30)
+    for n in (5_000, 50_000):
+        used, routes = auto.plan_routes(_RESNET20, n)
+        assert used.budget == 2**30
+        assert {r.route for r in routes.values()} == {"moments"}
+        assert {r.groups for r in routes.values()} == {1}
+    used, routes = auto.plan_routes(_RESNET20, 500)
+    assert used.budget == 2**30 and {r.route for r in routes.values()} == {"in-memory"}
+    assert sum(r.stats_bytes for r in routes.values()) <= used.store_bytes
+    used, routes = auto.plan_routes(_RESNET18_224, 300)
+    assert used.budget == 6 * 2**30 and {r.route for r in routes.values()} == {"in-memory"}
+    assert not MemoryPlan(2**30).fits(MemoryPlan(2**30).routes(_RESNET18_224, 300))
+    used, routes = auto.plan_routes({"a": (128, 28, 28)}, 50_000)  # 3 groups in 1 GiB
+    assert used.budget == 6 * 2**30 and routes["a"].route == "moments"
+    assert routes["a"].groups == 1
+    # a number is a fixed budget; a machine smaller than the preferred budget has no ceiling
+    fixed = MemoryPlan.from_budget(2**30)
+    assert fixed.ceiling == 0 and fixed.plan_routes(_RESNET18_224, 300)[0] is fixed
+    monkeypatch.setattr(plan_module, "default_memory_budget", lambda: 2**29)
+    assert MemoryPlan.from_budget("auto") == MemoryPlan(2**29)
+
+
+@pytest.mark.parametrize("layers", [["2"], ["0", "2"]])
+def test_auto_budget_in_rank(monkeypatch, layers):
+    """In ``rank``: with the preferred budget shrunk to 16 MiB, layer "2" alone (P = 256,
+    N = 2,100) streams within it; with layer "0" too (P = 1,024, whose moments do not fit
+    16 MiB's work share and whose maps would spill) the run widens to the machine's share
+    and keeps both in memory. The manifest says which budget ran and why; the values
+    equal a run with a fixed large budget."""
+    import pcace.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "PREFERRED_BUDGET", 16 * 2**20)
+    monkeypatch.setattr(plan_module, "default_memory_budget", lambda: 512 * 2**20)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    x = _low_rank_images(2100)
+    kw = dict(target=0, progress=False, device="cpu", pca_dtype=torch.float64, batch_size=64,
+              layers=layers)
+    got = pcace.rank(net, x, **kw)
+    ref = pcace.rank(net, x, memory_budget=512 * 2**20, **kw)
+    routes, m = got.manifest["routes"], got.manifest
+    if layers == ["2"]:
+        assert routes["2"]["route"] == "moments"
+        assert m["memory_budget"] == 16 * 2**20 and "every layer ran within" in \
+            m["memory_budget_reason"]
+    else:
+        assert {r["route"] for r in routes.values()} == {"in-memory"}
+        assert m["memory_budget"] == 512 * 2**20 and "widened" in m["memory_budget_reason"]
+        assert not m["spilled_layers"]
+    assert ref.manifest["memory_budget_reason"] == "memory_budget as given"
+    np.testing.assert_allclose(got.channels.pcace, ref.channels.pcace, atol=1e-6, rtol=0)
+
+
 def _low_rank_images(n: int, seed: int = 0) -> torch.Tensor:
     """Five spatial patterns with decreasing weights and a little noise: maps whose top
     components are well separated (the subspace iteration converges in a few passes)."""

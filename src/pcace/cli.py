@@ -102,7 +102,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
     p.add_argument("--memory-budget", type=_budget, default="auto",
                    help="RAM for activations and the work on them, e.g. 2GiB; 'auto' (default): "
-                   "a quarter of the machine's memory. Layers beyond it are spilled to disk")
+                   "1 GiB where every layer fits it (kept, or streamed in two passes), else a "
+                   "quarter of the machine's memory. Layers beyond it are spilled to disk")
     p.add_argument("--spill-dir", help="where spilled layers go (default: the system's "
                    "temporary directory); leftovers of killed runs there are removed")
     p.add_argument("--score", choices=["maximal", "first-component"], default="maximal",

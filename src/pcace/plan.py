@@ -28,6 +28,13 @@ BYTES_PER_VALUE = 4
 #: Routes whose layers keep no maps: their statistics come from passes over the images.
 STREAMED = ("moments", "subspace")
 
+#: The budget ``memory_budget="auto"`` plans in first (or a quarter of the machine's memory,
+#: if smaller). A run that would spill maps to disk, split moments into channel groups or
+#: iterate a subspace in it takes the quarter of the machine instead
+#: (:meth:`MemoryPlan.plan_routes`): memory stays flat in N where the layers can be
+#: streamed, and grows only where the alternative is disk or extra forward passes.
+PREFERRED_BUDGET = 2**30
+
 #: Channel groups (one forward pass each) a layer's moments may be split into when they do
 #: not fit the work share at once; past it the layer's maps are stored (spilled) instead.
 MAX_GROUPS = 8
@@ -113,6 +120,9 @@ class MemoryPlan:
     budget : int
         Bytes of RAM for activations and the work on them (the forward pass's own memory
         and the model come on top).
+    ceiling : int
+        Bytes the run may widen ``budget`` to where ``budget`` would spill or take extra
+        passes (``memory_budget="auto"``; 0: ``budget`` is fixed).
 
     Examples
     --------
@@ -124,11 +134,85 @@ class MemoryPlan:
     """
 
     budget: int
+    ceiling: int = 0
 
     @classmethod
     def from_budget(cls, memory_budget: Any) -> MemoryPlan:
-        """A plan for ``memory_budget`` (bytes, or ``"auto"``)."""
+        """A plan for ``memory_budget``: bytes (fixed), or ``"auto"``.
+
+        ``"auto"`` plans in :data:`PREFERRED_BUDGET` and may widen to
+        :func:`default_memory_budget` (a quarter of the machine) where that would spill.
+
+        Examples
+        --------
+        >>> MemoryPlan.from_budget(2**31)
+        MemoryPlan(budget=2147483648, ceiling=0)
+        >>> MemoryPlan.from_budget("auto").budget <= PREFERRED_BUDGET
+        True
+        """
+        if isinstance(memory_budget, str) and memory_budget == "auto":
+            machine = default_memory_budget()
+            if machine > PREFERRED_BUDGET:
+                return cls(PREFERRED_BUDGET, ceiling=machine)
+            return cls(machine)
         return cls(resolve_budget(memory_budget))
+
+    def widened(self) -> MemoryPlan:
+        """The plan at its ceiling (itself when it has none).
+
+        Examples
+        --------
+        >>> MemoryPlan(2**30, ceiling=2**32).widened()
+        MemoryPlan(budget=4294967296, ceiling=0)
+        """
+        return MemoryPlan(self.ceiling) if self.ceiling > self.budget else self
+
+    def plan_routes(self, shapes: dict[str, tuple[int, ...]], n: int | None,
+                    **kwargs: Any) -> tuple[MemoryPlan, dict[str, LayerRoute]]:
+        """The routes of :meth:`routes`, and the plan they run in.
+
+        A plan with a ceiling (``memory_budget="auto"``) keeps its budget when every layer
+        runs in it at its cheapest: kept in the store, or streamed in one group of
+        channels. If a layer would spill to disk, split its moments into channel groups or
+        take the subspace route, the plan widens to its ceiling (and routes again there).
+        ``kwargs`` go to :meth:`routes`.
+
+        Examples
+        --------
+        A ResNet-20-sized layer over 5,000 images streams within 1 GiB; a ResNet-18 conv1
+        over 300 images would spill there, so the plan widens:
+
+        >>> plan = MemoryPlan(2**30, ceiling=8 * 2**30)
+        >>> used, routes = plan.plan_routes({"a": (16, 32, 32)}, 5000)
+        >>> used.budget == 2**30, routes["a"].route
+        (True, 'moments')
+        >>> used, routes = plan.plan_routes({"conv1": (64, 112, 112)}, 300)
+        >>> used.budget == 8 * 2**30, routes["conv1"].route
+        (True, 'in-memory')
+        """
+        routes = self.routes(shapes, n, **kwargs)
+        if self.ceiling > self.budget and not self.fits(routes):
+            wide = self.widened()
+            return wide, wide.routes(shapes, n, **kwargs)
+        return self, routes
+
+    def fits(self, routes: dict[str, LayerRoute]) -> bool:
+        """Whether ``routes`` run in this plan at their cheapest.
+
+        Nothing spilled (the kept layers' maps fit the store beside the streamed layers'
+        statistics), no moments in channel groups and no subspace iteration.
+
+        Examples
+        --------
+        >>> plan = MemoryPlan(2**30)
+        >>> plan.fits(plan.routes({"a": (16, 32, 32)}, 50_000))
+        True
+        >>> plan.fits(plan.routes({"a": (64, 112, 112)}, 300))
+        False
+        """
+        kept = sum(r.stats_bytes for r in routes.values() if r.route not in STREAMED)
+        return (kept + self.streamed_bytes(routes) <= self.store_bytes
+                and all(r.route != "subspace" and r.groups == 1 for r in routes.values()))
 
     @property
     def store_bytes(self) -> int:

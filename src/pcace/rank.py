@@ -159,9 +159,13 @@ def rank(
         :class:`pcace.plan.MemoryPlan`: three quarters hold captured activations,
         channel-major (layers beyond that are spilled to disk and read back in blocks),
         one quarter the reduce step's and the statistics' working memory. The forward
-        pass's own memory comes on top. ``"auto"`` (default): a quarter of the machine's
-        memory (:func:`pcace.plan.default_memory_budget`); the bytes used are recorded in
-        the manifest.
+        pass's own memory comes on top. ``"auto"`` (default): 1 GiB
+        (:data:`pcace.plan.PREFERRED_BUDGET`) when every layer runs in it, kept in memory
+        or streamed in two passes (so memory stays flat in N), else a quarter of the
+        machine's memory (:func:`pcace.plan.default_memory_budget`), rather than spill
+        maps to disk or take extra forward passes; the bytes used and why are recorded in
+        the manifest (``memory_budget``, ``memory_budget_reason``). A number is kept as
+        given.
     device_memory_budget : int or "auto"
         On a GPU: bytes of activations kept in the GPU's memory, where their reduce step
         then runs without a transfer; the layers beyond it go to RAM under
@@ -279,7 +283,7 @@ def rank(
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     score_kind(score)
     check_components(components)
-    plan = MemoryPlan.from_budget(memory_budget)
+    plan = asked = MemoryPlan.from_budget(memory_budget)
     if pca_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"pca_dtype must be torch.float32 or torch.float64; got {pca_dtype!r}")
     options = Statistics(permutations=integer(permutations, "permutations", minimum=0),
@@ -292,7 +296,7 @@ def rank(
     targets = _target_set(target, categories, per_label, label)
     names = resolve_layers(model, layers)
     ace_kwargs = dict(ace_options or {})
-    in_turn = _labels_in_turn(model, images, names, plan, dev) if per_label else None
+    in_turn = _labels_in_turn(model, images, names, plan.widened(), dev) if per_label else None
     runner, owned = resolve_engine(engine, ray_address)
     if progress and runner.name != "local":
         print(f"pcace: {runner.summary()}", file=sys.stderr)
@@ -300,7 +304,8 @@ def rank(
         from .perlabel import rank_in_turn
 
         each = dict(layers=names, components=components, batch_size=batch_size, device=dev,
-                    memory_budget=plan.budget, device_memory_budget=device_memory_budget,
+                    memory_budget=plan.widened().budget,
+                    device_memory_budget=device_memory_budget,
                     pca_dtype=pca_dtype, score=score, categories=categories,
                     permutations=permutations, split_half=split_half, bootstrap=bootstrap,
                     level=level, interval=interval, seed=seed, spill_dir=spill_dir,
@@ -336,8 +341,8 @@ def rank(
                                    run, on_step)
         else:
             batches = as_batches(images, batch_size, label=label)
-            routes = _layer_routes(model, images, batches, todo, plan, dev, options, per_label,
-                                   components, batch_size)
+            plan, routes = _layer_routes(model, images, batches, todo, plan, dev, options,
+                                         per_label, components, batch_size)
             kept = [n for n in todo if n not in routes or routes[n].route not in STREAMED]
             on_workers = _workers_stream(runner, images, batch_size, label, routes)
             two = _two_pass(images, routes, components, pca_dtype,
@@ -430,6 +435,7 @@ def rank(
             "level": options.level,
             "interval": interval,
             "memory_budget": plan.budget,
+            "memory_budget_reason": _budget_reason(memory_budget, asked, plan),
             "pca_dtype": str(pca_dtype).replace("torch.", ""),
             "spilled_layers": stored["spilled"],
             "device_layers": stored["on_device"],
@@ -459,6 +465,21 @@ def rank(
         _ENGINE.reset(token)
         if owned:
             runner.close()
+
+
+def _budget_reason(given: Any, asked: MemoryPlan, used: MemoryPlan) -> str:
+    """Why the run had the memory budget it had (for the manifest)."""
+    if not (isinstance(given, str) and given == "auto"):
+        return "memory_budget as given"
+    if not asked.ceiling:
+        return "auto: a quarter of this machine's memory"
+    if used.budget == asked.budget:
+        return (f"auto: every layer ran within {_bytes_text(asked.budget)} (kept in memory or "
+                "streamed in two passes)")
+    return (f"auto: widened from {_bytes_text(asked.budget)} to {_bytes_text(used.budget)} "
+            "(a quarter of this machine's memory): within the first, maps would have spilled "
+            "to disk or taken extra forward passes, or the run keeps every map (a bootstrap, "
+            "per-label groups)")
 
 
 # --- targets and image groups -------------------------------------------------------------------
@@ -1020,14 +1041,15 @@ def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
 def _layer_routes(model: torch.nn.Module, images: Any, batches: Any, todo: list[str],
                   plan: MemoryPlan, dev: torch.device, options: Statistics,
                   per_label: bool = False, components: int | float = 3,
-                  batch_size: int = 256) -> dict[str, LayerRoute]:
-    """Each layer's route (:meth:`pcace.plan.MemoryPlan.routes`), from one probe pass.
+                  batch_size: int = 256) -> tuple[MemoryPlan, dict[str, LayerRoute]]:
+    """Each layer's route and the plan it runs in (:meth:`pcace.plan.MemoryPlan.plan_routes`).
 
-    A bootstrap resamples the maps themselves, and per-label groups standardise each
-    label's rows on their own, so both keep every layer in memory.
+    From one probe pass. A bootstrap resamples the maps themselves, and per-label groups
+    standardise each label's rows on their own, so both keep every layer in memory, in the
+    widest plan (so does a run whose layers the probe cannot see).
     """
     if options.bootstrap or per_label:
-        return {}
+        return plan.widened(), {}
     n = getattr(batches, "n_images", None)
     if isinstance(images, torch.Tensor):
         input_shape = tuple(images.shape[1:])
@@ -1036,7 +1058,7 @@ def _layer_routes(model: torch.nn.Module, images: Any, batches: Any, todo: list[
 
         first = next(iter(batches), None)
         if first is None:
-            return {}
+            return plan.widened(), {}
         input_shape = tuple(_images_of(first).shape[1:])
     from .layers import describe_layers
 
@@ -1044,8 +1066,8 @@ def _layer_routes(model: torch.nn.Module, images: Any, batches: Any, todo: list[
     shapes = {name: (int(table.out_channels[name]), int(table.height[name]),
                      int(table.width[name])) for name in todo if name in table.index}
     if len(shapes) < len(todo):  # a layer the probe did not see: let the capture explain
-        return {}
-    return plan.routes(shapes, n, components=components, batch_images=batch_size)
+        return plan.widened(), {}
+    return plan.plan_routes(shapes, n, components=components, batch_images=batch_size)
 
 
 def _workers_stream(runner: Engine, images: Any, batch_size: int, label: Any,
