@@ -36,8 +36,10 @@ class PCACEResult:
         seed, timings and library versions (written as ``run.json``).
     components : dict
         Per layer, the principal-component scores (C, N, k) the values were computed from
-        (kept in memory for follow-up statistics; not saved). A ``per_label`` run keys them
-        by ``(layer, label)``.
+        (kept in memory for follow-up statistics; not saved); float64, or float32 for a
+        layer streamed in two passes with ``pca_dtype=torch.float32`` (its scores are rounded
+        to float32 there, as the in-memory route's products are). A ``per_label`` run keys
+        them by ``(layer, label)``.
     scores : numpy.ndarray, optional
         The score per image, ``(N,)``; ``(N, T)`` (one column per target, in the order of
         ``manifest["target_labels"]``) for a run with several targets or ``per_label``.

@@ -237,8 +237,9 @@ def sharded_components(model: nn.Module | Mapping[str, Any], data: Any, layers: 
     Returns
     -------
     (dict, numpy.ndarray)
-        Layer name -> :class:`~pcace.reduce.Reduction` (scores ``(C, N, k)`` float64, in
-        image order), and the scores, ``(N,)`` (or ``(N, T)`` for several targets).
+        Layer name -> :class:`~pcace.reduce.Reduction` (scores ``(C, N, k)`` in
+        ``pca_dtype``, in image order), and the scores, ``(N,)`` (or ``(N, T)`` for
+        several targets).
 
     Examples
     --------
@@ -301,7 +302,8 @@ def _two_passes(run: Callable[..., list[Any]], bounds: list[tuple[int, int]],
     scores = np.concatenate([s for _, s in parts])
     middle = time.perf_counter()
     projected = run("project", (bases,))
-    out = {n: bases[n].finish([p[n] for p in projected]) for n in names}
+    # rounded to pca_dtype as the one-process pass stores them
+    out = {n: bases[n].finish([p[n].to(pca_dtype) for p in projected]) for n in names}
     if engine is not None:
         engine.time_stage("forward_moments", middle - start)
         engine.time_stage("forward_project", time.perf_counter() - middle)

@@ -490,8 +490,10 @@ class PixelBasis:
         Returns
         -------
         Reduction
-            ``scores`` ``(C, N, width)`` float64 with each column flipped so that its
-            largest-magnitude entry is positive (the in-memory sign rule, over all ``N``).
+            ``scores`` ``(C, N, width)`` with each column flipped so that its
+            largest-magnitude entry is positive (the in-memory sign rule, over all ``N``);
+            float32 when ``scores`` are float32 (as a float32 pass rounds them), else
+            float64.
         """
         if not isinstance(scores, torch.Tensor):
             scores = torch.cat(list(scores), dim=0)
@@ -499,7 +501,8 @@ class PixelBasis:
             raise ValueError(f"the projection saw {scores.shape[0]} images; the basis was "
                              f"computed from {self.count}: both passes must see the same "
                              "images")
-        out = scores.permute(1, 0, 2).to(torch.float64).contiguous()
+        out = scores.permute(1, 0, 2)
+        out = (out if out.dtype == torch.float32 else out.to(torch.float64)).contiguous()
         fix_signs(out)
         return Reduction(scores=out, n_components=self.n_components.clone(),
                          explained_variance=self.explained_variance.clone(),

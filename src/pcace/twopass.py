@@ -426,7 +426,9 @@ class TwoPass:
         bases.update(self._more_passes(run))
         n = next(iter(bases.values())).count
         width = {name: b.vectors.shape[2] for name, b in bases.items()}
-        scores = {name: torch.zeros((self.shapes[name][0], n, width[name]), dtype=torch.float64)
+        # scores in pca_dtype: with float32 they are rounded to float32 here, as the
+        # in-memory route's X V products are (half the memory for N x k per channel)
+        scores = {name: torch.zeros((self.shapes[name][0], n, width[name]), dtype=self.dtype)
                   for name in bases}
 
         def projector(name: str) -> Callable[[torch.Tensor, int], None]:
