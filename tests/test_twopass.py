@@ -499,3 +499,16 @@ def test_nan_in_a_streamed_layer_names_the_layer_and_channel(budget):
                        match=r"layer 'side' produced NaN or inf in channel\(s\) \[5\]"):
         pcace.rank(_SideNan(), x, target="output:0", layers=["side"], progress=False,
                    batch_size=32, memory_budget=budget * 2**20)
+
+
+def test_nan_in_a_layer_streamed_on_workers_names_the_layer(monkeypatch):
+    """The workers' shards name the layer and channel too (their error travels back)."""
+    def routes(self, shapes, n, run_images=256, **_):
+        return {k: LayerRoute("moments", "test", 0, 2, tuple(s)) for k, s in shapes.items()}
+
+    monkeypatch.setattr(MemoryPlan, "routes", routes)
+    x = torch.randn(300, 3, 16, 16)
+    with pytest.raises(ValueError,
+                       match=r"layer 'side' produced NaN or inf in channel\(s\) \[5\]"):
+        pcace.rank(_SideNan(), x, target="output:0", layers=["side"], progress=False,
+                   batch_size=32, engine=_InProcessWorkers())

@@ -344,6 +344,11 @@ def rank(
             plan, routes = _layer_routes(model, images, batches, todo, plan, dev, options,
                                          per_label, components, batch_size)
             kept = [n for n in todo if n not in routes or routes[n].route not in STREAMED]
+            if progress and len(kept) < len(todo):
+                print(f"pcace: {len(todo) - len(kept)} of {len(todo)} layers reduced in two "
+                      "passes over the images (their maps do not fit the memory budget, "
+                      f"{_bytes_text(plan.budget)}; a larger one keeps more in memory, which "
+                      "is faster); manifest['routes'] says why", file=sys.stderr)
             on_workers = _workers_stream(runner, images, batch_size, label, routes)
             two = _two_pass(images, routes, components, pca_dtype,
                             beside_workers=on_workers is not None)

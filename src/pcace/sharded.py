@@ -39,7 +39,7 @@ from .engine import Engine
 from .raydata import RayImages, is_ray_dataset
 from .reduce import Reduction
 from .streaming import PixelBasis
-from .twopass import RUN_IMAGES, _Accumulator, _scratch_for, basis_of, first_run_shift
+from .twopass import RUN_IMAGES, _Accumulator, _naming, _scratch_for, basis_of, first_run_shift
 
 __all__ = ["ShardWorker", "merged_bases", "shard_bounds", "sharded_components"]
 
@@ -157,8 +157,12 @@ class ShardWorker:
         for maps, _ in self._batches(lo, hi):
             for name, m in maps.items():
                 outputs[name].append(m.cpu())
-        return {name: first_run_shift(outs, tuple(outs[0].shape[1:]), getattr(torch, dtype),
-                                      run) for name, outs in outputs.items()}
+        out = {}
+        for name, outs in outputs.items():
+            with _naming(name):
+                out[name] = first_run_shift(outs, tuple(outs[0].shape[1:]),
+                                            getattr(torch, dtype), run)
+        return out
 
     def moments(self, lo: int, hi: int, shifts: Mapping[str, torch.Tensor] | None = None,
                 dtype: str = "float64", run: int = RUN_IMAGES
@@ -181,7 +185,8 @@ class ShardWorker:
                                              shift=None if shifts is None else shifts[name])
                     need = _scratch_for(shape, compute)
                     scratch = need if need.size > scratch.size else scratch
-                acc[name].add(maps.cpu(), scratch)
+                with _naming(name):
+                    acc[name].add(maps.cpu(), scratch)
             scores.append(s)
         out = {name: a.partial(scratch) for name, a in acc.items()}
         return out, np.concatenate(scores) if scores else np.zeros(0)
