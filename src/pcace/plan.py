@@ -179,11 +179,11 @@ class MemoryPlan:
 
         Examples
         --------
-        A ResNet-20-sized layer over 5,000 images streams within 1 GiB; a ResNet-18 conv1
+        A 16 x 32 x 32 layer over 50,000 images streams within 1 GiB; a ResNet-18 conv1
         over 300 images would spill there, so the plan widens:
 
         >>> plan = MemoryPlan(2**30, ceiling=8 * 2**30)
-        >>> used, routes = plan.plan_routes({"a": (16, 32, 32)}, 5000)
+        >>> used, routes = plan.plan_routes({"a": (16, 32, 32)}, 50_000)
         >>> used.budget == 2**30, routes["a"].route
         (True, 'moments')
         >>> used, routes = plan.plan_routes({"conv1": (64, 112, 112)}, 300)

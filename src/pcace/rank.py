@@ -303,9 +303,10 @@ def rank(
     if in_turn is not None:  # an atlas too big for one pass in memory: label by label
         from .perlabel import rank_in_turn
 
+        # each label's run plans its own memory ("auto": streamed within the preferred
+        # budget where its layers allow)
         each = dict(layers=names, components=components, batch_size=batch_size, device=dev,
-                    memory_budget=plan.widened().budget,
-                    device_memory_budget=device_memory_budget,
+                    memory_budget=memory_budget, device_memory_budget=device_memory_budget,
                     pca_dtype=pca_dtype, score=score, categories=categories,
                     permutations=permutations, split_half=split_half, bootstrap=bootstrap,
                     level=level, interval=interval, seed=seed, spill_dir=spill_dir,
