@@ -157,6 +157,7 @@ def main() -> None:
         "spilled_layers": len(res.manifest["spilled_layers"]),
         "reuse_store": args.reuse_store,
         "memory_budget_gib": res.manifest["memory_budget"] / 2**30,
+        "memory_budget_reason": res.manifest.get("memory_budget_reason"),
         "peak_rss_gib": peak_rss_gib(), "rss_before_gib": rss_before,
         "machine": f"{platform.processor() or platform.machine()}, "
                    f"{torch.get_num_threads()} threads, torch {torch.__version__}",

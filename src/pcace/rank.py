@@ -441,7 +441,9 @@ def rank(
             "level": options.level,
             "interval": interval,
             "memory_budget": plan.budget,
-            "memory_budget_reason": _budget_reason(memory_budget, asked, plan),
+            "memory_budget_reason": _budget_reason(memory_budget, asked, plan,
+                                                   "a bootstrap" if options.bootstrap else
+                                                   "per-label groups" if per_label else None),
             "pca_dtype": str(pca_dtype).replace("torch.", ""),
             "spilled_layers": stored["spilled"],
             "device_layers": stored["on_device"],
@@ -473,8 +475,10 @@ def rank(
             runner.close()
 
 
-def _budget_reason(given: Any, asked: MemoryPlan, used: MemoryPlan) -> str:
-    """Why the run had the memory budget it had (for the manifest)."""
+def _budget_reason(given: Any, asked: MemoryPlan, used: MemoryPlan,
+                   keeps_maps: str | None) -> str:
+    """Why the run had the memory budget it had (for the manifest); ``keeps_maps`` names
+    what made the run keep every map, if anything did."""
     if not (isinstance(given, str) and given == "auto"):
         return "memory_budget as given"
     if not asked.ceiling:
@@ -482,10 +486,11 @@ def _budget_reason(given: Any, asked: MemoryPlan, used: MemoryPlan) -> str:
     if used.budget == asked.budget:
         return (f"auto: every layer ran within {_bytes_text(asked.budget)} (kept in memory or "
                 "streamed in two passes)")
+    why = (f"{keeps_maps} keeps every map in memory" if keeps_maps else
+           f"within {_bytes_text(asked.budget)} maps would have spilled to disk or taken "
+           "extra forward passes")
     return (f"auto: widened from {_bytes_text(asked.budget)} to {_bytes_text(used.budget)} "
-            "(a quarter of this machine's memory): within the first, maps would have spilled "
-            "to disk or taken extra forward passes, or the run keeps every map (a bootstrap, "
-            "per-label groups)")
+            f"(a quarter of this machine's memory): {why}")
 
 
 # --- targets and image groups -------------------------------------------------------------------
