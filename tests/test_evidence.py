@@ -281,3 +281,23 @@ def test_verdict_end_to_end_on_planted_and_noise_layers():
     # channels 0-8 have true correlations >= 0.29; 10 and 11 (0.16, 0.12) may drown at N = 300
     assert v.loc["planted", "significant_share"] >= 9 / 12
     assert v.loc["noise", "evidence"] == "none"
+
+
+def test_summary_does_not_report_an_unrun_check_as_failed():
+    """Without a split-half check, layers with no evidence are not called "not
+    reproducible" (the old summary line said so whatever was measured); a null too small
+    to reach q <= 0.05 says so."""
+    import torch
+
+    import pcace
+    from pcace.printout import text_summary
+    from pcace.zoo import mnist_cnn
+
+    torch.manual_seed(0)
+    res = pcace.rank(mnist_cnn(), torch.rand(60, 1, 28, 28), 3, progress=False,
+                     permutations=9, split_half=0, seed=0)
+    assert (res.layers.evidence == "none").all()  # 1/10 > 0.05: nothing can pass
+    text = text_summary(res)
+    assert "No evidence in" in text
+    assert "not reproducible" not in text
+    assert "9 permutations give p-values no smaller than 1/10" in text

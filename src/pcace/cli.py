@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +260,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
     if float(components).is_integer() and components >= 1:
         components = int(components)
     label = args.label if spec.get("kind") == "csv" else None
-    with deferred_signals() as guard:
+    with deferred_signals() as guard, warnings.catch_warnings():
+        # an interrupted run is reported below, in the command's own words
+        warnings.filterwarnings("ignore", message="interrupted:", category=UserWarning)
         result = rank(loaded.model, ds, target, layers=args.layers, components=components,
                       batch_size=args.batch_size, device=args.device,
                       memory_budget=args.memory_budget, score=args.score, label=label,

@@ -107,10 +107,22 @@ def text_summary(result: Any, top: int = 5) -> str:
             if isinstance(text, str) and text and layer.get("evidence") != "strong":
                 lines.append(f"  {'':<22} {text}")
     if hidden:
-        names = ", ".join(str(layer["layer"]) for layer in hidden[:6])
-        more = f" and {len(hidden) - 6} more" if len(hidden) > 6 else ""
-        lines.append(f"No evidence in {len(hidden)} layer(s) ({names}{more}): no channel "
-                     f"beats chance and the ranking is not reproducible at N = {n}. Their "
-                     "rankings are not shown: use more images (a few thousand typically "
-                     "make rankings reproducible) or fewer components.")
+        # grouped by what each layer's verdict says (a check that was not run is not
+        # reported as failed)
+        reasons: dict[str, list[str]] = {}
+        for layer in hidden:
+            text = layer.get("evidence_text")
+            reasons.setdefault(text if isinstance(text, str) and text else
+                               "no evidence", []).append(str(layer["layer"]))
+        for text, group in reasons.items():
+            names = ", ".join(group[:6]) + (f" and {len(group) - 6} more" if len(group) > 6
+                                            else "")
+            lines.append(f"No evidence in {len(group)} layer(s) ({names}): {text}.")
+        lines.append("Their rankings are not shown (channels.csv has them); a few thousand "
+                     "images typically make rankings reproducible.")
+    if has_null and b and 1 / (b + 1) > 0.01:
+        lines.append(f"Note: {b} permutations give p-values no smaller than 1/{b + 1} = "
+                     f"{1 / (b + 1):.3f}; after Benjamini-Hochberg over a layer's channels, few "
+                     "permutations can leave no channel beating chance in a layer where all "
+                     "carry information (use 100 or more).")
     return "\n".join(lines)

@@ -401,7 +401,7 @@ def rank(
                                                   dict.fromkeys(remote.streamed,
                                                                 f"{runner.name} workers"))}
                 _score_streamed(scored, streamed, scores, groups, targets.labels, score, plan,
-                                ace_kwargs, options, run, on_step)
+                                ace_kwargs, options, run, on_step, progress)
                 order = {n: i for i, n in enumerate(names)}
                 scored.tables.sort(key=lambda t: order.get(t.layer.iloc[0], -1) if len(t) else -1)
         t_end = time.perf_counter()
@@ -761,7 +761,8 @@ def _score_layers(cap: Capture | None, names: list[str], scores: np.ndarray,
     todo = [n for n in names if n not in run.done]
     total_channels = sum(cap.shapes[n][0] for n in todo) if cap is not None else 0
     grouped = groups[0].rows is not None
-    bar = tqdm(total=total_channels, desc="scoring channels", unit="ch", disable=not progress)
+    bar = tqdm(total=total_channels, desc="scoring channels", unit="ch",
+               disable=not progress or not total_channels)
     try:
         for name in names:
             if name in run.done:
@@ -1196,7 +1197,8 @@ def _route_record(routes: dict[str, LayerRoute], spilled: dict[str, bool],
 def _score_streamed(out: ScoredLayers, streamed: dict[str, Any], scores: np.ndarray,
                     groups: list[_Group], target_names: list[str], score: str,
                     plan: MemoryPlan, ace_kwargs: dict, options: Statistics,
-                    run: _Checkpoints, on_step: Callable[[], None] | None) -> None:
+                    run: _Checkpoints, on_step: Callable[[], None] | None,
+                    progress: bool = False) -> None:
     """Table rows of the layers reduced in two passes, as :func:`_score_layers` makes them.
 
     Takes the layers out of ``streamed`` as it scores them (their components then live
@@ -1206,9 +1208,14 @@ def _score_streamed(out: ScoredLayers, streamed: dict[str, Any], scores: np.ndar
     """
     if out.interrupted or not streamed:
         return
+    from tqdm.auto import tqdm
+
     (group,) = groups
+    bar = tqdm(total=sum(layer.shape[0] for layer in streamed.values()),
+               desc="scoring streamed channels", unit="ch", disable=not progress)
     try:
         for name in list(streamed):
+            bar.set_postfix_str(name)
             layer = streamed.pop(name)  # its reduction lives on in the result only
             red = layer.reduction
             acc = _Accumulated()
@@ -1226,7 +1233,10 @@ def _score_streamed(out: ScoredLayers, streamed: dict[str, Any], scores: np.ndar
             if stability:
                 out.stability[name] = stability
             run.save(name, table, stability or None, {None: comp}, scores, layer.shape)
+            bar.update(layer.shape[0])
             if on_step is not None:
                 on_step()
     except (KeyboardInterrupt, Interrupted, EngineLost) as err:
         _stopped(out, err)
+    finally:
+        bar.close()
