@@ -68,7 +68,8 @@ def _size(nbytes: int) -> str:
 
 
 def default_memory_budget() -> int:
-    """The memory budget ``"auto"`` stands for: a quarter of the machine's memory.
+    """A quarter of the machine's memory: :func:`pcace.capture`'s ``"auto"`` budget, and
+    the ceiling ``pcace.rank``'s ``"auto"`` plan widens to (:meth:`MemoryPlan.from_budget`).
 
     The machine's memory is the smaller of its physical RAM and a cgroup (container) limit,
     when either is known; the budget is at least 1 GiB, and 2 GiB when nothing is known.
