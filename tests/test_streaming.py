@@ -329,3 +329,26 @@ def test_accumulator_memory_does_not_grow_with_n():
         out[n] = (nbytes, peak)
     assert out[4_000][0] == out[400_000][0] == 8 * (8 * 16 * 16 + 3 * 8 * 16)
     assert out[400_000][1] - out[4_000][1] < 64 * 2**20
+
+
+def test_subspace_chebyshev_filter_needs_fewer_passes_on_a_flat_tail(monkeypatch):
+    """A spectrum whose 24th eigenvalue is 0.8 of the 3rd (what slows ResNet-20's
+    ``layer1.2`` channels): the Chebyshev filter converges in fewer passes than its degree-1
+    step (the shifted power step, ``CHEBYSHEV_RESTART = 1``), and both equal NumPy's PCA."""
+    import pcace.streaming as streaming
+
+    rng = np.random.default_rng(21)
+    n, p = 2000, 256
+    scales = np.sqrt(np.concatenate([[3.0, 2.0, 1.5], np.linspace(1.3, 0.9, 40),
+                                     np.full(p - 43, 0.3)]))
+    maps = (rng.standard_normal((n, 1, p)) * scales) @ np.linalg.qr(
+        rng.standard_normal((p, p)))[0]
+    passes = {}
+    for restart in (1, streaming.CHEBYSHEV_RESTART):
+        monkeypatch.setattr(streaming, "CHEBYSHEV_RESTART", restart)
+        basis = subspace_basis(batches_of(maps, 256), 3, max_passes=80)
+        assert basis.converged.all(), basis.angle
+        red = basis.finish([basis.project(b) for b in batches_of(maps, 256)()])
+        check(red, basis, maps, 3)
+        passes[restart] = basis.passes
+    assert passes[streaming.CHEBYSHEV_RESTART] < 0.85 * passes[1], passes

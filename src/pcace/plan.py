@@ -45,20 +45,20 @@ def subspace_bytes(channels: int, pixels: int, components: int | float = 3,
                    batch_images: int = 256) -> int:
     """Bytes a layer's block subspace iteration holds (:class:`~pcace.streaming.SubspaceIteration`).
 
-    Three ``(C, P, q + oversample)`` float64 blocks and five per-pixel statistics, plus
+    Four ``(C, P, q + oversample)`` float64 blocks and five per-pixel statistics, plus
     one float64 copy of a batch's maps (``batch_images`` images, in chunks of at most
     :data:`pcace.streaming.CHUNK_BYTES`; 0 for the bytes held between passes).
 
     Examples
     --------
     >>> round(subspace_bytes(64, 112 * 112) / 2**20)  # MiB for 64 maps of 112 x 112
-    517
+    658
     """
     from .streaming import CHUNK_BYTES
 
     q = int(components) if isinstance(components, int) else max_components
     block = min(q + oversample, pixels)
-    return 8 * channels * pixels * (3 * block + 5) + min(CHUNK_BYTES,
+    return 8 * channels * pixels * (4 * block + 5) + min(CHUNK_BYTES,
                                                          8 * channels * pixels * batch_images)
 
 
