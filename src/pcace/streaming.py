@@ -622,7 +622,6 @@ class SubspaceIteration:
         self.passes = 0
         self._active = torch.arange(c, device=self.device)
         self._prev: torch.Tensor | None = None  # the Chebyshev filter's previous block
-        self._cheb_step = 0
 
     @property
     def nbytes(self) -> int:
@@ -753,8 +752,9 @@ class SubspaceIteration:
         triangular factor, so the recurrence still holds for their span.
         """
         active = self._active
-        restart = self._prev is None or self._cheb_step % CHEBYSHEV_RESTART == 0
-        if restart:  # the interval and the scale, per channel, from the Ritz values
+        # (re)start: the interval and the scale, per channel, from the Ritz values; the
+        # first step follows the second pass (the first Ritz check)
+        if (self.passes - 2) % CHEBYSHEV_RESTART == 0:
             top = w[:, :1].clamp(min=torch.finfo(torch.float64).tiny)
             half = (0.5 * w[:, -1:].clamp(min=0)).clamp(min=1e-12 * top)  # (b - 0) / 2
             if self._prev is None:
@@ -773,7 +773,6 @@ class SubspaceIteration:
             s2 = 1.0 / (2.0 / s1 - s0)
             step = (2.0 * s2 / e) * (rq - e * q_act) - (s0 * s2) * self._prev[active]
             self._sigma[active] = s2
-        self._cheb_step += 1
         q, r = torch.linalg.qr(step[going])
         idx = active[going]
         # the predecessor in the new block's coordinates: Y_prev R^-1
