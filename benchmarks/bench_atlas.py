@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="also save the run here")
     a = ap.parse_args()
     import pcace
-    from pcace.models import load_model
+    from pcace.inputs.models import load_model
 
     raw = images_uint8(SHARED)[: a.n]
     labels = np.arange(a.n) % 10  # bench_scale's cache interleaves the 10 sorted classes

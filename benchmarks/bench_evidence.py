@@ -1,4 +1,4 @@
-"""Measurements behind pcace.evidence: split-half checks on real data and the cost of a null.
+"""Measurements behind pcace.stats.evidence: split-half checks on real data and the cost of a null.
 
 Parts (``--parts``, comma-separated, default all):
 
@@ -6,7 +6,7 @@ Parts (``--parts``, comma-separated, default all):
   the 5,000 training cats, ``--train``: the extracted ``cifar10-train.tar.gz``). Per layer:
 
   * ``issue``: the ranking on the 200 test cats against the one on 4,800 training cats
-    (Spearman), next to what :func:`pcace.evidence.split_half` predicts from the 200
+    (Spearman), next to what :func:`pcace.stats.evidence.split_half` predicts from the 200
     alone (``sqrt(R_200 * R_4800)``, with ``R`` the projected split-half agreement);
     share of channels with BH q <= 0.05 at N = 200 (B = 100) and the verdict table.
   * ``projection``: disjoint sets of N training cats (N in ``--sizes``), each with its
@@ -72,9 +72,9 @@ import torch
 from scipy.stats import spearmanr
 
 from pcace import ace
-from pcace.evidence import layer_evidence, spearman_brown, split_half_table
-from pcace.reduce import principal_components
-from pcace.stats import null_summary, permutation_null
+from pcace.reduce.pca import principal_components
+from pcace.stats.evidence import layer_evidence, spearman_brown, split_half_table
+from pcace.stats.resampling import null_summary, permutation_null
 
 REPO = Path(__file__).resolve().parents[1]
 K = 3
@@ -170,7 +170,7 @@ def own_pca_split_half(maps: dict[str, torch.Tensor], comps: dict[str, np.ndarra
 # ---------------------------------------------------------------------------- validate
 
 def part_validate(args, shared: Path, results: dict) -> None:
-    from pcace.models import load_model
+    from pcace.inputs.models import load_model
 
     loaded = load_model("pcace.zoo:cifar_resnet20",
                         checkpoint=shared / "data/cifar10/resnet20-12fca82f.th")
@@ -296,7 +296,7 @@ def time_ace(n: int, problems: int, seed: int = 0) -> float:
 
 
 def part_cost20(args, shared: Path, results: dict) -> None:
-    from pcace.models import load_model
+    from pcace.inputs.models import load_model
 
     out = {"per_problem_s": {}}
     for n, p in ((300, 2000), (5000, 200)):

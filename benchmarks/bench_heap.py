@@ -6,7 +6,7 @@ Usage::
     python benchmarks/bench_heap.py vgg16 --images 96
 
 Runs the model over the images twice in each setting (default first, then inside
-``pcace._memory.kept_heap()``, whose thresholds stay set for the second setting only) and
+``pcace.core.malloc.kept_heap()``, whose thresholds stay set for the second setting only) and
 prints the time, the minor page faults and the working memory of each pass (peak resident
 set size above the level before the pass). Run it in a fresh process: glibc's automatic
 thresholds are fixed once ``kept_heap`` has run, so the order matters.
@@ -22,7 +22,7 @@ import torch
 import torchvision
 from bench_pipeline import bare_forward  # this folder: scripts run as files
 
-from pcace._memory import kept_heap
+from pcace.core.malloc import kept_heap
 
 
 def _rss_gib() -> float:

@@ -1,9 +1,10 @@
 """Cost of a permutation null at large N: shared set-up against gathered problems.
 
 A permutation null is ``C x B`` ACE problems: every channel against ``B`` permutations
-of one score. :class:`pcace.engine.Problems` solves them without gathering, sorting each
-channel's components and the score once (:func:`pcace.ace.ace_shared`); the baseline
-gathers each chunk of problems and solves them one by one (:func:`pcace.scoring.channel_values`,
+of one score. :class:`pcace.engines.engine.Problems` solves them without gathering, sorting each
+channel's components and the score once (:func:`pcace.maxcorr.ace.ace_shared`); the baseline
+gathers each chunk of problems and solves them one by one
+(:func:`pcace.maxcorr.scoring.channel_values`,
 the path before the shared set-up). Both give identical values (checked here).
 
 Usage::
@@ -19,9 +20,9 @@ import time
 
 import numpy as np
 
-from pcace._threads import thread_count
-from pcace.engine import Problems
-from pcace.scoring import channel_values
+from pcace.core.threads import thread_count
+from pcace.engines.engine import Problems
+from pcace.maxcorr.scoring import channel_values
 
 
 def main() -> None:

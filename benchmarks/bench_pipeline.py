@@ -32,8 +32,8 @@ import torch
 import torchvision
 
 import pcace
-from pcace._memory import kept_heap
-from pcace.cli import parse_size
+from pcace.cli.main import parse_size
+from pcace.core.malloc import kept_heap
 
 
 def bare_forward(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
@@ -71,7 +71,7 @@ def reuse_store_memory() -> None:
     call after the first writes into memory the process already touched. Not a pcace
     feature (it would hold the memory after the call); it patches a private method.
     """
-    from pcace.capture import ActivationStore
+    from pcace.capture.capture import ActivationStore
 
     kept: dict[tuple, torch.Tensor] = {}
     add_segment = ActivationStore._add_segment

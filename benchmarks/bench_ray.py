@@ -10,7 +10,7 @@ process group is killed). Parts:
   joining the head by address; the two results are compared.
 - ``costs``: the round trip of a near-empty Ray task (scheduling overhead), one ACE
   problem at N on one core, a forward shard's moments and projection passes on ResNet-20
-  (:class:`pcace.sharded.ShardWorker`), and one :meth:`PixelMoments.merge` at ResNet-50
+  (:class:`pcace.engines.shards.ShardWorker`), and one :meth:`PixelMoments.merge` at ResNet-50
   layer sizes.
 
 Command (repository root; the shared folder beside it):
@@ -103,7 +103,7 @@ def resnet():
 
 
 def train_images(n: int) -> torch.Tensor:
-    from pcace.data import default_transform, image_folder
+    from pcace.inputs.data import default_transform, image_folder
     from pcace.zoo import CIFAR_MEAN, CIFAR_STD
 
     cache = Path(tempfile.gettempdir()) / "pcace-cifar10-train"
@@ -121,7 +121,7 @@ def overhead(args, address: str) -> dict:
     import ray
 
     import pcace
-    from pcace._ray_engine import RayEngine
+    from pcace.engines.ray import RayEngine
 
     model, images = resnet(), train_images(args.n)
     target = args.target if args.target == "all" else int(args.target)
@@ -166,10 +166,10 @@ def overhead(args, address: str) -> dict:
 def costs(args, address: str) -> dict:
     import ray
 
-    from pcace._ray_engine import RayEngine
-    from pcace.engine import Problems
-    from pcace.sharded import ShardWorker, merged_bases
-    from pcace.streaming import PixelMoments
+    from pcace.engines.engine import Problems
+    from pcace.engines.ray import RayEngine
+    from pcace.engines.shards import ShardWorker, merged_bases
+    from pcace.reduce.streaming import PixelMoments
 
     out = {}
     engine = RayEngine(address=address, min_task_seconds=0.0, inline_seconds=0.0)

@@ -55,7 +55,7 @@ def build(net: str) -> torch.nn.Module:
 def ranked(net: str, model: torch.nn.Module, images: torch.Tensor, permutations: int):
     """The run, as ``pcace.rank`` returns it (with the components the ACE plots need)."""
     import pcace
-    from pcace.targets import ClassLogit
+    from pcace.inputs.targets import ClassLogit
 
     t0 = time.perf_counter()
     result = pcace.rank(model, images, ClassLogit(3, "cat"), device="cpu", progress=False,

@@ -70,7 +70,7 @@ class Normalised(torch.utils.data.Dataset):
 def measure(mode: str, n: int, batch: int, shared: Path, budget: str = "auto",
             permutations: int = 0, split_half: int = 0) -> dict:
     import pcace
-    from pcace.models import load_model
+    from pcace.inputs.models import load_model
 
     model = load_model("pcace.zoo:cifar_resnet20",
                        checkpoint=shared / "data/cifar10/resnet20-12fca82f.th").model

@@ -1,4 +1,5 @@
-"""Benchmark and figures of pcace.stats and pcace.ablate (benchmarks/README.md, "Statistics").
+"""Benchmark and figures of pcace.stats.resampling and pcace.stats.ablate
+(benchmarks/README.md, "Statistics").
 
 Parts (``--parts``, comma-separated, default all):
 
@@ -37,10 +38,10 @@ import torch
 from scipy import stats as sps
 
 from pcace import ace
-from pcace.ablate import ablate, baseline_rankings, faithfulness_summary
-from pcace.data import default_transform, image_folder
-from pcace.reduce import principal_components
-from pcace.stats import (
+from pcace.inputs.data import default_transform, image_folder
+from pcace.reduce.pca import principal_components
+from pcace.stats.ablate import ablate, baseline_rankings, faithfulness_summary
+from pcace.stats.resampling import (
     bootstrap_summary,
     bootstrap_values,
     interval_scheme,

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from pcace.reduce import reduce_block, reusing_buffers
-from pcace.streaming import PixelMoments, subspace_basis
+from pcace.reduce.pca import reduce_block, reusing_buffers
+from pcace.reduce.streaming import PixelMoments, subspace_basis
 
 SHAPES = [(16, 32), (32, 16), (64, 8)]  # (channels, side)
 

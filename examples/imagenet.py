@@ -20,8 +20,8 @@ import argparse
 import torch
 
 import pcace
-from pcace.data import image_folder
-from pcace.models import load_model
+from pcace.inputs.data import image_folder
+from pcace.inputs.models import load_model
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ the digit, prints each layer's top and bottom channels and writes a run director
 
 import argparse
 
-from pcace.demo import run_demo, summary
+from pcace.cli.demo import run_demo, summary
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import pcace
-from pcace.data import sklearn_digits
-from pcace.targets import RegressionOutput
+from pcace.inputs.data import sklearn_digits
+from pcace.inputs.targets import RegressionOutput
 
 
 class SmallRegressor(nn.Module):

@@ -37,8 +37,8 @@ def cifar_cats(shared_dir):
     import torch
     from torchvision import transforms
 
-    from pcace.data import image_folder
-    from pcace.models import load_model
+    from pcace.inputs.data import image_folder
+    from pcace.inputs.models import load_model
     from pcace.zoo import CIFAR_MEAN, CIFAR_STD
 
     def load(n: int):
@@ -55,7 +55,7 @@ def cifar_cats(shared_dir):
 @pytest.fixture
 def two_pass_routes(monkeypatch):
     """Every layer through the two passes (``MemoryPlan.routes`` replaced for the test)."""
-    from pcace.plan import LayerRoute, MemoryPlan
+    from pcace.core.plan import LayerRoute, MemoryPlan
 
     def routes(self, shapes, n, run_images=256, **_):
         return {k: LayerRoute("moments", "forced by the test", 0, 2, tuple(s))

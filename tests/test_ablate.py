@@ -1,4 +1,4 @@
-"""Tests of pcace.ablate: channel ablation curves, baseline rankings, faithfulness."""
+"""Tests of pcace.stats.ablate: channel ablation curves, baseline rankings, faithfulness."""
 
 import warnings
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pcace.ablate import ablate, baseline_importance, baseline_rankings, faithfulness_summary
+from pcace.stats.ablate import ablate, baseline_importance, baseline_rankings, faithfulness_summary
 from pcace.zoo import CIFAR_MEAN, CIFAR_STD, cifar_resnet20
 
 # ------------------------------------------------------------------ a toy model
@@ -159,7 +159,7 @@ def test_layer_conductance_with_captum(toy):
 
 
 def _load_class(shared_dir, name, count):
-    from pcace.data import default_transform, image_folder
+    from pcace.inputs.data import default_transform, image_folder
 
     ds = image_folder(shared_dir / "data" / "cifar10" / "test", name,
                       default_transform(mean=CIFAR_MEAN, std=CIFAR_STD))

@@ -265,7 +265,7 @@ SMOOTH_GROUPS = ("ordered_plain", "ordered_ties", "ordered_fading", "ordered_neg
 def smooth_with(backend: str, kind: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """One smoothing of sorted ``x``, with the bass enhancement acepack's ace() uses."""
     if backend == "torch":
-        from pcace.smoothers import SortedAxis, smooth
+        from pcace.maxcorr.smoothers import SortedAxis, smooth
 
         axis = SortedAxis(torch.from_numpy(x)[None])
         return smooth(kind, axis, torch.from_numpy(y)[None], 5.0)[0].numpy()

@@ -1,4 +1,4 @@
-"""Tests of pcace.capture: layer discovery, hooks, one forward pass, spilling."""
+"""Tests of pcace.capture.capture: layer discovery, hooks, one forward pass, spilling."""
 
 import gc
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pcace.capture import (
+from pcace.capture.capture import (
     ActivationStore,
     Capture,
     capture,
@@ -460,7 +460,7 @@ def test_fewer_images_than_announced():
 
 
 def test_auto_budget():
-    from pcace.plan import default_memory_budget, resolve_budget
+    from pcace.core.plan import default_memory_budget, resolve_budget
 
     assert resolve_budget("auto") == default_memory_budget() >= 2**30
     assert resolve_budget(12345) == 12345
@@ -469,7 +469,7 @@ def test_auto_budget():
 
 
 def test_spill_write_error_is_reported_and_cleaned_up(monkeypatch, tmp_path):
-    import pcace.store as store_module
+    import pcace.capture.store as store_module
 
     class FullDisk:
         def __init__(self, *args, **kwargs):

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from pcace.cli import main, parse_size
+from pcace.cli.main import main, parse_size
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pcace.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pcace.cli.main", *args], capture_output=True,
                           text=True, timeout=600)
 
 

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None
             ) -> subprocess.CompletedProcess:
     full = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pcace.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pcace.cli.main", *args], capture_output=True,
                           text=True, timeout=600, env=full, cwd=cwd)
 
 
@@ -127,7 +127,7 @@ def test_factory_without_weights_is_refused_unless_asked(shared_dir, tmp_path):
 def test_reused_out_is_refused_and_force_removes_only_pcace_files(cifar, small_run, tmp_path):
     run = _copy_run(small_run, tmp_path / "run")
     (run / "report.html").write_text("an old report")  # as if an earlier --report wrote it
-    from pcace.rundir import add_files
+    from pcace.results.rundir import add_files
 
     add_files(run, ["report.html"])
     (run / "notes.txt").write_text("the user's own notes")
@@ -191,7 +191,7 @@ def _rank_args(cifar: list[str], out: Path) -> list[str]:
 def test_signal_while_scoring_saves_finished_layers_and_resume_matches(cifar, tmp_path,
                                                                         signum, code):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "pcace.cli", *_rank_args(cifar, out),
+    proc = subprocess.Popen([sys.executable, "-m", "pcace.cli.main", *_rank_args(cifar, out),
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 300
@@ -229,7 +229,7 @@ def test_signal_while_scoring_saves_finished_layers_and_resume_matches(cifar, tm
 def test_resume_with_other_settings_is_refused(cifar, small_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(small_run, run)
-    from pcace.rundir import start_checkpoints
+    from pcace.results.rundir import start_checkpoints
 
     start_checkpoints(run, {"something": "else"})
     line = one_line_error(run_cli("rank", *cifar, "--target", "cat", "--limit", "30",

@@ -1,4 +1,4 @@
-"""Tests of pcace.data on the shared data and on small files written here."""
+"""Tests of pcace.inputs.data on the shared data and on small files written here."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from pcace.data import (
+from pcace.inputs.data import (
     ImageFiles,
     as_batches,
     csv_images,
@@ -235,7 +235,7 @@ def test_default_transform():
 def test_csv_target_column_refuses_inf_and_names_the_line(tmp_path):
     from PIL import Image
 
-    from pcace.data import csv_images
+    from pcace.inputs.data import csv_images
 
     for i in range(3):
         Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(tmp_path / f"{i}.png")

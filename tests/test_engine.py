@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from pcace.engine import Engine, LocalEngine, Problems, resolve_engine
-from pcace.evidence import split_half
-from pcace.scoring import channel_values
-from pcace.stats import permutation_null
+from pcace.engines.engine import Engine, LocalEngine, Problems, resolve_engine
+from pcace.maxcorr.scoring import channel_values
+from pcace.stats.evidence import split_half
+from pcace.stats.resampling import permutation_null
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of pcace.evidence: split-half reproducibility and the per-layer verdict.
+"""Tests of pcace.stats.evidence: split-half reproducibility and the per-layer verdict.
 
 Truth comes from the simulations themselves: channels whose relation to the score is
 planted (known order), pure-noise channels (true agreement 0), and fresh independent
@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pcace.evidence import (
+from pcace.stats.evidence import (
     EVIDENCE,
     layer_evidence,
     significant,
@@ -266,7 +266,7 @@ def test_verdict_with_missing_pieces():
 def test_verdict_end_to_end_on_planted_and_noise_layers():
     """Permutation null + split half on a planted layer and a noise layer (N = 300)."""
     from pcace import ace
-    from pcace.stats import null_summary, permutation_null
+    from pcace.stats.resampling import null_summary, permutation_null
 
     zg, y = graded_layer(300, c=12, seed=7)
     zn = np.random.default_rng(8).normal(size=(12, 300, 3))
@@ -290,7 +290,7 @@ def test_summary_does_not_report_an_unrun_check_as_failed():
     import torch
 
     import pcace
-    from pcace.printout import text_summary
+    from pcace.cli.printout import text_summary
     from pcace.zoo import mnist_cnn
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Tests of pcace.interrupts: real signals sent to a real process running numba code."""
+"""Tests of pcace.core.interrupts: real signals sent to a real process running numba code."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pcace.interrupts import Interrupted, deferred_signals, exit_code_for
+from pcace.core.interrupts import Interrupted, deferred_signals, exit_code_for
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -22,7 +22,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 # most of the time. With check=True the guarded loop stops between calls.
 SCRIPT = textwrap.dedent("""
     import sys, numpy as np, numba
-    from pcace.interrupts import Interrupted, deferred_signals
+    from pcace.core.interrupts import Interrupted, deferred_signals
 
     @numba.njit(cache=False)
     def spin(x, rounds):

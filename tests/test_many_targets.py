@@ -14,7 +14,7 @@ from test_rank import PlantedNet, planted_images
 from torch import nn
 
 import pcace
-from pcace.targets import CustomTarget, RegressionOutput, TargetSet, resolve_targets
+from pcace.inputs.targets import CustomTarget, RegressionOutput, TargetSet, resolve_targets
 
 SHARED_COLUMNS = ["layer", "channel", "pcace", "rank", "n_components", "explained_variance",
                   "dead"]
@@ -81,9 +81,10 @@ def test_bootstrap_with_several_scores_equals_one_at_a_time():
     maps = torch.randn(60, 3, 4, 4, generator=g, dtype=torch.float64)
     y = maps[:, 0].flatten(1).mean(1).numpy()
     y2 = np.cos(3 * maps[:, 1].flatten(1).mean(1).numpy())
-    both = pcace.stats.bootstrap_values(maps, np.stack([y, y2], 1), components=2, boots=6)
+    both = pcace.stats.resampling.bootstrap_values(maps, np.stack([y, y2], 1), components=2,
+                                                   boots=6)
     for j, s in enumerate((y, y2)):
-        one = pcace.stats.bootstrap_values(maps, s, components=2, boots=6)
+        one = pcace.stats.resampling.bootstrap_values(maps, s, components=2, boots=6)
         np.testing.assert_array_equal(both[:, j], one)
 
 
@@ -227,8 +228,8 @@ LAYERS = ["layer1.0.conv1", "layer3.2.conv2"]
 def cifar(shared_dir):
     from torchvision import transforms
 
-    from pcace.data import image_folder
-    from pcace.models import load_model
+    from pcace.inputs.data import image_folder
+    from pcace.inputs.models import load_model
     from pcace.zoo import CIFAR_MEAN, CIFAR_STD
 
     loaded = load_model("pcace.zoo:cifar_resnet20",
@@ -281,8 +282,8 @@ def atlas_run(labelled):
 
 
 def test_class_evidence_and_selectivity(atlas_run):
-    from pcace.atlas import class_evidence, selectivity
-    from pcace.stats import share_significant
+    from pcace.stats.atlas import class_evidence, selectivity
+    from pcace.stats.resampling import share_significant
 
     table, measure = class_evidence(atlas_run)
     assert measure.startswith("share") and list(table.columns) == ["0", "1", "2"]
@@ -311,7 +312,7 @@ def test_class_atlas_figure(atlas_run):
 def test_per_label_in_turn_when_the_maps_do_not_fit(labelled, monkeypatch):
     """A budget too small for all labels' maps: the labels are ranked in turn (each over
     its own images, by the two-pass route here) and the atlas equals the one-pass atlas."""
-    from pcace.plan import MemoryPlan
+    from pcace.core.plan import MemoryPlan
 
     model, x, labels = labelled
     kwargs = dict(layers=["features"], progress=False, pca_dtype=torch.float64,
@@ -340,8 +341,8 @@ def test_per_label_in_turn_resumes_after_an_interrupt(labelled, monkeypatch, tmp
     """Interrupted while the second label runs: the first label is kept, a resume restores
     it, continues, and ends equal to an uninterrupted run; the checkpoints (one folder per
     label inside the run's own) go with remove_checkpoints."""
-    from pcace.plan import MemoryPlan
-    from pcace.rundir import remove_checkpoints
+    from pcace.core.plan import MemoryPlan
+    from pcace.results.rundir import remove_checkpoints
 
     model, x, labels = labelled
     kwargs = dict(layers=["features"], progress=False, pca_dtype=torch.float64,

@@ -1,4 +1,4 @@
-"""Tests of pcace._memory: the heap kept during a run, and the store's own mappings."""
+"""Tests of pcace.core.malloc: the heap kept during a run, and the store's own mappings."""
 
 import gc
 import json
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pcace import _memory
-from pcace._memory import kept_heap, mapped_empty
+from pcace.core.malloc import kept_heap, mapped_empty
 
 glibc = pytest.mark.skipif(_memory._glibc() is None,
                            reason="malloc is tuned on glibc (Linux) only")
@@ -146,7 +146,7 @@ def test_left_alone_when_turned_off_or_set_by_the_user(monkeypatch, env):
 
 _REUSE_PROBE = """
 import ctypes, json, resource
-from pcace._memory import kept_heap
+from pcace.core.malloc import kept_heap
 
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -222,7 +222,7 @@ def test_mapped_empty_memory_goes_back_when_freed():
 def test_a_closed_capture_hands_its_memory_back():
     from torch import nn
 
-    from pcace.capture import capture
+    from pcace.capture.capture import capture
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),

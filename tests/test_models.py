@@ -1,4 +1,4 @@
-"""Tests of pcace.zoo and pcace.models (no downloads)."""
+"""Tests of pcace.zoo and pcace.inputs.models (no downloads)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import torchvision.models as tvm
 from torch.utils.data import Subset
 
-from pcace.data import image_folder
-from pcace.models import (
+from pcace.inputs.data import image_folder
+from pcace.inputs.models import (
     LoadedModel,
     count_parameters,
     load_model,

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import pcace
-from pcace.targets import RegressionOutput
+from pcace.inputs.targets import RegressionOutput
 
 N_PLANTED = 200
 
@@ -123,8 +123,8 @@ def test_one_forward_pass_per_batch_and_hooks_removed():
     calls = []
     model.register_forward_pre_hook(lambda m, i: calls.append(i[0].shape[0]))
     pcace.rank(model, x, RegressionOutput(), layers=["features"], batch_size=32, progress=False)
-    # one single-image probe (pcace.layers.describe_layers) gives the layer shapes for the
-    # route decision (pcace.plan.MemoryPlan.routes), then one call per batch
+    # one single-image probe (pcace.inputs.layers.describe_layers) gives the layer shapes for the
+    # route decision (pcace.core.plan.MemoryPlan.routes), then one call per batch
     assert calls == [1, 32, 32, 32, 4]
     assert len(model.features._forward_hooks) == 0
 

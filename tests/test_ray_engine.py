@@ -112,7 +112,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def resnet_cats(shared_dir):
-    from pcace.data import default_transform, image_folder
+    from pcace.inputs.data import default_transform, image_folder
     from pcace.zoo import CIFAR_MEAN, CIFAR_STD, cifar_resnet20
 
     ck = torch.load(shared_dir / "data" / "cifar10" / "resnet20-12fca82f.th",
@@ -178,7 +178,7 @@ def _kill_first_task(sid: int, name: str, stop: threading.Event, killed: list) -
 
 @pytest.mark.slow
 def test_a_worker_killed_during_ace_changes_nothing(cluster, resnet_cats, local_result):
-    from pcace._ray_engine import RayEngine
+    from pcace.engines.ray import RayEngine
 
     address, sid = cluster
     engine = RayEngine(address=address)
@@ -201,11 +201,11 @@ def test_a_worker_killed_during_ace_changes_nothing(cluster, resnet_cats, local_
 
 @pytest.mark.slow
 def test_sharded_passes_on_actors_equal_one_process(cluster, shared_dir):
-    from pcace._ray_engine import RayEngine
-    from pcace.data import describe_data, open_dataset
-    from pcace.models import load_model
-    from pcace.sharded import sharded_components
-    from pcace.streaming import streaming_reduce
+    from pcace.engines.ray import RayEngine
+    from pcace.engines.shards import sharded_components
+    from pcace.inputs.data import describe_data, open_dataset
+    from pcace.inputs.models import load_model
+    from pcace.reduce.streaming import streaming_reduce
     from pcace.zoo import CIFAR_MEAN, CIFAR_STD
 
     address, _ = cluster
@@ -252,7 +252,7 @@ def test_cli_joins_a_cluster_by_address(cluster, shared_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]))
     proc = subprocess.run(
-        [sys.executable, "-m", "pcace.cli", "rank", "--model", "pcace.zoo:cifar_resnet20",
+        [sys.executable, "-m", "pcace.cli.main", "rank", "--model", "pcace.zoo:cifar_resnet20",
          "--checkpoint", str(shared_dir / "data/cifar10/resnet20-12fca82f.th"), "--data",
          str(shared_dir / "data/cifar10/test"), "--class", "cat", "--target", "cat",
          "--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.225",
@@ -274,7 +274,7 @@ def test_cli_joins_a_cluster_by_address(cluster, shared_dir, tmp_path):
 def test_a_lost_cluster_ends_like_an_interruption(cluster, resnet_cats, tmp_path):
     """Last in this module: it kills the module's cluster."""
     import pcace
-    from pcace._ray_engine import RayEngine
+    from pcace.engines.ray import RayEngine
 
     address, sid = cluster
     engine = RayEngine(address=address, lost_after=3)
@@ -332,7 +332,7 @@ def test_a_ray_dataset_as_input(cluster, resnet_cats, monkeypatch):
     rows from the dataset's blocks; the values equal the local run on the same tensor."""
     pytest.importorskip("pyarrow")
     import pcace
-    from pcace.plan import LayerRoute, MemoryPlan
+    from pcace.core.plan import LayerRoute, MemoryPlan
 
     address, _ = cluster
     model, images = resnet_cats
@@ -365,7 +365,7 @@ def test_a_worker_killed_during_the_first_pass_changes_nothing(cluster, resnet_c
     """An actor's process SIGKILLed while it accumulates its shard's moments: Ray restarts
     it (it rebuilds its model from the object store) and re-runs the shard; same values."""
     import pcace
-    from pcace._ray_engine import RayEngine
+    from pcace.engines.ray import RayEngine
     address, sid = cluster
     model, images = resnet_cats
 

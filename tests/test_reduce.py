@@ -1,4 +1,4 @@
-"""Tests of pcace.reduce: standardisation + PCA per channel against sklearn."""
+"""Tests of pcace.reduce.pca: standardisation + PCA per channel against sklearn."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
-from pcace.reduce import Reduction, principal_components
+from pcace.reduce.pca import Reduction, principal_components
 
 
 def _maps(n, c, p, seed=0):
@@ -192,7 +192,7 @@ def _numpy_standardised(block):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_standardise_kernel_matches_numpy(dtype):
-    from pcace._standardise import standardise_
+    from pcace.reduce.standardise import standardise_
 
     gen = torch.Generator().manual_seed(4)
     block = (torch.randn(5, 40, 33, generator=gen, dtype=torch.float64) * 3 + 7).to(dtype)
@@ -206,7 +206,7 @@ def test_standardise_kernel_matches_numpy(dtype):
 
 
 def test_standardise_kernel_leaves_non_finite_channel_untouched():
-    from pcace._standardise import NonFiniteMaps, standardise_
+    from pcace.reduce.standardise import NonFiniteMaps, standardise_
 
     block = torch.randn(3, 20, 6)
     block[1, 7, 2] = float("inf")
@@ -231,7 +231,7 @@ def test_iteration_path_matches_sklearn(spectrum):
 
 
 def test_top_eigenpairs_fallback_and_iteration_agree_with_eigh():
-    from pcace.reduce import top_eigenpairs
+    from pcace.reduce.pca import top_eigenpairs
 
     gen = torch.Generator().manual_seed(6)
     a = torch.randn(3, 150, 160, generator=gen, dtype=torch.float64)
@@ -251,7 +251,7 @@ def test_top_eigenpairs_fallback_and_iteration_agree_with_eigh():
 
 
 def test_small_matrices_exact_top_pairs():
-    from pcace.reduce import top_eigenpairs
+    from pcace.reduce.pca import top_eigenpairs
 
     gen = torch.Generator().manual_seed(7)
     a = torch.randn(5, 49, 300, generator=gen, dtype=torch.float64)
@@ -269,7 +269,7 @@ def test_small_matrices_exact_top_pairs():
 
 
 def test_reduce_block_float32_close_to_float64_and_in_place():
-    from pcace.reduce import reduce_block
+    from pcace.reduce.pca import reduce_block
 
     maps = _maps(60, 3, 300, seed=7)
     exact = principal_components(maps, components=3)
@@ -286,7 +286,7 @@ def test_reduce_block_float32_close_to_float64_and_in_place():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("pixel_side", [False, True])
 def test_gram_kernel_matches_numpy(dtype, pixel_side):
-    from pcace._linalg_numba import gram
+    from pcace.reduce.kernels import gram
 
     x = np.random.default_rng(8).standard_normal((3, 7, 11) if not pixel_side
                                                  else (3, 11, 7)).astype(dtype)
@@ -303,7 +303,7 @@ def test_gram_kernel_matches_numpy(dtype, pixel_side):
 
 
 def test_gram_spread_tells_flat_spectra_from_dominated_ones():
-    from pcace._linalg_numba import gram
+    from pcace.reduce.kernels import gram
 
     rng = np.random.default_rng(3)
     noise = rng.standard_normal((1, 50, 2000))
@@ -314,7 +314,7 @@ def test_gram_spread_tells_flat_spectra_from_dominated_ones():
 
 
 def test_gram_refuses_the_larger_side():
-    from pcace._linalg_numba import gram
+    from pcace.reduce.kernels import gram
 
     with pytest.raises(ValueError, match="smaller"):
         gram(np.zeros((1, 5, 3)), False, np.empty((1, 5, 5)))
@@ -323,8 +323,8 @@ def test_gram_refuses_the_larger_side():
 # --- the torch (GPU) paths, run here on the CPU against the compiled ones -------------------
 
 def test_torch_standardisation_matches_compiled_kernel():
-    from pcace._standardise import standardise_
-    from pcace.reduce import CONSTANT_ULPS, _standardise_torch
+    from pcace.reduce.pca import CONSTANT_ULPS, _standardise_torch
+    from pcace.reduce.standardise import standardise_
 
     gen = torch.Generator().manual_seed(9)
     block = torch.randn(4, 30, 17, generator=gen) * 2 + 3
@@ -338,7 +338,7 @@ def test_torch_standardisation_matches_compiled_kernel():
 
 @pytest.mark.parametrize("spectrum", ["steep", "flat"])
 def test_torch_eigen_path_matches_compiled(spectrum):
-    from pcace.reduce import _top_cpu, _top_torch
+    from pcace.reduce.pca import _top_cpu, _top_torch
 
     gen = torch.Generator().manual_seed(10)
     a = torch.randn(3, 150, 200, generator=gen, dtype=torch.float64)
@@ -356,7 +356,7 @@ def test_torch_eigen_path_matches_compiled(spectrum):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("p", [400, 120])
 def test_reduce_block_on_cuda_matches_cpu(p):
-    from pcace.reduce import reduce_block
+    from pcace.reduce.pca import reduce_block
 
     maps = _maps(200, 3, p, seed=11)
     block = maps.permute(1, 0, 2).contiguous()
@@ -368,7 +368,7 @@ def test_reduce_block_on_cuda_matches_cpu(p):
 
 
 def test_exact_solver_in_float32_for_float32_grams():
-    from pcace.reduce import top_eigenpairs
+    from pcace.reduce.pca import top_eigenpairs
 
     gen = torch.Generator().manual_seed(12)
     a = torch.randn(3, 150, 160, generator=gen) * torch.logspace(0, -1, 160)
@@ -381,7 +381,7 @@ def test_exact_solver_in_float32_for_float32_grams():
 
 
 def test_reused_gram_buffer_changes_no_result():
-    from pcace.reduce import reduce_block, reusing_buffers
+    from pcace.reduce.pca import reduce_block, reusing_buffers
 
     gen = torch.Generator().manual_seed(12)
     blocks = [torch.randn(c, 40, p, generator=gen) for c, p in [(5, 60), (3, 200), (6, 25)]]

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pcace.result import PCACEResult
+from pcace.results.result import PCACEResult
 from pcace.viz import channel_ranking, layer_evidence, layer_overview, result_html, write_report
 from pcace.viz.figures import CHANCE_COLOUR
 
@@ -97,7 +97,7 @@ def test_layer_without_evidence_says_more_images_are_needed(tmp_path):
     result = hand_result(LAYERS, evidence=False)  # the layer columns are derived
     ev = layer_evidence(result)
     assert ev.evidence.tolist() == ["none"] * 4
-    # derived with pcace.evidence's rules, the same that rank applies
+    # derived with pcace.stats.evidence's rules, the same that rank applies
     assert all("use more images" in t for t in ev.evidence_text)
     assert all("N = 300" in t for t in ev.evidence_text)
     result.save(tmp_path)
@@ -189,7 +189,7 @@ def test_many_layer_report_stays_small(tmp_path):
 
 
 def test_demo_report_has_activation_maps(tmp_path):
-    from pcace.demo import run_demo, summary
+    from pcace.cli.demo import run_demo, summary
 
     result = run_demo(out=tmp_path, progress=False, epochs=1, images=60, permutations=19)
     html = (tmp_path / "report.html").read_text(encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Tests of pcace.rundir: preflight, atomic saves, verification, checkpoints, spills."""
+"""Tests of pcace.results.rundir: preflight, atomic saves, verification, checkpoints, spills."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from pandas.testing import assert_frame_equal
 
 from pcace import rundir
-from pcace.rundir import (
+from pcace.results.rundir import (
     RunDirError,
     add_files,
     atomic_write,

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from pcace.engine import LocalEngine
-from pcace.hooks import evaluating, forward_hooks
-from pcace.sharded import ShardWorker, shard_bounds, sharded_components
-from pcace.streaming import streaming_reduce
+from pcace.engines.engine import LocalEngine
+from pcace.engines.shards import ShardWorker, shard_bounds, sharded_components
+from pcace.inputs.hooks import evaluating, forward_hooks
+from pcace.reduce.streaming import streaming_reduce
 from pcace.zoo import mnist_cnn
 
 
@@ -56,8 +56,8 @@ def test_sharded_equals_streaming_reduce(net, shard_size):
 
 
 def test_worker_rebuilds_model_and_data_from_specs(shared_dir):
-    from pcace.data import describe_data
-    from pcace.models import load_model
+    from pcace.inputs.data import describe_data
+    from pcace.inputs.models import load_model
     from pcace.zoo import CIFAR_MEAN, CIFAR_STD
 
     loaded = load_model("pcace.zoo:cifar_resnet20",

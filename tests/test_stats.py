@@ -1,4 +1,5 @@
-"""Tests of pcace.stats: permutation nulls, q-values, pcace_adj and bootstrap intervals."""
+"""Tests of pcace.stats.resampling: permutation nulls, q-values, pcace_adj and bootstrap
+intervals."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ import torch
 from scipy import stats as sps
 
 from pcace import ace
-from pcace.stats import (
+from pcace.stats.resampling import (
     adjusted_value,
     benjamini_hochberg,
     bootstrap_summary,
@@ -230,7 +231,7 @@ def _planted(rng, n, channels, rho, shape="gauss"):
 
 
 def _pcace(maps, y, k=3):
-    from pcace.reduce import principal_components
+    from pcace.reduce.pca import principal_components
 
     red = principal_components(maps, k)
     return np.where(red.dead.numpy(), 0.0, _observed(red.scores.numpy(), y))
@@ -276,7 +277,7 @@ def test_bootstrap_values_shape_and_determinism():
 
 def test_half_samples_are_distinct_halves():
     """Replicate b is PCACE on N // 2 distinct images: the seed's b-th permutation, cut."""
-    from pcace.reduce import principal_components
+    from pcace.reduce.pca import principal_components
 
     rng = np.random.default_rng(4)
     maps, y = _planted(rng, 41, 2, 0.5)

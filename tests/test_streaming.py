@@ -1,4 +1,5 @@
-"""Tests of pcace.streaming against an independent float64 NumPy PCA of the standardised maps."""
+"""Tests of pcace.reduce.streaming against an independent float64 NumPy PCA of the
+standardised maps."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from pcace._standardise import NonFiniteMaps
-from pcace.reduce import reduce_block
-from pcace.streaming import (
+from pcace.reduce.pca import reduce_block
+from pcace.reduce.standardise import NonFiniteMaps
+from pcace.reduce.streaming import (
     PixelMoments,
     choose_route,
     streaming_reduce,
@@ -305,7 +306,7 @@ def test_streaming_reduce_picks_subspace_under_a_small_budget():
 
 _MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
-    from pcace.streaming import PixelMoments
+    from pcace.reduce.streaming import PixelMoments
     n, c, p, b = int(sys.argv[1]), 8, 16, 4000
     gen = torch.Generator().manual_seed(0)
     acc = PixelMoments(c, p)
@@ -335,7 +336,7 @@ def test_subspace_chebyshev_filter_needs_fewer_passes_on_a_flat_tail(monkeypatch
     """A spectrum whose 24th eigenvalue is 0.8 of the 3rd (what slows ResNet-20's
     ``layer1.2`` channels): the Chebyshev filter converges in fewer passes than its degree-1
     step (the shifted power step, ``CHEBYSHEV_RESTART = 1``), and both equal NumPy's PCA."""
-    import pcace.streaming as streaming
+    import pcace.reduce.streaming as streaming
 
     rng = np.random.default_rng(21)
     n, p = 2000, 256

@@ -1,4 +1,4 @@
-"""Tests of pcace.targets."""
+"""Tests of pcace.inputs.targets."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import namedtuple
 import pytest
 import torch
 
-from pcace.targets import (
+from pcace.inputs.targets import (
     Categories,
     ClassLogit,
     ClassProbability,

@@ -1,4 +1,4 @@
-"""The two-pass reduce (pcace.twopass) inside pcace.rank, against the in-memory path."""
+"""The two-pass reduce (pcace.reduce.twopass) inside pcace.rank, against the in-memory path."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import pcace
-from pcace.capture import capture
-from pcace.plan import LayerRoute, MemoryPlan
-from pcace.twopass import TwoPass
+from pcace.capture.capture import capture
+from pcace.core.plan import LayerRoute, MemoryPlan
+from pcace.reduce.twopass import TwoPass
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_auto_budget_is_flat_in_n_where_layers_stream(monkeypatch):
     all stream within 1 GiB (the same plan at both N), over 500 they are all kept; ResNet-18's
     224 px maps over 300 images cannot stream (P > N / 2) and would spill, so that run widens
     and keeps them all in memory; moments that would need channel groups widen too."""
-    import pcace.plan as plan_module
+    import pcace.core.plan as plan_module
 
     monkeypatch.setattr(plan_module, "default_memory_budget", lambda: 6 * 2**30)
     auto = MemoryPlan.from_budget("auto")
@@ -137,7 +137,7 @@ def test_auto_budget_in_rank(monkeypatch, layers):
     16 MiB's work share and whose maps would spill) the run widens to the machine's share
     and keeps both in memory. The manifest says which budget ran and why; the values
     equal a run with a fixed large budget."""
-    import pcace.plan as plan_module
+    import pcace.core.plan as plan_module
 
     monkeypatch.setattr(plan_module, "PREFERRED_BUDGET", 16 * 2**20)
     monkeypatch.setattr(plan_module, "default_memory_budget", lambda: 512 * 2**20)
@@ -319,8 +319,8 @@ _MEMORY_PROBE = textwrap.dedent("""
     import json, resource, sys
     import torch
     from torch import nn
-    from pcace.capture import capture
-    from pcace.twopass import TwoPass
+    from pcace.capture.capture import capture
+    from pcace.reduce.twopass import TwoPass
 
     n = int(sys.argv[1])
     torch.manual_seed(0)
@@ -361,7 +361,7 @@ def test_memory_of_first_pass_does_not_grow_with_n():
     assert total_mib < 250, (small, large)
 
 
-class _InProcessWorkers(pcace.engine.LocalEngine):
+class _InProcessWorkers(pcace.engines.engine.LocalEngine):
     """An engine whose 'workers' are objects in this process: the sharded route of rank."""
 
     def __init__(self):
@@ -423,7 +423,7 @@ def test_streamed_layers_on_workers_equal_the_one_process_passes(cifar, monkeypa
 def test_sharded_float32_sums_match_the_one_process_pass_across_shards(cifar):
     """Shards of 256 images (run-aligned) and a last short one: float32 products, the
     same reference shift: the bases equal the one-process TwoPass's to 1e-9."""
-    from pcace.sharded import sharded_components
+    from pcace.engines.shards import sharded_components
 
     model, images = cifar
     images = torch.cat([images, images.flip(3)])[:300]

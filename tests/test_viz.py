@@ -49,8 +49,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The demo run with assets and report: (run_dir, result, assets, images)."""
-    from pcace.data import sklearn_digits
-    from pcace.demo import run_demo
+    from pcace.cli.demo import run_demo
+    from pcace.inputs.data import sklearn_digits
     from pcace.zoo import mnist_cnn
 
     run = tmp_path_factory.mktemp("demo")
@@ -83,7 +83,7 @@ def cifar(shared_dir, cifar_model, tmp_path_factory):
     from torchvision import transforms
 
     import pcace
-    from pcace.targets import ClassLogit
+    from pcace.inputs.targets import ClassLogit
 
     folder = shared_dir / "data" / "cifar10" / "test" / "cat"
     if not folder.is_dir():

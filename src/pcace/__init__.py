@@ -6,10 +6,9 @@ channel's first principal components, between its activation maps and a scalar
 score of the network's output.
 """
 
-__version__ = "0.1.0"
-
-from .ace import AceResult, ace  # noqa: E402
-from .rank import rank  # noqa: E402
-from .result import PCACEResult, load  # noqa: E402
+from .core.version import __version__
+from .maxcorr.ace import AceResult, ace
+from .results.result import PCACEResult, load
+from .run.rank import rank
 
 __all__ = ["AceResult", "PCACEResult", "ace", "load", "rank", "__version__"]

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..hooks import evaluating, forward_hooks
-from ..targets import output_tensor
-from ..validation import device as resolve_device
+from ..core.validation import device as resolve_device
+from ..inputs.hooks import evaluating, forward_hooks
+from ..inputs.targets import output_tensor
 from ._common import resize
 from .cam import explain, resolve_cam_target
 from .evidence import MAX_FEATUREVIS, full_layers, layer_order, with_significance
@@ -189,7 +189,7 @@ def _all_scores(model: nn.Module, images: torch.Tensor, score_fn: Any, device: t
 
 
 def _ace_of(components: Any, channel: int, n_components: Any, scores: np.ndarray) -> dict | None:
-    from ..ace import ace
+    from ..maxcorr.ace import ace
 
     z = components[channel]
     z = z.detach().double().cpu().numpy() if isinstance(z, torch.Tensor) else np.asarray(z, float)

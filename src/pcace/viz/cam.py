@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..hooks import forward_hooks
-from ..targets import (
+from ..inputs.hooks import forward_hooks
+from ..inputs.targets import (
     ClassLogit,
     ClassProbability,
     RegressionOutput,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..evidence import verdict
+from ..stats.evidence import verdict
 
 #: The false-discovery level at which a channel counts as beating the permutation null.
 ALPHA = 0.05

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hooks import forward_hooks
-from ..layers import resolve_layers
+from ..inputs.hooks import forward_hooks
+from ..inputs.layers import resolve_layers
 
 
 class _Reached(Exception):

@@ -320,9 +320,9 @@ def class_atlas(result: Any, layer: str | None = None, *, alpha: float = 0.05) -
     (``per_label=True``). Left: one cell per (layer, class), the share of the layer's
     channels with ``q <= alpha`` when the run has a permutation null, else the median
     null-corrected value (``pcace_adj``), else the median raw value
-    (:func:`pcace.atlas.class_evidence`). Right: for ``layer`` (default the last), one
+    (:func:`pcace.stats.atlas.class_evidence`). Right: for ``layer`` (default the last), one
     row per channel, its value for each class, channels grouped by the class they carry
-    most information about; dots mark ``q <= alpha`` (:func:`pcace.atlas.selectivity`).
+    most information about; dots mark ``q <= alpha`` (:func:`pcace.stats.atlas.selectivity`).
 
     Parameters
     ----------
@@ -343,7 +343,7 @@ def class_atlas(result: Any, layer: str | None = None, *, alpha: float = 0.05) -
     >>> atlas = pcace.rank(model, (images, labels), per_label=True)  # doctest: +SKIP
     >>> class_atlas(atlas).savefig("atlas.png")  # doctest: +SKIP
     """
-    from ..atlas import class_evidence, selectivity
+    from ..stats.atlas import class_evidence, selectivity
 
     evidence, measure = class_evidence(result, alpha)
     names = list(evidence.index)

@@ -200,7 +200,7 @@ def render_figures(run_dir: str | Path, result: Any = None,
     """
     from tqdm.auto import tqdm
 
-    from ..result import load
+    from ..results.result import load
 
     root = Path(run_dir)
     result = load(root) if result is None else result
@@ -260,7 +260,7 @@ def write_report(run_dir: str | Path, *, title: str | None = None, top: int = 10
     >>> write_report("runs/demo")  # doctest: +SKIP
     PosixPath('runs/demo/report.html')
     """
-    from ..result import load
+    from ..results.result import load
 
     root = Path(run_dir)
     result = load(root)

@@ -1,0 +1,548 @@
+"""The ``pcace`` command: a thin layer over the public Python functions."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"2GiB"``, ``"512M"``, ``"1e9"`` -> bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        try:
+            return int(float(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB or 512MiB)") from None
+    unit = (m.group(2) or "").lower()[:1]
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _budget(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else parse_size(text)
+
+
+def _model_arg(text: str) -> tuple[str, Any]:
+    """``name=value`` -> (name, value), the value read as JSON when it parses (3, 0.5, true)."""
+    import json
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"not NAME=VALUE: {text!r} (e.g. num_classes=10)")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
+
+
+def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required,
+                   help="torchvision:NAME (e.g. torchvision:resnet18), timm:NAME, an exported "
+                   "program file (.pt2, from torch.export.save), or package.module:factory "
+                   "(a function returning an nn.Module; the module must be importable: "
+                   "installed, or on PYTHONPATH)")
+    p.add_argument("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1), 'none' "
+                   "for an untrained network, or a state-dict file")
+    p.add_argument("--checkpoint", help="state-dict file for a package.module:factory model "
+                   "(loaded with weights_only=True)")
+    p.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg,
+                   default=[], metavar="NAME=VALUE",
+                   help="keyword argument for the model's factory, repeatable "
+                   "(e.g. --model-arg num_classes=10); values are read as JSON when they parse")
+    p.add_argument("--random-weights", action="store_true",
+                   help="allow a model with no trained weights (a factory without "
+                   "--checkpoint); its initialisation is seeded by --init-seed")
+    p.add_argument("--init-seed", type=int, default=0,
+                   help="seed of a random initialisation (with --random-weights; default 0)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pcace", description="Rank the channels and layers of "
+                                     "a CNN by PCACE (maximal correlation with an output).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("layers", help="list the modules with a 4-D output")
+    _model_args(p)
+    p.add_argument("--input-shape", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="input size for the dummy pass (default: the model's own when known, "
+                   "else 3 224 224)")
+
+    p = sub.add_parser("rank", help="rank the channels of some layers over a set of images")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="image folder (one subfolder per class, or "
+                   "images directly), CSV of image paths, or a folder/file of MNIST IDX data")
+    p.add_argument("--class", dest="class_name",
+                   help="keep the images of this subfolder of --data only")
+    p.add_argument("--label", type=int, help="keep the images of this label (CSV, MNIST)")
+    p.add_argument("--target", action="append", help="what the score is: a class index (its "
+                   "logit), a class name of the model, prob:C (softmax probability), output:I "
+                   "or output (a regression output); 'all' for every class logit. Repeat it "
+                   "for several targets, ranked from one forward pass")
+    p.add_argument("--per-class", action="store_true",
+                   help="rank each class's images of --data (a folder of all classes) "
+                   "separately, from one forward pass (class by class when the maps of all "
+                   "images exceed --memory-budget); without --target each class on its own "
+                   "logit (the class index is the folder's position in sorted order)")
+    p.add_argument("--categories", help="the model's class names in output order: a file with "
+                   "one name per line, or a comma-separated list (needed for class-name "
+                   "targets when the model does not declare its classes)")
+    p.add_argument("--layers", nargs="+", help="module names (default: every Conv2d); list them "
+                   "with `pcace layers`")
+    p.add_argument("--components", type=float, default=3,
+                   help="k principal components per channel (default 3), or a fraction in "
+                   "(0, 1) of explained variance")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    p.add_argument("--memory-budget", type=_budget, default="auto",
+                   help="RAM for activations and the work on them, e.g. 2GiB; 'auto' (default): "
+                   "1 GiB where every layer fits it (kept, or streamed in two passes), else a "
+                   "quarter of the machine's memory. Layers beyond it are spilled to disk")
+    p.add_argument("--spill-dir", help="where spilled layers go (default: the system's "
+                   "temporary directory); leftovers of killed runs there are removed")
+    p.add_argument("--score", choices=["maximal", "first-component"], default="maximal",
+                   help="maximal: PCACE (default); first-component: the published scripts' "
+                   "|corr(phi_1, theta)|, for comparison only")
+    p.add_argument("--limit", type=int, help="use at most this many images")
+    p.add_argument("--resize", type=int, help="resize the shorter side of each image to this "
+                   "many pixels (default: the model's own preprocessing when known)")
+    p.add_argument("--crop", type=int, help="center-crop each image to this size")
+    p.add_argument("--mean", type=float, nargs="+", help="per-channel mean for normalisation "
+                   "(one value per input channel, e.g. 0.485 0.456 0.406)")
+    p.add_argument("--std", type=float, nargs="+", help="per-channel standard deviation for "
+                   "normalisation (one per input channel)")
+    p.add_argument("--path-column", default="path", help="CSV data: the column of image paths")
+    p.add_argument("--label-column", help="CSV data: the column of class labels (for --label)")
+    p.add_argument("--permutations", type=int, default=100,
+                   help="B permutations of the score for a null: p- and q-values, pcace_adj, "
+                   "which channels beat chance (default 100; 0: none; 1000 for claims about "
+                   "single channels)")
+    p.add_argument("--split-half", type=int, default=10,
+                   help="random splits of the images into halves for each layer's "
+                   "reproducibility check (default 10; 0: none)")
+    p.add_argument("--bootstrap", type=int, default=0,
+                   help="B bootstrap resamples of the images for intervals and rank stability")
+    p.add_argument("--level", type=float, default=0.95, help="bootstrap interval level")
+    p.add_argument("--interval", choices=["half-sample", "basic", "percentile"],
+                   default="half-sample",
+                   help="bootstrap interval: half-samples without replacement with a bias "
+                   "correction (default; near-nominal coverage in our simulations), or the "
+                   "classical with-replacement basic/percentile intervals")
+    p.add_argument("--seed", type=int, default=0, help="seed of permutations and resamples")
+    p.add_argument("--out", required=True, help="run directory to write (new or empty; see "
+                   "--force and --resume)")
+    p.add_argument("--force", action="store_true", help="replace an earlier pcace run in --out "
+                   "(only the files it wrote are removed)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out "
+                   "from its last finished layer (same command line otherwise)")
+    p.add_argument("--top", type=int, default=5, help="channels to print per layer")
+    p.add_argument("--report", action="store_true",
+                   help="also save the figures' material and write OUT/report.html")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="where the work runs: local (default, this process) or ray (the ACE "
+                   "problems as Ray tasks, and the forward passes of layers reduced in two "
+                   "passes on Ray actors; pip install 'pcace[ray]'); same results")
+    p.add_argument("--ray-address", help="with --engine ray: the cluster to join ('auto': the "
+                   "one started on this machine with `ray start`; HOST:PORT; ray://HOST:PORT); "
+                   "default: start a local one for the run")
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html (and figures/*.png)")
+    p.add_argument("run_dir")
+
+    p = sub.add_parser("ablate", help="faithfulness: ablate a run's top/bottom/random channels "
+                       "and compare with baseline rankings")
+    p.add_argument("run_dir")
+    p.add_argument("--layer", required=True, help="a layer of the run")
+    _model_args(p, required=False)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                   help="numbers of channels ablated")
+    p.add_argument("--mode", choices=["mean", "zero"], default="mean",
+                   help="replace ablated channels by their mean map (default) or by 0")
+    p.add_argument("--repeats", type=int, default=10, help="random sets per size")
+    p.add_argument("--metric", choices=["score_change", "score_drop", "accuracy_drop"],
+                   default="score_change",
+                   help="what the summary compares: score_change (default: how far each "
+                   "image's score moves; suits PCACE, which ranks what the score varies "
+                   "with), score_drop (how much the mean score falls) or accuracy_drop")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the baseline rankings (activation, weight L1, Taylor, ...)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random channel sets")
+
+    p = sub.add_parser("demo", help="train a small MNIST CNN and rank its two conv layers")
+    p.add_argument("--out", default="pcace-demo", help="run directory (default pcace-demo)")
+    p.add_argument("--data", help="folder with MNIST IDX files (default: scikit-learn digits)")
+    p.add_argument("--digit", type=int, default=3, help="the digit whose logit is the score")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _load(args: argparse.Namespace, random_ok: bool = False) -> Any:
+    from ..inputs.models import load_model
+
+    return load_model(args.model, weights=args.weights, checkpoint=args.checkpoint,
+                      model_kwargs=dict(args.model_args) or None,
+                      random_weights=random_ok or args.random_weights, seed=args.init_seed)
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from ..inputs.layers import describe_layers
+
+    loaded = _load(args, random_ok=True)  # listing layers needs no trained weights
+    shape = tuple(args.input_shape or loaded.input_shape or (3, 224, 224))
+    table = describe_layers(loaded.model, (1, *shape))
+    print(f"{loaded.description}: {len(table)} modules with a 4-D output for input {shape}")
+    print(table.to_string(index=False))
+    return 0
+
+
+def _data_spec(args: argparse.Namespace) -> dict:
+    from ..inputs.data import DATA_OPTIONS, describe_data
+
+    return describe_data(args.data, **{key: getattr(args, key, None) for key in DATA_OPTIONS})
+
+
+def _categories(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    path = Path(text)
+    if path.is_file():
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"--categories {text!r} names no classes")
+    return names
+
+
+def _first_image_shape(ds: Any) -> tuple[int, ...] | None:
+    from ..inputs.data import as_batches
+
+    try:
+        first = next(iter(as_batches(ds, 1)))
+    except StopIteration:
+        raise ValueError("the data holds no images; check --data, --class and --label") from None
+    return tuple(first.shape[1:])
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from ..core.interrupts import deferred_signals
+    from ..inputs.data import normalisation, open_dataset, stack_images
+    from ..inputs.layers import resolve_layers
+    from ..inputs.models import output_size
+    from ..results.rundir import clean_stale_spills, prepare_run_dir, remove_checkpoints
+    from ..run.rank import rank
+
+    out = prepare_run_dir(args.out, force=args.force, resume=args.resume)
+    for left in clean_stale_spills(args.spill_dir):
+        print(f"pcace: removed {left} (spilled activations of a run that was killed)",
+              file=sys.stderr)
+    loaded = _load(args)
+    resolve_layers(loaded.model, args.layers)  # an unknown name fails before any work
+    spec = _data_spec(args)
+    ds, classes = open_dataset(spec, loaded.transform)
+    shape = _first_image_shape(ds)
+    _check_input(loaded.model, shape, args)
+    target, cats = _resolve_targets(args, loaded, classes, output_size(loaded.model, shape))
+    print(f"pcace: score = {_describe_targets(target, cats, args.per_class)}; "
+          f"{loaded.description}", file=sys.stderr)
+    components: int | float = args.components
+    if float(components).is_integer() and components >= 1:
+        components = int(components)
+    label = args.label if spec.get("kind") == "csv" else None
+    with deferred_signals() as guard, warnings.catch_warnings():
+        # an interrupted run is reported below, in the command's own words
+        warnings.filterwarnings("ignore", message="interrupted:", category=UserWarning)
+        result = rank(loaded.model, ds, target, layers=args.layers, components=components,
+                      batch_size=args.batch_size, device=args.device,
+                      memory_budget=args.memory_budget, score=args.score, label=label,
+                      per_label=args.per_class,
+                      categories=list(cats.names) if cats else None, seed=args.seed,
+                      progress=not args.no_progress, permutations=args.permutations,
+                      split_half=args.split_half, bootstrap=args.bootstrap, level=args.level,
+                      interval=args.interval,
+                      spill_dir=args.spill_dir, checkpoint_dir=out, resume=args.resume,
+                      on_step=guard.check, engine=args.engine,
+                      ray_address=args.ray_address)
+    skipped = getattr(getattr(ds, "dataset", ds), "skipped", 0)
+    result.manifest["model"]["spec"] = loaded.spec
+    result.manifest["data"].update(spec=spec, skipped_images=int(skipped or 0))
+    result.save(out)
+    if not result.complete:
+        code = 143 if result.manifest.get("interrupt_signal") == 15 else 130
+        runs = result.manifest.get("per_label_runs")
+        if runs:  # labels ranked in turn
+            done = sum(bool(r.get("complete")) for r in runs.values())
+            what = f"{done} of {len(result.manifest['data'].get('labels', runs))} labels are"
+        else:
+            done = len(result.manifest.get("layers_done", []))
+            what = f"{done} of {len(result.manifest['layers'])} layers are"
+        print(f"pcace: interrupted; {what} saved in {out} (marked incomplete). Continue with "
+              "the same command and --resume", file=sys.stderr)
+        return code
+    remove_checkpoints(out)
+    _print_summary(result, args.top)
+    print(f"wrote {out}/ (channels.csv, layers.csv, run.json)")
+    if args.report:
+        from ..results.rundir import add_files
+        from ..viz import collect_assets, write_report
+
+        if len(result.targets) <= 1 and not args.per_class:  # assets belong to one target
+            images, _ = stack_images(ds, label=label)
+            mean, std = normalisation(spec, loaded.transform)
+            collect_assets(out, loaded.model, images, result, mean=mean, std=std,
+                           device=result.manifest["device"], progress=not args.no_progress)
+        report = write_report(out, progress=not args.no_progress)
+        add_files(out, _report_files(out))
+        print(f"wrote {report}")
+    return 0
+
+
+def _report_files(out: Path) -> list[str]:
+    """What a report wrote into a run directory (assets, figures, the page or pages)."""
+    pages = sorted(p.name for p in out.glob("report-*.html"))
+    return [p for p in ("assets", "figures", "report.html") if (out / p).exists()] + pages
+
+
+def _check_input(model: Any, shape: tuple[int, ...] | None, args: argparse.Namespace) -> None:
+    """One image through the model: a wrong normalisation or size fails here, in one line."""
+    import torch
+
+    from ..inputs.hooks import evaluating
+
+    if shape is None:
+        return
+    for name in ("mean", "std"):
+        values = getattr(args, name, None)
+        if values is not None and len(values) not in (1, shape[0]):
+            raise ValueError(f"--{name} has {len(values)} values but the images have "
+                             f"{shape[0]} channels; give one value per channel")
+    try:
+        with evaluating(model), torch.no_grad():
+            model(torch.zeros((2, *shape)))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"the model cannot take the images as preprocessed (shape "
+                         f"{tuple(shape)}): {first}. Check --resize/--crop, --mean/--std and "
+                         "that the data suits the model") from None
+
+
+def _resolve_targets(args: argparse.Namespace, loaded: Any, classes: list[str] | None,
+                     n_outputs: int | None) -> tuple[Any, Any]:
+    """The --target values (or, with --per-class and none, each class's own logit)."""
+    from ..inputs.targets import ClassLogit, TargetSet, choose_categories, resolve_target_for_model
+
+    specs = args.target or []
+    declared = _categories(args.categories)
+    if not specs and not args.per_class:
+        raise ValueError("give --target (a class index or name, prob:C, output, or all), "
+                         "or --per-class")
+    if args.per_class and getattr(args, "class_name", None):
+        raise ValueError("--per-class ranks every class folder of --data; do not also give "
+                         "--class")
+    if not specs:
+        return None, choose_categories(loaded.categories, declared, classes, n_outputs)
+    if [s.strip().lower() for s in specs] == ["all"]:
+        cats = choose_categories(loaded.categories, declared, classes, n_outputs)
+        if n_outputs is None:
+            raise ValueError("--target all needs a model with class outputs")
+        names = list(cats.names) if cats else None
+        return TargetSet([ClassLogit(i, names[i] if names else None)
+                          for i in range(n_outputs)]), cats
+    targets, cats = [], None
+    for spec in specs:
+        one, cats = resolve_target_for_model(
+            spec, model_categories=loaded.categories, declared=declared,
+            data_classes=classes, n_outputs=n_outputs)
+        targets.append(one)
+    return (targets[0] if len(targets) == 1 else TargetSet(targets)), cats
+
+
+def _describe_targets(target: Any, cats: Any, per_class: bool) -> str:
+    from ..inputs.targets import TargetSet, describe_resolved
+
+    if target is None:
+        return "each class's own logit, on that class's images (--per-class)"
+    if isinstance(target, TargetSet):
+        text = target.describe()
+        return text + (" (each on every class's images)" if per_class else "")
+    return describe_resolved(target, cats)
+
+
+def _print_summary(result: Any, top: int) -> None:
+    from .printout import text_summary
+
+    n = result.manifest["data"]["n_images"]
+    target = result.manifest.get("target_description") or result.manifest["target"]
+    print(f"PCACE over {n} images, score: {target}")
+    if len(result.targets) > 1 or "label" in result.channels.columns:
+        print(many_summary(result, top=min(top, 3)))
+    else:
+        print(text_summary(result, top=top))
+
+
+def many_summary(result: Any, top: int = 3) -> str:
+    """Per (label, target) one line: its strongest layer and that layer's top channels."""
+    layers = result.layers
+    keys = [k for k in ("label", "target") if k in layers.columns]
+    evidence = "significant_share" if "significant_share" in layers.columns else "median"
+    groups = layers.groupby(keys, sort=False)
+    lines = [f"per {' and '.join(keys)} ({groups.ngroups}): the layer with the highest "
+             f"{'share of significant channels' if evidence != 'median' else 'median PCACE'}"
+             f" and its top {top} channels"]
+    for key, sub in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        best = sub.sort_values([evidence, "median"], ascending=False).iloc[0]
+        name = " / ".join(f"{k} {v}" for k, v in zip(keys, key, strict=True))
+        chans = result.channels
+        mask = chans.layer == best.layer
+        for k, v in zip(keys, key, strict=True):
+            mask &= chans[k] == v
+        rows = chans[mask].sort_values("rank").head(top)
+        pairs = ", ".join(f"{c}:{v:.3f}" for c, v in zip(rows.channel, rows.pcace, strict=True))
+        score = f"{best[evidence]:.0%} significant" if evidence != "median" else \
+            f"median {best['median']:.3f}"
+        lines.append(f"  {name:<28} {best.layer:<20} {score}  top {pairs}")
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(out=args.out, data=args.data, digit=args.digit, epochs=args.epochs,
+                      progress=not args.no_progress)
+    acc = result.manifest["demo"]["held_out_accuracy"]
+    print(f"trained the two-conv CNN: held-out accuracy {acc:.1%}")
+    _print_summary(result, 5)
+    print(f"wrote {args.out}/ (channels.csv, layers.csv, run.json, model.pt) in "
+          f"{result.manifest['demo']['seconds']:.0f} s")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..results.result import load
+    from ..results.rundir import add_files
+    from ..viz import write_report
+
+    load(args.run_dir)  # a clear error when this is not a run directory
+    report = write_report(args.run_dir, progress=True)
+    root = Path(args.run_dir)
+    add_files(root, [p for p in _report_files(root) if p != "assets"])
+    print(f"wrote {report}")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from ..inputs.data import open_dataset, stack_images
+    from ..inputs.models import rebuild_model
+    from ..inputs.targets import target_from_dict
+    from ..results.result import load
+    from ..results.rundir import add_files, atomic_write
+    from ..stats.ablate import ablate, faithfulness_summary
+
+    run = load(args.run_dir)
+    manifest = run.manifest
+    layers = list(run.layers.layer)
+    if args.layer not in layers:
+        raise ValueError(f"layer {args.layer!r} is not in this run; its layers: {layers}")
+    recorded = manifest.get("model") or {}
+    dspec = (manifest.get("data") or {}).get("spec")
+    if not recorded.get("spec") or not dspec or "path" not in dspec:
+        raise ValueError("this run does not record how its model and data were loaded (it was "
+                         "made from Python); call pcace.ablate(...) from Python instead")
+    loaded = rebuild_model(recorded, model=args.model, checkpoint=args.checkpoint,
+                           weights=args.weights)
+    ds, _ = open_dataset(dict(dspec), loaded.transform)
+    label = dspec.get("label") if dspec.get("kind") == "csv" else None
+    images, labels = stack_images(ds, label=label)
+    target = target_from_dict(manifest["target"])
+    if len(run.targets) > 1 or "label" in run.channels.columns:
+        raise ValueError(f"ablate works on a run with one target and one image set; this run "
+                         f"has {len(run.targets)} targets"
+                         f"{' and one image set per label' if manifest.get('per_label') else ''}"
+                         ": rank the target of interest on its own first")
+    table = run.channels[run.channels.layer == args.layer]
+    rankings = {"pcace": table.sort_values("rank").channel.to_numpy()}
+    if "pcace_adj" in table.columns:
+        rankings["pcace_adj"] = table.sort_values("pcace_adj", ascending=False).channel.to_numpy()
+    curves = ablate(loaded.model, images, target, args.layer, rankings, sizes=args.sizes,
+                    mode=args.mode, repeats=args.repeats, labels=labels,
+                    batch_size=args.batch_size, device=args.device,
+                    seed=args.seed, baselines=not args.no_baselines, progress=True)
+    root = Path(args.run_dir)
+    names = [f"ablation_{args.layer}.csv", f"faithfulness_{args.layer}.csv"]
+    if args.metric == "accuracy_drop" and labels is None:
+        raise ValueError("--metric accuracy_drop needs labelled images (the run's data has "
+                         "no labels); use score_change or score_drop")
+    summary = faithfulness_summary(curves, metric=args.metric)
+    atomic_write(root / names[0], curves.to_csv(index=False))
+    atomic_write(root / names[1], summary.to_csv(index=False))
+    add_files(root, names)
+    print(f"ablation of {args.layer} ({args.mode} ablation), {len(images)} images, metric "
+          f"{args.metric}")
+    print(summary.to_string(index=False))
+    print(ABLATION_COLUMNS.format(metric=args.metric))
+    print(f"wrote {root / names[0]} (the curves) and {root / names[1]} (this table)")
+    return 0
+
+
+ABLATION_COLUMNS = """\
+How to read it: each ranking's top m channels (and its bottom m) are replaced by their mean
+map (or 0), for each size m, and compared with random sets of m channels.
+  area               {metric} of the top m minus that of random sets, integrated over
+                     log2 m: larger = the ranking's top channels matter more than chance
+  mean_gap           the same as an average excess per size, in the metric's units
+  mean_gap_sd_units  that excess in standard deviations of the random sets (above ~2: clear)
+  bottom_mean_gap    the same for the bottom m channels (negative: they matter less than
+                     random ones, as a faithful ranking's bottom should)
+  top_minus_bottom   mean_gap - bottom_mean_gap
+  accuracy_mean_gap  the excess accuracy lost (with labels)"""
+
+
+COMMANDS = {"layers": cmd_layers, "rank": cmd_rank, "demo": cmd_demo, "report": cmd_report,
+            "ablate": cmd_ablate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pcace`` command (set PCACE_DEBUG=1 to see tracebacks)."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    # this command owns its process: keep the forward pass's freed memory in the heap
+    # (faster on glibc; a library call leaves malloc alone unless asked)
+    os.environ.setdefault("PCACE_TUNE_MALLOC", "1")
+    from ..core.interrupts import Interrupted
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, TypeError, ImportError, OSError) as err:
+        if os.environ.get("PCACE_DEBUG"):
+            raise
+        print(f"pcace: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except Interrupted as err:
+        print(f"pcace: {err}; nothing was finished, so nothing was saved", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("pcace: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        text = f"{err.strerror}: {err.filename}"
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""One memory plan for a run: who may hold how many bytes, in channels and problems.
+
+A run's RAM budget (``memory_budget``) is split once, here, and every stage sizes its work
+from the plan in the units it works in:
+
+- the activation store holds captured maps in three quarters of the budget
+  (:attr:`MemoryPlan.store_bytes`); layers past it spill to disk;
+- the reduce step's working memory (Gram matrices, eigen work, spilled blocks read back
+  and the next one read ahead, float64 copies) and the statistics' batched ACE calls and
+  resampled maps share the last quarter (:attr:`MemoryPlan.work_bytes`), one stage at a time.
+
+Stages take counts (channels per block, problems per ACE call, replicates per PCA call),
+never bytes: the plan is the only place that converts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .validation import byte_count
+
+#: Activations are kept as float32.
+BYTES_PER_VALUE = 4
+
+#: Routes whose layers keep no maps: their statistics come from passes over the images.
+STREAMED = ("moments", "subspace")
+
+#: The budget ``memory_budget="auto"`` plans in first (or a quarter of the machine's memory,
+#: if smaller). A run that would spill maps to disk, split moments into channel groups or
+#: iterate a subspace in it takes the quarter of the machine instead
+#: (:meth:`MemoryPlan.plan_routes`): memory stays flat in N where the layers can be
+#: streamed, and grows only where the alternative is disk or extra forward passes.
+PREFERRED_BUDGET = 2**30
+
+#: Channel groups (one forward pass each) a layer's moments may be split into when they do
+#: not fit the work share at once; past it the layer's maps are stored (spilled) instead.
+MAX_GROUPS = 8
+
+
+def subspace_bytes(channels: int, pixels: int, components: int | float = 3,
+                   oversample: int = 20, max_components: int = 10,
+                   batch_images: int = 256) -> int:
+    """Bytes a layer's block subspace iteration holds
+    (:class:`~pcace.reduce.streaming.SubspaceIteration`).
+
+    Four ``(C, P, q + oversample)`` float64 blocks and five per-pixel statistics, plus
+    one float64 copy of a batch's maps (``batch_images`` images, in chunks of at most
+    :data:`pcace.reduce.streaming.CHUNK_BYTES`; 0 for the bytes held between passes).
+
+    Examples
+    --------
+    >>> round(subspace_bytes(64, 112 * 112) / 2**20)  # MiB for 64 maps of 112 x 112
+    658
+    """
+    from ..reduce.streaming import CHUNK_BYTES
+
+    q = int(components) if isinstance(components, int) else max_components
+    block = min(q + oversample, pixels)
+    return 8 * channels * pixels * (4 * block + 5) + min(CHUNK_BYTES,
+                                                         8 * channels * pixels * batch_images)
+
+
+def _size(nbytes: int) -> str:
+    """Bytes for a reason text: MiB below a GiB, GiB above."""
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes < 2**30 else f"{nbytes / 2**30:.2f} GiB"
+
+
+def default_memory_budget() -> int:
+    """A quarter of the machine's memory: :func:`pcace.capture.capture`'s ``"auto"`` budget, and
+    the ceiling ``pcace.rank``'s ``"auto"`` plan widens to (:meth:`MemoryPlan.from_budget`).
+
+    The machine's memory is the smaller of its physical RAM and a cgroup (container) limit,
+    when either is known; the budget is at least 1 GiB, and 2 GiB when nothing is known.
+
+    Examples
+    --------
+    >>> default_memory_budget() >= 2**30
+    True
+    """
+    import os
+    from pathlib import Path
+
+    sizes = []
+    try:
+        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            sizes.append(int(text))
+    if not sizes:
+        return 2 * 2**30
+    return max(2**30, min(sizes) // 4)
+
+
+def resolve_budget(memory_budget: Any) -> int:
+    """``"auto"`` -> :func:`default_memory_budget`; a number of bytes is checked and kept.
+
+    Examples
+    --------
+    >>> resolve_budget(2**30)
+    1073741824
+    """
+    if isinstance(memory_budget, str) and memory_budget == "auto":
+        return default_memory_budget()
+    return byte_count(memory_budget, "memory_budget")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a run's RAM budget is shared between the store and the work on it.
+
+    Parameters
+    ----------
+    budget : int
+        Bytes of RAM for activations and the work on them (the forward pass's own memory
+        and the model come on top).
+    ceiling : int
+        Bytes the run may widen ``budget`` to where ``budget`` would spill or take extra
+        passes (``memory_budget="auto"``; 0: ``budget`` is fixed).
+
+    Examples
+    --------
+    >>> plan = MemoryPlan(2**30)
+    >>> plan.store_bytes + plan.work_bytes == 2**30
+    True
+    >>> plan.channels_per_block((64, 8, 8), 300, spilled=False)
+    64
+    """
+
+    budget: int
+    ceiling: int = 0
+
+    @classmethod
+    def from_budget(cls, memory_budget: Any) -> MemoryPlan:
+        """A plan for ``memory_budget``: bytes (fixed), or ``"auto"``.
+
+        ``"auto"`` plans in :data:`PREFERRED_BUDGET` and may widen to
+        :func:`default_memory_budget` (a quarter of the machine) where that would spill.
+
+        Examples
+        --------
+        >>> MemoryPlan.from_budget(2**31)
+        MemoryPlan(budget=2147483648, ceiling=0)
+        >>> MemoryPlan.from_budget("auto").budget <= PREFERRED_BUDGET
+        True
+        """
+        if isinstance(memory_budget, str) and memory_budget == "auto":
+            machine = default_memory_budget()
+            if machine > PREFERRED_BUDGET:
+                return cls(PREFERRED_BUDGET, ceiling=machine)
+            return cls(machine)
+        return cls(resolve_budget(memory_budget))
+
+    def widened(self) -> MemoryPlan:
+        """The plan at its ceiling (itself when it has none).
+
+        Examples
+        --------
+        >>> MemoryPlan(2**30, ceiling=2**32).widened()
+        MemoryPlan(budget=4294967296, ceiling=0)
+        """
+        return MemoryPlan(self.ceiling) if self.ceiling > self.budget else self
+
+    def plan_routes(self, shapes: dict[str, tuple[int, ...]], n: int | None,
+                    **kwargs: Any) -> tuple[MemoryPlan, dict[str, LayerRoute]]:
+        """The routes of :meth:`routes`, and the plan they run in.
+
+        A plan with a ceiling (``memory_budget="auto"``) keeps its budget when every layer
+        runs in it at its cheapest: kept in the store, or streamed in one group of
+        channels. If a layer would spill to disk, split its moments into channel groups or
+        take the subspace route, the plan widens to its ceiling (and routes again there).
+        ``kwargs`` go to :meth:`routes`.
+
+        Examples
+        --------
+        A 16 x 32 x 32 layer over 50,000 images streams within 1 GiB; a ResNet-18 conv1
+        over 300 images would spill there, so the plan widens:
+
+        >>> plan = MemoryPlan(2**30, ceiling=8 * 2**30)
+        >>> used, routes = plan.plan_routes({"a": (16, 32, 32)}, 50_000)
+        >>> used.budget == 2**30, routes["a"].route
+        (True, 'moments')
+        >>> used, routes = plan.plan_routes({"conv1": (64, 112, 112)}, 300)
+        >>> used.budget == 8 * 2**30, routes["conv1"].route
+        (True, 'in-memory')
+        """
+        routes = self.routes(shapes, n, **kwargs)
+        if self.ceiling > self.budget and not self.fits(routes):
+            wide = self.widened()
+            return wide, wide.routes(shapes, n, **kwargs)
+        return self, routes
+
+    def fits(self, routes: dict[str, LayerRoute]) -> bool:
+        """Whether ``routes`` run in this plan at their cheapest.
+
+        Nothing spilled (the kept layers' maps fit the store beside the streamed layers'
+        statistics), no moments in channel groups and no subspace iteration.
+
+        Examples
+        --------
+        >>> plan = MemoryPlan(2**30)
+        >>> plan.fits(plan.routes({"a": (16, 32, 32)}, 50_000))
+        True
+        >>> plan.fits(plan.routes({"a": (64, 112, 112)}, 300))
+        False
+        """
+        kept = sum(r.stats_bytes for r in routes.values() if r.route not in STREAMED)
+        return (kept + self.streamed_bytes(routes) <= self.store_bytes
+                and all(r.route != "subspace" and r.groups == 1 for r in routes.values()))
+
+    @property
+    def store_bytes(self) -> int:
+        """Bytes of captured activations held in RAM."""
+        return self.budget - self.work_bytes
+
+    @property
+    def work_bytes(self) -> int:
+        """Bytes for one stage's working memory: the reduce step, or a batch of statistics."""
+        return self.budget // 4
+
+    def channels_per_block(self, shape: tuple[int, ...], n: int, spilled: bool,
+                           float64: bool = False) -> int:
+        """Channels of a ``(C, H, W)`` layer over ``n`` images that one reduce step takes.
+
+        Per channel the reduce step holds the Gram matrix in the data's precision and in
+        float64 plus the eigensolver's work (about 28 m^2 bytes, m = min(N, P)); for a
+        spilled layer the block read from disk and the next one, read ahead
+        (2 x 4 N P bytes); and a float64 working copy (8 N P) when ``float64``. A layer
+        held in RAM is reduced in place, in the store's own memory. At least one channel.
+        """
+        p = int(np.prod(shape[1:]))
+        m = min(n, p)
+        per_channel = 28 * m * m + (2 * BYTES_PER_VALUE * n * p if spilled else 0) + \
+            (8 * n * p if float64 else 0)
+        return int(min(shape[0], max(1, self.work_bytes // per_channel)))
+
+    def ace_problems(self, n: int, k: int) -> int:
+        """ACE problems of ``n`` observations and ``k`` predictors per batched call.
+
+        Each holds its inputs and outputs in float64 (x, y, theta, phi: ``(2k + 2) n``
+        values) and the engine's sorted copies and smoother work (as much again).
+        """
+        per_problem = 2 * (2 * k + 2) * n * 8
+        return max(1, self.work_bytes // per_problem)
+
+    def replicates_per_call(self, n: int, channels: int, pixels: int) -> int:
+        """Bootstrap replicates of ``channels`` maps of ``n`` images stacked in one PCA call.
+
+        A replicate's resampled maps in float64 plus the reduce step's Gram work.
+        """
+        m = min(n, pixels)
+        per_replicate = channels * (8 * n * pixels + 28 * m * m)
+        return max(1, self.work_bytes // max(1, per_replicate))
+
+    def routes(self, shapes: dict[str, tuple[int, ...]], n: int | None,
+               run_images: int = 256, components: int | float = 3,
+               batch_images: int = 256) -> dict[str, LayerRoute]:
+        """How each layer's reduce step runs: the one place the route is decided.
+
+        ``"in-memory"`` (today's capture and :func:`~pcace.reduce.pca.reduce_block`) for
+        every layer when all their maps (``4 C N P`` bytes each) fit
+        :attr:`store_bytes`: one pass, nothing recomputed. Otherwise a layer is reduced
+        in two passes over the images (``"moments"``, :mod:`pcace.reduce.twopass`) when its
+        moments are smaller than its maps (``2 P <= N``), its ``8 C P^2`` bytes fit
+        :attr:`work_bytes` (its basis is solved there), and the moments of all layers so
+        routed (packed triangles, ``4 C P (P + 1)`` bytes each), with their runs of
+        ``run_images`` images, fit :attr:`store_bytes` together (they are held at once
+        during the first pass, in place of the maps). Moments whose full matrices do not
+        fit :attr:`work_bytes` at once are split into up to :data:`MAX_GROUPS` groups of
+        channels, one forward pass each (stopped after the last layer with a group left).
+        A layer that cannot take moments and whose maps cannot be reduced in the store
+        either (one channel's ``min(N, P)^2`` Gram work exceeds the work share) takes
+        ``"subspace"``:
+        block subspace iteration (:class:`~pcace.reduce.streaming.SubspaceIteration`), one more
+        forward pass (stopped after the layer) per iteration, to a stated tolerance. The
+        rest stay ``"in-memory"`` in what remains of the store, which spills them to disk
+        past it. ``n`` None (unknown) counts as large; ``batch_images``, the images per
+        forward pass, sizes the subspace route's float64 copy of a batch.
+
+        Examples
+        --------
+        >>> plan = MemoryPlan(2**30)
+        >>> plan.routes({"a": (16, 32, 32)}, 1000)["a"].route
+        'in-memory'
+        >>> plan.routes({"a": (16, 32, 32)}, 50_000)["a"].route
+        'moments'
+        >>> MemoryPlan(4 * 2**30).routes({"a": (64, 112, 112)}, 50_000)["a"].route
+        'subspace'
+        """
+        sizes = {name: (int(s[0]), int(np.prod(s[1:]))) for name, s in shapes.items()}
+        maps = {name: BYTES_PER_VALUE * c * (n or 0) * p for name, (c, p) in sizes.items()}
+        gib = 2.0**30
+        if n is not None and sum(maps.values()) <= self.store_bytes:
+            return {name: LayerRoute("in-memory", f"all maps ({sum(maps.values()) / gib:.2f} "
+                                     f"GiB) fit the store ({self.store_bytes / gib:.2f} GiB)",
+                                     maps[name], shape=tuple(shapes[name]))
+                    for name in shapes}
+        out: dict[str, LayerRoute] = {}
+        held = 0
+        for name, (c, p) in sizes.items():
+            moments = 8 * c * p * p  # as the basis is solved: full float64 matrices
+            # channels whose bases fit the work share at once; more go in groups, a forward
+            # pass each
+            fit = self.work_bytes // (8 * p * p)
+            groups = -(-c // fit) if fit else MAX_GROUPS + 1
+            size = -(-c // groups)
+            stats = 4 * size * p * (p + 1) + BYTES_PER_VALUE * size * p * min(run_images,
+                                                                             n or run_images)
+            m = p if n is None else min(n, p)
+            # one channel's reduce of the stored (or spilled) maps: its min(N, P)^2 Gram work
+            too_big = 28 * m * m > self.work_bytes
+            if n is not None and 2 * p > n:
+                why = f"P = {p} > N / 2: its maps are smaller than its P x P moments"
+            elif groups > MAX_GROUPS:
+                why = (f"its P x P moments ({moments / gib:.2f} GiB) exceed the work share "
+                       f"({self.work_bytes / gib:.2f} GiB) {MAX_GROUPS} times over")
+            elif held + stats > self.store_bytes:
+                why = "the store is taken by other layers' moments"
+            else:
+                held += stats
+                split = "" if groups == 1 else (
+                    f"; its P x P moments ({_size(moments)}) exceed the work share "
+                    f"({_size(self.work_bytes)}), so {groups} groups of {size} channels, a "
+                    "forward pass each")
+                out[name] = LayerRoute("moments", "the maps of all layers do not fit the "
+                                       f"store; its moments take {stats / 2**20:.1f} MiB"
+                                       + split, stats, passes=groups + 1,
+                                       shape=tuple(shapes[name]), groups=groups)
+                continue
+            iterating = subspace_bytes(c, p, components, batch_images=batch_images)
+            blocks = subspace_bytes(c, p, components, batch_images=0)  # held between passes
+            if too_big and iterating <= self.work_bytes and held + blocks <= self.store_bytes:
+                held += blocks
+                out[name] = LayerRoute("subspace", why + f", and one channel's reduce of its "
+                                       f"maps ({28 * m * m / gib:.2f} GiB) too; block subspace "
+                                       f"iteration takes {iterating / 2**20:.1f} MiB (one "
+                                       "forward pass per iteration)", blocks, passes=3,
+                                       shape=tuple(shapes[name]))
+                continue
+            out[name] = LayerRoute("in-memory", why + "; kept in the store (spilled to disk "
+                                   "past it)", maps[name], shape=tuple(shapes[name]))
+        return {name: out[name] for name in shapes}
+
+    def streamed_bytes(self, routes: dict[str, LayerRoute]) -> int:
+        """Bytes the streamed layers' statistics take from the store."""
+        return sum(r.stats_bytes for r in routes.values() if r.route in STREAMED)
+
+
+@dataclass(frozen=True)
+class LayerRoute:
+    """How one layer is reduced (see :meth:`MemoryPlan.routes`).
+
+    Attributes
+    ----------
+    route : {"in-memory", "moments", "subspace"}
+    reason : str
+    stats_bytes : int
+        Bytes held for the layer during the first pass: its maps, or its moments.
+    passes : int
+        Forward passes that see the layer.
+    shape : tuple of int
+        ``(C, H, W)``.
+    groups : int
+        Channel groups of a ``"moments"`` layer, each accumulated in its own pass.
+    """
+
+    route: str
+    reason: str
+    stats_bytes: int
+    passes: int = 1
+    shape: tuple[int, ...] = ()
+    groups: int = 1

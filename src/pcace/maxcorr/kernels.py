@@ -1,0 +1,458 @@
+"""Compiled CPU backend of ACE: one problem per thread, no Python in the loops.
+
+This is the same algorithm as the batched torch backend (:mod:`pcace.maxcorr.smoothers`
+and :func:`pcace.ace._run`), written as plain loops over one problem and
+compiled with numba. Problems run in parallel over the CPU's cores, on pcace's own
+threads (:mod:`pcace.core.threads`). The two
+backends are independent implementations of one specification; the tests hold
+them to agree to 1e-8.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ..core.threads import parallel_ranges
+
+ORDERED, MONOTONE, LINEAR, CATEGORICAL = 0, 1, 2, 3
+KIND_CODES = {"ordered": ORDERED, "monotone": MONOTONE, "linear": LINEAR,
+              "categorical": CATEGORICAL}
+
+_SPANS = np.array([0.05, 0.2, 0.5])
+_EPS = 1e-3
+_SML = 1e-4
+_BIG = 1e20
+_LEVERAGE_FLOOR = 1e-6  # see pcace.maxcorr.smoothers
+
+
+@njit(cache=True)
+def _axis(xs):
+    """Everything the smoothers reuse about one sorted abscissa."""
+    n = xs.size
+    xc = xs - xs.mean()
+    constant = xs[n - 1] <= xs[0]
+    i = n // 4
+    j = 3 * i
+    scale = xs[j - 1] - xs[i - 1]
+    if not constant:
+        while scale <= 0.0:
+            if j < n:
+                j += 1
+            if i > 1:
+                i -= 1
+            scale = xs[j - 1] - xs[i - 1]
+    vsmlsq = (_EPS * scale) ** 2
+    widths = np.empty(3, np.int64)
+    halves = np.empty(3, np.int64)
+    x_mean = np.empty((3, n))
+    inv_ss = np.empty((3, n))
+    cv_scale = np.empty((3, n))
+    px = np.zeros(n + 1)
+    pxx = np.zeros(n + 1)
+    for t in range(n):
+        px[t + 1] = px[t] + xc[t]
+        pxx[t + 1] = pxx[t] + xc[t] * xc[t]
+    for s in range(3):
+        ibw = max(2, int(0.5 * _SPANS[s] * n + 0.5))
+        width = min(2 * ibw + 1, n)
+        widths[s] = width
+        halves[s] = ibw
+        for t in range(n):
+            lo = min(max(t - ibw, 0), n - width)
+            sx = px[lo + width] - px[lo]
+            sxx = pxx[lo + width] - pxx[lo]
+            m = sx / width
+            ss = max(sxx - sx * m, 0.0)
+            x_mean[s, t] = m
+            inv = 1.0 / ss if ss > vsmlsq else 0.0
+            inv_ss[s, t] = inv
+            dev = xc[t] - m
+            oml = 1.0 - (1.0 / width + dev * dev * inv)
+            cv_scale[s, t] = 1.0 / oml if oml > _LEVERAGE_FLOOR else 0.0
+    start = np.empty(n, np.int64)
+    end = np.empty(n, np.int64)
+    has_ties = False
+    t = 0
+    while t < n:
+        t0 = t
+        while t + 1 < n and xs[t + 1] <= xs[t]:
+            t += 1
+        if t > t0:
+            has_ties = True
+        for u in range(t0, t + 1):
+            start[u] = t0
+            end[u] = t + 1
+        t += 1
+    return xc, constant, widths, halves, x_mean, inv_ss, cv_scale, start, end, has_ties
+
+
+@njit(cache=True)
+def _tie_average(v, start, end, has_ties):
+    if not has_ties:
+        return v
+    n = v.size
+    p = np.zeros(n + 1)
+    for t in range(n):
+        p[t + 1] = p[t] + v[t]
+    out = np.empty(n)
+    for t in range(n):
+        out[t] = (p[end[t]] - p[start[t]]) / (end[t] - start[t])
+    return out
+
+
+@njit(cache=True)
+def _prefix_sums(xc, y, py, pxy):
+    """Running sums of ``y`` and ``xc * y`` (length n + 1), which every span's fit reads."""
+    py[0] = 0.0
+    pxy[0] = 0.0
+    for t in range(y.size):
+        py[t + 1] = py[t] + y[t]
+        pxy[t + 1] = pxy[t] + xc[t] * y[t]
+
+
+@njit(cache=True)
+def _line_from_sums(ax, s, y, py, pxy, fit, resid, cross_validate):
+    xc, _, widths, halves, x_mean, inv_ss, cv_scale, start, end, has_ties = ax
+    n = y.size
+    width = widths[s]
+    ibw = halves[s]
+    for t in range(n):
+        lo = min(max(t - ibw, 0), n - width)
+        sy = py[lo + width] - py[lo]
+        sxy = pxy[lo + width] - pxy[lo]
+        slope = (sxy - x_mean[s, t] * sy) * inv_ss[s, t]
+        fit[t] = slope * (xc[t] - x_mean[s, t]) + sy / width
+        if cross_validate:
+            scale = cv_scale[s, t]
+            resid[t] = abs(y[t] - fit[t]) * scale if scale != 0.0 else _BIG
+    if has_ties:
+        fit[:] = _tie_average(fit, start, end, has_ties)
+
+
+@njit(cache=True)
+def _running_line(ax, s, y, fit, resid, cross_validate):
+    n = y.size
+    py = np.empty(n + 1)
+    pxy = np.empty(n + 1)
+    _prefix_sums(ax[0], y, py, pxy)
+    _line_from_sums(ax, s, y, py, pxy, fit, resid, cross_validate)
+
+
+@njit(cache=True)
+def _supersmoother(ax, y, alpha):
+    n = y.size
+    if ax[1]:
+        return np.full(n, y.mean())
+    fits = np.empty((3, n))
+    cv = np.empty((3, n))
+    resid = np.empty(n)
+    py = np.empty(n + 1)  # the response's running sums serve all three spans
+    pxy = np.empty(n + 1)
+    _prefix_sums(ax[0], y, py, pxy)
+    rpy = np.empty(n + 1)
+    rpxy = np.empty(n + 1)
+    for s in range(3):
+        _line_from_sums(ax, s, y, py, pxy, fits[s], resid, True)
+        _prefix_sums(ax[0], resid, rpy, rpxy)
+        _line_from_sums(ax, 1, resid, rpy, rpxy, cv[s], resid, False)
+    spans = np.empty(n)
+    power = 10.0 - alpha
+    whole = power == np.floor(power) and 0.0 <= power <= 10.0  # pow() is the slow part
+    for t in range(n):
+        resmin = cv[0, t]
+        span = _SPANS[0]
+        for s in range(1, 3):
+            if cv[s, t] < resmin:
+                resmin = cv[s, t]
+                span = _SPANS[s]
+        if 0.0 < alpha <= 10.0 and resmin < cv[2, t]:
+            woofer = cv[2, t] if cv[2, t] != 0 else 1.0
+            base = max(_SML, resmin / woofer)
+            if whole:
+                factor = 1.0
+                for _ in range(int(power)):
+                    factor *= base
+            else:
+                factor = base ** power
+            span += (_SPANS[2] - span) * factor
+        spans[t] = span
+    smoothed = np.empty(n)
+    _running_line(ax, 1, spans, smoothed, resid, False)
+    mixed = np.empty(n)
+    for t in range(n):
+        sp = min(max(smoothed[t], _SPANS[0]), _SPANS[2])
+        if sp < _SPANS[1]:
+            f = (_SPANS[1] - sp) / (_SPANS[1] - _SPANS[0])
+            mixed[t] = (1 - f) * fits[1, t] + f * fits[0, t]
+        else:
+            f = (sp - _SPANS[1]) / (_SPANS[2] - _SPANS[1])
+            mixed[t] = (1 - f) * fits[1, t] + f * fits[2, t]
+    out = np.empty(n)
+    _running_line(ax, 0, mixed, out, resid, False)
+    return out
+
+
+@njit(cache=True)
+def _isotonic(v):
+    """Least-squares non-decreasing fit (pool adjacent violators)."""
+    n = v.size
+    level = np.empty(n)
+    weight = np.empty(n)
+    count = 0
+    for t in range(n):
+        level[count] = v[t]
+        weight[count] = 1.0
+        count += 1
+        while count > 1 and level[count - 2] > level[count - 1]:
+            w = weight[count - 2] + weight[count - 1]
+            level[count - 2] = (level[count - 2] * weight[count - 2]
+                                + level[count - 1] * weight[count - 1]) / w
+            weight[count - 2] = w
+            count -= 1
+    out = np.empty(n)
+    t = 0
+    for c in range(count):
+        for _ in range(int(weight[c])):
+            out[t] = level[c]
+            t += 1
+    return out
+
+
+@njit(cache=True)
+def _ramp_flat_runs(v):
+    n = v.size
+    out = v.copy()
+    j = 0
+    while j < n:
+        j0 = j
+        while j + 1 < n and out[j + 1] == out[j]:
+            j += 1
+        if j > j0:
+            a = 0.5 * (out[j0] - out[j0 - 1]) if j0 > 0 else 0.0
+            b = 0.5 * (out[j + 1] - out[j]) if j < n - 1 else 0.0
+            d = (a + b) / (j - j0)
+            if a == 0.0 or b == 0.0:
+                d *= 2.0
+            if a == 0.0:
+                a = b
+            for i in range(j0, j + 1):
+                out[i] = out[i] - a + d * (i - j0)
+        j += 1
+    return out
+
+
+@njit(cache=True)
+def _smooth(kind, ax, y, alpha):
+    xc, constant, _, _, _, _, _, start, end, has_ties = ax
+    n = y.size
+    if kind == CATEGORICAL:
+        if has_ties:
+            return _tie_average(y, start, end, has_ties)
+        return y.copy()
+    if kind == LINEAR:
+        ss = 0.0
+        sxy = 0.0
+        for t in range(n):
+            ss += xc[t] * xc[t]
+            sxy += xc[t] * y[t]
+        slope = sxy / ss if ss > 0 else 0.0
+        return slope * xc
+    fit = _supersmoother(ax, y, alpha)
+    if kind == MONOTONE:
+        up = _isotonic(fit)
+        down = _isotonic(fit[::-1])[::-1]
+        if np.sum((fit - up) ** 2) < np.sum((fit - down) ** 2):
+            fit = _ramp_flat_runs(up)
+        else:
+            fit = _ramp_flat_runs(down)
+        fit = _tie_average(fit, start, end, has_ties)
+    return fit
+
+
+@njit(cache=True)
+def _x_axes(x):
+    """Sort orders and smoother axes of every column of one problem's ``x`` (n, k)."""
+    n, k = x.shape
+    orders = np.empty((k, n), np.int64)
+    axes = []
+    for j in range(k):
+        order = np.argsort(x[:, j], kind="mergesort")
+        orders[j] = order
+        axes.append(_axis(x[order, j]))
+    return orders, axes
+
+
+@njit(cache=True)
+def _one(x, y, x_kinds, y_kind, delrsq, max_iter, alpha, nterm,
+         theta, phi):
+    orders, axes = _x_axes(x)
+    y_order = np.argsort(y, kind="mergesort")
+    y_ax = _axis(y[y_order])
+    return _solve(x, y, orders, axes, y_order, y_ax, x_kinds, y_kind, delrsq, max_iter,
+                  alpha, nterm, theta, phi)
+
+
+@njit(cache=True)
+def _solve(x, y, orders, axes, y_order, y_ax, x_kinds, y_kind, delrsq, max_iter, alpha,
+           nterm, theta, phi):
+    """One problem given the sorted axes of its columns and of its response."""
+    n, k = x.shape
+    ym = y.mean()
+    sd = np.sqrt(np.mean((y - ym) ** 2))
+    for t in range(n):
+        theta[t] = (y[t] - ym) / sd
+    xc = np.empty((n, k))
+    for j in range(k):
+        xc[:, j] = x[:, j] - x[:, j].mean()
+    coef = np.linalg.pinv(xc.T @ xc) @ (xc.T @ theta)
+    for j in range(k):
+        phi[:, j] = xc[:, j] * coef[j]
+
+    rsq = 0.0
+    history = np.full(nterm, 100.0)
+    iterations = 0
+    converged = False
+    degenerate = False
+    target = np.empty(n)
+    target_s = np.empty(n)
+    resid = np.empty(n)
+    for it in range(1, max_iter + 1):
+        iterations = it
+        for nit in range(1, max_iter + 1):
+            rsq_start = rsq
+            for t in range(n):
+                resid[t] = theta[t] - phi[t].sum()
+            for j in range(k):
+                order = orders[j]
+                for t in range(n):
+                    target[t] = resid[t] + phi[t, j]
+                for t in range(n):
+                    target_s[t] = target[order[t]]
+                if axes[j][1]:  # constant column: nothing to fit
+                    fit_s = np.zeros(n)
+                else:
+                    fit_s = _smooth(x_kinds[j], axes[j], target_s, alpha)
+                    fit_s = fit_s - fit_s.mean()
+                sv = 1.0 - np.mean((target_s - fit_s) ** 2)
+                if sv > rsq:
+                    rsq = sv
+                    for t in range(n):
+                        phi[order[t], j] = fit_s[t]
+                        resid[order[t]] = target_s[t] - fit_s[t]
+            if rsq - rsq_start <= delrsq or nit >= max_iter or k == 1:
+                break
+        total = np.empty(n)
+        for t in range(n):
+            total[t] = phi[t].sum()
+        for t in range(n):
+            target_s[t] = total[y_order[t]]
+        fit_s = _smooth(y_kind, y_ax, target_s, alpha)
+        fit_s = fit_s - fit_s.mean()
+        var = np.mean(fit_s ** 2)
+        if var <= 0:
+            degenerate = True
+            break
+        scale = 1.0 / np.sqrt(var)
+        for t in range(n):
+            theta[y_order[t]] = fit_s[t] * scale
+        rsq = 1.0 - np.mean((theta - total) ** 2)
+        history[(it - 1) % nterm] = rsq
+        if history.max() - history.min() <= delrsq:
+            converged = True
+            break
+
+    if degenerate:
+        return 0.0, 0.0, iterations, True
+    total = np.empty(n)
+    for t in range(n):
+        total[t] = phi[t].sum()
+    tc = total - total.mean()
+    hc = theta - theta.mean()
+    denom = np.sqrt(np.sum(tc * tc) * np.sum(hc * hc))
+    rho = np.sum(tc * hc) / denom if denom > 0 else 0.0
+    return rho, rsq, iterations, converged
+
+
+@njit(nogil=True, cache=True)
+def _ace_range(lo, hi, x, y, x_kinds, y_kind, delrsq, max_iter, alpha, rho, rsq, theta, phi,
+               iterations, converged):  # pragma: no cover - compiled
+    for i in range(lo, hi):
+        r, q, it, c = _one(x[i], y[i], x_kinds, y_kind, delrsq, max_iter, alpha, 3,
+                           theta[i], phi[i])
+        rho[i] = r
+        rsq[i] = q
+        iterations[i] = it
+        converged[i] = c
+
+
+def ace_batch(x, y, x_kinds, y_kind, delrsq, max_iter, alpha):
+    """Solve ``b`` problems: ``x`` (b, n, k), ``y`` (b, n), float64, already validated."""
+    b, n, k = x.shape
+    rho = np.empty(b)
+    rsq = np.empty(b)
+    iterations = np.empty(b, np.int64)
+    converged = np.empty(b, np.bool_)
+    theta = np.empty((b, n))
+    phi = np.empty((b, n, k))
+    parallel_ranges(_ace_range, b, x, y, x_kinds, np.int64(y_kind), float(delrsq),
+                    np.int64(max_iter), float(alpha), rho, rsq, theta, phi, iterations,
+                    converged)
+    return rho, rsq, theta, phi, iterations, converged
+
+
+@njit(cache=True)
+def _first_correlation(phi, theta):
+    """``|corr(phi[:, 0], theta)|``, 0 where one side is constant."""
+    a = phi[:, 0] - phi[:, 0].mean()
+    b = theta - theta.mean()
+    den = np.sqrt(np.sum(a * a) * np.sum(b * b))
+    return abs(np.sum(a * b) / den) if den > 0 else 0.0
+
+
+@njit(nogil=True, cache=True)
+def _indexed_range(lo, hi, z, ys, y_orders, y_groups, channels, rows, x_kinds, y_kind,
+                   delrsq, max_iter, alpha, rho, first, iterations,
+                   converged):  # pragma: no cover - compiled
+    n, k = z.shape[1], z.shape[2]
+    theta = np.empty(n)
+    phi = np.empty((n, k))
+    c_now = channels[lo]
+    orders, axes = _x_axes(z[c_now])
+    g_now = y_groups[rows[lo]]
+    y_ax = _axis(ys[rows[lo]][y_orders[rows[lo]]])
+    for i in range(lo, hi):
+        c, r = channels[i], rows[i]
+        if c != c_now:
+            c_now = c
+            orders, axes = _x_axes(z[c])
+        if y_groups[r] != g_now:
+            g_now = y_groups[r]
+            y_ax = _axis(ys[r][y_orders[r]])
+        v, _, it, ok = _solve(z[c], ys[r], orders, axes, y_orders[r], y_ax, x_kinds, y_kind,
+                              delrsq, max_iter, alpha, 3, theta, phi)
+        rho[i] = v
+        first[i] = _first_correlation(phi, theta)
+        iterations[i] = it
+        converged[i] = ok
+
+
+def ace_indexed(z, ys, y_orders, y_groups, channels, rows, x_kinds, y_kind, delrsq,
+                max_iter, alpha):
+    """Problems ``(z[channels[i]], ys[rows[i]])`` without gathering them.
+
+    ``y_orders`` holds each row's stable sort order, ``y_groups`` a label per row, equal
+    for consecutive rows whose sorted values are equal (permutations of one score).
+    Consecutive problems that share a channel share its sorted axes, and those whose rows
+    share a group share the response's axis: the sorting and smoother set-up of a
+    permutation null is done once per channel, not once per permutation.
+    """
+    b = channels.size
+    rho = np.empty(b)
+    first = np.empty(b)
+    iterations = np.empty(b, np.int64)
+    converged = np.empty(b, np.bool_)
+    parallel_ranges(_indexed_range, b, z, ys, y_orders, y_groups, channels, rows, x_kinds,
+                    np.int64(y_kind), float(delrsq), np.int64(max_iter), float(alpha), rho,
+                    first, iterations, converged)
+    return rho, first, iterations, converged

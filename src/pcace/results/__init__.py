@@ -1,0 +1,3 @@
+"""A run's result (tables, manifest, components) and its directory on disk: atomic files, the
+manifest, checkpoints.
+"""

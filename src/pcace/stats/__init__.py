@@ -1,0 +1,18 @@
+"""What a ranking is worth: the permutation null, the bootstrap, split halves and verdicts,
+ablation (faithfulness) and the per-class atlas."""
+
+from .resampling import (
+    adjusted_value,
+    benjamini_hochberg,
+    bootstrap_summary,
+    bootstrap_values,
+    interval_scheme,
+    layer_stability,
+    null_summary,
+    permutation_null,
+    share_significant,
+)
+
+__all__ = ["adjusted_value", "benjamini_hochberg", "bootstrap_summary", "bootstrap_values",
+           "interval_scheme", "layer_stability", "null_summary", "permutation_null",
+           "share_significant"]
