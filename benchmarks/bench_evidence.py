@@ -73,8 +73,8 @@ from scipy.stats import spearmanr
 
 from pcace import ace
 from pcace.reduce.pca import principal_components
+from pcace.stats import null_summary, permutation_null
 from pcace.stats.evidence import layer_evidence, spearman_brown, split_half_table
-from pcace.stats.resampling import null_summary, permutation_null
 
 REPO = Path(__file__).resolve().parents[1]
 K = 3

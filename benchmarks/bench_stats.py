@@ -1,4 +1,4 @@
-"""Benchmark and figures of pcace.stats.resampling and pcace.stats.ablate
+"""Benchmark and figures of pcace.stats and pcace.stats.ablate
 (benchmarks/README.md, "Statistics").
 
 Parts (``--parts``, comma-separated, default all):
@@ -40,8 +40,7 @@ from scipy import stats as sps
 from pcace import ace
 from pcace.inputs.data import default_transform, image_folder
 from pcace.reduce.pca import principal_components
-from pcace.stats.ablate import ablate, baseline_rankings, faithfulness_summary
-from pcace.stats.resampling import (
+from pcace.stats import (
     bootstrap_summary,
     bootstrap_values,
     interval_scheme,
@@ -50,6 +49,7 @@ from pcace.stats.resampling import (
     permutation_null,
     share_significant,
 )
+from pcace.stats.ablate import ablate, baseline_rankings, faithfulness_summary
 from pcace.zoo import CIFAR10_CLASSES, CIFAR_MEAN, CIFAR_STD, cifar_resnet20
 
 REPO = Path(__file__).resolve().parents[1]

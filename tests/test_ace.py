@@ -535,7 +535,7 @@ def _shared_case(seed=3, n=240):
 
 @pytest.mark.parametrize("order", ["channel", "row"])
 def test_ace_shared_equals_ace_on_the_gathered_problems(order):
-    from pcace.ace import ace_shared
+    from pcace.maxcorr.ace import ace_shared
 
     z, ys = _shared_case()
     c, r = np.meshgrid(np.arange(len(z)), np.arange(len(ys)), indexing="ij")
@@ -553,7 +553,7 @@ def test_ace_shared_equals_ace_on_the_gathered_problems(order):
 
 
 def test_ace_shared_checks_its_input():
-    from pcace.ace import ace_shared
+    from pcace.maxcorr.ace import ace_shared
 
     z, ys = _shared_case()
     ys_bad = ys.copy()
@@ -569,7 +569,7 @@ def test_ace_shared_checks_its_input():
 
 
 def test_response_orders_join_permutations_of_one_score():
-    from pcace.ace import response_orders
+    from pcace.maxcorr.ace import response_orders
 
     z, ys = _shared_case()
     orders, groups = response_orders(ys)

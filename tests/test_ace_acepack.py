@@ -269,7 +269,7 @@ def smooth_with(backend: str, kind: str, x: np.ndarray, y: np.ndarray) -> np.nda
 
         axis = SortedAxis(torch.from_numpy(x)[None])
         return smooth(kind, axis, torch.from_numpy(y)[None], 5.0)[0].numpy()
-    from pcace import _ace_numba as nb  # the compiled backend's own smoother (internal)
+    from pcace.maxcorr import kernels as nb  # the compiled backend's own smoother (internal)
 
     return nb._smooth(nb.KIND_CODES[kind], nb._axis(x), y.copy(), 5.0)
 

@@ -229,7 +229,7 @@ def test_signal_while_scoring_saves_finished_layers_and_resume_matches(cifar, tm
 def test_resume_with_other_settings_is_refused(cifar, small_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(small_run, run)
-    from pcace.results.rundir import start_checkpoints
+    from pcace.results.checkpoints import start_checkpoints
 
     start_checkpoints(run, {"something": "else"})
     line = one_line_error(run_cli("rank", *cifar, "--target", "cat", "--limit", "30",

@@ -8,8 +8,8 @@ import torch
 
 from pcace.engines.engine import Engine, LocalEngine, Problems, resolve_engine
 from pcace.maxcorr.scoring import channel_values
+from pcace.stats import permutation_null
 from pcace.stats.evidence import split_half
-from pcace.stats.resampling import permutation_null
 
 
 @pytest.fixture(scope="module")

@@ -266,7 +266,7 @@ def test_verdict_with_missing_pieces():
 def test_verdict_end_to_end_on_planted_and_noise_layers():
     """Permutation null + split half on a planted layer and a noise layer (N = 300)."""
     from pcace import ace
-    from pcace.stats.resampling import null_summary, permutation_null
+    from pcace.stats import null_summary, permutation_null
 
     zg, y = graded_layer(300, c=12, seed=7)
     zn = np.random.default_rng(8).normal(size=(12, 300, 3))

@@ -81,10 +81,10 @@ def test_bootstrap_with_several_scores_equals_one_at_a_time():
     maps = torch.randn(60, 3, 4, 4, generator=g, dtype=torch.float64)
     y = maps[:, 0].flatten(1).mean(1).numpy()
     y2 = np.cos(3 * maps[:, 1].flatten(1).mean(1).numpy())
-    both = pcace.stats.resampling.bootstrap_values(maps, np.stack([y, y2], 1), components=2,
+    both = pcace.stats.bootstrap_values(maps, np.stack([y, y2], 1), components=2,
                                                    boots=6)
     for j, s in enumerate((y, y2)):
-        one = pcace.stats.resampling.bootstrap_values(maps, s, components=2, boots=6)
+        one = pcace.stats.bootstrap_values(maps, s, components=2, boots=6)
         np.testing.assert_array_equal(both[:, j], one)
 
 
@@ -282,8 +282,8 @@ def atlas_run(labelled):
 
 
 def test_class_evidence_and_selectivity(atlas_run):
+    from pcace.stats import share_significant
     from pcace.stats.atlas import class_evidence, selectivity
-    from pcace.stats.resampling import share_significant
 
     table, measure = class_evidence(atlas_run)
     assert measure.startswith("share") and list(table.columns) == ["0", "1", "2"]
@@ -342,7 +342,7 @@ def test_per_label_in_turn_resumes_after_an_interrupt(labelled, monkeypatch, tmp
     it, continues, and ends equal to an uninterrupted run; the checkpoints (one folder per
     label inside the run's own) go with remove_checkpoints."""
     from pcace.core.plan import MemoryPlan
-    from pcace.results.rundir import remove_checkpoints
+    from pcace.results.checkpoints import remove_checkpoints
 
     model, x, labels = labelled
     kwargs = dict(layers=["features"], progress=False, pca_dtype=torch.float64,

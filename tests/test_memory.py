@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from pcace import _memory
+from pcace.core import malloc as _memory
 from pcace.core.malloc import kept_heap, mapped_empty
 
 glibc = pytest.mark.skipif(_memory._glibc() is None,

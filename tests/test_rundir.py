@@ -13,23 +13,18 @@ import pandas as pd
 import pytest
 from pandas.testing import assert_frame_equal
 
-from pcace import rundir
-from pcace.results.rundir import (
-    RunDirError,
-    add_files,
-    atomic_write,
-    clean_stale_spills,
+from pcace.capture.spill import clean_stale_spills, make_spill_dir, spill_owner
+from pcace.core import files
+from pcace.core.files import atomic_write
+from pcace.results import rundir
+from pcace.results.checkpoints import (
     load_layer_checkpoints,
-    make_spill_dir,
-    prepare_run_dir,
-    read_run,
     remove_checkpoints,
     run_fingerprint,
     save_layer_checkpoint,
-    save_run,
-    spill_owner,
     start_checkpoints,
 )
+from pcace.results.rundir import RunDirError, add_files, prepare_run_dir, read_run, save_run
 
 
 def channel_table(layer: str, n: int = 4, seed: int = 0) -> pd.DataFrame:
@@ -130,7 +125,7 @@ def test_force_refuses_traversal_in_an_edited_run_json(tmp_path):
     run = tmp_path / "run"
     save_example(run)
     manifest = json.loads((run / "run.json").read_text())
-    manifest["files"]["../victim.txt"] = {"size": 4, "sha256": rundir._sha256(victim)}
+    manifest["files"]["../victim.txt"] = {"size": 4, "sha256": files.file_sha256(victim)}
     (run / "run.json").write_text(json.dumps(manifest))
     with pytest.raises(RunDirError, match="not a plain relative path"):
         prepare_run_dir(run, force=True)
@@ -160,7 +155,7 @@ def test_save_lists_every_file_and_writes_run_json_last(tmp_path, monkeypatch):
         order.append(os.path.basename(dst))
         return real(src, dst)
 
-    monkeypatch.setattr(rundir.os, "replace", spy)
+    monkeypatch.setattr(files.os, "replace", spy)
     written = save_example(tmp_path)
     assert order[-1] == "run.json" and set(order[:-1]) == {"channels.csv", "layers.csv",
                                                            "scores.csv"}
@@ -169,14 +164,14 @@ def test_save_lists_every_file_and_writes_run_json_last(tmp_path, monkeypatch):
     assert on_disk["complete"] is True and on_disk["format"] == rundir.FORMAT
     for name, entry in on_disk["files"].items():
         assert entry["size"] == (tmp_path / name).stat().st_size
-        assert entry["sha256"] == rundir._sha256(tmp_path / name)
+        assert entry["sha256"] == files.file_sha256(tmp_path / name)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_disk_full_during_save_leaves_previous_run_intact(tmp_path, monkeypatch):
     save_example(tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    real = rundir._write_data
+    real = files.write_data
     calls = []
 
     def fill_disk(path, data):
@@ -186,7 +181,7 @@ def test_disk_full_during_save_leaves_previous_run_intact(tmp_path, monkeypatch)
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(rundir, "_write_data", fill_disk)
+    monkeypatch.setattr(files, "write_data", fill_disk)
     with pytest.raises(RunDirError, match="No space left.*nothing was replaced.*free disk"):
         save_run(tmp_path, files_for([channel_table("c", 9)]), {"pcace_version": "t"})
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp left

@@ -1,4 +1,4 @@
-"""Tests of pcace.stats.resampling: permutation nulls, q-values, pcace_adj and bootstrap
+"""Tests of pcace.stats: permutation nulls, q-values, pcace_adj and bootstrap
 intervals."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 from scipy import stats as sps
 
 from pcace import ace
-from pcace.stats.resampling import (
+from pcace.stats import (
     adjusted_value,
     benjamini_hochberg,
     bootstrap_summary,

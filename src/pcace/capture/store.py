@@ -28,7 +28,7 @@ import torch
 from ..core.malloc import mapped_empty
 from ..core.plan import BYTES_PER_VALUE
 from ..core.validation import byte_count
-from ..results.rundir import make_spill_dir
+from .spill import make_spill_dir
 
 ChannelIndex = int | slice | Sequence[int] | torch.Tensor | np.ndarray
 

@@ -236,11 +236,13 @@ def _first_image_shape(ds: Any) -> tuple[int, ...] | None:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
+    from ..capture.spill import clean_stale_spills
     from ..core.interrupts import deferred_signals
     from ..inputs.data import normalisation, open_dataset, stack_images
     from ..inputs.layers import resolve_layers
     from ..inputs.models import output_size
-    from ..results.rundir import clean_stale_spills, prepare_run_dir, remove_checkpoints
+    from ..results.checkpoints import remove_checkpoints
+    from ..results.rundir import prepare_run_dir
     from ..run.rank import rank
 
     out = prepare_run_dir(args.out, force=args.force, resume=args.resume)
@@ -443,11 +445,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
+    from ..core.files import atomic_write
     from ..inputs.data import open_dataset, stack_images
     from ..inputs.models import rebuild_model
     from ..inputs.targets import target_from_dict
     from ..results.result import load
-    from ..results.rundir import add_files, atomic_write
+    from ..results.rundir import add_files
     from ..stats.ablate import ablate, faithfulness_summary
 
     run = load(args.run_dir)

@@ -1,7 +1,7 @@
 """Compiled CPU backend of ACE: one problem per thread, no Python in the loops.
 
 This is the same algorithm as the batched torch backend (:mod:`pcace.maxcorr.smoothers`
-and :func:`pcace.ace._run`), written as plain loops over one problem and
+and :func:`pcace.maxcorr.ace._run`), written as plain loops over one problem and
 compiled with numba. Problems run in parallel over the CPU's cores, on pcace's own
 threads (:mod:`pcace.core.threads`). The two
 backends are independent implementations of one specification; the tests hold

@@ -11,16 +11,12 @@ tables). This module makes it trustworthy:
 - :func:`save_run` writes every file under a temporary name and renames it into
   place, then writes ``run.json`` last, listing each file with its size and SHA-256
   and whether the run is ``complete``. :func:`add_files` records files written
-  later (figures, report, ablations); :func:`atomic_write` and :func:`atomic_path`
-  write them atomically.
+  later (figures, report, ablations), which :func:`pcace.core.files.atomic_write` and
+  :func:`pcace.core.files.atomic_path` write atomically.
 - :func:`read_run` refuses a directory whose files do not match ``run.json``, with
   one line naming the file; an interrupted run (``complete: false``) loads but says so.
-- :func:`start_checkpoints`, :func:`save_layer_checkpoint`, :func:`load_layer_checkpoints`
-  and :func:`remove_checkpoints` keep one file per finished layer as a run goes, so an
+- :mod:`pcace.results.checkpoints` keeps one file per finished layer as a run goes, so an
   interrupted run can resume and skip the finished layers.
-- :func:`make_spill_dir` names spill directories after the owning process
-  (``pcace-spill-<pid>-<random>``) and :func:`clean_stale_spills` removes those of
-  processes that no longer exist.
 
 Examples
 --------
@@ -39,86 +35,51 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import io
 import json
 import os
 import re
-import shutil
 import tempfile
 import uuid
-import warnings
-import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-import pandas as pd
+
+from ..core import files as fileio
+from ..core.files import FileData, atomic_write, file_sha256, os_error_reason
+from .checkpoints import remove_checkpoints
+from .common import CHECKPOINT_FORMAT, CHECKPOINTS, MANIFEST, RunDirError, brief, read_json
 
 __all__ = [
     "CHECKPOINTS",
     "MANIFEST",
-    "LayerCheckpoint",
     "RunDirError",
     "RunManifest",
     "add_files",
-    "atomic_path",
-    "atomic_write",
-    "clean_stale_spills",
-    "load_layer_checkpoints",
-    "make_spill_dir",
     "prepare_run_dir",
     "read_run",
-    "remove_checkpoints",
-    "run_fingerprint",
-    "save_layer_checkpoint",
     "save_run",
-    "spill_owner",
-    "start_checkpoints",
 ]
 
-MANIFEST = "run.json"
-CHECKPOINTS = "checkpoints"
 FORMAT = "pcace-run-1"
-CHECKPOINT_FORMAT = "pcace-checkpoint-1"
-SPILL_PREFIX = "pcace-spill-"
 # names a run writes now or later: never overwritten unless a pcace run listed them
 RESERVED = ("channels.csv", "layers.csv", "scores.csv", MANIFEST, "report.html", "assets",
             "figures", CHECKPOINTS)
 _RESERVED_PATTERN = re.compile(r"^(ablation|faithfulness)_.*\.csv$")
-_CHUNK = 1 << 20
-
-FileData = bytes | str | pd.DataFrame
-
-
-class RunDirError(ValueError):
-    """A run directory cannot be used or trusted; the message names the problem and the fix."""
 
 
 # --- small helpers ----------------------------------------------------------------------------
 
-def _reason(err: OSError) -> str:
-    return err.strerror or type(err).__name__
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _entry(path: Path) -> dict[str, Any]:
-    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _matches(path: Path, entry: Mapping[str, Any]) -> bool:
     if not path.is_file() or path.is_symlink():
         return False
-    return path.stat().st_size == entry.get("size") and _sha256(path) == entry.get("sha256")
+    return path.stat().st_size == entry.get("size") and file_sha256(path) == entry.get("sha256")
 
 
 def _safe_name(root: Path, name: str) -> Path:
@@ -132,87 +93,6 @@ def _safe_name(root: Path, name: str) -> Path:
         raise RunDirError(f"run file {name!r} resolves outside {root} (through a link); "
                           "remove the link")
     return path
-
-
-def _temp_name(target: Path) -> Path:
-    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_data(path: Path, data: FileData) -> None:
-    if isinstance(data, pd.DataFrame):
-        data.to_csv(path, index=False)
-    elif isinstance(data, str):
-        path.write_text(data, encoding="utf-8")
-    elif isinstance(data, bytes | bytearray | memoryview):
-        path.write_bytes(bytes(data))
-    else:
-        raise TypeError(f"cannot write {type(data).__name__} to {path.name}; give bytes, str "
-                        "or a pandas DataFrame")
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` that becomes ``path`` only if the block succeeds.
-
-    For writers that take a file name (``DataFrame.to_csv``, ``Figure.savefig``,
-    ``numpy.savez``): nothing is left half-written at ``path`` when they fail.
-
-    Examples
-    --------
-    >>> import tempfile, pathlib
-    >>> target = pathlib.Path(tempfile.mkdtemp()) / "note.txt"
-    >>> with atomic_path(target) as tmp:
-    ...     _ = tmp.write_text("done")
-    >>> target.read_text()
-    'done'
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(target)
-    try:
-        yield tmp
-        if tmp.exists():
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def atomic_write(path: str | Path, data: FileData) -> Path:
-    """Write ``data`` (bytes, text or a DataFrame as CSV) to ``path`` atomically.
-
-    Examples
-    --------
-    >>> import tempfile, pathlib
-    >>> p = atomic_write(pathlib.Path(tempfile.mkdtemp()) / "a.txt", "hello")
-    >>> p.read_text()
-    'hello'
-    """
-    with atomic_path(path) as tmp:
-        _write_data(tmp, data)
-    return Path(path)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def _is_pcace_manifest(obj: Mapping[str, Any] | None) -> bool:
@@ -239,14 +119,14 @@ def _usable_dir(path: str | Path) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise RunDirError(f"cannot create the output directory {root} ({_reason(err)}); "
+        raise RunDirError(f"cannot create the output directory {root} ({os_error_reason(err)}); "
                           "choose a writable location") from None
     try:
         fd, probe = tempfile.mkstemp(prefix=".pcace-probe-", dir=root)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise RunDirError(f"cannot write in the output directory {root} ({_reason(err)}); "
+        raise RunDirError(f"cannot write in the output directory {root} ({os_error_reason(err)}); "
                           "choose a writable location") from None
     return root
 
@@ -290,8 +170,8 @@ def prepare_run_dir(path: str | Path, *, force: bool = False, resume: bool = Fal
     entries = sorted(p.name for p in root.iterdir() if not p.name.startswith(".pcace-probe-"))
     if not entries:
         return root
-    manifest = _read_json(root / MANIFEST)
-    state = _read_json(root / CHECKPOINTS / "state.json")
+    manifest = read_json(root / MANIFEST)
+    state = read_json(root / CHECKPOINTS / "state.json")
     has_run = _is_pcace_manifest(manifest) or bool(state and state.get("format")
                                                     == CHECKPOINT_FORMAT)
     if resume:
@@ -301,23 +181,18 @@ def prepare_run_dir(path: str | Path, *, force: bool = False, resume: bool = Fal
         return root
     if force:
         if not has_run:
-            raise RunDirError(f"{root} holds files but no pcace run ({_brief(entries)}); "
+            raise RunDirError(f"{root} holds files but no pcace run ({brief(entries)}); "
                               "--force only replaces a pcace run: choose another --out")
         removed_ok = _remove_previous_run(root, manifest)
         leftover = [p.name for p in root.iterdir() if _is_reserved(p.name)]
         if leftover:
-            raise RunDirError(f"{root} still holds {_brief(leftover)}, which the earlier run's "
+            raise RunDirError(f"{root} still holds {brief(leftover)}, which the earlier run's "
                               "run.json does not list; move them away or choose another --out")
         del removed_ok
         return root
     hint = ("pass --force to replace the pcace run there, --resume to continue it, or "
             "choose another --out") if has_run else "choose an empty or new directory"
-    raise RunDirError(f"output directory {root} is not empty ({_brief(entries)}); {hint}")
-
-
-def _brief(names: Sequence[str], n: int = 4) -> str:
-    more = f", ... ({len(names)} in all)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
+    raise RunDirError(f"output directory {root} is not empty ({brief(entries)}); {hint}")
 
 
 def _remove_previous_run(root: Path, manifest: Mapping[str, Any] | None) -> list[str]:
@@ -329,7 +204,7 @@ def _remove_previous_run(root: Path, manifest: Mapping[str, Any] | None) -> list
     paths = {name: _safe_name(root, name) for name in listed}
     changed = [n for n, p in paths.items() if p.exists() and not _matches(p, listed[n])]
     if changed:
-        raise RunDirError(f"{_brief(changed)} in {root} changed since pcace wrote it; "
+        raise RunDirError(f"{brief(changed)} in {root} changed since pcace wrote it; "
                           "--force removes only unchanged run files: move it away first")
     removed = []
     for name, p in paths.items():
@@ -391,7 +266,7 @@ def save_run(path: str | Path, files: Mapping[str, FileData], manifest: Mapping[
     (False, 6)
     """
     root = _usable_dir(path)
-    old = _read_json(root / MANIFEST)
+    old = read_json(root / MANIFEST)
     if (root / MANIFEST).exists() and not _is_pcace_manifest(old):
         raise RunDirError(f"{root / MANIFEST} is not a pcace run.json; move it away or choose "
                           "another directory")
@@ -399,7 +274,7 @@ def save_run(path: str | Path, files: Mapping[str, FileData], manifest: Mapping[
     targets = {name: _safe_name(root, name) for name in files}
     foreign = [n for n, p in targets.items() if p.exists() and n not in old_listed]
     if foreign:
-        raise RunDirError(f"saving would overwrite {_brief(foreign)} in {root}, which no pcace "
+        raise RunDirError(f"saving would overwrite {brief(foreign)} in {root}, which no pcace "
                           "run wrote; move it away or choose another directory")
     written = dict(manifest)
     written.pop("files", None)
@@ -428,21 +303,21 @@ def _write_all(root: Path, files: Mapping[str, FileData],
         for name, data in files.items():
             target = targets[name]
             target.parent.mkdir(parents=True, exist_ok=True)
-            temps[name] = _temp_name(target)
-            _write_data(temps[name], data)
+            temps[name] = fileio.temp_name(target)
+            fileio.write_data(temps[name], data)
         entries = {name: _entry(tmp) for name, tmp in temps.items()}
         for name, tmp in temps.items():
             os.replace(tmp, targets[name])
     except OSError as err:
         hint = "free disk space and save again" if err.errno in (errno.ENOSPC, errno.EDQUOT) \
             else "check the directory's permissions"
-        raise RunDirError(f"could not save the run to {root} ({_reason(err)}); nothing was "
+        raise RunDirError(f"could not save the run to {root} ({os_error_reason(err)}); nothing was "
                           f"replaced; {hint}") from None
     finally:
         for tmp in temps.values():
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-    _fsync_dir(root)
+    fileio.fsync_dir(root)
     return entries
 
 
@@ -451,7 +326,7 @@ def _write_manifest(root: Path, manifest: Mapping[str, Any]) -> None:
     try:
         atomic_write(root / MANIFEST, text)
     except OSError as err:
-        raise RunDirError(f"could not write {root / MANIFEST} ({_reason(err)}); the run's "
+        raise RunDirError(f"could not write {root / MANIFEST} ({os_error_reason(err)}); the run's "
                           "files are there but unlisted: free space and save again") from None
 
 
@@ -492,7 +367,7 @@ def add_files(path: str | Path, names: Iterable[str | Path]) -> dict[str, Any]:
     ['layers.csv', 'report.html']
     """
     root = Path(path)
-    manifest = _read_json(root / MANIFEST)
+    manifest = read_json(root / MANIFEST)
     if not _is_pcace_manifest(manifest) or "files" not in manifest:
         raise RunDirError(f"{root} holds no run.json written by this pcace; save the run "
                           "first")
@@ -619,9 +494,9 @@ def read_run(path: str | Path, *, verify: bool = True,
     missing = [n for n in required if not (root / n).is_file()]
     if missing:
         raise RunDirError(f"{root} is not a complete pcace run directory: missing "
-                          f"{_brief(missing)}")
+                          f"{brief(missing)}")
     if verified and (unlisted := [n for n in required if n not in listed]):
-        raise RunDirError(f"{_brief(unlisted)} in {root} is not listed in run.json; it is not "
+        raise RunDirError(f"{brief(unlisted)} in {root} is not listed in run.json; it is not "
                           "part of the recorded run: run again with --force")
     complete = bool(manifest.get("complete", not manifest.get("interrupted", False)))
     return RunManifest(root, manifest, complete=complete, verified=verified,
@@ -641,366 +516,6 @@ def _check_file(root: Path, name: str, entry: Any, verify: bool) -> None:
     if size != entry.get("size"):
         raise RunDirError(f"{name} in {root} does not match run.json ({size} bytes, run.json "
                           f"says {entry.get('size')}); {fix}")
-    if _sha256(p) != entry.get("sha256"):
+    if file_sha256(p) != entry.get("sha256"):
         raise RunDirError(f"{name} in {root} does not match run.json (SHA-256 differs); {fix}")
 
-
-# --- (d) per-layer checkpoints ----------------------------------------------------------------
-
-@dataclass
-class LayerCheckpoint:
-    """What a finished layer left behind: its channel rows and what resuming needs.
-
-    Attributes
-    ----------
-    layer : str
-        The layer's module name.
-    table : pandas.DataFrame
-        Its channel rows as scored, with every column (null, bootstrap) and dtypes intact.
-    stability : dict or None
-        Its ranking-stability summary (bootstrap runs).
-    arrays : dict
-        Extra arrays saved with it (e.g. ``"components"``: the (C, N, k) PC scores).
-    extra : dict
-        Extra JSON-serialisable values saved with it.
-    """
-
-    layer: str
-    table: pd.DataFrame
-    stability: dict[str, Any] | None = None
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def run_fingerprint(settings: Mapping[str, Any]) -> str:
-    """A short hash of everything that determines a run's numbers.
-
-    Include the weights hash, the layers, the target, k, the score, seed, permutations,
-    bootstrap, level, interval, precision, ACE options, device type and a hash of the
-    score vector (it identifies the images and their order).
-
-    Examples
-    --------
-    >>> run_fingerprint({"seed": 0, "k": 3}) == run_fingerprint({"k": 3, "seed": 0})
-    True
-    """
-    text = json.dumps(_encode(dict(settings)), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def start_checkpoints(path: str | Path, settings: Mapping[str, Any]) -> str:
-    """Begin (or, on resume, re-open) a run's checkpoints; return its fingerprint.
-
-    Writes ``checkpoints/state.json`` the first time. When it exists with other
-    settings, the run there is a different computation and resuming it is refused.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> root = tempfile.mkdtemp()
-    >>> fp = start_checkpoints(root, {"seed": 0})
-    >>> start_checkpoints(root, {"seed": 0}) == fp
-    True
-    """
-    root = Path(path)
-    state_path = root / CHECKPOINTS / "state.json"
-    fingerprint = run_fingerprint(settings)
-    state = _read_json(state_path)
-    if state is not None:
-        if state.get("fingerprint") != fingerprint:
-            before = state.get("settings") or {}
-            now = _encode(dict(settings))
-            keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-            raise RunDirError(f"the interrupted run in {root} used other settings "
-                              f"({_brief(keys)} differ); resume with the same options, or "
-                              "use --force to start afresh")
-        return fingerprint
-    state_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(state_path, json.dumps({"format": CHECKPOINT_FORMAT,
-                                         "fingerprint": fingerprint,
-                                         "settings": _encode(dict(settings))}, indent=2))
-    return fingerprint
-
-
-def _checkpoint_file(root: Path, layer: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", layer)[:80]
-    tag = hashlib.sha256(layer.encode()).hexdigest()[:8]
-    return root / CHECKPOINTS / f"layer-{safe}-{tag}.npz"
-
-
-def save_layer_checkpoint(path: str | Path, layer: str, table: pd.DataFrame, *,
-                          stability: Mapping[str, Any] | None = None,
-                          arrays: Mapping[str, np.ndarray] | None = None,
-                          extra: Mapping[str, Any] | None = None) -> Path:
-    """Save a finished layer's rows (and what resuming needs) as one file, atomically.
-
-    Call :func:`start_checkpoints` first. The table keeps its columns and dtypes exactly.
-
-    Parameters
-    ----------
-    path : str or Path
-        The run directory.
-    layer : str
-        The layer's module name.
-    table : pandas.DataFrame
-        Its channel rows with every column, as they will enter ``channels.csv``.
-    stability : dict, optional
-        Its stability summary (``_Extras.stability[layer]`` in rank.py).
-    arrays : dict of numpy.ndarray, optional
-        More numeric arrays to keep (e.g. the layer's PC scores).
-    extra : dict, optional
-        More JSON-serialisable values.
-
-    Returns
-    -------
-    Path
-        The checkpoint file.
-
-    Examples
-    --------
-    >>> import tempfile, pandas as pd
-    >>> root = tempfile.mkdtemp(); _ = start_checkpoints(root, {"seed": 0})
-    >>> t = pd.DataFrame({"layer": ["conv1"] * 2, "channel": [0, 1], "pcace": [0.4, 0.9]})
-    >>> _ = save_layer_checkpoint(root, "conv1", t, stability={"top": [1]})
-    >>> load_layer_checkpoints(root, {"seed": 0})["conv1"].table.equals(t)
-    True
-    """
-    root = Path(path)
-    state = _read_json(root / CHECKPOINTS / "state.json")
-    if not state or state.get("format") != CHECKPOINT_FORMAT:
-        raise RunDirError(f"no checkpoints started in {root}; call start_checkpoints first")
-    payload: dict[str, np.ndarray] = {}
-    columns = []
-    for i, name in enumerate(table.columns):
-        kind, values = _encode_column(table[name])
-        payload[f"col{i}"] = values
-        columns.append({"name": str(name), "kind": kind, "dtype": str(table[name].dtype)})
-    for key, value in (arrays or {}).items():
-        payload[f"array_{key}"] = np.asarray(value)
-    meta = {"format": CHECKPOINT_FORMAT, "fingerprint": state["fingerprint"], "layer": layer,
-            "columns": columns, "stability": _encode(stability),
-            "extra": _encode(dict(extra or {})), "arrays": sorted(arrays or {})}
-    payload["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    target = _checkpoint_file(root, layer)
-    buffer = io.BytesIO()
-    np.savez(buffer, **payload)
-    atomic_write(target, buffer.getvalue())
-    return target
-
-
-def load_layer_checkpoints(path: str | Path, settings: Mapping[str, Any]
-                           ) -> dict[str, LayerCheckpoint]:
-    """The finished layers of an interrupted run, for a resume with the same ``settings``.
-
-    Returns an empty dict when there are none. A checkpoint file that cannot be read
-    is skipped with a warning (its layer is scored again).
-
-    Raises
-    ------
-    RunDirError
-        The checkpoints were made with other settings.
-
-    Examples
-    --------
-    >>> done = load_layer_checkpoints("runs/cat", settings)  # doctest: +SKIP
-    >>> todo = [n for n in layers if n not in done]  # doctest: +SKIP
-    """
-    root = Path(path)
-    if not (root / CHECKPOINTS / "state.json").is_file():
-        return {}
-    fingerprint = start_checkpoints(root, settings)  # refuses other settings
-    found: dict[str, LayerCheckpoint] = {}
-    for file in sorted((root / CHECKPOINTS).glob("layer-*.npz")):
-        try:
-            ckpt = _read_checkpoint(file, fingerprint)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-            warnings.warn(f"skipping unreadable checkpoint {file.name} ({err}); its layer is "
-                          "scored again", stacklevel=2)
-            continue
-        if ckpt is not None:
-            found[ckpt.layer] = ckpt
-    return found
-
-
-def _read_checkpoint(file: Path, fingerprint: str) -> LayerCheckpoint | None:
-    with np.load(file, allow_pickle=False) as data:
-        meta = json.loads(bytes(data["__meta__"]).decode())
-        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("fingerprint") != fingerprint:
-            return None
-        table = pd.DataFrame({c["name"]: _decode_column(c, data[f"col{i}"])
-                              for i, c in enumerate(meta["columns"])})
-        arrays = {key: np.array(data[f"array_{key}"]) for key in meta.get("arrays", [])}
-    return LayerCheckpoint(meta["layer"], table, _decode(meta.get("stability")), arrays,
-                           _decode(meta.get("extra")) or {})
-
-
-def remove_checkpoints(path: str | Path) -> list[str]:
-    """Remove a run's checkpoint files (pcace's own only) once its results are saved.
-
-    Returns the names removed, relative to the run directory.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> remove_checkpoints(tempfile.mkdtemp())
-    []
-    """
-    root = Path(path)
-    ckdir = root / CHECKPOINTS
-    if not ckdir.is_dir() or ckdir.is_symlink():
-        return []
-    removed = []
-    for sub in sorted(ckdir.glob("label-*")):  # a per-label run's labels, one run each
-        if sub.is_dir() and not sub.is_symlink():
-            removed += [f"{CHECKPOINTS}/{sub.name}/{name}" for name in remove_checkpoints(sub)]
-            with contextlib.suppress(OSError):
-                sub.rmdir()
-    for file in sorted(ckdir.iterdir()):
-        ours = file.name == "state.json" or re.fullmatch(r"layer-.*\.npz", file.name) or \
-            file.name.startswith(".layer-")
-        if ours and file.is_file():
-            file.unlink()
-            removed.append(f"{CHECKPOINTS}/{file.name}")
-    with contextlib.suppress(OSError):
-        ckdir.rmdir()
-    return removed
-
-
-def _encode_column(series: pd.Series) -> tuple[str, np.ndarray]:
-    if getattr(series.dtype, "kind", "O") in "biufcmM" and series.dtype != object:
-        return "native", series.to_numpy()
-    values = series.tolist()
-    if values and all(isinstance(v, str) for v in values):
-        return "str", np.array(values, dtype=str)
-    text = json.dumps(_encode(values))
-    return "json", np.frombuffer(text.encode(), dtype=np.uint8)
-
-
-def _decode_column(column: Mapping[str, Any], values: np.ndarray) -> pd.Series:
-    if column["kind"] == "str":
-        return pd.Series(values.tolist(), dtype=column["dtype"])
-    if column["kind"] == "json":
-        series = pd.Series(_decode(json.loads(bytes(values).decode())), dtype=object)
-        return series if column["dtype"] == "object" else series.astype(column["dtype"])
-    return pd.Series(values, dtype=column["dtype"])
-
-
-def _encode(obj: Any) -> Any:
-    """JSON-safe form that keeps non-string dict keys and numpy values (see :func:`_decode`)."""
-    if isinstance(obj, Mapping):
-        if all(isinstance(k, str) for k in obj):
-            return {k: _encode(v) for k, v in obj.items()}
-        return {"__items__": [[_encode(k), _encode(v)] for k, v in obj.items()]}
-    if isinstance(obj, list | tuple):
-        return [_encode(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return {"__array__": _encode(obj.tolist()), "dtype": str(obj.dtype)}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
-def _decode(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {"__items__"}:
-            return {_hashable(_decode(k)): _decode(v) for k, v in obj["__items__"]}
-        if set(obj) == {"__array__", "dtype"}:
-            return np.array(obj["__array__"], dtype=obj["dtype"])
-        return {k: _decode(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode(v) for v in obj]
-    return obj
-
-
-def _hashable(key: Any) -> Any:
-    return tuple(key) if isinstance(key, list) else key
-
-
-# --- (e) spill directories --------------------------------------------------------------------
-
-_SPILL = re.compile(rf"^{re.escape(SPILL_PREFIX)}(\d+)-[A-Za-z0-9_]+$")
-
-
-def make_spill_dir(parent: str | Path | None = None) -> Path:
-    """A new spill directory named after this process: ``pcace-spill-<pid>-<random>``.
-
-    Parameters
-    ----------
-    parent : str or Path, optional
-        Where to create it (created if needed); the system's temporary directory by
-        default.
-
-    Examples
-    --------
-    >>> import os, tempfile
-    >>> d = make_spill_dir(tempfile.mkdtemp())
-    >>> spill_owner(d) == os.getpid()
-    True
-    """
-    if parent is not None:
-        Path(parent).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-",
-                                 dir=None if parent is None else str(parent)))
-
-
-def spill_owner(path: str | Path) -> int | None:
-    """The process id a spill directory's name records, or None for another name.
-
-    Examples
-    --------
-    >>> spill_owner("/tmp/pcace-spill-4242-ab12cd"), spill_owner("/tmp/pcace-spill-ab12cd")
-    (4242, None)
-    """
-    m = _SPILL.match(Path(path).name)
-    return int(m.group(1)) if m else None
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return True  # never treat an odd id as dead
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except OSError:
-        return True
-    return True
-
-
-def clean_stale_spills(parent: str | Path | None = None) -> list[Path]:
-    """Remove the spill directories in ``parent`` whose owning process no longer exists.
-
-    Only directories named ``pcace-spill-<pid>-<random>`` (see :func:`make_spill_dir`)
-    whose process is gone; those of running processes, other users' and older unnamed
-    ones stay.
-
-    Parameters
-    ----------
-    parent : str or Path, optional
-        Where to look; the system's temporary directory by default.
-
-    Returns
-    -------
-    list of Path
-        The directories removed (report them to the user).
-
-    Examples
-    --------
-    >>> for d in clean_stale_spills():  # doctest: +SKIP
-    ...     print(f"removed {d}, left by a killed pcace run")
-    """
-    base = Path(parent) if parent is not None else Path(tempfile.gettempdir())
-    if not base.is_dir():
-        return []
-    removed = []
-    for entry in sorted(base.iterdir()):
-        pid = spill_owner(entry)
-        if pid is None or pid == os.getpid() or _alive(pid):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-            if not entry.exists():
-                removed.append(entry)
-    return removed

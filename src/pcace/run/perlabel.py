@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from ..results.rundir import CHECKPOINTS
+from ..results.common import CHECKPOINTS
 
 __all__ = ["labels_without_decoding", "maps_bytes", "rank_in_turn"]
 
@@ -97,7 +97,7 @@ def rank_in_turn(rank: Callable[..., Any], model: torch.nn.Module, images: Any,
         The other keyword arguments of the run (passed to each label's run).
     checkpoint_dir : path, optional
         Each label's run checkpoints in ``checkpoint_dir/checkpoints/label-<label>``
-        (removed with the run's own by :func:`pcace.results.rundir.remove_checkpoints`); with
+        (removed with the run's own by :func:`pcace.results.checkpoints.remove_checkpoints`); with
         ``resume`` in ``options`` the labels finished before are restored and the
         interrupted one continues.
     progress : bool
@@ -114,7 +114,7 @@ def rank_in_turn(rank: Callable[..., Any], model: torch.nn.Module, images: Any,
                                            options.get("batch_size", 64)}
     order = list(pd.unique(labels))
     if checkpoint_dir is not None:  # marks the directory as a run that --resume continues
-        from ..results.rundir import start_checkpoints
+        from ..results.checkpoints import start_checkpoints
 
         start_checkpoints(checkpoint_dir, {"per_label": "in turn", "labels": len(order)})
     runs: list[tuple[Any, Any]] = []

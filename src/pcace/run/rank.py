@@ -39,14 +39,8 @@ from ..inputs.targets import TargetSet, resolve_targets
 from ..maxcorr.scoring import target_values
 from ..reduce.pca import NonFiniteMaps, Reduction, reduce_block, reusing_buffers
 from ..results.result import PCACEResult
-from ..stats.resampling import (
-    bootstrap_summary,
-    bootstrap_values,
-    interval_scheme,
-    layer_stability,
-    null_summary,
-    permutation_null,
-)
+from ..stats.bootstrap import bootstrap_summary, bootstrap_values, interval_scheme, layer_stability
+from ..stats.null import null_summary, permutation_null
 
 
 def layer_summary(channels: pd.DataFrame, shapes: dict[str, tuple[int, ...]],
@@ -198,7 +192,7 @@ def rank(
         channels; only ACE re-runs) and adds ``null_mean``, ``null_q95``, ``p_value`` (with the
         +1 correction), ``q_value`` (Benjamini-Hochberg within each layer), ``significant``
         (``q <= 0.05``) and ``pcace_adj`` (a null-corrected value comparable across layers and
-        runs; see :mod:`pcace.stats.resampling`); the layer table gains the share of significant
+        runs; see :mod:`pcace.stats`); the layer table gains the share of significant
         channels and the median ``pcace_adj``. 0 opts out. With B permutations a p-value is
         at least ``1 / (B + 1)``, so a layer of C channels shows significant channels only
         when about ``C / (20 (B + 1))`` of them beat the whole null; use 1000 for claims
@@ -220,12 +214,12 @@ def rank(
         Confidence level of the bootstrap intervals.
     interval : {"half-sample", "basic", "percentile"}
         Bootstrap interval method; it also picks the resampling
-        (:func:`pcace.stats.resampling.interval_scheme`).
+        (:func:`pcace.stats.interval_scheme`).
         ``"half-sample"``: half-samples of the images without replacement and a bias-corrected
         interval (it can lie below the biased raw value). ``"basic"`` and ``"percentile"``:
         the classical with-replacement bootstrap, which under-covers because ACE overfits
         more on repeated images. Coverage measured in ``benchmarks/README.md``,
-        "Statistics"; see :func:`pcace.stats.resampling.bootstrap_summary`.
+        "Statistics"; see :func:`pcace.stats.bootstrap_summary`.
     seed : int
         Seed of the permutations and resamples; recorded in the manifest.
     progress : bool
@@ -862,7 +856,7 @@ class _Checkpoints:
                 raise ValueError("resume=True needs checkpoint_dir= (the interrupted run's "
                                  "directory)")
             return cls(None, settings, {})
-        from ..results.rundir import load_layer_checkpoints, start_checkpoints
+        from ..results.checkpoints import load_layer_checkpoints, start_checkpoints
 
         done = load_layer_checkpoints(root, settings) if resume else {}
         start_checkpoints(root, settings)
@@ -893,7 +887,7 @@ class _Checkpoints:
         """Save a finished layer: all its groups and targets in one file."""
         if self.root is None:
             return
-        from ..results.rundir import save_layer_checkpoint
+        from ..results.checkpoints import save_layer_checkpoint
 
         arrays = {"scores": scores}
         if labels is None:

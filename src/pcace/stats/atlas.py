@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .resampling import share_significant
+from .null import share_significant
 
 __all__ = ["class_column", "class_evidence", "selectivity"]
 

@@ -1,12 +1,12 @@
 """How much evidence a layer's PCACE ranking carries: split-half reproducibility and a verdict.
 
 A PCACE ranking of a few hundred images can look tidy and still not survive a second
-draw of images: ACE overfits (see :mod:`pcace.stats.resampling`), and in early layers the
+draw of images: ACE overfits (see :mod:`pcace.stats`), and in early layers the
 channels' true differences are small compared with the sampling noise. Two checks
 answer "can I trust this ranking?", and this module turns them into a per-layer
 verdict:
 
-- **Does any channel beat chance?** The permutation null of :mod:`pcace.stats.resampling`
+- **Does any channel beat chance?** The permutation null of :mod:`pcace.stats`
   gives each channel a BH ``q_value``; :func:`significant` marks the channels with
   ``q <= alpha``.
 - **Is the order reproducible?** :func:`split_half` ranks a layer's channels on two
@@ -505,7 +505,7 @@ def layer_evidence(
     channels : pandas.DataFrame
         One row per channel with ``layer`` (optional: all rows one layer when
         absent), and, when a permutation null was computed, ``q_value`` and
-        ``pcace_adj`` (:func:`pcace.stats.resampling.null_summary`).
+        ``pcace_adj`` (:func:`pcace.stats.null_summary`).
     split : pandas.DataFrame, optional
         :func:`split_half_table` for the same layers (keyed by ``layer``).
     alpha : float, default 0.05
