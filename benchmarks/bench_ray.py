@@ -169,7 +169,7 @@ def costs(args, address: str) -> dict:
     from pcace.engines.engine import Problems
     from pcace.engines.ray import RayEngine
     from pcace.engines.shards import ShardWorker, merged_bases
-    from pcace.reduce.streaming import PixelMoments
+    from pcace.reduce.moments import PixelMoments
 
     out = {}
     engine = RayEngine(address=address, min_task_seconds=0.0, inline_seconds=0.0)

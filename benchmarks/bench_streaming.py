@@ -18,8 +18,9 @@ import time
 
 import torch
 
+from pcace.reduce.moments import PixelMoments
 from pcace.reduce.pca import reduce_block, reusing_buffers
-from pcace.reduce.streaming import PixelMoments, subspace_basis
+from pcace.reduce.subspace import subspace_basis
 
 SHAPES = [(16, 32), (32, 16), (64, 8)]  # (channels, side)
 

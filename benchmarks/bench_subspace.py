@@ -31,8 +31,8 @@ from bench_scale import SHARED, Normalised, images_uint8  # noqa: E402
 
 def child(n: int, budget: int, out: Path, forced: bool) -> dict:
     import pcace
-    from pcace.core.plan import LayerRoute, MemoryPlan
     from pcace.inputs.models import load_model
+    from pcace.reduce.plan import LayerRoute, MemoryPlan
 
     if forced:
         def routes(self, shapes, n, **_):

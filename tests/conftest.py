@@ -55,7 +55,7 @@ def cifar_cats(shared_dir):
 @pytest.fixture
 def two_pass_routes(monkeypatch):
     """Every layer through the two passes (``MemoryPlan.routes`` replaced for the test)."""
-    from pcace.core.plan import LayerRoute, MemoryPlan
+    from pcace.reduce.plan import LayerRoute, MemoryPlan
 
     def routes(self, shapes, n, run_images=256, **_):
         return {k: LayerRoute("moments", "forced by the test", 0, 2, tuple(s))

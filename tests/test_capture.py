@@ -460,7 +460,7 @@ def test_fewer_images_than_announced():
 
 
 def test_auto_budget():
-    from pcace.core.plan import default_memory_budget, resolve_budget
+    from pcace.core.budget import default_memory_budget, resolve_budget
 
     assert resolve_budget("auto") == default_memory_budget() >= 2**30
     assert resolve_budget(12345) == 12345

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pcace.engines.engine import Engine, LocalEngine, Problems, resolve_engine
+from pcace.engines.engine import Engine, LocalEngine, Problems
+from pcace.engines.select import resolve_engine
 from pcace.maxcorr.scoring import channel_values
 from pcace.stats import permutation_null
 from pcace.stats.evidence import split_half

@@ -312,7 +312,7 @@ def test_class_atlas_figure(atlas_run):
 def test_per_label_in_turn_when_the_maps_do_not_fit(labelled, monkeypatch):
     """A budget too small for all labels' maps: the labels are ranked in turn (each over
     its own images, by the two-pass route here) and the atlas equals the one-pass atlas."""
-    from pcace.core.plan import MemoryPlan
+    from pcace.reduce.plan import MemoryPlan
 
     model, x, labels = labelled
     kwargs = dict(layers=["features"], progress=False, pca_dtype=torch.float64,
@@ -341,7 +341,7 @@ def test_per_label_in_turn_resumes_after_an_interrupt(labelled, monkeypatch, tmp
     """Interrupted while the second label runs: the first label is kept, a resume restores
     it, continues, and ends equal to an uninterrupted run; the checkpoints (one folder per
     label inside the run's own) go with remove_checkpoints."""
-    from pcace.core.plan import MemoryPlan
+    from pcace.reduce.plan import MemoryPlan
     from pcace.results.checkpoints import remove_checkpoints
 
     model, x, labels = labelled

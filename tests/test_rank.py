@@ -124,7 +124,7 @@ def test_one_forward_pass_per_batch_and_hooks_removed():
     model.register_forward_pre_hook(lambda m, i: calls.append(i[0].shape[0]))
     pcace.rank(model, x, RegressionOutput(), layers=["features"], batch_size=32, progress=False)
     # one single-image probe (pcace.inputs.layers.describe_layers) gives the layer shapes for the
-    # route decision (pcace.core.plan.MemoryPlan.routes), then one call per batch
+    # route decision (pcace.reduce.plan.MemoryPlan.routes), then one call per batch
     assert calls == [1, 32, 32, 32, 4]
     assert len(model.features._forward_hooks) == 0
 

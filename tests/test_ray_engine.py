@@ -332,7 +332,7 @@ def test_a_ray_dataset_as_input(cluster, resnet_cats, monkeypatch):
     rows from the dataset's blocks; the values equal the local run on the same tensor."""
     pytest.importorskip("pyarrow")
     import pcace
-    from pcace.core.plan import LayerRoute, MemoryPlan
+    from pcace.reduce.plan import LayerRoute, MemoryPlan
 
     address, _ = cluster
     model, images = resnet_cats

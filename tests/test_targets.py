@@ -8,17 +8,19 @@ from collections import namedtuple
 import pytest
 import torch
 
-from pcace.inputs.targets import (
+from pcace.inputs.categories import (
     Categories,
+    choose_categories,
+    describe_resolved,
+    resolve_target_for_model,
+)
+from pcace.inputs.targets import (
     ClassLogit,
     ClassProbability,
     CustomTarget,
     RegressionOutput,
     Target,
-    choose_categories,
-    describe_resolved,
     resolve_target,
-    resolve_target_for_model,
     target_from_dict,
 )
 

@@ -15,8 +15,9 @@ from torch.utils.data import DataLoader, Dataset
 
 import pcace
 from pcace.capture.capture import capture
-from pcace.core.plan import LayerRoute, MemoryPlan
+from pcace.reduce.plan import LayerRoute, MemoryPlan
 from pcace.reduce.twopass import TwoPass
+from pcace.run.passes import Passes
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def test_auto_budget_is_flat_in_n_where_layers_stream(monkeypatch):
     all stream within 1 GiB (the same plan at both N), over 500 they are all kept; ResNet-18's
     224 px maps over 300 images cannot stream (P > N / 2) and would spill, so that run widens
     and keeps them all in memory; moments that would need channel groups widen too."""
-    import pcace.core.plan as plan_module
+    import pcace.reduce.plan as plan_module
 
     monkeypatch.setattr(plan_module, "default_memory_budget", lambda: 6 * 2**30)
     auto = MemoryPlan.from_budget("auto")
@@ -137,7 +138,7 @@ def test_auto_budget_in_rank(monkeypatch, layers):
     16 MiB's work share and whose maps would spill) the run widens to the machine's share
     and keeps both in memory. The manifest says which budget ran and why; the values
     equal a run with a fixed large budget."""
-    import pcace.core.plan as plan_module
+    import pcace.reduce.plan as plan_module
 
     monkeypatch.setattr(plan_module, "PREFERRED_BUDGET", 16 * 2**20)
     monkeypatch.setattr(plan_module, "default_memory_budget", lambda: 512 * 2**20)
@@ -455,16 +456,16 @@ def test_interrupt_in_the_further_passes_keeps_the_layers_in_memory(cifar, monke
 
     monkeypatch.setattr(MemoryPlan, "routes", routes)
     whole = pcace.rank(model, images, **kw)
-    original = TwoPass.second_pass
+    original = Passes.more
 
     def stopped(self, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(TwoPass, "second_pass", stopped)
+    monkeypatch.setattr(Passes, "more", stopped)  # the further passes of the run
     with pytest.warns(UserWarning, match="interrupted"):
         first = pcace.rank(model, images, checkpoint_dir=tmp_path, **kw)
     assert not first.complete and set(first.channels.layer) == {"layer3.0.conv1"}
-    monkeypatch.setattr(TwoPass, "second_pass", original)
+    monkeypatch.setattr(Passes, "more", original)
     again = pcace.rank(model, images, checkpoint_dir=tmp_path, resume=True, **kw)
     assert again.complete
     assert again.manifest["routes"].keys() == {"layer1.0.conv1"}  # only it ran again

@@ -1,6 +1,6 @@
-"""The public shortcut to :mod:`pcace.stats.ablate` (its names, under the path users know).
+"""The public shortcut to :mod:`pcace.stats.ablate` (their names, under the path users know).
 
-Everything here is defined in :mod:`pcace.stats.ablate`; nothing inside pcace imports this module.
+Everything here is defined there; nothing inside pcace imports this module.
 """
 
 from .stats.ablate import (

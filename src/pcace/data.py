@@ -1,6 +1,6 @@
-"""The public shortcut to :mod:`pcace.inputs.data` (its names, under the path users know).
+"""The public shortcut to :mod:`pcace.inputs.data` (their names, under the path users know).
 
-Everything here is defined in :mod:`pcace.inputs.data`; nothing inside pcace imports this module.
+Everything here is defined there; nothing inside pcace imports this module.
 """
 
 from .inputs.data import (

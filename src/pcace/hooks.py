@@ -6,6 +6,7 @@ Everything here is defined in :mod:`pcace.inputs.hooks`; nothing inside pcace im
 from .inputs.hooks import (
     evaluating,
     forward_hooks,
+    unknown_layers_message,
 )
 
-__all__ = ["evaluating", "forward_hooks"]
+__all__ = ["evaluating", "forward_hooks", "unknown_layers_message"]

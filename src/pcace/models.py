@@ -1,6 +1,6 @@
-"""The public shortcut to :mod:`pcace.inputs.models` (its names, under the path users know).
+"""The public shortcut to :mod:`pcace.inputs.models` and :mod:`pcace.inputs.rebuild`.
 
-Everything here is defined in :mod:`pcace.inputs.models`; nothing inside pcace imports this module.
+Everything here is defined there; nothing inside pcace imports this module.
 """
 
 from .inputs.models import (
@@ -9,9 +9,11 @@ from .inputs.models import (
     load_model,
     load_state_dict_file,
     output_size,
-    rebuild_model,
     resolve_torchvision_weights,
     weights_hash,
+)
+from .inputs.rebuild import (
+    rebuild_model,
 )
 
 __all__ = ["count_parameters", "load_model", "load_state_dict_file", "LoadedModel",

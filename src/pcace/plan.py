@@ -1,19 +1,18 @@
-"""The public shortcut to :mod:`pcace.core.plan` (its names, under the path users know).
+"""The public shortcut to :mod:`pcace.reduce.plan` (their names, under the path users know).
 
-Everything here is defined in :mod:`pcace.core.plan`; nothing inside pcace imports this module.
+Everything here is defined there; nothing inside pcace imports this module.
 """
 
-from .core.plan import (
-    BYTES_PER_VALUE,
+from .reduce.plan import (
     MAX_GROUPS,
-    PREFERRED_BUDGET,
     STREAMED,
     LayerRoute,
     MemoryPlan,
-    default_memory_budget,
-    resolve_budget,
+    RouteChoice,
+    choose_route,
+    moments_bytes,
     subspace_bytes,
 )
 
-__all__ = ["BYTES_PER_VALUE", "default_memory_budget", "LayerRoute", "MAX_GROUPS",
-           "MemoryPlan", "PREFERRED_BUDGET", "resolve_budget", "STREAMED", "subspace_bytes"]
+__all__ = ["choose_route", "LayerRoute", "MAX_GROUPS", "MemoryPlan", "moments_bytes",
+           "RouteChoice", "STREAMED", "subspace_bytes"]

@@ -1,20 +1,22 @@
-"""The public shortcut to :mod:`pcace.inputs.targets` (its names, under the path users know).
+"""The public shortcut to :mod:`pcace.inputs.targets` and :mod:`pcace.inputs.categories`.
 
-Everything here is defined in :mod:`pcace.inputs.targets`; nothing inside pcace imports this module.
+Everything here is defined there; nothing inside pcace imports this module.
 """
 
-from .inputs.targets import (
+from .inputs.categories import (
     Categories,
+    choose_categories,
+    describe_resolved,
+    resolve_target_for_model,
+)
+from .inputs.targets import (
     ClassLogit,
     ClassProbability,
     CustomTarget,
     RegressionOutput,
     Target,
     TargetSet,
-    choose_categories,
-    describe_resolved,
     resolve_target,
-    resolve_target_for_model,
     resolve_targets,
     target_from_dict,
     target_label,

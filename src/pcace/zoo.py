@@ -1,6 +1,6 @@
-"""The public shortcut to :mod:`pcace.zoo` (its names, under the path users know).
+"""The public shortcut to :mod:`pcace.inputs.zoo` (its names, under the path users know).
 
-Everything here is defined in :mod:`pcace.zoo`; nothing inside pcace imports this module.
+Everything here is defined in :mod:`pcace.inputs.zoo`; nothing inside pcace imports this module.
 """
 
 from .inputs.zoo import (

@@ -9,8 +9,6 @@ image is kept. The returned :class:`Capture` gives the layers back as copies
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,13 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.malloc import kept_heap, tuning_requested
-from ..core.plan import resolve_budget
-from ..core.validation import byte_count, integer
+from ..core.budget import resolve_budget
+from ..core.validation import byte_count
 from ..core.validation import device as resolve_device
-from ..inputs.hooks import evaluating, forward_hooks
+from ..inputs.hooks import evaluating
 from ..inputs.layers import conv_layer_names, describe_layers, resolve_layers
-from .store import ActivationStore, ChannelIndex
+from .forward import Feed, batch_images, forward_pass, short_list
+from .store import ActivationStore, ChannelIndex, device_budget_bytes
 
 __all__ = ["Capture", "capture", "conv_layer_names", "describe_layers", "resolve_layers",
            "non_finite_error"]
@@ -126,32 +124,7 @@ class Capture:
         ...     [tuple(b.shape) for _, b in cap.blocks("0", 4)]
         [(4, 4, 16), (2, 4, 16)]
         """
-        chunks = self._channel_slices(name, channels)
-        if not self.spilled.get(name) or len(chunks) == 1:
-            for chunk in chunks:
-                block = self._store.block(name, chunk.start, chunk.stop)
-                if not destructive and not self.spilled.get(name):
-                    block = block.clone()
-                yield chunk, block
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(1, thread_name_prefix="pcace-read") as pool:
-            ahead = pool.submit(self._store.block, name, chunks[0].start, chunks[0].stop)
-            for i, chunk in enumerate(chunks):
-                block = ahead.result()
-                if i + 1 < len(chunks):  # file reads release the GIL: the disk works meanwhile
-                    ahead = pool.submit(self._store.block, name, chunks[i + 1].start,
-                                        chunks[i + 1].stop)
-                yield chunk, block
-                del block
-
-    def _channel_slices(self, name: str, channels: int) -> list[slice]:
-        step = integer(channels, "channels")
-        if name not in self.shapes:
-            raise KeyError(f"layer {name!r} was not captured; captured layers: {self.layers}")
-        c = self.shapes[name][0]
-        return [slice(start, min(start + step, c)) for start in range(0, c, step)]
+        return self._store.blocks(name, channels, destructive=destructive)
 
     @property
     def closed(self) -> bool:
@@ -211,8 +184,8 @@ def capture(
         Where the model runs: ``"auto"`` is CUDA when available, else the CPU.
     memory_budget : int or "auto", default "auto"
         Bytes of activations held in RAM; layers past it are spilled to disk.
-        ``"auto"``: :func:`pcace.core.plan.default_memory_budget`. (:func:`pcace.rank` passes
-        the store's share of its :class:`pcace.core.plan.MemoryPlan`.)
+        ``"auto"``: :func:`pcace.core.budget.default_memory_budget`. (:func:`pcace.rank` passes
+        the store's share of its :class:`pcace.reduce.plan.MemoryPlan`.)
     spill_dir : str or Path, optional
         Where spilled layers go (inside a temporary subdirectory, removed when
         the capture is closed). The system's temporary directory when None.
@@ -232,9 +205,9 @@ def capture(
         Called after each batch; it may raise to stop the pass (the store is then closed
         and spilled files removed).
     observers : mapping of str to callable, optional
-        More forward hooks ``{layer: hook(module, inputs, output)}`` run on every batch of
-        the same pass, for layers that are not stored (``layers`` may then be ``[]``):
-        :class:`pcace.reduce.twopass.TwoPass` gathers its statistics this way.
+        More feeds ``{layer: feed(maps, offset)}`` (:data:`pcace.capture.forward.Feed`) run
+        on every batch of the same pass, for layers that are not stored (``layers`` may then
+        be ``[]``): the streamed routes gather their statistics this way.
 
     Returns
     -------
@@ -258,8 +231,6 @@ def capture(
     ...     cap.n_images, cap.shapes["0"], cap.forward_calls
     (20, (4, 6, 6), 3)
     """
-    from tqdm.auto import tqdm
-
     observers = dict(observers or {})
     empty = observers and isinstance(layers, list | tuple) and not layers
     names = [] if empty else resolve_layers(model, layers)
@@ -274,106 +245,32 @@ def capture(
         byte_count(device_memory_budget, "device_memory_budget")
     store = ActivationStore(names, resolve_budget(memory_budget), spill_dir,
                             n_images=_known_count(batches))
-    run = _Run(names, store, check_finite)
-    scores: list[np.ndarray] = []
-    bar = tqdm(batches, total=_length(batches), desc="forward pass", unit="batch",
-               file=sys.stderr, disable=not progress)
-    start = time.perf_counter()
+    feeds = {name: _storing(store, name, check_finite) for name in names}
     try:
-        with evaluating(model, device), \
-                forward_hooks(model, {**{name: run.hook(name) for name in names},
-                                      **observers}), \
-                torch.inference_mode(), kept_heap(tuning_requested(tune_malloc)):
-            if device.type != "cpu":
+        with evaluating(model, device):
+            if device.type != "cpu":  # once the model is on the device: its free memory
                 store.device = device
-                store.device_budget = _device_budget(device, device_memory_budget)
-            for item in bar:
-                images = _images(item, run.batches)
-                run.batches += 1
-                if images.shape[0] == 0:
-                    continue
-                run.begin(images.shape[0])
-                outputs = model(images.to(device))
-                run.forward_calls += 1
-                run.check_complete()
-                scores.append(_batch_scores(score_fn(outputs), images.shape[0], run.offset,
-                                            getattr(score_fn, "returns_matrix", False)))
-                run.end()
-                if on_step is not None:
-                    on_step()
-        if not scores:
+                store.device_budget = device_budget_bytes(device, device_memory_budget)
+            done = forward_pass(model, batches, {**feeds, **observers}, device=device,
+                                score_fn=score_fn, progress=progress, on_step=on_step,
+                                tune_malloc=tune_malloc)
+        if done.scores is None:
             raise ValueError("batches yielded no images; pass at least one (B, C, H, W) batch")
         store.finalize()
     except BaseException:
         store.close()
         raise
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - start
-    return Capture(store, names, np.concatenate(scores), run.forward_calls, seconds)
+    return Capture(store, names, done.scores, done.forward_calls, done.seconds)
 
 
-def _device_budget(device: torch.device, budget: int | str) -> int:
-    """``"auto"``: half the free memory of a CUDA device (0 for a device that cannot say)."""
-    if not (isinstance(budget, str) and budget == "auto"):
-        return int(budget)
-    if device.type != "cuda":
-        return 0
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free // 2)
-
-
-class _Run:
-    """State the hooks share during one capture."""
-
-    def __init__(self, names: list[str], store: ActivationStore, check_finite: bool = True):
-        self.names = names
-        self.store = store
-        self.check_finite = check_finite
-        self.seen: set[str] = set()
-        self.offset = 0  # images before the current batch
-        self.size = 0
-        self.batches = 0
-        self.forward_calls = 0
-
-    def begin(self, size: int) -> None:
-        self.seen = set()
-        self.size = size
-
-    def end(self) -> None:
-        self.offset += self.size
-        self.seen = set()
-
-    def hook(self, name: str) -> Callable:
-        def store_output(module: nn.Module, inputs: Any, output: Any) -> None:
-            if name in self.seen:
-                raise ValueError(f"layer {name!r} ({type(module).__name__}) ran more than once "
-                                 "in one forward pass (a module reused in the network, such as "
-                                 "a shared ReLU), so its output is ambiguous; capture a module "
-                                 "that runs once, e.g. the one before it")
-            _check_output(name, output, self.size)
-            if self.check_finite:
-                _check_finite(name, output, self.offset)
-            # copied now, before a later in-place op (an inplace ReLU) can change it
-            self.store.put(name, output)
-            self.seen.add(name)
-        return store_output
-
-    def check_complete(self) -> None:
-        missing = [n for n in self.names if n not in self.seen]
-        if missing:
-            raise ValueError(f"layer(s) {missing} did not run in the forward pass, so they have "
-                             "no output to capture; pick modules the model calls in forward()")
-
-
-def _check_output(name: str, output: Any, batch_size: int) -> None:
-    if not isinstance(output, torch.Tensor):
-        raise ValueError(f"layer {name!r} returned a {type(output).__name__}, not a tensor; "
-                         "capture a module whose output is a (B, C, H, W) tensor")
-    if output.ndim != 4 or output.shape[0] != batch_size:
-        raise ValueError(f"layer {name!r} produced shape {tuple(output.shape)}; expected "
-                         f"(B={batch_size}, C, H, W). PCACE needs convolutional feature maps: "
-                         "pick a layer from describe_layers(model, input_shape)")
+def _storing(store: ActivationStore, name: str, check_finite: bool) -> Feed:
+    """The feed that writes a layer's batch into the store (checked for NaN/inf first)."""
+    def feed(maps: torch.Tensor, offset: int) -> None:
+        if check_finite:
+            _check_finite(name, maps, offset)
+        # copied now, before a later in-place op (an inplace ReLU) can change it
+        store.put(name, maps)
+    return feed
 
 
 def _check_finite(name: str, output: torch.Tensor, offset: int) -> None:
@@ -395,43 +292,10 @@ def non_finite_error(name: str, channels: list[int], images: list[int],
 
     ``example``: the images are those of the first listed channel only.
     """
-    return ValueError(f"layer {name!r} produced NaN or inf in channel(s) {_short(channels)}"
-                      f"{', e.g.' if example else ''} for image(s) {_short(images)} (positions "
+    return ValueError(f"layer {name!r} produced NaN or inf in channel(s) {short_list(channels)}"
+                      f"{', e.g.' if example else ''} for image(s) {short_list(images)} (positions "
                       "in the input order). Check those images, the weights, or overflow "
                       "(e.g. half precision)")
-
-
-def _short(values: list[int], limit: int = 10) -> str:
-    more = f" and {len(values) - limit} more" if len(values) > limit else ""
-    return f"{values[:limit]}{more}"
-
-
-def _batch_scores(values: Any, batch_size: int, offset: int, matrix: bool = False) -> np.ndarray:
-    s = values.detach() if isinstance(values, torch.Tensor) else torch.as_tensor(values)
-    if matrix and s.ndim == 2 and s.shape[0] == batch_size and s.shape[1] >= 1:
-        pass  # several targets: (B, T)
-    elif tuple(s.shape) != (batch_size,):
-        hint = " (for an (B, 1) output use out[:, 0])" if tuple(s.shape) == (batch_size, 1) \
-            else ""
-        raise ValueError(f"score_fn must return one score per image, shape ({batch_size},); "
-                         f"got {tuple(s.shape)}{hint}")
-    s = s.to("cpu", torch.float64).numpy().copy()
-    bad = np.flatnonzero(~np.isfinite(s).reshape(batch_size, -1).all(axis=1))
-    if bad.size:
-        raise ValueError(f"score_fn returned NaN or inf for image(s) "
-                         f"{_short((bad + offset).tolist())}; check the target and the images")
-    return s
-
-
-def _images(item: Any, index: int) -> torch.Tensor:
-    if isinstance(item, tuple | list) and item:
-        item = item[0]
-    if isinstance(item, np.ndarray):
-        item = torch.from_numpy(item)
-    if not isinstance(item, torch.Tensor) or item.ndim != 4:
-        got = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
-        raise ValueError(f"batch {index} must be an image tensor (B, C, H, W); got {got}")
-    return item
 
 
 def _known_count(batches: Any) -> int | None:
@@ -439,14 +303,7 @@ def _known_count(batches: Any) -> int | None:
     n = getattr(batches, "n_images", None)
     if isinstance(batches, list | tuple):
         try:
-            n = sum(_images(item, i).shape[0] for i, item in enumerate(batches))
+            n = sum(batch_images(item, i).shape[0] for i, item in enumerate(batches))
         except (TypeError, ValueError, AttributeError, IndexError):
             n = None
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
-
-
-def _length(batches: Any) -> int | None:
-    try:
-        return len(batches)
-    except TypeError:
-        return None

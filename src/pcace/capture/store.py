@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import shutil
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -25,9 +25,9 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from ..core.budget import BYTES_PER_VALUE
 from ..core.malloc import mapped_empty
-from ..core.plan import BYTES_PER_VALUE
-from ..core.validation import byte_count
+from ..core.validation import byte_count, integer
 from .spill import make_spill_dir
 
 ChannelIndex = int | slice | Sequence[int] | torch.Tensor | np.ndarray
@@ -249,6 +249,41 @@ class ActivationStore:
                     _read_exact(f, out[i, row0:row0 + filled], layer.path)
         return torch.from_numpy(out)
 
+    def blocks(self, name: str, channels: int, *, destructive: bool = False
+               ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Walk a layer in channel-major blocks ``(c, N, H*W)`` of at most ``channels``.
+
+        ``destructive=False``: every block is the caller's own tensor. True: for a layer
+        held in memory (RAM or a GPU's) the blocks are **views of the stored
+        activations**, which the caller may overwrite (destroying what the store holds).
+        A spilled layer's blocks are read from disk into fresh tensors either way, the
+        next one on a background thread while the caller works on the current one (two
+        blocks in memory at once).
+        """
+        step = integer(channels, "channels")
+        if name not in self.shapes:
+            raise KeyError(f"layer {name!r} was not captured; captured layers: "
+                           f"{list(self.shapes)}")
+        c = self.shapes[name][0]
+        chunks = [slice(start, min(start + step, c)) for start in range(0, c, step)]
+        spilled = self.spilled.get(name)
+        if not spilled or len(chunks) == 1:
+            for chunk in chunks:
+                block = self.block(name, chunk.start, chunk.stop)
+                yield chunk, block if destructive or spilled else block.clone()
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="pcace-read") as pool:
+            ahead = pool.submit(self.block, name, chunks[0].start, chunks[0].stop)
+            for i, chunk in enumerate(chunks):
+                block = ahead.result()
+                if i + 1 < len(chunks):  # file reads release the GIL: the disk works meanwhile
+                    ahead = pool.submit(self.block, name, chunks[i + 1].start,
+                                        chunks[i + 1].stop)
+                yield chunk, block
+                del block
+
     def read(self, name: str, channels: ChannelIndex = slice(None)) -> torch.Tensor:
         """Activations ``(N, c, H, W)`` of a channel subset of one layer (a fresh CPU tensor)."""
         layer = self._get(name)
@@ -408,6 +443,16 @@ class ActivationStore:
             self._dir = make_spill_dir(parent)
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
         return self._dir
+
+
+def device_budget_bytes(device: torch.device, budget: int | str) -> int:
+    """``"auto"``: half the free memory of a CUDA device (0 for a device that cannot say)."""
+    if not (isinstance(budget, str) and budget == "auto"):
+        return int(budget)
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free // 2)
 
 
 def _in_ram(segment: torch.Tensor) -> torch.Tensor:

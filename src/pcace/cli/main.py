@@ -342,7 +342,8 @@ def _check_input(model: Any, shape: tuple[int, ...] | None, args: argparse.Names
 def _resolve_targets(args: argparse.Namespace, loaded: Any, classes: list[str] | None,
                      n_outputs: int | None) -> tuple[Any, Any]:
     """The --target values (or, with --per-class and none, each class's own logit)."""
-    from ..inputs.targets import ClassLogit, TargetSet, choose_categories, resolve_target_for_model
+    from ..inputs.categories import choose_categories, resolve_target_for_model
+    from ..inputs.targets import ClassLogit, TargetSet
 
     specs = args.target or []
     declared = _categories(args.categories)
@@ -371,7 +372,8 @@ def _resolve_targets(args: argparse.Namespace, loaded: Any, classes: list[str] |
 
 
 def _describe_targets(target: Any, cats: Any, per_class: bool) -> str:
-    from ..inputs.targets import TargetSet, describe_resolved
+    from ..inputs.categories import describe_resolved
+    from ..inputs.targets import TargetSet
 
     if target is None:
         return "each class's own logit, on that class's images (--per-class)"
@@ -447,7 +449,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     from ..core.files import atomic_write
     from ..inputs.data import open_dataset, stack_images
-    from ..inputs.models import rebuild_model
+    from ..inputs.rebuild import rebuild_model
     from ..inputs.targets import target_from_dict
     from ..results.result import load
     from ..results.rundir import add_files

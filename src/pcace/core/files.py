@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 __all__ = ["FileData", "atomic_path", "atomic_write", "file_sha256", "fsync_dir", "os_error_reason",
-           "temp_name", "write_data"]
+           "safe_name", "temp_name", "write_data"]
 
 #: Bytes read at a time when a file is hashed.
 CHUNK_BYTES = 1 << 20
@@ -114,3 +115,14 @@ def atomic_write(path: str | Path, data: FileData) -> Path:
     with atomic_path(path) as tmp:
         write_data(tmp, data)
     return Path(path)
+
+
+def safe_name(name: str) -> str:
+    """A file-name friendly form of a layer or label name (``layer3.1.conv2`` stays as is).
+
+    Examples
+    --------
+    >>> safe_name("features/0 conv")
+    'features_0_conv'
+    """
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "layer"

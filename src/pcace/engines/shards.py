@@ -1,16 +1,17 @@
 """The forward pass and the reduce step over shards of the images, on one process or many.
 
-The reduce step decomposes over images (:mod:`pcace.reduce.streaming`): per layer, the pixel
+The reduce step decomposes over images (:mod:`pcace.reduce.moments`): per layer, the pixel
 moments of a shard of images merge with those of the other shards into the moments of
 all images. :func:`sharded_components` runs it in two passes, each over fixed shards of
 the images (consecutive ranges of ``shard_size`` images, in image order):
 
-1. every shard's forward pass accumulates each layer's :class:`~pcace.reduce.streaming.PixelMoments`
-   and the score of each image; the driver merges the shards' moments in shard order and
-   takes each layer's basis (:meth:`~pcace.reduce.streaming.PixelMoments.basis`);
+1. every shard's forward pass accumulates each layer's moments
+   (:class:`~pcace.reduce.moments.MomentAccumulator`) and the score of each image; the
+   driver merges the shards' moments in shard order and takes each layer's basis
+   (:meth:`~pcace.reduce.moments.PixelMoments.basis`);
 2. every shard's forward pass again, projecting each layer's maps on its basis; the
    driver concatenates the ``(n, C, k)`` scores in image order and fixes their signs
-   (:meth:`~pcace.reduce.streaming.PixelBasis.finish`).
+   (:meth:`~pcace.reduce.basis.PixelBasis.finish`).
 
 The shards are fixed by ``shard_size``, not by the number of workers, and merged in shard
 order, so the result is the same however many workers run them; against the one-process
@@ -26,6 +27,7 @@ travel.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -34,21 +36,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture.capture import _batch_scores
+from ..capture.forward import Feed, PassResult, forward_pass
 from ..inputs.raydata import RayImages, is_ray_dataset
-from ..reduce.pca import Reduction
-from ..reduce.streaming import PixelBasis
-from ..reduce.twopass import (
+from ..reduce.basis import PixelBasis
+from ..reduce.moments import (
     RUN_IMAGES,
-    _Accumulator,
-    _naming,
-    _scratch_for,
+    MomentAccumulator,
     basis_of,
     first_run_shift,
+    naming_errors,
+    scratch_for,
 )
+from ..reduce.pca import Reduction
+from ..reduce.routes import ReducedBlock, Route
 from .engine import Engine
 
-__all__ = ["ShardWorker", "merged_bases", "shard_bounds", "sharded_components"]
+__all__ = ["ShardWorker", "ShardedRoute", "aligned_shard_size", "merged_bases", "shard_bounds",
+           "shardable", "sharded_components"]
 
 
 def shard_bounds(n: int, shard_size: int) -> list[tuple[int, int]]:
@@ -122,53 +126,39 @@ class ShardWorker:
     def __len__(self) -> int:
         return len(self.data)
 
-    def _batches(self, lo: int, hi: int) -> Iterator[tuple[dict[str, torch.Tensor], np.ndarray]]:
-        """Per batch of images ``lo .. hi - 1``: each layer's output and the scores."""
+    def _pass(self, lo: int, hi: int, feeds: Mapping[str, Feed], scores: bool = False
+              ) -> np.ndarray | None:
+        """One forward pass over images ``lo .. hi - 1`` with ``feeds`` on the layers."""
         from ..inputs.data import as_batches
-        from ..inputs.hooks import evaluating, forward_hooks
 
         if isinstance(self.data, RayImages):
-            part: Any = self.data.batches(lo, hi, self.batch_size)
-        elif isinstance(self.data, torch.Tensor):
-            part = self.data[lo:hi]
+            batches: Any = self.data.batches(lo, hi, self.batch_size)
         else:
-            part = torch.utils.data.Subset(self.data, range(lo, hi))
-        seen: dict[str, torch.Tensor] = {}
-
-        def keep(name: str) -> Any:
-            def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-                seen[name] = output.detach()
-            return hook
-
-        with evaluating(self.model, self.device), torch.inference_mode(), \
-                forward_hooks(self.model, {n: keep(n) for n in self.layers}):
-            batches = part if isinstance(self.data, RayImages) else \
-                as_batches(part, self.batch_size)
-            for images in batches:
-                if isinstance(images, tuple | list):  # (images, labels) from a Ray Dataset
-                    images = images[0]
-                seen.clear()
-                out = self.model(images.to(self.device))
-                scores = _batch_scores(self.score_fn(out), images.shape[0], lo,
-                                       getattr(self.score_fn, "returns_matrix", False))
-                yield {n: seen[n].float() for n in self.layers}, scores
+            part = self.data[lo:hi] if isinstance(self.data, torch.Tensor) else \
+                torch.utils.data.Subset(self.data, range(lo, hi))
+            batches = as_batches(part, self.batch_size)
+        done = forward_pass(self.model, batches, feeds, device=self.device,
+                            score_fn=self.score_fn if scores else None, progress=False)
+        return done.scores
 
     def shifts(self, lo: int, hi: int, dtype: str = "float64",
                run: int = RUN_IMAGES) -> dict[str, torch.Tensor]:
         """Each layer's reference for the first pass: the mean of images ``lo .. hi - 1``.
 
-        Called on the first ``run`` images (:func:`pcace.reduce.twopass.first_run_shift`), so every
-        shard's sums are shifted as a one-pass :class:`~pcace.reduce.twopass.TwoPass` shifts them.
+        Called on the first ``run`` images (:func:`pcace.reduce.moments.first_run_shift`),
+        so every shard's sums are shifted as a one-pass accumulator shifts them.
         """
         outputs: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
-        for maps, _ in self._batches(lo, hi):
-            for name, m in maps.items():
-                outputs[name].append(m.cpu())
+
+        def keep(name: str) -> Feed:
+            return lambda maps, offset: outputs[name].append(maps.float().cpu())
+
+        self._pass(lo, hi, {n: keep(n) for n in self.layers})
         out = {}
         for name, outs in outputs.items():
-            with _naming(name):
-                out[name] = first_run_shift(outs, tuple(outs[0].shape[1:]),
-                                            getattr(torch, dtype), run)
+            c, p = outs[0].shape[1], outs[0][0, 0].numel()
+            with naming_errors(name):
+                out[name] = first_run_shift(outs, c, p, getattr(torch, dtype), run)
         return out
 
     def moments(self, lo: int, hi: int, shifts: Mapping[str, torch.Tensor] | None = None,
@@ -181,30 +171,39 @@ class ShardWorker:
         :func:`sharded_components` adds the shards'.
         """
         compute = getattr(torch, dtype)
-        acc: dict[str, _Accumulator] = {}
-        scratch = np.empty(0, np.float32)
-        scores = []
-        for outputs, s in self._batches(lo, hi):
-            for name, maps in outputs.items():
+        acc: dict[str, MomentAccumulator] = {}
+        scratch: dict[str, np.ndarray] = {}
+
+        def gather(name: str) -> Feed:
+            def feed(maps: torch.Tensor, offset: int) -> None:
+                maps = maps.float().cpu()
                 if name not in acc:
-                    shape = tuple(maps.shape[1:])
-                    acc[name] = _Accumulator(shape, compute, run,
-                                             shift=None if shifts is None else shifts[name])
-                    need = _scratch_for(shape, compute)
-                    scratch = need if need.size > scratch.size else scratch
-                with _naming(name):
-                    acc[name].add(maps.cpu(), scratch)
-            scores.append(s)
-        out = {name: a.partial(scratch) for name, a in acc.items()}
-        return out, np.concatenate(scores) if scores else np.zeros(0)
+                    c, p = maps.shape[1], maps[0, 0].numel()
+                    acc[name] = MomentAccumulator(
+                        c, p, dtype=compute, run=run,
+                        shift=None if shifts is None else shifts[name])
+                    scratch[name] = scratch_for(c, p, compute)
+                with naming_errors(name):
+                    acc[name].add(maps, scratch[name])
+            return feed
+
+        scores = self._pass(lo, hi, {n: gather(n) for n in self.layers}, scores=True)
+        out = {}
+        for name, a in acc.items():
+            with naming_errors(name):
+                out[name] = a.partial(scratch[name])
+        return out, scores if scores is not None else np.zeros(0)
 
     def project(self, lo: int, hi: int, bases: Mapping[str, PixelBasis]
                 ) -> dict[str, torch.Tensor]:
         """Pass 2 over images ``lo .. hi - 1``: each layer's ``(n, C, width)`` scores."""
         parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
-        for outputs, _ in self._batches(lo, hi):
-            for name, maps in outputs.items():
-                parts[name].append(bases[name].project(maps.cpu()))
+
+        def put(name: str) -> Feed:
+            return lambda maps, offset: parts[name].append(
+                bases[name].project(maps.float().cpu()))
+
+        self._pass(lo, hi, {n: put(n) for n in self.layers})
         return {n: torch.cat(p) for n, p in parts.items()}
 
 
@@ -227,7 +226,7 @@ def sharded_components(model: nn.Module | Mapping[str, Any], data: Any, layers: 
     layers : sequence of str
         Layers to reduce.
     components, max_components
-        As for :meth:`pcace.reduce.streaming.PixelMoments.basis`.
+        As for :meth:`pcace.reduce.moments.PixelMoments.basis`.
     shard_size : int, default 1024
         Images per shard: the unit of work of a worker, and of a retry. A multiple of
         ``run_images`` and ``batch_size`` gives the one-process pass's sums exactly
@@ -338,12 +337,13 @@ def merged_bases(parts: Sequence[Mapping[str, dict[str, Any]]],
     >>> merged_bases(parts, shifts)["conv1"].count
     30
     """
-    merged: dict[str, _Accumulator] = {}
+    merged: dict[str, MomentAccumulator] = {}
     for sums in parts:  # shard order: the sums' grouping never depends on the workers
         for name, part in sums.items():
             if name not in merged:
-                shape = (part["sums"].shape[0], int(part["sums"].shape[1]), 1)
-                merged[name] = _Accumulator(shape, pca_dtype, 1, shift=shifts[name])
+                c, p = part["sums"].shape
+                merged[name] = MomentAccumulator(int(c), int(p), dtype=pca_dtype, run=1,
+                                                 shift=shifts[name])
             merged[name].absorb(part)
     return {n: basis_of(merged.pop(n), components, pca_dtype, max_components)
             for n in list(merged)}
@@ -413,3 +413,87 @@ def aligned_shard_size(n: int, batch_size: int, slots: int, run: int = RUN_IMAGE
     unit = math.lcm(int(batch_size), int(run))
     want = max(1024, math.ceil(n / (4 * max(1, slots))))
     return unit * max(1, math.ceil(want / unit))
+
+
+class ShardedRoute(Route):
+    """The moments route with both of its passes on an engine's workers, over shards.
+
+    A :class:`~pcace.reduce.routes.Route` whose passes run in :meth:`begin`
+    (:func:`sharded_components`); it takes no part in the driver's passes and scores the
+    images itself (:attr:`scores`), so a run whose layers all go to the workers runs no
+    pass in the driver. The sums equal the one-process pass's (shards aligned on batches
+    and ``syrk`` runs, added in shard order).
+
+    Parameters
+    ----------
+    shapes : dict
+        ``{layer: (C, H, W)}``.
+    data : Dataset, torch.Tensor or RayImages
+        What the workers read (:func:`shardable`).
+    batch_size : int
+        Images per forward pass on a worker.
+    model, target, components, pca_dtype
+        As for :func:`sharded_components`.
+    engine : Engine
+        An engine with workers (:meth:`pcace.engines.ray.RayEngine.map_shards`).
+    progress : bool
+        Progress bars of the workers' passes.
+    """
+
+    name = "moments"
+
+    def __init__(self, shapes: dict[str, tuple[int, int, int]], data: Any, batch_size: int,
+                 model: nn.Module, target: Any, components: int | float,
+                 pca_dtype: torch.dtype, engine: Engine, progress: bool = False):
+        super().__init__(list(shapes))
+        self.shapes = dict(shapes)
+        self._args = (data, batch_size, model, target, components, pca_dtype)
+        self.engine, self.progress = engine, progress
+        self._reductions: dict[str, Reduction] | None = None
+        self._scores: np.ndarray | None = None
+        self.seconds = 0.0
+
+    def begin(self, device: torch.device) -> None:
+        if self._reductions is not None:
+            return
+        data, batch, model, target, components, pca_dtype = self._args
+        size = aligned_shard_size(len(data), batch, getattr(self.engine, "slots", lambda: 1)())
+        if self.progress:
+            print(f"pcace: {len(self.layers)} streamed layer(s) on the {self.engine.name} "
+                  f"engine's workers, in shards of {size} images", file=sys.stderr)
+        start = time.perf_counter()
+        reds, scores = sharded_components(model, data, self.layers, target, components,
+                                          shard_size=size, batch_size=batch,
+                                          engine=self.engine, pca_dtype=pca_dtype,
+                                          progress=self.progress)
+        self._reductions = reds
+        self._scores = scores[:, None] if scores.ndim == 1 else scores
+        self.seconds = time.perf_counter() - start
+
+    def feeds(self) -> dict[str, Feed]:
+        return {}
+
+    def end_pass(self, result: PassResult) -> None:
+        return None
+
+    @property
+    def needs_pass(self) -> bool:
+        return False
+
+    @property
+    def scores(self) -> np.ndarray | None:
+        return self._scores
+
+    def shape(self, name: str) -> tuple[int, int, int]:
+        return self.shapes[name]
+
+    def reduce(self, name: str, groups: Sequence[np.ndarray | None], *,
+               components: int | float = 3, plan: Any = None,
+               pca_dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> Iterator[ReducedBlock]:
+        assert self._reductions is not None, "begin() runs the workers' passes first"
+        red = self._reductions.pop(name)
+        yield ReducedBlock(name, slice(0, self.shapes[name][0]), [red], None)
+
+    def record(self, name: str) -> dict[str, Any]:
+        return {"route": "moments", "passes_on": f"{self.engine.name} workers"}

@@ -13,6 +13,7 @@ also after an error or a Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import difflib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -101,8 +102,6 @@ def forward_hooks(model: nn.Module, hooks: Mapping[str, Hook]) -> Iterator[None]
     modules = dict(model.named_modules())
     unknown = [name for name in hooks if name not in modules]
     if unknown:
-        from .layers import unknown_layers_message
-
         raise ValueError(unknown_layers_message(unknown, [n for n in modules if n]))
     handles = []
     try:
@@ -112,3 +111,24 @@ def forward_hooks(model: nn.Module, hooks: Mapping[str, Hook]) -> Iterator[None]
     finally:
         for handle in handles:
             handle.remove()
+
+
+#: Valid names listed at most in an unknown-layer message.
+_MAX_LISTED = 15
+
+
+def unknown_layers_message(unknown: list[str], valid: list[str]) -> str:
+    """The error text for unknown layer names: the valid ones, closest first."""
+    closest: list[str] = []
+    for name in unknown:
+        for match in difflib.get_close_matches(name, valid, n=5, cutoff=0.4):
+            if match not in closest:
+                closest.append(match)
+    ordered = closest + [v for v in valid if v not in closest]
+    shown = ", ".join(ordered[:_MAX_LISTED])
+    more = f" and {len(ordered) - _MAX_LISTED} more" if len(ordered) > _MAX_LISTED else ""
+    what = "unknown layer " if len(unknown) == 1 else "unknown layers "
+    return (f"{what}{', '.join(repr(u) for u in unknown)}. Valid names, closest first: "
+            f"{shown}{more}. List them with "
+            "pcace.inputs.layers.describe_layers(model, input_shape) "
+            "or conv_layer_names(model)")

@@ -7,7 +7,6 @@ list them; :func:`resolve_layers` checks a request and puts it in network order.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -15,9 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .hooks import evaluating, forward_hooks
-
-_MAX_LISTED = 15
+from .hooks import evaluating, forward_hooks, unknown_layers_message
 
 
 def conv_layer_names(model: nn.Module) -> list[str]:
@@ -154,20 +151,3 @@ def _layer_name(model: nn.Module, item: Any) -> str:
         raise ValueError(f"the {type(item).__name__} passed in layers is not a submodule of "
                          f"the model; pass its qualified name instead")
     raise TypeError(f"layers must hold module names (str); got {type(item).__name__} {item!r}")
-
-
-def unknown_layers_message(unknown: list[str], valid: list[str]) -> str:
-    """The error text for unknown layer names: the valid ones, closest first."""
-    closest: list[str] = []
-    for name in unknown:
-        for match in difflib.get_close_matches(name, valid, n=5, cutoff=0.4):
-            if match not in closest:
-                closest.append(match)
-    ordered = closest + [v for v in valid if v not in closest]
-    shown = ", ".join(ordered[:_MAX_LISTED])
-    more = f" and {len(ordered) - _MAX_LISTED} more" if len(ordered) > _MAX_LISTED else ""
-    what = "unknown layer " if len(unknown) == 1 else "unknown layers "
-    return (f"{what}{', '.join(repr(u) for u in unknown)}. Valid names, closest first: "
-            f"{shown}{more}. List them with "
-            "pcace.inputs.layers.describe_layers(model, input_shape) "
-            "or conv_layer_names(model)")

@@ -248,7 +248,7 @@ def _eigen(x: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
         from .kernels import gram
 
         m = min(n, p)
-        with _one_blas_thread():
+        with one_blas_thread():
             g, spread = gram(x.numpy(), not gram_side, _buffer((x.shape[0], m, m)))
         g, flat = torch.from_numpy(g), torch.from_numpy(spread > FLAT_SPREAD)
     else:
@@ -368,7 +368,7 @@ def _top_cpu(g: torch.Tensor, q: int, small: bool, tol: float, max_rounds: int,
     from .kernels import top_eigenpairs_batch
 
     mats = g.to(torch.float64).contiguous().numpy()
-    with _one_blas_thread():
+    with one_blas_thread():
         if small:  # LAPACK's subset solver: 2x faster than a full eigh at m = 49
             vals, vecs = np.zeros((len(mats), q)), np.zeros((len(mats), g.shape[1], q))
             _exact_into(mats, q, np.arange(len(mats)), vals, vecs)
@@ -433,7 +433,7 @@ def _buffer(shape: tuple[int, ...]) -> np.ndarray:
 _BLAS_CONTROLLER: Any = None
 
 
-def _one_blas_thread() -> Any:
+def one_blas_thread() -> Any:
     """A context with one BLAS thread for the compiled solvers (each thread runs one matrix).
 
     Threaded BLAS inside them would oversubscribe the cores, and is 100x slower while

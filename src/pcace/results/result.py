@@ -185,9 +185,9 @@ class PCACEResult:
         return Path(path)
 
     def _repr_html_(self) -> str:
-        from ..viz import result_html
-
-        return result_html(self)
+        """A notebook's view: the layer table with its evidence in words (instant; for the
+        overview figure as well, display :func:`pcace.viz.result_html` of the result)."""
+        return layers_html(self)
 
 
 def load(path: str | Path) -> PCACEResult:
@@ -249,3 +249,39 @@ def _read_scores(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
     if "score" in frame.columns:
         return frame["score"].to_numpy(), labels
     return frame[[c for c in frame.columns if c.startswith("score:")]].to_numpy(), labels
+
+
+#: The layer table's columns a notebook shows, and their headers.
+NOTEBOOK_COLUMNS = {"layer": "layer", "target": "target", "label": "label",
+                    "evidence": "evidence", "channels": "channels",
+                    "median": "median PCACE", "max": "max",
+                    "significant_share": "beat null", "median_adj": "median adj.",
+                    "split_half_spearman": "split-half Spearman",
+                    "top_channels": "top channels", "evidence_text": "what it supports"}
+
+
+def layers_html(result: PCACEResult) -> str:
+    """The layer table with its evidence as an HTML fragment (no figure, no script).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> res = PCACEResult(pd.DataFrame(), pd.DataFrame({"layer": ["c"], "channels": [4],
+    ...                   "median": [0.31], "max": [0.5], "top_channels": ["2 0"]}), {})
+    >>> "<table" in layers_html(res) and "median PCACE" in layers_html(res)
+    True
+    """
+    layers = result.layers
+    n = result.manifest.get("data", {}).get("n_images")
+    head = (f"<p><b>PCACE</b>: {len(layers)} layer rows, {len(result.channels)} channel rows"
+            f"{f' over {n} images' if n else ''}.</p>")
+    if layers.empty:
+        return f'<div class="pcace-result">{head}</div>'
+    shown = layers[[c for c in NOTEBOOK_COLUMNS if c in layers.columns]].copy()
+    if "significant_share" in shown:
+        shown["significant_share"] = shown.significant_share.map(
+            lambda v: f"{v:.0%}" if pd.notna(v) else "")
+    table = shown.rename(columns=NOTEBOOK_COLUMNS).to_html(
+        index=False, float_format=lambda v: f"{v:.3f}", na_rep="", border=0,
+        classes="pcace-layers")
+    return f'<div class="pcace-result">{head}{table}</div>'

@@ -27,9 +27,11 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from ..core.budget import size_text
+from ..core.files import safe_name
 from ..results.common import CHECKPOINTS
 
-__all__ = ["labels_without_decoding", "maps_bytes", "rank_in_turn"]
+__all__ = ["labels_in_turn", "labels_without_decoding", "maps_bytes", "rank_in_turn"]
 
 
 def labels_without_decoding(images: Any) -> np.ndarray | None:
@@ -43,7 +45,7 @@ def labels_without_decoding(images: Any) -> np.ndarray | None:
     """
     from torch.utils.data import Dataset, SequentialSampler
 
-    from ..inputs.data import ImageFiles, _dataset_labels
+    from ..inputs.data import ImageFiles, dataset_labels
 
     if isinstance(images, tuple) and len(images) == 2 and \
             all(isinstance(t, torch.Tensor | np.ndarray) for t in images):
@@ -58,21 +60,21 @@ def labels_without_decoding(images: Any) -> np.ndarray | None:
                        ImageFiles) or getattr(images, "targets", None) is not None
     if not cheap:
         return None
-    labels = _dataset_labels(images)
+    labels = dataset_labels(images)
     return None if labels is None else np.asarray(labels).reshape(-1)
 
 
 def maps_bytes(model: torch.nn.Module, images: Any, layers: list[str], n: int,
                device: torch.device) -> int | None:
     """Bytes of the float32 maps of ``layers`` over ``n`` images (None if unknown)."""
+    from ..capture.forward import batch_images
     from ..inputs.data import as_batches
     from ..inputs.layers import describe_layers
-    from ..reduce.twopass import _images_of
 
     first = next(iter(as_batches(images, 1)), None)
     if first is None:
         return None
-    table = describe_layers(model, tuple(_images_of(first).shape[1:]),
+    table = describe_layers(model, tuple(batch_images(first).shape[1:]),
                             device=device).set_index("name")
     if not set(layers) <= set(table.index):
         return None
@@ -80,57 +82,72 @@ def maps_bytes(model: torch.nn.Module, images: Any, layers: list[str], n: int,
                    int(table.width[x]) * n for x in layers))
 
 
-def rank_in_turn(rank: Callable[..., Any], model: torch.nn.Module, images: Any,
-                 target: Any, labels: np.ndarray, options: dict[str, Any],
-                 checkpoint_dir: str | Path | None, progress: bool, reason: str) -> Any:
+def labels_in_turn(model: torch.nn.Module, images: Any, names: list[str], plan: Any,
+                   device: torch.device) -> tuple[np.ndarray, str] | None:
+    """For ``per_label``: every image's label and why, when the labels should run in turn.
+
+    They do when the maps of all images exceed the store and the labels can be read
+    without decoding the images; else one pass serves them all.
+    """
+    labels = labels_without_decoding(images)
+    if labels is None or labels.size == 0:
+        return None
+    size = maps_bytes(model, images, names, labels.size, device)
+    if size is None or size <= plan.store_bytes:
+        return None
+    return labels, (f"the maps of all {labels.size} images ({size_text(size)}) exceed the "
+                    f"store ({size_text(plan.store_bytes)}): each label's images are ranked "
+                    "in turn, with every route of a one-label run")
+
+
+def rank_in_turn(run_once: Callable[[Any], Any], ctx: Any, labels: np.ndarray,
+                 reason: str) -> Any:
     """Rank each label's images in turn and join the runs into one per-label atlas.
 
     Parameters
     ----------
-    rank : callable
-        :func:`pcace.rank`.
-    model, images, target
-        As for :func:`pcace.rank` (``target`` None: each label's own class logit).
+    run_once : callable
+        :func:`pcace.run.pipeline.run_once`: one run over a context's images.
+    ctx : pcace.run.pipeline.RunContext
+        The per-label run (its options, engine and images); each label's run gets a copy
+        with ``label=`` that label, its own class logit as the target (without a target),
+        and its checkpoints in ``checkpoint_dir/checkpoints/label-<label>`` (removed with
+        the run's own by :func:`pcace.results.checkpoints.remove_checkpoints`); with
+        ``resume`` the labels finished before are restored and the interrupted one
+        continues.
     labels : numpy.ndarray
         Every image's label (:func:`labels_without_decoding`).
-    options : dict
-        The other keyword arguments of the run (passed to each label's run).
-    checkpoint_dir : path, optional
-        Each label's run checkpoints in ``checkpoint_dir/checkpoints/label-<label>``
-        (removed with the run's own by :func:`pcace.results.checkpoints.remove_checkpoints`); with
-        ``resume`` in ``options`` the labels finished before are restored and the
-        interrupted one continues.
-    progress : bool
-        Print which label runs.
     reason : str
         Why the labels run in turn (recorded in the manifest).
     """
     from ..core.interrupts import Interrupted
+    from ..results.checkpoints import start_checkpoints
     from ..results.result import PCACEResult
 
     start = time.perf_counter()
+    opts, images = ctx.options, ctx.images
     if isinstance(images, DataLoader):  # read each label's items only, not every batch
-        images, options = images.dataset, {**options, "batch_size": images.batch_size or
-                                           options.get("batch_size", 64)}
+        images, opts = images.dataset, opts.replace(batch_size=images.batch_size or
+                                                    opts.batch_size)
     order = list(pd.unique(labels))
-    if checkpoint_dir is not None:  # marks the directory as a run that --resume continues
-        from ..results.checkpoints import start_checkpoints
-
-        start_checkpoints(checkpoint_dir, {"per_label": "in turn", "labels": len(order)})
+    root = opts.checkpoint_dir
+    if root is not None:  # marks the directory as a run that --resume continues
+        start_checkpoints(root, {"per_label": "in turn", "labels": len(order)})
     runs: list[tuple[Any, Any]] = []
     stopped: BaseException | None = None
     for i, value in enumerate(order):
-        if progress:
+        if opts.progress:
             count = int(np.sum(labels == value))
             print(f"pcace: label {value} ({i + 1} of {len(order)}, {count} images)",
                   file=sys.stderr)
-        where = None if checkpoint_dir is None else _label_checkpoints(checkpoint_dir, value)
-        resume = bool(options.get("resume")) and where is not None and \
+        where = None if root is None else _label_checkpoints(root, value)
+        resume = opts.resume and where is not None and \
             (where / CHECKPOINTS / "state.json").is_file()  # labels not reached start afresh
+        mine = opts.replace(target=_own_target(value) if opts.target is None else opts.target,
+                            label=value, per_label=False, checkpoint_dir=where, resume=resume)
+        sub_ctx = type(ctx).open(ctx.model, images, mine, engine=ctx.engine)
         try:
-            sub = rank(model, images, target=_own_target(value) if target is None else target,
-                       label=value, per_label=False, checkpoint_dir=where, progress=progress,
-                       **{**options, "resume": resume})
+            sub = run_once(sub_ctx)
         except (KeyboardInterrupt, Interrupted) as err:  # in this label's forward pass
             stopped = err
             break
@@ -140,7 +157,7 @@ def rank_in_turn(rank: Callable[..., Any], model: torch.nn.Module, images: Any,
     if not runs:  # stopped before any label had a result: nothing to join
         assert stopped is not None
         raise stopped
-    out = _joined(PCACEResult, runs, labels, target is None, reason,
+    out = _joined(PCACEResult, runs, labels, opts.target is None, reason,
                   time.perf_counter() - start)
     if stopped is not None:
         out.manifest.update(complete=False, interrupted=True,
@@ -150,8 +167,6 @@ def rank_in_turn(rank: Callable[..., Any], model: torch.nn.Module, images: Any,
 
 def _label_checkpoints(checkpoint_dir: str | Path, value: Any) -> Path:
     """Where label ``value``'s run checkpoints: inside the run's own checkpoint folder."""
-    from ..viz._common import safe_name
-
     return Path(checkpoint_dir) / CHECKPOINTS / f"label-{safe_name(str(value))}"
 
 

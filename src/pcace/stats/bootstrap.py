@@ -107,7 +107,7 @@ def bootstrap_values(
         (half-samples of at least 10 images).
     chunk : int, optional
         Replicates stacked along the channel axis in one PCA call. Default: as many
-        as fit the working memory of a 2 GiB :class:`pcace.core.plan.MemoryPlan`
+        as fit the working memory of a 2 GiB :class:`pcace.reduce.plan.MemoryPlan`
         (:func:`pcace.rank` passes its own plan's count).
     score : {"maximal", "first-component"}, default "maximal"
         As for :func:`permutation_null`.

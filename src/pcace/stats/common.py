@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ..core.plan import MemoryPlan
 from ..core.validation import float64_array
+from ..reduce.plan import MemoryPlan
 
 #: The working memory the statistics use when no plan is given (as ``pcace.rank`` with a
 #: 2 GiB budget would give them).

@@ -78,9 +78,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.plan import MemoryPlan
 from ..core.validation import MIN_OBSERVATIONS, fraction, integer
 from ..engines.engine import Engine, LocalEngine, Problems
+from ..reduce.plan import MemoryPlan
 
 __all__ = [
     "EVIDENCE",

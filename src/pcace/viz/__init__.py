@@ -27,7 +27,8 @@ from .assets import Assets, collect_assets, display_images, load_assets
 from .evidence import layer_evidence, significance
 from .figures import ace_transforms, channel_ranking, class_atlas, layer_overview
 from .maps import activation_maps, feature_visualisations, overlay_maps, weighted_vs_cam
-from .report import render_figures, result_html, write_report
+from .report import render_figures, result_html
+from .write import write_report
 
 __all__ = [
     "Assets",

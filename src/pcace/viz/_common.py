@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,11 +19,6 @@ DPI = 100
 def new_figure(width: float, height: float) -> Figure:
     """A pyplot-free figure (no global state, safe in scripts, servers and notebooks)."""
     return Figure(figsize=(width, height), dpi=DPI, layout=None)
-
-
-def safe_name(name: str) -> str:
-    """A file-name friendly form of a layer name (``layer3.1.conv2`` stays as is)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "layer"
 
 
 def map_norm(values: np.ndarray) -> tuple[Normalize, str]:

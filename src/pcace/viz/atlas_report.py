@@ -15,7 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from ._common import figure_bytes, safe_name
+from ..core.files import safe_name
+from ._common import figure_bytes
 from ._html import CSS, JS
 from .evidence import full_layers, layer_evidence
 from .report import REPORT_FILE, RenderedFigure, _e, _img, _page, render_figures

@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ._common import figure_bytes, safe_name
+from ..core.files import safe_name
+from ._common import figure_bytes
 from ._html import CSS, JS, NOTEBOOK_CSS
 from .assets import Assets, load_assets
 from .cam import resolve_cam_target
@@ -222,52 +223,10 @@ def render_figures(run_dir: str | Path, result: Any = None,
     return rendered
 
 
-def write_report(run_dir: str | Path, *, title: str | None = None, top: int = 10,
-                 layers: list[str] | None = None, progress: bool = False) -> Path:
-    """Write ``run_dir/report.html`` (self-contained) and ``run_dir/figures/``.
-
-    A run with several targets (or one per label) gets an overview page (the class atlas
-    and one row per target) and one page per target, ``report-<target>.html``, each the
-    report of a one-target run (:meth:`pcace.PCACEResult.subset`).
-
-    The page says per layer whether its ranking carries evidence (share of channels that
-    beat the permutation null, median null-corrected value, split-half reproducibility);
-    layers with evidence get full sections with maps and pictures, the others a compact
-    row in the layer table (when no layer has evidence, the best few are drawn in full).
-
-    Parameters
-    ----------
-    run_dir : path
-        A run directory; assets (``run_dir/assets``, from :func:`collect_assets`) add the
-        activation maps, CAM comparison, ACE transforms and feature visualisations.
-    title : str, optional
-        Page title; default names the model and the target.
-    top : int
-        Channels labelled in the ranking figures.
-    layers : list of str, optional
-        Layers drawn in full; default :func:`~pcace.viz.evidence.full_layers`.
-    progress : bool
-        Show a progress bar on stderr while the figures are drawn.
-
-    Returns
-    -------
-    pathlib.Path
-        The report's path.
-
-    Examples
-    --------
-    >>> from pcace.viz import write_report
-    >>> write_report("runs/demo")  # doctest: +SKIP
-    PosixPath('runs/demo/report.html')
-    """
-    from ..results.result import load
-
-    root = Path(run_dir)
-    result = load(root)
-    if len(result.targets) > 1 or result.manifest.get("per_label"):
-        from .atlas_report import write_atlas_report
-
-        return write_atlas_report(root, result, top=top, progress=progress)
+def write_target_report(root: Path, result: Any, *, title: str | None = None, top: int = 10,
+                        layers: list[str] | None = None, progress: bool = False) -> Path:
+    """Write the one-target report of a loaded run: ``root/report.html`` and its figures
+    (:func:`pcace.viz.write_report` chooses it for a run of one target)."""
     assets = load_assets(root)
     full = full_layers(result) if layers is None else list(layers)
     figures = render_figures(root, result, assets, top=top, layers=full, progress=progress)

@@ -16,101 +16,69 @@ never bytes: the plan is the only place that converts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from .validation import byte_count
-
-#: Activations are kept as float32.
-BYTES_PER_VALUE = 4
+from ..core.budget import (
+    BYTES_PER_VALUE,
+    PREFERRED_BUDGET,
+    default_memory_budget,
+    resolve_budget,
+    size_text,
+)
+from ..core.validation import components as check_components
+from .batches import CHUNK_BYTES
+from .moments import BASIS_CHUNK_BYTES
+from .subspace import OVERSAMPLE
 
 #: Routes whose layers keep no maps: their statistics come from passes over the images.
 STREAMED = ("moments", "subspace")
-
-#: The budget ``memory_budget="auto"`` plans in first (or a quarter of the machine's memory,
-#: if smaller). A run that would spill maps to disk, split moments into channel groups or
-#: iterate a subspace in it takes the quarter of the machine instead
-#: (:meth:`MemoryPlan.plan_routes`): memory stays flat in N where the layers can be
-#: streamed, and grows only where the alternative is disk or extra forward passes.
-PREFERRED_BUDGET = 2**30
 
 #: Channel groups (one forward pass each) a layer's moments may be split into when they do
 #: not fit the work share at once; past it the layer's maps are stored (spilled) instead.
 MAX_GROUPS = 8
 
 
+__all__ = ["MAX_GROUPS", "STREAMED", "LayerRoute", "MemoryPlan", "RouteChoice", "choose_route",
+           "moments_bytes", "subspace_bytes"]
+
+
+def moments_bytes(channels: int, pixels: int, *, run_images: int = 256,
+                  packed: bool = True) -> int:
+    """Bytes a layer's moments hold during a pass (:class:`~pcace.reduce.moments.
+    MomentAccumulator`): the cross products (packed float64 triangles, or full float64
+    matrices) and a run of ``run_images`` float32 images.
+
+    Examples
+    --------
+    >>> moments_bytes(16, 1024) / 2**20  # 16 maps of 32 x 32
+    80.0625
+    """
+    c, p = int(channels), int(pixels)
+    cross = 4 * c * p * (p + 1) if packed else 8 * c * p * p
+    return cross + BYTES_PER_VALUE * c * p * run_images
+
+
 def subspace_bytes(channels: int, pixels: int, components: int | float = 3,
-                   oversample: int = 20, max_components: int = 10,
+                   oversample: int = OVERSAMPLE, max_components: int = 10,
                    batch_images: int = 256) -> int:
     """Bytes a layer's block subspace iteration holds
-    (:class:`~pcace.reduce.streaming.SubspaceIteration`).
+    (:class:`~pcace.reduce.subspace.SubspaceIteration`).
 
     Four ``(C, P, q + oversample)`` float64 blocks and five per-pixel statistics, plus
     one float64 copy of a batch's maps (``batch_images`` images, in chunks of at most
-    :data:`pcace.reduce.streaming.CHUNK_BYTES`; 0 for the bytes held between passes).
+    :data:`pcace.reduce.batches.CHUNK_BYTES`; 0 for the bytes held between passes).
 
     Examples
     --------
     >>> round(subspace_bytes(64, 112 * 112) / 2**20)  # MiB for 64 maps of 112 x 112
     658
     """
-    from ..reduce.streaming import CHUNK_BYTES
-
     q = int(components) if isinstance(components, int) else max_components
     block = min(q + oversample, pixels)
     return 8 * channels * pixels * (4 * block + 5) + min(CHUNK_BYTES,
                                                          8 * channels * pixels * batch_images)
-
-
-def _size(nbytes: int) -> str:
-    """Bytes for a reason text: MiB below a GiB, GiB above."""
-    return f"{nbytes / 2**20:.1f} MiB" if nbytes < 2**30 else f"{nbytes / 2**30:.2f} GiB"
-
-
-def default_memory_budget() -> int:
-    """A quarter of the machine's memory: :func:`pcace.capture.capture`'s ``"auto"`` budget, and
-    the ceiling ``pcace.rank``'s ``"auto"`` plan widens to (:meth:`MemoryPlan.from_budget`).
-
-    The machine's memory is the smaller of its physical RAM and a cgroup (container) limit,
-    when either is known; the budget is at least 1 GiB, and 2 GiB when nothing is known.
-
-    Examples
-    --------
-    >>> default_memory_budget() >= 2**30
-    True
-    """
-    import os
-    from pathlib import Path
-
-    sizes = []
-    try:
-        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        pass
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            sizes.append(int(text))
-    if not sizes:
-        return 2 * 2**30
-    return max(2**30, min(sizes) // 4)
-
-
-def resolve_budget(memory_budget: Any) -> int:
-    """``"auto"`` -> :func:`default_memory_budget`; a number of bytes is checked and kept.
-
-    Examples
-    --------
-    >>> resolve_budget(2**30)
-    1073741824
-    """
-    if isinstance(memory_budget, str) and memory_budget == "auto":
-        return default_memory_budget()
-    return byte_count(memory_budget, "memory_budget")
 
 
 @dataclass(frozen=True)
@@ -279,7 +247,7 @@ class MemoryPlan:
         A layer that cannot take moments and whose maps cannot be reduced in the store
         either (one channel's ``min(N, P)^2`` Gram work exceeds the work share) takes
         ``"subspace"``:
-        block subspace iteration (:class:`~pcace.reduce.streaming.SubspaceIteration`), one more
+        block subspace iteration (:class:`~pcace.reduce.subspace.SubspaceIteration`), one more
         forward pass (stopped after the layer) per iteration, to a stated tolerance. The
         rest stay ``"in-memory"`` in what remains of the store, which spills them to disk
         past it. ``n`` None (unknown) counts as large; ``batch_images``, the images per
@@ -312,8 +280,7 @@ class MemoryPlan:
             fit = self.work_bytes // (8 * p * p)
             groups = -(-c // fit) if fit else MAX_GROUPS + 1
             size = -(-c // groups)
-            stats = 4 * size * p * (p + 1) + BYTES_PER_VALUE * size * p * min(run_images,
-                                                                             n or run_images)
+            stats = moments_bytes(size, p, run_images=min(run_images, n or run_images))
             m = p if n is None else min(n, p)
             # one channel's reduce of the stored (or spilled) maps: its min(N, P)^2 Gram work
             too_big = 28 * m * m > self.work_bytes
@@ -327,8 +294,8 @@ class MemoryPlan:
             else:
                 held += stats
                 split = "" if groups == 1 else (
-                    f"; its P x P moments ({_size(moments)}) exceed the work share "
-                    f"({_size(self.work_bytes)}), so {groups} groups of {size} channels, a "
+                    f"; its P x P moments ({size_text(moments)}) exceed the work share "
+                    f"({size_text(self.work_bytes)}), so {groups} groups of {size} channels, a "
                     "forward pass each")
                 out[name] = LayerRoute("moments", "the maps of all layers do not fit the "
                                        f"store; its moments take {stats / 2**20:.1f} MiB"
@@ -378,3 +345,105 @@ class LayerRoute:
     passes: int = 1
     shape: tuple[int, ...] = ()
     groups: int = 1
+
+
+@dataclass(frozen=True)
+class RouteChoice:
+    """Which streaming route fits a memory budget, and why.
+
+    Attributes
+    ----------
+    route : {"moments", "subspace"}
+    reason : str
+        One sentence for logs and manifests.
+    moments_bytes, subspace_bytes : int
+        Estimated peak bytes of each route.
+    """
+
+    route: Literal["moments", "subspace"]
+    reason: str
+    moments_bytes: int
+    subspace_bytes: int
+
+
+def choose_route(channels: int, pixels: int, components: int | float = 3, *,
+                 budget_bytes: int, images: int | None = None, max_components: int = 10,
+                 oversample: int = OVERSAMPLE, batch_size: int = 256) -> RouteChoice:
+    """Pick the streaming route for a layer of ``channels`` maps of ``pixels`` under a budget.
+
+    The rule: ``"moments"`` when its peak memory fits the budget (one pass over the data,
+    then the projection pass; the cost of the pass grows as ``C N P^2``), else
+    ``"subspace"`` when its memory fits (a statistics pass, then one pass per iteration,
+    typically 3 to 10 on natural images, many more on flat spectra, then the projection
+    pass; each pass costs about ``4 C N P (q + oversample)``). If neither fits, a
+    ``ValueError`` says how much each needs.
+
+    Peak bytes counted: moments, ``8 C P^2`` for the cross products plus one chunk of
+    correlation matrices (:data:`pcace.reduce.moments.BASIS_CHUNK_BYTES`, at least one
+    ``P x P``), plus the per-pixel statistics and a float64 copy of a batch; subspace,
+    :func:`subspace_bytes` (the count the run's plan uses).
+    Neither depends on ``N``.
+
+    Parameters
+    ----------
+    channels, pixels : int
+        ``C`` and ``P = H * W`` of the layer.
+    components, max_components
+        As for :meth:`PixelMoments.basis`.
+    budget_bytes : int
+        Memory the reduce may hold for this layer.
+    images : int, optional
+        ``N`` if known: the reason then says whether the in-memory
+        :func:`~pcace.reduce.pca.reduce_block` (``8 C N P`` bytes in float64, half in
+        float32) would also fit.
+    oversample : int, default 20
+        As for :func:`subspace_basis`.
+    batch_size : int, default 256
+        Images per batch, for the float64 copy of a batch (``8 B C P`` bytes; for
+        64 channels of 112 x 112 and ``B = 256`` that alone is 1.6 GiB).
+
+    Returns
+    -------
+    RouteChoice
+
+    Examples
+    --------
+    >>> choose_route(64, 12_544, budget_bytes=2 * 2**30, batch_size=64).route
+    'subspace'
+    >>> choose_route(64, 1024, budget_bytes=2 * 2**30).route
+    'moments'
+    """
+    k_fixed, fraction = check_components(components, max_components)
+    c, p = int(channels), int(pixels)
+    q = min(k_fixed if fraction is None else max_components, p)
+    block = min(q + oversample, p)
+    # the standalone routes (pcace.reduce.streaming) widen each batch to float64 and keep
+    # full float64 matrices; the cost model is the one the run's plan uses
+    batch = 8 * batch_size * c * p
+    chunk = max(p * p * 8, min(c * p * p * 8, BASIS_CHUNK_BYTES))
+    moments = moments_bytes(c, p, run_images=0, packed=False) + chunk + 8 * c * p * 5 + batch
+    subspace = subspace_bytes(c, p, components, oversample, max_components,
+                              batch_images=batch_size)
+    mib = 2.0**20
+
+    def fmt(b: int) -> str:
+        return f"{b / mib:,.1f} MiB"
+
+    note = ""
+    if images is not None:
+        in_memory = 4 * c * int(images) * p
+        fits = "fit" if in_memory <= budget_bytes else "not fit"
+        note = (f"; the maps themselves (N = {images}) would take {fmt(in_memory)} in "
+                f"float32 and {fits} the budget")
+    if moments <= budget_bytes:
+        return RouteChoice("moments", f"P x P moments of {c} channels of {p} pixels need "
+                           f"{fmt(moments)} <= budget {fmt(budget_bytes)}: one pass plus the "
+                           f"projection pass{note}", moments, subspace)
+    if subspace <= budget_bytes:
+        return RouteChoice("subspace", f"P x P moments of {c} channels of {p} pixels need "
+                           f"{fmt(moments)} > budget {fmt(budget_bytes)}; subspace iteration "
+                           f"with {block} columns needs {fmt(subspace)}: several passes"
+                           f"{note}", moments, subspace)
+    raise ValueError(f"neither route fits {fmt(budget_bytes)} for {c} channels of {p} pixels: "
+                     f"moments need {fmt(moments)}, subspace iteration {fmt(subspace)} "
+                     f"(with batches of {batch_size}); reduce the layer's channels in groups")
