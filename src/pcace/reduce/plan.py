@@ -265,56 +265,59 @@ class MemoryPlan:
         """
         sizes = {name: (int(s[0]), int(np.prod(s[1:]))) for name, s in shapes.items()}
         maps = {name: BYTES_PER_VALUE * c * (n or 0) * p for name, (c, p) in sizes.items()}
-        gib = 2.0**30
         if n is not None and sum(maps.values()) <= self.store_bytes:
-            return {name: LayerRoute("in-memory", f"all maps ({sum(maps.values()) / gib:.2f} "
-                                     f"GiB) fit the store ({self.store_bytes / gib:.2f} GiB)",
+            return {name: LayerRoute("in-memory", f"all maps ({size_text(sum(maps.values()))})"
+                                     f" fit the store ({size_text(self.store_bytes)})",
                                      maps[name], shape=tuple(shapes[name]))
                     for name in shapes}
         out: dict[str, LayerRoute] = {}
         held = 0
         for name, (c, p) in sizes.items():
-            moments = 8 * c * p * p  # as the basis is solved: full float64 matrices
-            # channels whose bases fit the work share at once; more go in groups, a forward
-            # pass each
-            fit = self.work_bytes // (8 * p * p)
-            groups = -(-c // fit) if fit else MAX_GROUPS + 1
-            size = -(-c // groups)
-            stats = moments_bytes(size, p, run_images=min(run_images, n or run_images))
-            m = p if n is None else min(n, p)
-            # one channel's reduce of the stored (or spilled) maps: its min(N, P)^2 Gram work
-            too_big = 28 * m * m > self.work_bytes
-            if n is not None and 2 * p > n:
-                why = f"P = {p} > N / 2: its maps are smaller than its P x P moments"
-            elif groups > MAX_GROUPS:
-                why = (f"its P x P moments ({moments / gib:.2f} GiB) exceed the work share "
-                       f"({self.work_bytes / gib:.2f} GiB) {MAX_GROUPS} times over")
-            elif held + stats > self.store_bytes:
-                why = "the store is taken by other layers' moments"
-            else:
-                held += stats
-                split = "" if groups == 1 else (
-                    f"; its P x P moments ({size_text(moments)}) exceed the work share "
-                    f"({size_text(self.work_bytes)}), so {groups} groups of {size} channels, a "
-                    "forward pass each")
-                out[name] = LayerRoute("moments", "the maps of all layers do not fit the "
-                                       f"store; its moments take {stats / 2**20:.1f} MiB"
-                                       + split, stats, passes=groups + 1,
-                                       shape=tuple(shapes[name]), groups=groups)
-                continue
-            iterating = subspace_bytes(c, p, components, batch_images=batch_images)
-            blocks = subspace_bytes(c, p, components, batch_images=0)  # held between passes
-            if too_big and iterating <= self.work_bytes and held + blocks <= self.store_bytes:
-                held += blocks
-                out[name] = LayerRoute("subspace", why + f", and one channel's reduce of its "
-                                       f"maps ({28 * m * m / gib:.2f} GiB) too; block subspace "
-                                       f"iteration takes {iterating / 2**20:.1f} MiB (one "
-                                       "forward pass per iteration)", blocks, passes=3,
-                                       shape=tuple(shapes[name]))
-                continue
-            out[name] = LayerRoute("in-memory", why + "; kept in the store (spilled to disk "
-                                   "past it)", maps[name], shape=tuple(shapes[name]))
-        return {name: out[name] for name in shapes}
+            out[name] = self._streamed_route(c, p, n, self.store_bytes - held, run_images,
+                                             components, batch_images, maps[name],
+                                             tuple(shapes[name]))
+            held += out[name].stats_bytes if out[name].route in STREAMED else 0
+        return out
+
+    def _streamed_route(self, c: int, p: int, n: int | None, free: int, run_images: int,
+                        components: int | float, batch_images: int, maps: int,
+                        shape: tuple[int, ...]) -> LayerRoute:
+        """One layer's route when not every map fits: moments, subspace, or kept (spilled)
+        in the store; ``free`` is what the store has left beside the other layers'
+        statistics."""
+        moments = 8 * c * p * p  # as the basis is solved: full float64 matrices
+        # channels whose bases fit the work share at once; more go in groups, a pass each
+        fit = self.work_bytes // (8 * p * p)
+        groups = -(-c // fit) if fit else MAX_GROUPS + 1
+        size = -(-c // groups)
+        stats = moments_bytes(size, p, run_images=min(run_images, n or run_images))
+        if n is not None and 2 * p > n:
+            why = f"P = {p} > N / 2: its maps are smaller than its P x P moments"
+        elif groups > MAX_GROUPS:
+            why = (f"its P x P moments ({size_text(moments)}) exceed the work share "
+                   f"({size_text(self.work_bytes)}) {MAX_GROUPS} times over")
+        elif stats > free:
+            why = "the store is taken by other layers' moments"
+        else:
+            split = "" if groups == 1 else (
+                f"; its P x P moments ({size_text(moments)}) exceed the work share "
+                f"({size_text(self.work_bytes)}), so {groups} groups of {size} channels, a "
+                "forward pass each")
+            return LayerRoute("moments", "the maps of all layers do not fit the store; its "
+                              f"moments take {size_text(stats)}" + split, stats,
+                              passes=groups + 1, shape=shape, groups=groups)
+        m = p if n is None else min(n, p)
+        # one channel's reduce of the stored (or spilled) maps: its min(N, P)^2 Gram work
+        too_big = 28 * m * m > self.work_bytes
+        iterating = subspace_bytes(c, p, components, batch_images=batch_images)
+        blocks = subspace_bytes(c, p, components, batch_images=0)  # held between passes
+        if too_big and iterating <= self.work_bytes and blocks <= free:
+            return LayerRoute("subspace", why + f", and one channel's reduce of its maps "
+                              f"({size_text(28 * m * m)}) too; block subspace iteration takes "
+                              f"{size_text(iterating)} (one forward pass per iteration)",
+                              blocks, passes=3, shape=shape)
+        return LayerRoute("in-memory", why + "; kept in the store (spilled to disk past it)",
+                          maps, shape=shape)
 
     def streamed_bytes(self, routes: dict[str, LayerRoute]) -> int:
         """Bytes the streamed layers' statistics take from the store."""
@@ -378,11 +381,9 @@ def choose_route(channels: int, pixels: int, components: int | float = 3, *,
     pass; each pass costs about ``4 C N P (q + oversample)``). If neither fits, a
     ``ValueError`` says how much each needs.
 
-    Peak bytes counted: moments, ``8 C P^2`` for the cross products plus one chunk of
-    correlation matrices (:data:`pcace.reduce.moments.BASIS_CHUNK_BYTES`, at least one
-    ``P x P``), plus the per-pixel statistics and a float64 copy of a batch; subspace,
+    Peak bytes (neither depends on ``N``): moments, ``8 C P^2`` for the cross products, a
+    chunk of correlation matrices, the per-pixel statistics and a float64 batch; subspace,
     :func:`subspace_bytes` (the count the run's plan uses).
-    Neither depends on ``N``.
 
     Parameters
     ----------
@@ -393,9 +394,7 @@ def choose_route(channels: int, pixels: int, components: int | float = 3, *,
     budget_bytes : int
         Memory the reduce may hold for this layer.
     images : int, optional
-        ``N`` if known: the reason then says whether the in-memory
-        :func:`~pcace.reduce.pca.reduce_block` (``8 C N P`` bytes in float64, half in
-        float32) would also fit.
+        ``N`` if known: the reason then says whether the maps themselves would fit.
     oversample : int, default 20
         As for :func:`subspace_basis`.
     batch_size : int, default 256
