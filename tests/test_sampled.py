@@ -78,6 +78,7 @@ def test_whole_sample_equals_exact_route(n, p):
     assert not check.poor.any()
     torch.testing.assert_close(check.ratio[:3], torch.ones(3, dtype=torch.float64),
                                atol=1e-5, rtol=0)
+    assert float(check.angle[:3].max()) < 1e-4 and float(check.angle[3]) == 0.0
 
 
 def test_whole_sample_fraction_k_equals_exact_route():
@@ -157,6 +158,30 @@ def test_ritz_is_best_within_the_subspace_over_all_images():
         best = np.linalg.eigvalsh(z.T @ z / 400)[::-1][:3].sum() / 30
         assert float(red.explained_variance[c]) <= best + 1e-9
     assert torch.all(check.explained == red.explained_variance)
+
+
+def test_angle_estimate_against_numpy():
+    """The residual-over-gap angle, from the pass's sums, against NumPy on the same maps."""
+    maps = _maps(400, 2, 40, noise=1.0)
+    basis = SampleBasis.from_maps(maps[:80], 3, extra=3)
+    run = basis.start_pass(400)
+    for i in range(0, 400, 128):
+        run.add(maps[i:i + 128], i)
+    _, check = run.finish(warn=False)
+    for c in range(2):
+        x = maps[:, c].double().numpy()
+        z, _ = _standardised(x)
+        s = z.T @ z / 400
+        u = (x.std(axis=0) * basis.inv_std[c].numpy())[:, None] * basis.axes[c].numpy()
+        q = np.linalg.qr(u)[0]
+        theta, a = np.linalg.eigh(q.T @ s @ q)
+        theta, ritz = theta[::-1], (q @ a)[:, ::-1]
+        resid = np.linalg.norm(s @ ritz[:, :3] - ritz[:, :3] * theta[:3], axis=0)
+        expected = np.sqrt(((resid / (theta[:3] - theta[3])) ** 2).sum())
+        assert float(check.angle[c]) == pytest.approx(expected, rel=1e-3)
+        cosines = np.linalg.svd(ritz[:, :3].T @ np.linalg.eigh(s)[1][:, ::-1][:, :3],
+                                compute_uv=False)
+        assert np.arcsin(np.sqrt(1 - cosines.min() ** 2)) < float(check.angle[c])
 
 
 def test_pixel_constant_in_sample_only():

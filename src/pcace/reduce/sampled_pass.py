@@ -128,6 +128,10 @@ class SampleCheck:
     poor : torch.Tensor
         ``(C,)`` bool: ``ratio < threshold``, or the channel is constant over the sample
         but not over all images. Never set for a dead channel.
+    angle : torch.Tensor
+        ``(C,)`` float64: the estimated largest angle (radians) between the kept
+        components and the exact ones over all ``N`` (Ritz residual over the gap to the
+        next Ritz value; 0 without components, inf without a gap).
     """
 
     sample_size: int
@@ -139,6 +143,7 @@ class SampleCheck:
     subspace_explained: torch.Tensor
     unseen: torch.Tensor
     poor: torch.Tensor
+    angle: torch.Tensor | None = None
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready record for the run's manifest.
@@ -214,6 +219,8 @@ class SampledPass:
             (c, n_images, width), dtype=torch.float32, device=self.store)
         self._sums = torch.zeros((c, p), dtype=torch.float64, device=dev)
         self._squares = torch.zeros_like(self._sums)
+        # sum over images of y (x - shift)^T: gives the covariance applied to the axes
+        self._cross = torch.zeros((c, width, p), dtype=torch.float64, device=dev)
         self._lo = torch.full((c, p), math.inf, dtype=torch.float32, device=dev)
         self._hi = torch.full((c, p), -math.inf, dtype=torch.float32, device=dev)
         self._seen = torch.zeros(n_images, dtype=torch.bool)
@@ -227,13 +234,13 @@ class SampledPass:
         >>> SampledPass.bytes_needed(688, 1, 50_000, 8) / 2**30 > 1
         True
         """
-        return 4 * channels * n_images * width + 24 * channels * pixels + n_images
+        return 4 * channels * n_images * width + (24 + 8 * width) * channels * pixels + n_images
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the pass (projections and statistics)."""
         held = 0 if self.projections is None else self.projections.numel() * 4
-        return held + 24 * self._sums.numel() + self._seen.numel()
+        return held + (24 + 8 * self.basis.width) * self._sums.numel() + self._seen.numel()
 
     def add(self, maps: torch.Tensor, offset: int) -> None:
         """Project a batch ``(B, C, H, W)`` or ``(B, C, P)``: the images ``offset .. offset+B-1``.
@@ -263,7 +270,7 @@ class SampledPass:
             parallel_ranges(_pass_range, x.shape[1], x.numpy(), self.basis.shift.numpy(),
                             self.basis.weights_t.numpy(), self.projections.numpy(),
                             offset, self._sums.numpy(), self._squares.numpy(),
-                            self._lo.numpy(), self._hi.numpy())
+                            self._lo.numpy(), self._hi.numpy(), self._cross.numpy())
         else:
             self._add_torch(x.to(self._sums.device), rows)
         self._seen[rows] = True
@@ -272,6 +279,7 @@ class SampledPass:
         d = x - self.basis.shift
         y = torch.matmul(d.transpose(0, 1), self.basis.weights)
         self.projections[:, rows] = y.to(self.store)
+        self._cross += torch.matmul(y.transpose(1, 2), d.transpose(0, 1)).to(torch.float64)
         self._sums += d.sum(dim=0).to(torch.float64)
         self._squares += d.square_().sum(dim=0).to(torch.float64)
         lo, hi = torch.aminmax(x, dim=0)
@@ -311,7 +319,7 @@ class SampledPass:
         if bool(bad.any()):
             raise NonFiniteMaps(bad.nonzero().flatten().tolist())
         basis, n = self.basis, self.n_images
-        constant, ratio = self._standardiser()
+        constant, ratio, inv_n = self._standardiser()
         dead = constant.all(dim=1)
         varying = (~constant).sum(dim=1).to(torch.float64)
         mean, cov = _moments(self.projections)
@@ -329,17 +337,20 @@ class SampledPass:
         fix_signs(scores)
         held = (theta[:, :r] * keep[:, :r]).sum(dim=1)
         share = torch.where(varying.cpu() > 0, held / varying.cpu().clamp(min=1), 0.0)
-        check = self._check(share, theta, n_comp, constant.cpu(), dead.cpu(), threshold, r)
+        angle = self._angles(mean, ratio, inv_n, theta, turn, n_comp)
+        check = self._check(share, theta, n_comp, constant.cpu(), dead.cpu(), threshold, r,
+                            angle)
         message = check.message(layer)
         if warn and message:
             warnings.warn(message, SampledBasisWarning, stacklevel=2)
         return Reduction(scores=scores, n_components=n_comp, explained_variance=share,
                          dead=dead.cpu()), check
 
-    def _standardiser(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixels constant over all ``N``, and each pixel's ``std_N / std_sample``.
+    def _standardiser(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pixels constant over all ``N``, each pixel's ``std_N / std_sample``, ``1 / std_N``.
 
-        The ratio is 0 where the pixel is constant over either.
+        The ratio is 0 where the pixel is constant over either, ``1 / std_N`` where it is
+        constant over all ``N``.
         """
         n = self.n_images
         d = self._sums / n
@@ -348,11 +359,48 @@ class SampledPass:
         eps = max(self.basis.eps, torch.finfo(torch.float32).eps)
         constant = (self._hi <= self._lo) | (std <= CONSTANT_ULPS * eps * scale)
         ratio = torch.where(constant | self.basis.constant, 0.0, std * self.basis.inv_std)
-        return constant, ratio
+        inv = torch.where(constant, 0.0, 1.0 / torch.where(constant, 1.0, std))
+        return constant, ratio, inv
+
+    def _angles(self, mean: torch.Tensor, ratio: torch.Tensor, inv: torch.Tensor,
+                theta: torch.Tensor, turn: torch.Tensor, n_comp: torch.Tensor
+                ) -> torch.Tensor:
+        """Per channel, the kept components' estimated angle to the exact ones.
+
+        In the metric of the maps standardised over all ``N`` (covariance ``S``), the kept
+        Ritz vectors are ``u_j = U a_j`` (``a_j`` the columns of ``turn``); ``S U`` comes
+        from the pass's ``y d^T`` sums. Each residual ``||S u_j - theta_j u_j||`` over
+        the gap ``theta_j - theta_{k+1}`` (``theta_{l+1} = 0``) estimates ``u_j``'s
+        angle to the exact top-``k`` subspace; the estimate is their root sum of squares.
+        """
+        basis, n = self.basis, self.n_images
+        dev = self._cross.device
+        shifted = self._sums / n  # mean of x - shift
+        c, width, p = self._cross.shape
+        turn_d, theta_d = turn.to(dev), theta.to(dev)
+        resid = torch.empty((c, turn.shape[2]), dtype=torch.float64, device=dev)
+        step = max(1, (64 * 2**20) // (8 * p * width))
+        for lo in range(0, c, step):
+            sl = slice(lo, min(c, lo + step))
+            su_t = (self._cross[sl] / n - mean[sl, :, None].to(dev) * shifted[sl, None, :])
+            su_t *= inv[sl, None, :]  # (S U)^T
+            u_t = (basis.axes[sl] * ratio[sl, :, None]).transpose(1, 2)  # U^T
+            a_t = turn_d[sl].transpose(1, 2)
+            r = a_t @ su_t - theta_d[sl, :a_t.shape[1], None] * (a_t @ u_t)
+            resid[sl] = torch.linalg.vector_norm(r, dim=2)
+        resid = resid.cpu()
+        # each kept pair's residual over its distance to the next value past the kept ones
+        padded = torch.nn.functional.pad(theta, (0, resid.shape[1] + 1))
+        after = padded.gather(1, n_comp[:, None])  # theta_{k+1}
+        gap = padded[:, :resid.shape[1]] - after
+        kept = torch.arange(resid.shape[1])[None, :] < n_comp[:, None]
+        ratio_j = torch.where(gap > 0, resid / gap.clamp(min=1e-300), math.inf)
+        ratio_j = torch.where(kept & (resid > 0), ratio_j, 0.0)
+        return torch.linalg.vector_norm(ratio_j, dim=1)
 
     def _check(self, share: torch.Tensor, theta: torch.Tensor, n_comp: torch.Tensor,
                constant: torch.Tensor, dead: torch.Tensor, threshold: float,
-               r: int) -> SampleCheck:
+               r: int, angle: torch.Tensor) -> SampleCheck:
         basis = self.basis
         vals = basis.eigenvalues.cpu()[:, :r]
         kept = torch.arange(r)[None, :] < n_comp[:, None]
@@ -368,7 +416,8 @@ class SampledPass:
         unseen = (basis.constant.cpu() & ~constant).sum(dim=1)
         return SampleCheck(sample_size=basis.count, width=basis.width, threshold=threshold,
                            explained=share, sample_explained=claimed, ratio=ratio,
-                           subspace_explained=subspace, unseen=unseen, poor=poor)
+                           subspace_explained=subspace, unseen=unseen, poor=poor,
+                           angle=angle)
 
 
 def _axes_gram(axes: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
@@ -411,13 +460,18 @@ def _rotate(y: torch.Tensor, mean: torch.Tensor, turn: torch.Tensor) -> torch.Te
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-def _pass_range(c0, c1, x, shift, wt, out, offset, sums, squares, lo, hi):  # pragma: no cover
-    # one read of each map: d = x - shift, its projections, and the pixel statistics
+def _pass_range(c0, c1, x, shift, wt, out, offset, sums, squares, lo, hi,
+                cross):  # pragma: no cover - compiled
+    # one read of each map: d = x - shift, its projections y, the pixel statistics, and
+    # y d^T (summed over the batch in float32, then added in float64)
     b, _, p = x.shape
     width = wt.shape[1]
     d = np.empty(p, dtype=np.float32)
+    y = np.empty(width, dtype=np.float32)
+    part = np.empty((width, p), dtype=np.float32)
     for c in range(c0, c1):
         sh, w, s1, s2, mn, mx = shift[c], wt[c], sums[c], squares[c], lo[c], hi[c]
+        part[:] = 0.0
         for i in range(b):
             row = x[i, c]
             for j in range(p):
@@ -433,4 +487,14 @@ def _pass_range(c0, c1, x, shift, wt, out, offset, sums, squares, lo, hi):  # pr
                 acc = np.float32(0.0)
                 for j in range(p):
                     acc += d[j] * wk[j]
+                y[k] = acc
                 out[c, offset + i, k] = acc
+            for k in range(width):
+                yk = y[k]
+                pk = part[k]
+                for j in range(p):
+                    pk[j] += d[j] * yk
+        acc_c = cross[c]
+        for k in range(width):
+            for j in range(p):
+                acc_c[k, j] += part[k, j]
