@@ -23,6 +23,7 @@ time in RAM). Results go to a JSON-lines file, one line per (layer, m, extra).
     nice .venv/bin/python benchmarks/bench_sampled_accuracy.py resnet18 --n 2000 --inputs noise
     nice .venv/bin/python benchmarks/bench_sampled_accuracy.py resnet18 --n 2000 --inputs natural
     .venv/bin/python benchmarks/bench_sampled_accuracy.py table /tmp/pcace-sampled/*.jsonl
+    nice .venv/bin/python benchmarks/bench_sampled_accuracy.py speed --n 5000 --m 1000 --extra 5
 """
 
 from __future__ import annotations
@@ -224,6 +225,78 @@ def one_config(block: np.ndarray, exact, ref: np.ndarray, target: np.ndarray, m:
                             "ratio": check.ratio.tolist(), "angle": check.angle.tolist()}}
 
 
+def speed(args) -> None:
+    """The one pass with every conv layer projected, against a bare forward pass.
+
+    The bases come from a first pass over the m sampled images (timed apart). Bare and
+    sampled passes alternate (``--repeats``); the peak RSS is read after the bare passes
+    and again after the sampled ones (projections and scores of all layers held).
+    """
+    import resource
+
+    from pcace.reduce.sampled import SampleBasis, sample_indices
+
+    model, layers, size = build(args.model)
+    modules = dict(model.named_modules())
+    m = args.m[0]
+    idx = sample_indices(args.n, m, seed=args.seed).tolist()
+    t = time.perf_counter()
+    grabbed: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    hooks = [modules[name].register_forward_hook(
+        lambda _m, _i, out, name=name: grabbed[name].append(out.flatten(2).transpose(0, 1)))
+        for name in layers]
+    with torch.inference_mode():
+        images = torch.cat(list(batches(args.inputs, args.n, args.batch, args.cache, size)))
+        for lo in range(0, m, args.batch):
+            model(images[idx[lo:lo + args.batch]])
+    for h in hooks:
+        h.remove()
+    bases = {name: SampleBasis.from_block(torch.cat(parts, dim=1).contiguous(), K,
+                                          extra=args.extra[0])
+             for name, parts in grabbed.items()}
+    grabbed.clear()
+    fit = time.perf_counter() - t
+
+    def bare() -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for lo in range(0, args.n, args.batch):
+                model(images[lo:lo + args.batch])
+        return time.perf_counter() - t
+
+    def one_pass() -> tuple[float, float, int]:
+        runs = {name: basis.start_pass(args.n) for name, basis in bases.items()}
+        at = [0]
+        hooks = [modules[name].register_forward_hook(
+            lambda _m, _i, out, name=name: runs[name].add(out, at[0])) for name in layers]
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for lo in range(0, args.n, args.batch):
+                at[0] = lo
+                model(images[lo:lo + args.batch])
+        passed = time.perf_counter() - t
+        for h in hooks:
+            h.remove()
+        held = sum(r.nbytes for r in runs.values())
+        t = time.perf_counter()
+        done = [r.finish(warn=False)[0] for r in runs.values()]
+        finished = time.perf_counter() - t
+        held = max(held, sum(d.scores.numel() * 4 for d in done))
+        return passed, finished, held
+
+    bare()  # warm up
+    bare_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    times = [(bare(), *one_pass()) for _ in range(args.repeats)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps({"model": args.model, "n": args.n, "m": m, "extra": args.extra[0],
+                      "layers": len(layers), "channels": sum(b.channels for b in bases.values()),
+                      "sample_pass_and_fit_s": fit, "bare_s": [r[0] for r in times],
+                      "pass_s": [r[1] for r in times], "finish_s": [r[2] for r in times],
+                      "held_gib": times[0][3] / 2**30, "peak_rss_gib": peak,
+                      "bare_peak_rss_gib": bare_peak,
+                      "load": open("/proc/loadavg").read().split()[:3]}))
+
+
 def table(paths: list[Path]) -> None:
     rows = [json.loads(line) for p in paths for line in open(p)]
     groups: dict[tuple, list[dict]] = {}
@@ -259,7 +332,7 @@ def kept_p99(group: list[dict]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model", choices=["resnet20", "resnet18", "table"])
+    ap.add_argument("model", choices=["resnet20", "resnet18", "table", "speed"])
     ap.add_argument("files", nargs="*", type=Path, help="for table: JSON-lines files")
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--inputs", choices=["cifar", "noise", "natural"], default=None)
@@ -272,9 +345,16 @@ def main() -> None:
                     help="only the reference row: axes from 99%% of the images, l = k")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/pcace-sampled"))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--repeats", type=int, default=2, help="speed: bare/sampled pass pairs")
     args = ap.parse_args()
     if args.model == "table":
         table(args.files)
+        return
+    if args.model == "speed":
+        args.model, args.inputs = "resnet20", "cifar"
+        args.cache.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(2)
+        speed(args)
         return
     args.inputs = args.inputs or ("cifar" if args.model == "resnet20" else "noise")
     if args.model == "resnet20" and args.inputs != "cifar":
