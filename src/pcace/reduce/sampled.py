@@ -1,0 +1,313 @@
+"""A one-pass reduce: principal axes from a sample of images, Rayleigh-Ritz over all of them.
+
+The exact PCA of a channel's ``N x P`` standardised maps needs every map at once, or
+``P x P`` moments and a second forward pass, or a subspace iteration over many passes.
+This route needs one pass:
+
+1. :class:`SampleBasis` takes each channel's standardisation (per-pixel mean and
+   population standard deviation, constant pixels dropped) and its top ``l = k + extra``
+   principal axes from a sample of ``m`` images, and folds them into projection weights
+   ``W`` ``(C, P, l)`` and a shift ``s`` ``(C, P)``: a map ``x`` projects to
+   ``y = (x - s) @ W``.
+2. :class:`SampledPass` projects every one of the ``N`` images in the one pass, keeps the
+   ``(C, N, l)`` float32 projections, and gathers each pixel's sum, sum of squares,
+   minimum and maximum over all ``N`` (``P`` numbers per channel each). On the CPU a
+   compiled kernel does all of it in one read of the batch.
+3. :meth:`SampledPass.finish` standardises by the statistics of all ``N`` images, as the
+   exact route does, and rotates within the ``l``-dimensional subspace to the best ``k``
+   components for all ``N`` images (Rayleigh-Ritz): the subspace's axes, measured in the
+   metric of the maps standardised over all ``N``, are ``U = diag(std_N / std_m) V``
+   (``V`` the sample's axes); the Ritz pairs are the eigenpairs of the ``l x l``
+   covariance of the projections relative to ``U^T U``. The ``k`` components are
+   therefore the best that the subspace holds for the maps standardised over all
+   ``N``, and their explained variance is measured over all ``N`` (the exact route's
+   ``explained_variance``, never more than it).
+
+Where the sample is all the images (``m >= N``, in any order) the result is that of
+:func:`~pcace.reduce.pca.reduce_block` on all maps, up to the float32 rounding of the
+projections (``tests/test_sampled.py`` holds it to ``1e-4`` of each component's scale).
+The same rules apply: population standard deviation, the constant-column rule
+(:data:`~pcace.reduce.pca.CONSTANT_ULPS`), ``k`` fixed or from a variance fraction
+(capped at ``max_components``), the numerical-rank rule, dead channels (scores 0), the
+sign rule over all ``N`` scores.
+
+Pixels the sample and the whole set disagree on: a pixel constant in the sample but not
+over all ``N`` (a rarely active unit) has weight 0, so no component can use it; its
+variance still counts in the total over all ``N``, so the explained variance and the
+self-check show what it costs. A channel constant over the whole sample but not over all
+``N`` gets no components and is named by the self-check.
+
+The self-check (:class:`SampleCheck`): per channel, the share of the variance over all
+``N`` that the ``k`` components capture, against the share the sample claimed for its
+own top ``k`` (in-sample, so a little optimistic). Their ratio below
+:data:`CHECK_THRESHOLD` marks the channel as poor, and :meth:`SampledPass.finish` warns
+(:class:`SampledBasisWarning`) with one line naming the layer's poor channels.
+
+Memory: ``4 C N l`` bytes of projections plus ``24 C P`` of pixel statistics per layer;
+``finish`` adds ``4 C N k`` for the scores it returns. Accuracy against the exact route,
+and the choice of :data:`EXTRA` and of ``m``: ``benchmarks/README.md`` ("Sampled basis:
+accuracy").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..core.validation import components as check_components
+from .pca import CONSTANT_ULPS, _eigen, numerical_rank
+from .sampled_pass import (
+    CHECK_THRESHOLD,
+    SampleCheck,
+    SampledBasisWarning,
+    SampledPass,
+    rayleigh_ritz,
+)
+from .standardise import NonFiniteMaps
+
+__all__ = ["CHECK_THRESHOLD", "EXTRA", "SampleBasis", "SampleCheck", "SampledBasisWarning",
+           "SampledPass", "rayleigh_ritz", "sample_indices"]
+
+#: Sample axes beyond the components kept: ``l = k + EXTRA`` (``max_components + EXTRA``
+#: for a variance fraction). Measured: ``benchmarks/README.md``.
+EXTRA = 5
+
+#: Bytes of float64 work arrays formed at once (sample standardisation, rotation).
+CHUNK_BYTES = 64 * 2**20
+
+def sample_indices(n_images: int, size: int, *, seed: int = 0) -> torch.Tensor:
+    """``size`` distinct image indices out of ``n_images``, drawn at random, ascending.
+
+    All of them (``arange``) when ``size >= n_images``. Deterministic for a seed.
+
+    Examples
+    --------
+    >>> sample_indices(10, 4, seed=1).tolist()
+    [1, 2, 5, 6]
+    >>> sample_indices(3, 5).tolist()
+    [0, 1, 2]
+    """
+    if n_images < 1 or size < 1:
+        raise ValueError(f"n_images and size must be >= 1; got {n_images}, {size}")
+    if size >= n_images:
+        return torch.arange(n_images)
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n_images, generator=gen)[:size].sort().values
+
+
+def _flat(maps: torch.Tensor, what: str) -> torch.Tensor:
+    """A ``(B, C, H, W)`` or ``(B, C, P)`` float tensor as ``(B, C, P)``."""
+    if not isinstance(maps, torch.Tensor):
+        maps = torch.as_tensor(maps)
+    if maps.ndim == 4:
+        maps = maps.flatten(2)
+    if maps.ndim != 3 or maps.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{what} must be a (B, C, H, W) or (B, C, P) float32 or float64 "
+                         f"tensor; got {tuple(maps.shape)} {maps.dtype}")
+    return maps.detach()
+
+
+@dataclass
+class SampleBasis:
+    """Each channel's standardisation and top ``l`` axes, from a sample of ``m`` images.
+
+    Build it with :meth:`from_maps` or :meth:`from_block`; then :meth:`start_pass`.
+
+    Attributes
+    ----------
+    mean, inv_std : torch.Tensor
+        ``(C, P)`` float64: per-pixel mean and inverse population standard deviation over
+        the sample (0 for a constant pixel).
+    constant : torch.Tensor
+        ``(C, P)`` bool: pixels constant over the sample.
+    axes : torch.Tensor
+        ``(C, P, l)`` float64: the sample's top ``l`` principal axes of its standardised
+        maps, descending (zero columns past the sample's numerical rank).
+    eigenvalues : torch.Tensor
+        ``(C, l)`` float64: the sample's component variances (per image), descending.
+    total : torch.Tensor
+        ``(C,)`` float64: the sample's total standardised variance per image (the number
+        of its non-constant pixels).
+    shift : torch.Tensor
+        ``(C, P)`` float32: the sample mean, rounded; a map ``x`` projects to
+        ``(x - shift) @ weights``.
+    weights_t : torch.Tensor
+        ``(C, l, P)`` float32: the projection weights ``inv_std * axes``, transposed
+        (:attr:`weights` is the ``(C, P, l)`` view).
+    count : int
+        ``m``, the images in the sample.
+    k_fixed, fraction, max_components
+        The components asked for (as :func:`pcace.core.validation.components` returns).
+    eps : float
+        Machine epsilon of the sample's dtype (the constant-column rule's unit).
+
+    Examples
+    --------
+    >>> import torch
+    >>> maps = torch.randn(200, 4, 6, 6)
+    >>> basis = SampleBasis.from_maps(maps[:50], components=3, extra=2)
+    >>> tuple(basis.weights.shape), basis.width
+    ((4, 36, 5), 5)
+    >>> run = basis.start_pass(200)
+    >>> for i in range(0, 200, 64):
+    ...     run.add(maps[i:i + 64], i)
+    >>> red, check = run.finish(warn=False)
+    >>> tuple(red.scores.shape), red.n_components.tolist()
+    ((4, 200, 3), [3, 3, 3, 3])
+    """
+
+    mean: torch.Tensor
+    inv_std: torch.Tensor
+    constant: torch.Tensor
+    axes: torch.Tensor
+    eigenvalues: torch.Tensor
+    total: torch.Tensor
+    shift: torch.Tensor
+    weights_t: torch.Tensor
+    count: int
+    k_fixed: int
+    fraction: float | None
+    max_components: int
+    eps: float
+
+    @property
+    def channels(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def pixels(self) -> int:
+        return self.mean.shape[1]
+
+    @property
+    def width(self) -> int:
+        """``l``: the sample axes each image is projected on."""
+        return self.weights_t.shape[1]
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """``(C, P, l)`` float32 projection weights (a view of :attr:`weights_t`)."""
+        return self.weights_t.transpose(1, 2)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the basis holds."""
+        held = (self.mean, self.inv_std, self.constant, self.axes, self.eigenvalues,
+                self.shift, self.weights_t)
+        return sum(t.numel() * t.element_size() for t in held)
+
+    @classmethod
+    def from_maps(cls, maps: torch.Tensor, components: int | float = 3, *,
+                  max_components: int = 10, extra: int = EXTRA) -> SampleBasis:
+        """The basis of a sample ``(m, C, H, W)`` or ``(m, C, P)`` (not modified).
+
+        Parameters
+        ----------
+        maps : torch.Tensor
+            The sample's maps, float32 or float64, on any device (the basis lives there).
+        components : int or float, default 3
+            ``k``, or a variance fraction in ``(0, 1)``, as for
+            :func:`~pcace.reduce.pca.principal_components`.
+        max_components : int, default 10
+            Cap on ``k`` for a fraction.
+        extra : int, default :data:`EXTRA`
+            Axes beyond ``k`` (beyond ``max_components`` for a fraction); ``l`` is at most
+            ``P``.
+        """
+        x = _flat(maps, "maps")
+        block = torch.empty((x.shape[1], x.shape[0], x.shape[2]), dtype=x.dtype,
+                            device=x.device)
+        block.copy_(x.permute(1, 0, 2))
+        return cls.from_block(block, components, max_components=max_components, extra=extra)
+
+    @classmethod
+    def from_block(cls, block: torch.Tensor, components: int | float = 3, *,
+                   max_components: int = 10, extra: int = EXTRA) -> SampleBasis:
+        """The basis of a channel-major sample ``(C, m, P)``, **overwritten** (standardised).
+
+        As :meth:`from_maps` otherwise.
+        """
+        k_fixed, fraction = check_components(components, max_components)
+        if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+            raise ValueError(f"extra must be an int >= 0; got {extra!r}")
+        if block.ndim != 3 or block.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"block must be a (C, m, P) float32 or float64 tensor; got "
+                             f"{tuple(block.shape)} {block.dtype}")
+        c, m, p = block.shape
+        if m < 2:
+            raise ValueError(f"the sample needs at least 2 images; got {m}")
+        x = block if block.is_contiguous() else block.contiguous()
+        mean, inv, constant = _standardise_sample_(x)
+        width = min(p, (k_fixed if fraction is None else max_components) + extra)
+        vals, vecs, trace, gram_side = _eigen(x, width)
+        vals, vecs, trace = vals.to(x.device), vecs.to(x.device), trace.to(x.device)
+        rank = numerical_rank(vals, max(m, p), x.dtype)
+        usable = torch.arange(vals.shape[1], device=x.device)[None, :] < rank[:, None]
+        if gram_side:  # vecs are the m-side eigenvectors u: the axes are X^T u / sqrt(lambda)
+            root = torch.where(usable, vals.clamp(min=0).sqrt(), 1.0)
+            axes = torch.bmm(x.transpose(1, 2), vecs.to(x.dtype)).to(torch.float64)
+            axes /= root[:, None, :]
+        else:
+            axes = vecs.to(torch.float64)
+        axes *= usable[:, None, :]
+        vals = vals * usable
+        pad = width - axes.shape[2]  # the sample has fewer images than axes asked for
+        axes = torch.nn.functional.pad(axes, (0, pad))
+        vals = torch.nn.functional.pad(vals, (0, pad))
+        weights_t = (axes * inv[:, :, None]).transpose(1, 2).to(torch.float32).contiguous()
+        return cls(mean=mean, inv_std=inv, constant=constant, axes=axes, eigenvalues=vals / m,
+                   total=trace.clamp(min=0) / m, shift=mean.to(torch.float32),
+                   weights_t=weights_t, count=m, k_fixed=k_fixed, fraction=fraction,
+                   max_components=max_components, eps=torch.finfo(x.dtype).eps)
+
+    def project(self, maps: torch.Tensor) -> torch.Tensor:
+        """The ``l`` sample-axis projections of a batch: ``(B, C, ...)`` -> ``(C, B, l)`` float32.
+
+        Not centred over all images (:class:`SampledPass` does that when it finishes).
+        """
+        x = self._check(maps)
+        d = x.to(torch.float32) - self.shift
+        return torch.matmul(d.transpose(0, 1), self.weights)
+
+    def start_pass(self, n_images: int, *, store: torch.device | str | None = None
+                   ) -> SampledPass:
+        """A :class:`SampledPass` over ``n_images`` images (projections kept on ``store``)."""
+        return SampledPass(self, n_images, store=store)
+
+    def _check(self, maps: torch.Tensor) -> torch.Tensor:
+        x = _flat(maps, "a batch")
+        if x.shape[1:] != (self.channels, self.pixels):
+            raise ValueError(f"a batch has {x.shape[1]} channels of {x.shape[2]} pixels; the "
+                             f"basis is for {self.channels} of {self.pixels}")
+        return x
+
+
+def _standardise_sample_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Standardise a contiguous ``(C, m, P)`` block in place, a few channels at a time.
+
+    Returns the float64 ``(C, P)`` mean and inverse standard deviation and the constant
+    mask, by the rule of :func:`~pcace.reduce.pca.reduce_block` (statistics in float64).
+    """
+    c, m, p = x.shape
+    eps = torch.finfo(x.dtype).eps
+    mean = torch.empty((c, p), dtype=torch.float64, device=x.device)
+    inv, constant = torch.empty_like(mean), torch.empty((c, p), dtype=torch.bool,
+                                                        device=x.device)
+    step = max(1, CHUNK_BYTES // (8 * m * p))
+    for lo in range(0, c, step):
+        sl = slice(lo, min(c, lo + step))
+        part = x[sl].to(torch.float64)
+        low, high = torch.aminmax(part, dim=1)
+        mean[sl] = part.mean(dim=1)
+        if not bool(torch.isfinite(mean[sl]).all()):
+            bad = (~torch.isfinite(mean[sl])).any(dim=1).nonzero().flatten() + lo
+            raise NonFiniteMaps(bad.tolist())
+        part -= mean[sl, None, :]
+        std = torch.linalg.vector_norm(part, dim=1) / math.sqrt(m)
+        scale = torch.maximum(high.abs(), low.abs())
+        constant[sl] = (high <= low) | (std <= CONSTANT_ULPS * eps * scale)
+        inv[sl] = torch.where(constant[sl], 0.0, 1.0 / torch.where(constant[sl], 1.0, std))
+        part *= inv[sl, None, :]
+        x[sl] = part
+    return mean, inv, constant

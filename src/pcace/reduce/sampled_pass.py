@@ -1,0 +1,500 @@
+"""The pass over all images of the sampled-basis reduce, and its Rayleigh-Ritz finish.
+
+:class:`SampledPass` is what :meth:`pcace.reduce.sampled.SampleBasis.start_pass` returns;
+the method and its guarantees are described in :mod:`pcace.reduce.sampled`.
+
+Per batch (``B`` images of ``C`` channels of ``P`` pixels) the pass reads the maps once:
+``(x - shift) @ W`` into the kept ``(C, N, l)`` float32 projections, and each pixel's
+sum and sum of squares of ``x - shift`` (float64) and its minimum and maximum. On the
+CPU one compiled kernel does all of it (parallel over channels, no copy of the batch);
+elsewhere (CUDA) the same in torch with one float32 temporary of the batch's size.
+Statistics taken about the sample mean (``shift``) keep the sums of squares free of
+cancellation. The ``l x l`` moments of the projections are formed when the pass
+finishes, from the kept projections, in float64 with the mean removed first.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from numba import njit
+
+from ..core.threads import parallel_ranges
+from .pca import CONSTANT_ULPS, Reduction, components_kept, fix_signs, numerical_rank
+from .standardise import NonFiniteMaps
+
+if TYPE_CHECKING:
+    from .sampled import SampleBasis
+
+__all__ = ["CHECK_THRESHOLD", "SampleCheck", "SampledBasisWarning", "SampledPass",
+           "rayleigh_ritz"]
+
+#: The self-check marks a channel as poor when its ``k`` components capture less than
+#: this share of what the sample's own top ``k`` claimed. Measured:
+#: ``benchmarks/README.md`` ("Sampled basis: accuracy").
+CHECK_THRESHOLD = 0.9
+
+#: Eigenvalues of ``U^T U`` below this share of its largest are directions the subspace
+#: does not have (axes past the sample's rank, or resting on pixels constant over ``N``).
+RITZ_RTOL = 1e-10
+
+#: Rows of projections rotated (widened to float64) at once, per channel.
+ROWS = 8192
+
+
+class SampledBasisWarning(UserWarning):
+    """The sampled basis captures clearly less over all images than the sample promised."""
+
+
+def rayleigh_ritz(cov: torch.Tensor, gram: torch.Tensor, *, rtol: float = RITZ_RTOL
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best components within a subspace spanned by non-orthonormal axes (batched).
+
+    For data ``z`` projected on axes ``U`` (``y = z U``), ``cov`` is the covariance of
+    ``y`` (``U^T S U``, ``S`` the covariance of ``z``) and ``gram`` is ``U^T U``. The Ritz
+    pairs of ``S`` in ``span(U)`` solve ``cov a = theta gram a``: the rotation ``R``
+    returned makes ``y R`` the components of ``z`` in that subspace with the largest
+    variances ``theta`` (descending), ``R^T gram R = I`` on the directions the subspace
+    has, and ``R^T cov R = diag(theta)``. Directions whose ``gram`` eigenvalue is below
+    ``rtol`` of the largest are dropped (zero columns of ``R``, ``theta`` 0).
+
+    Parameters
+    ----------
+    cov, gram : torch.Tensor
+        ``(C, l, l)`` symmetric, float64 advised.
+    rtol : float
+        See above.
+
+    Returns
+    -------
+    theta : torch.Tensor
+        ``(C, l)``, descending, clamped at 0.
+    rotation : torch.Tensor
+        ``(C, l, l)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> s = torch.diag(torch.tensor([9.0, 4.0, 1.0], dtype=torch.float64))
+    >>> u = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    >>> theta, rot = rayleigh_ritz((u.T @ s @ u)[None], (u.T @ u)[None])
+    >>> [round(v, 9) for v in theta[0].tolist()]
+    [9.0, 4.0]
+    """
+    if cov.shape != gram.shape or cov.ndim != 3 or cov.shape[1] != cov.shape[2]:
+        raise ValueError(f"cov and gram must both be (C, l, l); got {tuple(cov.shape)} and "
+                         f"{tuple(gram.shape)}")
+    mu, q = torch.linalg.eigh(0.5 * (gram + gram.transpose(1, 2)))
+    top = mu[:, -1:].clamp(min=0)
+    keep = (mu > rtol * top) & (top > 0)
+    tiny = torch.finfo(mu.dtype).tiny
+    t = q * torch.where(keep, mu.clamp(min=tiny).rsqrt(), 0.0)[:, None, :]
+    inner = t.transpose(1, 2) @ cov @ t
+    theta, s = torch.linalg.eigh(0.5 * (inner + inner.transpose(1, 2)))
+    return theta.flip(-1).clamp(min=0), t @ s.flip(-1)
+
+
+@dataclass
+class SampleCheck:
+    """The sampled basis's self-check for one layer's channels.
+
+    Attributes
+    ----------
+    sample_size : int
+        ``m``, images the axes came from.
+    width : int
+        ``l``, sample axes every image was projected on.
+    threshold : float
+        ``ratio`` below it marks a channel as poor.
+    explained : torch.Tensor
+        ``(C,)``: share of the standardised variance over all ``N`` images that the kept
+        components capture (the reduction's ``explained_variance``).
+    sample_explained : torch.Tensor
+        ``(C,)``: the share the sample's own top components (as many) claimed of the
+        sample's variance.
+    ratio : torch.Tensor
+        ``(C,)``: ``explained / sample_explained`` (1 where neither has anything, 0 where
+        only the whole set has).
+    subspace_explained : torch.Tensor
+        ``(C,)``: share over all ``N`` held by the whole ``l``-dimensional subspace.
+    unseen : torch.Tensor
+        ``(C,)`` long: pixels constant in the sample that vary over all ``N`` (no
+        component can use them).
+    poor : torch.Tensor
+        ``(C,)`` bool: ``ratio < threshold``, or the channel is constant over the sample
+        but not over all images. Never set for a dead channel.
+    angle : torch.Tensor
+        ``(C,)`` float64: the estimated largest angle (radians) between the kept
+        components and the exact ones over all ``N`` (Ritz residual over the gap to the
+        next Ritz value; 0 without components, inf without a gap).
+    """
+
+    sample_size: int
+    width: int
+    threshold: float
+    explained: torch.Tensor
+    sample_explained: torch.Tensor
+    ratio: torch.Tensor
+    subspace_explained: torch.Tensor
+    unseen: torch.Tensor
+    poor: torch.Tensor
+    angle: torch.Tensor | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready record for the run's manifest.
+
+        Examples
+        --------
+        >>> import torch
+        >>> one = torch.ones(2, dtype=torch.float64)
+        >>> check = SampleCheck(500, 8, 0.9, 0.5 * one, 0.5 * one, one, 0.7 * one,
+        ...                     torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=bool))
+        >>> check.summary()["ratio_min"], check.summary()["poor_channels"]
+        (1.0, [])
+        """
+        ratio = self.ratio.double().cpu()
+        return {"m": self.sample_size, "l": self.width, "threshold": self.threshold,
+                "ratio_min": float(ratio.min()) if ratio.numel() else None,
+                "ratio_median": float(ratio.median()) if ratio.numel() else None,
+                "poor_channels": self.poor.nonzero().flatten().tolist(),
+                "unseen_pixels": int(self.unseen.sum())}
+
+    def message(self, layer: str | None = None) -> str | None:
+        """One line naming the poor channels, or None when there are none."""
+        poor = self.poor.nonzero().flatten().tolist()
+        if not poor:
+            return None
+        where = f"layer {layer}: " if layer else ""
+        worst = float(self.ratio[self.poor].min())
+        more = f" (and {len(poor) - 20} more)" if len(poor) > 20 else ""
+        return (f"{where}the sampled basis (m = {self.sample_size}, l = {self.width}) is "
+                f"poor for channel(s) {poor[:20]}{more}: over all images its components "
+                f"capture less than {self.threshold:.0%} of the variance the sample claimed "
+                f"(worst {worst:.2f}); use a larger sample or basis='exact' for this layer")
+
+
+class SampledPass:
+    """The one pass of the sampled-basis reduce over ``N`` images, for one layer.
+
+    Add every image once with :meth:`add` (batches in any order, each at its image
+    offset), then :meth:`finish`.
+
+    Parameters
+    ----------
+    basis : SampleBasis
+        The sample's standardisation and axes.
+    n_images : int
+        ``N``.
+    store : torch.device or str, optional
+        Where the ``(C, N, l)`` float32 projections (and the scores) live; default the
+        basis's device.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from pcace.reduce.sampled import SampleBasis
+    >>> maps = torch.randn(100, 3, 5, 5)
+    >>> run = SampleBasis.from_maps(maps[::4], 2).start_pass(100)
+    >>> run.add(maps[50:], 50); run.add(maps[:50], 0)
+    >>> red, check = run.finish(warn=False)
+    >>> tuple(red.scores.shape), check.width
+    ((3, 100, 2), 7)
+    """
+
+    def __init__(self, basis: SampleBasis, n_images: int, *,
+                 store: torch.device | str | None = None):
+        if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 2:
+            raise ValueError(f"n_images must be an int >= 2; got {n_images!r}")
+        self.basis = basis
+        self.n_images = n_images
+        dev = basis.mean.device
+        self.store = dev if store is None else torch.device(store)
+        c, p, width = basis.channels, basis.pixels, basis.width
+        self.projections: torch.Tensor | None = torch.empty(
+            (c, n_images, width), dtype=torch.float32, device=self.store)
+        self._sums = torch.zeros((c, p), dtype=torch.float64, device=dev)
+        self._squares = torch.zeros_like(self._sums)
+        # sum over images of y (x - shift)^T: gives the covariance applied to the axes
+        self._cross = torch.zeros((c, width, p), dtype=torch.float64, device=dev)
+        self._lo = torch.full((c, p), math.inf, dtype=torch.float32, device=dev)
+        self._hi = torch.full((c, p), -math.inf, dtype=torch.float32, device=dev)
+        self._seen = torch.zeros(n_images, dtype=torch.bool)
+
+    @staticmethod
+    def bytes_needed(channels: int, pixels: int, n_images: int, width: int) -> int:
+        """Bytes a pass holds: projections plus pixel statistics (not the basis).
+
+        Examples
+        --------
+        >>> SampledPass.bytes_needed(688, 1, 50_000, 8) / 2**30 > 1
+        True
+        """
+        return 4 * channels * n_images * width + (24 + 8 * width) * channels * pixels + n_images
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the pass (projections and statistics)."""
+        held = 0 if self.projections is None else self.projections.numel() * 4
+        return held + (24 + 8 * self.basis.width) * self._sums.numel() + self._seen.numel()
+
+    def add(self, maps: torch.Tensor, offset: int) -> None:
+        """Project a batch ``(B, C, H, W)`` or ``(B, C, P)``: the images ``offset .. offset+B-1``.
+
+        float64 maps are rounded to float32 (the pass works in float32). Each image must
+        be added exactly once.
+        """
+        if self.projections is None:
+            raise ValueError("this pass has finished; start a new one")
+        x = self.basis._check(maps)
+        b = x.shape[0]
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 \
+                or offset + b > self.n_images:
+            raise ValueError(f"images {offset} .. {offset}+{b} fall outside the pass's "
+                             f"{self.n_images} images")
+        rows = slice(offset, offset + b)
+        if bool(self._seen[rows].any()):
+            first = offset + int(self._seen[rows].to(torch.int8).argmax())
+            raise ValueError(f"image {first} was added to this pass before")
+        if b == 0:
+            return
+        x = x.to(torch.float32)
+        on_cpu = x.device.type == "cpu" and self.store.type == "cpu" and \
+            self._sums.device.type == "cpu"
+        if on_cpu:
+            x = x.contiguous()
+            parallel_ranges(_pass_range, x.shape[1], x.numpy(), self.basis.shift.numpy(),
+                            self.basis.weights_t.numpy(), self.projections.numpy(),
+                            offset, self._sums.numpy(), self._squares.numpy(),
+                            self._lo.numpy(), self._hi.numpy(), self._cross.numpy())
+        else:
+            self._add_torch(x.to(self._sums.device), rows)
+        self._seen[rows] = True
+
+    def _add_torch(self, x: torch.Tensor, rows: slice) -> None:
+        d = x - self.basis.shift
+        y = torch.matmul(d.transpose(0, 1), self.basis.weights)
+        self.projections[:, rows] = y.to(self.store)
+        self._cross += torch.matmul(y.transpose(1, 2), d.transpose(0, 1)).to(torch.float64)
+        self._sums += d.sum(dim=0).to(torch.float64)
+        self._squares += d.square_().sum(dim=0).to(torch.float64)
+        lo, hi = torch.aminmax(x, dim=0)
+        torch.minimum(self._lo, lo, out=self._lo)
+        torch.maximum(self._hi, hi, out=self._hi)
+
+    def finish(self, *, threshold: float = CHECK_THRESHOLD, warn: bool = True,
+               layer: str | None = None) -> tuple[Reduction, SampleCheck]:
+        """Rayleigh-Ritz over all images: the :class:`~pcace.reduce.pca.Reduction` and the check.
+
+        Parameters
+        ----------
+        threshold : float, default :data:`CHECK_THRESHOLD`
+            The self-check's threshold on ``ratio``.
+        warn : bool, default True
+            Warn (:class:`SampledBasisWarning`, one line) when some channel is poor.
+        layer : str, optional
+            The layer's name, for the warning.
+
+        Returns
+        -------
+        Reduction
+            ``scores`` ``(C, N, width)`` float32 on the store device (sign rule over all
+            ``N``); ``n_components``, ``explained_variance`` (over all ``N``), ``dead``.
+        SampleCheck
+            The self-check.
+
+        The projections are released: a pass finishes once.
+        """
+        if self.projections is None:
+            raise ValueError("this pass has finished already")
+        if not bool(self._seen.all()):
+            missing = (~self._seen).nonzero().flatten()
+            raise ValueError(f"{missing.numel()} of the pass's {self.n_images} images were "
+                             f"never added (the first: image {int(missing[0])})")
+        bad = ~torch.isfinite(self._sums).all(dim=1) | ~torch.isfinite(self._squares).all(dim=1)
+        if bool(bad.any()):
+            raise NonFiniteMaps(bad.nonzero().flatten().tolist())
+        basis, n = self.basis, self.n_images
+        constant, ratio, inv_n = self._standardiser()
+        dead = constant.all(dim=1)
+        varying = (~constant).sum(dim=1).to(torch.float64)
+        mean, cov = _moments(self.projections)
+        theta, rot = rayleigh_ritz(cov.to(ratio.device), _axes_gram(basis.axes, ratio))
+        theta, rot = theta.cpu(), rot.cpu()
+        rank = numerical_rank(theta * n, max(n, basis.pixels), torch.float32)
+        n_comp, width = components_kept(theta * n, varying.cpu() * n, rank, dead.cpu(),
+                                        basis.k_fixed, basis.fraction, basis.max_components)
+        r = min(width, theta.shape[1])
+        keep = (torch.arange(width)[None, :] < n_comp[:, None])
+        turn = torch.zeros((basis.channels, theta.shape[1], width), dtype=torch.float64)
+        turn[:, :, :r] = rot[:, :, :r] * keep[:, None, :r]
+        scores = _rotate(self.projections, mean, turn)
+        self.projections = None
+        fix_signs(scores)
+        held = (theta[:, :r] * keep[:, :r]).sum(dim=1)
+        share = torch.where(varying.cpu() > 0, held / varying.cpu().clamp(min=1), 0.0)
+        angle = self._angles(mean, ratio, inv_n, theta, turn, n_comp)
+        check = self._check(share, theta, n_comp, constant.cpu(), dead.cpu(), threshold, r,
+                            angle)
+        message = check.message(layer)
+        if warn and message:
+            warnings.warn(message, SampledBasisWarning, stacklevel=2)
+        return Reduction(scores=scores, n_components=n_comp, explained_variance=share,
+                         dead=dead.cpu()), check
+
+    def _standardiser(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pixels constant over all ``N``, each pixel's ``std_N / std_sample``, ``1 / std_N``.
+
+        The ratio is 0 where the pixel is constant over either, ``1 / std_N`` where it is
+        constant over all ``N``.
+        """
+        n = self.n_images
+        d = self._sums / n
+        std = (self._squares / n - d.square()).clamp(min=0).sqrt()
+        scale = torch.maximum(self._lo.abs(), self._hi.abs()).to(torch.float64)
+        eps = max(self.basis.eps, torch.finfo(torch.float32).eps)
+        constant = (self._hi <= self._lo) | (std <= CONSTANT_ULPS * eps * scale)
+        ratio = torch.where(constant | self.basis.constant, 0.0, std * self.basis.inv_std)
+        inv = torch.where(constant, 0.0, 1.0 / torch.where(constant, 1.0, std))
+        return constant, ratio, inv
+
+    def _angles(self, mean: torch.Tensor, ratio: torch.Tensor, inv: torch.Tensor,
+                theta: torch.Tensor, turn: torch.Tensor, n_comp: torch.Tensor
+                ) -> torch.Tensor:
+        """Per channel, the kept components' estimated angle to the exact ones.
+
+        In the metric of the maps standardised over all ``N`` (covariance ``S``), the kept
+        Ritz vectors are ``u_j = U a_j`` (``a_j`` the columns of ``turn``); ``S U`` comes
+        from the pass's ``y d^T`` sums. Each residual ``||S u_j - theta_j u_j||`` over
+        the gap ``theta_j - theta_{k+1}`` (``theta_{l+1} = 0``) estimates ``u_j``'s
+        angle to the exact top-``k`` subspace; the estimate is their root sum of squares.
+        """
+        basis, n = self.basis, self.n_images
+        dev = self._cross.device
+        shifted = self._sums / n  # mean of x - shift
+        c, width, p = self._cross.shape
+        turn_d, theta_d = turn.to(dev), theta.to(dev)
+        resid = torch.empty((c, turn.shape[2]), dtype=torch.float64, device=dev)
+        step = max(1, (64 * 2**20) // (8 * p * width))
+        for lo in range(0, c, step):
+            sl = slice(lo, min(c, lo + step))
+            su_t = (self._cross[sl] / n - mean[sl, :, None].to(dev) * shifted[sl, None, :])
+            su_t *= inv[sl, None, :]  # (S U)^T
+            u_t = (basis.axes[sl] * ratio[sl, :, None]).transpose(1, 2)  # U^T
+            a_t = turn_d[sl].transpose(1, 2)
+            r = a_t @ su_t - theta_d[sl, :a_t.shape[1], None] * (a_t @ u_t)
+            resid[sl] = torch.linalg.vector_norm(r, dim=2)
+        resid = resid.cpu()
+        # each kept pair's residual over its distance to the next value past the kept ones
+        padded = torch.nn.functional.pad(theta, (0, resid.shape[1] + 1))
+        after = padded.gather(1, n_comp[:, None])  # theta_{k+1}
+        gap = padded[:, :resid.shape[1]] - after
+        kept = torch.arange(resid.shape[1])[None, :] < n_comp[:, None]
+        ratio_j = torch.where(gap > 0, resid / gap.clamp(min=1e-300), math.inf)
+        ratio_j = torch.where(kept & (resid > 0), ratio_j, 0.0)
+        return torch.linalg.vector_norm(ratio_j, dim=1)
+
+    def _check(self, share: torch.Tensor, theta: torch.Tensor, n_comp: torch.Tensor,
+               constant: torch.Tensor, dead: torch.Tensor, threshold: float,
+               r: int, angle: torch.Tensor) -> SampleCheck:
+        basis = self.basis
+        vals = basis.eigenvalues.cpu()[:, :r]
+        kept = torch.arange(r)[None, :] < n_comp[:, None]
+        total = basis.total.cpu()
+        claimed = torch.where(total > 0, (vals * kept).sum(dim=1) / total.clamp(
+            min=torch.finfo(torch.float64).tiny), 0.0)
+        ratio = torch.where(claimed > 0, share / claimed.clamp(min=1e-300),
+                            torch.where(share > 0, 0.0, 1.0))
+        varying = (~constant).sum(dim=1).to(torch.float64)
+        subspace = torch.where(varying > 0, theta.sum(dim=1) / varying.clamp(min=1), 0.0)
+        sample_dead = basis.constant.cpu().all(dim=1)
+        poor = ~dead & ((ratio < threshold) | sample_dead)
+        unseen = (basis.constant.cpu() & ~constant).sum(dim=1)
+        return SampleCheck(sample_size=basis.count, width=basis.width, threshold=threshold,
+                           explained=share, sample_explained=claimed, ratio=ratio,
+                           subspace_explained=subspace, unseen=unseen, poor=poor,
+                           angle=angle)
+
+
+def _axes_gram(axes: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """``U^T U`` with ``U = diag(ratio) axes`` per channel, ``(C, l, l)`` float64."""
+    c, p, width = axes.shape
+    out = torch.empty((c, width, width), dtype=torch.float64, device=axes.device)
+    step = max(1, (64 * 2**20) // (8 * p * width))
+    for lo in range(0, c, step):
+        u = axes[lo:lo + step] * ratio[lo:lo + step, :, None]
+        out[lo:lo + step] = u.transpose(1, 2) @ u
+    return out
+
+
+def _moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, the mean ``(C, l)`` and covariance ``(C, l, l)`` of ``(C, N, l)`` rows.
+
+    float64, in chunks of rows: the mean first, then the centred cross products.
+    """
+    c, n, width = y.shape
+    total = torch.zeros((c, width), dtype=torch.float64, device=y.device)
+    for lo in range(0, n, ROWS):
+        total += y[:, lo:lo + ROWS].sum(dim=1, dtype=torch.float64)
+    mean = total / n
+    cov = torch.zeros((c, width, width), dtype=torch.float64, device=y.device)
+    for lo in range(0, n, ROWS):
+        part = y[:, lo:lo + ROWS].to(torch.float64) - mean[:, None, :]
+        cov.baddbmm_(part.transpose(1, 2), part)
+    return mean.cpu(), (cov / n).cpu()
+
+
+def _rotate(y: torch.Tensor, mean: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """``(y - mean) @ turn`` per channel, float32 ``(C, N, width)``, in float64 chunks."""
+    c, n, _ = y.shape
+    out = torch.empty((c, n, turn.shape[2]), dtype=torch.float32, device=y.device)
+    mean, turn = mean.to(y.device), turn.to(y.device)
+    for lo in range(0, n, ROWS):
+        part = y[:, lo:lo + ROWS].to(torch.float64) - mean[:, None, :]
+        out[:, lo:lo + ROWS] = torch.bmm(part, turn)
+    return out
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def _pass_range(c0, c1, x, shift, wt, out, offset, sums, squares, lo, hi,
+                cross):  # pragma: no cover - compiled
+    # one read of each map: d = x - shift, its projections y, the pixel statistics, and
+    # y d^T (summed over the batch in float32, then added in float64)
+    b, _, p = x.shape
+    width = wt.shape[1]
+    d = np.empty(p, dtype=np.float32)
+    y = np.empty(width, dtype=np.float32)
+    part = np.empty((width, p), dtype=np.float32)
+    for c in range(c0, c1):
+        sh, w, s1, s2, mn, mx = shift[c], wt[c], sums[c], squares[c], lo[c], hi[c]
+        part[:] = 0.0
+        for i in range(b):
+            row = x[i, c]
+            for j in range(p):
+                v = row[j]
+                dv = v - sh[j]
+                d[j] = dv
+                s1[j] += dv
+                s2[j] += np.float64(dv) * dv
+                mn[j] = min(mn[j], v)
+                mx[j] = max(mx[j], v)
+            for k in range(width):
+                wk = w[k]
+                acc = np.float32(0.0)
+                for j in range(p):
+                    acc += d[j] * wk[j]
+                y[k] = acc
+                out[c, offset + i, k] = acc
+            for k in range(width):
+                yk = y[k]
+                pk = part[k]
+                for j in range(p):
+                    pk[j] += d[j] * yk
+        acc_c = cross[c]
+        for k in range(width):
+            for j in range(p):
+                acc_c[k, j] += part[k, j]
