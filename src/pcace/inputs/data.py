@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ __all__ = [
     "ImageBatches",
     "ImageFiles",
     "as_batches",
+    "indexable",
     "csv_images",
     "default_transform",
     "image_folder",
@@ -171,7 +172,8 @@ def _loader_count(loader: DataLoader) -> int | None:
     return (n // loader.batch_size) * loader.batch_size if loader.drop_last else n
 
 
-def as_batches(images: Any, batch_size: int = 64, label: Any = None) -> ImageBatches:
+def as_batches(images: Any, batch_size: int = 64, label: Any = None,
+               order: Sequence[int] | None = None) -> ImageBatches:
     """Iterate image batches, optionally only of one label, from any usual input.
 
     Parameters
@@ -187,6 +189,9 @@ def as_batches(images: Any, batch_size: int = 64, label: Any = None) -> ImageBat
     label : optional
         Keep only the items whose label equals it; an error if no item has it or
         the items have no labels.
+    order : sequence of int, optional
+        Yield the images in this order (positions among the images ``label`` keeps): a
+        permutation of them. Only for input that can be indexed (:func:`indexable`).
 
     Returns
     -------
@@ -227,8 +232,16 @@ def as_batches(images: Any, batch_size: int = 64, label: Any = None) -> ImageBat
             raise ValueError("label filtering needs labels; pass (images, labels) or a Dataset")
         if not len(images):
             raise ValueError("no images: the tensor is empty")
+        if order is not None:
+            index = _permutation(order, len(images))
+            return ImageBatches(_Gathered(images, index, batch_size), batch_size, None,
+                                len(images))
         return ImageBatches(images.split(batch_size), batch_size, None, len(images))
     if isinstance(images, DataLoader):
+        if order is not None:  # a plain loader over a Dataset: read it in that order
+            if indexable(images, label) is None:
+                raise ValueError("this DataLoader cannot be read in another order")
+            return as_batches(images.dataset, images.batch_size or batch_size, order=order)
         n = _loader_count(images) if label is None else None
         return ImageBatches(images, images.batch_size or batch_size, label, n)
     if isinstance(images, Dataset):
@@ -246,11 +259,66 @@ def as_batches(images: Any, batch_size: int = 64, label: Any = None) -> ImageBat
         n = len(ds)  # type: ignore[arg-type]
         if not n:
             raise ValueError("no images: the dataset is empty")
+        if order is not None:
+            ds = Subset(ds, _permutation(order, n).tolist())
         _check_item(ds[0])
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
         return ImageBatches(loader, batch_size, None, n)
     raise ValueError(f"cannot read images from {type(images).__name__}; give a tensor "
                      "(N, C, H, W), a Dataset or a DataLoader")
+
+
+def indexable(images: Any, label: Any = None) -> int | None:
+    """How many images an input holds, when it can be read in any order (a tensor, a
+    map-style Dataset, or a DataLoader reading one in order with default batching); None
+    for streams, shuffling loaders and label filters on a tensor or a loader.
+
+    Examples
+    --------
+    >>> indexable(torch.rand(5, 1, 2, 2)), indexable(iter([torch.rand(2, 1, 2, 2)]))
+    (5, None)
+    """
+    from torch.utils.data import SequentialSampler
+    from torch.utils.data.dataloader import default_collate
+
+    if isinstance(images, tuple) and len(images) == 2 and \
+            all(isinstance(t, torch.Tensor | np.ndarray) for t in images):
+        images = TensorDataset(*(torch.as_tensor(t) for t in images))
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if isinstance(images, torch.Tensor):
+        return int(images.shape[0]) if images.ndim == 4 and label is None else None
+    if isinstance(images, DataLoader):
+        plain = (isinstance(images.sampler, SequentialSampler) and images.batch_size
+                 and images.collate_fn is default_collate and not images.drop_last)
+        return indexable(images.dataset, label) if plain and label is None else None
+    if isinstance(images, Dataset) and hasattr(images, "__len__"):
+        if label is None:
+            return len(images)  # type: ignore[arg-type]
+        labels = dataset_labels(images)
+        return None if labels is None else int(_label_mask(labels, label).sum())
+    return None
+
+
+class _Gathered:
+    """Batches of a tensor's images in a given order (each batch gathered on demand)."""
+
+    def __init__(self, images: torch.Tensor, index: torch.Tensor, batch_size: int):
+        self.images, self.index, self.batch_size = images, index, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.index) // self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for part in self.index.split(self.batch_size):
+            yield self.images[part]
+
+
+def _permutation(order: Sequence[int], n: int) -> torch.Tensor:
+    index = torch.as_tensor(np.asarray(order), dtype=torch.long).flatten()
+    if index.numel() != n or not torch.equal(index.sort().values, torch.arange(n)):
+        raise ValueError(f"order must be a permutation of the {n} images")
+    return index
 
 
 # ------------------------------------------------------------------ data sources by path

@@ -30,10 +30,18 @@ from ..core.budget import (
 from ..core.validation import components as check_components
 from .batches import CHUNK_BYTES
 from .moments import BASIS_CHUNK_BYTES
+from .sampled import EXTRA
 from .subspace import OVERSAMPLE
 
 #: Routes whose layers keep no maps: their statistics come from passes over the images.
-STREAMED = ("moments", "subspace")
+STREAMED = ("moments", "subspace", "sample")
+
+#: What ``basis`` may ask for: a sampled basis refined over all images where the images
+#: outnumber the sample (``"sample"``), or the exact PCA on every route (``"exact"``).
+BASES = ("sample", "exact")
+
+#: Images in the sample of the sampled basis, by default (``sample_size``).
+SAMPLE_SIZE = 1000
 
 #: Channel groups (one forward pass each) a layer's moments may be split into when they do
 #: not fit the work share at once; past it the layer's maps are stored (spilled) instead.
@@ -230,7 +238,8 @@ class MemoryPlan:
 
     def routes(self, shapes: dict[str, tuple[int, ...]], n: int | None,
                run_images: int = 256, components: int | float = 3,
-               batch_images: int = 256) -> dict[str, LayerRoute]:
+               batch_images: int = 256, basis: str = "exact",
+               sample_size: int = SAMPLE_SIZE) -> dict[str, LayerRoute]:
         """How each layer's reduce step runs: the one place the route is decided.
 
         ``"in-memory"`` (today's capture and :func:`~pcace.reduce.pca.reduce_block`) for
@@ -253,6 +262,12 @@ class MemoryPlan:
         past it. ``n`` None (unknown) counts as large; ``batch_images``, the images per
         forward pass, sizes the subspace route's float64 copy of a batch.
 
+        With ``basis="sample"`` and more images than ``sample_size`` (a known number),
+        every layer takes ``"sample"`` instead: axes from a sample of
+        ``sample_size`` images, refined over all images in the one pass
+        (:class:`~pcace.reduce.sampled_route.SampledRoute`); its bytes are the ``(C, N, l)``
+        projections and the sample's maps.
+
         Examples
         --------
         >>> plan = MemoryPlan(2**30)
@@ -264,6 +279,12 @@ class MemoryPlan:
         'subspace'
         """
         sizes = {name: (int(s[0]), int(np.prod(s[1:]))) for name, s in shapes.items()}
+        if basis not in BASES:
+            raise ValueError(f"basis must be one of {BASES}; got {basis!r}")
+        if basis == "sample" and n is not None and n > sample_size:
+            return {name: _sampled_route(c, p, n, sample_size, components,
+                                         tuple(shapes[name]))
+                    for name, (c, p) in sizes.items()}
         maps = {name: BYTES_PER_VALUE * c * (n or 0) * p for name, (c, p) in sizes.items()}
         if n is not None and sum(maps.values()) <= self.store_bytes:
             return {name: LayerRoute("in-memory", f"all maps ({size_text(sum(maps.values()))})"
@@ -324,13 +345,44 @@ class MemoryPlan:
         return sum(r.stats_bytes for r in routes.values() if r.route in STREAMED)
 
 
+def sampled_bytes(channels: int, pixels: int, n: int, width: int, sample_size: int) -> int:
+    """Bytes a layer's sampled basis holds: the ``(C, N, l)`` float32 projections, the
+    sample's maps (until the basis is taken) and per-pixel statistics.
+
+    Examples
+    --------
+    >>> round(sampled_bytes(64, 64, 50_000, 8, 1000) / 2**20)  # 64 maps of 8 x 8
+    114
+    """
+    c, p = int(channels), int(pixels)
+    return 4 * c * n * width + BYTES_PER_VALUE * c * sample_size * p + (24 + 8 * width) * c * p
+
+
+def sample_width(pixels: int, components: int | float, max_components: int = 10) -> int:
+    """``l``: the sample axes each image is projected on (``k`` plus a margin, at most
+    ``P``; see :data:`pcace.reduce.sampled.EXTRA`)."""
+    k_fixed, fraction = check_components(components, max_components)
+    return min(int(pixels), (k_fixed if fraction is None else max_components) + EXTRA)
+
+
+def _sampled_route(c: int, p: int, n: int | None, sample_size: int, components: int | float,
+                   shape: tuple[int, ...]) -> LayerRoute:
+    width = sample_width(p, components)
+    count = f"{n} images" if n is not None else "an unknown number of images"
+    return LayerRoute("sample", f"{count} > the sample of {sample_size}: axes from the "
+                      f"sample, {width} of them refined over all images in the one pass "
+                      "(basis='exact' for the exact PCA)",
+                      sampled_bytes(c, p, n or sample_size, width, sample_size), passes=1,
+                      shape=shape)
+
+
 @dataclass(frozen=True)
 class LayerRoute:
     """How one layer is reduced (see :meth:`MemoryPlan.routes`).
 
     Attributes
     ----------
-    route : {"in-memory", "moments", "subspace"}
+    route : {"in-memory", "moments", "subspace", "sample"}
     reason : str
     stats_bytes : int
         Bytes held for the layer during the first pass: its maps, or its moments.

@@ -31,7 +31,7 @@ import torch
 from ..core.validation import components as check_components
 from ..core.validation import fraction, integer, score_kind
 from ..engines.engine import ENGINES, Engine
-from ..reduce.plan import MemoryPlan
+from ..reduce.plan import BASES, MemoryPlan
 from ..stats.bootstrap import interval_scheme
 
 __all__ = ["RankOptions", "option", "options_doc"]
@@ -78,6 +78,12 @@ def _device(value: Any) -> str | torch.device:
     if not isinstance(value, str | torch.device):
         raise TypeError(f"device must be 'auto', a device name or a torch.device; got "
                         f"{value!r}")
+    return value
+
+
+def _basis(value: Any) -> str:
+    if value not in BASES:
+        raise ValueError(f"basis must be one of {BASES}; got {value!r}")
     return value
 
 
@@ -165,6 +171,21 @@ class RankOptions:
         3, "int or float",
         """k principal components per channel, or a fraction in (0, 1): the smallest k
         whose components explain that share of the channel's variance.""", check=_components)
+    basis: str = option(
+        "sample", "{\"sample\", \"exact\"}",
+        """How each channel's principal axes are found. ``"sample"`` (default): where there are
+        more images than ``sample_size``, from a sample of them (a random one where the images
+        can be indexed, else the first ones; the manifest says which), refined over all images
+        in the one forward pass (Rayleigh-Ritz on ``k + 5`` sample axes), with a self-check per
+        channel in the manifest (``routes[layer]["check"]``) and a warning where it is poor; with
+        fewer images it is exact. ``"exact"``: the exact PCA of every image's maps on every route
+        (kept in memory, pixel moments over two passes, subspace iteration). Accuracy and cost
+        of each: ``benchmarks/README.md`` ("Sampled basis").""",
+        check=_basis)
+    sample_size: int = option(
+        1000, "int, default 1000",
+        """``m``, the images the sampled basis takes its axes from (``basis="sample"``).""",
+        check=_positive("sample_size"))
     batch_size: int = option(
         64, "int",
         """Images per forward pass (when ``images`` is not already a DataLoader).""",

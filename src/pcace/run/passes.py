@@ -32,12 +32,14 @@ import torch
 from torch import nn
 
 from ..capture.forward import PassResult, batch_images, forward_pass
+from ..core.stopwatch import Stopwatch
 from ..engines.engine import Engine
 from ..engines.shards import ShardedRoute, shardable
 from ..inputs.hooks import evaluating
 from ..inputs.layers import describe_layers
 from ..reduce.plan import STREAMED, LayerRoute, MemoryPlan
 from ..reduce.routes import InMemoryRoute, Route
+from ..reduce.sampled_route import SampledRoute
 from ..reduce.twopass import TwoPass, check_same_images
 
 __all__ = ["Passes", "make_routes", "plan_layer_routes"]
@@ -45,8 +47,8 @@ __all__ = ["Passes", "make_routes", "plan_layer_routes"]
 
 def plan_layer_routes(model: nn.Module, images: Any, batches: Any, names: list[str],
                       plan: MemoryPlan, device: torch.device, *, keep_maps: bool,
-                      components: int | float, batch_size: int
-                      ) -> tuple[MemoryPlan, dict[str, LayerRoute]]:
+                      components: int | float, batch_size: int, basis: str = "exact",
+                      sample_size: int = 1000) -> tuple[MemoryPlan, dict[str, LayerRoute]]:
     """Each layer's route and the plan it runs in (:meth:`MemoryPlan.plan_routes`).
 
     From one probe of the layers' shapes. ``keep_maps`` (a bootstrap resamples the maps,
@@ -68,7 +70,8 @@ def plan_layer_routes(model: nn.Module, images: Any, batches: Any, names: list[s
                      int(table.width[name])) for name in names if name in table.index}
     if len(shapes) < len(names):  # a layer the probe did not see: let the pass explain
         return plan.widened(), {}
-    return plan.plan_routes(shapes, n, components=components, batch_images=batch_size)
+    return plan.plan_routes(shapes, n, components=components, batch_images=batch_size,
+                            basis=basis, sample_size=sample_size)
 
 
 def make_routes(layer_routes: dict[str, LayerRoute | None], names: list[str],
@@ -76,24 +79,30 @@ def make_routes(layer_routes: dict[str, LayerRoute | None], names: list[str],
                 pca_dtype: torch.dtype = torch.float32, spill_dir: str | Path | None = None,
                 device_memory_budget: int | str = "auto", n_images: int | None = None,
                 workers: tuple[Any, int] | None = None, model: nn.Module | None = None,
-                target: Any = None, engine: Engine | None = None, progress: bool = False
-                ) -> dict[str, Route]:
+                target: Any = None, engine: Engine | None = None, progress: bool = False,
+                sample: dict[str, Any] | None = None) -> dict[str, Route]:
     """The route object of each layer (layers of one kind share one object).
 
     ``layer_routes`` as :func:`plan_layer_routes` gives them (a layer missing or None: in
     memory). With ``workers`` (the data and batch size an engine's workers read), the
     moments layers in one channel group run their passes there (:class:`ShardedRoute`).
+    ``sample`` holds the sampled route's ``n_images``, ``sample_size``, ``order`` and
+    ``drawn`` (:class:`SampledRoute`).
     """
-    kinds: dict[str, list[str]] = {"in-memory": [], "streamed": [], "workers": []}
+    kinds: dict[str, list[str]] = {"in-memory": [], "streamed": [], "workers": [],
+                                   "sample": []}
     for name in names:
         r = layer_routes.get(name)
         if r is None or r.route not in STREAMED:
             kinds["in-memory"].append(name)
+        elif r.route == "sample":
+            kinds["sample"].append(name)
         elif workers is not None and r.route == "moments" and r.groups == 1:
             kinds["workers"].append(name)
         else:
             kinds["streamed"].append(name)
-    streamed = {n: layer_routes[n] for n in kinds["streamed"] + kinds["workers"]}
+    streamed = {n: layer_routes[n] for n in kinds["streamed"] + kinds["workers"] +
+                kinds["sample"]}
     out: dict[str, Route] = {}
     if kinds["in-memory"]:
         budget = plan.store_bytes - plan.streamed_bytes(streamed)
@@ -111,6 +120,10 @@ def make_routes(layer_routes: dict[str, LayerRoute | None], names: list[str],
         sharded = ShardedRoute({n: layer_routes[n].shape for n in kinds["workers"]}, data,
                                batch, model, target, components, pca_dtype, engine, progress)
         out.update(dict.fromkeys(sharded.layers, sharded))
+    if kinds["sample"]:
+        sampled = SampledRoute({n: layer_routes[n].shape for n in kinds["sample"]},
+                               components=components, **(sample or {}))
+        out.update(dict.fromkeys(sampled.layers, sampled))
     return {name: out[name] for name in names}
 
 
@@ -153,8 +166,10 @@ class Passes:
 
     def __init__(self, model: nn.Module, batches: Iterable[Any], routes: dict[str, Route],
                  device: torch.device, *, progress: bool = False,
-                 on_step: Callable[[], None] | None = None, tune_malloc: bool | None = None):
+                 on_step: Callable[[], None] | None = None, tune_malloc: bool | None = None,
+                 watch: Stopwatch | None = None):
         self.model, self.batches, self.device = model, batches, device
+        self.watch = watch or Stopwatch()
         self.routes = list(dict.fromkeys(routes.values()))  # each route object once
         self.progress, self.on_step, self.tune_malloc = progress, on_step, tune_malloc
         self.first_seconds = self.later_seconds = 0.0
@@ -180,8 +195,10 @@ class Passes:
                 if result.scores is None:
                     raise ValueError("the images are empty: pass at least one (B, C, H, W) "
                                      "batch")
-                for route in active:
-                    route.end_pass(result)
+                self.watch.add("forward_and_capture", result.seconds)
+                with self.watch("reduce"):
+                    for route in active:
+                        route.end_pass(result)
             else:
                 scores = elsewhere[0]
                 result = PassResult(images=len(scores), forward_calls=0, seconds=0.0,
@@ -214,8 +231,10 @@ class Passes:
                                   progress=self.progress, on_step=self.on_step,
                                   tune_malloc=self.tune_malloc)
             check_same_images(first.checksums, first.images, result, desc)
-            for route in active:
-                route.end_pass(result)
+            self.watch.add("further_passes", result.seconds)
+            with self.watch("reduce"):
+                for route in active:
+                    route.end_pass(result)
         self.later_seconds += time.perf_counter() - start
 
     def close(self) -> None:
@@ -238,7 +257,8 @@ def announce_streaming(layer_routes: dict[str, LayerRoute], todo: list[str],
     """Say on stderr how many layers take extra passes, and that more memory is faster."""
     from ..core.budget import size_text
 
-    streamed = [n for n in todo if n in layer_routes and layer_routes[n].route in STREAMED]
+    streamed = [n for n in todo if n in layer_routes and
+                layer_routes[n].route in ("moments", "subspace")]
     if streamed:
         print(f"pcace: {len(streamed)} of {len(todo)} layers reduced in two passes over the "
               f"images (their maps do not fit the memory budget, {size_text(plan.budget)}; "

@@ -24,14 +24,16 @@ import numpy as np
 import torch
 
 from ..core.interrupts import Interrupted
+from ..core.stopwatch import Stopwatch
 from ..core.validation import device as resolve_device
 from ..engines.engine import Engine
 from ..engines.select import resolve_engine
-from ..inputs.data import as_batches
+from ..inputs.data import as_batches, indexable
 from ..inputs.layers import resolve_layers
 from ..inputs.models import count_parameters, weights_hash
 from ..inputs.targets import TargetSet
 from ..reduce.plan import MemoryPlan
+from ..reduce.sampled import sample_indices
 from ..reduce.twopass import check_repeatable
 from ..results.result import PCACEResult
 from .config import RankOptions
@@ -67,6 +69,7 @@ class RunContext:
     engine: Engine
     owned: bool
     start: float = field(default_factory=time.perf_counter)
+    watch: Stopwatch = field(default_factory=Stopwatch)
 
     @classmethod
     def open(cls, model: torch.nn.Module, images: Any, options: RankOptions,
@@ -123,6 +126,7 @@ class _Gathered:
     spilled: list[str] = field(default_factory=list)
     on_device: list[str] = field(default_factory=list)
     scored_seconds: float = 0.0
+    sample: dict[str, Any] | None = None
 
 
 def run_once(ctx: RunContext) -> PCACEResult:
@@ -159,7 +163,7 @@ def _scoring(ctx: RunContext, scores: np.ndarray, labels: np.ndarray | None,
                          own_class=ctx.options.target is None)
     check_score_matrix(scores, groups, ctx.targets.labels)
     return Scoring(scores, groups, ctx.targets.labels, ctx.options, plan, ctx.device,
-                   ctx.engine, checkpoints)
+                   ctx.engine, checkpoints, ctx.watch)
 
 
 def _restored(ctx: RunContext, checkpoints: Checkpoints) -> _Gathered:
@@ -187,50 +191,83 @@ def _pass_and_score(ctx: RunContext, checkpoints: Checkpoints, todo: list[str]) 
     plan, layer_routes = plan_layer_routes(
         ctx.model, ctx.images, batches, todo, ctx.asked, ctx.device,
         keep_maps=bool(opts.bootstrap or opts.per_label), components=opts.components,
-        batch_size=opts.batch_size)
+        batch_size=opts.batch_size, basis=opts.basis, sample_size=opts.sample_size)
     if opts.progress:
         announce_streaming(layer_routes, todo, plan)
-    workers = workers_source(ctx.engine, ctx.images, opts.batch_size, opts.label,
-                             layer_routes)
+    sample = None
+    if any(r.route == "sample" for r in layer_routes.values()):
+        batches, sample = _sample_first(ctx, batches)
     routes = make_routes(layer_routes, todo, plan, components=opts.components,
                          pca_dtype=opts.pca_dtype, spill_dir=opts.spill_dir,
                          device_memory_budget=opts.device_memory_budget,
-                         n_images=getattr(batches, "n_images", None), workers=workers,
+                         n_images=getattr(batches, "n_images", None),
+                         workers=workers_source(ctx.engine, ctx.images, opts.batch_size,
+                                                opts.label, layer_routes),
                          model=ctx.model, target=ctx.targets, engine=ctx.engine,
-                         progress=opts.progress)
-    if any(r.needs_pass and r.name != "in-memory" for r in routes.values()):
+                         progress=opts.progress, sample=sample)
+    if any(r.needs_pass and r.name in ("moments", "subspace") for r in routes.values()):
         check_repeatable(ctx.images)
     passes = Passes(ctx.model, batches, routes, ctx.device, progress=opts.progress,
-                    on_step=opts.on_step, tune_malloc=opts.tune_malloc)
+                    on_step=opts.on_step, tune_malloc=opts.tune_malloc, watch=ctx.watch)
     try:
-        first = passes.first(ctx.targets)
-        scores = first.scores if first.scores.ndim == 2 else first.scores[:, None]
-        labels = image_labels(batches, opts.per_label)
-        run = _scoring(ctx, scores, labels, plan, checkpoints)
-        checkpoints.check_scores(scores, labels)
-        scored = ScoredLayers()
-        _restore(run, checkpoints, scored)
-        start = time.perf_counter()
-        # the layers done after one pass first: they are saved before the further passes
-        # of the others (a Ctrl-C there keeps them)
-        ready = passes.ready(todo, routes)
-        score_layers(run, routes, ready, scored, progress=opts.progress, on_step=opts.on_step)
-        later = [n for n in todo if n not in ready]
-        if later and not scored.interrupted:
-            try:
-                passes.more()
-            except (KeyboardInterrupt, Interrupted) as err:
-                scored.stop(err)
-        score_layers(run, routes, later, scored, progress=opts.progress,
-                     on_step=opts.on_step, desc="scoring streamed channels")
-        records = {n: routes[n].record(n) for n in todo}
-        return _Gathered(scores, labels, scored, plan, layer_routes, records, passes,
-                         spilled=[n for n in todo if records[n]["route"] == "spilled"],
-                         on_device=[n for n in todo if getattr(routes[n], "on_device", {})
-                                    .get(n)],
-                         scored_seconds=time.perf_counter() - start)
+        return _score_routes(ctx, checkpoints, todo, routes, passes, plan, layer_routes,
+                             batches, sample)
     finally:
         passes.close()
+
+
+def _sample_first(ctx: RunContext, batches: Any) -> tuple[Any, dict[str, Any]]:
+    """The sampled route's sample: a random one put first in the pass where the images can
+    be read in any order, else the pass's first images."""
+    opts, m = ctx.options, ctx.options.sample_size
+    n = indexable(ctx.images, opts.label)
+    if n is None:
+        return batches, {"n_images": batches.n_images, "sample_size": m,
+                         "drawn": f"the first {m} images (the input cannot be read in "
+                                  "another order)"}
+    chosen = sample_indices(n, m, seed=opts.seed).numpy()
+    order = np.concatenate([chosen, np.setdiff1d(np.arange(n), chosen)])
+    return (as_batches(ctx.images, opts.batch_size, label=opts.label, order=order),
+            {"n_images": n, "sample_size": m, "order": order,
+             "drawn": f"a random sample of {m} of the {n} images (seed {opts.seed}), "
+                      "passed first"})
+
+
+def _score_routes(ctx: RunContext, checkpoints: Checkpoints, todo: list[str],
+                  routes: dict, passes: Passes, plan: MemoryPlan, layer_routes: dict,
+                  batches: Any, sample: dict[str, Any] | None) -> _Gathered:
+    opts = ctx.options
+    first = passes.first(ctx.targets)
+    scores = first.scores if first.scores.ndim == 2 else first.scores[:, None]
+    if sample is not None and sample.get("order") is not None:  # back in the images' order
+        scores = scores[np.argsort(sample["order"])]
+    labels = image_labels(batches, opts.per_label)
+    run = _scoring(ctx, scores, labels, plan, checkpoints)
+    checkpoints.check_scores(scores, labels)
+    scored = ScoredLayers()
+    _restore(run, checkpoints, scored)
+    start = time.perf_counter()
+    # the layers done after one pass first: they are saved before the further passes of
+    # the others (a Ctrl-C there keeps them)
+    ready = passes.ready(todo, routes)
+    score_layers(run, routes, ready, scored, progress=opts.progress, on_step=opts.on_step)
+    later = [n for n in todo if n not in ready]
+    if later and not scored.interrupted:
+        try:
+            passes.more()
+        except (KeyboardInterrupt, Interrupted) as err:
+            scored.stop(err)
+    score_layers(run, routes, later, scored, progress=opts.progress, on_step=opts.on_step,
+                 desc="scoring streamed channels")
+    records = {n: routes[n].record(n) for n in todo}
+    return _Gathered(scores, labels, scored, plan, layer_routes, records, passes,
+                     spilled=[n for n in todo if records[n]["route"] == "spilled"],
+                     on_device=[n for n in todo if getattr(routes[n], "on_device", {})
+                                .get(n)],
+                     scored_seconds=time.perf_counter() - start,
+                     sample=None if sample is None else
+                     {"size": min(sample["sample_size"], len(scores)),
+                      "drawn": sample["drawn"]})
 
 
 def _result(ctx: RunContext, g: _Gathered, checkpoints: Checkpoints,
@@ -244,7 +281,8 @@ def _result(ctx: RunContext, g: _Gathered, checkpoints: Checkpoints,
     layers = layer_summary(channels, shapes)
     groups = make_groups(g.labels, targets, opts.per_label, own_class=opts.target is None)
     add_layer_statistics(layers, channels, g.scored, g.scores, groups, targets.labels,
-                         opts.split_half, opts.seed, opts.ace_options, ctx.live_engine)
+                         opts.split_half, opts.seed, opts.ace_options, ctx.live_engine,
+                         ctx.watch)
     plain = len(targets) == 1 and not opts.per_label
     manifest = _manifest(ctx, g, checkpoints, weights, shapes, plain)
     return PCACEResult(channels, layers, manifest, g.scored.components,
@@ -285,7 +323,10 @@ def _manifest(ctx: RunContext, g: _Gathered, checkpoints: Checkpoints, weights: 
         "routes": route_record(g.layer_routes, g.records),
         "ace": {"delrsq": 0.01, "max_iter": 20, "alpha": 5.0, **opts.ace_options},
         "timings": {"forward_and_capture": first, "projection_pass": later,
-                    "reduce_and_ace": g.scored_seconds - later, "total": total},
+                    "reduce_and_ace": g.scored_seconds - later, "total": total,
+                    "stages": {k: round(v, 3) for k, v in ctx.watch.seconds.items()}},
+        "basis": {"basis": opts.basis, "sample_size": opts.sample_size,
+                  **({"sample": g.sample} if g.sample else {})},
         "engine": ctx.engine.describe(), "interrupted": scored.interrupted,
         "interrupt_signal": scored.signal, "complete": not scored.interrupted,
         "layers_done": list(dict.fromkeys(t.layer.iloc[0] for t in scored.tables if len(t))),

@@ -29,6 +29,8 @@ def rank(
     layers: Sequence[str] | None = None,
     components: int | float = 3,
     *,
+    basis: str = "sample",
+    sample_size: int = 1000,
     batch_size: int = 64,
     device: str | torch.device = "auto",
     memory_budget: int | str = "auto",

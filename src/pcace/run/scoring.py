@@ -31,6 +31,7 @@ import torch
 
 from ..core.interrupts import Interrupted
 from ..core.progress import progress_bar
+from ..core.stopwatch import Stopwatch
 from ..engines.engine import Engine, EngineLost, Problems
 from ..maxcorr.scoring import target_values
 from ..reduce.pca import Reduction
@@ -81,6 +82,7 @@ class Scoring:
     device: torch.device
     engine: Engine | None
     checkpoints: Checkpoints
+    watch: Stopwatch = field(default_factory=Stopwatch)
 
     @property
     def grouped(self) -> bool:
@@ -151,7 +153,11 @@ def _score_layer(run: Scoring, route: Route, name: str, out: ScoredLayers, bar: 
     gathered = [_Gathered() for _ in run.groups]
     blocks = route.reduce(name, [g.rows for g in run.groups], components=opts.components,
                           plan=run.plan, pca_dtype=opts.pca_dtype, device=run.device)
-    for block in blocks:
+    while True:
+        with run.watch("reduce"):
+            block = next(blocks, None)
+        if block is None:
+            break
         for g, acc, red in zip(run.groups, gathered, block.reductions, strict=True):
             _add_block(run, g, acc, red, block)
         bar.update(block.channels.stop - block.channels.start)
@@ -179,7 +185,9 @@ def _add_block(run: Scoring, group: ImageGroup, acc: _Gathered, red: Reduction,
     """One block of channels over one group of images, against its targets."""
     opts = run.options
     scores = group.scores(run.scores)
-    values = score_reduction(red, scores, opts.score, opts.ace_options, run.plan, run.engine)
+    with run.watch("ace"):
+        values = score_reduction(red, scores, opts.score, opts.ace_options, run.plan,
+                                 run.engine)
     dead = red.dead.cpu().numpy()
     acc.values.append(np.where(dead[:, None], 0.0, values))
     acc.n_components.append(red.n_components.cpu().numpy().astype(int))
@@ -190,11 +198,18 @@ def _add_block(run: Scoring, group: ImageGroup, acc: _Gathered, red: Reduction,
         part = block.maps if group.rows is None else block.maps[:, torch.as_tensor(group.rows)]
         maps = part.transpose(0, 1).cpu()
         n = maps.shape[0] // 2 if opts.interval == "half-sample" else maps.shape[0]
-        acc.boots.append(bootstrap_values(
-            maps, scores, opts.components, opts.bootstrap, opts.seed, score=opts.score,
-            engine=run.engine, ace_options=opts.ace_options,
-            scheme=interval_scheme(opts.interval),
-            chunk=run.plan.replicates_per_call(n, maps.shape[1], maps[0, 0].numel())))
+        with run.watch("bootstrap"):
+            acc.boots.append(_bootstrap(run, maps, scores, n))
+
+
+def _bootstrap(run: Scoring, maps: torch.Tensor, scores: np.ndarray, n: int) -> np.ndarray:
+    """A block's values on the bootstrap's resamples of the images (``n`` per resample)."""
+    opts = run.options
+    return bootstrap_values(maps, scores, opts.components, opts.bootstrap, opts.seed,
+                            score=opts.score, engine=run.engine, ace_options=opts.ace_options,
+                            scheme=interval_scheme(opts.interval),
+                            chunk=run.plan.replicates_per_call(n, maps.shape[1],
+                                                               maps[0, 0].numel()))
 
 
 def _group_result(run: Scoring, name: str, group: ImageGroup, acc: _Gathered
@@ -231,10 +246,12 @@ def _add_statistics(run: Scoring, table: pd.DataFrame, z: torch.Tensor, scores: 
     opts = run.options
     observed = table.pcace.to_numpy()
     if opts.permutations:
-        null = permutation_null(z, scores, opts.permutations, opts.seed, engine=run.engine,
-                                chunk=run.plan.ace_problems(z.shape[1], z.shape[2]),
-                                score=opts.score, ace_options=opts.ace_options)
-        _join(table, null_summary(observed, null))
+        with run.watch("null"):
+            null = permutation_null(z, scores, opts.permutations, opts.seed,
+                                    engine=run.engine,
+                                    chunk=run.plan.ace_problems(z.shape[1], z.shape[2]),
+                                    score=opts.score, ace_options=opts.ace_options)
+            _join(table, null_summary(observed, null))
     if boot is None:
         return None
     _join(table, bootstrap_summary(observed, boot, opts.level, method=opts.interval))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..core.stopwatch import Stopwatch
 from ..engines.engine import Engine
 from ..stats.evidence import layer_evidence, significant, split_half_table
 from .groups import ImageGroup
@@ -77,16 +78,19 @@ def channel_table(tables: list[pd.DataFrame], names: list[str]) -> pd.DataFrame:
 def add_layer_statistics(layers: pd.DataFrame, channels: pd.DataFrame, scored: ScoredLayers,
                          scores: np.ndarray, groups: list[ImageGroup], target_names: list[str],
                          split_half: int, seed: int, ace_options: dict,
-                         engine: Engine | None = None) -> None:
+                         engine: Engine | None = None, watch: Stopwatch | None = None) -> None:
     """Evidence per (layer, label, target): null share, split-half, verdict; stability."""
+    watch = watch or Stopwatch()
     if layers.empty:
         return
     if "q_value" in channels.columns:
         channels["significant"] = significant(channels.q_value)
     for g in groups:
         for j, column in enumerate(g.columns):
-            _add_group_evidence(layers, channels, scored, g, target_names[column],
-                                g.scores(scores)[:, j], split_half, seed, ace_options, engine)
+            with watch("split_half"):
+                _add_group_evidence(layers, channels, scored, g, target_names[column],
+                                    g.scores(scores)[:, j], split_half, seed, ace_options,
+                                    engine)
     stability = scored.stability
     if stability:
         found = [stability.get(row.layer, {}).get(
