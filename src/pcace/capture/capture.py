@@ -22,7 +22,7 @@ from ..core.validation import byte_count
 from ..core.validation import device as resolve_device
 from ..inputs.hooks import evaluating
 from ..inputs.layers import conv_layer_names, describe_layers, resolve_layers
-from .forward import Feed, batch_images, forward_pass, short_list
+from .forward import Feed, PassResult, batch_images, forward_pass, short_list
 from .store import ActivationStore, ChannelIndex, device_budget_bytes
 
 __all__ = ["Capture", "capture", "conv_layer_names", "describe_layers", "resolve_layers",
@@ -146,68 +146,49 @@ class Capture:
                 f"{spilled} spilled, {self.forward_calls} forward calls)")
 
 
-def capture(
-    model: nn.Module,
-    batches: Iterable[torch.Tensor],
-    layers: str | Iterable[str] | None,
-    score_fn: Callable[[Any], torch.Tensor],
-    *,
-    device: str | torch.device = "auto",
-    memory_budget: int | str = "auto",
-    spill_dir: str | Path | None = None,
-    progress: bool = True,
-    check_finite: bool = True,
-    device_memory_budget: int | str = "auto",
-    tune_malloc: bool | None = None,
-    on_step: Callable[[], None] | None = None,
-    observers: Mapping[str, Callable] | None = None,
-) -> Capture:
+def capture(model: nn.Module, batches: Iterable[torch.Tensor],
+            layers: str | Iterable[str] | None, score_fn: Callable[[Any], torch.Tensor], *,
+            device: str | torch.device = "auto", memory_budget: int | str = "auto",
+            spill_dir: str | Path | None = None, progress: bool = True,
+            check_finite: bool = True, device_memory_budget: int | str = "auto",
+            tune_malloc: bool | None = None, on_step: Callable[[], None] | None = None,
+            observers: Mapping[str, Callable] | None = None) -> Capture:
     """Run the model once over the batches and keep the outputs of the chosen layers.
 
     Parameters
     ----------
     model : torch.nn.Module
-        Run in eval mode on ``device``; its training flags and device are restored
-        afterwards (:func:`pcace.inputs.hooks.evaluating`).
+        Run in eval mode on ``device``; its training flags and device are restored after.
     batches : iterable of torch.Tensor
-        Preprocessed image batches ``(B, C, H, W)``; an item ``(images, ...)``
-        (as a labelled DataLoader yields) uses its first element. Empty batches
-        are skipped.
+        Preprocessed ``(B, C, H, W)`` batches (or items ``(images, ...)``); empty ones skipped.
     layers : None, str or iterable of str
-        Qualified module names (see :func:`resolve_layers`); None for every conv
-        layer. Each must produce a 4-D tensor and run once per forward pass.
+        Qualified module names (:func:`resolve_layers`); None: every conv layer. Each must
+        give a 4-D tensor and run once per forward pass.
     score_fn : callable
-        ``score_fn(outputs) -> (B,)`` tensor: the scalar score of each image. One with a
-        true ``returns_matrix`` attribute (:class:`pcace.inputs.targets.TargetSet`) returns
-        ``(B, T)``, several scores per image; ``Capture.scores`` is then ``(N, T)``.
+        ``outputs -> (B,)`` scores; ``(B, T)`` with a true ``returns_matrix``
+        (:class:`pcace.inputs.targets.TargetSet`), making ``Capture.scores`` ``(N, T)``.
     device : str or torch.device, default "auto"
-        Where the model runs: ``"auto"`` is CUDA when available, else the CPU.
+        Where the model runs (``"auto"``: CUDA when available, else the CPU).
     memory_budget : int or "auto", default "auto"
-        Bytes of activations held in RAM; layers past it are spilled to disk.
-        ``"auto"``: :func:`pcace.core.budget.default_memory_budget`. (:func:`pcace.rank` passes
-        the store's share of its :class:`pcace.reduce.plan.MemoryPlan`.)
+        Bytes of activations held in RAM, the rest spilled to disk (``"auto"``:
+        :func:`pcace.core.budget.default_memory_budget`; :func:`pcace.rank` passes its own).
     spill_dir : str or Path, optional
-        Where spilled layers go (inside a temporary subdirectory, removed when
-        the capture is closed). The system's temporary directory when None.
+        Parent of the temporary spill directory, removed on close (default: the system's).
     progress : bool, default True
         Show a tqdm bar over the batches on stderr.
     check_finite : bool, default True
-        Check every output for NaN and inf as it comes (one extra read of it). A caller
-        that checks later, as :func:`pcace.rank` does while standardising, turns it off.
+        Check each output for NaN and inf as it comes; off for a caller that checks later.
     device_memory_budget : int or "auto", default "auto"
-        When ``device`` is not the CPU: bytes of activations kept in the device's memory
-        (layers beyond it go to RAM, then disk). ``"auto"``: half of the device's free
-        memory once the model is on it; 0 keeps everything in RAM.
+        Off the CPU: bytes of activations kept on the device, the rest in RAM, then disk
+        (``"auto"``: half the device's free memory with the model on it; 0: all in RAM).
     tune_malloc : bool, optional
-        Keep freed memory in glibc's heap during the pass (:func:`pcace.core.malloc.kept_heap`;
-        process-wide, so off unless True or ``PCACE_TUNE_MALLOC=1``).
+        Keep freed memory in glibc's heap during the pass (process-wide, so off unless True
+        or ``PCACE_TUNE_MALLOC=1``; :func:`pcace.core.malloc.kept_heap`).
     on_step : callable, optional
-        Called after each batch; it may raise to stop the pass (the store is then closed
-        and spilled files removed).
+        Called after each batch; it may raise to stop the pass (the store is then closed).
     observers : mapping of str to callable, optional
-        More feeds ``{layer: feed(maps, offset)}`` (:data:`pcace.capture.forward.Feed`) run
-        on every batch of the same pass, for layers that are not stored (``layers`` may then
-        be ``[]``): the streamed routes gather their statistics this way.
+        More feeds ``{layer: feed(maps, offset)}`` (:data:`pcace.capture.forward.Feed`) on
+        the same pass, for layers not stored (``layers`` may be ``[]``).
 
     Returns
     -------
@@ -216,9 +197,9 @@ def capture(
     Raises
     ------
     ValueError
-        A layer's output is not a 4-D tensor, holds NaN or inf, or the layer
-        ran more than once or not at all in a pass; ``score_fn`` returned the
-        wrong shape or non-finite values; no images came.
+        A layer's output is not a 4-D tensor, holds NaN or inf, or the layer ran more than
+        once or not at all in a pass; ``score_fn`` returned the wrong shape or non-finite
+        values; no images came.
 
     Examples
     --------
@@ -232,11 +213,7 @@ def capture(
     (20, (4, 6, 6), 3)
     """
     observers = dict(observers or {})
-    empty = observers and isinstance(layers, list | tuple) and not layers
-    names = [] if empty else resolve_layers(model, layers)
-    both = sorted(set(names) & set(observers))
-    if both:
-        raise ValueError(f"layer(s) {both} are both stored and observed")
+    names = _stored_layers(model, layers, observers)
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable (outputs -> (B,) scores); got "
                         f"{type(score_fn).__name__}")
@@ -246,21 +223,42 @@ def capture(
     store = ActivationStore(names, resolve_budget(memory_budget), spill_dir,
                             n_images=_known_count(batches))
     feeds = {name: _storing(store, name, check_finite) for name in names}
+    done = _fill(store, model, batches, {**feeds, **observers}, device, device_memory_budget,
+                 score_fn=score_fn, progress=progress, on_step=on_step, tune_malloc=tune_malloc)
+    return Capture(store, names, done.scores, done.forward_calls, done.seconds)
+
+
+def _fill(store: ActivationStore, model: nn.Module, batches: Iterable[torch.Tensor],
+          feeds: dict[str, Feed], device: torch.device, device_memory_budget: int | str,
+          **forward: Any) -> PassResult:
+    """Run the forward pass that feeds the store and finalise it; close it on any failure.
+
+    ``forward`` holds :func:`pcace.capture.forward.forward_pass`'s ``score_fn``, ``progress``,
+    ``on_step`` and ``tune_malloc``; returns what that gives.
+    """
     try:
         with evaluating(model, device):
             if device.type != "cpu":  # once the model is on the device: its free memory
                 store.device = device
                 store.device_budget = device_budget_bytes(device, device_memory_budget)
-            done = forward_pass(model, batches, {**feeds, **observers}, device=device,
-                                score_fn=score_fn, progress=progress, on_step=on_step,
-                                tune_malloc=tune_malloc)
+            done = forward_pass(model, batches, feeds, device=device, **forward)
         if done.scores is None:
             raise ValueError("batches yielded no images; pass at least one (B, C, H, W) batch")
         store.finalize()
     except BaseException:
         store.close()
         raise
-    return Capture(store, names, done.scores, done.forward_calls, done.seconds)
+    return done
+
+
+def _stored_layers(model: nn.Module, layers: Any, observers: dict[str, Feed]) -> list[str]:
+    """The layers to store: none when only observers are asked for (``layers`` empty)."""
+    empty = observers and isinstance(layers, list | tuple) and not layers
+    names = [] if empty else resolve_layers(model, layers)
+    both = sorted(set(names) & set(observers))
+    if both:
+        raise ValueError(f"layer(s) {both} are both stored and observed")
+    return names
 
 
 def _storing(store: ActivationStore, name: str, check_finite: bool) -> Feed:

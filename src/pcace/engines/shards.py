@@ -265,39 +265,51 @@ def sharded_components(model: nn.Module | Mapping[str, Any], data: Any, layers: 
     args = (model, data, names, target)
     kwargs = {"batch_size": batch_size, "device": device, "categories": categories}
     remote = engine is not None and hasattr(engine, "map_shards")
-    if remote:
-        n = len(_open_data(data))
-    else:
-        local = ShardWorker(*args, **kwargs)
-        n = len(local)
+    local = None if remote else ShardWorker(*args, **kwargs)
+    n = len(_open_data(data)) if local is None else len(local)
     if n < 2:
         raise ValueError(f"a sharded pass needs at least 2 images; got {n}")
     bounds = shard_bounds(n, shard_size)
-
-    def run(method: str, extra: tuple = (), where: list[tuple[int, int]] = bounds) -> list[Any]:
-        from tqdm.auto import tqdm
-
-        label = {"moments": "first pass (moments)", "project": "projection pass"}
-        with tqdm(total=sum(hi - lo for lo, hi in where), desc=label.get(method, method),
-                  unit="img", disable=not progress or method not in label) as bar:
-            def done(lo: int, hi: int) -> None:
-                bar.update(hi - lo)
-
-            if remote:
-                return engine.map_shards(ShardWorker, args, kwargs,  # type: ignore[union-attr]
-                                         method, where, extra, on_shard=done)
-            out = []
-            for lo, hi in where:
-                out.append(getattr(local, method)(lo, hi, *extra))
-                done(lo, hi)
-            return out
-
+    run = _ShardRunner(local, engine, args, kwargs, bounds, progress)
     try:
         return _two_passes(run, bounds, names, components, max_components, pca_dtype,
                            run_images, n, engine)
     finally:
         if remote and hasattr(engine, "forget_shards"):
             engine.forget_shards()  # the next call may bring another model
+
+
+class _ShardRunner:
+    """Runs a :class:`ShardWorker` method over shards, on ``local`` (a worker in this
+    process) or, when that is None, on the engine's workers; ``run(method, extra, where)``
+    returns the results in shard order (``where``: default every shard)."""
+
+    #: Progress bar label of each pass; the other methods run without a bar.
+    LABELS = {"moments": "first pass (moments)", "project": "projection pass"}
+
+    def __init__(self, local: ShardWorker | None, engine: Engine | None, args: tuple,
+                 kwargs: dict[str, Any], bounds: list[tuple[int, int]], progress: bool):
+        self.local, self.engine, self.args, self.kwargs = local, engine, args, kwargs
+        self.bounds, self.progress = bounds, progress
+
+    def __call__(self, method: str, extra: tuple = (),
+                 where: list[tuple[int, int]] | None = None) -> list[Any]:
+        from tqdm.auto import tqdm
+
+        where = self.bounds if where is None else where
+        with tqdm(total=sum(hi - lo for lo, hi in where), desc=self.LABELS.get(method, method),
+                  unit="img", disable=not self.progress or method not in self.LABELS) as bar:
+            def done(lo: int, hi: int) -> None:
+                bar.update(hi - lo)
+
+            if self.local is None:
+                return self.engine.map_shards(  # type: ignore[union-attr]
+                    ShardWorker, self.args, self.kwargs, method, where, extra, on_shard=done)
+            out = []
+            for lo, hi in where:
+                out.append(getattr(self.local, method)(lo, hi, *extra))
+                done(lo, hi)
+            return out
 
 
 def _two_passes(run: Callable[..., list[Any]], bounds: list[tuple[int, int]],

@@ -561,14 +561,7 @@ def load_model(spec: str | Path | Mapping[str, Any], weights: str | Path | None 
     False
     """
     if isinstance(spec, Mapping):
-        saved = dict(spec)
-        if "spec" not in saved:
-            raise ValueError("a spec dict needs a 'spec' entry, as LoadedModel.spec has")
-        return load_model(saved["spec"], weights=saved.get("weights", weights),
-                          checkpoint=saved.get("checkpoint", checkpoint),
-                          model_kwargs=saved.get("model_kwargs", model_kwargs),
-                          random_weights=bool(saved.get("random_weights", random_weights)),
-                          seed=int(saved.get("seed", seed)))
+        return _reload(spec, weights, checkpoint, model_kwargs, random_weights, seed)
     kwargs = dict(model_kwargs or {})
     weights_s = None if weights is None else str(weights)
     checkpoint_s = None if checkpoint is None else str(checkpoint)
@@ -587,6 +580,32 @@ def load_model(spec: str | Path | Mapping[str, Any], weights: str | Path | None 
             raise ValueError(f"a model file carries its own weights; drop weights/"
                              f"checkpoint or give the architecture as {SPEC_FORMS}")
         return _load_file(path)
+    _check_factory_spec(text, path)
+    if weights_s is not None and checkpoint_s is None and weights_s.lower() not in _NO_WEIGHTS:
+        checkpoint_s = weights_s  # a file passed as weights means the same thing
+    if weights_s is not None and weights_s.lower() in _NO_WEIGHTS:
+        random_weights = True
+    return _load_factory(text, checkpoint_s, kwargs, random_weights, seed)
+
+
+def _reload(spec: Mapping[str, Any], weights: str | Path | None, checkpoint: str | Path | None,
+            model_kwargs: Mapping[str, Any] | None, random_weights: bool,
+            seed: int) -> LoadedModel:
+    """:func:`load_model` of a :attr:`LoadedModel.spec` dict; its entries win over the
+    arguments."""
+    saved = dict(spec)
+    if "spec" not in saved:
+        raise ValueError("a spec dict needs a 'spec' entry, as LoadedModel.spec has")
+    return load_model(saved["spec"], weights=saved.get("weights", weights),
+                      checkpoint=saved.get("checkpoint", checkpoint),
+                      model_kwargs=saved.get("model_kwargs", model_kwargs),
+                      random_weights=bool(saved.get("random_weights", random_weights)),
+                      seed=int(saved.get("seed", seed)))
+
+
+def _check_factory_spec(text: str, path: Path) -> None:
+    """Raise unless ``text`` reads as ``"package.module:factory"``: FileNotFoundError when it
+    looks like a path to a missing file (``path``), ValueError otherwise."""
     if path.suffix.lower() in {".pt", ".pth", ".ts", ".th", ".jit", ".pt2"} or "/" in text or \
             "\\" in text:
         raise FileNotFoundError(f"model file not found: {path}; check the path")
@@ -595,11 +614,6 @@ def load_model(spec: str | Path | Mapping[str, Any], weights: str | Path | None 
         all(p.isidentifier() for p in attr.split("."))
     if not valid:
         raise ValueError(f"cannot read model spec {text!r}; use {SPEC_FORMS}")
-    if weights_s is not None and checkpoint_s is None and weights_s.lower() not in _NO_WEIGHTS:
-        checkpoint_s = weights_s  # a file passed as weights means the same thing
-    if weights_s is not None and weights_s.lower() in _NO_WEIGHTS:
-        random_weights = True
-    return _load_factory(text, checkpoint_s, kwargs, random_weights, seed)
 
 
 def output_size(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:

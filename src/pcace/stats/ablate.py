@@ -12,6 +12,24 @@ random channels of the same number, and removing its bottom channels less.
   importance and (with Captum installed) layer conductance.
 - :func:`faithfulness_summary` condenses the curves into one number per ranking.
 
+Notes
+-----
+Every ablation is a full forward pass over the images: :func:`ablate` costs about
+``(2 * rankings + repeats) * len(sizes) + 1`` passes (identical channel sets are run once).
+A module called more than once in a forward pass is ablated at every call.
+
+``score_drop`` measures what the mean score loses; ``score_change`` how far each image's
+score moves. Under mean ablation a channel whose effect on the score is linear leaves the
+mean score where it was (its deviations average out) while moving every image's score, so
+rankings of covariation such as PCACE are better judged by ``score_change``.
+
+Mean ablation uses the mean over ``images`` unless ``reference`` is given. With images of
+one class (PCACE's usual input) that mean carries the class: on the CIFAR ResNet-20 with 200
+cat images, replacing all 64 channels of ``layer3.0.conv1`` by their cat mean raises the cat
+logit and the accuracy (0.70 to 0.93), so the drop curves need not increase up to ``m = C``.
+Pass images of all classes as ``reference`` for a class-neutral mean, or use
+``mode="zero"``.
+
 Examples
 --------
 >>> import torch
@@ -201,60 +219,40 @@ class _Ablator:
 
 # -------------------------------------------------------------------------- ablate
 
-def ablate(
-    model: torch.nn.Module,
-    images: Any,
-    target: int | str | Callable[[Any], torch.Tensor],
-    layer: str,
-    ranking: Sequence[int] | np.ndarray | pd.DataFrame | Mapping[str, Any],
-    sizes: Sequence[int] = (1, 2, 4, 8, 16),
-    mode: str = "mean",
-    repeats: int = 10,
-    labels: Any = None,
-    batch_size: int = 64,
-    device: str | torch.device = "auto",
-    seed: int = 0,
-    baselines: Mapping[str, Any] | bool | None = None,
-    *,
-    reference: Any = None,
-    tune_malloc: bool | None = None,
-    progress: bool = False,
-) -> pd.DataFrame:
+def ablate(model: torch.nn.Module, images: Any, target: int | str | Callable[[Any], torch.Tensor],
+           layer: str, ranking: Sequence[int] | np.ndarray | pd.DataFrame | Mapping[str, Any],
+           sizes: Sequence[int] = (1, 2, 4, 8, 16), mode: str = "mean", repeats: int = 10,
+           labels: Any = None, batch_size: int = 64, device: str | torch.device = "auto",
+           seed: int = 0, baselines: Mapping[str, Any] | bool | None = None, *,
+           reference: Any = None, tune_malloc: bool | None = None, progress: bool = False
+           ) -> pd.DataFrame:
     """Score and accuracy drop when a ranking's top, bottom or random channels are ablated.
 
-    A forward hook on module ``layer`` replaces the chosen channels of its output
-    and the whole network runs over ``images``. The drop is the unablated mean
-    score minus the ablated mean score (positive: ablation lowers the score).
+    A forward hook on module ``layer`` replaces the chosen channels of its output while the
+    network runs over ``images``. Cost and choice of mean: see the module's Notes.
 
     Parameters
     ----------
     model : torch.nn.Module
-        The network. It runs in eval mode on ``device``; its training flags and device
-        are restored afterwards (:func:`pcace.inputs.hooks.evaluating`).
+        The network; run in eval mode on ``device``, its flags and device restored after.
     images : tensor, Dataset or DataLoader
-        Preprocessed images, as for :func:`pcace.rank`; read once and kept in
-        memory.
+        Preprocessed images, as for :func:`pcace.rank`; read once and kept in memory.
     target : int, str or callable
-        The score: an int is the logit of that class
-        (:class:`pcace.inputs.targets.ClassLogit`); see :func:`pcace.inputs.targets.resolve_target`.
+        The score (an int: that class's logit); see :func:`pcace.inputs.targets.resolve_target`.
     layer : str
         Qualified name of the module whose output channels are ablated.
     ranking : sequence of int, DataFrame, or mapping name -> either
-        Channel ids of ``layer`` ordered best first (all channels, each once); a
-        DataFrame with ``channel`` and ``rank`` (or ``pcace``) columns, such as
-        ``PCACEResult.channels`` (rows of ``layer`` are used when it has a
-        ``layer`` column); or a mapping of several named rankings. A single
-        ranking is named ``"pcace"``.
+        Channel ids of ``layer``, best first, each once; a DataFrame with ``channel`` and
+        ``rank`` (or ``pcace``) columns such as ``PCACEResult.channels`` (its ``layer`` rows
+        if it has that column); or several named rankings. A single one is named "pcace".
     sizes : sequence of int, default (1, 2, 4, 8, 16)
-        The numbers ``m`` of channels ablated. Sizes above the layer's channel
-        count are left out with a warning.
+        Numbers ``m`` of channels ablated; those above the channel count are left out.
     mode : {"mean", "zero"}, default "mean"
-        ``"mean"``: replace each ablated channel by its mean map over the images
-        (per position, from a first pass); ``"zero"``: by 0.
+        Replace each ablated channel by its mean map over the images (per position), or by 0.
     repeats : int, default 10
         Random sets of ``m`` channels per size.
     labels : array_like, optional
-        Class index per image; adds the accuracy drop (top-1, argmax of the output).
+        Class index per image; adds the drop of top-1 accuracy.
     batch_size : int, default 64
         Images per forward pass.
     device : str or torch.device, default "auto"
@@ -262,50 +260,24 @@ def ablate(
     seed : int, default 0
         Seed of the random channel sets (``np.random.default_rng(seed)``).
     baselines : mapping name -> ranking, or True, optional
-        More rankings evaluated on the same images and random sets; ``True``
-        computes :func:`baseline_rankings`.
+        More rankings on the same images and random sets; ``True``: :func:`baseline_rankings`.
     reference : tensor, Dataset or DataLoader, optional
-        Images whose mean maps fill the ablated channels in ``mode="mean"``
-        (default: ``images``). See the notes.
+        Images whose mean maps fill the ablated channels in ``mode="mean"`` (default: images).
     tune_malloc : bool, optional
-        Keep freed memory in glibc's heap over the many forward passes (process-wide;
-        off unless True or ``PCACE_TUNE_MALLOC=1``; see :mod:`pcace.core.malloc`).
+        Keep freed memory in glibc's heap (process-wide; :mod:`pcace.core.malloc`).
     progress : bool, default False
         Show a progress bar over the ablated forward passes on stderr.
 
     Returns
     -------
     pandas.DataFrame
-        One row per (ranking, selection, m): ``ranking`` (the ranking's name,
-        ``"random"`` for random rows), ``selection`` (``"top"``, ``"bottom"``,
-        ``"random"``), ``m``, ``score`` (mean ablated score), ``score_drop``
-        (unablated minus ablated mean score), ``score_change`` (mean over images
-        of ``|ablated - unablated score|``), with labels ``accuracy_drop``, each
-        with a ``*_sd`` column (standard deviation over the random sets; NaN for
-        top and bottom), and ``n_sets``. ``attrs`` holds ``layer``, ``mode``,
-        ``n_images``, ``n_channels``, ``base_score``, ``base_accuracy``,
-        ``repeats`` and ``seed``.
-
-    Notes
-    -----
-    Every ablation is a full forward pass over the images: the cost is about
-    ``(2 * rankings + repeats) * len(sizes) + 1`` passes (identical channel sets
-    are run once). A module called more than once in a forward pass is ablated
-    at every call.
-
-    ``score_drop`` measures what the mean score loses; ``score_change`` how far
-    each image's score moves. Under mean ablation a channel whose effect on the
-    score is linear leaves the mean score where it was (its deviations average
-    out) while moving every image's score, so rankings of covariation such as
-    PCACE are better judged by ``score_change``.
-
-    Mean ablation uses the mean over ``images`` unless ``reference`` is given.
-    With images of one class (PCACE's usual input) that mean carries the class:
-    on the CIFAR ResNet-20 with 200 cat images, replacing all 64 channels of
-    ``layer3.0.conv1`` by their cat mean raises the cat logit and the accuracy
-    (0.70 to 0.93), so the drop curves need not increase up to ``m = C``. Pass
-    images of all classes as ``reference`` for a class-neutral mean, or use
-    ``mode="zero"``.
+        One row per (ranking, selection, m): ``ranking`` (``"random"`` for random rows),
+        ``selection`` (``"top"``, ``"bottom"``, ``"random"``), ``m``, ``score`` (mean ablated
+        score), ``score_drop`` (unablated minus ablated mean score), ``score_change`` (mean
+        ``|ablated - unablated score|``), with labels ``accuracy_drop``; each with a ``*_sd``
+        column (over the random sets; NaN for top and bottom); and ``n_sets``. ``attrs``:
+        ``layer``, ``mode``, ``n_images``, ``n_channels``, ``base_score``, ``base_accuracy``,
+        ``repeats``, ``seed``.
 
     Examples
     --------
@@ -336,8 +308,37 @@ def _ablate(model: torch.nn.Module, images: Any, score_fn: Callable, layer: str,
     batches = _batches(images, batch_size)
     n_images = sum(len(b) for b in batches)
     label_t = _labels(labels, n_images)
+    reference = reference if mode == "mean" else None
+    base_scores, base_preds, mean_map, n_reference = _unablated_pass(
+        model, batches, score_fn, layer, dev, label_t is not None, reference, batch_size)
+    n_channels = mean_map.shape[0]
+    base_score = float(base_scores.mean())
+    base_acc = None if base_preds is None else float((base_preds == label_t).double().mean())
 
-    # first pass: unablated scores and the mean map of every channel
+    rankings = _named_rankings(ranking, baselines, model, batches, score_fn, layer,
+                               batch_size, dev)
+    orders = {str(k): _as_order(v, n_channels, layer, str(k)) for k, v in rankings.items()}
+    ms = _sizes(sizes, n_channels)
+    fill = mean_map.to(dev) if mode == "mean" else None
+    runner = _Ablator(model, layer, batches, score_fn, dev, label_t, fill, base_scores)
+    rng = np.random.default_rng(int(seed))
+    random_sets = {m: [rng.choice(n_channels, size=m, replace=False) for _ in range(repeats)]
+                   for m in ms}
+    runs = _run_ablations(runner, orders, random_sets, repeats, layer, progress)
+    df = pd.DataFrame([_curve_row(*run, base_score, base_acc) for run in runs])
+    df.attrs.update({"layer": layer, "mode": mode, "n_images": n_images,
+                     "n_channels": int(n_channels), "base_score": base_score,
+                     "base_accuracy": base_acc, "repeats": int(repeats), "seed": int(seed),
+                     "n_reference": n_reference})
+    return df
+
+
+def _unablated_pass(model: torch.nn.Module, batches: list[torch.Tensor], score_fn: Callable,
+                    layer: str, dev: torch.device, want_pred: bool, reference: Any,
+                    batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None,
+                                              torch.Tensor, int]:
+    """Unablated scores and predictions, and each channel's mean map (over ``reference``
+    when given, else over the images) with the number of images it averages."""
     total: list[torch.Tensor] = []
 
     def record(_mod, _inp, out):
@@ -349,21 +350,24 @@ def _ablate(model: torch.nn.Module, images: Any, score_fn: Callable, layer: str,
             total.append(s)
 
     with forward_hooks(model, {layer: record}):
-        base_scores, base_preds = _forward(model, batches, score_fn, dev, label_t is not None)
-        if reference is not None and mode == "mean":
+        base_scores, base_preds = _forward(model, batches, score_fn, dev, want_pred)
+        if reference is not None:
             total.clear()
             ref_batches = _batches(reference, batch_size)
             _forward(model, ref_batches, score_fn, dev, False)
             n_reference = sum(len(b) for b in ref_batches)
         else:
-            n_reference = n_images
+            n_reference = sum(len(b) for b in batches)
     if not total:
         raise ValueError(f"module {layer!r} was not called in the forward pass")
-    mean_map = total[0] / n_reference
-    n_channels = mean_map.shape[0]
-    base_score = float(base_scores.mean())
-    base_acc = None if base_preds is None else float((base_preds == label_t).double().mean())
+    return base_scores, base_preds, total[0] / n_reference, n_reference
 
+
+def _named_rankings(ranking: Any, baselines: Any, model: torch.nn.Module,
+                    batches: list[torch.Tensor], score_fn: Callable, layer: str,
+                    batch_size: int, dev: torch.device) -> dict[str, Any]:
+    """``ranking`` (named ``"pcace"`` unless a mapping) and the ``baselines``, checked for
+    names used twice or the reserved ``"random"``."""
     rankings: dict[str, Any] = {}
     if isinstance(ranking, Mapping):
         rankings.update(ranking)
@@ -381,55 +385,53 @@ def _ablate(model: torch.nn.Module, images: Any, score_fn: Callable, layer: str,
             rankings[key] = value
     if "random" in rankings:
         raise ValueError("'random' is reserved for the random baseline; rename that ranking")
-    orders = {str(k): _as_order(v, n_channels, layer, str(k)) for k, v in rankings.items()}
-    ms = _sizes(sizes, n_channels)
+    return rankings
 
-    fill = mean_map.to(dev) if mode == "mean" else None
-    runner = _Ablator(model, layer, batches, score_fn, dev, label_t, fill, base_scores)
-    rows: list[dict[str, Any]] = []
 
-    def row(name: str, selection: str, m: int, results: list[tuple]) -> None:
-        entry: dict[str, Any] = {"ranking": name, "selection": selection, "m": m,
-                                 "score": float(np.mean([r[0] for r in results]))}
-        columns = {"score_drop": [base_score - r[0] for r in results],
-                   "score_change": [r[2] for r in results]}
-        if label_t is not None:
-            columns["accuracy_drop"] = [base_acc - r[1] for r in results]
-        for column, values in columns.items():
-            v = np.asarray(values, dtype=float)
-            entry[column] = float(v.mean())
-            if selection != "random":
-                entry[f"{column}_sd"] = np.nan
-            else:
-                entry[f"{column}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
-        entry["n_sets"] = len(results)
-        rows.append(entry)
-
+def _run_ablations(runner: _Ablator, orders: dict[str, np.ndarray],
+                   random_sets: dict[int, list[np.ndarray]], repeats: int, layer: str,
+                   progress: bool) -> list[tuple[str, str, int, list[tuple]]]:
+    """``(ranking, selection, m, results)`` for each ranking's top and bottom ``m`` channels
+    and for the random sets of each size ``m``, in that order."""
     from tqdm.auto import tqdm
 
-    rng = np.random.default_rng(int(seed))
-    random_sets = {m: [rng.choice(n_channels, size=m, replace=False) for _ in range(repeats)]
-                   for m in ms}
+    ms = list(random_sets)
+    runs: list[tuple[str, str, int, list[tuple]]] = []
     with tqdm(total=len(ms) * (2 * len(orders) + repeats), desc=f"ablating {layer}",
               unit="set", disable=not progress) as bar:
         for name, order in orders.items():
             for m in ms:
-                row(name, "top", m, [runner.run(order[:m])])
-                row(name, "bottom", m, [runner.run(order[-m:])])
+                runs.append((name, "top", m, [runner.run(order[:m])]))
+                runs.append((name, "bottom", m, [runner.run(order[-m:])]))
                 bar.update(2)
         for m in ms:
             results = []
             for channel_set in random_sets[m]:
                 results.append(runner.run(channel_set))
                 bar.update(1)
-            row("random", "random", m, results)
+            runs.append(("random", "random", m, results))
+    return runs
 
-    df = pd.DataFrame(rows)
-    df.attrs.update({"layer": layer, "mode": mode, "n_images": n_images,
-                     "n_channels": int(n_channels), "base_score": base_score,
-                     "base_accuracy": base_acc, "repeats": int(repeats), "seed": int(seed),
-                     "n_reference": n_reference})
-    return df
+
+def _curve_row(name: str, selection: str, m: int, results: list[tuple], base_score: float,
+               base_acc: float | None) -> dict[str, Any]:
+    """One row of :func:`ablate`'s table from the ``(score, accuracy, change)`` of its sets;
+    ``base_acc`` is None when no labels were given."""
+    entry: dict[str, Any] = {"ranking": name, "selection": selection, "m": m,
+                             "score": float(np.mean([r[0] for r in results]))}
+    columns = {"score_drop": [base_score - r[0] for r in results],
+               "score_change": [r[2] for r in results]}
+    if base_acc is not None:
+        columns["accuracy_drop"] = [base_acc - r[1] for r in results]
+    for column, values in columns.items():
+        v = np.asarray(values, dtype=float)
+        entry[column] = float(v.mean())
+        if selection != "random":
+            entry[f"{column}_sd"] = np.nan
+        else:
+            entry[f"{column}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    entry["n_sets"] = len(results)
+    return entry
 
 
 # ----------------------------------------------------------------------- baselines

@@ -63,6 +63,23 @@ def faithfulness_summary(curves: pd.DataFrame, metric: str = "score_drop") -> pd
     >>> faithfulness_summary(c)[["ranking", "area", "mean_gap"]].values.tolist()
     [['a', 2.5, 1.25]]
     """
+    _check_curves(curves, metric)
+    random = curves[curves.selection == "random"].set_index("m")
+    if random.empty:
+        raise ValueError("curves has no random rows to compare with")
+    has_acc = "accuracy_drop" in curves.columns and metric != "accuracy_drop"
+    rows = [_ranking_entry(curves, random, name, metric, has_acc)
+            for name in [r for r in dict.fromkeys(curves.ranking) if r != "random"]]
+    columns = ["ranking", "area", "mean_gap", "mean_gap_sd_units", "bottom_mean_gap",
+               "top_minus_bottom"] + (["accuracy_mean_gap"] if has_acc else [])
+    table = pd.DataFrame(rows, columns=columns)
+    table = table.sort_values("area", ascending=False, kind="stable").reset_index(drop=True)
+    table.attrs["metric"] = metric
+    return table
+
+
+def _check_curves(curves: pd.DataFrame, metric: str) -> None:
+    """Raise unless ``metric`` is known and ``curves`` has the columns it needs."""
     metrics = ("score_drop", "score_change", "accuracy_drop")
     if metric not in metrics:
         raise ValueError(f"metric must be one of {metrics}; got {metric!r}")
@@ -71,41 +88,33 @@ def faithfulness_summary(curves: pd.DataFrame, metric: str = "score_drop") -> pd
         raise ValueError(f"curves must be the DataFrame that ablate returns, with columns "
                          f"{sorted(needed)}" + (" (accuracy needs labels)"
                                                 if metric == "accuracy_drop" else ""))
-    random = curves[curves.selection == "random"].set_index("m")
-    if random.empty:
-        raise ValueError("curves has no random rows to compare with")
-    has_acc = "accuracy_drop" in curves.columns and metric != "accuracy_drop"
-    rows = []
-    for name in [r for r in dict.fromkeys(curves.ranking) if r != "random"]:
-        entry: dict[str, Any] = {"ranking": name}
-        for selection in ("top", "bottom"):
-            sub = curves[(curves.ranking == name) & (curves.selection == selection)]
-            sub = sub[sub.m.isin(random.index)].sort_values("m")
-            if sub.empty:
-                raise ValueError(f"ranking {name!r} has no {selection} rows at the random sizes")
-            ms = sub.m.to_numpy()
-            gap = sub[metric].to_numpy() - random.loc[ms, metric].to_numpy()
-            area, mean_gap = _area(ms, gap)
-            if selection == "top":
-                sd = random.loc[ms, f"{metric}_sd"].to_numpy(dtype=float)
-                ok = sd > 0
-                entry.update({"area": area, "mean_gap": mean_gap,
-                              "mean_gap_sd_units": float(np.mean(gap[ok] / sd[ok]))
-                              if ok.any() else np.nan})
-                if has_acc:
-                    acc_gap = (sub.accuracy_drop.to_numpy()
-                               - random.loc[ms, "accuracy_drop"].to_numpy())
-                    entry["accuracy_mean_gap"] = _area(ms, acc_gap)[1]
-            else:
-                entry["bottom_mean_gap"] = mean_gap
-        entry["top_minus_bottom"] = entry["mean_gap"] - entry["bottom_mean_gap"]
-        rows.append(entry)
-    columns = ["ranking", "area", "mean_gap", "mean_gap_sd_units", "bottom_mean_gap",
-               "top_minus_bottom"] + (["accuracy_mean_gap"] if has_acc else [])
-    table = pd.DataFrame(rows, columns=columns)
-    table = table.sort_values("area", ascending=False, kind="stable").reset_index(drop=True)
-    table.attrs["metric"] = metric
-    return table
+
+
+def _ranking_entry(curves: pd.DataFrame, random: pd.DataFrame, name: str, metric: str,
+                   has_acc: bool) -> dict[str, Any]:
+    """The summary row of ranking ``name``; ``random`` holds the random rows indexed by m."""
+    entry: dict[str, Any] = {"ranking": name}
+    for selection in ("top", "bottom"):
+        sub = curves[(curves.ranking == name) & (curves.selection == selection)]
+        sub = sub[sub.m.isin(random.index)].sort_values("m")
+        if sub.empty:
+            raise ValueError(f"ranking {name!r} has no {selection} rows at the random sizes")
+        ms = sub.m.to_numpy()
+        gap = sub[metric].to_numpy() - random.loc[ms, metric].to_numpy()
+        area, mean_gap = _area(ms, gap)
+        if selection == "bottom":
+            entry["bottom_mean_gap"] = mean_gap
+            continue
+        sd = random.loc[ms, f"{metric}_sd"].to_numpy(dtype=float)
+        ok = sd > 0
+        entry.update({"area": area, "mean_gap": mean_gap,
+                      "mean_gap_sd_units": float(np.mean(gap[ok] / sd[ok]))
+                      if ok.any() else np.nan})
+        if has_acc:
+            acc_gap = sub.accuracy_drop.to_numpy() - random.loc[ms, "accuracy_drop"].to_numpy()
+            entry["accuracy_mean_gap"] = _area(ms, acc_gap)[1]
+    entry["top_minus_bottom"] = entry["mean_gap"] - entry["bottom_mean_gap"]
+    return entry
 
 
 def _area(ms: np.ndarray, gap: np.ndarray) -> tuple[float, float]:

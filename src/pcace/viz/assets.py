@@ -207,26 +207,13 @@ def _ace_of(components: Any, channel: int, n_components: Any, scores: np.ndarray
             "z": z.astype(np.float32), "rho": float(r.rho[0])}
 
 
-def collect_assets(
-    run_dir: str | Path,
-    model: nn.Module,
-    images: torch.Tensor,
-    result: Any,
-    *,
-    mean: Sequence[float] | float | None = None,
-    std: Sequence[float] | float | None = None,
-    n_examples: int = 3,
-    top: int = 4,
-    bottom: int = 4,
-    featurevis: bool = True,
-    featurevis_channels: int = 4,
-    featurevis_steps: int = 96,
-    featurevis_layers: Sequence[str] | None = None,
-    target: Any = None,
-    device: str | torch.device = "auto",
-    seed: int = 0,
-    progress: bool = True,
-) -> Assets:
+def collect_assets(run_dir: str | Path, model: nn.Module, images: torch.Tensor, result: Any, *,
+                   mean: Sequence[float] | float | None = None,
+                   std: Sequence[float] | float | None = None, n_examples: int = 3, top: int = 4,
+                   bottom: int = 4, featurevis: bool = True, featurevis_channels: int = 4,
+                   featurevis_steps: int = 96, featurevis_layers: Sequence[str] | None = None,
+                   target: Any = None, device: str | torch.device = "auto", seed: int = 0,
+                   progress: bool = True) -> Assets:
     """Compute and save the pictures' raw material to ``run_dir/assets/``.
 
     Parameters
@@ -234,32 +221,29 @@ def collect_assets(
     run_dir : path
         The run directory (created if needed); assets go to its ``assets/`` folder.
     model : torch.nn.Module
-        The ranked network. It is put in eval mode and on ``device``; its training flag is
-        restored afterwards.
+        The ranked network; run in eval mode on ``device``, its training flag restored after.
     images : torch.Tensor
-        The preprocessed images that were ranked, (N, C, H, W), in the order of
-        ``result.scores``.
+        The preprocessed images that were ranked, (N, C, H, W), in the order of ``result.scores``.
     result : PCACEResult
-        The run. ``result.components`` (kept in memory by :func:`pcace.rank`) gives the ACE
-        transforms; a result read back with :func:`pcace.load` has none, and they are skipped.
+        The run. Its ``components`` (kept by :func:`pcace.rank`, not by :func:`pcace.load`)
+        give the ACE transforms, skipped without them.
     mean, std : sequence of float, optional
         The input normalisation (``Normalize(mean, std)``), to show the images as they were;
         without them each image is min-max scaled for display.
     n_examples : int
         Example images, spread from the highest to the lowest score.
     top, bottom : int
-        Channels per layer whose maps are kept (the highest and the lowest PCACE; dead
-        channels are shown among the bottom ones only when there are too few live ones).
+        Channels per layer whose maps are kept: highest and lowest PCACE (dead channels
+        among the bottom ones only when there are too few live ones).
     featurevis : bool
-        Synthesise inputs that maximise the top channels (seconds per layer on a CPU for a
-        small network; more for large ones).
+        Synthesise inputs that maximise the top channels (seconds per layer on a CPU).
     featurevis_channels : int
         Channels per layer to visualise (at most ``top``).
     featurevis_steps : int
         Gradient-ascent steps per layer.
     featurevis_layers : sequence of str, optional
-        Layers to visualise; default the three strongest of those the report draws in full
-        (:func:`pcace.viz.evidence.full_layers`: the layers with evidence, else the best few).
+        Layers to visualise; default the three strongest that the report draws in full
+        (:func:`pcace.viz.evidence.full_layers`).
     target : Target or callable, optional
         The score, for CAM/Grad-CAM and the consistency check; default: rebuilt from
         ``result.manifest["target"]``.
@@ -285,11 +269,7 @@ def collect_assets(
     >>> write_report("runs/three")  # doctest: +SKIP
     """
     t0 = time.perf_counter()
-    if not isinstance(images, torch.Tensor):
-        images = torch.as_tensor(np.asarray(images))
-    if images.dim() != 4:
-        raise ValueError(f"images must be a tensor (N, C, H, W); got shape {tuple(images.shape)}")
-    images = images.float()
+    images = _image_tensor(images)
     dev = resolve_device(device)
     notes: list[str] = []
     spec = target if target is not None else result.manifest.get("target")
@@ -304,7 +284,20 @@ def collect_assets(
                                  progress=progress)
     index.update({"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "seconds": time.perf_counter() - t0, "notes": notes})
-    folder = Path(run_dir) / ASSET_DIR
+    return _save_assets(Path(run_dir) / ASSET_DIR, index, arrays)
+
+
+def _image_tensor(images: Any) -> torch.Tensor:
+    """``images`` as a float tensor (N, C, H, W); raise for any other shape."""
+    if not isinstance(images, torch.Tensor):
+        images = torch.as_tensor(np.asarray(images))
+    if images.dim() != 4:
+        raise ValueError(f"images must be a tensor (N, C, H, W); got shape {tuple(images.shape)}")
+    return images.float()
+
+
+def _save_assets(folder: Path, index: dict, arrays: dict[str, np.ndarray]) -> Assets:
+    """Write ``arrays`` and ``index`` to ``folder`` (created if needed)."""
     folder.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(folder / ARRAYS_FILE, **arrays)
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
@@ -316,21 +309,8 @@ def _collect(model, images, result, score_fn, spec, notes, dev, *, mean, std, n_
              progress):
     from tqdm.auto import tqdm
 
-    scores = result.scores
-    if scores is None and score_fn is not None:
-        scores = _all_scores(model, images, score_fn, dev)
-        notes.append("the run has no saved scores; they were recomputed from the model")
-    if scores is not None and len(scores) != len(images):
-        raise ValueError(f"{len(images)} images given but the run scored {len(scores)}; pass the "
-                         "same preprocessed images that were ranked, in the same order")
-    if scores is None:
-        scores = np.zeros(len(images))
-        notes.append("no scores: the examples are the first images, not spread over the score")
-        examples = [{"index": i, "score": float("nan"), "label": f"image {i}"}
-                    for i in range(min(n_examples, len(images)))]
-    else:
-        scores = np.asarray(scores, dtype=np.float64)
-        examples = pick_examples(scores, n_examples)
+    scores, examples = _scores_and_examples(model, images, result.scores, score_fn, dev,
+                                            n_examples, notes)
     picked = torch.tensor([e["index"] for e in examples])
     x = images[picked].to(dev)
     channels = with_significance(result.channels)
@@ -339,7 +319,7 @@ def _collect(model, images, result, score_fn, spec, notes, dev, *, mean, std, n_
                     if featurevis_layers is None else featurevis_layers)
     out, maps = _capture(model, x, layer_names)
     if score_fn is not None and not np.isnan(examples[0]["score"]):
-        _check_scores(score_fn, out, examples, notes)
+        _check_scores(score_fn, out, examples, notes)  # its stacklevel=4 assumes this depth
 
     arrays: dict[str, np.ndarray] = {"images": display_images(x, mean, std),
                                      "scores": scores.astype(np.float64)}
@@ -349,44 +329,16 @@ def _collect(model, images, result, score_fn, spec, notes, dev, *, mean, std, n_
                                   disable=not progress)):
         key = f"L{i}"
         table = channels[channels.layer == name]
-        act = maps[name].float()
         best, worst = _layer_channels(table, top, bottom)
-        values = table.set_index("channel").pcace
-        chosen = best + worst
-        arrays[f"{key}_maps"] = act[:, chosen].cpu().numpy().astype(np.float32)
-        weights = torch.zeros(act.shape[1], dtype=act.dtype)
-        weights[torch.tensor(values.index.to_numpy(dtype=np.int64))] = \
-            torch.tensor(values.to_numpy(dtype=np.float32))
-        weights = weights.to(act.device)
-        weighted = torch.einsum("c,nchw->nhw", weights, act) / weights.sum().clamp_min(1e-12)
-        arrays[f"{key}_weighted"] = resize(weighted.cpu().numpy(), size)
-        entry = {"name": name, "key": key, "channels": chosen,
-                 "groups": ["top"] * len(best) + ["bottom"] * len(worst),
-                 "pcace": [float(values[c]) for c in chosen],
-                 "ranks": [int(table.set_index("channel")["rank"][c]) for c in chosen]
-                 if "rank" in table else None,
-                 "dead": [bool(table.set_index("channel").dead[c]) for c in chosen]
-                 if "dead" in table else None,
-                 "significant": [bool(table.set_index("channel").significant[c])
-                                 for c in chosen] if "significant" in table else None,
-                 "n_channels": int(act.shape[1]), "map_size": list(act.shape[-2:]),
-                 "ace": None, "featurevis": None}
+        entry = _add_layer_maps(arrays, key, name, table, maps[name].float(), best, worst, size)
         _add_ace(entry, arrays, key, result, name, table, best, scores, notes)
         if featurevis and best and name in fv_layers and featurevis_channels > 0:
             entry["featurevis"] = _add_featurevis(
-                arrays, key, model, name, best[:featurevis_channels], images, dev, values,
-                mean, std, featurevis_steps, seed)
+                arrays, key, model, name, best[:featurevis_channels], images, dev,
+                table.set_index("channel").pcace, mean, std, featurevis_steps, seed)
         entries.append(entry)
 
-    explanation = explain(model, x, score_fn) if score_fn is not None else None
-    if explanation is None:
-        cam = None
-        notes.append("no CAM/Grad-CAM: the run's target "
-                     f"{json.dumps(spec, default=str)} cannot be rebuilt; pass target=")
-    else:
-        arrays["cam"] = resize(explanation.maps, size)
-        cam = {"method": explanation.method, "layer": explanation.layer,
-               "what": explanation.what, "map_size": list(explanation.maps.shape[-2:])}
+    cam = _add_cam(arrays, model, x, score_fn, spec, size, notes)
     index = {"examples": examples, "layers": entries, "cam": cam,
              "image_size": list(size), "image_channels": int(images.shape[1]),
              "display": "x * std + mean, clipped to [0, 1]" if mean is not None
@@ -394,6 +346,62 @@ def _collect(model, images, result, score_fn, spec, notes, dev, *, mean, std, n_
              "mean": _jsonable(mean), "std": _jsonable(std),
              "target": spec if isinstance(spec, dict) else None}
     return arrays, index
+
+
+def _scores_and_examples(model: nn.Module, images: torch.Tensor, scores: Any, score_fn: Any,
+                         dev: torch.device, n_examples: int, notes: list[str]
+                         ) -> tuple[np.ndarray, list[dict]]:
+    """The run's scores (recomputed when not saved, zeros when unknown) and the examples."""
+    if scores is None and score_fn is not None:
+        scores = _all_scores(model, images, score_fn, dev)
+        notes.append("the run has no saved scores; they were recomputed from the model")
+    if scores is not None and len(scores) != len(images):
+        raise ValueError(f"{len(images)} images given but the run scored {len(scores)}; pass the "
+                         "same preprocessed images that were ranked, in the same order")
+    if scores is None:
+        notes.append("no scores: the examples are the first images, not spread over the score")
+        return np.zeros(len(images)), [{"index": i, "score": float("nan"), "label": f"image {i}"}
+                                       for i in range(min(n_examples, len(images)))]
+    scores = np.asarray(scores, dtype=np.float64)
+    return scores, pick_examples(scores, n_examples)
+
+
+def _add_layer_maps(arrays: dict, key: str, name: str, table: Any, act: torch.Tensor,
+                    best: list[int], worst: list[int], size: tuple[int, ...]) -> dict:
+    """Store a layer's chosen channel maps and its PCACE-weighted map per example image;
+    return the layer's index entry."""
+    values = table.set_index("channel").pcace
+    chosen = best + worst
+    arrays[f"{key}_maps"] = act[:, chosen].cpu().numpy().astype(np.float32)
+    weights = torch.zeros(act.shape[1], dtype=act.dtype)
+    weights[torch.tensor(values.index.to_numpy(dtype=np.int64))] = \
+        torch.tensor(values.to_numpy(dtype=np.float32))
+    weights = weights.to(act.device)
+    weighted = torch.einsum("c,nchw->nhw", weights, act) / weights.sum().clamp_min(1e-12)
+    arrays[f"{key}_weighted"] = resize(weighted.cpu().numpy(), size)
+    by_channel = table.set_index("channel")
+    return {"name": name, "key": key, "channels": chosen,
+            "groups": ["top"] * len(best) + ["bottom"] * len(worst),
+            "pcace": [float(values[c]) for c in chosen],
+            "ranks": [int(by_channel["rank"][c]) for c in chosen] if "rank" in table else None,
+            "dead": [bool(by_channel.dead[c]) for c in chosen] if "dead" in table else None,
+            "significant": [bool(by_channel.significant[c]) for c in chosen]
+            if "significant" in table else None,
+            "n_channels": int(act.shape[1]), "map_size": list(act.shape[-2:]),
+            "ace": None, "featurevis": None}
+
+
+def _add_cam(arrays: dict, model: nn.Module, x: torch.Tensor, score_fn: Any, spec: Any,
+             size: tuple[int, ...], notes: list[str]) -> dict | None:
+    """Store the example images' CAM (or Grad-CAM); return its index entry, None without."""
+    explanation = explain(model, x, score_fn) if score_fn is not None else None
+    if explanation is None:
+        notes.append("no CAM/Grad-CAM: the run's target "
+                     f"{json.dumps(spec, default=str)} cannot be rebuilt; pass target=")
+        return None
+    arrays["cam"] = resize(explanation.maps, size)
+    return {"method": explanation.method, "layer": explanation.layer,
+            "what": explanation.what, "map_size": list(explanation.maps.shape[-2:])}
 
 
 def _add_featurevis(arrays: dict, key: str, model: nn.Module, layer: str, channels: list[int],

@@ -22,7 +22,8 @@ it must excite its channel more than every reference image does, and it must not
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,22 +259,9 @@ def visualise_channels(
     shift = jitter if jitter is not None else max(1, min(h, w) // 16)
     gen = torch.Generator().manual_seed(seed)
     image = _Image(k, ref, gen)
-    opt = torch.optim.Adam(image.parameters(), lr=lr)
     caught: dict[str, torch.Tensor] = {}
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        with forward_hooks(model, {layer: _stopping_hook(caught)}), torch.enable_grad():
-            for _ in range(steps):
-                x = _robust_copies(image(), copies, shift, gen)
-                out = _layer_output(model, caught, x)
-                picked = out.reshape(copies, k, *out.shape[1:])[:, torch.arange(k),
-                                                                 chans.to(out.device)]
-                loss = -objective(picked).mean(0).sum()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+    with _frozen_parameters(model):
+        _ascend(model, layer, image, chans, steps, lr, copies, shift, gen)
         with forward_hooks(model, {layer: _stopping_hook(caught)}):
             with torch.no_grad():
                 final = image().detach()
@@ -281,7 +269,35 @@ def visualise_channels(
                 reached = objective(out[torch.arange(k), chans.to(out.device)]).float()
                 reached = reached.cpu().numpy()
             best = _excitation_of_images(model, caught, ref, chans)
+    return FeatureVisualisation(final.cpu(), reached, best, spatial_variation(final, ref))
+
+
+@contextmanager
+def _frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Stop gradients to the model's trainable parameters for the duration of the block."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
     finally:
         for p in params:
             p.requires_grad_(True)
-    return FeatureVisualisation(final.cpu(), reached, best, spatial_variation(final, ref))
+
+
+def _ascend(model: nn.Module, layer: str, image: _Image, chans: torch.Tensor, steps: int,
+            lr: float, copies: int, shift: int, gen: torch.Generator) -> None:
+    """``steps`` Adam steps on ``image``'s spectrum, raising the objective of its channels."""
+    k = len(chans)
+    opt = torch.optim.Adam(image.parameters(), lr=lr)
+    caught: dict[str, torch.Tensor] = {}
+    with forward_hooks(model, {layer: _stopping_hook(caught)}), torch.enable_grad():
+        for _ in range(steps):
+            x = _robust_copies(image(), copies, shift, gen)
+            out = _layer_output(model, caught, x)
+            picked = out.reshape(copies, k, *out.shape[1:])[:, torch.arange(k),
+                                                             chans.to(out.device)]
+            loss = -objective(picked).mean(0).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()

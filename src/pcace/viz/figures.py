@@ -121,10 +121,19 @@ def layer_overview(result: Any, *, seed: int = 0) -> Figure:
     ax.set_xlabel("PCACE (maximal correlation of a channel's maps with the score)")
     ax.grid(axis="x", color="#dddddd", lw=0.6)
     ax.set_axisbelow(True)
+    _overview_legend(fig, height, sig_all is not None, has_null)
+    fig.suptitle("PCACE of each layer's channels (network order, first layer at the top)",
+                 fontsize=11, x=0.02, ha="left", y=1 - 0.08 / height, va="top")
+    return fig
+
+
+def _overview_legend(fig: Figure, height: float, has_significance: bool,
+                     has_null: bool) -> None:
+    """The overview's legend: box, median, channel dots and, when drawn, the null band."""
     handles = [Patch(facecolor="#e8eef7", edgecolor="#4a6fa5", label="quartiles (box)"),
                Line2D([], [], color=ACCENT, lw=2.5, label="median"),
                Line2D([], [], marker="o", ls="", color="#333333", ms=4, label="one channel")]
-    if sig_all is not None:
+    if has_significance:
         handles[-1].set_label("channel beating the null")
         handles.append(Line2D([], [], marker="o", ls="", color=CHANCE_COLOUR, ms=4,
                               label="not beating it"))
@@ -132,9 +141,6 @@ def layer_overview(result: Any, *, seed: int = 0) -> Figure:
         handles.append(Patch(facecolor=NULL_COLOUR, label="null: mean to 95th pct"))
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.2, 1 - 0.36 / height),
                ncols=min(len(handles), 5), fontsize=8, frameon=False, borderaxespad=0)
-    fig.suptitle("PCACE of each layer's channels (network order, first layer at the top)",
-                 fontsize=11, x=0.02, ha="left", y=1 - 0.08 / height, va="top")
-    return fig
 
 
 def channel_ranking(result: Any, layer: str, top: int = 10) -> Figure:
@@ -175,64 +181,72 @@ def channel_ranking(result: Any, layer: str, top: int = 10) -> Figure:
     fig = new_figure(FULL_WIDTH, 3.6)
     ax_all = fig.add_axes((0.07, 0.16, 0.5, 0.7))
     ax_top = fig.add_axes((0.71, 0.16, 0.26, 0.7))
+    sig_col = significance(sub)
+    sig = np.ones(len(sub), bool) if sig_col is None else sig_col.to_numpy(dtype=bool)
+    _sorted_channels_panel(ax_all, sub, layer, top, sig, sig_col is not None, has_ci)
+    _top_channels_panel(ax_top, sub.head(top), sig[:top], has_ci)
+    return fig
 
+
+def _sorted_channels_panel(ax: Any, sub: pd.DataFrame, layer: str, top: int, sig: np.ndarray,
+                           has_null: bool, has_ci: bool) -> None:
+    """:func:`channel_ranking`'s left panel: all channels of ``sub`` (sorted best first)."""
     x = np.arange(1, len(sub) + 1)
     values = sub.pcace.to_numpy(dtype=float)
     dead = sub.dead.to_numpy(dtype=bool) if "dead" in sub else np.zeros(len(sub), bool)
-    sig_col = significance(sub)
-    sig = np.ones(len(sub), bool) if sig_col is None else sig_col.to_numpy(dtype=bool)
     colours = np.where(x <= top, TOP_COLOUR, "#4a6fa5")
     colours = np.where(sig, colours, CHANCE_COLOUR)
     colours = np.where(dead, NULL_COLOUR, colours)
     # "top" shading only over the leading run of channels that beat the null
     shaded = int(np.argmin(sig[:top])) if not sig[:top].all() else top
     if has_ci:  # drawn as segments: a bias-corrected interval may lie wholly below the value
-        ax_all.vlines(x, sub.ci_low.to_numpy(float), sub.ci_high.to_numpy(float),
-                      color="#999999", lw=0.8, zorder=1)
-    ax_all.scatter(x, values, c=colours, s=14 if len(sub) <= 128 else 6, zorder=2, lw=0)
-    ax_all.plot(x, values, color="#4a6fa5", lw=0.6, alpha=0.5, zorder=1)
+        ax.vlines(x, sub.ci_low.to_numpy(float), sub.ci_high.to_numpy(float),
+                  color="#999999", lw=0.8, zorder=1)
+    ax.scatter(x, values, c=colours, s=14 if len(sub) <= 128 else 6, zorder=2, lw=0)
+    ax.plot(x, values, color="#4a6fa5", lw=0.6, alpha=0.5, zorder=1)
     if "null_q95" in sub and sub.null_q95.notna().any():
-        ax_all.axhline(float(sub.null_q95.mean()), ls="--", color="#777777", lw=1,
-                       label="null 95th percentile (mean)")
-        ax_all.legend(fontsize=8, loc="lower left", frameon=False)
+        ax.axhline(float(sub.null_q95.mean()), ls="--", color="#777777", lw=1,
+                   label="null 95th percentile (mean)")
+        ax.legend(fontsize=8, loc="lower left", frameon=False)
     if shaded:
-        ax_all.axvspan(0.5, shaded + 0.5, color=TOP_COLOUR, alpha=0.08, lw=0)
-    ax_all.set_xlim(0, len(sub) + 1)
-    ax_all.set_ylim(-0.02, 1.05)
-    ax_all.set_xlabel("rank within the layer")
-    ax_all.set_ylabel("PCACE")
-    if sig_col is None:
+        ax.axvspan(0.5, shaded + 0.5, color=TOP_COLOUR, alpha=0.08, lw=0)
+    ax.set_xlim(0, len(sub) + 1)
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_xlabel("rank within the layer")
+    ax.set_ylabel("PCACE")
+    if not has_null:
         what = f"top {top} shaded; no permutation null computed"
     else:
         what = (f"{int(sig.sum())} beat the null (q \u2264 0.05), "
                 + (f"top {shaded} of them shaded" if shaded else "none in the top")
                 + "; the others light grey")
-    ax_all.set_title(f"{layer}: all {len(sub)} channels, sorted;\n{what}"
-                     + (f"; {int(dead.sum())} dead" if dead.any() else ""),
-                     fontsize=10, loc="left")
-    ax_all.grid(color="#eeeeee", lw=0.6)
-    ax_all.set_axisbelow(True)
+    ax.set_title(f"{layer}: all {len(sub)} channels, sorted;\n{what}"
+                 + (f"; {int(dead.sum())} dead" if dead.any() else ""),
+                 fontsize=10, loc="left")
+    ax.grid(color="#eeeeee", lw=0.6)
+    ax.set_axisbelow(True)
 
-    best = sub.head(top)
+
+def _top_channels_panel(ax: Any, best: pd.DataFrame, sig: np.ndarray, has_ci: bool) -> None:
+    """:func:`channel_ranking`'s right panel: the ``best`` channels as labelled bars."""
+    top = len(best)
     ys = np.arange(top)[::-1]
-    ax_top.barh(ys, best.pcace, color=np.where(sig[:top], TOP_COLOUR, CHANCE_COLOUR),
-                height=0.7)
+    ax.barh(ys, best.pcace, color=np.where(sig, TOP_COLOUR, CHANCE_COLOUR), height=0.7)
     if has_ci:
         lo, hi = best.ci_low.to_numpy(float), best.ci_high.to_numpy(float)
-        ax_top.hlines(ys, lo, hi, color="#555555", lw=0.9)
-        ax_top.plot(np.r_[lo, hi], np.r_[ys, ys], "|", color="#555555", ms=5)
-    ax_top.set_yticks(ys, [f"ch {c}" for c in best.channel], fontsize=8)
-    for label, ok in zip(ax_top.get_yticklabels(), sig[:top], strict=True):
+        ax.hlines(ys, lo, hi, color="#555555", lw=0.9)
+        ax.plot(np.r_[lo, hi], np.r_[ys, ys], "|", color="#555555", ms=5)
+    ax.set_yticks(ys, [f"ch {c}" for c in best.channel], fontsize=8)
+    for label, ok in zip(ax.get_yticklabels(), sig, strict=True):
         label.set_color("#222222" if ok else "#999999")
     for y, v in zip(ys, best.pcace, strict=True):
-        ax_top.text(0.02, y, f"{v:.3f}", va="center", ha="left", fontsize=7, color="white",
-                    fontweight="bold")
-    ax_top.set_xlim(0, 1.0)
-    ax_top.set_xlabel("PCACE")
-    ax_top.set_title(f"top {top} channels" + (" (bootstrap CI)" if has_ci else "")
-                     + ("" if sig[:top].all() else "\ngrey: not beating the null"),
-                     fontsize=10, loc="left")
-    return fig
+        ax.text(0.02, y, f"{v:.3f}", va="center", ha="left", fontsize=7, color="white",
+                fontweight="bold")
+    ax.set_xlim(0, 1.0)
+    ax.set_xlabel("PCACE")
+    ax.set_title(f"top {top} channels" + (" (bootstrap CI)" if has_ci else "")
+                 + ("" if sig.all() else "\ngrey: not beating the null"),
+                 fontsize=10, loc="left")
 
 
 def ace_transforms(theta: Any, phi: Any, scores: Any, components: Any, title: str, *,
