@@ -17,10 +17,10 @@ from pcace.inputs.models import (
     load_model,
     load_state_dict_file,
     output_size,
-    rebuild_model,
     resolve_torchvision_weights,
     weights_hash,
 )
+from pcace.inputs.rebuild import rebuild_model
 from pcace.zoo import CIFAR10_CLASSES, cifar_resnet20, mnist_cnn
 
 

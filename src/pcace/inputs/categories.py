@@ -146,6 +146,7 @@ def describe_resolved(target: Target, categories: Categories | None = None) -> s
 
     Examples
     --------
+    >>> from pcace.inputs.targets import ClassLogit
     >>> describe_resolved(ClassLogit(3, "cat"), Categories(("a", "b", "c", "cat"), "model"))
     "logit of class 3 (cat; class names from the model's weights metadata)"
     >>> describe_resolved(ClassLogit(3))
