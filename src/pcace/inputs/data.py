@@ -224,19 +224,7 @@ def as_batches(images: Any, batch_size: int = 64, label: Any = None,
             all(isinstance(t, torch.Tensor | np.ndarray) for t in images):
         images = TensorDataset(*(torch.as_tensor(t) for t in images))
     if isinstance(images, torch.Tensor):
-        if images.ndim != 4:
-            hint = " (add a channel axis: x.unsqueeze(1))" if images.ndim == 3 else ""
-            raise ValueError(f"images must have shape (N, C, H, W); got "
-                             f"{tuple(images.shape)}{hint}")
-        if label is not None:
-            raise ValueError("label filtering needs labels; pass (images, labels) or a Dataset")
-        if not len(images):
-            raise ValueError("no images: the tensor is empty")
-        if order is not None:
-            index = _permutation(order, len(images))
-            return ImageBatches(_Gathered(images, index, batch_size), batch_size, None,
-                                len(images))
-        return ImageBatches(images.split(batch_size), batch_size, None, len(images))
+        return _tensor_batches(images, batch_size, label, order)
     if isinstance(images, DataLoader):
         if order is not None:  # a plain loader over a Dataset: read it in that order
             if indexable(images, label) is None:
@@ -245,27 +233,48 @@ def as_batches(images: Any, batch_size: int = 64, label: Any = None,
         n = _loader_count(images) if label is None else None
         return ImageBatches(images, images.batch_size or batch_size, label, n)
     if isinstance(images, Dataset):
-        ds: Dataset = images
-        if label is not None:
-            labels = dataset_labels(ds)
-            if labels is None:
-                raise ValueError("label filtering needs (image, label) items; "
-                                 "these items have no labels")
-            index = torch.nonzero(_label_mask(labels, label)).flatten().tolist()
-            if not index:
-                found = sorted({v.item() for v in labels.flatten()})[:20]
-                raise ValueError(f"no images have label {label!r}; labels present: {found}")
-            ds = Subset(ds, index)
-        n = len(ds)  # type: ignore[arg-type]
-        if not n:
-            raise ValueError("no images: the dataset is empty")
-        if order is not None:
-            ds = Subset(ds, _permutation(order, n).tolist())
-        _check_item(ds[0])
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
-        return ImageBatches(loader, batch_size, None, n)
+        return _dataset_batches(images, batch_size, label, order)
     raise ValueError(f"cannot read images from {type(images).__name__}; give a tensor "
                      "(N, C, H, W), a Dataset or a DataLoader")
+
+
+def _tensor_batches(images: torch.Tensor, batch_size: int, label: Any,
+                    order: Sequence[int] | None) -> ImageBatches:
+    if images.ndim != 4:
+        hint = " (add a channel axis: x.unsqueeze(1))" if images.ndim == 3 else ""
+        raise ValueError(f"images must have shape (N, C, H, W); got "
+                         f"{tuple(images.shape)}{hint}")
+    if label is not None:
+        raise ValueError("label filtering needs labels; pass (images, labels) or a Dataset")
+    if not len(images):
+        raise ValueError("no images: the tensor is empty")
+    if order is not None:
+        index = _permutation(order, len(images))
+        return ImageBatches(_Gathered(images, index, batch_size), batch_size, None,
+                            len(images))
+    return ImageBatches(images.split(batch_size), batch_size, None, len(images))
+
+
+def _dataset_batches(ds: Dataset, batch_size: int, label: Any,
+                     order: Sequence[int] | None) -> ImageBatches:
+    if label is not None:
+        labels = dataset_labels(ds)
+        if labels is None:
+            raise ValueError("label filtering needs (image, label) items; "
+                             "these items have no labels")
+        index = torch.nonzero(_label_mask(labels, label)).flatten().tolist()
+        if not index:
+            found = sorted({v.item() for v in labels.flatten()})[:20]
+            raise ValueError(f"no images have label {label!r}; labels present: {found}")
+        ds = Subset(ds, index)
+    n = len(ds)  # type: ignore[arg-type]
+    if not n:
+        raise ValueError("no images: the dataset is empty")
+    if order is not None:
+        ds = Subset(ds, _permutation(order, n).tolist())
+    _check_item(ds[0])
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
+    return ImageBatches(loader, batch_size, None, n)
 
 
 def indexable(images: Any, label: Any = None) -> int | None:
