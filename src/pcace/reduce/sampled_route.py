@@ -111,13 +111,13 @@ class SampledRoute(Route):
         if result.images != self.n:
             raise ValueError(f"the pass saw {result.images} images; the sampled route was "
                              f"planned for {self.n}")
+        poor: dict[str, int] = {}
         for name in self.layers:
             if name in self._passes:
-                with warnings.catch_warnings(record=True) as seen:
-                    warnings.simplefilter("always", SampledBasisWarning)
-                    red, check = self._passes.pop(name).finish(layer=name)
-                for w in seen:  # one line per layer, from this route's own call site
-                    warnings.warn(str(w.message), SampledBasisWarning, stacklevel=2)
+                red, check = self._passes.pop(name).finish(warn=False, layer=name)
+                count = len(check.summary().get("poor_channels", []))
+                if count:
+                    poor[name] = count
             else:  # no more images than the sample: the exact reduce of all of them
                 maps = torch.cat(self._kept.pop(name))
                 red = reduce_block(maps.flatten(2).transpose(0, 1).contiguous(),
@@ -125,6 +125,9 @@ class SampledRoute(Route):
                 check = None
             self.reductions[name] = self._in_image_order(red)
             self.checks[name] = check
+        if poor:
+            warnings.warn(_poor_message(poor, self.sample_size), SampledBasisWarning,
+                          stacklevel=2)
         self._done = True
 
     def _in_image_order(self, red: Reduction) -> Reduction:
@@ -160,3 +163,13 @@ class SampledRoute(Route):
     def close(self) -> None:
         self._kept.clear()
         self._passes.clear()
+
+
+def _poor_message(poor: dict[str, int], sample_size: int) -> str:
+    """One line for every layer whose sampled basis fell short of the self-check."""
+    shown = ", ".join(f"{name} ({count})" for name, count in list(poor.items())[:6])
+    more = f" and {len(poor) - 6} more layers" if len(poor) > 6 else ""
+    return (f"the sampled basis (m = {sample_size}) captures less of some channels' variance "
+            f"over all images than the sample promised, in {shown}{more} (channels per "
+            "layer); manifest['routes'][layer]['check'] names them. A larger sample_size, or "
+            "basis='exact', gives them their exact components")
