@@ -24,6 +24,10 @@ import pandas as pd
 
 from ..core.files import atomic_write
 from .common import CHECKPOINT_FORMAT, CHECKPOINTS, RunDirError, brief, read_json
+from .lock import hold_run_dir, holds_run_dir, release_run_dir
+
+# state files this process wrote (to tell "removed under our feet" from "never started")
+_STARTED: set[Path] = set()
 
 __all__ = ["LayerCheckpoint", "load_layer_checkpoints", "remove_checkpoints", "run_fingerprint",
            "save_layer_checkpoint", "start_checkpoints"]
@@ -75,6 +79,10 @@ def start_checkpoints(path: str | Path, settings: Mapping[str, Any]) -> str:
 
     Writes ``checkpoints/state.json`` the first time. When it exists with other
     settings, the run there is a different computation and resuming it is refused.
+    Takes the directory's lock (:mod:`pcace.results.lock`) unless this process holds it
+    already, and keeps it until the run is saved there
+    (:func:`pcace.results.rundir.save_run`), its checkpoints are removed, or the process
+    ends: a second run on the directory is refused meanwhile.
 
     Examples
     --------
@@ -85,9 +93,21 @@ def start_checkpoints(path: str | Path, settings: Mapping[str, Any]) -> str:
     True
     """
     root = Path(path)
+    took = not holds_run_dir(root)
+    hold_run_dir(root)
+    try:
+        return _start(root, settings)
+    except BaseException:
+        if took:
+            release_run_dir(root)
+        raise
+
+
+def _start(root: Path, settings: Mapping[str, Any]) -> str:
     state_path = root / CHECKPOINTS / "state.json"
     fingerprint = run_fingerprint(settings)
     state = read_json(state_path)
+    _STARTED.add(state_path.resolve())
     if state is not None:
         if state.get("fingerprint") != fingerprint:
             before = state.get("settings") or {}
@@ -148,9 +168,10 @@ def save_layer_checkpoint(path: str | Path, layer: str, table: pd.DataFrame, *,
     True
     """
     root = Path(path)
-    state = read_json(root / CHECKPOINTS / "state.json")
+    state_path = root / CHECKPOINTS / "state.json"
+    state = read_json(state_path)
     if not state or state.get("format") != CHECKPOINT_FORMAT:
-        raise RunDirError(f"no checkpoints started in {root}; call start_checkpoints first")
+        raise RunDirError(_no_state_message(root, state_path))
     payload: dict[str, np.ndarray] = {}
     columns = []
     for i, name in enumerate(table.columns):
@@ -168,6 +189,16 @@ def save_layer_checkpoint(path: str | Path, layer: str, table: pd.DataFrame, *,
     np.savez(buffer, **payload)
     atomic_write(target, buffer.getvalue())
     return target
+
+
+def _no_state_message(root: Path, state_path: Path) -> str:
+    if state_path.resolve() in _STARTED:  # this process started it: something removed it
+        return (f"the checkpoints of this run in {root} were removed while it ran "
+                f"({state_path.name} is gone: another program emptied or replaced the "
+                "directory); the run cannot keep its layers there: start it again in a "
+                "directory nothing else writes to")
+    return (f"no checkpoints started in {root}: call start_checkpoints(path, settings) "
+            "before save_layer_checkpoint")
 
 
 def load_layer_checkpoints(path: str | Path, settings: Mapping[str, Any]
@@ -245,6 +276,8 @@ def remove_checkpoints(path: str | Path) -> list[str]:
             removed.append(f"{CHECKPOINTS}/{file.name}")
     with contextlib.suppress(OSError):
         ckdir.rmdir()
+    _STARTED.discard((ckdir / "state.json").resolve())
+    release_run_dir(root)  # the run is over: a hold taken by start_checkpoints goes
     return removed
 
 
