@@ -404,13 +404,13 @@ def _ablate(model: torch.nn.Module, images: Any, score_fn: Callable, layer: str,
         entry["n_sets"] = len(results)
         rows.append(entry)
 
-    from tqdm.auto import tqdm
+    from ..core.progress import progress_bar
 
     rng = np.random.default_rng(int(seed))
     random_sets = {m: [rng.choice(n_channels, size=m, replace=False) for _ in range(repeats)]
                    for m in ms}
-    with tqdm(total=len(ms) * (2 * len(orders) + repeats), desc=f"ablating {layer}",
-              unit="set", disable=not progress) as bar:
+    with progress_bar(total=len(ms) * (2 * len(orders) + repeats), desc=f"ablating {layer}",
+                      unit="set", disable=not progress) as bar:
         for name, order in orders.items():
             for m in ms:
                 row(name, "top", m, [runner.run(order[:m])])

@@ -184,9 +184,9 @@ def bootstrap_values(
     out = np.zeros((c, t, b_count), dtype=np.float64)
     run_on = LocalEngine() if engine is None else engine
 
-    from tqdm.auto import tqdm
+    from ..core.progress import progress_bar
 
-    with tqdm(total=b_count, desc="bootstrap", unit="rep", disable=not progress) as bar:
+    with progress_bar(total=b_count, desc="bootstrap", unit="rep", disable=not progress) as bar:
         for start in range(0, b_count, step):
             reps = draws[start:start + step]  # (r, size)
             r = reps.shape[0]

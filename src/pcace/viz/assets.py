@@ -314,7 +314,7 @@ def collect_assets(
 def _collect(model, images, result, score_fn, spec, notes, dev, *, mean, std, n_examples, top,
              bottom, featurevis, featurevis_channels, featurevis_steps, featurevis_layers, seed,
              progress):
-    from tqdm.auto import tqdm
+    from ..core.progress import progress_bar
 
     scores = result.scores
     if scores is None and score_fn is not None:
@@ -345,8 +345,8 @@ def _collect(model, images, result, score_fn, spec, notes, dev, *, mean, std, n_
                                      "scores": scores.astype(np.float64)}
     size = tuple(images.shape[-2:])
     entries = []
-    for i, name in enumerate(tqdm(layer_names, desc="report assets", unit="layer",
-                                  disable=not progress)):
+    for i, name in enumerate(progress_bar(layer_names, desc="report assets", unit="layer",
+                                          disable=not progress)):
         key = f"L{i}"
         table = channels[channels.layer == name]
         act = maps[name].float()
