@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..core.files import atomic_write
+from ..core.files import atomic_write, os_error_reason
 from .common import CHECKPOINT_FORMAT, CHECKPOINTS, RunDirError, brief, read_json
 from .lock import hold_run_dir, holds_run_dir, release_run_dir
 
@@ -117,10 +117,15 @@ def _start(root: Path, settings: Mapping[str, Any]) -> str:
                               f"({brief(keys)} differ); resume with the same options, or "
                               "use --force to start afresh")
         return fingerprint
-    state_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(state_path, json.dumps({"format": CHECKPOINT_FORMAT,
-                                         "fingerprint": fingerprint,
-                                         "settings": _encode(dict(settings))}, indent=2))
+    try:
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(state_path, json.dumps({"format": CHECKPOINT_FORMAT,
+                                             "fingerprint": fingerprint,
+                                             "settings": _encode(dict(settings))}, indent=2))
+    except OSError as err:
+        raise RunDirError(f"cannot start the run's checkpoints in {root} "
+                          f"({os_error_reason(err)}); free space there or choose another "
+                          "directory") from None
     return fingerprint
 
 
@@ -187,7 +192,12 @@ def save_layer_checkpoint(path: str | Path, layer: str, table: pd.DataFrame, *,
     target = _checkpoint_file(root, layer)
     buffer = io.BytesIO()
     np.savez(buffer, **payload)
-    atomic_write(target, buffer.getvalue())
+    try:
+        atomic_write(target, buffer.getvalue())
+    except OSError as err:  # a full disk: the layers checkpointed before stay
+        raise RunDirError(f"could not checkpoint layer {layer!r} in {root} "
+                          f"({os_error_reason(err)}); the layers finished before are kept: "
+                          "free space there and run the same command with --resume") from None
     return target
 
 

@@ -368,7 +368,12 @@ def _acquire(root: Path, note: Callable[[str], Any] | None) -> tuple[int, LockIn
             mine = LockInfo.this_process()
             if previous is not None and (previous.pid, previous.host) != (mine.pid, mine.host):
                 _note(note, _takeover(root, previous, kernel))
-            _write_info(fd, mine)
+            try:
+                _write_info(fd, mine)
+            except OSError as err:  # a full disk
+                raise RunDirError(f"cannot write in the output directory {root} "
+                                  f"({os_error_reason(err)}); free space there or choose "
+                                  "another location") from None
         except BaseException:
             os.close(fd)
             raise
