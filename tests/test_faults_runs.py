@@ -216,8 +216,9 @@ def test_sigkill_at_any_point_then_resume_ends_equal(cifar, reference, tmp_path)
         assert "ended abruptly" in err and "--resume" in err, err  # the watcher's word
         if i:
             assert "pcace: note: took over the lock" in err and "no longer runs" in err, err
+        torn = list((out / "checkpoints").glob(".layer-*.tmp-*"))
+        assert bool(torn) == (i == 1)  # the torn write's leftover, removed by the next run
     assert (out / "channels.csv").exists() and not (out / "run.json").exists()
-    assert list((out / "checkpoints").glob(".layer-*.tmp-*"))  # the torn write's leftover
     victim = sorted((out / "checkpoints").glob("layer-*.npz"))[0]
     victim.write_bytes(victim.read_bytes()[:200])  # a truncated checkpoint: scored again
     last = run(*resume)
