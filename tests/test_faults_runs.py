@@ -228,10 +228,11 @@ def test_sigkill_at_any_point_then_resume_ends_equal(cifar, reference, tmp_path)
 
 
 def test_full_disk_in_a_run_then_resume_ends_equal(cifar, reference, tmp_path):
-    """ENOSPC at the second layer's checkpoint (injected: no root needed)."""
+    """ENOSPC at the second layer's checkpoint (injected: no root needed; the first
+    write is state.json)."""
     out = tmp_path / "run"
     proc = start(args_for(cifar, out, "--no-progress"),
-                 "pcace.results.checkpoints:atomic_write:2:enospc", tmp_path / "never")
+                 "pcace.results.checkpoints:atomic_write:3:enospc", tmp_path / "never")
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 2 and "Traceback" not in err, err
     line = [x for x in err.splitlines() if x.startswith("pcace: error")]
