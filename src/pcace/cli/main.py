@@ -254,7 +254,7 @@ def _rank(args: argparse.Namespace) -> int:
     from ..inputs.layers import resolve_layers
     from ..inputs.models import output_size
     from ..results.checkpoints import remove_checkpoints
-    from ..results.rundir import prepare_run_dir
+    from ..results.rundir import RunDirError, prepare_run_dir
     from ..run.rank import rank
 
     out = prepare_run_dir(args.out, force=args.force, resume=args.resume)
@@ -291,7 +291,10 @@ def _rank(args: argparse.Namespace) -> int:
     skipped = getattr(getattr(ds, "dataset", ds), "skipped", 0)
     result.manifest["model"]["spec"] = loaded.spec
     result.manifest["data"].update(spec=spec, skipped_images=int(skipped or 0))
-    result.save(out)
+    try:
+        result.save(out)
+    except RunDirError as err:  # a full disk: the checkpoints hold the run
+        raise RunDirError(f"{err}{_kept(args)}") from None
     if not result.complete:
         return _stopped_early(result, out)
     remove_checkpoints(out)
@@ -452,8 +455,9 @@ def many_summary(result: Any, top: int = 3) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    result = run_demo(out=args.out, data=args.data, digit=args.digit, epochs=args.epochs,
-                      progress=not args.no_progress)
+    with _locked(args.out):
+        result = run_demo(out=args.out, data=args.data, digit=args.digit, epochs=args.epochs,
+                          progress=not args.no_progress)
     acc = result.manifest["demo"]["held_out_accuracy"]
     print(f"trained the two-conv CNN: held-out accuracy {acc:.1%}")
     _print_summary(result, 5)
