@@ -80,8 +80,9 @@ def abrupt_end_message(pid: int, out: str | Path) -> str:
     else:
         saved = "It had not started its work: run the same command again"
     return (f"pcace: the run (pid {pid}) ended abruptly, without a word of its own: it was "
-            "killed (SIGKILL: the out-of-memory killer, a job's time or memory limit) or "
-            f"ended by Ray (when the Ray processes on this machine die). {saved}\n")
+            "killed (SIGKILL: the out-of-memory killer, a job's time or memory limit; or a "
+            "second Ctrl-C) or ended by Ray (when the Ray processes on this machine die). "
+            f"{saved}\n")
 
 
 def start_watcher(out: str | Path) -> bool:
@@ -93,9 +94,12 @@ def start_watcher(out: str | Path) -> bool:
         return False
     if not hasattr(os, "fork"):  # pragma: no cover - not POSIX
         return False
-    read_end, write_end = os.pipe()
     parent = os.getpid()
-    pid = os.fork()
+    try:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+    except OSError:  # no process to spare: run without the watcher
+        return False
     if pid == 0:  # the watcher
         try:
             os.close(write_end)
