@@ -185,6 +185,8 @@ def test_a_second_run_on_a_busy_out_is_refused_and_the_first_ends_fine(cifar, re
             assert len(line) == 1 and f"in use by another pcace run (pid {first.pid}" in line[0]
             assert "score =" not in second.stderr  # refused before any work
             assert checkpointed(out) == 1  # the first run's work is untouched
+        report = run("report", str(out))  # nor does a report write into a run going on
+        assert report.returncode == 2 and "in use by another pcace run" in report.stderr
         (tmp_path / "first-layer-done.go").touch()
         _, err = first.communicate(timeout=600)
     finally:

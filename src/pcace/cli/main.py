@@ -488,10 +488,10 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def _existing_run(path: str) -> None:
-    """Refuse (before locking, which would create it) a directory that holds no run."""
+    """Refuse (before locking, which would create it) a path that is no directory."""
     from ..results.result import load
 
-    if not (Path(path) / "run.json").is_file():
+    if not Path(path).is_dir():
         load(path)  # raises the clear error
 
 
