@@ -150,6 +150,8 @@ def prepare_run_dir(path: str | Path, *, force: bool = False, resume: bool = Fal
     RunDirError
         The path is a file, cannot be created or written, or is not empty (without
         ``force``/``resume``); one line naming the fix.
+    pcace.results.lock.RunDirBusy
+        Another run holds the directory (its lock names it); nothing was touched.
 
     Examples
     --------
@@ -294,7 +296,8 @@ def save_run(path: str | Path, files: Mapping[str, FileData], manifest: Mapping[
     ------
     RunDirError
         The directory cannot be written, a name would overwrite a file no pcace run
-        wrote, or writing failed (e.g. disk full: nothing was replaced).
+        wrote, or writing failed (e.g. disk full: nothing was replaced). Another run
+        holding the directory raises :class:`pcace.results.lock.RunDirBusy`.
 
     Examples
     --------
