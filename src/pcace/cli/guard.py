@@ -66,7 +66,7 @@ def abrupt_end_message(pid: int, out: str | Path) -> str:
 
     Examples
     --------
-    >>> "--resume" in abrupt_end_message(123, "/nonexistent")
+    >>> "ended abruptly" in abrupt_end_message(123, "/nonexistent")
     True
     """
     done, total = checkpointed_layers(out)
