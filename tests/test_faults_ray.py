@@ -69,7 +69,8 @@ def _free_port() -> int:
 
 
 def _session(sid: int) -> list[int]:
-    """The processes of session ``sid`` (the head and everything it started)."""
+    """The live processes of session ``sid`` (the head and everything it started; a
+    zombie waiting for its parent to reap it is gone already)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -77,7 +78,7 @@ def _session(sid: int) -> list[int]:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[3]) == sid:
+            if int(fields[3]) == sid and fields[0] != "Z":
                 pids.append(int(entry.name))
     return pids
 
