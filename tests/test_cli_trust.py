@@ -230,8 +230,10 @@ def test_resume_with_other_settings_is_refused(cifar, small_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(small_run, run)
     from pcace.results.checkpoints import start_checkpoints
+    from pcace.results.lock import release_run_dir
 
     start_checkpoints(run, {"something": "else"})
+    release_run_dir(run)  # this process is done with it (else the command is refused: busy)
     line = one_line_error(run_cli("rank", *cifar, "--target", "cat", "--limit", "30",
                                   "--layers", "layer3.2.conv2", "--no-progress", "--out",
                                   str(run), "--resume"))

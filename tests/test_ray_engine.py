@@ -265,44 +265,8 @@ def test_cli_joins_a_cluster_by_address(cluster, shared_dir, tmp_path):
     assert manifest["engine"]["name"] == "ray" and manifest["engine"]["resources"]["CPU"] == 2
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("PCACE_RAY_LOST_TEST") != "1",
-                    reason="kills the cluster this test process is a driver of: when Ray's "
-                    "raylet dies first, Ray ends the driver process at once (its own rule), "
-                    "which would end the whole test session; run it alone with "
-                    "PCACE_RAY_LOST_TEST=1")
-def test_a_lost_cluster_ends_like_an_interruption(cluster, resnet_cats, tmp_path):
-    """Last in this module: it kills the module's cluster."""
-    import pcace
-    from pcace.engines.ray import RayEngine
-
-    address, sid = cluster
-    engine = RayEngine(address=address, lost_after=3)
-    ckpt = tmp_path / "run"
-    layers = ["layer1.0.conv1", "layer2.0.conv1", "layer3.2.conv2"]
-
-    def kill_after_first_layer():
-        while not list(ckpt.glob("checkpoints/layer-*.npz")):
-            time.sleep(0.1)
-        for pid in _session(sid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    killer = threading.Thread(target=kill_after_first_layer, daemon=True)
-    killer.start()
-    try:
-        with pytest.warns(UserWarning, match="is gone"):
-            result = pcace.rank(resnet_cats[0], resnet_cats[1], target=3, layers=layers,
-                                progress=False, device="cpu", permutations=300, split_half=4,
-                                engine=engine, checkpoint_dir=ckpt)
-    finally:
-        engine.close()
-    assert not result.complete
-    assert 1 <= len(result.manifest["layers_done"]) < 3
-    assert result.manifest["engine"]["connected"] is False
-    assert not ray.is_initialized()  # nothing was started behind the caller's back
-    assert list(ckpt.glob("checkpoints/layer-*.npz"))
+# A lost cluster (its head killed mid-run) is tested in tests/test_faults_ray.py, with the
+# driver in a process of its own and a cluster of its own.
 
 
 def test_streamed_layers_run_on_the_workers(cluster, resnet_cats, two_pass_routes):

@@ -16,7 +16,7 @@ from pandas.testing import assert_frame_equal
 from pcace.capture.spill import clean_stale_spills, make_spill_dir, spill_owner
 from pcace.core import files
 from pcace.core.files import atomic_write
-from pcace.results import rundir
+from pcace.results import common, rundir
 from pcace.results.checkpoints import (
     load_layer_checkpoints,
     remove_checkpoints,
@@ -410,6 +410,6 @@ def test_preflight_read_only_filesystem(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(rundir.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(common.tempfile, "mkstemp", read_only)
     with pytest.raises(RunDirError, match=r"cannot write in .*\(Read-only file system\)"):
         prepare_run_dir(tmp_path)

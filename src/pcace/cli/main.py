@@ -236,13 +236,25 @@ def _first_image_shape(ds: Any) -> tuple[int, ...] | None:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
+    with _locked(args.out):  # one run at a time in --out, for the whole command
+        return _rank(args)
+
+
+def _locked(path: str | Path) -> Any:
+    """The run directory's lock (refused, naming the holder, while another run has it)."""
+    from ..results.lock import lock_run_dir
+
+    return lock_run_dir(path, note=lambda text: print(f"pcace: note: {text}", file=sys.stderr))
+
+
+def _rank(args: argparse.Namespace) -> int:
     from ..capture.spill import clean_stale_spills
     from ..core.interrupts import deferred_signals
-    from ..inputs.data import normalisation, open_dataset, stack_images
+    from ..inputs.data import open_dataset
     from ..inputs.layers import resolve_layers
     from ..inputs.models import output_size
     from ..results.checkpoints import remove_checkpoints
-    from ..results.rundir import prepare_run_dir
+    from ..results.rundir import RunDirError, prepare_run_dir
     from ..run.rank import rank
 
     out = prepare_run_dir(args.out, force=args.force, resume=args.resume)
@@ -279,35 +291,57 @@ def cmd_rank(args: argparse.Namespace) -> int:
     skipped = getattr(getattr(ds, "dataset", ds), "skipped", 0)
     result.manifest["model"]["spec"] = loaded.spec
     result.manifest["data"].update(spec=spec, skipped_images=int(skipped or 0))
-    result.save(out)
+    try:
+        result.save(out)
+    except RunDirError as err:  # a full disk: the checkpoints hold the run
+        raise RunDirError(f"{err}{_kept(args)}") from None
     if not result.complete:
-        code = 143 if result.manifest.get("interrupt_signal") == 15 else 130
-        runs = result.manifest.get("per_label_runs")
-        if runs:  # labels ranked in turn
-            done = sum(bool(r.get("complete")) for r in runs.values())
-            what = f"{done} of {len(result.manifest['data'].get('labels', runs))} labels are"
-        else:
-            done = len(result.manifest.get("layers_done", []))
-            what = f"{done} of {len(result.manifest['layers'])} layers are"
-        print(f"pcace: interrupted; {what} saved in {out} (marked incomplete). Continue with "
-              "the same command and --resume", file=sys.stderr)
-        return code
+        return _stopped_early(result, out)
     remove_checkpoints(out)
     _print_summary(result, args.top)
     print(f"wrote {out}/ (channels.csv, layers.csv, run.json)")
     if args.report:
-        from ..results.rundir import add_files
-        from ..viz import collect_assets, write_report
-
-        if len(result.targets) <= 1 and not args.per_class:  # assets belong to one target
-            images, _ = stack_images(ds, label=label)
-            mean, std = normalisation(spec, loaded.transform)
-            collect_assets(out, loaded.model, images, result, mean=mean, std=std,
-                           device=result.manifest["device"], progress=not args.no_progress)
-        report = write_report(out, progress=not args.no_progress)
-        add_files(out, _report_files(out))
-        print(f"wrote {report}")
+        _rank_report(args, out, result, ds, spec, loaded, label)
     return 0
+
+
+def _stopped_early(result: Any, out: Path) -> int:
+    """Say what an interrupted run (a signal, a lost cluster) kept; its exit code."""
+    manifest = result.manifest
+    runs = manifest.get("per_label_runs")
+    if runs:  # labels ranked in turn
+        done = sum(bool(r.get("complete")) for r in runs.values())
+        what = f"{done} of {len(manifest['data'].get('labels', runs))} labels are"
+    else:
+        done = len(manifest.get("layers_done", []))
+        what = f"{done} of {len(manifest['layers'])} layers are"
+    engine = manifest.get("engine") or {}
+    if manifest.get("interrupt_signal") is None and engine.get("connected") is False:
+        print(f"pcace: the Ray cluster at {engine.get('address', '?')} was lost (it stopped "
+              f"answering); {what} saved in {out} (marked incomplete). Continue with the same "
+              "command and --resume: on the cluster once it is back, on a new one "
+              "(--ray-address), or here with --engine local", file=sys.stderr)
+        return LOST_CLUSTER
+    code = 143 if manifest.get("interrupt_signal") == 15 else 130
+    print(f"pcace: interrupted; {what} saved in {out} (marked incomplete). Continue with "
+          "the same command and --resume", file=sys.stderr)
+    return code
+
+
+def _rank_report(args: argparse.Namespace, out: Path, result: Any, ds: Any, spec: dict,
+                 loaded: Any, label: Any) -> None:
+    from ..inputs.data import normalisation, stack_images
+    from ..results.rundir import add_files
+    from ..viz import collect_assets, write_report
+
+    if len(result.targets) <= 1 and not args.per_class:  # assets belong to one target
+        images, _ = stack_images(ds, label=label)
+        mean, std = normalisation(spec, loaded.transform)
+        collect_assets(out, loaded.model, images, result, mean=mean, std=std,
+                       device=result.manifest["device"], progress=not args.no_progress)
+    report = write_report(out, progress=not args.no_progress)
+    add_files(out, _report_files(out))
+    print(f"wrote {report}")
 
 
 def _report_files(out: Path) -> list[str]:
@@ -423,8 +457,9 @@ def many_summary(result: Any, top: int = 3) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    result = run_demo(out=args.out, data=args.data, digit=args.digit, epochs=args.epochs,
-                      progress=not args.no_progress)
+    with _locked(args.out):
+        result = run_demo(out=args.out, data=args.data, digit=args.digit, epochs=args.epochs,
+                          progress=not args.no_progress)
     acc = result.manifest["demo"]["held_out_accuracy"]
     print(f"trained the two-conv CNN: held-out accuracy {acc:.1%}")
     _print_summary(result, 5)
@@ -438,15 +473,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ..results.rundir import add_files
     from ..viz import write_report
 
-    load(args.run_dir)  # a clear error when this is not a run directory
-    report = write_report(args.run_dir, progress=True)
-    root = Path(args.run_dir)
-    add_files(root, [p for p in _report_files(root) if p != "assets"])
+    _existing_run(args.run_dir)
+    with _locked(args.run_dir):
+        load(args.run_dir)  # a clear error when this is not a (trustworthy) run directory
+        report = write_report(args.run_dir, progress=True)
+        root = Path(args.run_dir)
+        add_files(root, [p for p in _report_files(root) if p != "assets"])
     print(f"wrote {report}")
     return 0
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
+    _existing_run(args.run_dir)
+    with _locked(args.run_dir):
+        return _ablate(args)
+
+
+def _existing_run(path: str) -> None:
+    """Refuse (before locking, which would create it) a path that is no directory."""
+    from ..results.result import load
+
+    if not Path(path).is_dir():
+        load(path)  # raises the clear error
+
+
+def _ablate(args: argparse.Namespace) -> int:
     from ..core.files import atomic_write
     from ..inputs.data import open_dataset, stack_images
     from ..inputs.rebuild import rebuild_model
@@ -518,6 +569,10 @@ COMMANDS = {"layers": cmd_layers, "rank": cmd_rank, "demo": cmd_demo, "report": 
             "ablate": cmd_ablate}
 
 
+#: Exit code of a run whose Ray cluster was lost (EX_TEMPFAIL: try again, with --resume).
+LOST_CLUSTER = 75
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pcace`` command (set PCACE_DEBUG=1 to see tracebacks)."""
     parser = _build_parser()
@@ -525,14 +580,49 @@ def main(argv: list[str] | None = None) -> int:
     # this command owns its process: keep the forward pass's freed memory in the heap
     # (faster on glibc; a library call leaves malloc alone unless asked)
     os.environ.setdefault("PCACE_TUNE_MALLOC", "1")
+    if argv is None and args.command == "rank":  # the command line: a word even if killed
+        from .guard import start_watcher
+
+        start_watcher(args.out)
+    return _run_command(args)
+
+
+def debugging() -> bool:
+    """Whether PCACE_DEBUG asks for tracebacks (unset, empty, 0, false, no, off: no).
+
+    Examples
+    --------
+    >>> import os
+    >>> os.environ["PCACE_DEBUG"] = "0"; debugging()
+    False
+    >>> os.environ["PCACE_DEBUG"] = "1"; debugging()
+    True
+    >>> del os.environ["PCACE_DEBUG"]
+    """
+    value = os.environ.get("PCACE_DEBUG", "").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
+
+
+def _run_command(args: argparse.Namespace) -> int:
     from ..core.interrupts import Interrupted
+    from ..engines.engine import EngineLost
 
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, TypeError, ImportError, OSError) as err:
-        if os.environ.get("PCACE_DEBUG"):
+    except EngineLost as err:  # e.g. while joining the cluster or in a forward pass on it
+        if debugging():
+            raise
+        print(f"pcace: {_one_line(err)}{_kept(args)}", file=sys.stderr)
+        return LOST_CLUSTER
+    except (ValueError, FileNotFoundError, TypeError, ImportError) as err:
+        if debugging():
             raise
         print(f"pcace: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full or failing disk, mid-run too
+        if debugging():
+            raise
+        print(f"pcace: error: {_one_line(err)}{_kept(args)}", file=sys.stderr)
         return 2
     except Interrupted as err:
         print(f"pcace: {err}; nothing was finished, so nothing was saved", file=sys.stderr)
@@ -540,6 +630,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pcace: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - never a bare traceback: one line, and the way on
+        if debugging():
+            raise
+        print(f"pcace: error: unexpected {type(err).__name__}: {_one_line(err)} (set "
+              f"PCACE_DEBUG=1 to see where; please report it){_kept(args)}", file=sys.stderr)
+        return 1
+
+
+def _kept(args: argparse.Namespace) -> str:
+    """What a failed ``rank`` leaves to resume from (empty for other commands)."""
+    from .guard import checkpointed_layers
+
+    out = getattr(args, "out", None)
+    if args.command != "rank" or not out:
+        return ""
+    done, total = checkpointed_layers(out)
+    if not done:
+        return ""
+    of = f" of {total}" if total is not None and done <= total else ""
+    return (f". {done}{of} layers {'was' if done == 1 else 'were'} finished and checkpointed "
+            f"in {out}: once this is fixed, run the same command with --resume to continue "
+            "from them")
 
 
 def _one_line(err: BaseException) -> str:

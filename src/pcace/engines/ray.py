@@ -39,6 +39,8 @@ from .engine import Engine, EngineLost, Problems, solve_in_process
 #: Seconds per (observation x predictor) of one ACE problem on one core (measured:
 #: 3.7e-7 on an idle 2-core Xeon at N = 300, k = 3; 1.3e-6 to 1.8e-6 under load 5).
 SECONDS_PER_VALUE = 5e-7
+#: Seconds between two looks at the cluster's size.
+SLOTS_SECONDS = 30.0
 
 
 def _ray() -> Any:
@@ -117,7 +119,8 @@ class RayEngine(Engine):
         ray = _ray()
         self.owned = False
         if not ray.is_initialized():
-            options: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": False}
+            options: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": False,
+                                       **quiet_ray_logs()}
             if address is None:
                 options.update(address="local", num_cpus=num_cpus, include_dashboard=False)
             else:
@@ -141,6 +144,7 @@ class RayEngine(Engine):
         self.inline_seconds = inline_seconds
         self.lost_after = float(lost_after)
         self.tasks = 0
+        self._slots: tuple[float, int] | None = None
         self._actors: tuple[str, list[Any]] | None = None
         self._shipped: list[Any] = []
         self._remote = ray.remote(_solve_chunk).options(
@@ -155,12 +159,19 @@ class RayEngine(Engine):
     def resources(self) -> dict[str, float]:
         """The cluster's total resources (``CPU``, ``GPU``, memory, object store)."""
         ray = self._connected()
+        self._ensure_reachable()
         keep = ("CPU", "GPU", "memory", "object_store_memory")
         return {k: float(v) for k, v in ray.cluster_resources().items() if k in keep}
 
     def slots(self) -> int:
-        """Tasks the cluster runs at once (CPUs over CPUs per task; at least 1)."""
-        return max(1, int(self.resources().get("CPU", 1) // self.task_cpus))
+        """Tasks the cluster runs at once (CPUs over CPUs per task; at least 1).
+
+        Asked of the cluster at most every ``SLOTS_SECONDS`` (nodes come and go).
+        """
+        now = time.monotonic()
+        if self._slots is None or now - self._slots[0] > SLOTS_SECONDS:
+            self._slots = (now, max(1, int(self.resources().get("CPU", 1) // self.task_cpus)))
+        return self._slots[1]
 
     def describe(self) -> dict[str, Any]:
         ray = _ray()
@@ -225,6 +236,7 @@ class RayEngine(Engine):
         is restarted (it rebuilds its model) and its call re-run.
         """
         ray = self._connected()
+        self._ensure_reachable()
         key = repr((cls.__qualname__, [_identity(a) for a in args],
                     sorted((k, _identity(v)) for k, v in kwargs.items())))
         if self._actors is None or self._actors[0] != key:
@@ -280,6 +292,7 @@ class RayEngine(Engine):
         if estimate < self.inline_seconds:
             return solve_in_process(problems, chunk, score, options, progress)
         ray = self._connected()
+        self._ensure_reachable()
         on_cpu = _to_numpy(problems)
         size = self.task_size(on_cpu, chunk)
         bounds = [(lo, min(lo + size, total)) for lo in range(0, total, size)]
@@ -342,18 +355,68 @@ class RayEngine(Engine):
                 continue
             down_since = down_since or time.monotonic()
             if time.monotonic() - down_since >= self.lost_after:
-                ray.shutdown()
-                self.owned = False
-                raise EngineLost(f"the Ray cluster at {self.address} is gone (its GCS refuses "
-                                 f"connections for {self.lost_after:g} s). The layers "
-                                 "finished so far are kept: rerun the same command with "
-                                 "--resume (once the cluster is back, or with --engine local)")
+                self._give_up()
+
+    def _ensure_reachable(self) -> None:
+        """Before a call that would block on the GCS: give up on a cluster that is gone.
+
+        A call to a dead GCS waits for a minute and then Ray ends the process; this raises
+        :class:`~pcace.engines.engine.EngineLost` after ``lost_after`` seconds instead.
+        """
+        down_since = None
+        while not _reachable(self.address):
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since >= self.lost_after:
+                self._give_up()
+            time.sleep(0.5)
+
+    def _give_up(self) -> None:
+        """Disconnect from a cluster that is gone and raise EngineLost."""
+        _ray().shutdown()
+        self.owned = False
+        self._actors, self._slots = None, None
+        raise EngineLost(f"the Ray cluster at {self.address} is gone (its GCS refuses "
+                         f"connections for {self.lost_after:g} s). The layers finished so far "
+                         "are kept: rerun the same command with --resume (once the cluster "
+                         "is back, on a new one, or with --engine local)")
 
     def _submit(self, z_ref: Any, ys_ref: Any, ch_ref: Any, order: str, img_ref: Any,
                 lo: int, hi: int, score: str, options: dict) -> Any:
         self.tasks += 1
         return self._remote.remote(z_ref, ys_ref, ch_ref, order, img_ref, lo, hi, score,
                                    options, self.task_cpus)
+
+
+def quiet_ray_logs() -> dict[str, Any]:
+    """Keep Ray's own log lines below warning off the terminal, unless asked for.
+
+    Ray's Python loggers then report warnings and above ("Started a local Ray instance"
+    and "Connecting to existing Ray cluster" are gone); ``PCACE_RAY_LOGS=1`` keeps Ray's
+    defaults. The error lines of Ray's C++ core (``E ... core_worker``, ``task_manager``)
+    reach stderr whatever this says; ``RAY_BACKEND_LOG_LEVEL=fatal`` in the environment
+    silences them too, at the price of one line of Ray's saying so. What they are about
+    (a worker that died, a cluster that went away) pcace handles and reports in its own
+    words.
+
+    Returns
+    -------
+    dict
+        Extra options for ``ray.init`` (``logging_level``); empty when logs are asked for.
+
+    Examples
+    --------
+    >>> import os
+    >>> os.environ["PCACE_RAY_LOGS"] = "1"; quiet_ray_logs()
+    {}
+    >>> del os.environ["PCACE_RAY_LOGS"]; quiet_ray_logs()["logging_level"]
+    30
+    """
+    import logging
+
+    asked = os.environ.get("PCACE_RAY_LOGS", "").strip().lower()
+    if asked not in ("", "0", "false", "no", "off"):
+        return {}
+    return {"logging_level": logging.WARNING}
 
 
 def _reachable(address: str | None, timeout: float = 1.0) -> bool:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..capture.forward import Feed, PassResult, forward_pass
+from ..core.progress import progress_bar
 from ..inputs.raydata import RayImages, is_ray_dataset
 from ..reduce.basis import PixelBasis
 from ..reduce.moments import (
@@ -294,11 +295,10 @@ class _ShardRunner:
 
     def __call__(self, method: str, extra: tuple = (),
                  where: list[tuple[int, int]] | None = None) -> list[Any]:
-        from tqdm.auto import tqdm
-
         where = self.bounds if where is None else where
-        with tqdm(total=sum(hi - lo for lo, hi in where), desc=self.LABELS.get(method, method),
-                  unit="img", disable=not self.progress or method not in self.LABELS) as bar:
+        with progress_bar(total=sum(hi - lo for lo, hi in where),
+                          desc=self.LABELS.get(method, method), unit="img",
+                          disable=not self.progress or method not in self.LABELS) as bar:
             def done(lo: int, hi: int) -> None:
                 bar.update(hi - lo)
 

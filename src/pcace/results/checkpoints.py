@@ -22,8 +22,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..core.files import atomic_write
+from ..core.files import atomic_write, os_error_reason
 from .common import CHECKPOINT_FORMAT, CHECKPOINTS, RunDirError, brief, read_json
+from .lock import hold_run_dir, holds_run_dir, release_run_dir
+
+# state files this process wrote (to tell "removed under our feet" from "never started")
+_STARTED: set[Path] = set()
 
 __all__ = ["LayerCheckpoint", "load_layer_checkpoints", "remove_checkpoints", "run_fingerprint",
            "save_layer_checkpoint", "start_checkpoints"]
@@ -75,6 +79,10 @@ def start_checkpoints(path: str | Path, settings: Mapping[str, Any]) -> str:
 
     Writes ``checkpoints/state.json`` the first time. When it exists with other
     settings, the run there is a different computation and resuming it is refused.
+    Takes the directory's lock (:mod:`pcace.results.lock`) unless this process holds it
+    already, and keeps it until the run is saved there
+    (:func:`pcace.results.rundir.save_run`), its checkpoints are removed, or the process
+    ends: a second run on the directory is refused meanwhile.
 
     Examples
     --------
@@ -85,9 +93,21 @@ def start_checkpoints(path: str | Path, settings: Mapping[str, Any]) -> str:
     True
     """
     root = Path(path)
+    took = not holds_run_dir(root)
+    hold_run_dir(root)
+    try:
+        return _start(root, settings)
+    except BaseException:
+        if took:
+            release_run_dir(root)
+        raise
+
+
+def _start(root: Path, settings: Mapping[str, Any]) -> str:
     state_path = root / CHECKPOINTS / "state.json"
     fingerprint = run_fingerprint(settings)
     state = read_json(state_path)
+    _STARTED.add(state_path.resolve())
     if state is not None:
         if state.get("fingerprint") != fingerprint:
             before = state.get("settings") or {}
@@ -97,10 +117,15 @@ def start_checkpoints(path: str | Path, settings: Mapping[str, Any]) -> str:
                               f"({brief(keys)} differ); resume with the same options, or "
                               "use --force to start afresh")
         return fingerprint
-    state_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(state_path, json.dumps({"format": CHECKPOINT_FORMAT,
-                                         "fingerprint": fingerprint,
-                                         "settings": _encode(dict(settings))}, indent=2))
+    try:
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(state_path, json.dumps({"format": CHECKPOINT_FORMAT,
+                                             "fingerprint": fingerprint,
+                                             "settings": _encode(dict(settings))}, indent=2))
+    except OSError as err:
+        raise RunDirError(f"cannot start the run's checkpoints in {root} "
+                          f"({os_error_reason(err)}); free space there or choose another "
+                          "directory") from None
     return fingerprint
 
 
@@ -148,9 +173,10 @@ def save_layer_checkpoint(path: str | Path, layer: str, table: pd.DataFrame, *,
     True
     """
     root = Path(path)
-    state = read_json(root / CHECKPOINTS / "state.json")
+    state_path = root / CHECKPOINTS / "state.json"
+    state = read_json(state_path)
     if not state or state.get("format") != CHECKPOINT_FORMAT:
-        raise RunDirError(f"no checkpoints started in {root}; call start_checkpoints first")
+        raise RunDirError(_no_state_message(root, state_path))
     payload: dict[str, np.ndarray] = {}
     columns = []
     for i, name in enumerate(table.columns):
@@ -166,8 +192,23 @@ def save_layer_checkpoint(path: str | Path, layer: str, table: pd.DataFrame, *,
     target = _checkpoint_file(root, layer)
     buffer = io.BytesIO()
     np.savez(buffer, **payload)
-    atomic_write(target, buffer.getvalue())
+    try:
+        atomic_write(target, buffer.getvalue())
+    except OSError as err:  # a full disk: the layers checkpointed before stay
+        raise RunDirError(f"could not checkpoint layer {layer!r} in {root} "
+                          f"({os_error_reason(err)}); the layers finished before are kept: "
+                          "free space there and run the same command with --resume") from None
     return target
+
+
+def _no_state_message(root: Path, state_path: Path) -> str:
+    if state_path.resolve() in _STARTED:  # this process started it: something removed it
+        return (f"the checkpoints of this run in {root} were removed while it ran "
+                f"({state_path.name} is gone: another program emptied or replaced the "
+                "directory); the run cannot keep its layers there: start it again in a "
+                "directory nothing else writes to")
+    return (f"no checkpoints started in {root}: call start_checkpoints(path, settings) "
+            "before save_layer_checkpoint")
 
 
 def load_layer_checkpoints(path: str | Path, settings: Mapping[str, Any]
@@ -245,6 +286,8 @@ def remove_checkpoints(path: str | Path) -> list[str]:
             removed.append(f"{CHECKPOINTS}/{file.name}")
     with contextlib.suppress(OSError):
         ckdir.rmdir()
+    _STARTED.discard((ckdir / "state.json").resolve())
+    release_run_dir(root)  # the run is over: a hold taken by start_checkpoints goes
     return removed
 
 

@@ -16,7 +16,12 @@ tables). This module makes it trustworthy:
 - :func:`read_run` refuses a directory whose files do not match ``run.json``, with
   one line naming the file; an interrupted run (``complete: false``) loads but says so.
 - :mod:`pcace.results.checkpoints` keeps one file per finished layer as a run goes, so an
-  interrupted run can resume and skip the finished layers.
+  interrupted (or killed) run can resume and skip the finished layers.
+- :mod:`pcace.results.lock` keeps a second run out of a directory in use: each of these
+  functions takes the directory's lock (a no-op when this process holds it already) and
+  is refused while another run holds it. A writer killed mid-write leaves a temporary
+  file only; :func:`prepare_run_dir` removes those, and a save killed before
+  ``run.json`` is taken up by the next ``resume`` (or replaced by ``force``).
 
 Examples
 --------
@@ -38,7 +43,6 @@ import errno
 import json
 import os
 import re
-import tempfile
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,7 +54,16 @@ import numpy as np
 from ..core import files as fileio
 from ..core.files import FileData, atomic_write, file_sha256, os_error_reason
 from .checkpoints import remove_checkpoints
-from .common import CHECKPOINT_FORMAT, CHECKPOINTS, MANIFEST, RunDirError, brief, read_json
+from .common import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINTS,
+    MANIFEST,
+    RunDirError,
+    brief,
+    read_json,
+    usable_dir,
+)
+from .lock import LOCK_NAME, lock_run_dir, release_run_dir
 
 __all__ = [
     "CHECKPOINTS",
@@ -68,6 +81,8 @@ FORMAT = "pcace-run-1"
 RESERVED = ("channels.csv", "layers.csv", "scores.csv", MANIFEST, "report.html", "assets",
             "figures", CHECKPOINTS)
 _RESERVED_PATTERN = re.compile(r"^(ablation|faithfulness)_.*\.csv$")
+# what pcace.core.files.temp_name leaves behind when its writer is killed mid-write
+_TEMP_PATTERN = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")
 
 
 # --- small helpers ----------------------------------------------------------------------------
@@ -110,27 +125,6 @@ def _is_reserved(name: str) -> bool:
 
 # --- (a) preflight ----------------------------------------------------------------------------
 
-def _usable_dir(path: str | Path) -> Path:
-    """Create ``path`` if needed and check that files can be written in it."""
-    root = Path(path).expanduser()
-    if root.exists() and not root.is_dir():
-        raise RunDirError(f"output {root} is a file, not a directory; name a directory "
-                          "(it is created if needed)")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise RunDirError(f"cannot create the output directory {root} ({os_error_reason(err)}); "
-                          "choose a writable location") from None
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".pcace-probe-", dir=root)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise RunDirError(f"cannot write in the output directory {root} ({os_error_reason(err)}); "
-                          "choose a writable location") from None
-    return root
-
-
 def prepare_run_dir(path: str | Path, *, force: bool = False, resume: bool = False) -> Path:
     """Check an output directory before any computation; create it if needed.
 
@@ -156,6 +150,8 @@ def prepare_run_dir(path: str | Path, *, force: bool = False, resume: bool = Fal
     RunDirError
         The path is a file, cannot be created or written, or is not empty (without
         ``force``/``resume``); one line naming the fix.
+    pcace.results.lock.RunDirBusy
+        Another run holds the directory (its lock names it); nothing was touched.
 
     Examples
     --------
@@ -166,14 +162,19 @@ def prepare_run_dir(path: str | Path, *, force: bool = False, resume: bool = Fal
     if force and resume:
         raise RunDirError("give either force (replace the earlier run) or resume (continue "
                           "it), not both")
-    root = _usable_dir(path)
-    entries = sorted(p.name for p in root.iterdir() if not p.name.startswith(".pcace-probe-"))
+    with lock_run_dir(path) as lock:  # held all along by `pcace rank`: then a no-op
+        root = usable_dir(path)
+        _remove_temp_leftovers(lock.root)
+        return _prepare(root, force, resume)
+
+
+def _prepare(root: Path, force: bool, resume: bool) -> Path:
+    entries = sorted(p.name for p in root.iterdir() if not _is_ours_transient(p.name))
     if not entries:
         return root
     manifest = read_json(root / MANIFEST)
     state = read_json(root / CHECKPOINTS / "state.json")
-    has_run = _is_pcace_manifest(manifest) or bool(state and state.get("format")
-                                                    == CHECKPOINT_FORMAT)
+    has_run = _is_pcace_manifest(manifest) or _is_checkpoint_state(state)
     if resume:
         if not has_run:
             raise RunDirError(f"nothing to resume in {root}: it holds no pcace run; drop "
@@ -183,16 +184,55 @@ def prepare_run_dir(path: str | Path, *, force: bool = False, resume: bool = Fal
         if not has_run:
             raise RunDirError(f"{root} holds files but no pcace run ({brief(entries)}); "
                               "--force only replaces a pcace run: choose another --out")
-        removed_ok = _remove_previous_run(root, manifest)
-        leftover = [p.name for p in root.iterdir() if _is_reserved(p.name)]
+        killed_save = _killed_save(manifest, state)
+        _remove_previous_run(root, manifest)
+        leftover = [p for p in root.iterdir() if _is_reserved(p.name)]
+        if killed_save:  # a save killed before run.json: its files are the run's own
+            for p in leftover:
+                if p.is_file() and not p.is_symlink():
+                    p.unlink()
+            leftover = [p for p in leftover if p.exists()]
         if leftover:
-            raise RunDirError(f"{root} still holds {brief(leftover)}, which the earlier run's "
-                              "run.json does not list; move them away or choose another --out")
-        del removed_ok
+            raise RunDirError(f"{root} still holds {brief([p.name for p in leftover])}, which "
+                              "the earlier run's run.json does not list; move them away or "
+                              "choose another --out")
         return root
     hint = ("pass --force to replace the pcace run there, --resume to continue it, or "
             "choose another --out") if has_run else "choose an empty or new directory"
     raise RunDirError(f"output directory {root} is not empty ({brief(entries)}); {hint}")
+
+
+def _is_ours_transient(name: str) -> bool:
+    """The lock file and write probes: not part of any run."""
+    return name == LOCK_NAME or name.startswith(".pcace-probe-")
+
+
+def _is_checkpoint_state(state: Mapping[str, Any] | None) -> bool:
+    return bool(state) and state.get("format") == CHECKPOINT_FORMAT
+
+
+def _killed_save(manifest: Mapping[str, Any] | None, state: Mapping[str, Any] | None) -> bool:
+    """Checkpoints but no run.json: a run (or its save) was killed before run.json."""
+    return manifest is None and _is_checkpoint_state(state)
+
+
+def _remove_temp_leftovers(root: Path) -> list[str]:
+    """Remove the temporary files of writers killed mid-write (the caller holds the lock).
+
+    Only pcace's own temporary names (:func:`pcace.core.files.temp_name`), in the run
+    directory and its checkpoint folders: no other pcace run writes here meanwhile.
+    """
+    removed = []
+    folders = [root, root / CHECKPOINTS, *sorted((root / CHECKPOINTS).glob("label-*"))]
+    for folder in folders:
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for p in folder.iterdir():
+            if _TEMP_PATTERN.match(p.name) and p.is_file() and not p.is_symlink():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(str(p.relative_to(root)))
+    return removed
 
 
 def _remove_previous_run(root: Path, manifest: Mapping[str, Any] | None) -> list[str]:
@@ -256,7 +296,8 @@ def save_run(path: str | Path, files: Mapping[str, FileData], manifest: Mapping[
     ------
     RunDirError
         The directory cannot be written, a name would overwrite a file no pcace run
-        wrote, or writing failed (e.g. disk full: nothing was replaced).
+        wrote, or writing failed (e.g. disk full: nothing was replaced). Another run
+        holding the directory raises :class:`pcace.results.lock.RunDirBusy`.
 
     Examples
     --------
@@ -265,14 +306,23 @@ def save_run(path: str | Path, files: Mapping[str, FileData], manifest: Mapping[
     >>> m["complete"], m["files"]["layers.csv"]["size"]
     (False, 6)
     """
-    root = _usable_dir(path)
+    with lock_run_dir(path):  # refused while another run writes there
+        written = _save(usable_dir(path), files, manifest, complete)
+    release_run_dir(path)  # the run this process checkpointed there has saved
+    return written
+
+
+def _save(root: Path, files: Mapping[str, FileData], manifest: Mapping[str, Any],
+          complete: bool) -> dict[str, Any]:
     old = read_json(root / MANIFEST)
     if (root / MANIFEST).exists() and not _is_pcace_manifest(old):
         raise RunDirError(f"{root / MANIFEST} is not a pcace run.json; move it away or choose "
                           "another directory")
     old_listed = _listed(old) if old else {}
+    killed_save = _killed_save(old, read_json(root / CHECKPOINTS / "state.json"))
     targets = {name: _safe_name(root, name) for name in files}
-    foreign = [n for n, p in targets.items() if p.exists() and n not in old_listed]
+    foreign = [n for n, p in targets.items() if p.exists() and n not in old_listed
+               and not (killed_save and _is_reserved(n))]
     if foreign:
         raise RunDirError(f"saving would overwrite {brief(foreign)} in {root}, which no pcace "
                           "run wrote; move it away or choose another directory")
@@ -367,6 +417,13 @@ def add_files(path: str | Path, names: Iterable[str | Path]) -> dict[str, Any]:
     ['layers.csv', 'report.html']
     """
     root = Path(path)
+    if not (root / MANIFEST).is_file():
+        raise RunDirError(f"{root} holds no run.json; save the run first")
+    with lock_run_dir(root):  # refused while another run writes there
+        return _add_files(root, names)
+
+
+def _add_files(root: Path, names: Iterable[str | Path]) -> dict[str, Any]:
     manifest = read_json(root / MANIFEST)
     if not _is_pcace_manifest(manifest) or "files" not in manifest:
         raise RunDirError(f"{root} holds no run.json written by this pcace; save the run "

@@ -393,12 +393,12 @@ def _run_ablations(runner: _Ablator, orders: dict[str, np.ndarray],
                    progress: bool) -> list[tuple[str, str, int, list[tuple]]]:
     """``(ranking, selection, m, results)`` for each ranking's top and bottom ``m`` channels
     and for the random sets of each size ``m``, in that order."""
-    from tqdm.auto import tqdm
+    from ..core.progress import progress_bar
 
     ms = list(random_sets)
     runs: list[tuple[str, str, int, list[tuple]]] = []
-    with tqdm(total=len(ms) * (2 * len(orders) + repeats), desc=f"ablating {layer}",
-              unit="set", disable=not progress) as bar:
+    with progress_bar(total=len(ms) * (2 * len(orders) + repeats), desc=f"ablating {layer}",
+                      unit="set", disable=not progress) as bar:
         for name, order in orders.items():
             for m in ms:
                 runs.append((name, "top", m, [runner.run(order[:m])]))

@@ -168,9 +168,9 @@ def bootstrap_values(maps: Any, scores: Any, components: int | float = 3, boots:
     out = np.zeros((c, y.shape[1], b_count), dtype=np.float64)
     run_on = LocalEngine() if engine is None else engine
 
-    from tqdm.auto import tqdm
+    from ..core.progress import progress_bar
 
-    with tqdm(total=b_count, desc="bootstrap", unit="rep", disable=not progress) as bar:
+    with progress_bar(total=b_count, desc="bootstrap", unit="rep", disable=not progress) as bar:
         for start in range(0, b_count, step):
             reps = draws[start:start + step]  # (r, size)
             out[:, :, start:start + reps.shape[0]] = _batch_values(

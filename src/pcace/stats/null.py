@@ -181,11 +181,11 @@ def permutation_null(
         y_src, z_src = y_perm, zt.numpy()
     problems = Problems(z_src, y_src, live, order="channel")  # channel-major, as before
 
-    from tqdm.auto import tqdm
+    from ..core.progress import progress_bar
 
     run_on = LocalEngine() if engine is None else engine
-    with tqdm(total=len(problems), desc="permutation null", unit="fit",
-              disable=not progress) as bar:
+    with progress_bar(total=len(problems), desc="permutation null", unit="fit",
+                      disable=not progress) as bar:
         flat = run_on.values(problems, chunk=step, score=score, ace_options=options,
                              stage="null", progress=bar.update)
     null[live] = flat.reshape(live.size, b_count)

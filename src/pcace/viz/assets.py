@@ -307,7 +307,7 @@ def _save_assets(folder: Path, index: dict, arrays: dict[str, np.ndarray]) -> As
 def _collect(model, images, result, score_fn, spec, notes, dev, *, mean, std, n_examples, top,
              bottom, featurevis, featurevis_channels, featurevis_steps, featurevis_layers, seed,
              progress):
-    from tqdm.auto import tqdm
+    from ..core.progress import progress_bar
 
     scores, examples = _scores_and_examples(model, images, result.scores, score_fn, dev,
                                             n_examples, notes)
@@ -325,8 +325,8 @@ def _collect(model, images, result, score_fn, spec, notes, dev, *, mean, std, n_
                                      "scores": scores.astype(np.float64)}
     size = tuple(images.shape[-2:])
     entries = []
-    for i, name in enumerate(tqdm(layer_names, desc="report assets", unit="layer",
-                                  disable=not progress)):
+    for i, name in enumerate(progress_bar(layer_names, desc="report assets", unit="layer",
+                                          disable=not progress)):
         key = f"L{i}"
         table = channels[channels.layer == name]
         best, worst = _layer_channels(table, top, bottom)

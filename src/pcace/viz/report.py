@@ -199,8 +199,7 @@ def render_figures(run_dir: str | Path, result: Any = None,
     >>> [f.path.name for f in render_figures("runs/demo")][:2]  # doctest: +SKIP
     ['overview.png', 'weighted_vs_cam.jpeg']
     """
-    from tqdm.auto import tqdm
-
+    from ..core.progress import progress_bar
     from ..results.result import load
 
     root = Path(run_dir)
@@ -215,7 +214,7 @@ def render_figures(run_dir: str | Path, result: Any = None,
             old.unlink()
     rendered: list[RenderedFigure] = []
     jobs = _figure_jobs(result, assets, full, top, sig)
-    for job in tqdm(jobs, desc="report figures", unit="fig", disable=not progress):
+    for job in progress_bar(jobs, desc="report figures", unit="fig", disable=not progress):
         data, fmt = figure_bytes(job.draw(), photo=job.photo)
         path = out_dir / f"{job.name}.{fmt}"
         path.write_bytes(data)
