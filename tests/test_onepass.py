@@ -107,3 +107,23 @@ def test_bad_basis_is_refused():
         pcace.rank(_Planted(), _images(50), basis="approximate", **KW)
     with pytest.raises(ValueError, match="sample_size"):
         pcace.rank(_Planted(), _images(50), sample_size=0, **KW)
+
+
+def test_nan_on_the_sampled_route_names_the_layer_and_channel():
+    class SideNan(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.side, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Identity(), \
+                nn.Linear(8, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            bad = y.clone()
+            bad[:, 5] = float("nan")
+            return self.head(y.mean((2, 3))) + 0 * self.side(bad).nan_to_num().sum()
+
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"layer 'side' produced NaN or inf in channel\(s\) "
+                                         r"\[5\]"):
+        pcace.rank(SideNan(), torch.randn(120, 3, 8, 8), layers=["side"], basis="sample",
+                   sample_size=50, **KW)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..capture.forward import Feed, PassResult
+from .moments import naming_errors
 from .pca import Reduction, reduce_block
 from .routes import ReducedBlock, Route
 from .sampled import EXTRA, SampleBasis, SampleCheck, SampledBasisWarning, SampledPass
@@ -85,19 +86,23 @@ class SampledRoute(Route):
 
     def _feed(self, name: str) -> Feed:
         def feed(maps: torch.Tensor, offset: int) -> None:
-            maps = maps.cpu()
-            run = self._passes.get(name)
-            if run is not None:
-                run.add(maps, offset)
-                return
-            kept = sum(b.shape[0] for b in self._kept[name])
-            take = min(maps.shape[0], self.sample_size - kept)
-            self._kept[name].append(maps[:take].clone())  # before an in-place op changes it
-            if kept + take == self.sample_size:
-                self._start(name)
-                if take < maps.shape[0]:
-                    self._passes[name].add(maps[take:], offset + take)
+            with naming_errors(name):
+                self._add(name, maps.cpu(), offset)
         return feed
+
+    def _add(self, name: str, maps: torch.Tensor, offset: int) -> None:
+        """A batch of a layer: kept for the sample until it is full, then projected."""
+        run = self._passes.get(name)
+        if run is not None:
+            run.add(maps, offset)
+            return
+        kept = sum(b.shape[0] for b in self._kept[name])
+        take = min(maps.shape[0], self.sample_size - kept)
+        self._kept[name].append(maps[:take].clone())  # before an in-place op changes it
+        if kept + take == self.sample_size:
+            self._start(name)
+            if take < maps.shape[0]:
+                self._passes[name].add(maps[take:], offset + take)
 
     def _start(self, name: str) -> None:
         """The sample is in: the layer's basis, and the sample projected first."""
@@ -114,7 +119,8 @@ class SampledRoute(Route):
         poor: dict[str, int] = {}
         for name in self.layers:
             if name in self._passes:
-                red, check = self._passes.pop(name).finish(warn=False, layer=name)
+                with naming_errors(name):
+                    red, check = self._passes.pop(name).finish(warn=False, layer=name)
                 count = len(check.summary().get("poor_channels", []))
                 if count:
                     poor[name] = count
