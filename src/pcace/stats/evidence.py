@@ -139,7 +139,7 @@ def split_half(
     ace_options: dict | None = None,
     engine: Engine | None = None,
     width: float | None = None,
-    min_splits: int = 3,
+    min_splits: int = 4,
 ) -> dict[str, Any]:
     """Split-half reproducibility of one layer's channel ranking.
 
@@ -184,7 +184,7 @@ def split_half(
         predicts how many splits are needed and runs them in one go. None (default) runs
         all ``splits``. The splits run are the first ones of the full run, so a check
         that runs them all returns exactly the full run's answer.
-    min_splits : int, default 3
+    min_splits : int, default 4
         Splits run before the first stopping decision (at least 2).
 
     Returns
@@ -243,8 +243,8 @@ def split_half(
     'not reproducible'
     >>> y = rng.normal(size=200)
     >>> z[:, :, 0] += y / np.geomspace(0.3, 3, 20)[:, None]     # a clear ranking
-    >>> split_half(z, y, splits=10, width=0.05)["splits"]      # 3 splits are enough
-    3
+    >>> split_half(z, y, splits=10, width=0.05)["splits"]      # 4 splits are enough
+    4
     """
     s_count = integer(splits, "splits")
     top = integer(top, "top")
