@@ -1,0 +1,138 @@
+"""Calibration of the pooled null: shares of small p-values when nothing relates to the score.
+
+Parts (``--parts``, comma-separated):
+
+- ``synthetic``: ``--layers`` layers of ``--channels`` channels with independent N(0, 1)
+  components (``--n`` images, k = 3) and an independent score; p-values from
+  ``null_table(method="pooled")``. Printed: shares of p <= 0.05 and p <= 0.01 over all
+  tests, their binomial standard errors, and a Kolmogorov-Smirnov test against uniform.
+- ``mixed`` (the limits): layers whose channels differ in the shape of their components --
+  normal, Student t with 3 degrees of freedom (heavy tails), rectified normal (half the
+  values tied at 0, like a ReLU) and log-normal (skewed), all standardised, 8 of each per
+  layer -- pooled together. Printed: the shares per kind.
+- ``resnet``: the shared ResNet-20's components (``bench_null_cache.py`` files) against
+  scores independent of the images: a hash of each image's ten logits (salts 1..``--salts``).
+  Per salt the exact per-channel null (B = ``--exact-b``, the same permutations for every
+  channel) and the pooled null. Printed: shares of channels (all 19 layers, 688 channels)
+  with p <= 0.05 and p <= 0.01 under each, per salt and pooled over salts.
+
+Usage (repository root)::
+
+    python benchmarks/bench_null_calibration.py --parts synthetic,mixed
+    python benchmarks/bench_null_calibration.py --parts resnet \\
+        --files /tmp/null_work/components_cat_300.npz /tmp/null_work/components_cat_1000.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_null_common import components, hash_scores  # noqa: E402
+
+from pcace.maxcorr.scoring import channel_values  # noqa: E402
+from pcace.stats.null import null_summary, permutation_null  # noqa: E402
+from pcace.stats.nulls import null_table  # noqa: E402
+
+
+def shares(p: np.ndarray) -> str:
+    m = p.size
+    se5, se1 = np.sqrt(0.05 * 0.95 / m), np.sqrt(0.01 * 0.99 / m)
+    return (f"p<=0.05 {np.mean(p <= 0.05):.4f} (se {se5:.4f}), "
+            f"p<=0.01 {np.mean(p <= 0.01):.4f} (se {se1:.4f}) of {m}")
+
+
+def synthetic(a: argparse.Namespace) -> None:
+    rng = np.random.default_rng(a.seed)
+    start = time.perf_counter()
+    p = []
+    for layer in range(a.layers):
+        z = rng.normal(size=(a.channels, a.n, 3))
+        y = rng.normal(size=a.n)
+        t, _ = null_table(channel_values(z, y), z, y, seed=layer)
+        p.append(t.p_value.to_numpy())
+    p = np.concatenate(p)
+    ks = stats.kstest(p, "uniform").pvalue
+    print(f"synthetic: {a.layers} layers x {a.channels} channels, n = {a.n}, k = 3: "
+          f"{shares(p)}; KS p = {ks:.2f} ({time.perf_counter() - start:.0f} s)")
+
+
+def mixed_layer(rng: np.random.Generator, n: int, per_kind: int) -> np.ndarray:
+    draws = {
+        "normal": rng.normal(size=(per_kind, n, 3)),
+        "t3": rng.standard_t(3, size=(per_kind, n, 3)),
+        "relu": np.maximum(rng.normal(size=(per_kind, n, 3)), 0.0),
+        "lognormal": rng.lognormal(size=(per_kind, n, 3)),
+    }
+    z = np.concatenate(list(draws.values()))
+    return (z - z.mean(axis=1, keepdims=True)) / z.std(axis=1, keepdims=True)
+
+
+def mixed(a: argparse.Namespace) -> None:
+    rng = np.random.default_rng(a.seed + 1)
+    kinds = ["normal", "t3", "relu", "lognormal"]
+    per_kind = 8
+    p = []
+    for layer in range(a.mixed_layers):
+        z = mixed_layer(rng, a.n, per_kind)
+        y = rng.normal(size=a.n)
+        t, _ = null_table(channel_values(z, y), z, y, seed=layer)
+        p.append(t.p_value.to_numpy().reshape(len(kinds), per_kind))
+    p = np.stack(p)                                   # (layers, kinds, per_kind)
+    print(f"mixed: {a.mixed_layers} layers of 4 x {per_kind} channels, n = {a.n}:")
+    for i, kind in enumerate(kinds):
+        print(f"  {kind:10s} {shares(p[:, i].ravel())}")
+
+
+def resnet(a: argparse.Namespace) -> None:
+    for path in a.files:
+        z, _, extra = components(path)
+        n = extra["scores"].size
+        exact_all, pooled_all = [], []
+        for salt in range(1, a.salts + 1):
+            start = time.perf_counter()
+            y = hash_scores(extra["logits"], salt)
+            pe, pp = [], []
+            for zl in z.values():
+                obs = channel_values(zl, y)
+                null = permutation_null(zl, y, a.exact_b, seed=1000 + salt)
+                pe.append(null_summary(obs, null).p_value.to_numpy())
+                t, _ = null_table(obs, zl, y, seed=2000 + salt)
+                pp.append(t.p_value.to_numpy())
+            pe, pp = np.concatenate(pe), np.concatenate(pp)
+            exact_all.append(pe)
+            pooled_all.append(pp)
+            print(f"{path.name} (N = {n}) salt {salt}: exact B = {a.exact_b}: {shares(pe)}; "
+                  f"pooled: {shares(pp)} ({time.perf_counter() - start:.0f} s, "
+                  f"load {os.getloadavg()[0]:.1f})")
+        pe, pp = np.concatenate(exact_all), np.concatenate(pooled_all)
+        print(f"{path.name} (N = {n}) all {a.salts} salts: exact: {shares(pe)}; "
+              f"pooled: {shares(pp)}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", default="synthetic,mixed")
+    p.add_argument("--layers", type=int, default=160)
+    p.add_argument("--mixed-layers", type=int, default=40)
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--files", type=Path, nargs="*", default=[])
+    p.add_argument("--salts", type=int, default=4)
+    p.add_argument("--exact-b", type=int, default=200)
+    a = p.parse_args()
+    parts = {"synthetic": synthetic, "mixed": mixed, "resnet": resnet}
+    for part in a.parts.split(","):
+        parts[part](a)
+
+
+if __name__ == "__main__":
+    main()
