@@ -95,7 +95,11 @@ def null_table(
         ``null`` (the method), ``ace_problems`` (ACE runs made), ``permutations`` (per
         channel: an int for ``"exact"``, the most any channel got for ``"pooled"``) and,
         for ``"pooled"``, ``pool_size`` (null values each channel was compared with, the
-        smallest over the layer's pools).
+        smallest over the layer's pools) and ``heterogeneity_p``: a Kruskal-Wallis test
+        that the channels of the largest pool share one null distribution (NaN with
+        fewer than 2 channels). A small value (say below 0.001) says the channels' nulls
+        differ measurably, so single channels' p-values are approximate there: use
+        ``"exact"`` for claims about them.
     """
     if method not in NULL_METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, NULL_METHODS))}; "
@@ -114,4 +118,16 @@ def null_table(
     per = np.isfinite(pooled.values).sum(axis=1)
     return table, {"null": "pooled", "ace_problems": pooled.problems,
                    "permutations": int(per.max()) if per.size else 0,
-                   "pool_size": int(min(sizes)) if sizes else 0}
+                   "pool_size": int(min(sizes)) if sizes else 0,
+                   "heterogeneity_p": _heterogeneity(pooled)}
+
+
+def _heterogeneity(null: Any) -> float:
+    """Kruskal-Wallis p-value across the channels of the largest pool (NaN if < 2)."""
+    groups, counts = np.unique(null.groups[null.groups >= 0], return_counts=True)
+    if groups.size == 0 or counts.max() < 2:
+        return float("nan")
+    rows = null.values[null.groups == groups[np.argmax(counts)]]
+    from scipy.stats import kruskal
+
+    return float(kruskal(*[r[np.isfinite(r)] for r in rows]).pvalue)
