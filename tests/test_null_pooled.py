@@ -123,12 +123,12 @@ def test_null_table_runs_either_method_with_the_same_columns():
     z[4] = 0
     y = z[0, :, 0] + 0.5 * rng.normal(size=50)
     obs = np.r_[ace(z[:4], y).rho, 0.0]
-    pooled, rec = null_table(obs, z, y, pool=80, min_per_channel=10, seed=1)
-    exact, rec_exact = null_table(obs, z, y, method="exact", permutations=40, seed=1)
+    pooled, rec = null_table(obs, z, y, pool=120, min_per_channel=10, seed=1)
+    exact, rec_exact = null_table(obs, z, y, method="exact", permutations=120, seed=1)
     assert list(pooled.columns) == list(exact.columns)
-    assert rec["null"] == "pooled" and rec["ace_problems"] == 80 and rec["pool_size"] == 80
+    assert rec["null"] == "pooled" and rec["ace_problems"] == 120 and rec["pool_size"] == 120
     assert 0 <= rec["heterogeneity_p"] <= 1
-    assert rec_exact == {"null": "exact", "ace_problems": 160, "permutations": 40}
+    assert rec_exact == {"null": "exact", "ace_problems": 480, "permutations": 120}
     assert pooled.q_value[0] <= 0.05 and exact.q_value[0] <= 0.05
     assert pooled.p_value[4] == 1.0 and exact.p_value[4] == 1.0
     with pytest.raises(ValueError, match="method must be one of 'pooled', 'exact'"):
