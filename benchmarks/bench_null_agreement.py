@@ -9,16 +9,17 @@ of the reference's:
   permutations per channel), run ``--replicates`` times with different seeds;
 - ``pooled+gpd``: the same pools with the generalized Pareto tail of
   ``pcace.stats.tail.tail_p_values`` where fewer than 10 pooled values reach the observed;
-- ``exact B=100`` (today's default) and ``exact B=1000`` (a second reference): the first
-  100 / all permutations of a second exact null (seed 777, cached);
+- ``exact B=100`` (today's default): the first 100 permutations of either reference;
+- ``exact B=1000``: a second reference (seed 777, cached), B, against the first, A: how well
+  two exact nulls agree with each other;
 - ``sequential h``: Besag-Clifford stopping (stop a channel after h exceedances, at most
-  1,000 permutations; p = h / L, or (g + 1) / 1001) read off the second reference's
-  permutation sequence (exact: the same draws a sequential run would make).
+  1,000 permutations; p = h / L, or (g + 1) / 1001) read off reference B's permutation
+  sequence (exact: the same draws a sequential run would make).
 
-Reported: BH discoveries (q <= 0.05 within each layer) found by the candidate as a share of
-the reference's, extra discoveries as a share of the reference's, layers whose verdict
-(``layer_evidence`` with a 10-split split-half check, the same for all) differs from the
-reference's, and ACE problems run.
+Reported against each reference (A: seed 12345; B: seed 777): BH discoveries (q <= 0.05
+within each layer) found by the candidate as a share of the reference's, extra discoveries
+as a share of the reference's, layers whose verdict (``layer_evidence`` with a 10-split
+split-half check, the same for all) differs from the reference's, and ACE problems run.
 
 Usage (repository root)::
 
@@ -88,11 +89,15 @@ def compare(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray]) -> tuple[fl
 
 def _report(ctx: dict, label: str, q: dict, adj: dict, cost: int,
             secs: float = float("nan")) -> None:
-    found, more = compare(ctx["disc_ref"], {k: v <= 0.05 for k, v in q.items()})
-    changed = [k for k, v in verdicts(q, adj, ctx["split"], ctx["n"]).items()
-               if v != ctx["v_ref"][k]]
-    print(f"  {label:22s} found {found:.3f} extra {more:.3f} verdicts changed "
-          f"{len(changed)} {changed if changed else ''} ACE problems {cost} ({secs:.0f} s)")
+    parts = []
+    for key in ("A", "B"):
+        disc, v_ref = ctx[f"disc_{key}"], ctx[f"v_{key}"]
+        found, more = compare(disc, {k: v <= 0.05 for k, v in q.items()})
+        changed = [k for k, v in verdicts(q, adj, ctx["split"], ctx["n"]).items()
+                   if v != v_ref[k]]
+        parts.append(f"vs {key}: found {found:.3f} extra {more:.3f} verdicts changed "
+                     f"{len(changed)}")
+    print(f"  {label:22s} {'; '.join(parts)}; ACE problems {cost} ({secs:.0f} s)")
 
 
 def main() -> None:
@@ -108,18 +113,26 @@ def main() -> None:
         ref_null = exact_null(z, y, 1000, 12345, a.cache / f"exact_{path.stem}_B1000.npz")
         second = exact_null(z, y, 1000, 777, a.cache / f"exact2_{path.stem}_B1000.npz")
         split = split_half_table(z, y, splits=10, seed=0)
-        q_ref, adj_ref = {}, {}
-        for name in z:
-            t = null_summary(obs[name], ref_null[name])
-            q_ref[name], adj_ref[name] = t.q_value.to_numpy(), t.pcace_adj.to_numpy()
-        disc_ref = {k: v <= 0.05 for k, v in q_ref.items()}
-        v_ref = verdicts(q_ref, adj_ref, split, n)
-        print(f"\n{path.name} (N = {n}): reference discoveries "
-              f"{sum(int(v.sum()) for v in disc_ref.values())} of "
-              f"{sum(v.size for v in disc_ref.values())} channels; verdicts "
-              f"{dict(v_ref.value_counts())}; load {os.getloadavg()[0]:.1f}")
-        ctx = {"disc_ref": disc_ref, "split": split, "n": n, "v_ref": v_ref}
+        q_ref, adj_ref, ctx = {}, {}, {"split": split, "n": n}
+        for key, null in (("A", ref_null), ("B", second)):
+            q, adj = {}, {}
+            for name in z:
+                t = null_summary(obs[name], null[name])
+                q[name], adj[name] = t.q_value.to_numpy(), t.pcace_adj.to_numpy()
+            ctx[f"disc_{key}"] = {k: v <= 0.05 for k, v in q.items()}
+            ctx[f"v_{key}"] = verdicts(q, adj, split, n)
+            q_ref[key], adj_ref[key] = q, adj
+            print(f"{path.name} (N = {n}): reference {key} (exact, B = 1,000, seed "
+                  f"{12345 if key == 'A' else 777}): discoveries "
+                  f"{sum(int(v.sum()) for v in ctx[f'disc_{key}'].values())} of "
+                  f"{sum(v.size for v in ctx[f'disc_{key}'].values())} channels; verdicts "
+                  f"{dict(ctx[f'v_{key}'].value_counts())}")
+        print(f"  load {os.getloadavg()[0]:.1f}; vs B is the fair comparison for candidates "
+              "built from A's permutations, vs A for those from B's")
         report = partial(_report, ctx)
+        cells = sum(v.shape[0] for v in z.values())
+        report("exact B=1000 (ref. B)", q_ref["B"], adj_ref["B"], 1000 * cells)
+        adj_ref = adj_ref["A"]
         for rep in range(a.replicates):
             start = time.perf_counter()
             q, adj, cost = {}, {}, 0
@@ -130,19 +143,23 @@ def main() -> None:
             report(f"pooled (seed {100 + rep})", q, adj, cost, time.perf_counter() - start)
         q = {k: benjamini_hochberg(gpd_p(obs[k], z[k], y, 100)) for k in z}
         report("pooled+gpd (seed 100)", q, adj, cost)
-        for b in (100, 1000):
-            q, adj = {}, {}
-            for name in z:
-                t = null_summary(obs[name], second[name][:, :b])
-                q[name], adj[name] = t.q_value.to_numpy(), t.pcace_adj.to_numpy()
-            report(f"exact B={b} (seed 777)", q, adj, b * sum(v.shape[0] for v in z.values()))
+        q, adj = {}, {}
+        for name in z:
+            t = null_summary(obs[name], second[name][:, :100])
+            q[name], adj[name] = t.q_value.to_numpy(), t.pcace_adj.to_numpy()
+        report("exact B=100 (B's first)", q, adj, 100 * cells)
+        q, adj = {}, {}
+        for name in z:
+            t = null_summary(obs[name], ref_null[name][:, :100])
+            q[name], adj[name] = t.q_value.to_numpy(), t.pcace_adj.to_numpy()
+        report("exact B=100 (A's first)", q, adj, 100 * cells)
         for h in (10, 20):
             q, cost = {}, 0
             for name in z:
                 pv, c = sequential_p(obs[name], second[name], h)
                 q[name] = benjamini_hochberg(pv)
                 cost += c
-            report(f"sequential h={h}", q, adj_ref, cost)
+            report(f"sequential h={h} (B's)", q, adj_ref, cost)
         per_layer = {name: (v.shape[0], max(1000, 20 * v.shape[0])) for name, v in z.items()}
         print("  ACE problems per layer (C: pooled / exact B=100 / B=1000): " + ", ".join(
             f"{c}: {pc} / {100 * c} / {1000 * c}" for c, pc in sorted(set(per_layer.values()))))
