@@ -59,7 +59,7 @@ def test_pools_follow_nonzero_components_and_dead_channels_are_skipped():
     z[3, :, 2] = 0        # two components: a pool of its own
     z[4] = 0              # dead
     null = pooled_null(z, rng.normal(size=50), pool=60, min_per_channel=5, seed=0)
-    assert null.groups.tolist() == [3, 3, 3, 2, -1]
+    assert null.groups.tolist() == [30, 30, 30, 20, -1]
     assert np.isfinite(null.values).sum(axis=1).tolist() == [20, 20, 20, 60, 0]
     assert null.problems == 120
     t = pooled_summary(np.r_[ace(z[:4], rng.normal(size=50)).rho, 0.0], null)
@@ -133,3 +133,18 @@ def test_null_table_runs_either_method_with_the_same_columns():
     assert pooled.p_value[4] == 1.0 and exact.p_value[4] == 1.0
     with pytest.raises(ValueError, match="method must be one of 'pooled', 'exact'"):
         null_table(obs, z, y, method="fast")
+
+
+def test_channels_silent_on_many_images_get_their_own_pool():
+    """Ties make ACE fit less: channels silent on half the images have a smaller null
+    and are pooled apart from continuous ones (whose p-values they would otherwise make
+    too small)."""
+    from pcace.stats.pooled import channel_groups, tie_fraction
+
+    rng = np.random.default_rng(9)
+    z = rng.normal(size=(6, 120, 2))
+    z[3:, :60] = 0.0                                   # silent on the first 60 images
+    np.testing.assert_allclose(tie_fraction(z), [0.0] * 3 + [59 / 120] * 3)
+    assert channel_groups(z).tolist() == [20] * 3 + [23] * 3
+    null = pooled_null(z, rng.normal(size=120), pool=300, min_per_channel=10, seed=2)
+    assert np.median(null.pool(23)) < np.median(null.pool(20))

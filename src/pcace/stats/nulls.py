@@ -38,7 +38,7 @@ import pandas as pd
 from ..core.validation import integer
 from ..engines.engine import Engine
 from .null import null_summary, permutation_null
-from .pooled import _channel_groups, _components, pooled_null, pooled_summary
+from .pooled import _components, channel_groups, pooled_null, pooled_summary
 
 __all__ = ["NULL_METHODS", "null_table"]
 
@@ -110,7 +110,7 @@ def null_table(
         b = integer(permutations, "permutations")
         null = permutation_null(z, scores, b, **common)
         table = null_summary(observed, null, channels=channels)
-        live = int((_channel_groups(_components(z)) >= 0).sum())
+        live = int((channel_groups(_components(z)) >= 0).sum())
         return table, {"null": "exact", "ace_problems": live * b, "permutations": b}
     pooled = pooled_null(z, scores, pool, min_per_channel=min_per_channel, **common)
     table = pooled_summary(observed, pooled, channels=channels)

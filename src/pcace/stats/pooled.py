@@ -65,10 +65,13 @@ from ..engines.engine import Engine, LocalEngine, Problems
 from .common import DEFAULT_PLAN, channel_ids
 from .null import benjamini_hochberg
 
-__all__ = ["PooledNull", "pooled_null", "pooled_summary", "pool_plan"]
+__all__ = ["PooledNull", "channel_groups", "pool_plan", "pooled_null", "pooled_summary",
+           "tie_fraction"]
 
 #: Bytes of permuted scores held per batch of problems handed to the engine.
 BATCH_BYTES = 64 * 2**20
+#: Edges of the tie classes of :func:`channel_groups` (share of tied images).
+TIE_EDGES = (0.05, 0.25, 0.5, 0.75)
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,8 @@ class PooledNull:
         score; NaN past the permutations a channel got (channels of a small pool get
         more) and for dead channels.
     groups : numpy.ndarray
-        ``(C,)`` int: the pool of each channel (channels with the same number of
-        non-zero components share one); -1 for a dead channel.
+        ``(C,)`` int: the pool of each channel (:func:`channel_groups`); -1 for a dead
+        channel.
     """
 
     values: np.ndarray
@@ -115,10 +118,47 @@ def pool_plan(groups: np.ndarray, pool: int, min_per_channel: int) -> np.ndarray
     return out
 
 
-def _channel_groups(zt: torch.Tensor) -> np.ndarray:
-    """Pool id per channel: its number of non-zero component columns; -1 when dead."""
-    nonzero = (zt != 0).any(dim=1).sum(dim=1).cpu().numpy().astype(np.int64)
-    return np.where(nonzero > 0, nonzero, -1)
+def tie_fraction(z: Any) -> np.ndarray:
+    """Per channel, the largest share of images tied with another on one component.
+
+    ``1 - (distinct values) / N``, maximised over the channel's non-zero components: 0
+    for continuous components, about 0.5 for a channel that is silent (all zero) on half
+    the images.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> z = np.stack([np.arange(8.0)[:, None], np.r_[np.zeros(4), np.arange(1.0, 5.0)][:, None]])
+    >>> tie_fraction(z).tolist()
+    [0.0, 0.375]
+    """
+    zs = np.sort(np.asarray(z.cpu() if isinstance(z, torch.Tensor) else z, np.float64), axis=1)
+    distinct = 1 + (np.diff(zs, axis=1) != 0).sum(axis=1)          # (C, k)
+    unused = ~(zs != 0).any(axis=1)                                # all-zero components
+    distinct = np.where(unused, zs.shape[1], distinct)
+    return (1.0 - distinct / zs.shape[1]).max(axis=1)
+
+
+def channel_groups(z: Any) -> np.ndarray:
+    """The pool of each channel: its number of non-zero components and its tie class.
+
+    Channels share a pool when they have the same number of non-zero components and
+    their :func:`tie_fraction` falls in the same class of :data:`TIE_EDGES` (ties make
+    ACE's smoothers fit less, so a channel silent on many images has a smaller null);
+    -1 marks a dead channel.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> z = rng.normal(size=(4, 40, 2)); z[1, :, 1] = 0; z[2, :20] = 0; z[3] = 0
+    >>> channel_groups(z).tolist()
+    [20, 10, 22, -1]
+    """
+    za = np.asarray(z.cpu() if isinstance(z, torch.Tensor) else z, np.float64)
+    nonzero = (za != 0).any(axis=1).sum(axis=1).astype(np.int64)
+    ties = np.searchsorted(np.asarray(TIE_EDGES), tie_fraction(za), side="right")
+    return np.where(nonzero > 0, 10 * nonzero + ties, -1)
 
 
 def pooled_null(
@@ -169,7 +209,7 @@ def pooled_null(
     >>> z = rng.normal(size=(4, 60, 2)); z[3] = 0                  # channel 3 is dead
     >>> n = pooled_null(z, rng.normal(size=60), pool=30, min_per_channel=4)
     >>> n.values.shape, n.groups.tolist(), n.problems
-    ((4, 10), [2, 2, 2, -1], 30)
+    ((4, 10), [20, 20, 20, -1], 30)
     """
     pool = integer(pool, "pool")
     min_per_channel = integer(min_per_channel, "min_per_channel")
@@ -179,7 +219,7 @@ def pooled_null(
     c, n, k = zt.shape
     y = check_scores(scores, n)
     step = DEFAULT_PLAN.ace_problems(n, k) if chunk is None else integer(chunk, "chunk")
-    groups = _channel_groups(zt)
+    groups = channel_groups(zt)
     per = pool_plan(groups, pool, min_per_channel)
     values = np.full((c, max(1, int(per.max()))), np.nan)
     channels = np.repeat(np.arange(c), per)          # each channel's problems consecutive
