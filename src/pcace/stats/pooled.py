@@ -63,7 +63,7 @@ from ..core.validation import MIN_OBSERVATIONS, float64_array, integer, score_ki
 from ..core.validation import scores as check_scores
 from ..engines.engine import Engine, LocalEngine, Problems
 from .common import DEFAULT_PLAN, channel_ids
-from .null import benjamini_hochberg
+from .null import _adjust_linear, _adjust_squared, benjamini_hochberg
 
 __all__ = ["PooledNull", "channel_groups", "pool_plan", "pooled_null", "pooled_summary",
            "tie_fraction"]
@@ -330,19 +330,6 @@ def pooled_summary(observed: Any, null: PooledNull, *,
         "null_q95": cols["null_q95"],
         "p_value": p,
         "q_value": benjamini_hochberg(p),
-        "pcace_adj": _adjusted(obs, cols["mean_sq"]),
-        "pcace_adj_linear": _adjusted_linear(obs, cols["null_mean"]),
+        "pcace_adj": _adjust_squared(obs, cols["mean_sq"]),
+        "pcace_adj_linear": _adjust_linear(obs, cols["null_mean"]),
     })
-
-
-def _adjusted(obs: np.ndarray, mean_sq: np.ndarray) -> np.ndarray:
-    """``pcace_adj`` from ``mean(null^2)`` (see :func:`pcace.stats.null.adjusted_value`)."""
-    denom = 1.0 - mean_sq
-    a = np.where(denom > 0, (obs ** 2 - mean_sq) / np.where(denom > 0, denom, 1.0), 0.0)
-    a = np.where(mean_sq > 0, a, 0.0)
-    return np.sign(a) * np.sqrt(np.abs(a))
-
-
-def _adjusted_linear(obs: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    denom = 1.0 - mean
-    return np.where(denom > 0, (obs - mean) / np.where(denom > 0, denom, 1.0), 0.0)
