@@ -9,7 +9,10 @@ from .null import (
     permutation_null,
     share_significant,
 )
+from .nulls import NULL_METHODS, null_table
+from .pooled import PooledNull, pooled_null, pooled_summary
 
-__all__ = ["adjusted_value", "benjamini_hochberg", "bootstrap_summary", "bootstrap_values",
-           "interval_scheme", "layer_stability", "null_summary", "permutation_null",
+__all__ = ["NULL_METHODS", "PooledNull", "adjusted_value", "benjamini_hochberg",
+           "bootstrap_summary", "bootstrap_values", "interval_scheme", "layer_stability",
+           "null_summary", "null_table", "permutation_null", "pooled_null", "pooled_summary",
            "share_significant"]

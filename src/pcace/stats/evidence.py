@@ -70,17 +70,24 @@ Examples
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from ..core.validation import MIN_OBSERVATIONS, fraction, integer
-from ..engines.engine import Engine, LocalEngine, Problems
-from ..reduce.plan import MemoryPlan
+from ..core.validation import fraction, integer
+from ..engines.engine import Engine
+from .halves import (
+    _agreement,
+    _checked_components,
+    _checked_scores,
+    _draw_halves,
+    _HalfRunner,
+    _live_channels,
+    _splits_needed,
+    spearman_brown,
+)
 
 __all__ = [
     "EVIDENCE",
@@ -103,64 +110,9 @@ REPRODUCIBLE_LOW = 0.5
 #: counts as not reproducible.
 NOT_REPRODUCIBLE = 0.5
 
-#: The working memory used when no plan is given (as ``pcace.rank`` with a 2 GiB budget).
-_DEFAULT_PLAN = MemoryPlan(2 * 2**30)
 
 
 # ------------------------------------------------------------------------- helpers
-
-def spearman_brown(r: Any) -> Any:
-    """Project a split-half correlation to the full sample: ``2 r / (1 + r)`` for ``r > 0``.
-
-    Two halves of ``N/2`` images each agree less than two samples of ``N`` images;
-    if a channel's value is its true value plus noise whose variance falls like
-    ``1/N``, the agreement of two ``N``-samples is ``2 r / (1 + r)``. Non-positive
-    ``r`` (no measurable agreement) is returned unchanged; NaN stays NaN.
-
-    Parameters
-    ----------
-    r : float or array_like
-        Split-half correlation(s) in ``[-1, 1]``.
-
-    Returns
-    -------
-    float or numpy.ndarray
-        Same shape as ``r``.
-
-    Examples
-    --------
-    >>> spearman_brown(0.5), spearman_brown(-0.2)
-    (0.6666666666666666, -0.2)
-    """
-    a = np.asarray(r, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(a > 0, 2.0 * a / (1.0 + a), a)
-    return float(out) if out.ndim == 0 else out
-
-
-def _rank_rows(v: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
-    return rankdata(v, axis=-1)
-
-
-def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman correlation along the last axis (average ranks for ties); NaN if constant."""
-    ra, rb = _rank_rows(a), _rank_rows(b)
-    ra = ra - ra.mean(-1, keepdims=True)
-    rb = rb - rb.mean(-1, keepdims=True)
-    den = np.sqrt((ra * ra).sum(-1) * (rb * rb).sum(-1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (ra * rb).sum(-1) / np.where(den > 0, den, 1.0), np.nan)
-
-
-def _top_overlap(a: np.ndarray, b: np.ndarray, t: int) -> np.ndarray:
-    """Share of the top ``t`` of each row of ``a`` that is in the top ``t`` of ``b``."""
-    ta = np.argsort(-a, axis=-1, kind="stable")[..., :t]
-    tb = np.argsort(-b, axis=-1, kind="stable")[..., :t]
-    hits = (ta[..., :, None] == tb[..., None, :]).any(-1).sum(-1)
-    return hits / t
-
 
 def _reading(spearman: float, low: float) -> str:
     if not math.isfinite(spearman):
@@ -186,6 +138,8 @@ def split_half(
     chunk: int | None = None,
     ace_options: dict | None = None,
     engine: Engine | None = None,
+    width: float | None = None,
+    min_splits: int = 4,
 ) -> dict[str, Any]:
     """Split-half reproducibility of one layer's channel ranking.
 
@@ -222,6 +176,16 @@ def split_half(
         Keyword arguments for :func:`pcace.ace` (use those of the ranking).
     engine : pcace.engines.engine.Engine, optional
         Where the ACE problems run (default: this process); the values do not depend on it.
+    width : float, optional
+        Run no more splits than needed: ``splits`` becomes the most that run, and after
+        ``min_splits`` the check stops once the ``level`` interval of the projected
+        agreement's average over splits (Student t over the splits' correlations) is
+        narrower than ``width`` (0.05 is a good choice). From that interval's width it
+        predicts how many splits are needed and runs them in one go. None (default) runs
+        all ``splits``. The splits run are the first ones of the full run, so a check
+        that runs them all returns exactly the full run's answer.
+    min_splits : int, default 4
+        Splits run before the first stopping decision (at least 2).
 
     Returns
     -------
@@ -245,7 +209,8 @@ def split_half(
           or ``spearman_low <= 0``), ``"partly reproducible"`` in between,
           ``"unknown"`` when ``spearman`` is NaN;
         - ``"text"``: that reading in a sentence, naming ``N``;
-        - ``"n_images"``, ``"half_size"``, ``"splits"``, ``"channels"``,
+        - ``"n_images"``, ``"half_size"``, ``"splits"`` (the splits run),
+          ``"channels"``,
           ``"live_channels"``, ``"values_a"``, ``"values_b"`` (``(splits, C)``
           values on the halves).
 
@@ -257,7 +222,9 @@ def split_half(
     bootstrap of a correlation) captures that, and the half-sample noise in
     each channel's pair of values with it. The spread over splits
     (``spearman_half_sd``) only says how much the answer depends on the split
-    drawn, which averaging over ``splits`` removes; it is not an interval.
+    drawn, which averaging over ``splits`` removes; it is not an interval. That spread
+    is what ``width`` watches: more splits narrow the average's Monte Carlo interval,
+    never the interval over channels.
 
     On the shared ResNet-20 (19 layers, disjoint sets of N training cats) the
     nominal 90% interval held the directly measured agreement of two N-sets
@@ -274,119 +241,42 @@ def split_half(
     >>> s = split_half(z, rng.normal(size=200), splits=3)
     >>> s["reading"]
     'not reproducible'
+    >>> y = rng.normal(size=200)
+    >>> z[:, :, 0] += y / np.geomspace(0.3, 3, 20)[:, None]     # a clear ranking
+    >>> split_half(z, y, splits=10, width=0.05)["splits"]      # 4 splits are enough
+    4
     """
     s_count = integer(splits, "splits")
     top = integer(top, "top")
     resamples = integer(resamples, "resamples")
     lvl = fraction(level, "level")
     integer(seed, "seed", minimum=None)
-    options = dict(ace_options or {})
-
-    on_gpu = isinstance(components, torch.Tensor) and components.device.type != "cpu"
-    if isinstance(components, torch.Tensor):
-        zt = components.detach()
-        if not on_gpu:
-            zt = zt.to(torch.float64)
-        z: Any = zt if on_gpu else zt.numpy()
-    else:
-        try:
-            z = np.asarray(components, dtype=np.float64)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"components must be a numeric array: {err}") from None
-    if z.ndim != 3:
-        raise ValueError(f"components must have shape (C, N, k); got {tuple(z.shape)}. "
-                         "For one channel use components[None]")
+    first = s_count if width is None else min(s_count, integer(min_splits, "min_splits", 2))
+    if width is not None and not (isinstance(width, (int, float)) and width > 0):
+        raise ValueError(f"width must be a positive number (or None: run every split); "
+                         f"got {width!r}")
+    z, on_gpu = _checked_components(components)
     c, n, k = (int(d) for d in z.shape)
-    if c < 1 or k < 1:
-        raise ValueError(f"components is empty: shape {tuple(z.shape)}")
     half = n // 2
-    if half < MIN_OBSERVATIONS:
-        raise ValueError(f"a split-half check needs at least {2 * MIN_OBSERVATIONS} images; "
-                         f"got {n}")
-    finite = bool(torch.isfinite(z).all()) if on_gpu else bool(np.isfinite(z).all())
-    if not finite:
-        raise ValueError("components holds NaN or inf")
-    if isinstance(scores, torch.Tensor):
-        scores = scores.detach().cpu().numpy()
-    y = np.asarray(scores, dtype=np.float64)
-    if y.shape != (n,):
-        raise ValueError(f"scores must have shape ({n},), one per image; got {y.shape}")
-    if not np.isfinite(y).all():
-        raise ValueError("scores holds NaN or inf")
-    if np.ptp(y) <= 0:
-        raise ValueError("scores is constant; nothing to rank against")
-
+    y = _checked_scores(scores, n)
     rng = np.random.default_rng(int(seed))
-    halves = np.empty((s_count, 2, half), dtype=np.int64)
-    for s in range(s_count):
-        while True:  # a half whose scores are all equal cannot be scored; redraw
-            perm = rng.permutation(n)
-            a, b = perm[:half], perm[half:2 * half]
-            if np.ptp(y[a]) > 0 and np.ptp(y[b]) > 0:
-                break
-        halves[s, 0], halves[s, 1] = np.sort(a), np.sort(b)
-
-    if on_gpu:
-        live = torch.nonzero((z != 0).flatten(1).any(1)).flatten().cpu().numpy()
-    else:
-        live = np.flatnonzero((z != 0).reshape(c, -1).any(1))
-    values = np.zeros((s_count, 2, c))
-    if live.size:
-        idx = halves.reshape(s_count * 2, half)           # (2S, half)
-        step = _DEFAULT_PLAN.ace_problems(half, k) if chunk is None else integer(chunk, "chunk")
-        if on_gpu:
-            ys: Any = torch.as_tensor(y[idx], device=z.device, dtype=z.dtype)
-        else:
-            ys = y[idx]
-        problems = Problems(z, ys, live, order="row", images=idx)  # half-major, as before
-        run_on = LocalEngine() if engine is None else engine
-        flat = run_on.values(problems, chunk=step, score="maximal", ace_options=options,
-                             stage="split_half")
-        values[:, :, live] = flat.reshape(s_count, 2, live.size)
+    halves = _draw_halves(y, half, s_count, rng)   # all drawn: the first s are the same
+    live = _live_channels(z, on_gpu)
+    run = _HalfRunner(z, y, halves, live, chunk, dict(ace_options or {}), engine, on_gpu)
+    done = first
+    values = run.values(0, done)
+    while done < s_count:
+        need = _splits_needed(values, width, lvl, c, done)
+        if need <= done:
+            break
+        values = np.concatenate([values, run.values(done, min(s_count, need))])
+        done = values.shape[0]
     va, vb = values[:, 0], values[:, 1]
-
-    t = min(top, c // 2)
-    if c >= 3:
-        rho = _spearman_rows(va, vb)                      # (S,)
-        r_half = float(np.nanmean(rho)) if np.isfinite(rho).any() else math.nan
-        r_sd = float(np.nanstd(rho, ddof=1)) if np.isfinite(rho).sum() > 1 else math.nan
-    else:
-        r_half = r_sd = math.nan
-    low = high = math.nan
-    if c >= 5 and math.isfinite(r_half):
-        pick = rng.integers(0, c, size=(resamples, c))
-        boot = _spearman_rows(va[:, pick].transpose(1, 0, 2),
-                              vb[:, pick].transpose(1, 0, 2))   # (R, S)
-        with warnings.catch_warnings():                   # all-NaN rows: resamples of
-            warnings.simplefilter("ignore", RuntimeWarning)  # one channel value only
-            per = np.nanmean(boot, axis=1)                # (R,) mean over splits
-        per = per[np.isfinite(per)]
-        if per.size:
-            lo_q, hi_q = (1 - lvl) / 2, 1 - (1 - lvl) / 2
-            low = float(spearman_brown(np.quantile(per, lo_q)))
-            high = float(spearman_brown(np.quantile(per, hi_q)))
-    overlap = float(_top_overlap(va, vb, t).mean()) if t >= 1 else math.nan
-    projected = float(spearman_brown(r_half)) if math.isfinite(r_half) else math.nan
-    reading = _reading(projected, low)
-    return {
-        "spearman": projected,
-        "spearman_low": low,
-        "spearman_high": high,
-        "spearman_half": r_half,
-        "spearman_half_sd": r_sd,
-        "top_overlap": overlap,
-        "top_size": int(t),
-        "top_chance": t / c if t >= 1 else math.nan,
-        "reading": reading,
-        "text": _reading_text(reading, n),
-        "n_images": n,
-        "half_size": half,
-        "splits": s_count,
-        "channels": c,
-        "live_channels": int(live.size),
-        "values_a": va,
-        "values_b": vb,
-    }
+    out = _agreement(va, vb, top, lvl, resamples, rng)
+    reading = _reading(out["spearman"], out["spearman_low"])
+    return {**out, "reading": reading, "text": _reading_text(reading, n), "n_images": n,
+            "half_size": half, "splits": done, "channels": c, "live_channels": int(live.size),
+            "values_a": va, "values_b": vb}
 
 
 def _reading_text(reading: str, n: int) -> str:
@@ -416,7 +306,8 @@ def split_half_table(
         As for :func:`split_half`; every layer gets the same splits of the images.
     **options
         Further keyword arguments of :func:`split_half` (``top``, ``level``,
-        ``resamples``, ``chunk``, ``ace_options``, ``engine``).
+        ``resamples``, ``chunk``, ``ace_options``, ``engine``, ``width``,
+        ``min_splits``).
 
     Returns
     -------
@@ -425,7 +316,8 @@ def split_half_table(
         ``split_half_spearman_low``, ``split_half_spearman_high``,
         ``split_half_top10`` (top-set overlap), ``split_half_raw`` (two halves,
         unprojected), ``split_half_top_size``, ``split_half_top_chance``,
-        ``split_half_reading``, ``n_images``, in the mapping's order.
+        ``split_half_reading``, ``split_half_splits`` (splits run), ``n_images``, in
+        the mapping's order.
 
     Examples
     --------
@@ -434,7 +326,7 @@ def split_half_table(
     >>> comps = {"a": rng.normal(size=(6, 60, 2)), "b": rng.normal(size=(8, 60, 2))}
     >>> t = split_half_table(comps, rng.normal(size=60), splits=2)
     >>> list(t.layer), len(t.columns)
-    (['a', 'b'], 10)
+    (['a', 'b'], 11)
     """
     rows = []
     for name, z in components.items():
@@ -449,12 +341,13 @@ def split_half_table(
             "split_half_top_size": s["top_size"],
             "split_half_top_chance": s["top_chance"],
             "split_half_reading": s["reading"],
+            "split_half_splits": s["splits"],
             "n_images": s["n_images"],
         })
     return pd.DataFrame(rows, columns=[
         "layer", "split_half_spearman", "split_half_spearman_low", "split_half_spearman_high",
         "split_half_top10", "split_half_raw", "split_half_top_size", "split_half_top_chance",
-        "split_half_reading", "n_images"])
+        "split_half_reading", "split_half_splits", "n_images"])
 
 
 # --------------------------------------------------------------------------- verdict

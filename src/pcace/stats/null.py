@@ -254,10 +254,20 @@ def adjusted_value(observed: Any, null: Any) -> np.ndarray:
     [0.777, 0.0]
     """
     obs, nul = check_observed_matrix(observed, null, "null")
-    b = (nul ** 2).mean(axis=1)
-    denom = 1.0 - b
-    a = np.where(denom > 0, (obs ** 2 - b) / np.where(denom > 0, denom, 1.0), 0.0)
+    return _adjust_squared(obs, (nul ** 2).mean(axis=1))
+
+
+def _adjust_squared(obs: np.ndarray, mean_sq: np.ndarray) -> np.ndarray:
+    """``sign(a) sqrt(|a|)``, ``a = (obs^2 - mean_sq) / (1 - mean_sq)`` (0 where undefined)."""
+    denom = 1.0 - mean_sq
+    a = np.where(denom > 0, (obs ** 2 - mean_sq) / np.where(denom > 0, denom, 1.0), 0.0)
     return np.sign(a) * np.sqrt(np.abs(a))
+
+
+def _adjust_linear(obs: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """``(obs - mean) / (1 - mean)``, the linear chance correction (0 where undefined)."""
+    denom = 1.0 - mean
+    return np.where(denom > 0, (obs - mean) / np.where(denom > 0, denom, 1.0), 0.0)
 
 
 def null_summary(observed: Any, null: Any, *,
@@ -310,8 +320,6 @@ def null_summary(observed: Any, null: Any, *,
     exceed = (nul >= obs[:, None]).sum(axis=1)
     p = (1.0 + exceed) / (b + 1.0)
     null_mean = nul.mean(axis=1)
-    denom = 1.0 - null_mean
-    linear = np.where(denom > 0, (obs - null_mean) / np.where(denom > 0, denom, 1.0), 0.0)
     return pd.DataFrame({
         "channel": ids,
         "pcace": obs,
@@ -321,7 +329,7 @@ def null_summary(observed: Any, null: Any, *,
         "p_value": p,
         "q_value": benjamini_hochberg(p),
         "pcace_adj": adjusted_value(obs, nul),
-        "pcace_adj_linear": linear,
+        "pcace_adj_linear": _adjust_linear(obs, null_mean),
     })
 
 

@@ -1,0 +1,337 @@
+"""A permutation null pooled over the channels of a layer: few ACE runs per channel.
+
+The exact null (:func:`pcace.stats.null.permutation_null`) re-scores every channel
+against ``B`` permutations of the score: ``C * B`` ACE problems per layer, and a p-value
+no smaller than ``1 / (B + 1)``. But the null distributions of a layer's channels are
+nearly the same: the same ``n`` images, the same ``k`` standardised principal components,
+the same score. :func:`pooled_null` therefore scores each channel against only ``b`` of
+its own permutations (``b = max(min_per_channel, ceil(pool / C))``, each problem a fresh
+permutation) and :func:`pooled_summary` compares every channel with all ``C * b`` values
+of its layer:
+
+    p_c = (1 + #{null values of the layer >= observed_c}) / (C b + 1).
+
+With the defaults (``pool = 1000``, ``min_per_channel = 20``) a layer costs
+``max(1000, 20 C)`` ACE problems (1,000 for 16 to 50 channels, 1,280 for 64, 10,240
+for 512), against ``100 C`` for today's default exact null (``B = 100``) and ``1000 C``
+for one that resolves p-values as finely. The pool holds at least ``20 C`` values, so a
+lone strong channel can reach Benjamini-Hochberg's smallest threshold ``0.05 / C``.
+
+Validity and limits
+-------------------
+Under the hypothesis that no channel relates to the score, the pooled null is the
+mixture of the channels' nulls, so the share of a layer's channels with ``p <= alpha``
+is ``alpha`` on average (on the shared ResNet-20 with hashed scores: within 1 percentage
+point of the exact null's share, ``benchmarks/README.md``, section "Cheap null"). For one
+channel the p-value is exact only as far as its null equals its pool's. On the shared
+ResNet-20 (cat logit, k = 3) channels' null means differ by up to 0.01 (0.113-0.125 at
+N = 1,000), more in early layers and for channels with heavy-tailed components; the rate
+at which a channel's own null values reach ``p <= 0.05`` against the pool averages 4.8%
+and ranges 0.9-9.0% (3% of channels above 7%, where the measurement's noise alone puts
+2%). Ties matter most: a channel silent on many images has a much smaller null, so
+channels are pooled only with channels of the same number of non-zero components and the
+same tie class (:func:`channel_groups`); within a pool, very different component shapes
+(normal next to log-normal) still give light-tailed channels rates up to about 7.5% at a
+nominal 5%. Dead channels (all zero) get ``p = 1`` and no ACE run. For a claim about one
+channel use the exact null (:func:`pcace.stats.null.permutation_null`).
+
+Examples
+--------
+>>> import numpy as np
+>>> from pcace import ace
+>>> rng = np.random.default_rng(0)
+>>> z = rng.normal(size=(8, 100, 3))                   # 8 channels, 100 images, k = 3
+>>> y = z[0, :, 0] ** 2 + 0.5 * rng.normal(size=100)   # channel 0 carries the score
+>>> null = pooled_null(z, y, pool=200, min_per_channel=5, seed=1)
+>>> null.values.shape, null.problems                   # 25 permutations per channel
+((8, 25), 200)
+>>> table = pooled_summary(ace(z, y).rho, null)
+>>> bool(table.p_value[0] < 0.01), bool((table.p_value[1:] > 0.01).all())
+(True, True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..core.validation import MIN_OBSERVATIONS, float64_array, integer, score_kind
+from ..core.validation import scores as check_scores
+from ..engines.engine import Engine, LocalEngine, Problems
+from .common import DEFAULT_PLAN, channel_ids
+from .null import _adjust_linear, _adjust_squared, benjamini_hochberg
+
+__all__ = ["PooledNull", "channel_groups", "pool_plan", "pooled_null", "pooled_summary",
+           "tie_fraction"]
+
+#: Bytes of permuted scores held per batch of problems handed to the engine.
+BATCH_BYTES = 64 * 2**20
+#: Edges of the tie classes of :func:`channel_groups` (share of tied images).
+TIE_EDGES = (0.05, 0.25, 0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class PooledNull:
+    """Per-channel permutation values and the pool each channel belongs to.
+
+    Attributes
+    ----------
+    values : numpy.ndarray
+        ``(C, b)`` float64: channel ``c``'s values against its own permutations of the
+        score; NaN past the permutations a channel got (channels of a small pool get
+        more) and for dead channels.
+    groups : numpy.ndarray
+        ``(C,)`` int: the pool of each channel (:func:`channel_groups`); -1 for a dead
+        channel.
+    """
+
+    values: np.ndarray
+    groups: np.ndarray
+
+    @property
+    def problems(self) -> int:
+        """ACE problems solved (non-NaN values)."""
+        return int(np.isfinite(self.values).sum())
+
+    def pool(self, group: int) -> np.ndarray:
+        """The sorted null values of one pool."""
+        v = self.values[self.groups == group]
+        return np.sort(v[np.isfinite(v)])
+
+
+def pool_plan(groups: np.ndarray, pool: int, min_per_channel: int) -> np.ndarray:
+    """Permutations per channel: ``max(min_per_channel, ceil(pool / size of its group))``.
+
+    Examples
+    --------
+    >>> pool_plan(np.array([0, 0, 0, 0, 1, -1]), pool=100, min_per_channel=20).tolist()
+    [25, 25, 25, 25, 100, 0]
+    """
+    out = np.zeros(groups.shape, dtype=np.int64)
+    for g in np.unique(groups[groups >= 0]):
+        members = groups == g
+        out[members] = max(min_per_channel, math.ceil(pool / int(members.sum())))
+    return out
+
+
+def tie_fraction(z: Any) -> np.ndarray:
+    """Per channel, the largest share of images tied with another on one component.
+
+    ``1 - (distinct values) / N``, maximised over the channel's non-zero components: 0
+    for continuous components, about 0.5 for a channel that is silent (all zero) on half
+    the images.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> z = np.stack([np.arange(8.0)[:, None], np.r_[np.zeros(4), np.arange(1.0, 5.0)][:, None]])
+    >>> tie_fraction(z).tolist()
+    [0.0, 0.375]
+    """
+    zs = np.sort(np.asarray(z.cpu() if isinstance(z, torch.Tensor) else z, np.float64), axis=1)
+    distinct = 1 + (np.diff(zs, axis=1) != 0).sum(axis=1)          # (C, k)
+    unused = ~(zs != 0).any(axis=1)                                # all-zero components
+    distinct = np.where(unused, zs.shape[1], distinct)
+    return (1.0 - distinct / zs.shape[1]).max(axis=1)
+
+
+def channel_groups(z: Any) -> np.ndarray:
+    """The pool of each channel: its number of non-zero components and its tie class.
+
+    Channels share a pool when they have the same number of non-zero components and
+    their :func:`tie_fraction` falls in the same class of :data:`TIE_EDGES` (ties make
+    ACE's smoothers fit less, so a channel silent on many images has a smaller null);
+    -1 marks a dead channel.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> z = rng.normal(size=(4, 40, 2)); z[1, :, 1] = 0; z[2, :20] = 0; z[3] = 0
+    >>> channel_groups(z).tolist()
+    [20, 10, 22, -1]
+    """
+    za = np.asarray(z.cpu() if isinstance(z, torch.Tensor) else z, np.float64)
+    nonzero = (za != 0).any(axis=1).sum(axis=1).astype(np.int64)
+    ties = np.searchsorted(np.asarray(TIE_EDGES), tie_fraction(za), side="right")
+    return np.where(nonzero > 0, 10 * nonzero + ties, -1)
+
+
+def pooled_null(
+    z: Any,
+    scores: Any,
+    pool: int = 1000,
+    seed: int = 0,
+    chunk: int | None = None,
+    *,
+    min_per_channel: int = 20,
+    score: str = "maximal",
+    ace_options: dict | None = None,
+    progress: bool = False,
+    engine: Engine | None = None,
+) -> PooledNull:
+    """Every channel's values against a few permutations of its own, for a pooled null.
+
+    Parameters
+    ----------
+    z : torch.Tensor or numpy.ndarray
+        ``(C, N, k)`` principal-component scores of ONE layer (a CUDA tensor runs ACE on
+        its device).
+    scores : array_like
+        ``(N,)`` score per image.
+    pool : int, default 1000
+        Null values wanted per pool (per layer, when every channel has ``k`` non-zero
+        components): the p-value's resolution is ``1 / (pool + 1)`` or finer.
+    seed : int, default 0
+        Seed of the permutations (one fresh permutation per ACE problem).
+    chunk : int, optional
+        ACE problems per call (default: as many as fit in about 128 MB).
+    min_per_channel : int, default 20
+        Permutations per channel at least; the pool then holds at least ``20 C``
+        values, so BH's smallest threshold ``0.05 / C`` can be reached.
+    score, ace_options, progress, engine
+        As for :func:`pcace.stats.null.permutation_null`.
+
+    Returns
+    -------
+    PooledNull
+        ``values`` ``(C, b)`` and ``groups``; ``problems`` ACE runs, about
+        ``max(pool, min_per_channel * C)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> z = rng.normal(size=(4, 60, 2)); z[3] = 0                  # channel 3 is dead
+    >>> n = pooled_null(z, rng.normal(size=60), pool=30, min_per_channel=4)
+    >>> n.values.shape, n.groups.tolist(), n.problems
+    ((4, 10), [20, 20, 20, -1], 30)
+    """
+    pool = integer(pool, "pool")
+    min_per_channel = integer(min_per_channel, "min_per_channel")
+    integer(seed, "seed", minimum=None)
+    score_kind(score)
+    zt = _components(z)
+    c, n, k = zt.shape
+    y = check_scores(scores, n)
+    step = DEFAULT_PLAN.ace_problems(n, k) if chunk is None else integer(chunk, "chunk")
+    groups = channel_groups(zt)
+    per = pool_plan(groups, pool, min_per_channel)
+    values = np.full((c, max(1, int(per.max()))), np.nan)
+    channels = np.repeat(np.arange(c), per)          # each channel's problems consecutive
+    slots = np.concatenate([np.arange(b) for b in per]) if channels.size else channels
+    run_on = LocalEngine() if engine is None else engine
+    rng = np.random.default_rng(int(seed))
+    rows = max(1, BATCH_BYTES // (8 * n))
+    from tqdm.auto import tqdm
+
+    with tqdm(total=channels.size, desc="pooled null", unit="fit",
+              disable=not progress) as bar:
+        for lo in range(0, channels.size, rows):
+            hi = min(channels.size, lo + rows)
+            perms = rng.permuted(np.tile(np.arange(n), (hi - lo, 1)), axis=1)
+            ys: Any = y[perms]
+            src: Any = zt.numpy() if zt.device.type == "cpu" else zt
+            if zt.device.type != "cpu":
+                ys = torch.as_tensor(ys, device=zt.device)
+            problems = Problems(src, ys, channels[lo:hi], order="paired")
+            flat = run_on.values(problems, chunk=step, score=score,
+                                 ace_options=dict(ace_options or {}), stage="null",
+                                 progress=bar.update)
+            values[channels[lo:hi], slots[lo:hi]] = flat
+    values[groups < 0] = np.nan
+    return PooledNull(values=values, groups=groups)
+
+
+def _components(z: Any) -> torch.Tensor:
+    """``z`` as a float64 tensor (on its device), checked."""
+    if isinstance(z, torch.Tensor) and z.device.type != "cpu":
+        zt = z.detach().to(torch.float64)
+    else:
+        zt = torch.as_tensor(float64_array(z, "z"))
+    if zt.ndim != 3:
+        raise ValueError(f"z must have shape (C, N, k); got {tuple(zt.shape)}. "
+                         "For one channel use z[None]")
+    if zt.shape[1] < MIN_OBSERVATIONS:
+        raise ValueError(f"a permutation null needs at least {MIN_OBSERVATIONS} images; "
+                         f"got {zt.shape[1]}")
+    if zt.shape[0] < 1 or zt.shape[2] < 1:
+        raise ValueError(f"z is empty: shape {tuple(zt.shape)}")
+    if not bool(torch.isfinite(zt).all()):
+        raise ValueError("z holds NaN or inf")
+    return zt
+
+
+def pooled_summary(observed: Any, null: PooledNull, *,
+                   channels: Sequence[int] | None = None) -> pd.DataFrame:
+    """p- and q-values and null-corrected values of one layer against its pooled null.
+
+    The columns and their meaning are those of :func:`pcace.stats.null.null_summary`,
+    with each channel's null being its pool: ``null_mean``, ``null_sd``, ``null_q95``
+    and the ``mean(null^2)`` of ``pcace_adj`` are the pool's (the same for every
+    channel of a pool), and ``p_value = (1 + #{pool >= observed}) / (M + 1)`` with
+    ``M`` the pool's size. Dead channels get ``p = 1`` and zeros.
+
+    Parameters
+    ----------
+    observed : array_like
+        ``(C,)`` PCACE values of the layer's channels.
+    null : PooledNull
+        From :func:`pooled_null` for the same channels.
+    channels : sequence of int, optional
+        Channel ids for the ``channel`` column (default ``0 .. C-1``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``channel``, ``pcace``, ``null_mean``, ``null_sd``, ``null_q95``, ``p_value``,
+        ``q_value`` (BH over the channels passed in), ``pcace_adj``,
+        ``pcace_adj_linear``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> null = PooledNull(np.tile(np.linspace(0.1, 0.4, 33), (3, 1)), np.array([3, 3, 3]))
+    >>> pooled_summary([0.5, 0.2, 0.1], null).p_value.round(3).tolist()
+    [0.01, 0.67, 1.0]
+    """
+    obs = float64_array(observed, "observed")
+    if not isinstance(null, PooledNull):
+        raise TypeError(f"null must be a PooledNull (from pooled_null); got "
+                        f"{type(null).__name__}")
+    if obs.ndim != 1 or obs.shape[0] != null.values.shape[0]:
+        raise ValueError(f"observed must have shape ({null.values.shape[0]},), one value "
+                         f"per channel of the null; got {obs.shape}")
+    if not np.all(np.isfinite(obs)):
+        raise ValueError("observed holds NaN or inf")
+    ids = channel_ids(channels, obs.shape[0])
+    cols = {name: np.zeros(obs.shape[0]) for name in
+            ("null_mean", "null_sd", "null_q95", "mean_sq")}
+    p = np.ones(obs.shape[0])
+    for g in np.unique(null.groups[null.groups >= 0]):
+        members = null.groups == g
+        values = null.pool(int(g))
+        m = values.size
+        exceed = m - np.searchsorted(values, obs[members], side="left")
+        p[members] = (1.0 + exceed) / (m + 1.0)
+        cols["null_mean"][members] = values.mean()
+        cols["null_sd"][members] = values.std(ddof=1) if m > 1 else 0.0
+        cols["null_q95"][members] = np.quantile(values, 0.95)
+        cols["mean_sq"][members] = np.mean(values ** 2)
+    return pd.DataFrame({
+        "channel": ids,
+        "pcace": obs,
+        "null_mean": cols["null_mean"],
+        "null_sd": cols["null_sd"],
+        "null_q95": cols["null_q95"],
+        "p_value": p,
+        "q_value": benjamini_hochberg(p),
+        "pcace_adj": _adjust_squared(obs, cols["mean_sq"]),
+        "pcace_adj_linear": _adjust_linear(obs, cols["null_mean"]),
+    })
