@@ -297,7 +297,7 @@ def test_resnet20_matches_independent_computation(cifar, cifar_result):
 def test_null_and_bootstrap_columns_through_rank():
     x, pattern = planted_images(n=150)
     res = pcace.rank(PlantedNet(pattern), x, RegressionOutput(), layers=["features"],
-                     permutations=199, bootstrap=20, progress=False)
+                     permutations=199, null="exact", bootstrap=20, progress=False)
     ch = res.channels.set_index("channel")
     for col in ("null_mean", "p_value", "q_value", "pcace_adj", "ci_low", "ci_high",
                 "rank_low", "rank_high"):

@@ -121,9 +121,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path-column", default="path", help="CSV data: the column of image paths")
     p.add_argument("--label-column", help="CSV data: the column of class labels (for --label)")
     p.add_argument("--permutations", type=int, default=100,
-                   help="B permutations of the score for a null: p- and q-values, pcace_adj, "
-                   "which channels beat chance (default 100; 0: none; 1000 for claims about "
-                   "single channels)")
+                   help="a permutation null: p- and q-values, pcace_adj, which channels beat "
+                   "chance (0: none); with --null exact, B permutations per channel (1000 for "
+                   "claims about single channels)")
+    p.add_argument("--null", choices=["pooled", "exact"], default="pooled",
+                   help="pooled (default): a few permutations per channel, pooled within the "
+                   "layer; exact: --permutations of its own for every channel")
+    p.add_argument("--basis", choices=["sample", "exact"], default="sample",
+                   help="sample (default): principal axes from --sample-size images, refined "
+                   "over all in one pass, where there are more; exact: the exact PCA")
+    p.add_argument("--sample-size", type=int, default=1000,
+                   help="images the sampled basis takes its axes from (default 1000)")
     p.add_argument("--split-half", type=int, default=10,
                    help="random splits of the images into halves for each layer's "
                    "reproducibility check (default 10; 0: none)")
@@ -283,6 +291,7 @@ def _rank(args: argparse.Namespace) -> int:
                       per_label=args.per_class,
                       categories=list(cats.names) if cats else None, seed=args.seed,
                       progress=not args.no_progress, permutations=args.permutations,
+                      null=args.null, basis=args.basis, sample_size=args.sample_size,
                       split_half=args.split_half, bootstrap=args.bootstrap, level=args.level,
                       interval=args.interval,
                       spill_dir=args.spill_dir, checkpoint_dir=out, resume=args.resume,

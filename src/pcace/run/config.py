@@ -33,6 +33,7 @@ from ..core.validation import fraction, integer, score_kind
 from ..engines.engine import ENGINES, Engine
 from ..reduce.plan import BASES, MemoryPlan
 from ..stats.bootstrap import interval_scheme
+from ..stats.nulls import NULL_METHODS
 
 __all__ = ["RankOptions", "option", "options_doc"]
 
@@ -84,6 +85,12 @@ def _device(value: Any) -> str | torch.device:
 def _basis(value: Any) -> str:
     if value not in BASES:
         raise ValueError(f"basis must be one of {BASES}; got {value!r}")
+    return value
+
+
+def _null(value: Any) -> str:
+    if value not in NULL_METHODS:
+        raise ValueError(f"null must be one of {NULL_METHODS}; got {value!r}")
     return value
 
 
@@ -242,17 +249,27 @@ class RankOptions:
         """Class names, to resolve a class-name ``target``.""")
     permutations: int = option(
         100, "int, default 100",
-        """B > 0 re-scores every channel against B permutations of the score (the same for
-        all channels; only ACE re-runs) and adds ``null_mean``, ``null_q95``,
-        ``p_value`` (with the +1 correction), ``q_value`` (Benjamini-Hochberg within
-        each layer), ``significant`` (``q <= 0.05``) and ``pcace_adj`` (a null-corrected
-        value comparable across layers and runs; see :mod:`pcace.stats`); the layer
-        table gains the share of significant channels and the median ``pcace_adj``. 0
-        opts out. With B permutations a p-value is at least ``1 / (B + 1)``, so a layer
-        of C channels shows significant channels only when about ``C / (20 (B + 1))`` of
-        them beat the whole null; use 1000 for claims about single channels. The cost of
-        the default is measured in ``benchmarks/README.md`` ("Evidence").""",
-        check=_count('permutations'))
+        """> 0 computes a permutation null for every channel (0 opts out): each channel's value
+        against its values on permutations of the score (only ACE re-runs), which adds
+        ``null_mean``, ``null_q95``, ``p_value``, ``q_value`` (Benjamini-Hochberg within each
+        layer), ``significant`` (``q <= 0.05``) and ``pcace_adj`` (a null-corrected value
+        comparable across layers and runs; :mod:`pcace.stats.null`); the layer table gains the
+        share of significant channels and the median ``pcace_adj``. With ``null="exact"`` it
+        is B, the permutations per channel (a p-value is then at least ``1 / (B + 1)``; use
+        1000 for claims about single channels); with ``null="pooled"`` the null's size is set
+        per layer (below).""",
+        check=_count("permutations"))
+    null: str = option(
+        "pooled", "{\"pooled\", \"exact\"}",
+        """Which permutation null. ``"pooled"`` (default): each channel gets ``max(20,
+        ceil(1000 / C))`` permutations of its own and its p-value is counted against the pool
+        of its layer's channels with the same number of components and a similar share of
+        ties (at least ``max(1000, 20 C)`` values): a third of the ACE runs of 100
+        permutations per channel, calibrated on independent data and agreeing with a
+        1,000-permutation exact null on 99% of discoveries at N = 1,000 (limits:
+        ``benchmarks/README.md``, "Cheap null"). ``"exact"``: ``permutations`` of the score
+        per channel, each channel against its own null.""",
+        check=_null)
     split_half: int = option(
         10, "int, default 10",
         """S > 0: how reproducible each layer's ranking is. The channels are scored on S
@@ -345,8 +362,9 @@ class RankOptions:
     @property
     def statistics(self) -> dict[str, Any]:
         """What the run computes beyond the raw values (recorded with its checkpoints)."""
-        return {"permutations": self.permutations, "bootstrap": self.bootstrap,
-                "level": self.level, "seed": self.seed, "interval": self.interval}
+        return {"permutations": self.permutations, "null": self.null,
+                "bootstrap": self.bootstrap, "level": self.level, "seed": self.seed,
+                "interval": self.interval}
 
     def replace(self, **changes: Any) -> RankOptions:
         """A copy with some options changed (checked again)."""

@@ -182,6 +182,8 @@ def _restore(run: Scoring, checkpoints: Checkpoints, scored: ScoredLayers) -> No
         scored.shapes[name] = checkpoints.shapes()[name]
         if stability is not None:
             scored.stability[name] = stability
+        if checkpoints.nulls(name):
+            scored.nulls[name] = checkpoints.nulls(name)
 
 
 def _pass_and_score(ctx: RunContext, checkpoints: Checkpoints, todo: list[str]) -> _Gathered:
@@ -311,7 +313,8 @@ def _manifest(ctx: RunContext, g: _Gathered, checkpoints: Checkpoints, weights: 
         "target_labels": targets.labels, "per_label": bool(opts.per_label),
         "score": opts.score, "components": opts.components, "layers": ctx.names,
         "shapes": {n: list(s) for n, s in shapes.items()}, "device": str(ctx.device),
-        "seed": opts.seed, "permutations": opts.permutations, "split_half": opts.split_half,
+        "seed": opts.seed, "permutations": opts.permutations, "null": opts.null,
+        "nulls": scored.nulls, "split_half": opts.split_half,
         "alpha": 0.05, "bootstrap": opts.bootstrap, "level": opts.level,
         "interval": opts.interval, "memory_budget": g.plan.budget,
         "memory_budget_reason": budget_reason(

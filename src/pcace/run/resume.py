@@ -65,6 +65,10 @@ class Checkpoints:
         """The images' labels of a per-label run (None otherwise)."""
         return next(iter(self.done.values())).arrays.get("labels")
 
+    def nulls(self, name: str) -> dict | None:
+        """The null's records of a finished layer (None when it had no null)."""
+        return self.done[name].extra.get("nulls")
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """The finished layers' ``(C, H, W)``."""
         return {name: tuple(ckpt.extra["shape"]) for name, ckpt in self.done.items()}
@@ -82,7 +86,7 @@ class Checkpoints:
 
     def save(self, name: str, table: pd.DataFrame, stability: dict | None,
              components: dict[Any, torch.Tensor], scores: np.ndarray, shape: tuple[int, ...],
-             labels: np.ndarray | None = None) -> None:
+             labels: np.ndarray | None = None, nulls: dict | None = None) -> None:
         """Save a finished layer: all its groups and targets in one file."""
         if self.root is None:
             return
@@ -94,7 +98,7 @@ class Checkpoints:
             for i, comp in enumerate(components.values()):
                 arrays[f"components_{i}"] = comp.numpy()
         save_layer_checkpoint(self.root, name, table, stability=stability, arrays=arrays,
-                              extra={"shape": list(shape)})
+                              extra={"shape": list(shape), "nulls": nulls})
 
     def restore(self, name: str, labels: list[Any]) -> tuple[pd.DataFrame, dict, dict | None]:
         """A checkpointed layer's table, components (keyed as the run keys them: the layer,

@@ -38,7 +38,7 @@ from ..reduce.pca import Reduction
 from ..reduce.plan import MemoryPlan
 from ..reduce.routes import ReducedBlock, Route
 from ..stats.bootstrap import bootstrap_summary, bootstrap_values, interval_scheme, layer_stability
-from ..stats.null import null_summary, permutation_null
+from ..stats.nulls import null_table
 from .config import RankOptions
 from .groups import ImageGroup, group_labels
 from .resume import Checkpoints
@@ -58,6 +58,7 @@ class ScoredLayers:
     components: dict[Any, torch.Tensor] = field(default_factory=dict)
     stability: dict[str, dict] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    nulls: dict[str, dict] = field(default_factory=dict)
     interrupted: bool = False
     signal: int | None = None
 
@@ -164,11 +165,12 @@ def _score_layer(run: Scoring, route: Route, name: str, out: ScoredLayers, bar: 
         del block
         if on_step is not None:
             on_step()
-    tables, stability, comps = [], {}, {}
+    tables, stability, comps, nulls = [], {}, {}, {}
     for g, acc in zip(run.groups, gathered, strict=True):
-        table, stab, comps[g.label] = _group_result(run, name, g, acc)
+        table, stab, comps[g.label], null = _group_result(run, name, g, acc)
         tables.append(table)
         stability.update(stab)
+        nulls.update(null)
     table = pd.concat(tables, ignore_index=True)
     for label, comp in comps.items():
         out.components[name if not run.grouped else (name, label)] = comp
@@ -176,8 +178,11 @@ def _score_layer(run: Scoring, route: Route, name: str, out: ScoredLayers, bar: 
     out.shapes[name] = route.shape(name)
     if stability:
         out.stability[name] = stability
+    if nulls:
+        out.nulls[name] = nulls
     run.checkpoints.save(name, table, stability or None, comps, run.scores, route.shape(name),
-                         group_labels(run.groups, len(run.scores)) if run.grouped else None)
+                         group_labels(run.groups, len(run.scores)) if run.grouped else None,
+                         nulls=nulls or None)
 
 
 def _add_block(run: Scoring, group: ImageGroup, acc: _Gathered, red: Reduction,
@@ -213,14 +218,15 @@ def _bootstrap(run: Scoring, maps: torch.Tensor, scores: np.ndarray, n: int) -> 
 
 
 def _group_result(run: Scoring, name: str, group: ImageGroup, acc: _Gathered
-                  ) -> tuple[pd.DataFrame, dict, torch.Tensor]:
-    """A group's rows of a layer (per target, with statistics) and its components."""
+                  ) -> tuple[pd.DataFrame, dict, torch.Tensor, dict]:
+    """A group's rows of a layer (per target, with statistics), its components and its
+    null's records."""
     values = np.concatenate(acc.values)
     z = _pad_cat(acc.parts)
     boot = np.concatenate(acc.boots) if acc.boots else None
     dead = np.concatenate(acc.dead).astype(bool)
     scores = group.scores(run.scores)
-    tables, stability = [], {}
+    tables, stability, nulls = [], {}, {}
     for j, column in enumerate(group.columns):
         target = run.target_names[column]
         table = pd.DataFrame({
@@ -232,30 +238,41 @@ def _group_result(run: Scoring, name: str, group: ImageGroup, acc: _Gathered
         })
         if group.label is not None:
             table.insert(1, "label", group.label)
-        stab = _add_statistics(run, table, z, scores[:, j],
+        stab, null = _add_statistics(run, table, z, scores[:, j],
                                None if boot is None else boot[:, j])
         tables.append(table)
         if stab is not None:
             stability[(group.label, target)] = stab
-    return pd.concat(tables, ignore_index=True), stability, z
+        if null is not None:
+            nulls[_key(group.label, target)] = null
+    return pd.concat(tables, ignore_index=True), stability, z, nulls
 
 
 def _add_statistics(run: Scoring, table: pd.DataFrame, z: torch.Tensor, scores: np.ndarray,
-                    boot: np.ndarray | None) -> dict | None:
-    """The null's and the bootstrap's columns of one (group, target)'s rows."""
+                    boot: np.ndarray | None) -> tuple[dict | None, dict | None]:
+    """The null's and the bootstrap's columns of one (group, target)'s rows; the
+    stability summary and the null's record."""
     opts = run.options
     observed = table.pcace.to_numpy()
+    record = None
     if opts.permutations:
         with run.watch("null"):
-            null = permutation_null(z, scores, opts.permutations, opts.seed,
-                                    engine=run.engine,
-                                    chunk=run.plan.ace_problems(z.shape[1], z.shape[2]),
-                                    score=opts.score, ace_options=opts.ace_options)
-            _join(table, null_summary(observed, null))
+            summary, record = null_table(observed, z, scores, method=opts.null,
+                                         permutations=opts.permutations, seed=opts.seed,
+                                         chunk=run.plan.ace_problems(z.shape[1], z.shape[2]),
+                                         score=opts.score, ace_options=opts.ace_options,
+                                         engine=run.engine)
+            _join(table, summary)
+        record = {k: v for k, v in record.items() if k != "null"}  # not the values
     if boot is None:
-        return None
+        return None, record
     _join(table, bootstrap_summary(observed, boot, opts.level, method=opts.interval))
-    return layer_stability(observed, boot)
+    return layer_stability(observed, boot), record
+
+
+def _key(label: Any, target: str) -> str:
+    """A (label, target)'s key in the manifest's null records."""
+    return target if label is None else f"{label}/{target}"
 
 
 def _join(table: pd.DataFrame, summary: pd.DataFrame) -> None:

@@ -116,7 +116,8 @@ def _add_group_evidence(layers: pd.DataFrame, channels: pd.DataFrame, scored: Sc
         else:
             comps = {key[0]: z for key, z in scored.components.items()
                      if key[1] == group.label}
-        split = split_half_table(comps, scores, splits=split_half, seed=seed,
+        # no more splits than a 95% interval of width 0.05 on the agreement needs
+        split = split_half_table(comps, scores, splits=split_half, seed=seed, width=0.05,
                                  ace_options=ace_options, engine=engine)
     if "q_value" not in channels.columns and split is None:
         return
