@@ -65,6 +65,25 @@ Examples
 >>> s = split_half(z, y, splits=4, seed=1)
 >>> s["spearman"] > 0.8, s["reading"]
 (True, 'reproducible')
+
+The split-half interval
+-----------------------
+Why a bootstrap over channels: a layer's Spearman correlation is computed
+from its ``C`` channels, and with 16 or 32 channels (ResNet-20's early
+stages) that alone makes it uncertain; resampling channels (the pairs
+bootstrap of a correlation) captures that, and the half-sample noise in
+each channel's pair of values with it. The spread over splits
+(``spearman_half_sd``) only says how much the answer depends on the split
+drawn, which averaging over ``splits`` removes; it is not an interval. That spread
+is what ``width`` watches: more splits narrow the average's Monte Carlo interval,
+never the interval over channels.
+
+On the shared ResNet-20 (19 layers, disjoint sets of N training cats) the
+nominal 90% interval held the directly measured agreement of two N-sets
+(averaged over 1-5 pairs) in 78%, 80% and 84% of layers x sets at
+N = 200, 600 and 2,400; the reference is itself noisy (one pair's Spearman
+varies by about 0.2 in 16-channel layers), so the shortfall is partly the
+reference's, but it is why the default level is 0.95.
 """
 
 from __future__ import annotations
@@ -190,48 +209,17 @@ def split_half(
     Returns
     -------
     dict
-        - ``"spearman"``: agreement expected between the full-sample ranking and
-          one from ``N`` other images: the split-half Spearman projected with
-          :func:`spearman_brown`; NaN with fewer than 3 channels or when a
-          half's values are all equal (e.g. every channel dead);
-        - ``"spearman_low"``, ``"spearman_high"``: the ``level`` percentile
-          interval of that projection under a bootstrap over channels (channels
-          resampled with replacement, the same resample for every split); NaN
-          with fewer than 5 channels;
-        - ``"spearman_half"``: the unprojected split-half Spearman (two samples
-          of ``N/2`` images), mean over splits; ``"spearman_half_sd"``: its
-          standard deviation over splits (the spread due to the split alone);
-        - ``"top_overlap"``: mean share of one half's top ``top_size`` channels
-          in the other half's; ``"top_size"``; ``"top_chance"``: the overlap
-          expected of two random orders, ``top_size / C``;
-        - ``"reading"``: ``"reproducible"`` (``spearman >= 0.8`` and
-          ``spearman_low >= 0.5``), ``"not reproducible"`` (``spearman < 0.5``
-          or ``spearman_low <= 0``), ``"partly reproducible"`` in between,
-          ``"unknown"`` when ``spearman`` is NaN;
-        - ``"text"``: that reading in a sentence, naming ``N``;
-        - ``"n_images"``, ``"half_size"``, ``"splits"`` (the splits run),
-          ``"channels"``,
-          ``"live_channels"``, ``"values_a"``, ``"values_b"`` (``(splits, C)``
-          values on the halves).
-
-    Notes
-    -----
-    Why a bootstrap over channels: a layer's Spearman correlation is computed
-    from its ``C`` channels, and with 16 or 32 channels (ResNet-20's early
-    stages) that alone makes it uncertain; resampling channels (the pairs
-    bootstrap of a correlation) captures that, and the half-sample noise in
-    each channel's pair of values with it. The spread over splits
-    (``spearman_half_sd``) only says how much the answer depends on the split
-    drawn, which averaging over ``splits`` removes; it is not an interval. That spread
-    is what ``width`` watches: more splits narrow the average's Monte Carlo interval,
-    never the interval over channels.
-
-    On the shared ResNet-20 (19 layers, disjoint sets of N training cats) the
-    nominal 90% interval held the directly measured agreement of two N-sets
-    (averaged over 1-5 pairs) in 78%, 80% and 84% of layers x sets at
-    N = 200, 600 and 2,400; the reference is itself noisy (one pair's Spearman
-    varies by about 0.2 in 16-channel layers), so the shortfall is partly the
-    reference's, but it is why the default level is 0.95.
+        ``"spearman"`` (the split-half Spearman projected to ``N`` images with
+        :func:`spearman_brown`; NaN below 3 channels or with constant halves),
+        ``"spearman_low"``/``"spearman_high"`` (its ``level`` interval under a bootstrap
+        over channels; NaN below 5), ``"spearman_half"`` and ``"spearman_half_sd"`` (the
+        unprojected Spearman's mean and spread over splits), ``"top_overlap"``,
+        ``"top_size"``, ``"top_chance"``, ``"reading"`` (``"reproducible"``: ``spearman >=
+        0.8`` and ``spearman_low >= 0.5``; ``"not reproducible"``: ``spearman < 0.5`` or
+        ``spearman_low <= 0``; ``"partly reproducible"`` between; ``"unknown"``), ``"text"``,
+        ``"n_images"``, ``"half_size"``, ``"splits"`` (run), ``"channels"``,
+        ``"live_channels"``, ``"values_a"``/``"values_b"`` (``(splits, C)``). Why the
+        interval is over channels: the module notes.
 
     Examples
     --------
