@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..core.validation import MIN_OBSERVATIONS
+from .binned import resolve_bins, split_bins
 from .smoothers import KINDS, SortedAxis, smooth
 
 
@@ -231,14 +232,20 @@ def _run(p: _Problems, x: torch.Tensor, y: torch.Tensor, delrsq: float, max_iter
 
 
 def _solve_numba(x: torch.Tensor, y: torch.Tensor, x_kinds: list[str], y_kind: str,
-                 delrsq: float, max_iter: int, alpha: float) -> tuple[torch.Tensor, ...]:
+                 delrsq: float, max_iter: int, alpha: float,
+                 bins: int | None = None) -> tuple[torch.Tensor, ...]:
+    from . import binned
     from . import kernels as nb
 
     codes = _kind_codes(x_kinds)
     xn = np.ascontiguousarray(x.detach().cpu().numpy())
     yn = np.ascontiguousarray(y.detach().cpu().numpy())
-    out = nb.ace_batch(xn, yn, codes, nb.KIND_CODES[y_kind], float(delrsq), int(max_iter),
-                       float(alpha))
+    if bins is None:
+        out = nb.ace_batch(xn, yn, codes, nb.KIND_CODES[y_kind], float(delrsq), int(max_iter),
+                           float(alpha))
+    else:
+        out = binned.ace_batch(xn, yn, codes, nb.KIND_CODES[y_kind], *split_bins(bins),
+                               float(delrsq), int(max_iter), float(alpha))
     return tuple(torch.from_numpy(o).to(x.device) for o in out)
 
 
@@ -254,6 +261,7 @@ def ace(
     dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
+    bins: str | int | None = "auto",
 ) -> AceResult:
     """Estimate the maximal correlation of ``y`` with ``x`` by ACE.
 
@@ -286,6 +294,15 @@ def ace(
         ``"numba"``: compiled loops, one problem per CPU thread (float64 only); the default
         for NumPy input. ``"torch"``: batched tensor operations on the input's device; the
         default for tensor input. Both implement the same algorithm and agree to 1e-8.
+    bins : "auto", int or None
+        Binned smoothing for large n (compiled engine): each variable is cut once into at
+        most ``bins`` bins (half of equal counts, half of equal width; tied values share a
+        bin) and every smoother runs on the bins, weighted by their counts
+        (:mod:`pcace.maxcorr.binned`). ``"auto"`` (default): 1,000 bins from n = 10,000
+        on, exact ACE below. None: always exact. An int >= 20: that many bins (exact when
+        it is at least n). ``rho`` differs from exact ACE by at most about 0.005 (99th
+        percentile over PCACE problems; benchmarks/README.md, "Binned ACE"). The torch
+        backend computes exact ACE; an explicit int with ``backend="torch"`` is an error.
 
     Returns
     -------
@@ -295,8 +312,9 @@ def ace(
     Raises
     ------
     ValueError
-        Fewer than 10 observations, NaN or inf anywhere, mismatched shapes, or a constant
-        response; the message names the problems or rows concerned. A constant predictor
+        Fewer than 10 observations, NaN or inf anywhere, mismatched shapes, a constant
+        response, or a bad ``bins``; the message names the problems or rows concerned. A
+        constant predictor
         column is not an error: its transformation is 0, and a problem whose predictors are
         all constant has ``rho = 0``.
 
@@ -345,13 +363,19 @@ def ace(
         backend = "torch" if as_torch else "numba"
     if backend not in ("numba", "torch"):
         raise ValueError(f"backend must be 'auto', 'numba' or 'torch'; got {backend!r}")
+    nbins = resolve_bins(bins, xt.shape[1])
     if backend == "numba":
         if compute != torch.float64:
             raise ValueError("the numba backend computes in float64 only; use backend='torch' "
                              "for other precisions")
         rho, rsq, theta, phi, iterations, converged = _solve_numba(xt, yt, x_kinds, y_kind,
-                                                                   delrsq, max_iter, alpha)
+                                                                   delrsq, max_iter, alpha,
+                                                                   nbins)
     else:
+        if bins != "auto" and nbins is not None:
+            raise ValueError(f"bins={bins!r} needs the compiled engine (backend='numba', "
+                             "NumPy input); the torch backend computes exact ACE: use "
+                             "bins=None or 'auto' with it")
         b = xt.shape[0]
         step = chunk_size or b
         parts = []
@@ -426,6 +450,7 @@ def ace_shared(
     max_iter: int = 20,
     alpha: float = 5.0,
     orders: tuple[np.ndarray, np.ndarray] | None = None,
+    bins: str | int | None = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """ACE over problems that share their data: ``x = z[channels[i]]``, ``y = ys[rows[i]]``.
 
@@ -444,8 +469,8 @@ def ace_shared(
     channels, rows : numpy.ndarray
         ``(b,)`` indices of each problem's predictors and response. Problems of one
         channel should be consecutive (channel-major order) to share the set-up.
-    x_kind, y_kind, delrsq, max_iter, alpha
-        As for :func:`ace`.
+    x_kind, y_kind, delrsq, max_iter, alpha, bins
+        As for :func:`ace` (binned problems give :func:`ace`'s binned answers).
     orders : tuple of numpy.ndarray, optional
         :func:`response_orders` of ``ys``, when the caller reuses them across calls.
 
@@ -465,6 +490,7 @@ def ace_shared(
     >>> bool(rho[0] > 0.95), bool(rho[1] < 0.5)
     (True, True)
     """
+    from . import binned
     from . import kernels as nb
 
     z = np.ascontiguousarray(z, dtype=np.float64)
@@ -480,10 +506,17 @@ def ace_shared(
         return np.zeros(0), np.zeros(0)
     _check_shared(z, ys, np.unique(channels), np.unique(rows))
     x_kinds = _settings(x_kind, z.shape[2], y_kind, delrsq, max_iter)
+    nbins = resolve_bins(bins, z.shape[1])
     y_orders, y_groups = response_orders(ys) if orders is None else orders
     codes = _kind_codes(x_kinds)
-    rho, first, _, _ = nb.ace_indexed(z, ys, np.ascontiguousarray(y_orders, dtype=np.int64),
-                                      np.asarray(y_groups, dtype=np.int64), channels, rows,
-                                      codes, nb.KIND_CODES[y_kind], float(delrsq),
-                                      int(max_iter), float(alpha))
+    y_orders = np.ascontiguousarray(y_orders, dtype=np.int64)
+    y_groups = np.asarray(y_groups, dtype=np.int64)
+    settings = (float(delrsq), int(max_iter), float(alpha))
+    if nbins is None:
+        rho, first, _, _ = nb.ace_indexed(z, ys, y_orders, y_groups, channels, rows, codes,
+                                          nb.KIND_CODES[y_kind], *settings)
+    else:
+        rho, first, _, _ = binned.ace_indexed(z, ys, y_orders, y_groups, channels, rows, codes,
+                                              nb.KIND_CODES[y_kind], *split_bins(nbins),
+                                              *settings)
     return rho, first
