@@ -69,21 +69,183 @@ def components(n: int, cache: Path, layers: tuple[str, ...] | None) -> dict:
     return out
 
 
+def errors(exact: np.ndarray, binned: np.ndarray) -> dict:
+    """Summary of ``|binned - exact|``."""
+    d = np.abs(np.asarray(binned) - np.asarray(exact))
+    return {"problems": int(d.size), "p50": float(np.median(d)), "p99": float(np.quantile(d, 0.99)),
+            "max": float(d.max()), "mean_signed": float(np.mean(np.asarray(binned) - exact))}
+
+
+def solve_pair(x: np.ndarray, y: np.ndarray, bins: list[int]) -> tuple[float, dict]:
+    """rho of one problem, exact and with each bin budget."""
+    from pcace import ace
+
+    return float(ace(x, y, bins=None).rho), {b: float(ace(x, y, bins=b).rho) for b in bins}
+
+
+def part_fixtures(ns: list[int], bins: list[int]) -> dict:
+    """The shared acepack fixtures resampled to n rows."""
+    root = SHARED / "fixtures" / "acepack"
+    cases = json.loads((root / "cases.json").read_text())
+    out = {}
+    for n in ns:
+        rng = np.random.default_rng(n)
+        exact, by = [], {b: [] for b in bins}
+        for case in cases:
+            data = np.loadtxt(root / case["file"], delimiter=",", ndmin=2)
+            rows = data[rng.integers(0, len(data), n)]
+            if case["name"] != "ties":  # jitter: a tenth of a column's sd, shrinking with n
+                sd = np.where(data.std(0) > 0, data.std(0), 1.0)
+                rows = rows + rng.normal(size=rows.shape) * 0.1 * sd * len(data) ** -0.2
+            e, b = solve_pair(rows[:, :-1], rows[:, -1], bins)
+            exact.append(e)
+            for k, v in b.items():
+                by[k].append(v)
+        out[n] = {b: errors(np.array(exact), np.array(v)) for b, v in by.items()}
+        print(f"fixtures n = {n}: {json.dumps(out[n])}", flush=True)
+    return out
+
+
+FAMILIES = {
+    "sine": lambda x, e: np.sin(2 * x[:, 0]) + 0.5 * x[:, 1] ** 2 + e,
+    "exp": lambda x, e: np.exp(x[:, 0]) + 2 * e,
+    "product": lambda x, e: x[:, 0] * x[:, 1] + e,
+    "abs_cube": lambda x, e: np.abs(x[:, 0]) + x[:, 1] ** 3 / 5 + x[:, 2] + e,
+    "log_response": lambda x, e: np.exp(x[:, 0] + x[:, 1] / 2 + e),
+    "step": lambda x, e: np.sign(x[:, 0]) + (x[:, 1] > 1) + e,
+    "null": lambda x, e: e,
+}
+
+
+def part_families(ns: list[int], bins: list[int], noises=(0.3, 1.0, 3.0)) -> dict:
+    """Fresh problems of known structure, k = 3: standard normal or t(3) predictors."""
+    out = {}
+    for n in ns:
+        rng = np.random.default_rng(10 + n)
+        exact, by = [], {b: [] for b in bins}
+        for f in FAMILIES.values():
+            for noise in noises:
+                for tails in (False, True):
+                    x = rng.standard_t(3, size=(n, 3)) if tails else rng.normal(size=(n, 3))
+                    e, b = solve_pair(x, f(x, noise * rng.normal(size=n)), bins)
+                    exact.append(e)
+                    for k, v in b.items():
+                        by[k].append(v)
+        out[n] = {b: errors(np.array(exact), np.array(v)) for b, v in by.items()}
+        print(f"families n = {n}: {json.dumps(out[n])}", flush=True)
+    return out
+
+
+def part_pcace(ns: list[int], bins: list[int], cache: Path, layers_50k: list[str],
+               permutations: int = 2) -> dict:
+    """Every channel of the cached layers, observed and against a few permutations."""
+    from scipy.stats import spearmanr
+
+    from pcace.maxcorr.ace import ace_shared
+
+    out = {}
+    for n in ns:
+        comp = components(n, cache, None if n <= 5000 else tuple(layers_50k))
+        y = comp.pop("__scores__")
+        rng = np.random.default_rng(0)
+        ys = np.stack([y] + [y[rng.permutation(n)] for _ in range(permutations)])
+        obs_e, obs_b, null_e, null_b = [], {b: [] for b in bins}, [], {b: [] for b in bins}
+        spearman = {b: {} for b in bins}
+        seconds = {"exact": 0.0, **{b: 0.0 for b in bins}}
+        for name, z in comp.items():
+            live = np.flatnonzero(z.std(axis=1).max(axis=1) > 0)
+            ch = np.repeat(live, len(ys))
+            rows = np.tile(np.arange(len(ys)), live.size)
+            t = time.perf_counter()
+            e = ace_shared(z, ys, ch, rows, bins=None)[0].reshape(live.size, len(ys))
+            seconds["exact"] += time.perf_counter() - t
+            obs_e.append(e[:, 0])
+            null_e.append(e[:, 1:].ravel())
+            for b in bins:
+                t = time.perf_counter()
+                v = ace_shared(z, ys, ch, rows, bins=b)[0].reshape(live.size, len(ys))
+                seconds[b] += time.perf_counter() - t
+                obs_b[b].append(v[:, 0])
+                null_b[b].append(v[:, 1:].ravel())
+                spearman[b][name] = float(spearmanr(e[:, 0], v[:, 0]).statistic)
+            print(f"  N = {n} {name}: {live.size} live channels, exact rho "
+                  f"{np.median(e[:, 0]):.3f} (median); Spearman "
+                  f"{ {b: round(spearman[b][name], 4) for b in bins} }", flush=True)
+        cat = np.concatenate
+        out[n] = {b: {"observed": errors(cat(obs_e), cat(obs_b[b])),
+                      "permuted": errors(cat(null_e), cat(null_b[b])),
+                      "spearman_min": min(spearman[b].values()),
+                      "spearman_median": float(np.median(list(spearman[b].values()))),
+                      "seconds": seconds[b]} for b in bins}
+        out[n]["exact_seconds"] = seconds["exact"]
+        print(f"pcace N = {n}: {json.dumps(out[n])}", flush=True)
+    return out
+
+
+def part_speed(ns: list[int], bins: list[int], channels: int = 4, permutations: int = 10,
+               k: int = 3) -> dict:
+    """ms per problem, exact and binned, in this process: shared set-up and single calls."""
+    from pcace import ace
+    from pcace.maxcorr.ace import ace_shared
+
+    rng = np.random.default_rng(0)
+    warm = rng.normal(size=(2, 300, k))
+    for b in [None, *bins]:
+        ace_shared(warm, warm[:, :, 0], np.array([0, 1]), np.array([0, 1]), bins=b)
+    out = {}
+    for n in ns:
+        z = rng.normal(size=(channels, n, k))
+        y = np.sin(z[0, :, 0]) + z[1, :, 1] ** 2 + rng.normal(size=n)
+        ys = np.stack([y] + [y[rng.permutation(n)] for _ in range(permutations - 1)])
+        ch = np.repeat(np.arange(channels), permutations)
+        rows = np.tile(np.arange(permutations), channels)
+        row = {}
+        for b in [None, *bins]:
+            t = time.perf_counter()
+            ace_shared(z, ys, ch, rows, bins=b)
+            shared = (time.perf_counter() - t) / ch.size * 1e3
+            t = time.perf_counter()
+            for c in range(channels):  # one problem per call: sorting included
+                ace(z[c], y, bins=b)
+            single = (time.perf_counter() - t) / channels * 1e3
+            row["exact" if b is None else b] = {"shared_ms": shared, "single_ms": single}
+        out[n] = row
+        print(f"speed n = {n} (load {os.getloadavg()[0]:.2f}): {json.dumps(row)}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", default="fixtures,families,speed")
     ap.add_argument("--n", type=int, nargs="+", default=[5000, 20000, 50000])
+    ap.add_argument("--bins", type=int, nargs="+", default=None,
+                    help="bin budgets to compare (default: what bins='auto' uses)")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/pcace-binned"))
     ap.add_argument("--layers-50k", nargs="+", default=list(LAYERS_50K))
+    ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     a = ap.parse_args()
-    print(f"load {os.getloadavg()[0]:.2f}", flush=True)
+    from pcace.core.threads import thread_count
+    from pcace.maxcorr.binning import AUTO_BINS
+
+    bins = a.bins or [AUTO_BINS]
+    print(f"threads {thread_count()}, load {os.getloadavg()[0]:.2f}", flush=True)
+    results = {}
     for part in a.parts.split(","):
         if part == "components":
             for n in a.n:
                 components(n, a.cache, None if n <= 5000 else tuple(a.layers_50k))
+        elif part == "fixtures":
+            results[part] = part_fixtures(a.n, bins)
+        elif part == "families":
+            results[part] = part_families(a.n, bins)
+        elif part == "pcace":
+            results[part] = part_pcace(a.n, bins, a.cache, a.layers_50k)
+        elif part == "speed":
+            results[part] = part_speed(a.n, bins)
         else:
             raise SystemExit(f"unknown part {part!r}")
-    print(json.dumps({}))
+    if a.out is not None:
+        a.out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

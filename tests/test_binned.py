@@ -14,7 +14,7 @@ import torch
 from scipy.stats import norm
 
 from pcace import ace
-from pcace.maxcorr import binned, kernels
+from pcace.maxcorr import binned, binning, kernels
 from pcace.maxcorr.ace import ace_shared
 
 # the error binned ACE promises against exact ACE (benchmarks/README.md, "Binned ACE")
@@ -124,7 +124,7 @@ def test_binned_close_to_exact_on_problems_of_known_structure(family):
 
 def test_small_n_is_unchanged_bit_for_bit():
     rng = np.random.default_rng(5)
-    n = binned.AUTO_MIN_N - 1
+    n = binning.AUTO_MIN_N - 1
     x, y = rng.normal(size=(n, 2)), rng.normal(size=n)
     y += np.sin(x[:, 0])
     default, exact = ace(x, y), ace(x, y, bins=None)
@@ -134,8 +134,8 @@ def test_small_n_is_unchanged_bit_for_bit():
 
 
 def test_auto_bins_from_the_stated_n():
-    assert binned.resolve_bins("auto", binned.AUTO_MIN_N - 1) is None
-    assert binned.resolve_bins("auto", binned.AUTO_MIN_N) == binned.AUTO_BINS
+    assert binning.resolve_bins("auto", binning.AUTO_MIN_N - 1) is None
+    assert binning.resolve_bins("auto", binning.AUTO_MIN_N) == binning.AUTO_BINS
 
 
 # ----------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def test_tied_values_share_their_transformed_value():
 def test_bins_never_split_tied_values_and_isolate_sparse_tails():
     rng = np.random.default_rng(7)
     xs = np.sort(np.concatenate([np.round(rng.normal(size=5000), 2), [40.0, 80.0]]))
-    edges = binned.bin_edges(xs, 100, 100, True)
+    edges = binning.bin_edges(xs, 100, 100, True)
     assert edges[0] == 0 and edges[-1] == xs.size
     assert np.all(np.diff(edges) > 0) and edges.size - 1 <= 200
     inner = edges[1:-1]
@@ -173,7 +173,7 @@ def test_bins_never_split_tied_values_and_isolate_sparse_tails():
 
 def test_one_bin_per_value_without_merging():
     xs = np.array([0.0, 0, 1, 2, 2, 2, 5])
-    assert binned.bin_edges(xs, 3, 3, False).tolist() == [0, 2, 3, 6, 7]
+    assert binning.bin_edges(xs, 3, 3, False).tolist() == [0, 2, 3, 6, 7]
 
 
 def test_monotone_kind_stays_monotone_when_binned():

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..core.validation import MIN_OBSERVATIONS
-from .binned import resolve_bins, split_bins
+from .binning import resolve_bins, split_bins
 from .smoothers import KINDS, SortedAxis, smooth
 
 
