@@ -96,7 +96,7 @@ def gaussian_pair(rng, n, sigma):
 
 def test_default_bins_close_to_exact_and_to_the_known_maximal_correlation():
     rng = np.random.default_rng(3)
-    n = 12_000
+    n = 6000
     x, y = gaussian_pair(rng, n, 0.5)
     exact, default = ace(x, y, bins=None), ace(x, y)
     assert abs(default.rho - exact.rho) <= TOLERANCE

@@ -310,7 +310,7 @@ def ace(
         Binned smoothing for large n (compiled engine): each variable is cut once into at
         most ``bins`` bins (half of equal counts, half of equal width; tied values share a
         bin) and every smoother runs on the bins, weighted by their counts
-        (:mod:`pcace.maxcorr.binned`). ``"auto"`` (default): 1,000 bins from n = 10,000
+        (:mod:`pcace.maxcorr.binned`). ``"auto"`` (default): 1,000 bins from n = 5,000
         on, exact ACE below. None: always exact. An int >= 20: that many bins (exact when
         it is at least n). ``rho`` differs from exact ACE by at most about 0.005 (99th
         percentile over PCACE problems; benchmarks/README.md, "Binned ACE"). The torch

@@ -60,6 +60,20 @@ def _sum_phi(phi, out):
 
 
 @njit(cache=True)
+def _targets(resid, phi_j, bins, nb, target, sums, squares):
+    """``target = resid + phi_j``, with its sums and sums of squares over ``bins``."""
+    for b in range(nb):
+        sums[b] = 0.0
+        squares[b] = 0.0
+    for t in range(resid.size):
+        v = resid[t] + phi_j[t]
+        target[t] = v
+        b = bins[t]
+        sums[b] += v
+        squares[b] += v * v
+
+
+@njit(cache=True)
 def _backfit(xgeo, xbins, x_kinds, alpha, theta, phi, rsq, resid, target, sums, squares):
     """One inner sweep over the columns (each phi_j smoothed, kept if rsq improves)."""
     k, n = phi.shape
@@ -69,9 +83,9 @@ def _backfit(xgeo, xbins, x_kinds, alpha, theta, phi, rsq, resid, target, sums, 
     for j in range(k):
         g = xgeo[j]
         bins = xbins[j]
-        for t in range(n):
-            target[t] = resid[t] + phi[j, t]
         if g[4]:  # constant column: nothing to fit
+            for t in range(n):
+                target[t] = resid[t] + phi[j, t]
             sv = 1.0 - np.mean(target ** 2)
             if sv > rsq:
                 rsq = sv
@@ -79,7 +93,7 @@ def _backfit(xgeo, xbins, x_kinds, alpha, theta, phi, rsq, resid, target, sums, 
                     phi[j, t] = 0.0
                     resid[t] = target[t]
             continue
-        accumulate(target, bins, g[1], sums, squares)
+        _targets(resid, phi[j], bins, g[1], target, sums, squares)
         fit, sse = centred_fit(x_kinds[j], g, sums, squares, alpha, target, bins)
         sv = 1.0 - sse / n
         if sv > rsq:

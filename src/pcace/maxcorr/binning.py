@@ -174,7 +174,7 @@ def bin_geometry(xs, edges):  # pragma: no cover - compiled
 
 
 #: ``bins="auto"`` bins problems of at least this many observations.
-AUTO_MIN_N = 10_000
+AUTO_MIN_N = 5_000
 #: The number of bins ``bins="auto"`` uses.
 AUTO_BINS = 1_000
 #: The fewest bins an explicit ``bins`` may ask for.
