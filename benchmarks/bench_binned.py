@@ -137,8 +137,12 @@ def part_families(ns: list[int], bins: list[int], noises=(0.3, 1.0, 3.0)) -> dic
 
 
 def part_pcace(ns: list[int], bins: list[int], cache: Path, layers_50k: list[str],
-               permutations: int = 2) -> dict:
-    """Every channel of the cached layers, observed and against a few permutations."""
+               permutations: int = 2, mirror: bool = False) -> dict:
+    """Every channel of the cached layers, observed and against a few permutations.
+
+    ``mirror``: also exact ACE on the mirrored problems (every variable negated), which
+    have the same maximal correlation: how far exact ACE itself moves.
+    """
     from scipy.stats import spearmanr
 
     from pcace.maxcorr.ace import ace_shared
@@ -150,6 +154,7 @@ def part_pcace(ns: list[int], bins: list[int], cache: Path, layers_50k: list[str
         rng = np.random.default_rng(0)
         ys = np.stack([y] + [y[rng.permutation(n)] for _ in range(permutations)])
         obs_e, obs_b, null_e, null_b = [], {b: [] for b in bins}, [], {b: [] for b in bins}
+        obs_m, null_m = [], []
         spearman = {b: {} for b in bins}
         seconds = {"exact": 0.0, **{b: 0.0 for b in bins}}
         for name, z in comp.items():
@@ -161,6 +166,10 @@ def part_pcace(ns: list[int], bins: list[int], cache: Path, layers_50k: list[str
             seconds["exact"] += time.perf_counter() - t
             obs_e.append(e[:, 0])
             null_e.append(e[:, 1:].ravel())
+            if mirror:  # the same problems with every axis reversed: exact ACE's own wobble
+                m = ace_shared(-z, -ys, ch, rows, bins=None)[0].reshape(live.size, len(ys))
+                obs_m.append(m[:, 0])
+                null_m.append(m[:, 1:].ravel())
             for b in bins:
                 t = time.perf_counter()
                 v = ace_shared(z, ys, ch, rows, bins=b)[0].reshape(live.size, len(ys))
@@ -178,6 +187,9 @@ def part_pcace(ns: list[int], bins: list[int], cache: Path, layers_50k: list[str
                       "spearman_median": float(np.median(list(spearman[b].values()))),
                       "seconds": seconds[b]} for b in bins}
         out[n]["exact_seconds"] = seconds["exact"]
+        if mirror:
+            out[n]["exact_mirrored"] = {"observed": errors(cat(obs_e), cat(obs_m)),
+                                        "permuted": errors(cat(null_e), cat(null_m))}
         print(f"pcace N = {n}: {json.dumps(out[n])}", flush=True)
     return out
 
@@ -223,6 +235,8 @@ def main() -> None:
                     help="bin budgets to compare (default: what bins='auto' uses)")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/pcace-binned"))
     ap.add_argument("--layers-50k", nargs="+", default=list(LAYERS_50K))
+    ap.add_argument("--mirror", action="store_true",
+                    help="pcace: also exact ACE on the mirrored problems (a reference)")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     a = ap.parse_args()
     from pcace.core.threads import thread_count
@@ -240,7 +254,7 @@ def main() -> None:
         elif part == "families":
             results[part] = part_families(a.n, bins)
         elif part == "pcace":
-            results[part] = part_pcace(a.n, bins, a.cache, a.layers_50k)
+            results[part] = part_pcace(a.n, bins, a.cache, a.layers_50k, mirror=a.mirror)
         elif part == "speed":
             results[part] = part_speed(a.n, bins)
         else:

@@ -236,3 +236,17 @@ def test_problems_pass_bins_to_the_solver():
     values = problems.solve(0, 4, ace_options={"bins": 100})
     expected = np.clip(ace(z[[0, 0, 1, 1]], ys[[0, 1, 0, 1]], bins=100).rho, 0, 1)
     np.testing.assert_array_equal(values, expected)
+
+
+def test_a_response_spanning_sixteen_orders_of_magnitude_keeps_its_precision():
+    # acepack's answer (tests/fixtures/binned/README.md); the same in both directions
+    from pathlib import Path
+
+    data = np.loadtxt(Path(__file__).parent / "fixtures" / "binned" / "wide_range.csv",
+                      delimiter=",")
+    codes = np.zeros(2, dtype=np.int64)
+    for sign in (1.0, -1.0):
+        x = np.ascontiguousarray(sign * data[None, :, :2])
+        y = np.ascontiguousarray(sign * data[None, :, 2])
+        rho = binned.ace_batch(x, y, codes, 0, len(data), 0, 0.01, 20, 5.0)[0][0]
+        assert abs(rho - 0.9722067146) < 1e-6

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .binning import SPANS
+from .binning import SPANS, anchored_sums
 from .kernels import CATEGORICAL, LINEAR, MONOTONE
 
 _SML = 1e-4
@@ -36,19 +36,9 @@ _BIG = 1e20
 
 
 @njit(cache=True)
-def _prefix(w, xc, v, pv, pxv):
-    """Running sums over bins of ``w * v`` and ``w * xc * v`` (length nb + 1)."""
-    pv[0] = 0.0
-    pxv[0] = 0.0
-    for b in range(v.size):
-        pv[b + 1] = pv[b] + w[b] * v[b]
-        pxv[b + 1] = pxv[b] + w[b] * xc[b] * v[b]
-
-
-@njit(cache=True)
 def _line(g, s, v, pv, pxv, fit):
     """Running-line fit of per-bin values ``v`` (weights: counts) with span ``s``."""
-    _, nb, _, xc, _, where, frac, widths, x_mean, inv_ss, _ = g
+    _, nb, _, xc, _, where, frac, widths, x_mean, inv_ss, _, _ = g
     width = widths[s]
     for b in range(nb):
         klo, khi = where[s, 0, b], where[s, 1, b]
@@ -77,7 +67,7 @@ def _absolute_residuals(fits, target, bins):
 @njit(cache=True)
 def _supersmoother(g, sums, alpha, target, bins):
     """Friedman's supersmoother on the bins: ``sums`` of ``target`` over its ``bins``."""
-    n, nb, w, xc, constant, _, _, _, _, _, cv_scale = g
+    n, nb, w, xc, constant, _, _, _, _, _, cv_scale, mid = g
     if constant:
         return np.full(nb, sums[:nb].sum() / n)
     v = np.empty(nb)
@@ -85,7 +75,7 @@ def _supersmoother(g, sums, alpha, target, bins):
         v[b] = sums[b] / w[b]
     pv = np.empty(nb + 1)
     pxv = np.empty(nb + 1)
-    _prefix(w, xc, v, pv, pxv)
+    anchored_sums(w, xc, v, pv, pxv, mid)
     fits = np.empty((3, nb))
     cv = np.empty((3, nb))
     resid = np.empty(nb)
@@ -98,7 +88,7 @@ def _supersmoother(g, sums, alpha, target, bins):
         for b in range(nb):
             scale = cv_scale[s, b]
             resid[b] = absolute[b, s] / w[b] * scale if scale != 0.0 else _BIG
-        _prefix(w, xc, resid, rpv, rpxv)
+        anchored_sums(w, xc, resid, rpv, rpxv, mid)
         _line(g, 1, resid, rpv, rpxv, cv[s])
     spans = np.empty(nb)
     power = 10.0 - alpha
@@ -122,7 +112,7 @@ def _supersmoother(g, sums, alpha, target, bins):
             span += (SPANS[2] - span) * factor
         spans[b] = span
     smoothed = np.empty(nb)
-    _prefix(w, xc, spans, rpv, rpxv)
+    anchored_sums(w, xc, spans, rpv, rpxv, mid)
     _line(g, 1, spans, rpv, rpxv, smoothed)
     mixed = np.empty(nb)
     for b in range(nb):
@@ -134,7 +124,7 @@ def _supersmoother(g, sums, alpha, target, bins):
             f = (sp - SPANS[1]) / (SPANS[2] - SPANS[1])
             mixed[b] = (1 - f) * fits[1, b] + f * fits[2, b]
     out = np.empty(nb)
-    _prefix(w, xc, mixed, rpv, rpxv)
+    anchored_sums(w, xc, mixed, rpv, rpxv, mid)
     _line(g, 0, mixed, rpv, rpxv, out)
     return out
 
@@ -195,17 +185,18 @@ def _ramp_flat_runs(v, pos):
 @njit(cache=True)
 def smooth_bins(kind, g, sums, alpha, target, bins):
     """The fitted value of each bin for a variable of ``kind``."""
-    _, nb, w, xc, _, _, _, _, _, _, _ = g
+    _, nb, w, xc, _, _, _, _, _, _, _, _ = g
     if kind == CATEGORICAL:
         return sums[:nb] / w
-    if kind == LINEAR:
+    if kind == LINEAR:  # least squares on the abscissa centred at its mean
+        d = xc - np.sum(w * xc) / np.sum(w)
         ss = 0.0
         sxy = 0.0
         for b in range(nb):
-            ss += w[b] * xc[b] * xc[b]
-            sxy += xc[b] * sums[b]
+            ss += w[b] * d[b] * d[b]
+            sxy += d[b] * sums[b]
         slope = sxy / ss if ss > 0 else 0.0
-        return slope * xc
+        return slope * d
     fit = _supersmoother(g, sums, alpha, target, bins)
     if kind == MONOTONE:
         up = _isotonic(fit, w)
@@ -237,7 +228,7 @@ def accumulate(values, bins, nb, sums, squares):
 @njit(cache=True)
 def centred_fit(kind, g, sums, squares, alpha, target, bins):
     """The bins' fitted values, centred over the observations; the weighted squared error."""
-    n, nb, w, _, _, _, _, _, _, _, _ = g
+    n, nb, w, _, _, _, _, _, _, _, _, _ = g
     fit = smooth_bins(kind, g, sums, alpha, target, bins)
     mean = 0.0
     for b in range(nb):

@@ -31,55 +31,76 @@ _LEVERAGE_FLOOR = 1e-6  # see pcace.maxcorr.smoothers
 def bin_edges(xs, nbins, cells, merge):  # pragma: no cover - compiled
     """Rank edges ``(m + 1,)`` of bins over sorted ``xs``.
 
-    ``merge``: the union of about ``nbins`` bins of equal counts (each edge moved forward
-    to the end of the group of tied values it would split) and ``cells`` cells of equal
-    width over ``[xs[0], xs[-1]]`` (which keep sparse tails apart). Otherwise (or when
-    ``nbins >= n``) one bin per distinct value.
+    ``merge``: the union of ``nbins`` bins of equal counts, the two outermost of them cut
+    further into bins of 1, 1, 2, 2, 4, 4, ... observations from the ends, and ``cells``
+    cells of equal width over ``[xs[0], xs[-1]]`` (the last two keep the observations of
+    sparse tails apart); an edge that would split tied values moves forward past them.
+    Otherwise (or when ``nbins >= n``) one bin per distinct value.
     """
     n = xs.size
-    edges = np.empty(n + 1, np.int64)
-    edges[0] = 0
-    m = 1
     if not merge or nbins >= n:
+        edges = np.empty(n + 1, np.int64)
+        edges[0] = 0
+        m = 1
         for t in range(1, n):
             if xs[t] > xs[t - 1]:
                 edges[m] = t
                 m += 1
         edges[m] = n
         return edges[:m + 1].copy()
-    quantile = np.empty(max(nbins, 1), np.int64)
-    nq = 0
-    for i in range(1, nbins):
-        r = (2 * i * n + nbins) // (2 * nbins)  # round(i * n / nbins)
-        while r < n and xs[r] <= xs[r - 1]:
-            r += 1
-        if r < n and (nq == 0 or r > quantile[nq - 1]):
-            quantile[nq] = r
-            nq += 1
-    width = np.empty(max(cells, 1), np.int64)
-    nw = 0
+    cand = np.empty(nbins + cells + 128, np.int64)
+    m = 0
+    for i in range(1, nbins):  # equal counts
+        cand[m] = (2 * i * n + nbins) // (2 * nbins)  # round(i * n / nbins)
+        m += 1
+    size, step, c = 1, 0, 1
+    while c < n / nbins and m < cand.size - 1:  # the outermost bins split: 1, 1, 2, 2, 4, ...
+        cand[m] = c
+        cand[m + 1] = n - c
+        m += 2
+        step += 1
+        if step % 2 == 0:
+            size *= 2
+        c += size
     r = 0
-    for c in range(1, cells):
-        cut = xs[0] + c * ((xs[n - 1] - xs[0]) / cells)
+    for i in range(1, cells):  # equal widths: each cut's first observation at or above it
+        cut = xs[0] + i * ((xs[n - 1] - xs[0]) / cells)
         while r < n and xs[r] < cut:
             r += 1
-        if 0 < r < n and (nw == 0 or r > width[nw - 1]):
-            width[nw] = r
-            nw += 1
-    a = 0
-    b = 0
-    while a < nq or b < nw:
-        if b == nw or (a < nq and quantile[a] <= width[b]):
-            e = quantile[a]
-            a += 1
-        else:
-            e = width[b]
-            b += 1
-        if e > edges[m - 1]:
-            edges[m] = e
-            m += 1
-    edges[m] = n
-    return edges[:m + 1].copy()
+        cand[m] = r
+        m += 1
+    cand = np.sort(cand[:m])
+    edges = np.empty(m + 2, np.int64)
+    edges[0] = 0
+    k = 1
+    for e in cand:
+        while 0 < e < n and xs[e] <= xs[e - 1]:  # never split tied values
+            e += 1
+        if edges[k - 1] < e < n:
+            edges[k] = e
+            k += 1
+    edges[k] = n
+    return edges[:k + 1].copy()
+
+
+@njit(cache=True)
+def anchored_sums(w, xc, v, pv, pxv, mid):  # pragma: no cover - compiled
+    """Running sums over bins of ``w * v`` and ``w * xc * v`` (length nb + 1), zero at the
+    median's bin ``mid`` and accumulated outwards from it.
+
+    Window sums are differences of these. Accumulated from the median, they hold only the
+    values between a window and the median, never an outlier on the far side, so the
+    differences keep their precision when a variable spans many orders of magnitude.
+    """
+    nb = v.size
+    pv[mid] = 0.0
+    pxv[mid] = 0.0
+    for b in range(mid, nb):
+        pv[b + 1] = pv[b] + w[b] * v[b]
+        pxv[b + 1] = pxv[b] + w[b] * xc[b] * v[b]
+    for b in range(mid - 1, -1, -1):
+        pv[b] = pv[b + 1] - w[b] * v[b]
+        pxv[b] = pxv[b + 1] - w[b] * xc[b] * v[b]
 
 
 @njit(cache=True)
@@ -105,15 +126,16 @@ def _locate(r, start, w, nb, k):
 def bin_geometry(xs, edges):  # pragma: no cover - compiled
     """Everything the binned smoothers reuse about one sorted variable and its bins.
 
-    Returns ``(n, nb, w, xc, constant, where, frac, widths, x_mean, inv_ss, cv_scale)``:
-    counts ``w`` and centred mean abscissae ``xc`` of the ``nb`` bins; for each span and
+    Returns ``(n, nb, w, xc, constant, where, frac, widths, x_mean, inv_ss, cv_scale,
+    mid)``: counts ``w`` and mean abscissae ``xc`` (centred at the median) of the ``nb``
+    bins; ``mid`` the bin of the median; for each span and
     bin the bins holding its window's two ends (``where`` ``(3, 2, nb)``) and the ranks of
     them inside (``frac``); the window's mean abscissa, inverse sum of squares and
     leave-one-out scale (as :func:`pcace.maxcorr.kernels._axis`).
     """
     n = xs.size
     nb = edges.size - 1
-    mean = xs.mean()
+    mean = xs[n // 2]  # the median: sums stay exact where outliers swamp the mean
     w = np.empty(nb)
     xc = np.empty(nb)
     start = np.empty(nb)
@@ -136,11 +158,12 @@ def bin_geometry(xs, edges):  # pragma: no cover - compiled
                 i -= 1
             scale = xs[j - 1] - xs[i - 1]
     vsmlsq = (_EPS * scale) ** 2
-    px = np.zeros(nb + 1)
-    pxx = np.zeros(nb + 1)
-    for b in range(nb):
-        px[b + 1] = px[b] + w[b] * xc[b]
-        pxx[b + 1] = pxx[b] + w[b] * xc[b] * xc[b]
+    mid = 0
+    while edges[mid + 1] <= n // 2:
+        mid += 1
+    px = np.empty(nb + 1)
+    pxx = np.empty(nb + 1)
+    anchored_sums(w, xc, xc, px, pxx, mid)
     where = np.empty((3, 2, nb), np.int64)
     frac = np.empty((3, 2, nb))
     widths = np.empty(3, np.int64)
@@ -170,7 +193,7 @@ def bin_geometry(xs, edges):  # pragma: no cover - compiled
             dev = xc[b] - m
             oml = 1.0 - (1.0 / width + dev * dev * inv)
             cv_scale[s, b] = 1.0 / oml if oml > _LEVERAGE_FLOOR else 0.0
-    return n, nb, w, xc, constant, where, frac, widths, x_mean, inv_ss, cv_scale
+    return n, nb, w, xc, constant, where, frac, widths, x_mean, inv_ss, cv_scale, mid
 
 
 #: ``bins="auto"`` bins problems of at least this many observations.
