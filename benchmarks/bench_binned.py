@@ -76,11 +76,38 @@ def errors(exact: np.ndarray, binned: np.ndarray) -> dict:
             "max": float(d.max()), "mean_signed": float(np.mean(np.asarray(binned) - exact))}
 
 
-def solve_pair(x: np.ndarray, y: np.ndarray, bins: list[int]) -> tuple[float, dict]:
-    """rho of one problem, exact and with each bin budget."""
+def acepack_rho(x: np.ndarray, y: np.ndarray) -> float | None:
+    """R acepack's ``cor(rowSums(tx), ty)`` for one problem, or None without R/acepack."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if shutil.which("Rscript") is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "case.csv"
+        np.savetxt(path, np.column_stack([x, y]), delimiter=",", fmt="%.17g")
+        k = x.shape[1]
+        code = (f'suppressMessages(library(acepack)); d <- as.matrix(read.csv("{path}", '
+                f'header=FALSE)); a <- ace(d[, 1:{k}, drop=FALSE], d[, {k + 1}]); '
+                'cat(sprintf("%.10f", cor(rowSums(a$tx), a$ty)))')
+        done = subprocess.run(["Rscript", "-e", code], capture_output=True, text=True)
+    return float(done.stdout) if done.returncode == 0 and done.stdout else None
+
+
+def solve_pair(x: np.ndarray, y: np.ndarray, bins: list[int], label: str,
+               disagreements: list) -> tuple[float, dict]:
+    """rho of one problem, exact and with each bin budget. Where the two differ by more
+    than 0.005, acepack's answer is recorded beside them (``disagreements``)."""
     from pcace import ace
 
-    return float(ace(x, y, bins=None).rho), {b: float(ace(x, y, bins=b).rho) for b in bins}
+    exact = float(ace(x, y, bins=None).rho)
+    by = {b: float(ace(x, y, bins=b).rho) for b in bins}
+    if any(abs(v - exact) > 0.005 for v in by.values()):
+        disagreements.append({"problem": label, "n": len(y), "exact": exact, "binned": by,
+                              "acepack": acepack_rho(x, y)})
+        print(f"  {json.dumps(disagreements[-1])}", flush=True)
+    return exact, by
 
 
 def part_fixtures(ns: list[int], bins: list[int]) -> dict:
@@ -90,18 +117,20 @@ def part_fixtures(ns: list[int], bins: list[int]) -> dict:
     out = {}
     for n in ns:
         rng = np.random.default_rng(n)
-        exact, by = [], {b: [] for b in bins}
+        exact, by, odd = [], {b: [] for b in bins}, []
         for case in cases:
             data = np.loadtxt(root / case["file"], delimiter=",", ndmin=2)
             rows = data[rng.integers(0, len(data), n)]
             if case["name"] != "ties":  # jitter: a tenth of a column's sd, shrinking with n
                 sd = np.where(data.std(0) > 0, data.std(0), 1.0)
                 rows = rows + rng.normal(size=rows.shape) * 0.1 * sd * len(data) ** -0.2
-            e, b = solve_pair(rows[:, :-1], rows[:, -1], bins)
+            e, b = solve_pair(rows[:, :-1], rows[:, -1], bins,
+                              f"case {case['id']} {case['name']}", odd)
             exact.append(e)
             for k, v in b.items():
                 by[k].append(v)
         out[n] = {b: errors(np.array(exact), np.array(v)) for b, v in by.items()}
+        out[n]["disagreements"] = odd
         print(f"fixtures n = {n}: {json.dumps(out[n])}", flush=True)
     return out
 
@@ -122,16 +151,18 @@ def part_families(ns: list[int], bins: list[int], noises=(0.3, 1.0, 3.0)) -> dic
     out = {}
     for n in ns:
         rng = np.random.default_rng(10 + n)
-        exact, by = [], {b: [] for b in bins}
-        for f in FAMILIES.values():
+        exact, by, odd = [], {b: [] for b in bins}, []
+        for name, f in FAMILIES.items():
             for noise in noises:
                 for tails in (False, True):
                     x = rng.standard_t(3, size=(n, 3)) if tails else rng.normal(size=(n, 3))
-                    e, b = solve_pair(x, f(x, noise * rng.normal(size=n)), bins)
+                    label = f"{name}, noise {noise}, {'t(3)' if tails else 'normal'} x"
+                    e, b = solve_pair(x, f(x, noise * rng.normal(size=n)), bins, label, odd)
                     exact.append(e)
                     for k, v in b.items():
                         by[k].append(v)
         out[n] = {b: errors(np.array(exact), np.array(v)) for b, v in by.items()}
+        out[n]["disagreements"] = odd
         print(f"families n = {n}: {json.dumps(out[n])}", flush=True)
     return out
 
