@@ -151,7 +151,7 @@ def part_families(ns: list[int], bins: list[int], noises=(0.3, 1.0, 3.0)) -> dic
     out = {}
     for n in ns:
         rng = np.random.default_rng(10 + n)
-        exact, by, odd, heavy = [], {b: [] for b in bins}, [], []
+        exact, by, odd, heavy, labels = [], {b: [] for b in bins}, [], [], []
         for name, f in FAMILIES.items():
             for noise in noises:
                 for tails in (False, True):
@@ -159,6 +159,7 @@ def part_families(ns: list[int], bins: list[int], noises=(0.3, 1.0, 3.0)) -> dic
                     x = rng.standard_t(3, size=(n, 3)) if tails else rng.normal(size=(n, 3))
                     label = f"{name}, noise {noise}, {'t(3)' if tails else 'normal'} x"
                     e, b = solve_pair(x, f(x, noise * rng.normal(size=n)), bins, label, odd)
+                    labels.append(label)
                     exact.append(e)
                     for k, v in b.items():
                         by[k].append(v)
@@ -168,6 +169,9 @@ def part_families(ns: list[int], bins: list[int], noises=(0.3, 1.0, 3.0)) -> dic
                       "t3_x": errors(exact[heavy], np.array(v)[heavy])} for b, v in by.items()}
         out[n]["disagreements"] = odd
         print(f"families n = {n}: {json.dumps(out[n])}", flush=True)
+        out[n]["problems"] = [{"problem": lab, "exact": float(e),
+                               **{str(b): by[b][i] for b in bins}}
+                              for i, (lab, e) in enumerate(zip(labels, exact, strict=True))]
     return out
 
 
