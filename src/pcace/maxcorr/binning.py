@@ -123,15 +123,32 @@ def _locate(r, start, w, nb, k):
 
 
 @njit(cache=True)
+def _quartile_scale(xs, constant):
+    """acepack's scale of sorted ``xs``: x(3i) - x(i), i = n/4 (1-based), widened until > 0."""
+    n = xs.size
+    i = n // 4
+    j = 3 * i
+    scale = xs[j - 1] - xs[i - 1]
+    if not constant:
+        while scale <= 0.0:
+            if j < n:
+                j += 1
+            if i > 1:
+                i -= 1
+            scale = xs[j - 1] - xs[i - 1]
+    return scale
+
+
+@njit(cache=True)
 def bin_geometry(xs, edges):  # pragma: no cover - compiled
     """Everything the binned smoothers reuse about one sorted variable and its bins.
 
     Returns ``(n, nb, w, xc, constant, where, frac, widths, x_mean, inv_ss, cv_scale,
     mid)``: counts ``w`` and mean abscissae ``xc`` (centred at the median) of the ``nb``
-    bins; ``mid`` the bin of the median; for each span and
-    bin the bins holding its window's two ends (``where`` ``(3, 2, nb)``) and the ranks of
-    them inside (``frac``); the window's mean abscissa, inverse sum of squares and
-    leave-one-out scale (as :func:`pcace.maxcorr.kernels._axis`).
+    bins; ``mid`` the bin of the median; for each span and bin the bins holding its
+    window's two ends (``where`` ``(3, 2, nb)``) and the ranks of them inside (``frac``);
+    the window's mean abscissa, inverse sum of squares and leave-one-out scale (as
+    :func:`pcace.maxcorr.kernels._axis`).
     """
     n = xs.size
     nb = edges.size - 1
@@ -147,17 +164,7 @@ def bin_geometry(xs, edges):  # pragma: no cover - compiled
         xc[b] = s / w[b]
         start[b] = edges[b]
     constant = xs[n - 1] <= xs[0]
-    i = n // 4
-    j = 3 * i
-    scale = xs[j - 1] - xs[i - 1]
-    if not constant:
-        while scale <= 0.0:
-            if j < n:
-                j += 1
-            if i > 1:
-                i -= 1
-            scale = xs[j - 1] - xs[i - 1]
-    vsmlsq = (_EPS * scale) ** 2
+    vsmlsq = (_EPS * _quartile_scale(xs, constant)) ** 2
     mid = 0
     while edges[mid + 1] <= n // 2:
         mid += 1
