@@ -48,7 +48,8 @@ from ..maxcorr.scoring import channel_values
 __all__ = ["ENGINES", "Engine", "EngineLost", "LocalEngine", "Problems"]
 
 #: ``ace_options`` the shared-set-up solver takes (the rest go to :func:`pcace.ace`).
-_SHARED_OPTIONS = {"x_kind", "y_kind", "delrsq", "max_iter", "alpha", "backend", "dtype"}
+_SHARED_OPTIONS = {"x_kind", "y_kind", "delrsq", "max_iter", "alpha", "backend", "dtype",
+                   "bins"}
 
 #: Engine names :func:`resolve_engine` accepts.
 ENGINES = ("local", "ray")
