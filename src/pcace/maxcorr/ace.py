@@ -344,6 +344,43 @@ def ace(
     >>> rb.rho.shape
     (4,)
     """
+    xt, yt, batched, as_torch, compute = _shaped(x, y, dtype)
+    _check(xt, yt, batched)
+    x_kinds = _settings(x_kind, xt.shape[2], y_kind, delrsq, max_iter)
+    if backend == "auto":
+        backend = "torch" if as_torch else "numba"
+    if backend not in ("numba", "torch"):
+        raise ValueError(f"backend must be 'auto', 'numba' or 'torch'; got {backend!r}")
+    nbins = resolve_bins(bins, xt.shape[1])
+    if backend == "numba":
+        if compute != torch.float64:
+            raise ValueError("the numba backend computes in float64 only; use backend='torch' "
+                             "for other precisions")
+        rho, rsq, theta, phi, iterations, converged = _solve_numba(xt, yt, x_kinds, y_kind,
+                                                                   delrsq, max_iter, alpha,
+                                                                   nbins)
+    else:
+        if bins != "auto" and nbins is not None:
+            raise ValueError(f"bins={bins!r} needs the compiled engine (backend='numba', "
+                             "NumPy input); the torch backend computes exact ACE: use "
+                             "bins=None or 'auto' with it")
+        rho, rsq, theta, phi, iterations, converged = _solve_torch(
+            xt, yt, x_kinds, y_kind, delrsq, max_iter, alpha, chunk_size)
+
+    out = [rho, rsq, theta, phi, iterations, converged]
+    if not batched:
+        out = [t[0] for t in out]
+    if not as_torch:
+        out = [t.cpu().numpy() for t in out]
+        if not batched:
+            out = [o.item() if o.ndim == 0 else o for o in out]
+    return AceResult(*out)
+
+
+def _shaped(x: Any, y: Any, dtype: torch.dtype | None
+            ) -> tuple[torch.Tensor, torch.Tensor, bool, bool, torch.dtype]:
+    """``x`` as ``(b, n, k)`` and ``y`` as ``(b, n)`` tensors in the compute precision, on
+    the input's device; whether the call was batched, whether it returns torch, the dtype."""
     xt, x_is_tensor = _as_tensor(x, "x")
     yt, y_is_tensor = _as_tensor(y, "y")
     as_torch = x_is_tensor or y_is_tensor
@@ -371,44 +408,22 @@ def ace(
         raise ValueError(f"x has {xt.shape[1]} observations but y has {yt.shape[1]}")
     if xt.shape[2] < 1:
         raise ValueError("x has no columns")
-    _check(xt, yt, batched)
-    x_kinds = _settings(x_kind, xt.shape[2], y_kind, delrsq, max_iter)
-    if backend == "auto":
-        backend = "torch" if as_torch else "numba"
-    if backend not in ("numba", "torch"):
-        raise ValueError(f"backend must be 'auto', 'numba' or 'torch'; got {backend!r}")
-    nbins = resolve_bins(bins, xt.shape[1])
-    if backend == "numba":
-        if compute != torch.float64:
-            raise ValueError("the numba backend computes in float64 only; use backend='torch' "
-                             "for other precisions")
-        rho, rsq, theta, phi, iterations, converged = _solve_numba(xt, yt, x_kinds, y_kind,
-                                                                   delrsq, max_iter, alpha,
-                                                                   nbins)
-    else:
-        if bins != "auto" and nbins is not None:
-            raise ValueError(f"bins={bins!r} needs the compiled engine (backend='numba', "
-                             "NumPy input); the torch backend computes exact ACE: use "
-                             "bins=None or 'auto' with it")
-        b = xt.shape[0]
-        step = chunk_size or b
-        parts = []
-        with torch.no_grad():
-            for s in range(0, b, step):
-                xs, ys = xt[s:s + step].contiguous(), yt[s:s + step].contiguous()
-                problems = _Problems(xs, ys, x_kinds, y_kind)
-                parts.append(_run(problems, xs, ys, delrsq, max_iter, alpha))
-        merged = (torch.cat(t) for t in zip(*parts, strict=True))
-        rho, rsq, theta, phi, iterations, converged = merged
+    return xt, yt, batched, as_torch, compute
 
-    out = [rho, rsq, theta, phi, iterations, converged]
-    if not batched:
-        out = [t[0] for t in out]
-    if not as_torch:
-        out = [t.cpu().numpy() for t in out]
-        if not batched:
-            out = [o.item() if o.ndim == 0 else o for o in out]
-    return AceResult(*out)
+
+def _solve_torch(xt: torch.Tensor, yt: torch.Tensor, x_kinds: list[str], y_kind: str,
+                 delrsq: float, max_iter: int, alpha: float, chunk_size: int | None
+                 ) -> tuple[torch.Tensor, ...]:
+    """The batched torch engine, ``chunk_size`` problems at a time."""
+    b = xt.shape[0]
+    step = chunk_size or b
+    parts = []
+    with torch.no_grad():
+        for s in range(0, b, step):
+            xs, ys = xt[s:s + step].contiguous(), yt[s:s + step].contiguous()
+            problems = _Problems(xs, ys, x_kinds, y_kind)
+            parts.append(_run(problems, xs, ys, delrsq, max_iter, alpha))
+    return tuple(torch.cat(t) for t in zip(*parts, strict=True))
 
 
 def response_orders(ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -468,11 +483,9 @@ def ace_shared(
 ) -> tuple[np.ndarray, np.ndarray]:
     """ACE over problems that share their data: ``x = z[channels[i]]``, ``y = ys[rows[i]]``.
 
-    The same answers as :func:`ace` on the gathered problems (the compiled CPU engine),
-    without gathering them, and with the sorting and smoother set-up of each channel and
-    of each response done once for consecutive problems that share them: a permutation
-    null (one channel against many permutations of one score) or many targets per
-    channel pay for it once instead of once per problem.
+    :func:`ace`'s answers (compiled CPU engine) without gathering the problems, each
+    channel's and response's sorting and smoother set-up done once for consecutive
+    problems sharing them (a permutation null, or many targets per channel).
 
     Parameters
     ----------
@@ -507,10 +520,8 @@ def ace_shared(
     from . import binned
     from . import kernels as nb
 
-    z = np.ascontiguousarray(z, dtype=np.float64)
-    ys = np.ascontiguousarray(ys, dtype=np.float64)
-    channels = np.asarray(channels, dtype=np.int64)
-    rows = np.asarray(rows, dtype=np.int64)
+    z, ys = (np.ascontiguousarray(a, dtype=np.float64) for a in (z, ys))
+    channels, rows = (np.asarray(a, dtype=np.int64) for a in (channels, rows))
     if z.ndim != 3 or ys.ndim != 2 or ys.shape[1] != z.shape[1]:
         raise ValueError(f"z must be (C, n, k) and ys (R, n) with the same n; got "
                          f"{z.shape} and {ys.shape}")
