@@ -109,6 +109,7 @@ def _rank(args: argparse.Namespace) -> int:
                       categories=list(cats.names) if cats else None, seed=args.seed,
                       progress=not args.no_progress, permutations=args.permutations,
                       null=args.null, basis=args.basis, sample_size=args.sample_size,
+                      ace_options={"bins": args.ace_bins},
                       split_half=args.split_half, bootstrap=args.bootstrap, level=args.level,
                       interval=args.interval,
                       spill_dir=args.spill_dir, checkpoint_dir=out, resume=args.resume,

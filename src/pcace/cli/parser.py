@@ -35,6 +35,11 @@ def _budget(text: str) -> int | str:
     return "auto" if text.strip().lower() == "auto" else parse_size(text)
 
 
+def _bins(text: str) -> str | int | None:
+    low = text.strip().lower()
+    return None if low == "none" else "auto" if low == "auto" else int(low)
+
+
 def _model_arg(text: str) -> tuple[str, Any]:
     """``name=value`` -> (name, value), the value read as JSON when it parses (3, 0.5, true)."""
 
@@ -186,6 +191,9 @@ def _rank_statistics_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--basis", choices=["sample", "exact"], default="sample",
                    help="sample (default): principal axes from --sample-size images, refined "
                    "over all in one pass, where there are more; exact: the exact PCA")
+    p.add_argument("--ace-bins", type=_bins, default="auto",
+                   help="ACE at large N on binned variables: auto (default: 1,000 bins from "
+                   "N = 5,000 on), none (always exact), or a number of bins")
     p.add_argument("--sample-size", type=int, default=1000,
                    help="images the sampled basis takes its axes from (default 1000)")
     p.add_argument("--split-half", type=int, default=10,

@@ -32,6 +32,7 @@ from ..inputs.data import as_batches, indexable
 from ..inputs.layers import resolve_layers
 from ..inputs.models import count_parameters, weights_hash
 from ..inputs.targets import TargetSet
+from ..maxcorr.binning import resolve_bins
 from ..reduce.plan import MemoryPlan
 from ..reduce.sampled import sample_indices
 from ..reduce.twopass import check_repeatable
@@ -324,7 +325,10 @@ def _manifest(ctx: RunContext, g: _Gathered, checkpoints: Checkpoints, weights: 
         "spilled_layers": g.spilled, "device_layers": g.on_device,
         "forward_calls": 0 if g.passes is None else g.passes.forward_calls,
         "routes": route_record(g.layer_routes, g.records),
-        "ace": {"delrsq": 0.01, "max_iter": 20, "alpha": 5.0, **opts.ace_options},
+        "ace": {"delrsq": 0.01, "max_iter": 20, "alpha": 5.0, "bins": "auto",
+                **opts.ace_options,
+                "bins_used": resolve_bins(opts.ace_options.get("bins", "auto"),
+                                          int(g.scores.shape[0]))},
         "timings": {"forward_and_capture": first, "projection_pass": later,
                     "reduce_and_ace": g.scored_seconds - later, "total": total,
                     "stages": {k: round(v, 3) for k, v in ctx.watch.seconds.items()}},
