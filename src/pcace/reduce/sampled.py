@@ -10,7 +10,8 @@ This route needs one pass:
    ``W`` ``(C, P, l)`` and a shift ``s`` ``(C, P)``: a map ``x`` projects to
    ``y = (x - s) @ W``.
 2. :class:`SampledPass` projects every one of the ``N`` images in the one pass, keeps the
-   ``(C, N, l)`` float32 projections, and gathers each pixel's sum, sum of squares,
+   ``(C, N, l)`` projections (float16 scaled per column by default, or float32), and
+   gathers each pixel's sum, sum of squares,
    minimum and maximum over all ``N`` (``P`` numbers per channel each). On the CPU a
    compiled kernel does all of it in one read of the batch.
 3. :meth:`SampledPass.finish` standardises by the statistics of all ``N`` images, as the
@@ -270,10 +271,10 @@ class SampleBasis:
         d = x.to(torch.float32) - self.shift
         return torch.matmul(d.transpose(0, 1), self.weights)
 
-    def start_pass(self, n_images: int, *, store: torch.device | str | None = None
-                   ) -> SampledPass:
-        """A :class:`SampledPass` over ``n_images`` images (projections kept on ``store``)."""
-        return SampledPass(self, n_images, store=store)
+    def start_pass(self, n_images: int, *, store: torch.device | str | None = None,
+                   store_dtype: torch.dtype = torch.float16) -> SampledPass:
+        """A :class:`SampledPass` over ``n_images`` images (see its parameters)."""
+        return SampledPass(self, n_images, store=store, store_dtype=store_dtype)
 
     def _check(self, maps: torch.Tensor) -> torch.Tensor:
         x = _flat(maps, "a batch")

@@ -4,7 +4,8 @@
 the method and its guarantees are described in :mod:`pcace.reduce.sampled`.
 
 Per batch (``B`` images of ``C`` channels of ``P`` pixels) the pass reads the maps once:
-``(x - shift) @ W`` into the kept ``(C, N, l)`` float32 projections, and each pixel's
+``(x - shift) @ W`` into the kept ``(C, N, l)`` projections (float16, scaled per column,
+by default), and each pixel's
 sum and sum of squares of ``x - shift`` (float64) and its minimum and maximum. On the
 CPU one compiled kernel does all of it (parallel over channels, no copy of the batch);
 elsewhere (CUDA) the same in torch with one float32 temporary of the batch's size.
@@ -191,8 +192,14 @@ class SampledPass:
     n_images : int
         ``N``.
     store : torch.device or str, optional
-        Where the ``(C, N, l)`` float32 projections (and the scores) live; default the
-        basis's device.
+        Where the ``(C, N, l)`` projections (and the scores) live; default the basis's
+        device.
+    store_dtype : torch.dtype, default torch.float16
+        How the projections are kept: float16, each column divided by the sample's
+        standard deviation of that component (:attr:`scale`), half the memory of
+        float32 (measured on ResNet-20: the PCACE values move by at most 1e-4; see
+        ``benchmarks/README.md``), or float32 as computed. A float16 value that would
+        overflow (a projection 65,504 sample standard deviations out) raises.
 
     Examples
     --------
@@ -207,16 +214,25 @@ class SampledPass:
     """
 
     def __init__(self, basis: SampleBasis, n_images: int, *,
-                 store: torch.device | str | None = None):
+                 store: torch.device | str | None = None,
+                 store_dtype: torch.dtype = torch.float16):
         if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 2:
             raise ValueError(f"n_images must be an int >= 2; got {n_images!r}")
+        if store_dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"store_dtype must be torch.float16 or torch.float32; got "
+                             f"{store_dtype}")
         self.basis = basis
         self.n_images = n_images
         dev = basis.mean.device
         self.store = dev if store is None else torch.device(store)
         c, p, width = basis.channels, basis.pixels, basis.width
         self.projections: torch.Tensor | None = torch.empty(
-            (c, n_images, width), dtype=torch.float32, device=self.store)
+            (c, n_images, width), dtype=store_dtype, device=self.store)
+        #: ``(C, l)`` float32: a kept projection times its column's scale is the projection
+        self.scale = torch.ones((c, width), dtype=torch.float32, device=dev)
+        if store_dtype == torch.float16:
+            root = basis.eigenvalues.sqrt().to(torch.float32)
+            self.scale = torch.where(root > 0, root, 1.0)
         self._sums = torch.zeros((c, p), dtype=torch.float64, device=dev)
         self._squares = torch.zeros_like(self._sums)
         # sum over images of y (x - shift)^T: gives the covariance applied to the axes
@@ -226,20 +242,25 @@ class SampledPass:
         self._seen = torch.zeros(n_images, dtype=torch.bool)
 
     @staticmethod
-    def bytes_needed(channels: int, pixels: int, n_images: int, width: int) -> int:
-        """Bytes a pass holds: projections plus pixel statistics (not the basis).
+    def bytes_needed(channels: int, pixels: int, n_images: int, width: int,
+                     itemsize: int = 2) -> int:
+        """Bytes a pass holds: projections (``itemsize`` bytes each) and statistics.
+
+        Not counted: the basis, and the float32 scores :meth:`finish` returns.
 
         Examples
         --------
-        >>> SampledPass.bytes_needed(688, 1, 50_000, 8) / 2**30 > 1
-        True
+        >>> round(SampledPass.bytes_needed(688, 64, 50_000, 8) / 2**30, 2)
+        0.52
         """
-        return 4 * channels * n_images * width + (24 + 8 * width) * channels * pixels + n_images
+        return (itemsize * channels * n_images * width
+                + (24 + 8 * width) * channels * pixels + n_images)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the pass (projections and statistics)."""
-        held = 0 if self.projections is None else self.projections.numel() * 4
+        held = 0 if self.projections is None else \
+            self.projections.numel() * self.projections.element_size()
         return held + (24 + 8 * self.basis.width) * self._sums.numel() + self._seen.numel()
 
     def add(self, maps: torch.Tensor, offset: int) -> None:
@@ -267,10 +288,16 @@ class SampledPass:
             self._sums.device.type == "cpu"
         if on_cpu:
             x = x.contiguous()
+            direct = self.projections.dtype == torch.float32
+            out = self.projections if direct else torch.empty(
+                (x.shape[1], b, self.basis.width), dtype=torch.float32)
             parallel_ranges(_pass_range, x.shape[1], x.numpy(), self.basis.shift.numpy(),
-                            self.basis.weights_t.numpy(), self.projections.numpy(),
-                            offset, self._sums.numpy(), self._squares.numpy(),
-                            self._lo.numpy(), self._hi.numpy(), self._cross.numpy())
+                            self.basis.weights_t.numpy(), out.numpy(),
+                            offset if direct else 0, self._sums.numpy(),
+                            self._squares.numpy(), self._lo.numpy(), self._hi.numpy(),
+                            self._cross.numpy())
+            if not direct:
+                self._keep(out, rows)
         else:
             self._add_torch(x.to(self._sums.device), rows)
         self._seen[rows] = True
@@ -278,13 +305,25 @@ class SampledPass:
     def _add_torch(self, x: torch.Tensor, rows: slice) -> None:
         d = x - self.basis.shift
         y = torch.matmul(d.transpose(0, 1), self.basis.weights)
-        self.projections[:, rows] = y.to(self.store)
+        self._keep(y, rows)
         self._cross += torch.matmul(y.transpose(1, 2), d.transpose(0, 1)).to(torch.float64)
         self._sums += d.sum(dim=0).to(torch.float64)
         self._squares += d.square_().sum(dim=0).to(torch.float64)
         lo, hi = torch.aminmax(x, dim=0)
         torch.minimum(self._lo, lo, out=self._lo)
         torch.maximum(self._hi, hi, out=self._hi)
+
+    def _keep(self, y: torch.Tensor, rows: slice) -> None:
+        """Store a batch's float32 projections ``(C, B, l)`` in the kept dtype."""
+        if self.projections.dtype == torch.float32:
+            self.projections[:, rows] = y.to(self.store)
+            return
+        v = y / self.scale[:, None, :]
+        if not bool(torch.isfinite(v).all()) or bool((v.abs() > 65504.0).any()):
+            if bool(torch.isfinite(y).all()):
+                raise ValueError("a projection overflows float16 (more than 65,504 sample "
+                                 "standard deviations out); use store_dtype=torch.float32")
+        self.projections[:, rows] = v.to(self.store, torch.float16)
 
     def finish(self, *, threshold: float = CHECK_THRESHOLD, warn: bool = True,
                layer: str | None = None) -> tuple[Reduction, SampleCheck]:
@@ -322,7 +361,8 @@ class SampledPass:
         constant, ratio, inv_n = self._standardiser()
         dead = constant.all(dim=1)
         varying = (~constant).sum(dim=1).to(torch.float64)
-        mean, cov = _moments(self.projections)
+        scale = self.scale.to(self.store, torch.float64)
+        mean, cov = _moments(self.projections, scale)
         theta, rot = rayleigh_ritz(cov.to(ratio.device), _axes_gram(basis.axes, ratio))
         theta, rot = theta.cpu(), rot.cpu()
         rank = numerical_rank(theta * n, max(n, basis.pixels), torch.float32)
@@ -332,7 +372,7 @@ class SampledPass:
         keep = (torch.arange(width)[None, :] < n_comp[:, None])
         turn = torch.zeros((basis.channels, theta.shape[1], width), dtype=torch.float64)
         turn[:, :, :r] = rot[:, :, :r] * keep[:, None, :r]
-        scores = _rotate(self.projections, mean, turn)
+        scores = _rotate(self.projections, scale, mean, turn)
         self.projections = None
         fix_signs(scores)
         held = (theta[:, :r] * keep[:, :r]).sum(dim=1)
@@ -431,30 +471,32 @@ def _axes_gram(axes: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _moments(y: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel, the mean ``(C, l)`` and covariance ``(C, l, l)`` of ``(C, N, l)`` rows.
 
-    float64, in chunks of rows: the mean first, then the centred cross products.
+    The rows are ``y * scale``; float64, in chunks of rows: the mean first, then the
+    centred cross products.
     """
     c, n, width = y.shape
     total = torch.zeros((c, width), dtype=torch.float64, device=y.device)
     for lo in range(0, n, ROWS):
         total += y[:, lo:lo + ROWS].sum(dim=1, dtype=torch.float64)
-    mean = total / n
+    mean = total / n * scale
     cov = torch.zeros((c, width, width), dtype=torch.float64, device=y.device)
     for lo in range(0, n, ROWS):
-        part = y[:, lo:lo + ROWS].to(torch.float64) - mean[:, None, :]
+        part = y[:, lo:lo + ROWS].to(torch.float64) * scale[:, None, :] - mean[:, None, :]
         cov.baddbmm_(part.transpose(1, 2), part)
     return mean.cpu(), (cov / n).cpu()
 
 
-def _rotate(y: torch.Tensor, mean: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
-    """``(y - mean) @ turn`` per channel, float32 ``(C, N, width)``, in float64 chunks."""
+def _rotate(y: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, turn: torch.Tensor
+            ) -> torch.Tensor:
+    """``(y * scale - mean) @ turn`` per channel, float32 ``(C, N, width)``, in float64 chunks."""
     c, n, _ = y.shape
     out = torch.empty((c, n, turn.shape[2]), dtype=torch.float32, device=y.device)
     mean, turn = mean.to(y.device), turn.to(y.device)
     for lo in range(0, n, ROWS):
-        part = y[:, lo:lo + ROWS].to(torch.float64) - mean[:, None, :]
+        part = y[:, lo:lo + ROWS].to(torch.float64) * scale[:, None, :] - mean[:, None, :]
         out[:, lo:lo + ROWS] = torch.bmm(part, turn)
     return out
 
