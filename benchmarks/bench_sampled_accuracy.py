@@ -163,7 +163,7 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict:
             "max": float(diff.max())}
 
 
-def sampled(block: np.ndarray, m: int, extra: int, seed: int):
+def sampled(block: np.ndarray, m: int, extra: int, seed: int, store: str = "float16"):
     from pcace.reduce.sampled import SampleBasis, sample_indices
 
     n = block.shape[1]
@@ -172,7 +172,7 @@ def sampled(block: np.ndarray, m: int, extra: int, seed: int):
     basis = SampleBasis.from_block(torch.from_numpy(np.ascontiguousarray(block[:, idx])), K,
                                    extra=extra)
     fit = time.perf_counter() - t
-    run = basis.start_pass(n)
+    run = basis.start_pass(n, store_dtype=getattr(torch, store))
     for lo in range(0, n, 256):
         run.add(torch.from_numpy(np.ascontiguousarray(block[:, lo:lo + 256].transpose(1, 0, 2))),
                 lo)
@@ -200,8 +200,9 @@ def study(args) -> None:
             if args.jackknife:
                 configs = [(round(0.99 * args.n), 0)]
             for m, extra in configs:
-                row = one_config(block, exact, ref, target, m, extra, args.seed)
-                row = {**base, **row, "m": "jackknife" if args.jackknife else m}
+                row = one_config(block, exact, ref, target, m, extra, args.seed, args.store)
+                row = {**base, **row, "m": "jackknife" if args.jackknife else m,
+                       "store": args.store}
                 out.write(json.dumps(row) + "\n")
                 out.flush()
                 print(f"{name} m={m} extra={extra}: spearman {row['spearman']:.4f} "
@@ -212,8 +213,8 @@ def study(args) -> None:
 
 
 def one_config(block: np.ndarray, exact, ref: np.ndarray, target: np.ndarray, m: int,
-               extra: int, seed: int) -> dict:
-    red, check, fit, rest = sampled(block, m, extra, seed)
+               extra: int, seed: int, store: str) -> dict:
+    red, check, fit, rest = sampled(block, m, extra, seed, store)
     got = values(red.scores, target)
     cos = cosines(exact.scores, red.scores, exact.n_components, red.n_components)
     return {"extra": extra, **compare(ref, got), "cos_min": float(cos.min()),
@@ -345,6 +346,8 @@ def main() -> None:
                     help="only the reference row: axes from 99%% of the images, l = k")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/pcace-sampled"))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--store", choices=["float16", "float32"], default="float16",
+                    help="how the pass keeps the projections")
     ap.add_argument("--repeats", type=int, default=2, help="speed: bare/sampled pass pairs")
     args = ap.parse_args()
     if args.model == "table":
