@@ -25,29 +25,39 @@ This route needs one pass:
    ``explained_variance``, never more than it).
 
 Where the sample is all the images (``m >= N``, in any order) the result is that of
-:func:`~pcace.reduce.pca.reduce_block` on all maps, up to the float32 rounding of the
-projections (``tests/test_sampled.py`` holds it to ``1e-4`` of each component's scale).
-The same rules apply: population standard deviation, the constant-column rule
-(:data:`~pcace.reduce.pca.CONSTANT_ULPS`), ``k`` fixed or from a variance fraction
+:func:`~pcace.reduce.pca.reduce_block` on all maps, up to the rounding of the kept
+projections (``tests/test_sampled.py``: within ``1e-5`` of each component's scale with
+float32 storage, ``2e-3`` with float16). The same rules apply: population standard
+deviation, the constant-column rule (:data:`~pcace.reduce.pca.CONSTANT_ULPS`, with
+float32's epsilon: the pass works in float32), ``k`` fixed or from a variance fraction
 (capped at ``max_components``), the numerical-rank rule, dead channels (scores 0), the
 sign rule over all ``N`` scores.
 
 Pixels the sample and the whole set disagree on: a pixel constant in the sample but not
 over all ``N`` (a rarely active unit) has weight 0, so no component can use it; its
 variance still counts in the total over all ``N``, so the explained variance and the
-self-check show what it costs. A channel constant over the whole sample but not over all
-``N`` gets no components and is named by the self-check.
+self-check show what it costs (:attr:`SampleCheck.unseen` counts such pixels). A channel
+constant over the whole sample but not over all ``N`` gets no components and is marked
+poor. (The converse, constant over all ``N`` but not over the sample, can only happen to
+a pixel at the constant-column threshold; its rounding-level variation then stays in the
+projections, though it is left out of the metric.)
 
-The self-check (:class:`SampleCheck`): per channel, the share of the variance over all
-``N`` that the ``k`` components capture, against the share the sample claimed for its
-own top ``k`` (in-sample, so a little optimistic). Their ratio below
-:data:`CHECK_THRESHOLD` marks the channel as poor, and :meth:`SampledPass.finish` warns
-(:class:`SampledBasisWarning`) with one line naming the layer's poor channels.
+The self-check (:class:`SampleCheck`), per channel: ``ratio``, the share of the variance
+over all ``N`` that the ``k`` components capture against the share the sample claimed
+for its own top ``k`` (in-sample, so optimistic), marks the channel poor below
+:data:`CHECK_THRESHOLD`, and :meth:`SampledPass.finish` then warns
+(:class:`SampledBasisWarning`) with one line naming the layer's poor channels. The pass
+also accumulates ``S U`` (``S`` the covariance of the maps standardised over all ``N``),
+so each kept Ritz pair's residual is known: ``angle``, residual over gap, estimates how
+far the components are from the exact ones (conservative: 2 to 8 times the true largest
+principal angle in the tests). How both predict the difference from the exact route:
+``benchmarks/README.md`` ("Sampled basis: accuracy").
 
-Memory: ``4 C N l`` bytes of projections plus ``24 C P`` of pixel statistics per layer;
-``finish`` adds ``4 C N k`` for the scores it returns. Accuracy against the exact route,
-and the choice of :data:`EXTRA` and of ``m``: ``benchmarks/README.md`` ("Sampled basis:
-accuracy").
+Memory per layer: the projections, ``2 C N l`` bytes (float16) or ``4 C N l`` (float32),
+plus ``(24 + 8 l) C P`` of pixel statistics and sums; :meth:`SampledPass.finish` returns
+``4 C N k`` of scores and releases the projections. Speed: on the CPU one compiled pass
+over each batch (projection, pixel statistics and ``S U`` together); the sample's basis
+costs one eigenproblem per channel of order ``min(m, P)``.
 """
 
 from __future__ import annotations

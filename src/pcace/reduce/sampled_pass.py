@@ -159,11 +159,18 @@ class SampleCheck:
         (1.0, [])
         """
         ratio = self.ratio.double().cpu()
-        return {"m": self.sample_size, "l": self.width, "threshold": self.threshold,
-                "ratio_min": float(ratio.min()) if ratio.numel() else None,
-                "ratio_median": float(ratio.median()) if ratio.numel() else None,
-                "poor_channels": self.poor.nonzero().flatten().tolist(),
-                "unseen_pixels": int(self.unseen.sum())}
+        out = {"m": self.sample_size, "l": self.width, "threshold": self.threshold,
+               "ratio_min": float(ratio.min()) if ratio.numel() else None,
+               "ratio_median": float(ratio.median()) if ratio.numel() else None,
+               "poor_channels": self.poor.nonzero().flatten().tolist(),
+               "unseen_pixels": int(self.unseen.sum())}
+        if self.angle is not None and self.angle.numel():
+            angle = self.angle.double().cpu()
+            finite = angle[torch.isfinite(angle)]
+            out["angle_median"] = float(finite.median()) if finite.numel() else None
+            out["angle_max"] = float(finite.max()) if finite.numel() else None
+            out["angle_no_gap"] = int((~torch.isfinite(angle)).sum())
+        return out
 
     def message(self, layer: str | None = None) -> str | None:
         """One line naming the poor channels, or None when there are none."""
