@@ -6,7 +6,8 @@ components per channel; ACE against the class-3 logit turns both into PCACE valu
 layer: Spearman of the channels' values, the 99th percentile and maximum of
 |difference|, the cosine of the largest principal angle between the two k-dimensional
 score spaces in R^N (1 = the same components), and the self-check's ratio; "p99 kept" is
-the 99th percentile over the channels the self-check passes. Two reference rows: "floor"
+the 99th percentile over the channels the self-check passes; "layers passing" counts the
+layers with Spearman >= 0.99 and p99 <= 0.01 (the issue's bar). Two reference rows: "floor"
 compares the exact route with its own scores rounded to float32; "jackknife" (with
 ``--jackknife``) takes each channel's k axes from 99% of the images (the sampled route
 with m = 0.99 N and l = k, so no Rayleigh-Ritz freedom) and projects all N: how much the
@@ -304,16 +305,17 @@ def table(paths: list[Path]) -> None:
     for r in rows:
         groups.setdefault((r["model"], r["inputs"], r["n"], r["m"], r.get("extra")), []).append(r)
     print("| model, inputs, N | m | l - k | layers | Spearman min | p99 max | max |diff| "
-          "| cos min | ratio min | poor | p99 kept max |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| cos min | ratio min | poor | p99 kept max | layers passing |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (model, inputs, n, m, extra), g in groups.items():
         poor = sum(len(r["check"]["poor_channels"]) for r in g if "check" in r)
         ratio = min((r["check"]["ratio_min"] for r in g if "check" in r), default=float("nan"))
         cos = min((r["cos_min"] for r in g if "cos_min" in r), default=float("nan"))
+        passing = sum(r["spearman"] >= 0.99 and r["p99"] <= 0.01 for r in g)
         print(f"| {model}, {inputs}, {n:,} | {m} | {extra if extra is not None else '-'} | "
               f"{len(g)} | {min(r['spearman'] for r in g):.4f} | "
               f"{max(r['p99'] for r in g):.4f} | {max(r['max'] for r in g):.4f} | "
-              f"{cos:.4f} | {ratio:.3f} | {poor} | {kept_p99(g):.4f} |")
+              f"{cos:.4f} | {ratio:.3f} | {poor} | {kept_p99(g):.4f} | {passing} |")
 
 
 def kept_p99(group: list[dict]) -> float:
