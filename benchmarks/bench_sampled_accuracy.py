@@ -24,6 +24,7 @@ time in RAM). Results go to a JSON-lines file, one line per (layer, m, extra).
     nice .venv/bin/python benchmarks/bench_sampled_accuracy.py resnet18 --n 2000 --inputs noise
     nice .venv/bin/python benchmarks/bench_sampled_accuracy.py resnet18 --n 2000 --inputs natural
     .venv/bin/python benchmarks/bench_sampled_accuracy.py table /tmp/pcace-sampled/*.jsonl
+    .venv/bin/python benchmarks/bench_sampled_accuracy.py calibrate /tmp/pcace-sampled/*.jsonl
     nice .venv/bin/python benchmarks/bench_sampled_accuracy.py speed --n 5000 --m 1000 --extra 5
 """
 
@@ -333,9 +334,35 @@ def kept_p99(group: list[dict]) -> float:
     return worst
 
 
+def calibrate(paths: list[Path], threshold: float, angle: float) -> None:
+    """How the self-check's flags match the channels that differ by more than 0.01."""
+    rows = [json.loads(line) for p in paths for line in open(p)]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "per_channel" in r and r["m"] != "jackknife":
+            groups.setdefault((r["model"], r["inputs"], r["n"], r["m"], r["extra"]), []).append(r)
+    print(f"| model, inputs, N | m | l - k | channels | \\|diff\\| > 0.01 | ratio < {threshold}: "
+          f"flagged, of those > 0.01 | max \\|diff\\| unflagged | angle > {angle}: flagged, of "
+          "those > 0.01 | max \\|diff\\| unflagged |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (model, inputs, n, m, extra), g in groups.items():
+        pc = [r["per_channel"] for r in g]
+        diff = np.concatenate([np.abs(np.array(c["ref"]) - np.array(c["got"])) for c in pc])
+        ratio = np.concatenate([c["ratio"] for c in pc])
+        est = np.concatenate([c.get("angle", [np.nan] * len(c["ratio"])) for c in pc])
+        far = diff > 0.01
+        cells = []
+        for flag in (ratio < threshold, est > angle):
+            rest = diff[~flag]
+            cells.append(f"{flag.sum()}, {(flag & far).sum()} | "
+                         f"{rest.max() if rest.size else float('nan'):.4f}")
+        print(f"| {model}, {inputs}, {n:,} | {m} | {extra} | {diff.size} | {far.sum()} | "
+              f"{cells[0]} | {cells[1]} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model", choices=["resnet20", "resnet18", "table", "speed"])
+    ap.add_argument("model", choices=["resnet20", "resnet18", "table", "speed", "calibrate"])
     ap.add_argument("files", nargs="*", type=Path, help="for table: JSON-lines files")
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--inputs", choices=["cifar", "noise", "natural"], default=None)
@@ -350,10 +377,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--store", choices=["float16", "float32"], default="float16",
                     help="how the pass keeps the projections")
+    ap.add_argument("--threshold", type=float, default=0.9, help="calibrate: ratio threshold")
+    ap.add_argument("--angle", type=float, default=5.0, help="calibrate: angle threshold")
     ap.add_argument("--repeats", type=int, default=2, help="speed: bare/sampled pass pairs")
     args = ap.parse_args()
     if args.model == "table":
         table(args.files)
+        return
+    if args.model == "calibrate":
+        calibrate(args.files, args.threshold, args.angle)
         return
     if args.model == "speed":
         args.model, args.inputs = "resnet20", "cifar"
