@@ -306,6 +306,27 @@ def test_bad_input_is_refused():
     assert err.value.channels == [1]
 
 
+def test_basis_from_moments_equals_basis_from_maps():
+    from pcace.reduce.streaming import PixelMoments
+
+    maps = _maps(300, 3, 30)
+    maps[:, 2, 4] = 7.0  # a constant pixel
+    sample = maps[sample_indices(300, 90)]
+    moments = PixelMoments(3, 30)
+    for part in sample.split(32):
+        moments.update(part)
+    results = []
+    for basis in (SampleBasis.from_moments(moments, 3), SampleBasis.from_maps(sample, 3)):
+        assert basis.width == 8 and basis.count == 90
+        run = basis.start_pass(300, store_dtype=torch.float32)
+        run.add(maps, 0)
+        results.append(run.finish(warn=False))
+    (a, check_a), (b, check_b) = results
+    torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-3 * float(b.scores.abs().max()))
+    torch.testing.assert_close(check_a.ratio, check_b.ratio, rtol=1e-5, atol=0)
+    assert a.n_components.tolist() == b.n_components.tolist()
+
+
 def test_sample_indices():
     idx = sample_indices(1000, 100, seed=7)
     assert idx.numel() == 100 and idx.unique().numel() == 100

@@ -77,6 +77,7 @@ from .sampled_pass import (
     rayleigh_ritz,
 )
 from .standardise import NonFiniteMaps
+from .streaming import PixelMoments
 
 __all__ = ["CHECK_THRESHOLD", "EXTRA", "SampleBasis", "SampleCheck", "SampledBasisWarning",
            "SampledPass", "rayleigh_ritz", "sample_indices"]
@@ -124,7 +125,9 @@ def _flat(maps: torch.Tensor, what: str) -> torch.Tensor:
 class SampleBasis:
     """Each channel's standardisation and top ``l`` axes, from a sample of ``m`` images.
 
-    Build it with :meth:`from_maps` or :meth:`from_block`; then :meth:`start_pass`.
+    Build it with :meth:`from_maps` or :meth:`from_block` (the sample's maps), or
+    :meth:`from_moments` (the sample's ``P x P`` moments, streamed); then
+    :meth:`start_pass`.
 
     Attributes
     ----------
@@ -240,8 +243,7 @@ class SampleBasis:
         As :meth:`from_maps` otherwise.
         """
         k_fixed, fraction = check_components(components, max_components)
-        if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
-            raise ValueError(f"extra must be an int >= 0; got {extra!r}")
+        _check_extra(extra)
         if block.ndim != 3 or block.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"block must be a (C, m, P) float32 or float64 tensor; got "
                              f"{tuple(block.shape)} {block.dtype}")
@@ -272,6 +274,44 @@ class SampleBasis:
                    weights_t=weights_t, count=m, k_fixed=k_fixed, fraction=fraction,
                    max_components=max_components, eps=torch.finfo(x.dtype).eps)
 
+    @classmethod
+    def from_moments(cls, moments: PixelMoments, components: int | float = 3, *,
+                     max_components: int = 10, extra: int = EXTRA) -> SampleBasis:
+        """The basis from a sample's streamed moments (a ``PixelMoments`` with cross products).
+
+        For layers whose sample would not be held as maps: ``8 C P^2`` bytes of moments
+        instead of ``4 C m P`` of maps (less where ``P < m / 2``). The axes are those of
+        :meth:`from_maps` on the same images, as exact as the moments route is.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from pcace.reduce.streaming import PixelMoments
+        >>> sample = torch.randn(300, 2, 16)
+        >>> basis = SampleBasis.from_moments(PixelMoments(2, 16).update(sample), 2, extra=1)
+        >>> other = SampleBasis.from_maps(sample, 2, extra=1)
+        >>> bool(torch.allclose(basis.axes.abs(), other.axes.abs(), atol=1e-4))
+        True
+        """
+        k_fixed, fraction = check_components(components, max_components)
+        _check_extra(extra)
+        if moments.count < 2:
+            raise ValueError(f"the sample needs at least 2 images; got {moments.count}")
+        width = min(moments.pixels, (k_fixed if fraction is None else max_components) + extra)
+        basis = moments.basis(width)
+        vals = basis.eigenvalues * (basis.vectors.abs().sum(dim=1) > 0)
+        axes = basis.vectors.to(torch.float64)
+        pad = width - axes.shape[2]
+        axes = torch.nn.functional.pad(axes, (0, pad))
+        vals = torch.nn.functional.pad(vals, (0, max(0, width - vals.shape[1])))[:, :width]
+        inv = basis.inv_std.to(torch.float64)
+        weights_t = (axes * inv[:, :, None]).transpose(1, 2).to(torch.float32).contiguous()
+        return cls(mean=basis.mean, inv_std=inv, constant=basis.constant, axes=axes,
+                   eigenvalues=vals, total=(~basis.constant).sum(dim=1).to(torch.float64),
+                   shift=basis.mean.to(torch.float32), weights_t=weights_t,
+                   count=moments.count, k_fixed=k_fixed, fraction=fraction,
+                   max_components=max_components, eps=moments.eps)
+
     def project(self, maps: torch.Tensor) -> torch.Tensor:
         """The ``l`` sample-axis projections of a batch: ``(B, C, ...)`` -> ``(C, B, l)`` float32.
 
@@ -292,6 +332,11 @@ class SampleBasis:
             raise ValueError(f"a batch has {x.shape[1]} channels of {x.shape[2]} pixels; the "
                              f"basis is for {self.channels} of {self.pixels}")
         return x
+
+
+def _check_extra(extra: int) -> None:
+    if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+        raise ValueError(f"extra must be an int >= 0; got {extra!r}")
 
 
 def _standardise_sample_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
