@@ -69,13 +69,8 @@ import torch
 
 from ..core.validation import components as check_components
 from .pca import CONSTANT_ULPS, _eigen, numerical_rank
-from .sampled_pass import (
-    CHECK_THRESHOLD,
-    SampleCheck,
-    SampledBasisWarning,
-    SampledPass,
-    rayleigh_ritz,
-)
+from .sampled_check import CHECK_THRESHOLD, SampleCheck, SampledBasisWarning
+from .sampled_pass import SampledPass, rayleigh_ritz
 from .standardise import NonFiniteMaps
 from .streaming import PixelMoments
 

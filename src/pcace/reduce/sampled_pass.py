@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,18 +26,13 @@ from numba import njit
 
 from ..core.threads import parallel_ranges
 from .pca import CONSTANT_ULPS, Reduction, components_kept, fix_signs, numerical_rank
+from .sampled_check import CHECK_THRESHOLD, SampleCheck, SampledBasisWarning
 from .standardise import NonFiniteMaps
 
 if TYPE_CHECKING:
     from .sampled import SampleBasis
 
-__all__ = ["CHECK_THRESHOLD", "SampleCheck", "SampledBasisWarning", "SampledPass",
-           "rayleigh_ritz"]
-
-#: The self-check marks a channel as poor when its ``k`` components capture less than
-#: this share of what the sample's own top ``k`` claimed. Measured:
-#: ``benchmarks/README.md`` ("Sampled basis: accuracy").
-CHECK_THRESHOLD = 0.9
+__all__ = ["SampledPass", "rayleigh_ritz"]
 
 #: Eigenvalues of ``U^T U`` below this share of its largest are directions the subspace
 #: does not have (axes past the sample's rank, or resting on pixels constant over ``N``).
@@ -46,10 +40,6 @@ RITZ_RTOL = 1e-10
 
 #: Rows of projections rotated (widened to float64) at once, per channel.
 ROWS = 8192
-
-
-class SampledBasisWarning(UserWarning):
-    """The sampled basis captures clearly less over all images than the sample promised."""
 
 
 def rayleigh_ritz(cov: torch.Tensor, gram: torch.Tensor, *, rtol: float = RITZ_RTOL
@@ -98,92 +88,6 @@ def rayleigh_ritz(cov: torch.Tensor, gram: torch.Tensor, *, rtol: float = RITZ_R
     inner = t.transpose(1, 2) @ cov @ t
     theta, s = torch.linalg.eigh(0.5 * (inner + inner.transpose(1, 2)))
     return theta.flip(-1).clamp(min=0), t @ s.flip(-1)
-
-
-@dataclass
-class SampleCheck:
-    """The sampled basis's self-check for one layer's channels.
-
-    Attributes
-    ----------
-    sample_size : int
-        ``m``, images the axes came from.
-    width : int
-        ``l``, sample axes every image was projected on.
-    threshold : float
-        ``ratio`` below it marks a channel as poor.
-    explained : torch.Tensor
-        ``(C,)``: share of the standardised variance over all ``N`` images that the kept
-        components capture (the reduction's ``explained_variance``).
-    sample_explained : torch.Tensor
-        ``(C,)``: the share the sample's own top components (as many) claimed of the
-        sample's variance.
-    ratio : torch.Tensor
-        ``(C,)``: ``explained / sample_explained`` (1 where neither has anything, 0 where
-        only the whole set has).
-    subspace_explained : torch.Tensor
-        ``(C,)``: share over all ``N`` held by the whole ``l``-dimensional subspace.
-    unseen : torch.Tensor
-        ``(C,)`` long: pixels constant in the sample that vary over all ``N`` (no
-        component can use them).
-    poor : torch.Tensor
-        ``(C,)`` bool: ``ratio < threshold``, or the channel is constant over the sample
-        but not over all images. Never set for a dead channel.
-    angle : torch.Tensor
-        ``(C,)`` float64: the estimated largest angle (radians) between the kept
-        components and the exact ones over all ``N`` (Ritz residual over the gap to the
-        next Ritz value; 0 without components, inf without a gap).
-    """
-
-    sample_size: int
-    width: int
-    threshold: float
-    explained: torch.Tensor
-    sample_explained: torch.Tensor
-    ratio: torch.Tensor
-    subspace_explained: torch.Tensor
-    unseen: torch.Tensor
-    poor: torch.Tensor
-    angle: torch.Tensor | None = None
-
-    def summary(self) -> dict[str, Any]:
-        """A JSON-ready record for the run's manifest.
-
-        Examples
-        --------
-        >>> import torch
-        >>> one = torch.ones(2, dtype=torch.float64)
-        >>> check = SampleCheck(500, 8, 0.9, 0.5 * one, 0.5 * one, one, 0.7 * one,
-        ...                     torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=bool))
-        >>> check.summary()["ratio_min"], check.summary()["poor_channels"]
-        (1.0, [])
-        """
-        ratio = self.ratio.double().cpu()
-        out = {"m": self.sample_size, "l": self.width, "threshold": self.threshold,
-               "ratio_min": float(ratio.min()) if ratio.numel() else None,
-               "ratio_median": float(ratio.median()) if ratio.numel() else None,
-               "poor_channels": self.poor.nonzero().flatten().tolist(),
-               "unseen_pixels": int(self.unseen.sum())}
-        if self.angle is not None and self.angle.numel():
-            angle = self.angle.double().cpu()
-            finite = angle[torch.isfinite(angle)]
-            out["angle_median"] = float(finite.median()) if finite.numel() else None
-            out["angle_max"] = float(finite.max()) if finite.numel() else None
-            out["angle_no_gap"] = int((~torch.isfinite(angle)).sum())
-        return out
-
-    def message(self, layer: str | None = None) -> str | None:
-        """One line naming the poor channels, or None when there are none."""
-        poor = self.poor.nonzero().flatten().tolist()
-        if not poor:
-            return None
-        where = f"layer {layer}: " if layer else ""
-        worst = float(self.ratio[self.poor].min())
-        more = f" (and {len(poor) - 20} more)" if len(poor) > 20 else ""
-        return (f"{where}the sampled basis (m = {self.sample_size}, l = {self.width}) is "
-                f"poor for channel(s) {poor[:20]}{more}: over all images its components "
-                f"capture less than {self.threshold:.0%} of the variance the sample claimed "
-                f"(worst {worst:.2f}); use a larger sample or basis='exact' for this layer")
 
 
 class SampledPass:
