@@ -227,7 +227,8 @@ def one_config(block: np.ndarray, exact, ref: np.ndarray, target: np.ndarray, m:
                                          - red.explained_variance).max()),
             "fit_s": fit, "pass_finish_s": rest, "check": check.summary(),
             "per_channel": {"ref": ref.tolist(), "got": got.tolist(), "cos": cos.tolist(),
-                            "ratio": check.ratio.tolist(), "angle": check.angle.tolist()}}
+                            "ratio": check.ratio.tolist(), "angle": check.angle.tolist(),
+                            "ratio_all": check.ratio_all.tolist()}}
 
 
 def speed(args) -> None:
@@ -311,8 +312,9 @@ def table(paths: list[Path]) -> None:
           "| cos min | ratio min | poor | p99 kept max | layers passing | passing, poor exact |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (model, inputs, n, m, extra), g in groups.items():
-        poor = sum(len(r["check"]["poor_channels"]) for r in g if "check" in r)
-        ratio = min((r["check"]["ratio_min"] for r in g if "check" in r), default=float("nan"))
+        poor = sum(int(poor_flags(r).sum()) for r in g if "per_channel" in r)
+        ratio = min((held_ratio(r).min() for r in g if "per_channel" in r),
+                    default=float("nan"))
         cos = min((r["cos_min"] for r in g if "cos_min" in r), default=float("nan"))
         passing = sum(r["spearman"] >= 0.99 and r["p99"] <= 0.01 for r in g)
         print(f"| {model}, {inputs}, {n:,} | {m} | {extra if extra is not None else '-'} | "
@@ -332,10 +334,28 @@ def passing_redone(group: list[dict]) -> int:
             count += r["spearman"] >= 0.99 and r["p99"] <= 0.01
             continue
         ref, got = np.array(r["per_channel"]["ref"]), np.array(r["per_channel"]["got"])
-        got[r["check"]["poor_channels"]] = ref[r["check"]["poor_channels"]]
+        poor = poor_flags(r)
+        got[poor] = ref[poor]
         diff = np.abs(ref - got)
         count += spearmanr(ref, got).statistic >= 0.99 and np.quantile(diff, 0.99) <= 0.01
     return count
+
+
+def held_ratio(row: dict) -> np.ndarray:
+    """The self-check's ratio (held-out estimate) per channel, from a row's ratios.
+
+    Rows written before the held-out estimate existed recorded the ratio over all N as
+    "ratio"; the estimate is recomputed from it, so every row is judged by one rule.
+    """
+    pc = row["per_channel"]
+    raw = np.array(pc.get("ratio_all", pc["ratio"]))
+    n, m = row["n"], row["check"]["m"]
+    return (n * raw - m) / (n - m) if n > m else raw
+
+
+def poor_flags(row: dict, threshold: float = 0.9) -> np.ndarray:
+    """The channels the self-check marks poor (the library's rule, but for sample-dead)."""
+    return held_ratio(row) < threshold
 
 
 def kept_p99(group: list[dict]) -> float:
@@ -346,8 +366,7 @@ def kept_p99(group: list[dict]) -> float:
             continue
         pc = r["per_channel"]
         diff = np.abs(np.array(pc["ref"]) - np.array(pc["got"]))
-        ok = np.ones(diff.size, bool)
-        ok[r["check"]["poor_channels"]] = False
+        ok = ~poor_flags(r)
         if ok.any():
             worst = np.nanmax([worst, np.quantile(diff[ok], 0.99)])
     return worst
@@ -361,17 +380,17 @@ def calibrate(paths: list[Path], threshold: float, angle: float) -> None:
         if "per_channel" in r and r["m"] != "jackknife":
             groups.setdefault((r["model"], r["inputs"], r["n"], r["m"], r["extra"]), []).append(r)
     print(f"| model, inputs, N | m | l - k | channels | \\|diff\\| > 0.01 | ratio < {threshold}: "
-          f"flagged, of those > 0.01 | max \\|diff\\| unflagged | angle > {angle}: flagged, of "
-          "those > 0.01 | max \\|diff\\| unflagged |")
+          f"flagged, of those > 0.01 | max \\|diff\\| unflagged | angle > {angle}: flagged, "
+          "of those > 0.01 | max \\|diff\\| unflagged |")
     print("|---|---|---|---|---|---|---|---|---|")
     for (model, inputs, n, m, extra), g in groups.items():
         pc = [r["per_channel"] for r in g]
         diff = np.concatenate([np.abs(np.array(c["ref"]) - np.array(c["got"])) for c in pc])
-        ratio = np.concatenate([c["ratio"] for c in pc])
+        flagged = np.concatenate([poor_flags(r, threshold) for r in g])
         est = np.concatenate([c.get("angle", [np.nan] * len(c["ratio"])) for c in pc])
         far = diff > 0.01
         cells = []
-        for flag in (ratio < threshold, est > angle):
+        for flag in (flagged, est > angle):
             rest = diff[~flag]
             cells.append(f"{flag.sum()}, {(flag & far).sum()} | "
                          f"{rest.max() if rest.size else float('nan'):.4f}")

@@ -218,9 +218,15 @@ def test_self_check_warns_on_a_poor_sample():
     assert float(check.ratio[0]) < 0.7 and float(check.ratio[1]) > 0.95
     assert check.summary()["poor_channels"] == [0]
     # the check's numbers are what they say: the scores' variance over all images
-    z, _ = _standardised(maps[:, 0])
     held = (red.scores[0].double() ** 2).mean(dim=0).sum() / 40
     assert float(check.explained[0]) == pytest.approx(float(held), rel=1e-4)
+    # and the held-out estimate is near the share on the images outside the sample
+    for c in range(2):
+        z, _ = _standardised(maps[:, c])
+        out = red.scores[c, 100:].double().numpy()
+        share = out.var(axis=0).sum() / z[100:].var(axis=0).sum()
+        assert float(check.ratio[c]) == pytest.approx(share / float(check.sample_explained[c]),
+                                                      abs=0.03)
 
 
 def test_no_warning_on_a_fair_sample():

@@ -43,9 +43,9 @@ a pixel at the constant-column threshold; its rounding-level variation then stay
 projections, though it is left out of the metric.)
 
 The self-check (:class:`SampleCheck`), per channel: ``ratio``, the share of the variance
-over all ``N`` that the ``k`` components capture against the share the sample claimed
-for its own top ``k`` (in-sample, so optimistic), marks the channel poor below
-:data:`CHECK_THRESHOLD`, and :meth:`SampledPass.finish` then warns
+that the ``k`` components capture over the images outside the sample (estimated from the
+share over all ``N``), against the share the sample claimed for its own top ``k``, marks
+the channel poor below :data:`CHECK_THRESHOLD`, and :meth:`SampledPass.finish` then warns
 (:class:`SampledBasisWarning`) with one line naming the layer's poor channels. The pass
 also accumulates ``S U`` (``S`` the covariance of the maps standardised over all ``N``),
 so each kept Ritz pair's residual is known: ``angle``, residual over gap, estimates how

@@ -43,8 +43,13 @@ class SampleCheck:
         ``(C,)``: the share the sample's own top components (as many) claimed of the
         sample's variance.
     ratio : torch.Tensor
-        ``(C,)``: ``explained / sample_explained`` (1 where neither has anything, 0 where
-        only the whole set has).
+        ``(C,)``: the estimated share the components capture over the images outside the
+        sample, relative to the sample's claim: with ``r = explained / sample_explained``
+        (:attr:`ratio_all`), ``(N r - m) / (N - m)`` (``r`` itself when ``m >= N``): the
+        sample's images are taken to be among the ``N``, and the components to capture on
+        them what the sample claimed (its own top ``k`` capture exactly that; the Ritz
+        components, tuned to all ``N``, a little less). 1 where neither has anything, 0
+        where only the whole set has.
     subspace_explained : torch.Tensor
         ``(C,)``: share over all ``N`` held by the whole ``l``-dimensional subspace.
     unseen : torch.Tensor
@@ -57,6 +62,8 @@ class SampleCheck:
         ``(C,)`` float64: the estimated largest angle (radians) between the kept
         components and the exact ones over all ``N`` (Ritz residual over the gap to the
         next Ritz value; 0 without components, inf without a gap).
+    ratio_all : torch.Tensor
+        ``(C,)``: ``explained / sample_explained``, over all ``N`` images.
     """
 
     sample_size: int
@@ -69,6 +76,7 @@ class SampleCheck:
     unseen: torch.Tensor
     poor: torch.Tensor
     angle: torch.Tensor | None = None
+    ratio_all: torch.Tensor | None = None
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready record for the run's manifest.
@@ -105,6 +113,7 @@ class SampleCheck:
         worst = float(self.ratio[self.poor].min())
         more = f" (and {len(poor) - 20} more)" if len(poor) > 20 else ""
         return (f"{where}the sampled basis (m = {self.sample_size}, l = {self.width}) is "
-                f"poor for channel(s) {poor[:20]}{more}: over all images its components "
-                f"capture less than {self.threshold:.0%} of the variance the sample claimed "
-                f"(worst {worst:.2f}); use a larger sample or basis='exact' for this layer")
+                f"poor for channel(s) {poor[:20]}{more}: on the images outside the sample "
+                f"its components capture less than {self.threshold:.0%} of the variance the "
+                f"sample claimed (estimated; worst {worst:.2f}); use a larger sample or "
+                "basis='exact' for them")

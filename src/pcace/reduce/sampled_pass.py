@@ -358,8 +358,10 @@ class SampledPass:
         total = basis.total.cpu()
         claimed = torch.where(total > 0, (vals * kept).sum(dim=1) / total.clamp(
             min=torch.finfo(torch.float64).tiny), 0.0)
-        ratio = torch.where(claimed > 0, share / claimed.clamp(min=1e-300),
-                            torch.where(share > 0, 0.0, 1.0))
+        ratio_all = torch.where(claimed > 0, share / claimed.clamp(min=1e-300),
+                                torch.where(share > 0, 0.0, 1.0))
+        n, m = self.n_images, basis.count
+        ratio = (n * ratio_all - m) / (n - m) if n > m else ratio_all
         varying = (~constant).sum(dim=1).to(torch.float64)
         subspace = torch.where(varying > 0, theta.sum(dim=1) / varying.clamp(min=1), 0.0)
         sample_dead = basis.constant.cpu().all(dim=1)
@@ -368,7 +370,7 @@ class SampledPass:
         return SampleCheck(sample_size=basis.count, width=basis.width, threshold=threshold,
                            explained=share, sample_explained=claimed, ratio=ratio,
                            subspace_explained=subspace, unseen=unseen, poor=poor,
-                           angle=angle)
+                           angle=angle, ratio_all=ratio_all)
 
 
 def _axes_gram(axes: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
