@@ -349,8 +349,8 @@ def held_ratio(row: dict) -> np.ndarray:
     """
     pc = row["per_channel"]
     raw = np.array(pc.get("ratio_all", pc["ratio"]))
-    n, m = row["n"], row["check"]["m"]
-    return (n * raw - m) / (n - m) if n > m else raw
+    n, m = row["n"], min(row["check"]["m"], row["n"] / 2)
+    return (n * raw - m) / (n - m)
 
 
 def poor_flags(row: dict, threshold: float = 0.9) -> np.ndarray:

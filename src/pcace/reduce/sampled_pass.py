@@ -360,8 +360,8 @@ class SampledPass:
             min=torch.finfo(torch.float64).tiny), 0.0)
         ratio_all = torch.where(claimed > 0, share / claimed.clamp(min=1e-300),
                                 torch.where(share > 0, 0.0, 1.0))
-        n, m = self.n_images, basis.count
-        ratio = (n * ratio_all - m) / (n - m) if n > m else ratio_all
+        n, m = self.n_images, min(basis.count, self.n_images / 2)
+        ratio = (n * ratio_all - m) / (n - m)
         varying = (~constant).sum(dim=1).to(torch.float64)
         subspace = torch.where(varying > 0, theta.sum(dim=1) / varying.clamp(min=1), 0.0)
         sample_dead = basis.constant.cpu().all(dim=1)
