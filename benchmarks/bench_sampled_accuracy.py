@@ -176,7 +176,7 @@ def sampled(block: np.ndarray, m: int, extra: int, seed: int, store: str = "floa
     basis = SampleBasis.from_block(torch.from_numpy(np.ascontiguousarray(block[:, idx])), K,
                                    extra=extra)
     fit = time.perf_counter() - t
-    run = basis.start_pass(n, store_dtype=getattr(torch, store))
+    run = basis.start_pass(n, store_dtype=getattr(torch, store), residuals=True)
     for lo in range(0, n, 256):
         run.add(torch.from_numpy(np.ascontiguousarray(block[:, lo:lo + 256].transpose(1, 0, 2))),
                 lo)
@@ -271,7 +271,8 @@ def speed(args) -> None:
         return time.perf_counter() - t
 
     def one_pass() -> tuple[float, float, int]:
-        runs = {name: basis.start_pass(args.n) for name, basis in bases.items()}
+        runs = {name: basis.start_pass(args.n, residuals=args.residuals)
+                for name, basis in bases.items()}
         at = [0]
         hooks = [modules[name].register_forward_hook(
             lambda _m, _i, out, name=name: runs[name].add(out, at[0])) for name in layers]
@@ -295,6 +296,7 @@ def speed(args) -> None:
     times = [(bare(), *one_pass()) for _ in range(args.repeats)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({"model": args.model, "n": args.n, "m": m, "extra": args.extra[0],
+                      "residuals": args.residuals,
                       "layers": len(layers), "channels": sum(b.channels for b in bases.values()),
                       "sample_pass_and_fit_s": fit, "bare_s": [r[0] for r in times],
                       "pass_s": [r[1] for r in times], "finish_s": [r[2] for r in times],
@@ -417,6 +419,8 @@ def main() -> None:
                     help="how the pass keeps the projections")
     ap.add_argument("--threshold", type=float, default=0.9, help="calibrate: ratio threshold")
     ap.add_argument("--angle", type=float, default=5.0, help="calibrate: angle threshold")
+    ap.add_argument("--residuals", action="store_true",
+                    help="speed: accumulate S U too (the check's angle)")
     ap.add_argument("--repeats", type=int, default=2, help="speed: bare/sampled pass pairs")
     args = ap.parse_args()
     if args.model == "table":

@@ -34,9 +34,9 @@ def _maps(n, c, p, seed=0, spectrum=(6.0, 3.0, 1.5, 0.8, 0.4, 0.2), noise=0.1):
 
 
 def _run(maps, sample, components=3, batch=64, order=None, store_dtype=torch.float16,
-         **kwargs):
+         residuals=True, **kwargs):
     basis = SampleBasis.from_maps(sample, components, **kwargs)
-    run = basis.start_pass(maps.shape[0], store_dtype=store_dtype)
+    run = basis.start_pass(maps.shape[0], store_dtype=store_dtype, residuals=residuals)
     starts = list(range(0, maps.shape[0], batch))
     for i in (starts if order is None else [starts[j] for j in order(len(starts))]):
         run.add(maps[i:i + batch], i)
@@ -168,7 +168,7 @@ def test_angle_estimate_against_numpy():
     """The residual-over-gap angle, from the pass's sums, against NumPy on the same maps."""
     maps = _maps(400, 2, 40, noise=1.0)
     basis = SampleBasis.from_maps(maps[:80], 3, extra=3)
-    run = basis.start_pass(400)
+    run = basis.start_pass(400, residuals=True)
     for i in range(0, 400, 128):
         run.add(maps[i:i + 128], i)
     _, check = run.finish(warn=False)
@@ -252,7 +252,7 @@ def test_channel_constant_in_sample_only():
 def test_torch_path_equals_compiled_path():
     maps = _maps(200, 3, 49).reshape(200, 3, 7, 7)
     basis = SampleBasis.from_maps(maps[::3], 3)
-    runs = [basis.start_pass(200), basis.start_pass(200)]
+    runs = [basis.start_pass(200, residuals=True), basis.start_pass(200, residuals=True)]
     for i in range(0, 200, 64):
         runs[0].add(maps[i:i + 64], i)
         runs[1]._add_torch(maps[i:i + 64].flatten(2), slice(i, i + 64))
@@ -261,6 +261,7 @@ def test_torch_path_equals_compiled_path():
                                rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(runs[0]._sums, runs[1]._sums, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(runs[0]._squares, runs[1]._squares, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(runs[0]._cross, runs[1]._cross, rtol=1e-4, atol=1e-2)
     assert torch.equal(runs[0]._lo, runs[1]._lo) and torch.equal(runs[0]._hi, runs[1]._hi)
     a, b = runs[0].finish(warn=False)[0], runs[1].finish(warn=False)[0]
     torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-3)
@@ -276,7 +277,10 @@ def test_project_matches_the_pass(store, tol):
     kept = run.projections.float() * run.scale[:, None, :]
     torch.testing.assert_close(basis.project(maps), kept, rtol=tol, atol=tol)
     half = 100 * 2 * basis.width * (2 if store == torch.float16 else 4)
-    assert run.nbytes == half + (24 + 8 * basis.width) * 2 * 30 + 100
+    assert run.nbytes == half + 24 * 2 * 30 + 100
+    assert run.nbytes == run.bytes_needed(2, 30, 100, basis.width, half // (200 * basis.width))
+    red, check = run.finish(warn=False)
+    assert check.angle is None and "angle_max" not in check.summary()
 
 
 def test_float16_overflow_is_refused():

@@ -46,17 +46,19 @@ The self-check (:class:`SampleCheck`), per channel: ``ratio``, the share of the 
 that the ``k`` components capture over the images outside the sample (estimated from the
 share over all ``N``), against the share the sample claimed for its own top ``k``, marks
 the channel poor below :data:`CHECK_THRESHOLD`, and :meth:`SampledPass.finish` then warns
-(:class:`SampledBasisWarning`) with one line naming the layer's poor channels. The pass
-also accumulates ``S U`` (``S`` the covariance of the maps standardised over all ``N``),
-so each kept Ritz pair's residual is known: ``angle``, residual over gap, estimates how
-far the components are from the exact ones (conservative: 2 to 8 times the true largest
-principal angle in the tests). How both predict the difference from the exact route:
+(:class:`SampledBasisWarning`) with one line naming the layer's poor channels. On
+request (``residuals=True``) the pass also accumulates ``S U`` (``S`` the covariance of
+the maps standardised over all ``N``), so each kept Ritz pair's residual is known:
+``angle``, residual over gap, estimates how far the components are from the exact ones
+(conservative: 2 to 8 times the true largest principal angle in the tests). How both
+predict the difference from the exact route:
 ``benchmarks/README.md`` ("Sampled basis: accuracy").
 
 Memory per layer: the projections, ``2 C N l`` bytes (float16) or ``4 C N l`` (float32),
-plus ``(24 + 8 l) C P`` of pixel statistics and sums; :meth:`SampledPass.finish` returns
+plus ``24 C P`` of pixel statistics (and ``8 C l P`` with ``residuals``);
+:meth:`SampledPass.finish` returns
 ``4 C N k`` of scores and releases the projections. Speed: on the CPU one compiled pass
-over each batch (projection, pixel statistics and ``S U`` together); the sample's basis
+over each batch (projection and pixel statistics together); the sample's basis
 costs one eigenproblem per channel of order ``min(m, P)``.
 """
 
@@ -317,9 +319,11 @@ class SampleBasis:
         return torch.matmul(d.transpose(0, 1), self.weights)
 
     def start_pass(self, n_images: int, *, store: torch.device | str | None = None,
-                   store_dtype: torch.dtype = torch.float16) -> SampledPass:
+                   store_dtype: torch.dtype = torch.float16,
+                   residuals: bool = False) -> SampledPass:
         """A :class:`SampledPass` over ``n_images`` images (see its parameters)."""
-        return SampledPass(self, n_images, store=store, store_dtype=store_dtype)
+        return SampledPass(self, n_images, store=store, store_dtype=store_dtype,
+                           residuals=residuals)
 
     def _check(self, maps: torch.Tensor) -> torch.Tensor:
         x = _flat(maps, "a batch")

@@ -105,6 +105,10 @@ class SampledPass:
     store : torch.device or str, optional
         Where the ``(C, N, l)`` projections (and the scores) live; default the basis's
         device.
+    residuals : bool, default False
+        Also accumulate ``S U`` (``(C, l, P)`` float64, and about a third more work per
+        batch), so that the check's ``angle`` (residual over gap) can be computed; it
+        is None otherwise. The warning does not use it.
     store_dtype : torch.dtype, default torch.float16
         How the projections are kept: float16, each column divided by the sample's
         standard deviation of that component (:attr:`scale`), half the memory of
@@ -126,7 +130,7 @@ class SampledPass:
 
     def __init__(self, basis: SampleBasis, n_images: int, *,
                  store: torch.device | str | None = None,
-                 store_dtype: torch.dtype = torch.float16):
+                 store_dtype: torch.dtype = torch.float16, residuals: bool = False):
         if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 2:
             raise ValueError(f"n_images must be an int >= 2; got {n_images!r}")
         if store_dtype not in (torch.float16, torch.float32):
@@ -147,32 +151,34 @@ class SampledPass:
         self._sums = torch.zeros((c, p), dtype=torch.float64, device=dev)
         self._squares = torch.zeros_like(self._sums)
         # sum over images of y (x - shift)^T: gives the covariance applied to the axes
-        self._cross = torch.zeros((c, width, p), dtype=torch.float64, device=dev)
+        self._cross = torch.zeros((c, width, p) if residuals else (c, 0, 0),
+                                  dtype=torch.float64, device=dev)
+        self.residuals = bool(residuals)
         self._lo = torch.full((c, p), math.inf, dtype=torch.float32, device=dev)
         self._hi = torch.full((c, p), -math.inf, dtype=torch.float32, device=dev)
         self._seen = torch.zeros(n_images, dtype=torch.bool)
 
     @staticmethod
     def bytes_needed(channels: int, pixels: int, n_images: int, width: int,
-                     itemsize: int = 2) -> int:
+                     itemsize: int = 2, residuals: bool = False) -> int:
         """Bytes a pass holds: projections (``itemsize`` bytes each) and statistics.
 
         Not counted: the basis, and the float32 scores :meth:`finish` returns.
 
         Examples
         --------
-        >>> round(SampledPass.bytes_needed(688, 64, 50_000, 8) / 2**30, 2)
-        0.52
+        >>> round(SampledPass.bytes_needed(688, 64, 50_000, 13) / 2**30, 2)
+        0.83
         """
         return (itemsize * channels * n_images * width
-                + (24 + 8 * width) * channels * pixels + n_images)
+                + (24 + 8 * width * residuals) * channels * pixels + n_images)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the pass (projections and statistics)."""
         held = 0 if self.projections is None else \
             self.projections.numel() * self.projections.element_size()
-        return held + (24 + 8 * self.basis.width) * self._sums.numel() + self._seen.numel()
+        return held + 24 * self._sums.numel() + 8 * self._cross.numel() + self._seen.numel()
 
     def add(self, maps: torch.Tensor, offset: int) -> None:
         """Project a batch ``(B, C, H, W)`` or ``(B, C, P)``: the images ``offset .. offset+B-1``.
@@ -206,7 +212,7 @@ class SampledPass:
                             self.basis.weights_t.numpy(), out.numpy(),
                             offset if direct else 0, self._sums.numpy(),
                             self._squares.numpy(), self._lo.numpy(), self._hi.numpy(),
-                            self._cross.numpy())
+                            self._cross.numpy(), self.residuals)
             if not direct:
                 self._keep(out, rows)
         else:
@@ -217,7 +223,8 @@ class SampledPass:
         d = x - self.basis.shift
         y = torch.matmul(d.transpose(0, 1), self.basis.weights)
         self._keep(y, rows)
-        self._cross += torch.matmul(y.transpose(1, 2), d.transpose(0, 1)).to(torch.float64)
+        if self.residuals:
+            self._cross += torch.matmul(y.transpose(1, 2), d.transpose(0, 1)).to(torch.float64)
         self._sums += d.sum(dim=0).to(torch.float64)
         self._squares += d.square_().sum(dim=0).to(torch.float64)
         lo, hi = torch.aminmax(x, dim=0)
@@ -288,7 +295,8 @@ class SampledPass:
         fix_signs(scores)
         held = (theta[:, :r] * keep[:, :r]).sum(dim=1)
         share = torch.where(varying.cpu() > 0, held / varying.cpu().clamp(min=1), 0.0)
-        angle = self._angles(mean, ratio, inv_n, theta, turn, n_comp)
+        angle = self._angles(mean, ratio, inv_n, theta, turn, n_comp) if self.residuals \
+            else None
         check = self._check(share, theta, n_comp, constant.cpu(), dead.cpu(), threshold, r,
                             angle)
         message = check.message(layer)
@@ -415,17 +423,22 @@ def _rotate(y: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, turn: torc
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-def _pass_range(c0, c1, x, shift, wt, out, offset, sums, squares, lo, hi,
-                cross):  # pragma: no cover - compiled
-    # one read of each map: d = x - shift, its projections y, the pixel statistics, and
-    # y d^T (summed over the batch in float32, then added in float64)
+def _pass_range(c0, c1, x, shift, wt, out, offset, sums, squares, lo, hi, cross,
+                residuals):  # pragma: no cover - compiled
+    # one read of each map: d = x - shift, its projections y, the pixel statistics and
+    # (residuals) y d^T; sums over the batch in float32 (of centred values), then added
+    # to the float64 totals
     b, _, p = x.shape
     width = wt.shape[1]
     d = np.empty(p, dtype=np.float32)
     y = np.empty(width, dtype=np.float32)
-    part = np.empty((width, p), dtype=np.float32)
+    a1 = np.empty(p, dtype=np.float32)
+    a2 = np.empty(p, dtype=np.float32)
+    part = np.empty((width if residuals else 0, p), dtype=np.float32)
     for c in range(c0, c1):
-        sh, w, s1, s2, mn, mx = shift[c], wt[c], sums[c], squares[c], lo[c], hi[c]
+        sh, w, mn, mx = shift[c], wt[c], lo[c], hi[c]
+        a1[:] = 0.0
+        a2[:] = 0.0
         part[:] = 0.0
         for i in range(b):
             row = x[i, c]
@@ -433,8 +446,8 @@ def _pass_range(c0, c1, x, shift, wt, out, offset, sums, squares, lo, hi,
                 v = row[j]
                 dv = v - sh[j]
                 d[j] = dv
-                s1[j] += dv
-                s2[j] += np.float64(dv) * dv
+                a1[j] += dv
+                a2[j] += dv * dv
                 mn[j] = min(mn[j], v)
                 mx[j] = max(mx[j], v)
             for k in range(width):
@@ -444,12 +457,18 @@ def _pass_range(c0, c1, x, shift, wt, out, offset, sums, squares, lo, hi,
                     acc += d[j] * wk[j]
                 y[k] = acc
                 out[c, offset + i, k] = acc
+            if residuals:
+                for k in range(width):
+                    yk = y[k]
+                    pk = part[k]
+                    for j in range(p):
+                        pk[j] += d[j] * yk
+        s1, s2 = sums[c], squares[c]
+        for j in range(p):
+            s1[j] += a1[j]
+            s2[j] += a2[j]
+        if residuals:
+            acc_c = cross[c]
             for k in range(width):
-                yk = y[k]
-                pk = part[k]
                 for j in range(p):
-                    pk[j] += d[j] * yk
-        acc_c = cross[c]
-        for k in range(width):
-            for j in range(p):
-                acc_c[k, j] += part[k, j]
+                    acc_c[k, j] += part[k, j]
