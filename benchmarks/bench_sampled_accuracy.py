@@ -263,25 +263,29 @@ def speed(args) -> None:
     grabbed.clear()
     fit = time.perf_counter() - t
 
-    def bare() -> float:
-        t = time.perf_counter()
+    def cpu() -> float:
+        use = resource.getrusage(resource.RUSAGE_SELF)
+        return use.ru_utime + use.ru_stime
+
+    def bare() -> tuple[float, float]:
+        t, c = time.perf_counter(), cpu()
         with torch.inference_mode():
             for lo in range(0, args.n, args.batch):
                 model(images[lo:lo + args.batch])
-        return time.perf_counter() - t
+        return time.perf_counter() - t, cpu() - c
 
-    def one_pass() -> tuple[float, float, int]:
+    def one_pass() -> tuple[float, float, float, int]:
         runs = {name: basis.start_pass(args.n, residuals=args.residuals)
                 for name, basis in bases.items()}
         at = [0]
         hooks = [modules[name].register_forward_hook(
             lambda _m, _i, out, name=name: runs[name].add(out, at[0])) for name in layers]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu()
         with torch.inference_mode():
             for lo in range(0, args.n, args.batch):
                 at[0] = lo
                 model(images[lo:lo + args.batch])
-        passed = time.perf_counter() - t
+        passed, passed_cpu = time.perf_counter() - t, cpu() - c
         for h in hooks:
             h.remove()
         held = sum(r.nbytes for r in runs.values())
@@ -289,18 +293,19 @@ def speed(args) -> None:
         done = [r.finish(warn=False)[0] for r in runs.values()]
         finished = time.perf_counter() - t
         held = max(held, sum(d.scores.numel() * 4 for d in done))
-        return passed, finished, held
+        return passed, passed_cpu, finished, held
 
     bare()  # warm up
     bare_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    times = [(bare(), *one_pass()) for _ in range(args.repeats)]
+    times = [(*bare(), *one_pass()) for _ in range(args.repeats)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({"model": args.model, "n": args.n, "m": m, "extra": args.extra[0],
                       "residuals": args.residuals,
                       "layers": len(layers), "channels": sum(b.channels for b in bases.values()),
                       "sample_pass_and_fit_s": fit, "bare_s": [r[0] for r in times],
-                      "pass_s": [r[1] for r in times], "finish_s": [r[2] for r in times],
-                      "held_gib": times[0][3] / 2**30, "peak_rss_gib": peak,
+                      "bare_cpu_s": [r[1] for r in times], "pass_s": [r[2] for r in times],
+                      "pass_cpu_s": [r[3] for r in times], "finish_s": [r[4] for r in times],
+                      "held_gib": times[0][5] / 2**30, "peak_rss_gib": peak,
                       "bare_peak_rss_gib": bare_peak,
                       "load": open("/proc/loadavg").read().split()[:3]}))
 

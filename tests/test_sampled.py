@@ -16,6 +16,7 @@ from pcace.reduce.sampled import (
     SampledBasisWarning,
     rayleigh_ritz,
     sample_indices,
+    sample_size,
 )
 from pcace.reduce.standardise import NonFiniteMaps
 
@@ -251,7 +252,7 @@ def test_channel_constant_in_sample_only():
 
 def test_torch_path_equals_compiled_path():
     maps = _maps(200, 3, 49).reshape(200, 3, 7, 7)
-    basis = SampleBasis.from_maps(maps[::3], 3)
+    basis = SampleBasis.from_maps(maps[::3], 3, extra=5)
     runs = [basis.start_pass(200, residuals=True), basis.start_pass(200, residuals=True)]
     for i in range(0, 200, 64):
         runs[0].add(maps[i:i + 64], i)
@@ -327,7 +328,7 @@ def test_basis_from_moments_equals_basis_from_maps():
         moments.update(part)
     results = []
     for basis in (SampleBasis.from_moments(moments, 3), SampleBasis.from_maps(sample, 3)):
-        assert basis.width == 8 and basis.count == 90
+        assert basis.width == 13 and basis.count == 90
         run = basis.start_pass(300, store_dtype=torch.float32)
         run.add(maps, 0)
         results.append(run.finish(warn=False))
@@ -343,3 +344,6 @@ def test_sample_indices():
     assert torch.equal(idx, idx.sort().values) and int(idx.max()) < 1000
     assert torch.equal(idx, sample_indices(1000, 100, seed=7))
     assert sample_indices(5, 10).tolist() == [0, 1, 2, 3, 4]
+    assert [sample_size(n) for n in (10, 2000, 20_000, 50_000)] == [10, 2000, 2000, 5000]
+    with pytest.raises(ValueError, match="n_images"):
+        sample_size(0)
