@@ -27,7 +27,8 @@ time in RAM). Results go to a JSON-lines file, one line per (layer, m, extra).
     nice .venv/bin/python benchmarks/bench_sampled_accuracy.py resnet18 --n 2000 --inputs natural
     .venv/bin/python benchmarks/bench_sampled_accuracy.py table /tmp/pcace-sampled/*.jsonl
     .venv/bin/python benchmarks/bench_sampled_accuracy.py calibrate /tmp/pcace-sampled/*.jsonl
-    nice .venv/bin/python benchmarks/bench_sampled_accuracy.py speed --n 5000 --m 1000 --extra 5
+    nice .venv/bin/python benchmarks/bench_sampled_accuracy.py speed --n 5000 --m 2000 --extra 10
+    nice .venv/bin/python benchmarks/bench_sampled_accuracy.py kernel --extra 10
 """
 
 from __future__ import annotations
@@ -310,6 +311,30 @@ def speed(args) -> None:
                       "load": open("/proc/loadavg").read().split()[:3]}))
 
 
+def kernel(args) -> None:
+    """Milliseconds per ``SampledPass.add`` of a batch, for ResNet-20's three map shapes.
+
+    Median of 20 calls, with and without ``residuals``, l = 3 + extra, float16 store.
+    """
+    from pcace.reduce.sampled import SampleBasis
+
+    out = {"batch": args.batch, "extra": args.extra[0],
+           "load": open("/proc/loadavg").read().split()[:3]}
+    for c, side in ((16, 32), (32, 16), (64, 8)):
+        x = torch.randn(args.batch, c, side, side)
+        basis = SampleBasis.from_maps(x, K, extra=args.extra[0])
+        for residuals in (False, True):
+            run = basis.start_pass(args.batch * 25, residuals=residuals)
+            times = []
+            for i in range(21):
+                t = time.perf_counter()
+                run.add(x, i * args.batch)
+                times.append(time.perf_counter() - t)
+            out[f"{c}x{side}x{side}{' residuals' if residuals else ''}"] = \
+                round(1e3 * float(np.median(times[1:])), 2)
+    print(json.dumps(out))
+
+
 def table(paths: list[Path]) -> None:
     rows = [json.loads(line) for p in paths for line in open(p)]
     groups: dict[tuple, list[dict]] = {}
@@ -407,7 +432,8 @@ def calibrate(paths: list[Path], threshold: float, angle: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model", choices=["resnet20", "resnet18", "table", "speed", "calibrate"])
+    ap.add_argument("model", choices=["resnet20", "resnet18", "table", "speed", "calibrate",
+                                      "kernel"])
     ap.add_argument("files", nargs="*", type=Path, help="for table: JSON-lines files")
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--inputs", choices=["cifar", "noise", "natural"], default=None)
@@ -433,6 +459,10 @@ def main() -> None:
         return
     if args.model == "calibrate":
         calibrate(args.files, args.threshold, args.angle)
+        return
+    if args.model == "kernel":
+        torch.set_num_threads(2)
+        kernel(args)
         return
     if args.model == "speed":
         args.model, args.inputs = "resnet20", "cifar"
