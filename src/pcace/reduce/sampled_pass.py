@@ -111,11 +111,12 @@ class SampledPass:
         is None otherwise. The warning does not use it.
     store_dtype : torch.dtype, default torch.float16
         How the projections are kept: float16, each column divided by the sample's
-        standard deviation of that component (:attr:`scale`), half the memory of
-        float32 (measured on ResNet-20's 688 channels: PCACE values within 8e-4 of
-        float32's, a layer's 99th percentile of the difference from the exact route
-        within 1e-4; ``benchmarks/README.md``), or float32 as computed. A float16 value that would
-        overflow (a projection 65,504 sample standard deviations out) raises.
+        standard deviation of that component (at least 1e-3 of the first's;
+        :attr:`scale`), half the memory of float32 (measured on ResNet-20's 688
+        channels: PCACE values within 8e-4 of float32's, a layer's 99th percentile of
+        the difference from the exact route within 1e-4; ``benchmarks/README.md``), or
+        float32 as computed. A projection that would overflow float16 (65,504 scales
+        out) raises.
 
     Examples
     --------
@@ -147,7 +148,11 @@ class SampledPass:
         #: ``(C, l)`` float32: a kept projection times its column's scale is the projection
         self.scale = torch.ones((c, width), dtype=torch.float32, device=dev)
         if store_dtype == torch.float16:
+            # each column's sample standard deviation, at least 1e-3 of the first's: a
+            # direction quiet in the sample may be loud over all N, and float16 ends at
+            # 65,504 (its relative precision does not depend on the scale)
             root = basis.eigenvalues.sqrt().to(torch.float32)
+            root = torch.maximum(root, 1e-3 * root[:, :1])
             self.scale = torch.where(root > 0, root, 1.0)
         self._sums = torch.zeros((c, p), dtype=torch.float64, device=dev)
         self._squares = torch.zeros_like(self._sums)
@@ -240,8 +245,8 @@ class SampledPass:
         v = y / self.scale[:, None, :]
         if not bool(torch.isfinite(v).all()) or bool((v.abs() > 65504.0).any()):
             if bool(torch.isfinite(y).all()):
-                raise ValueError("a projection overflows float16 (more than 65,504 sample "
-                                 "standard deviations out); use store_dtype=torch.float32")
+                raise ValueError("a projection overflows float16 (more than 65,504 times its "
+                                 "column's scale); use store_dtype=torch.float32")
         self.projections[:, rows] = v.to(self.store, torch.float16)
 
     def finish(self, *, threshold: float = CHECK_THRESHOLD, warn: bool = True,
