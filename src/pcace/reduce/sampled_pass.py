@@ -4,7 +4,8 @@
 the method and its guarantees are described in :mod:`pcace.reduce.sampled`.
 
 Per batch (``B`` images of ``C`` channels of ``P`` pixels) the pass reads the maps once:
-``(x - shift) @ W`` into the kept ``(C, N, l)`` float32 projections, and each pixel's
+``(x - shift) @ W`` into the kept ``(C, N, l)`` projections (float16, scaled per column,
+by default), and each pixel's
 sum and sum of squares of ``x - shift`` (float64) and its minimum and maximum. On the
 CPU one compiled kernel does all of it (parallel over channels, no copy of the batch);
 elsewhere (CUDA) the same in torch with one float32 temporary of the batch's size.
@@ -17,8 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,18 +26,13 @@ from numba import njit
 
 from ..core.threads import parallel_ranges
 from .pca import CONSTANT_ULPS, Reduction, components_kept, fix_signs, numerical_rank
+from .sampled_check import CHECK_THRESHOLD, SampleCheck, SampledBasisWarning
 from .standardise import NonFiniteMaps
 
 if TYPE_CHECKING:
     from .sampled import SampleBasis
 
-__all__ = ["CHECK_THRESHOLD", "SampleCheck", "SampledBasisWarning", "SampledPass",
-           "rayleigh_ritz"]
-
-#: The self-check marks a channel as poor when its ``k`` components capture less than
-#: this share of what the sample's own top ``k`` claimed. Measured:
-#: ``benchmarks/README.md`` ("Sampled basis: accuracy").
-CHECK_THRESHOLD = 0.9
+__all__ = ["SampledPass", "rayleigh_ritz"]
 
 #: Eigenvalues of ``U^T U`` below this share of its largest are directions the subspace
 #: does not have (axes past the sample's rank, or resting on pixels constant over ``N``).
@@ -45,10 +40,6 @@ RITZ_RTOL = 1e-10
 
 #: Rows of projections rotated (widened to float64) at once, per channel.
 ROWS = 8192
-
-
-class SampledBasisWarning(UserWarning):
-    """The sampled basis captures clearly less over all images than the sample promised."""
 
 
 def rayleigh_ritz(cov: torch.Tensor, gram: torch.Tensor, *, rtol: float = RITZ_RTOL
@@ -99,85 +90,6 @@ def rayleigh_ritz(cov: torch.Tensor, gram: torch.Tensor, *, rtol: float = RITZ_R
     return theta.flip(-1).clamp(min=0), t @ s.flip(-1)
 
 
-@dataclass
-class SampleCheck:
-    """The sampled basis's self-check for one layer's channels.
-
-    Attributes
-    ----------
-    sample_size : int
-        ``m``, images the axes came from.
-    width : int
-        ``l``, sample axes every image was projected on.
-    threshold : float
-        ``ratio`` below it marks a channel as poor.
-    explained : torch.Tensor
-        ``(C,)``: share of the standardised variance over all ``N`` images that the kept
-        components capture (the reduction's ``explained_variance``).
-    sample_explained : torch.Tensor
-        ``(C,)``: the share the sample's own top components (as many) claimed of the
-        sample's variance.
-    ratio : torch.Tensor
-        ``(C,)``: ``explained / sample_explained`` (1 where neither has anything, 0 where
-        only the whole set has).
-    subspace_explained : torch.Tensor
-        ``(C,)``: share over all ``N`` held by the whole ``l``-dimensional subspace.
-    unseen : torch.Tensor
-        ``(C,)`` long: pixels constant in the sample that vary over all ``N`` (no
-        component can use them).
-    poor : torch.Tensor
-        ``(C,)`` bool: ``ratio < threshold``, or the channel is constant over the sample
-        but not over all images. Never set for a dead channel.
-    angle : torch.Tensor
-        ``(C,)`` float64: the estimated largest angle (radians) between the kept
-        components and the exact ones over all ``N`` (Ritz residual over the gap to the
-        next Ritz value; 0 without components, inf without a gap).
-    """
-
-    sample_size: int
-    width: int
-    threshold: float
-    explained: torch.Tensor
-    sample_explained: torch.Tensor
-    ratio: torch.Tensor
-    subspace_explained: torch.Tensor
-    unseen: torch.Tensor
-    poor: torch.Tensor
-    angle: torch.Tensor | None = None
-
-    def summary(self) -> dict[str, Any]:
-        """A JSON-ready record for the run's manifest.
-
-        Examples
-        --------
-        >>> import torch
-        >>> one = torch.ones(2, dtype=torch.float64)
-        >>> check = SampleCheck(500, 8, 0.9, 0.5 * one, 0.5 * one, one, 0.7 * one,
-        ...                     torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=bool))
-        >>> check.summary()["ratio_min"], check.summary()["poor_channels"]
-        (1.0, [])
-        """
-        ratio = self.ratio.double().cpu()
-        return {"m": self.sample_size, "l": self.width, "threshold": self.threshold,
-                "ratio_min": float(ratio.min()) if ratio.numel() else None,
-                "ratio_median": float(ratio.median()) if ratio.numel() else None,
-                "poor_channels": self.poor.nonzero().flatten().tolist(),
-                "unseen_pixels": int(self.unseen.sum())}
-
-    def message(self, layer: str | None = None) -> str | None:
-        """One line naming the poor channels, or None when there are none."""
-        poor = self.poor.nonzero().flatten().tolist()
-        if not poor:
-            return None
-        where = f"layer {layer}: " if layer else ""
-        worst = float(self.ratio[self.poor].min())
-        more = f" (and {len(poor) - 20} more)" if len(poor) > 20 else ""
-        return (f"{where}the sampled basis (m = {self.sample_size}, l = {self.width}) is "
-                f"poor for channel(s) {poor[:20]}{more}: over all images its components "
-                f"capture less than {self.threshold:.0%} of the variance the sample claimed "
-                f"(worst {worst:.2f}); use a larger sample or basis='exact' for this layer")
-
-
 class SampledPass:
     """The one pass of the sampled-basis reduce over ``N`` images, for one layer.
 
@@ -191,8 +103,20 @@ class SampledPass:
     n_images : int
         ``N``.
     store : torch.device or str, optional
-        Where the ``(C, N, l)`` float32 projections (and the scores) live; default the
-        basis's device.
+        Where the ``(C, N, l)`` projections (and the scores) live; default the basis's
+        device.
+    residuals : bool, default False
+        Also accumulate ``S U`` (``(C, l, P)`` float64, and about a third more work per
+        batch), so that the check's ``angle`` (residual over gap) can be computed; it
+        is None otherwise. The warning does not use it.
+    store_dtype : torch.dtype, default torch.float16
+        How the projections are kept: float16, each column divided by the sample's
+        standard deviation of that component (at least 1e-3 of the first's;
+        :attr:`scale`), half the memory of float32 (measured on ResNet-20's 688
+        channels: PCACE values within 8e-4 of float32's, a layer's 99th percentile of
+        the difference from the exact route within 1e-4; ``benchmarks/README.md``), or
+        float32 as computed. A projection that would overflow float16 (65,504 scales
+        out) raises.
 
     Examples
     --------
@@ -203,44 +127,65 @@ class SampledPass:
     >>> run.add(maps[50:], 50); run.add(maps[:50], 0)
     >>> red, check = run.finish(warn=False)
     >>> tuple(red.scores.shape), check.width
-    ((3, 100, 2), 7)
+    ((3, 100, 2), 12)
     """
 
     def __init__(self, basis: SampleBasis, n_images: int, *,
-                 store: torch.device | str | None = None):
+                 store: torch.device | str | None = None,
+                 store_dtype: torch.dtype = torch.float16, residuals: bool = False):
         if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 2:
             raise ValueError(f"n_images must be an int >= 2; got {n_images!r}")
+        if store_dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"store_dtype must be torch.float16 or torch.float32; got "
+                             f"{store_dtype}")
         self.basis = basis
         self.n_images = n_images
         dev = basis.mean.device
         self.store = dev if store is None else torch.device(store)
         c, p, width = basis.channels, basis.pixels, basis.width
         self.projections: torch.Tensor | None = torch.empty(
-            (c, n_images, width), dtype=torch.float32, device=self.store)
+            (c, n_images, width), dtype=store_dtype, device=self.store)
+        #: ``(C, l)`` float32: a kept projection times its column's scale is the projection
+        self.scale = torch.ones((c, width), dtype=torch.float32, device=dev)
+        if store_dtype == torch.float16:
+            # each column's sample standard deviation, at least 1e-3 of the first's: a
+            # direction quiet in the sample may be loud over all N, and float16 ends at
+            # 65,504 (its relative precision does not depend on the scale)
+            root = basis.eigenvalues.sqrt().to(torch.float32)
+            root = torch.maximum(root, 1e-3 * root[:, :1])
+            self.scale = torch.where(root > 0, root, 1.0)
+        self._inv_scale = (1.0 / self.scale).cpu().numpy()
         self._sums = torch.zeros((c, p), dtype=torch.float64, device=dev)
         self._squares = torch.zeros_like(self._sums)
         # sum over images of y (x - shift)^T: gives the covariance applied to the axes
-        self._cross = torch.zeros((c, width, p), dtype=torch.float64, device=dev)
+        self._cross = torch.zeros((c, width, p) if residuals else (c, 0, 0),
+                                  dtype=torch.float64, device=dev)
+        self.residuals = bool(residuals)
         self._lo = torch.full((c, p), math.inf, dtype=torch.float32, device=dev)
         self._hi = torch.full((c, p), -math.inf, dtype=torch.float32, device=dev)
         self._seen = torch.zeros(n_images, dtype=torch.bool)
 
     @staticmethod
-    def bytes_needed(channels: int, pixels: int, n_images: int, width: int) -> int:
-        """Bytes a pass holds: projections plus pixel statistics (not the basis).
+    def bytes_needed(channels: int, pixels: int, n_images: int, width: int,
+                     itemsize: int = 2, residuals: bool = False) -> int:
+        """Bytes a pass holds: projections (``itemsize`` bytes each) and statistics.
+
+        Not counted: the basis, and the float32 scores :meth:`finish` returns.
 
         Examples
         --------
-        >>> SampledPass.bytes_needed(688, 1, 50_000, 8) / 2**30 > 1
-        True
+        >>> round(SampledPass.bytes_needed(688, 64, 50_000, 13) / 2**30, 2)
+        0.83
         """
-        return 4 * channels * n_images * width + (24 + 8 * width) * channels * pixels + n_images
+        return (itemsize * channels * n_images * width
+                + (24 + 8 * width * residuals) * channels * pixels + n_images)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the pass (projections and statistics)."""
-        held = 0 if self.projections is None else self.projections.numel() * 4
-        return held + (24 + 8 * self.basis.width) * self._sums.numel() + self._seen.numel()
+        held = 0 if self.projections is None else \
+            self.projections.numel() * self.projections.element_size()
+        return held + 24 * self._sums.numel() + 8 * self._cross.numel() + self._seen.numel()
 
     def add(self, maps: torch.Tensor, offset: int) -> None:
         """Project a batch ``(B, C, H, W)`` or ``(B, C, P)``: the images ``offset .. offset+B-1``.
@@ -267,10 +212,16 @@ class SampledPass:
             self._sums.device.type == "cpu"
         if on_cpu:
             x = x.contiguous()
+            direct = self.projections.dtype == torch.float32
+            out = self.projections if direct else torch.empty(
+                (x.shape[1], b, self.basis.width), dtype=torch.float32)
             parallel_ranges(_pass_range, x.shape[1], x.numpy(), self.basis.shift.numpy(),
-                            self.basis.weights_t.numpy(), self.projections.numpy(),
-                            offset, self._sums.numpy(), self._squares.numpy(),
-                            self._lo.numpy(), self._hi.numpy(), self._cross.numpy())
+                            self.basis.weights_t.numpy(), out.numpy(),
+                            offset if direct else 0, self._inv_scale, self._sums.numpy(),
+                            self._squares.numpy(), self._lo.numpy(), self._hi.numpy(),
+                            self._cross.numpy(), self.residuals)
+            if not direct:
+                self._keep_numpy(out.numpy(), rows)
         else:
             self._add_torch(x.to(self._sums.device), rows)
         self._seen[rows] = True
@@ -278,13 +229,40 @@ class SampledPass:
     def _add_torch(self, x: torch.Tensor, rows: slice) -> None:
         d = x - self.basis.shift
         y = torch.matmul(d.transpose(0, 1), self.basis.weights)
-        self.projections[:, rows] = y.to(self.store)
-        self._cross += torch.matmul(y.transpose(1, 2), d.transpose(0, 1)).to(torch.float64)
+        self._keep(y, rows)
+        if self.residuals:
+            self._cross += torch.matmul(y.transpose(1, 2), d.transpose(0, 1)).to(torch.float64)
         self._sums += d.sum(dim=0).to(torch.float64)
         self._squares += d.square_().sum(dim=0).to(torch.float64)
         lo, hi = torch.aminmax(x, dim=0)
         torch.minimum(self._lo, lo, out=self._lo)
         torch.maximum(self._hi, hi, out=self._hi)
+
+    def _keep_numpy(self, scaled: np.ndarray, rows: slice) -> None:
+        """Store float32 projections already divided by :attr:`scale`, as float16.
+
+        In NumPy: torch's threads, woken right after the compiled kernel's, made these
+        small operations 10 to 30 times slower.
+        """
+        kept = self.projections.numpy()[:, rows]
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.copyto(kept, scaled, casting="unsafe")
+        if np.isinf(kept).any():
+            raise ValueError("a projection overflows float16 (more than 65,504 times its "
+                             "column's scale), or the maps hold inf; use "
+                             "store_dtype=torch.float32")
+
+    def _keep(self, y: torch.Tensor, rows: slice) -> None:
+        """Store a batch's float32 projections ``(C, B, l)`` in the kept dtype."""
+        if self.projections.dtype == torch.float32:
+            self.projections[:, rows] = y.to(self.store)
+            return
+        v = y / self.scale[:, None, :]
+        if not bool(torch.isfinite(v).all()) or bool((v.abs() > 65504.0).any()):
+            if bool(torch.isfinite(y).all()):
+                raise ValueError("a projection overflows float16 (more than 65,504 times its "
+                                 "column's scale); use store_dtype=torch.float32")
+        self.projections[:, rows] = v.to(self.store, torch.float16)
 
     def finish(self, *, threshold: float = CHECK_THRESHOLD, warn: bool = True,
                layer: str | None = None) -> tuple[Reduction, SampleCheck]:
@@ -322,7 +300,8 @@ class SampledPass:
         constant, ratio, inv_n = self._standardiser()
         dead = constant.all(dim=1)
         varying = (~constant).sum(dim=1).to(torch.float64)
-        mean, cov = _moments(self.projections)
+        scale = self.scale.to(self.store, torch.float64)
+        mean, cov = _moments(self.projections, scale)
         theta, rot = rayleigh_ritz(cov.to(ratio.device), _axes_gram(basis.axes, ratio))
         theta, rot = theta.cpu(), rot.cpu()
         rank = numerical_rank(theta * n, max(n, basis.pixels), torch.float32)
@@ -332,12 +311,13 @@ class SampledPass:
         keep = (torch.arange(width)[None, :] < n_comp[:, None])
         turn = torch.zeros((basis.channels, theta.shape[1], width), dtype=torch.float64)
         turn[:, :, :r] = rot[:, :, :r] * keep[:, None, :r]
-        scores = _rotate(self.projections, mean, turn)
+        scores = _rotate(self.projections, scale, mean, turn)
         self.projections = None
         fix_signs(scores)
         held = (theta[:, :r] * keep[:, :r]).sum(dim=1)
         share = torch.where(varying.cpu() > 0, held / varying.cpu().clamp(min=1), 0.0)
-        angle = self._angles(mean, ratio, inv_n, theta, turn, n_comp)
+        angle = self._angles(mean, ratio, inv_n, theta, turn, n_comp) if self.residuals \
+            else None
         check = self._check(share, theta, n_comp, constant.cpu(), dead.cpu(), threshold, r,
                             angle)
         message = check.message(layer)
@@ -407,8 +387,10 @@ class SampledPass:
         total = basis.total.cpu()
         claimed = torch.where(total > 0, (vals * kept).sum(dim=1) / total.clamp(
             min=torch.finfo(torch.float64).tiny), 0.0)
-        ratio = torch.where(claimed > 0, share / claimed.clamp(min=1e-300),
-                            torch.where(share > 0, 0.0, 1.0))
+        ratio_all = torch.where(claimed > 0, share / claimed.clamp(min=1e-300),
+                                torch.where(share > 0, 0.0, 1.0))
+        n, m = self.n_images, min(basis.count, self.n_images / 2)
+        ratio = (n * ratio_all - m) / (n - m)
         varying = (~constant).sum(dim=1).to(torch.float64)
         subspace = torch.where(varying > 0, theta.sum(dim=1) / varying.clamp(min=1), 0.0)
         sample_dead = basis.constant.cpu().all(dim=1)
@@ -417,7 +399,7 @@ class SampledPass:
         return SampleCheck(sample_size=basis.count, width=basis.width, threshold=threshold,
                            explained=share, sample_explained=claimed, ratio=ratio,
                            subspace_explained=subspace, unseen=unseen, poor=poor,
-                           angle=angle)
+                           angle=angle, ratio_all=ratio_all)
 
 
 def _axes_gram(axes: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
@@ -431,46 +413,53 @@ def _axes_gram(axes: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _moments(y: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel, the mean ``(C, l)`` and covariance ``(C, l, l)`` of ``(C, N, l)`` rows.
 
-    float64, in chunks of rows: the mean first, then the centred cross products.
+    The rows are ``y * scale``; float64, in chunks of rows: the mean first, then the
+    centred cross products.
     """
     c, n, width = y.shape
     total = torch.zeros((c, width), dtype=torch.float64, device=y.device)
     for lo in range(0, n, ROWS):
         total += y[:, lo:lo + ROWS].sum(dim=1, dtype=torch.float64)
-    mean = total / n
+    mean = total / n * scale
     cov = torch.zeros((c, width, width), dtype=torch.float64, device=y.device)
     for lo in range(0, n, ROWS):
-        part = y[:, lo:lo + ROWS].to(torch.float64) - mean[:, None, :]
+        part = y[:, lo:lo + ROWS].to(torch.float64) * scale[:, None, :] - mean[:, None, :]
         cov.baddbmm_(part.transpose(1, 2), part)
     return mean.cpu(), (cov / n).cpu()
 
 
-def _rotate(y: torch.Tensor, mean: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
-    """``(y - mean) @ turn`` per channel, float32 ``(C, N, width)``, in float64 chunks."""
+def _rotate(y: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, turn: torch.Tensor
+            ) -> torch.Tensor:
+    """``(y * scale - mean) @ turn`` per channel, float32 ``(C, N, width)``, in float64 chunks."""
     c, n, _ = y.shape
     out = torch.empty((c, n, turn.shape[2]), dtype=torch.float32, device=y.device)
     mean, turn = mean.to(y.device), turn.to(y.device)
     for lo in range(0, n, ROWS):
-        part = y[:, lo:lo + ROWS].to(torch.float64) - mean[:, None, :]
+        part = y[:, lo:lo + ROWS].to(torch.float64) * scale[:, None, :] - mean[:, None, :]
         out[:, lo:lo + ROWS] = torch.bmm(part, turn)
     return out
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-def _pass_range(c0, c1, x, shift, wt, out, offset, sums, squares, lo, hi,
-                cross):  # pragma: no cover - compiled
-    # one read of each map: d = x - shift, its projections y, the pixel statistics, and
-    # y d^T (summed over the batch in float32, then added in float64)
+def _pass_range(c0, c1, x, shift, wt, out, offset, inv_scale, sums, squares, lo, hi, cross,
+                residuals):  # pragma: no cover - compiled
+    # one read of each map: d = x - shift, its projections y (written divided by the
+    # column scales), the pixel statistics and (residuals) y d^T; sums over the batch in
+    # float32 (of centred values), then added to the float64 totals
     b, _, p = x.shape
     width = wt.shape[1]
     d = np.empty(p, dtype=np.float32)
     y = np.empty(width, dtype=np.float32)
-    part = np.empty((width, p), dtype=np.float32)
+    a1 = np.empty(p, dtype=np.float32)
+    a2 = np.empty(p, dtype=np.float32)
+    part = np.empty((width if residuals else 0, p), dtype=np.float32)
     for c in range(c0, c1):
-        sh, w, s1, s2, mn, mx = shift[c], wt[c], sums[c], squares[c], lo[c], hi[c]
+        sh, w, mn, mx, inv = shift[c], wt[c], lo[c], hi[c], inv_scale[c]
+        a1[:] = 0.0
+        a2[:] = 0.0
         part[:] = 0.0
         for i in range(b):
             row = x[i, c]
@@ -478,8 +467,8 @@ def _pass_range(c0, c1, x, shift, wt, out, offset, sums, squares, lo, hi,
                 v = row[j]
                 dv = v - sh[j]
                 d[j] = dv
-                s1[j] += dv
-                s2[j] += np.float64(dv) * dv
+                a1[j] += dv
+                a2[j] += dv * dv
                 mn[j] = min(mn[j], v)
                 mx[j] = max(mx[j], v)
             for k in range(width):
@@ -488,13 +477,19 @@ def _pass_range(c0, c1, x, shift, wt, out, offset, sums, squares, lo, hi,
                 for j in range(p):
                     acc += d[j] * wk[j]
                 y[k] = acc
-                out[c, offset + i, k] = acc
+                out[c, offset + i, k] = acc * inv[k]
+            if residuals:
+                for k in range(width):
+                    yk = y[k]
+                    pk = part[k]
+                    for j in range(p):
+                        pk[j] += d[j] * yk
+        s1, s2 = sums[c], squares[c]
+        for j in range(p):
+            s1[j] += a1[j]
+            s2[j] += a2[j]
+        if residuals:
+            acc_c = cross[c]
             for k in range(width):
-                yk = y[k]
-                pk = part[k]
                 for j in range(p):
-                    pk[j] += d[j] * yk
-        acc_c = cross[c]
-        for k in range(width):
-            for j in range(p):
-                acc_c[k, j] += part[k, j]
+                    acc_c[k, j] += part[k, j]
