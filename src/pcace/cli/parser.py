@@ -35,6 +35,10 @@ def _budget(text: str) -> int | str:
     return "auto" if text.strip().lower() == "auto" else parse_size(text)
 
 
+def _sample_size(text: str) -> str | int:
+    return "auto" if text.strip().lower() == "auto" else int(text)
+
+
 def _bins(text: str) -> str | int | None:
     low = text.strip().lower()
     return None if low == "none" else "auto" if low == "auto" else int(low)
@@ -194,8 +198,9 @@ def _rank_statistics_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ace-bins", type=_bins, default="auto",
                    help="ACE at large N on binned variables: auto (default: 1,000 bins from "
                    "N = 5,000 on), none (always exact), or a number of bins")
-    p.add_argument("--sample-size", type=int, default=1000,
-                   help="images the sampled basis takes its axes from (default 1000)")
+    p.add_argument("--sample-size", type=_sample_size, default="auto",
+                   help="images the sampled basis takes its axes from (default auto: "
+                   "min(N, max(2000, N / 10)), as memory allows)")
     p.add_argument("--split-half", type=int, default=10,
                    help="random splits of the images into halves for each layer's "
                    "reproducibility check (default 10; 0: none)")

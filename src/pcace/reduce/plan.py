@@ -31,6 +31,7 @@ from ..core.validation import components as check_components
 from .batches import CHUNK_BYTES
 from .moments import BASIS_CHUNK_BYTES
 from .sampled import EXTRA
+from .sampled import sample_size as recommended_sample_size
 from .subspace import OVERSAMPLE
 
 #: Routes whose layers keep no maps: their statistics come from passes over the images.
@@ -40,8 +41,8 @@ STREAMED = ("moments", "subspace", "sample")
 #: outnumber the sample (``"sample"``), or the exact PCA on every route (``"exact"``).
 BASES = ("sample", "exact")
 
-#: Images in the sample of the sampled basis, by default (``sample_size``).
-SAMPLE_SIZE = 1000
+#: ``sample_size`` by default: :func:`resolve_sample_size` picks it per run.
+SAMPLE_SIZE = "auto"
 
 #: Channel groups (one forward pass each) a layer's moments may be split into when they do
 #: not fit the work share at once; past it the layer's maps are stored (spilled) instead.
@@ -239,7 +240,7 @@ class MemoryPlan:
     def routes(self, shapes: dict[str, tuple[int, ...]], n: int | None,
                run_images: int = 256, components: int | float = 3,
                batch_images: int = 256, basis: str = "exact",
-               sample_size: int = SAMPLE_SIZE) -> dict[str, LayerRoute]:
+               sample_size: int | str = SAMPLE_SIZE) -> dict[str, LayerRoute]:
         """How each layer's reduce step runs: the one place the route is decided.
 
         ``"in-memory"`` (today's capture and :func:`~pcace.reduce.pca.reduce_block`) for
@@ -281,9 +282,10 @@ class MemoryPlan:
         sizes = {name: (int(s[0]), int(np.prod(s[1:]))) for name, s in shapes.items()}
         if basis not in BASES:
             raise ValueError(f"basis must be one of {BASES}; got {basis!r}")
-        if basis == "sample" and n is not None and n > sample_size:
-            return {name: _sampled_route(c, p, n, sample_size, components,
-                                         tuple(shapes[name]))
+        m = None if n is None else resolve_sample_size(
+            sample_size, n, sum(2 * c * p for c, p in sizes.values()), self.store_bytes)
+        if basis == "sample" and n is not None and n > m:
+            return {name: _sampled_route(c, p, n, m, components, tuple(shapes[name]))
                     for name, (c, p) in sizes.items()}
         maps = {name: BYTES_PER_VALUE * c * (n or 0) * p for name, (c, p) in sizes.items()}
         if n is not None and sum(maps.values()) <= self.store_bytes:
@@ -346,16 +348,36 @@ class MemoryPlan:
 
 
 def sampled_bytes(channels: int, pixels: int, n: int, width: int, sample_size: int) -> int:
-    """Bytes a layer's sampled basis holds: the ``(C, N, l)`` float32 projections, the
-    sample's maps (until the basis is taken) and per-pixel statistics.
+    """Bytes a layer's sampled basis holds: the ``(C, N, l)`` float16 projections, the
+    sample's maps in float16 (until the basis is taken) and per-pixel statistics.
 
     Examples
     --------
-    >>> round(sampled_bytes(64, 64, 50_000, 8, 1000) / 2**20)  # 64 maps of 8 x 8
-    114
+    >>> round(sampled_bytes(64, 64, 50_000, 13, 2000) / 2**20)  # 64 maps of 8 x 8
+    95
     """
     c, p = int(channels), int(pixels)
-    return 4 * c * n * width + BYTES_PER_VALUE * c * sample_size * p + (24 + 8 * width) * c * p
+    return 2 * c * n * width + 2 * c * sample_size * p + (24 + 8 * width) * c * p
+
+
+def resolve_sample_size(sample_size: int | str, n: int, image_bytes: int,
+                        store_bytes: int) -> int:
+    """``m``: a number as given (at most ``N``), or ``"auto"``: the recommended
+    :func:`pcace.reduce.sampled.sample_size` (``min(N, max(2000, N // 10))``), at most as
+    many images as the store holds of the sampled layers' maps (``image_bytes`` per image,
+    in float16), and at least 500.
+
+    Examples
+    --------
+    >>> resolve_sample_size("auto", 50_000, 2 * 188_000, 768 * 2**20)
+    2141
+    >>> resolve_sample_size(300, 50_000, 1, 1)
+    300
+    """
+    if not (isinstance(sample_size, str) and sample_size == "auto"):
+        return min(int(sample_size), n)
+    room = store_bytes // max(1, image_bytes)
+    return min(recommended_sample_size(n), max(500, room))
 
 
 def sample_width(pixels: int, components: int | float, max_components: int = 10) -> int:
@@ -373,7 +395,7 @@ def _sampled_route(c: int, p: int, n: int | None, sample_size: int, components: 
                       f"sample, {width} of them refined over all images in the one pass "
                       "(basis='exact' for the exact PCA)",
                       sampled_bytes(c, p, n or sample_size, width, sample_size), passes=1,
-                      shape=shape)
+                      shape=shape, sample_size=sample_size)
 
 
 @dataclass(frozen=True)
@@ -392,6 +414,8 @@ class LayerRoute:
         ``(C, H, W)``.
     groups : int
         Channel groups of a ``"moments"`` layer, each accumulated in its own pass.
+    sample_size : int
+        ``m``, the images a ``"sample"`` layer's axes come from.
     """
 
     route: str
@@ -400,6 +424,7 @@ class LayerRoute:
     passes: int = 1
     shape: tuple[int, ...] = ()
     groups: int = 1
+    sample_size: int = 0
 
 
 @dataclass(frozen=True)

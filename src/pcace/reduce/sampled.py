@@ -70,11 +70,11 @@ from dataclasses import dataclass
 import torch
 
 from ..core.validation import components as check_components
+from .moments import PixelMoments
 from .pca import CONSTANT_ULPS, _eigen, numerical_rank
 from .sampled_check import CHECK_THRESHOLD, SampleCheck, SampledBasisWarning
 from .sampled_pass import SampledPass, rayleigh_ritz
 from .standardise import NonFiniteMaps
-from .streaming import PixelMoments
 
 __all__ = ["CHECK_THRESHOLD", "EXTRA", "MIN_SAMPLE", "SampleBasis", "SampleCheck",
            "SampledBasisWarning", "SampledPass", "rayleigh_ritz", "sample_indices",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,9 +28,6 @@ from ..core.threads import parallel_ranges
 from .pca import CONSTANT_ULPS, Reduction, components_kept, fix_signs, numerical_rank
 from .sampled_check import CHECK_THRESHOLD, SampleCheck, SampledBasisWarning
 from .standardise import NonFiniteMaps
-
-if TYPE_CHECKING:
-    from .sampled import SampleBasis
 
 __all__ = ["SampledPass", "rayleigh_ritz"]
 
@@ -130,7 +127,7 @@ class SampledPass:
     ((3, 100, 2), 12)
     """
 
-    def __init__(self, basis: SampleBasis, n_images: int, *,
+    def __init__(self, basis: Any, n_images: int, *,  # a SampleBasis (pcace.reduce.sampled)
                  store: torch.device | str | None = None,
                  store_dtype: torch.dtype = torch.float16, residuals: bool = False):
         if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 2:

@@ -96,9 +96,9 @@ class SampledRoute(Route):
         if run is not None:
             run.add(maps, offset)
             return
-        kept = sum(b.shape[0] for b in self._kept[name])
+        kept = sum(b[0].shape[0] for b in self._kept[name])
         take = min(maps.shape[0], self.sample_size - kept)
-        self._kept[name].append(maps[:take].clone())  # before an in-place op changes it
+        self._kept[name].append(_compact(maps[:take]))  # before an in-place op changes it
         if kept + take == self.sample_size:
             self._start(name)
             if take < maps.shape[0]:
@@ -106,7 +106,7 @@ class SampledRoute(Route):
 
     def _start(self, name: str) -> None:
         """The sample is in: the layer's basis, and the sample projected first."""
-        sample = torch.cat(self._kept.pop(name))
+        sample = _expanded(self._kept.pop(name))
         basis = SampleBasis.from_maps(sample, self.components, extra=self.extra)
         self.widths[name] = basis.width
         self._passes[name] = basis.start_pass(self.n)
@@ -125,7 +125,7 @@ class SampledRoute(Route):
                 if count:
                     poor[name] = count
             else:  # no more images than the sample: the exact reduce of all of them
-                maps = torch.cat(self._kept.pop(name))
+                maps = _expanded(self._kept.pop(name))
                 red = reduce_block(maps.flatten(2).transpose(0, 1).contiguous(),
                                    self.components)
                 check = None
@@ -179,3 +179,16 @@ def _poor_message(poor: dict[str, int], sample_size: int) -> str:
             f"over all images than the sample promised, in {shown}{more} (channels per "
             "layer); manifest['routes'][layer]['check'] names them. A larger sample_size, or "
             "basis='exact', gives them their exact components")
+
+
+def _compact(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of maps kept for the sample in half the memory: float16 of each image's
+    channel divided by its largest magnitude (so any range fits), and those scales."""
+    flat = maps.flatten(2).to(torch.float32)
+    scale = flat.abs().amax(dim=2, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return (flat / scale).to(torch.float16), scale
+
+
+def _expanded(kept: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The kept sample as ``(m, C, P)`` float32 maps (rounded to float16's 11 bits)."""
+    return torch.cat([x.to(torch.float32) * scale for x, scale in kept])

@@ -82,6 +82,12 @@ def _device(value: Any) -> str | torch.device:
     return value
 
 
+def _sample_size(value: Any) -> int | str:
+    if isinstance(value, str) and value == "auto":
+        return value
+    return integer(value, "sample_size", minimum=2)
+
+
 def _basis(value: Any) -> str:
     if value not in BASES:
         raise ValueError(f"basis must be one of {BASES}; got {value!r}")
@@ -189,10 +195,13 @@ class RankOptions:
         (kept in memory, pixel moments over two passes, subspace iteration). Accuracy and cost
         of each: ``benchmarks/README.md`` ("Sampled basis").""",
         check=_basis)
-    sample_size: int = option(
-        1000, "int, default 1000",
-        """``m``, the images the sampled basis takes its axes from (``basis="sample"``).""",
-        check=_positive("sample_size"))
+    sample_size: int | str = option(
+        "auto", "int or \"auto\"",
+        """``m``, the images the sampled basis takes its axes from (``basis="sample"``).
+        ``"auto"`` (default): ``min(N, max(2000, N // 10))``, at most as many as the memory
+        plan's store holds of the layers' maps in float16 (about 2,000 for the shared
+        ResNet-20 in 1 GiB).""",
+        check=_sample_size)
     batch_size: int = option(
         64, "int",
         """Images per forward pass (when ``images`` is not already a DataLoader).""",

@@ -198,8 +198,9 @@ def _pass_and_score(ctx: RunContext, checkpoints: Checkpoints, todo: list[str]) 
     if opts.progress:
         announce_streaming(layer_routes, todo, plan)
     sample = None
-    if any(r.route == "sample" for r in layer_routes.values()):
-        batches, sample = _sample_first(ctx, batches)
+    sizes = [r.sample_size for r in layer_routes.values() if r.route == "sample"]
+    if sizes:
+        batches, sample = _sample_first(ctx, batches, max(sizes))
     routes = make_routes(layer_routes, todo, plan, components=opts.components,
                          pca_dtype=opts.pca_dtype, spill_dir=opts.spill_dir,
                          device_memory_budget=opts.device_memory_budget,
@@ -219,10 +220,10 @@ def _pass_and_score(ctx: RunContext, checkpoints: Checkpoints, todo: list[str]) 
         passes.close()
 
 
-def _sample_first(ctx: RunContext, batches: Any) -> tuple[Any, dict[str, Any]]:
-    """The sampled route's sample: a random one put first in the pass where the images can
-    be read in any order, else the pass's first images."""
-    opts, m = ctx.options, ctx.options.sample_size
+def _sample_first(ctx: RunContext, batches: Any, m: int) -> tuple[Any, dict[str, Any]]:
+    """The sampled route's sample of ``m`` images: a random one put first in the pass where
+    the images can be read in any order, else the pass's first images."""
+    opts = ctx.options
     n = indexable(ctx.images, opts.label)
     if n is None:
         return batches, {"n_images": batches.n_images, "sample_size": m,

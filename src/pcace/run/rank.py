@@ -30,7 +30,7 @@ def rank(
     components: int | float = 3,
     *,
     basis: str = "sample",
-    sample_size: int = 1000,
+    sample_size: int | str = "auto",
     batch_size: int = 64,
     device: str | torch.device = "auto",
     memory_budget: int | str = "auto",
