@@ -3,12 +3,13 @@ against the exact route.
 
 Shared ResNet-20, all 19 conv layers, cat logit (class 3), CIFAR-10 training images held
 as one normalised float tensor, batch 256, statistics off (``permutations=0,
-split_half=0``). In one process: the bare forward pass (the tensor through the model in
-``torch.inference_mode()``), then ``pcace.rank`` with ``basis="sample"``; the ratio of
-their times, and the peak RSS of the run minus that of the bare pass (``ru_maxrss`` after
-each: the bare pass's peak comes first). ``--exact`` also runs ``basis="exact"`` (in a
-subprocess of its own, for its memory) and compares the channels' values per layer:
-Spearman and the 99th percentile of |difference|.
+split_half=0``; ``--defaults``: rank's default statistics). In one process: the bare
+forward pass (the tensor through the model in ``torch.inference_mode()``), then
+``pcace.rank`` with ``basis="sample"``; the ratio of their times, and the peak RSS of the
+run minus that of the bare pass (``ru_maxrss`` after each: the bare pass's peak comes
+first). ``--exact`` also runs ``basis="exact"`` (in a subprocess of its own, for its
+memory) and compares the channels' values per layer: Spearman and the 99th percentile of
+|difference|.
 
     .venv/bin/python benchmarks/bench_onepass.py --n 5000 --exact
     .venv/bin/python benchmarks/bench_onepass.py --n 50000
@@ -74,9 +75,10 @@ def measure(args: argparse.Namespace, basis: str) -> dict:
     bare = time.perf_counter() - start
     bare_peak = _peak_gib()
     start = time.perf_counter()
+    stats = {} if args.defaults else {"permutations": 0, "split_half": 0}
     res = pcace.rank(model, x, target=target, progress=False, device="cpu",
-                     batch_size=args.batch_size, permutations=0, split_half=0, basis=basis,
-                     sample_size=args.sample_size, layers=args.layers)
+                     batch_size=args.batch_size, basis=basis, sample_size=args.sample_size,
+                     layers=args.layers, **stats)
     seconds = time.perf_counter() - start
     routes = {}
     for entry in res.manifest["routes"].values():
@@ -111,7 +113,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--model", choices=["resnet20", "resnet18"], default="resnet20")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--sample-size", type=int, default=1000)
+    ap.add_argument("--sample-size", default="auto",
+                    type=lambda s: s if s == "auto" else int(s))
+    ap.add_argument("--defaults", action="store_true",
+                    help="rank's default statistics (pooled null, split halves), not the "
+                         "pipeline alone")
     ap.add_argument("--layers", nargs="*", default=None)
     ap.add_argument("--exact", action="store_true", help="also basis='exact', and compare")
     ap.add_argument("--child", default=None)
@@ -127,6 +133,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", basis, "--n", str(args.n), "--model",
                args.model, "--batch-size", str(args.batch_size), "--sample-size",
                str(args.sample_size), "--save", str(out / f"{basis}.csv")]
+        if args.defaults:
+            cmd.append("--defaults")
         if args.layers:
             cmd += ["--layers", *args.layers]
         done = subprocess.run(cmd, check=True, capture_output=True, text=True)

@@ -32,7 +32,7 @@ import torch
 import torchvision
 
 import pcace
-from pcace.cli.main import parse_size
+from pcace.cli.parser import parse_size
 from pcace.core.malloc import kept_heap
 
 
@@ -114,6 +114,10 @@ def main() -> None:
     parser.add_argument("--malloc", choices=["default", "tuned"], default="default",
                         help="default: glibc's settings throughout; tuned: as the pcace "
                              "command runs (see the module docstring)")
+    parser.add_argument("--defaults", action="store_true",
+                        help="rank's default statistics (the null and the split-half check) "
+                             "instead of the pipeline alone")
+    parser.add_argument("--null", default=None, help="with --defaults: null='pooled'|'exact'")
     parser.add_argument("--reuse-store", action="store_true",
                         help="diagnostic: reuse the store's memory between rank calls, to "
                              "measure the cost of acquiring fresh memory (see the README)")
@@ -139,10 +143,13 @@ def main() -> None:
         with kept_heap(tuned_run) as tuned:
             forward.append(bare_forward(model, images, args.batch_size, device))
         t = time.perf_counter()
+        stats = {} if args.defaults else {"permutations": 0, "split_half": 0}
+        if args.defaults and args.null:
+            stats["null"] = args.null
         res = pcace.rank(model, images, target, batch_size=args.batch_size, device=device,
-                         memory_budget=args.budget, progress=False, permutations=0,
-                         split_half=0, pca_dtype=getattr(torch, args.pca_dtype),
-                         tune_malloc=tuned_run)
+                         memory_budget=args.budget, progress=False,
+                         pca_dtype=getattr(torch, args.pca_dtype), tune_malloc=tuned_run,
+                         **stats)
         ranked.append(time.perf_counter() - t)
     report = {
         "model": args.model, "images": len(images), "size": args.size,
@@ -153,7 +160,7 @@ def main() -> None:
         "ratio": min(ranked) / min(forward),
         "malloc": args.malloc, "malloc_tuned": tuned,
         "single_run": {"bare_forward_s": forward[0], "rank_s": ranked[0]},
-        "rank_timings": res.manifest["timings"],
+        "rank_timings": res.manifest["timings"], "statistics": stats or "defaults",
         "spilled_layers": len(res.manifest["spilled_layers"]),
         "reuse_store": args.reuse_store,
         "memory_budget_gib": res.manifest["memory_budget"] / 2**30,

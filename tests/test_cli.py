@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from pcace.cli.main import main, parse_size
+from pcace.cli.main import main
+from pcace.cli.parser import parse_size
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
