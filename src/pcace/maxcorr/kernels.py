@@ -30,7 +30,7 @@ _LEVERAGE_FLOOR = 1e-6  # see pcace.maxcorr.smoothers
 def _axis(xs):
     """Everything the smoothers reuse about one sorted abscissa."""
     n = xs.size
-    xc = xs - xs.mean()
+    xc = xs - xs[n // 2]  # centred at the median: see _anchored_sums
     constant = xs[n - 1] <= xs[0]
     i = n // 4
     j = 3 * i
@@ -48,11 +48,9 @@ def _axis(xs):
     x_mean = np.empty((3, n))
     inv_ss = np.empty((3, n))
     cv_scale = np.empty((3, n))
-    px = np.zeros(n + 1)
-    pxx = np.zeros(n + 1)
-    for t in range(n):
-        px[t + 1] = px[t] + xc[t]
-        pxx[t + 1] = pxx[t] + xc[t] * xc[t]
+    px = np.empty(n + 1)
+    pxx = np.empty(n + 1)
+    _anchored_sums(xc, xc, px, pxx)
     for s in range(3):
         ibw = max(2, int(0.5 * _SPANS[s] * n + 0.5))
         width = min(2 * ibw + 1, n)
@@ -92,9 +90,8 @@ def _tie_average(v, start, end, has_ties):
     if not has_ties:
         return v
     n = v.size
-    p = np.zeros(n + 1)
-    for t in range(n):
-        p[t + 1] = p[t] + v[t]
+    p = np.empty(n + 1)
+    _anchored_sums(v, v, p, np.empty(n + 1))  # as the torch backend's prefix
     out = np.empty(n)
     for t in range(n):
         out[t] = (p[end[t]] - p[start[t]]) / (end[t] - start[t])
@@ -102,13 +99,26 @@ def _tie_average(v, start, end, has_ties):
 
 
 @njit(cache=True)
-def _prefix_sums(xc, y, py, pxy):
-    """Running sums of ``y`` and ``xc * y`` (length n + 1), which every span's fit reads."""
-    py[0] = 0.0
-    pxy[0] = 0.0
-    for t in range(y.size):
+def _anchored_sums(xc, y, py, pxy):
+    """Running sums of ``y`` and ``xc * y`` (length n + 1), zero at the median's position
+    and accumulated outwards from it.
+
+    Every window sum is a difference of two of these. Accumulated from the middle, they
+    hold only the values between a window and the middle, never an outlier on the far
+    side, so the differences keep their digits when a variable spans many orders of
+    magnitude (summed from one end, one value of 1e16 swamps every later window).
+    """
+    n = y.size
+    mid = n // 2
+    py[mid] = 0.0
+    pxy[mid] = 0.0
+    for t in range(mid, n):
         py[t + 1] = py[t] + y[t]
         pxy[t + 1] = pxy[t] + xc[t] * y[t]
+    for t in range(mid - 1, -1, -1):
+        py[t] = py[t + 1] - y[t]
+        pxy[t] = pxy[t + 1] - xc[t] * y[t]
+
 
 
 @njit(cache=True)
@@ -135,8 +145,36 @@ def _running_line(ax, s, y, fit, resid, cross_validate):
     n = y.size
     py = np.empty(n + 1)
     pxy = np.empty(n + 1)
-    _prefix_sums(ax[0], y, py, pxy)
+    _anchored_sums(ax[0], y, py, pxy)
     _line_from_sums(ax, s, y, py, pxy, fit, resid, cross_validate)
+
+
+@njit(cache=True)
+def _smooth_residuals(ax, resid, rpy, rpxy, out):
+    """Leave-one-out residuals smoothed over the midrange span, into ``out``.
+
+    A residual of _BIG (a point of leverage 1, see pcace.maxcorr.smoothers) is undefined:
+    it stays out of the sums, and every point whose window holds one gets _BIG, so that
+    span is not chosen there. Summed in, its 1e20 would leave only rounding noise in the
+    windows around it.
+    """
+    n = resid.size
+    counts = np.zeros(n + 1)
+    for t in range(n):
+        counts[t + 1] = counts[t] + (1.0 if resid[t] >= _BIG else 0.0)
+    if counts[n] > 0:
+        for t in range(n):
+            if resid[t] >= _BIG:
+                resid[t] = 0.0
+    _anchored_sums(ax[0], resid, rpy, rpxy)
+    _line_from_sums(ax, 1, resid, rpy, rpxy, out, resid, False)
+    if counts[n] > 0:
+        width = ax[2][1]
+        ibw = ax[3][1]
+        for t in range(n):
+            lo = min(max(t - ibw, 0), n - width)
+            if counts[lo + width] > counts[lo]:
+                out[t] = _BIG
 
 
 @njit(cache=True)
@@ -149,13 +187,12 @@ def _supersmoother(ax, y, alpha):
     resid = np.empty(n)
     py = np.empty(n + 1)  # the response's running sums serve all three spans
     pxy = np.empty(n + 1)
-    _prefix_sums(ax[0], y, py, pxy)
+    _anchored_sums(ax[0], y, py, pxy)
     rpy = np.empty(n + 1)
     rpxy = np.empty(n + 1)
     for s in range(3):
         _line_from_sums(ax, s, y, py, pxy, fits[s], resid, True)
-        _prefix_sums(ax[0], resid, rpy, rpxy)
-        _line_from_sums(ax, 1, resid, rpy, rpxy, cv[s], resid, False)
+        _smooth_residuals(ax, resid, rpy, rpxy, cv[s])
     spans = np.empty(n)
     power = 10.0 - alpha
     whole = power == np.floor(power) and 0.0 <= power <= 10.0  # pow() is the slow part
@@ -251,13 +288,14 @@ def _smooth(kind, ax, y, alpha):
             return _tie_average(y, start, end, has_ties)
         return y.copy()
     if kind == LINEAR:
+        xm = xc - xc.mean()  # xc is centred at the median (see _anchored_sums)
         ss = 0.0
         sxy = 0.0
         for t in range(n):
-            ss += xc[t] * xc[t]
-            sxy += xc[t] * y[t]
+            ss += xm[t] * xm[t]
+            sxy += xm[t] * y[t]
         slope = sxy / ss if ss > 0 else 0.0
-        return slope * xc
+        return slope * xm
     fit = _supersmoother(ax, y, alpha)
     if kind == MONOTONE:
         up = _isotonic(fit)

@@ -50,10 +50,19 @@ def half_window(span: float, n: int) -> int:
 
 
 def _prefix(values: torch.Tensor) -> torch.Tensor:
-    """Cumulative sums along the last axis with a leading zero."""
-    out = torch.zeros(values.shape[:-1] + (values.shape[-1] + 1,), dtype=values.dtype,
-                      device=values.device)
-    torch.cumsum(values, dim=-1, out=out[..., 1:])
+    """Running sums along the last axis (length n + 1), zero at the middle position.
+
+    Window sums are differences of these; accumulated outwards from the middle (the
+    median, on a sorted axis) they never carry an outlier from the far side, so they
+    keep their digits when a variable spans many orders of magnitude.
+    """
+    n = values.shape[-1]
+    mid = n // 2
+    out = torch.zeros(values.shape[:-1] + (n + 1,), dtype=values.dtype, device=values.device)
+    torch.cumsum(values[..., mid:], dim=-1, out=out[..., mid + 1:])
+    if mid:
+        below = torch.cumsum(values[..., :mid].flip(-1), dim=-1).flip(-1)
+        out[..., :mid] = -below
     return out
 
 
@@ -102,7 +111,7 @@ class SortedAxis:
     def __init__(self, x_sorted: torch.Tensor):
         self.x = x_sorted
         self.b, self.n = x_sorted.shape
-        self.xc = x_sorted - x_sorted.mean(dim=-1, keepdim=True)
+        self.xc = x_sorted - x_sorted[:, self.n // 2:self.n // 2 + 1]  # median: see _prefix
         self.constant = x_sorted[:, -1] <= x_sorted[:, 0]
         self.vsmlsq = (_EPS * self._quartile_scale()) ** 2
         self._windows: dict[float, _Windows] = {}
@@ -231,6 +240,21 @@ def running_line(axis: SortedAxis, y: torch.Tensor, span: float,
     return axis.tie_average(fit), residuals
 
 
+def _smooth_residuals(axis: SortedAxis, res: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out residuals smoothed over the midrange span.
+
+    A residual of _BIG (a point of leverage 1) is undefined: it stays out of the sums, and
+    every point whose window holds one gets _BIG, so that span is not chosen there. Summed
+    in, its 1e20 would leave only rounding noise in the windows around it.
+    """
+    undefined = res >= _BIG
+    if not bool(undefined.any()):
+        return running_line(axis, res, MIDRANGE)[0]
+    out = running_line(axis, torch.where(undefined, 0.0, res), MIDRANGE)[0]
+    held = axis.windows(MIDRANGE).window_sum(_prefix(undefined.to(res.dtype))) > 0
+    return torch.where(held, _BIG, out)
+
+
 def supersmoother(axis: SortedAxis, y: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:
     """Friedman's supersmoother with cross-validated span per point.
 
@@ -260,7 +284,7 @@ def supersmoother(axis: SortedAxis, y: torch.Tensor, alpha: float = 0.0) -> torc
     for span in SPANS:
         fit, res = running_line(axis, y, span, cross_validate=True)
         fits.append(fit)
-        cv.append(running_line(axis, res, MIDRANGE)[0])
+        cv.append(_smooth_residuals(axis, res))
     resmin = cv[0]
     spans = torch.full_like(y, TWEETER)
     for span, res in zip(SPANS[1:], cv[1:], strict=True):
@@ -293,10 +317,10 @@ def group_means(axis: SortedAxis, y: torch.Tensor) -> torch.Tensor:
 
 def linear_fit(axis: SortedAxis, y: torch.Tensor) -> torch.Tensor:
     """Least-squares line through ``y``, centred on the mean abscissa."""
-    ss = (axis.xc * axis.xc).sum(dim=-1, keepdim=True)
-    slope = torch.where(ss > 0, (axis.xc * y).sum(dim=-1, keepdim=True) / ss.clamp(min=1e-300),
-                        0.0)
-    return slope * axis.xc
+    xm = axis.xc - axis.xc.mean(dim=-1, keepdim=True)  # axis.xc is centred at the median
+    ss = (xm * xm).sum(dim=-1, keepdim=True)
+    slope = torch.where(ss > 0, (xm * y).sum(dim=-1, keepdim=True) / ss.clamp(min=1e-300), 0.0)
+    return slope * xm
 
 
 def monotone_smooth(axis: SortedAxis, y: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:
