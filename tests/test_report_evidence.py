@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pcace.results.result import PCACEResult
-from pcace.viz import channel_ranking, layer_evidence, layer_overview, result_html, write_report
+from pcace.viz import channel_ranking, layer_overview, result_html, run_evidence, write_report
 from pcace.viz.figures import CHANCE_COLOUR
 
 
@@ -95,7 +95,7 @@ def test_report_names_share_and_reproducibility_of_every_layer(tmp_path):
 
 def test_layer_without_evidence_says_more_images_are_needed(tmp_path):
     result = hand_result(LAYERS, evidence=False)  # the layer columns are derived
-    ev = layer_evidence(result)
+    ev = run_evidence(result)
     assert ev.evidence.tolist() == ["none"] * 4
     # derived with pcace.stats.evidence's rules, the same that rank applies
     assert all("use more images" in t for t in ev.evidence_text)
@@ -135,7 +135,7 @@ def test_null_channel_is_greyed_in_table_and_figures(tmp_path):
 
 def test_run_without_null_says_none_was_computed(tmp_path):
     result = hand_result(LAYERS, null=False)
-    assert layer_evidence(result).evidence.tolist() == ["unknown"] * 4
+    assert run_evidence(result).evidence.tolist() == ["unknown"] * 4
     result.save(tmp_path)
     html = write_report(tmp_path, progress=False).read_text(encoding="utf-8")
     assert "No permutation null was computed" in html

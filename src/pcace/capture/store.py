@@ -14,7 +14,6 @@ without a transfer; the rest go to RAM and disk as above.
 
 from __future__ import annotations
 
-import re
 import shutil
 import weakref
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from ..core.budget import BYTES_PER_VALUE
+from ..core.files import safe_name
 from ..core.malloc import mapped_empty
 from ..core.validation import byte_count, integer
 from .spill import make_spill_dir
@@ -404,7 +404,7 @@ class ActivationStore:
     def _open_spill(self, name: str, layer: _Layer) -> None:
         directory = self._directory()
         index = list(self._layers).index(name)
-        layer.path = directory / f"{index:03d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.f32"
+        layer.path = directory / f"{index:03d}_{safe_name(name, each=True)}.f32"
         try:
             layer.file = open(layer.path, "wb")  # noqa: SIM115 - closed in finalize/close
         except OSError as err:

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import first_line
 from .parser import build_parser
 
 
@@ -194,7 +195,7 @@ def _check_input(model: Any, shape: tuple[int, ...] | None, args: argparse.Names
         with evaluating(model), torch.no_grad():
             model(torch.zeros((2, *shape)))
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise ValueError(f"the model cannot take the images as preprocessed (shape "
                          f"{tuple(shape)}): {first}. Check --resize/--crop, --mean/--std and "
                          "that the data suits the model") from None

@@ -26,6 +26,10 @@ CHUNK_BYTES = 1 << 20
 #: What :func:`atomic_write` writes: bytes, text, or a DataFrame as CSV.
 FileData = bytes | str | pd.DataFrame
 
+#: Characters a file name of pcace's keeps as they are; any other is replaced.
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_UNSAFE_RUN = re.compile(r"[^A-Za-z0-9_.-]+")
+
 
 def os_error_reason(err: OSError) -> str:
     """The short reason of an OS error (``No space left on device``), for a message."""
@@ -117,12 +121,30 @@ def atomic_write(path: str | Path, data: FileData) -> Path:
     return Path(path)
 
 
-def safe_name(name: str) -> str:
+def safe_name(name: str, *, each: bool = False) -> str:
     """A file-name friendly form of a layer or label name (``layer3.1.conv2`` stays as is).
+
+    Parameters
+    ----------
+    name : str
+        A layer or label name.
+    each : bool, default False
+        Replace each unsafe character by ``_`` and keep the rest as is (the form of the
+        checkpoint and spill file names, kept so that existing checkpoints still resume);
+        by default a run of unsafe characters becomes one ``_``, ``_`` at either end is
+        dropped, and an empty result reads ``layer``.
+
+    Returns
+    -------
+    str
 
     Examples
     --------
     >>> safe_name("features/0 conv")
     'features_0_conv'
+    >>> safe_name("/a  b", each=True)
+    '_a__b'
     """
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "layer"
+    if each:
+        return _UNSAFE.sub("_", name)
+    return _UNSAFE_RUN.sub("_", name).strip("_") or "layer"

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.errors import first_line
 from .engine import Engine, EngineLost, Problems, solve_in_process
 
 #: Seconds per (observation x predictor) of one ACE problem on one core (measured:
@@ -451,7 +452,7 @@ def _to_numpy(problems: Problems) -> Problems:
 def _lost_message(address: str | None, err: BaseException) -> str:
     kind = type(err).__name__
     return (f"the Ray cluster at {address} stopped answering ({kind}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). The layers finished so far are "
+            f"{first_line(err, default='')}). The layers finished so far are "
             "kept: rerun the same command with --resume (on this cluster once it is back, or "
             "with --engine local)")
 

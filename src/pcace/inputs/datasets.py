@@ -20,6 +20,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, TensorDataset
 
+from ..core.errors import first_line
+
 __all__ = ["IMAGE_EXTENSIONS", "ImageFiles", "csv_images", "default_transform", "image_folder",
            "mnist_idx", "sklearn_digits"]
 
@@ -82,7 +84,7 @@ def _readable(path: Path) -> str | None:
     except FileNotFoundError:
         return "file not found"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        return str(err).splitlines()[0] if str(err) else type(err).__name__
+        return first_line(err)
     return None
 
 
@@ -158,7 +160,7 @@ class ImageFiles(Dataset):
         try:
             image = self.transform(img)
         except (RuntimeError, ValueError, TypeError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            first = first_line(err)
             raise ValueError(f"preprocessing {path} ({img.mode}, {img.size[0]}x{img.size[1]}) "
                              f"failed: {first}. Check the normalisation (--mean/--std: one "
                              "value per image channel) and --resize/--crop") from None

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.errors import first_line
+
 __all__ = [
     "LoadedModel",
     "count_parameters",
@@ -153,7 +155,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure gets one message
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise ValueError(
             f"cannot read {path} as a weights-only checkpoint ({first}); save it with "
             "torch.save(model.state_dict(), path)"
@@ -418,7 +420,7 @@ def _load_exported(path: Path) -> LoadedModel:
             warnings.simplefilter("ignore")
             program = torch.export.load(str(path))
     except Exception as err:  # noqa: BLE001 - torch.export raises many types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise ValueError(f"cannot load the exported program {path} ({first}); export it again "
                          "with this version of torch") from None
     shapes = [n.meta["val"].shape for n in program.graph.nodes if n.op == "placeholder"

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..core.files import atomic_write, os_error_reason
+from ..core.files import atomic_write, os_error_reason, safe_name
 from .common import CHECKPOINT_FORMAT, CHECKPOINTS, RunDirError, brief, read_json
 from .lock import hold_run_dir, holds_run_dir, release_run_dir
 
@@ -130,7 +130,7 @@ def _start(root: Path, settings: Mapping[str, Any]) -> str:
 
 
 def _checkpoint_file(root: Path, layer: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", layer)[:80]
+    safe = safe_name(layer, each=True)[:80]
     tag = hashlib.sha256(layer.encode()).hexdigest()[:8]
     return root / CHECKPOINTS / f"layer-{safe}-{tag}.npz"
 

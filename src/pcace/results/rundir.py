@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from ..core import files as fileio
+from ..core.errors import first_line
 from ..core.files import FileData, atomic_write, file_sha256, os_error_reason
 from .checkpoints import remove_checkpoints
 from .common import (
@@ -538,7 +539,7 @@ def read_run(path: str | Path, *, verify: bool = True,
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        first = first_line(err)
         raise RunDirError(f"{mpath} cannot be read as JSON ({first}); the save may have been "
                           "interrupted: run again with --force") from None
     if not isinstance(manifest, dict):

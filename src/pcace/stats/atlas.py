@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .common import significant
 from .null import share_significant
 
 __all__ = ["class_column", "class_evidence", "selectivity"]
@@ -141,7 +142,7 @@ def selectivity(result: Any, layer: str, alpha: float = 0.05) -> pd.DataFrame:
     if "q_value" in sub.columns:
         q = sub.assign(_class=cls).pivot(index="channel", columns="_class", values="q_value")
         q = q[table.columns[: values.shape[1]]].to_numpy(dtype=float)
-        hits = q <= alpha
+        hits = significant(q, alpha)
         order = np.argsort(-np.nan_to_num(values, nan=-np.inf), axis=1)
         names = np.asarray(table.columns[: values.shape[1]])
         table["n_classes"] = hits.sum(axis=1)

@@ -65,7 +65,7 @@ from ..core.validation import MIN_OBSERVATIONS, float64_array, fraction, integer
 from ..core.validation import maps as check_maps
 from ..core.validation import scores as check_scores
 from ..engines.engine import Engine, LocalEngine, Problems
-from .common import DEFAULT_PLAN, channel_ids, check_observed_matrix
+from .common import DEFAULT_PLAN, channel_ids, check_observed_matrix, draw_varying, spearman
 
 #: Resampling schemes of :func:`bootstrap_values`.
 SCHEMES = ("half-sample", "replacement")
@@ -199,12 +199,12 @@ def _draw_resamples(y: np.ndarray, boots: int, size: int, half: bool,
     """``(boots, size)`` image indices, each resample redrawn until no score column is constant."""
     n = y.shape[0]
     draws = np.empty((boots, size), dtype=np.int64)
+
+    def draw() -> tuple[np.ndarray]:
+        return (rng.permutation(n)[:size] if half else rng.integers(0, n, size=n),)
+
     for i in range(boots):
-        while True:  # a resample whose scores are all equal cannot be scored; redraw
-            idx = rng.permutation(n)[:size] if half else rng.integers(0, n, size=n)
-            if np.ptp(y[idx], axis=0).min() > 0:
-                break
-        draws[i] = idx
+        draws[i] = draw_varying(draw, y)[0]
     return draws
 
 
@@ -407,15 +407,7 @@ def layer_stability(observed: Any, boot: Any, top: int = 10, *,
     c, b = bt.shape
     ids = channel_ids(channels, c)
     size = min(size, c)
-    from scipy.stats import rankdata
-
-    r_obs = rankdata(obs)
-    r_boot = rankdata(bt, axis=0)
-    ro = r_obs - r_obs.mean()
-    rb = r_boot - r_boot.mean(axis=0, keepdims=True)
-    den = np.sqrt((ro ** 2).sum() * (rb ** 2).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = np.where(den > 0, (ro[:, None] * rb).sum(axis=0) / np.where(den > 0, den, 1), np.nan)
+    rho = spearman(obs[:, None], bt, axis=0)
     order = np.argsort(-obs, kind="stable")[:size]
     boot_order = np.argsort(-bt, axis=0, kind="stable")[:size]  # (size, B)
     in_top = np.zeros((c, b), dtype=bool)

@@ -97,6 +97,7 @@ import pandas as pd
 
 from ..core.validation import fraction, integer
 from ..engines.engine import Engine
+from .common import DEFAULT_ALPHA, significant
 from .halves import (
     _agreement,
     _checked_components,
@@ -340,33 +341,6 @@ def split_half_table(
 
 # --------------------------------------------------------------------------- verdict
 
-def significant(q_values: Any, alpha: float = 0.05) -> np.ndarray:
-    """Per-channel flag: does the channel beat the permutation null at FDR ``alpha``?
-
-    Parameters
-    ----------
-    q_values : array_like
-        BH q-values (the ``q_value`` column of a channels table). NaN (no null
-        computed) counts as not significant.
-    alpha : float, default 0.05
-        FDR level.
-
-    Returns
-    -------
-    numpy.ndarray
-        Boolean, ``q <= alpha``.
-
-    Examples
-    --------
-    >>> significant([0.01, 0.05, 0.2, float("nan")]).tolist()
-    [True, True, False, False]
-    """
-    a = fraction(alpha, "alpha")
-    q = np.asarray(q_values, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        return np.asarray(q <= a)
-
-
 VERDICT_COLUMNS = ["layer", "channels", "significant_share", "median_adj",
                    "split_half_spearman", "split_half_spearman_low", "split_half_spearman_high",
                    "split_half_top10", "evidence", "evidence_text"]
@@ -376,7 +350,7 @@ def layer_evidence(
     channels: pd.DataFrame,
     split: pd.DataFrame | None = None,
     *,
-    alpha: float = 0.05,
+    alpha: float = DEFAULT_ALPHA,
     n_images: int | None = None,
 ) -> pd.DataFrame:
     """A per-layer verdict: does the layer's ranking carry evidence?
@@ -465,7 +439,7 @@ def layer_evidence(
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
 
 
-def verdict(share: float, rho: float, low: float, n: Any, alpha: float = 0.05
+def verdict(share: float, rho: float, low: float, n: Any, alpha: float = DEFAULT_ALPHA
             ) -> tuple[str, str]:
     """The evidence level of one layer and its sentence (the rules of :func:`layer_evidence`).
 

@@ -24,7 +24,7 @@ import torch
 
 from ..core.validation import MIN_OBSERVATIONS, integer
 from ..engines.engine import Engine, LocalEngine, Problems
-from .common import DEFAULT_PLAN
+from .common import DEFAULT_PLAN, draw_varying, spearman
 
 __all__ = ["spearman_brown"]
 
@@ -58,20 +58,9 @@ def spearman_brown(r: Any) -> Any:
     return float(out) if out.ndim == 0 else out
 
 
-def _rank_rows(v: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
-    return rankdata(v, axis=-1)
-
-
 def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman correlation along the last axis (average ranks for ties); NaN if constant."""
-    ra, rb = _rank_rows(a), _rank_rows(b)
-    ra = ra - ra.mean(-1, keepdims=True)
-    rb = rb - rb.mean(-1, keepdims=True)
-    den = np.sqrt((ra * ra).sum(-1) * (rb * rb).sum(-1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (ra * rb).sum(-1) / np.where(den > 0, den, 1.0), np.nan)
+    return spearman(a, b, axis=-1)
 
 
 def _top_overlap(a: np.ndarray, b: np.ndarray, t: int) -> np.ndarray:
@@ -126,12 +115,13 @@ def _draw_halves(y: np.ndarray, half: int, s_count: int,
     """``(S, 2, half)`` sorted image indices of the two halves of each split."""
     n = y.size
     halves = np.empty((s_count, 2, half), dtype=np.int64)
+
+    def draw() -> tuple[np.ndarray, np.ndarray]:
+        perm = rng.permutation(n)
+        return perm[:half], perm[half:2 * half]
+
     for s in range(s_count):
-        while True:  # a half whose scores are all equal cannot be scored; redraw
-            perm = rng.permutation(n)
-            a, b = perm[:half], perm[half:2 * half]
-            if np.ptp(y[a]) > 0 and np.ptp(y[b]) > 0:
-                break
+        a, b = draw_varying(draw, y)
         halves[s, 0], halves[s, 1] = np.sort(a), np.sort(b)
     return halves
 

@@ -66,10 +66,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.validation import MIN_OBSERVATIONS, float64_array, fraction, integer, score_kind
+from ..core.validation import MIN_OBSERVATIONS, float64_array, integer, score_kind
 from ..core.validation import scores as check_scores
 from ..engines.engine import Engine, LocalEngine, Problems
-from .common import DEFAULT_PLAN, channel_ids, check_observed_matrix
+from .common import DEFAULT_ALPHA, DEFAULT_PLAN, channel_ids, check_observed_matrix, significant
 
 
 def permutation_null(
@@ -195,6 +195,11 @@ def permutation_null(
 def benjamini_hochberg(p_values: Any) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (q-values) of one family of tests.
 
+    The q-values are SciPy's (:func:`scipy.stats.false_discovery_control` with
+    ``method="bh"``); pcace adds its own checks: one family, finite p-values in
+    ``[0, 1]`` (NaN is refused here; a channel without a null never reaches this
+    function), and an empty family gives an empty result.
+
     Parameters
     ----------
     p_values : array_like
@@ -218,13 +223,9 @@ def benjamini_hochberg(p_values: Any) -> np.ndarray:
         return p.copy()
     if not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 1:
         raise ValueError("p_values must be finite and in [0, 1]")
-    m = p.size
-    order = np.argsort(p, kind="stable")
-    scaled = p[order] * m / np.arange(1, m + 1)
-    q_sorted = np.minimum.accumulate(scaled[::-1])[::-1]
-    q = np.empty(m)
-    q[order] = np.minimum(q_sorted, 1.0)
-    return q
+    from scipy.stats import false_discovery_control
+
+    return np.asarray(false_discovery_control(p, method="bh"), dtype=np.float64)
 
 
 def adjusted_value(observed: Any, null: Any) -> np.ndarray:
@@ -333,7 +334,7 @@ def null_summary(observed: Any, null: Any, *,
     })
 
 
-def share_significant(q_values: Any, alpha: float = 0.05) -> float:
+def share_significant(q_values: Any, alpha: float = DEFAULT_ALPHA) -> float:
     """Share of a layer's channels whose q-value is at most ``alpha``.
 
     Parameters
@@ -353,12 +354,11 @@ def share_significant(q_values: Any, alpha: float = 0.05) -> float:
     >>> share_significant([0.01, 0.2, 0.04, 0.5])
     0.5
     """
-    fraction(alpha, "alpha")
     q = float64_array(q_values, "q_values").ravel()
     if q.size == 0:
         raise ValueError("q_values is empty")
     if np.isnan(q).any():
         raise ValueError("q_values holds NaN")
-    return float(np.mean(q <= alpha))
+    return float(np.mean(significant(q, alpha)))
 
 

@@ -9,7 +9,7 @@
   :func:`feature_visualisations`.
 - :func:`write_report` writes ``run_dir/report.html`` and ``run_dir/figures/``;
   :func:`result_html` gives a notebook fragment (layer table with evidence, overview).
-- :func:`layer_evidence` says per layer whether its ranking carries evidence.
+- :func:`run_evidence` says per layer whether its ranking carries evidence.
 
 All figures are :class:`matplotlib.figure.Figure` objects drawn without pyplot (Agg).
 
@@ -24,7 +24,7 @@ PosixPath('runs/three/report.html')
 """
 
 from .assets import Assets, collect_assets, display_images, load_assets
-from .evidence import layer_evidence, significance
+from .evidence import run_evidence, significance
 from .figures import ace_transforms, channel_ranking, class_atlas, layer_overview
 from .maps import activation_maps, feature_visualisations, overlay_maps, weighted_vs_cam
 from .report import render_figures, result_html
@@ -39,7 +39,7 @@ __all__ = [
     "collect_assets",
     "display_images",
     "feature_visualisations",
-    "layer_evidence",
+    "run_evidence",
     "layer_overview",
     "load_assets",
     "overlay_maps",

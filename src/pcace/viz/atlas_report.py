@@ -18,7 +18,7 @@ import pandas as pd
 from ..core.files import safe_name
 from ._common import figure_bytes
 from ._html import CSS, JS
-from .evidence import full_layers, layer_evidence
+from .evidence import full_layers, run_evidence
 from .report import REPORT_FILE, RenderedFigure, _e, _img, _page, render_figures
 
 __all__ = ["report_groups", "write_atlas_report"]
@@ -131,7 +131,7 @@ def write_atlas_report(root: Path, result: Any, *, top: int = 10,
     rows = []
     for target, label, name in report_groups(result):
         sub = result.subset(target=target, label=label)
-        evidence = layer_evidence(sub)
+        evidence = run_evidence(sub)
         full = full_layers(sub, evidence)
         folder = f"figures/{safe_name(name)}"
         figures = render_figures(root, sub, None, top=top, layers=full, progress=progress,

@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..stats.common import DEFAULT_ALPHA, significant
 from ..stats.evidence import verdict
 
 #: The false-discovery level at which a channel counts as beating the permutation null.
-ALPHA = 0.05
+ALPHA = DEFAULT_ALPHA
 #: Layers drawn in full (maps, overlays, transforms) when no layer carries evidence.
 BEST_FEW = 3
 #: At most this many layers are drawn in full, the strongest evidence first.
@@ -48,7 +49,8 @@ def significance(channels: pd.DataFrame) -> pd.Series | None:
             col = col.astype(str).str.lower().isin(("true", "1", "yes"))
         return col.fillna(False).astype(bool)
     if "q_value" in channels and channels.q_value.notna().any():
-        return (channels.q_value <= ALPHA).fillna(False)
+        return pd.Series(significant(channels.q_value.to_numpy(dtype=float), ALPHA),
+                         index=channels.index)
     return None
 
 
@@ -89,8 +91,12 @@ def evidence_sentence(level: str, share: float, n_sig: int, n_channels: int,
             f"permutation null{adj}{repro}.")
 
 
-def layer_evidence(result: Any) -> pd.DataFrame:
-    """One row per layer (network order): how much its ranking can be trusted.
+def run_evidence(result: Any) -> pd.DataFrame:
+    """One row per layer (network order): how much a finished run's ranking can be trusted.
+
+    Reads a run of any age (:func:`pcace.stats.evidence.layer_evidence` computes the
+    verdicts from arrays while a run is scored; this one reads them back from its tables,
+    and applies the same rules to older runs that lack them).
 
     Columns: ``layer``, ``channels``, ``has_null``, ``n_significant``,
     ``significant_share``, ``median_adj``, ``split_half_spearman`` (with ``_low`` and
@@ -189,7 +195,7 @@ def full_layers(result: Any, evidence: pd.DataFrame | None = None,
     list of str
         In network order, or with ``strongest_first`` from the strongest layer down.
     """
-    ev = layer_evidence(result) if evidence is None else evidence
+    ev = run_evidence(result) if evidence is None else evidence
     if len(ev) <= best_few:
         return _order(ev, strongest_first)
     with_ev = ev[ev.evidence.isin(("strong", "weak"))]

@@ -32,8 +32,8 @@ from .cam import resolve_cam_target
 from .evidence import (
     NO_NULL_TEXT,
     full_layers,
-    layer_evidence,
     layer_order,
+    run_evidence,
     significance,
     with_significance,
 )
@@ -556,7 +556,7 @@ def _page(result: Any, assets: Assets | None, figures: list[RenderedFigure],
     model_name = model.get("class", "model") if isinstance(model, dict) else str(model)
     title = title or f"PCACE report: {model_name}, {_target_text(m.get('target'))}"
     layers = layer_order(result)
-    evidence = layer_evidence(result)
+    evidence = run_evidence(result)
     full = full_layers(result, evidence) if full is None else full
     by_section: dict[str, list[RenderedFigure]] = {}
     for f in figures:
@@ -622,7 +622,7 @@ def result_html(result: Any, *, overview: bool = True) -> str:
     >>> html = result_html(result)  # doctest: +SKIP
     >>> from IPython.display import HTML; HTML(html)  # doctest: +SKIP
     """
-    evidence = layer_evidence(result)
+    evidence = run_evidence(result)
     n_img = evidence_images(result)
     head = (f"<p><b>PCACE</b>: {len(evidence)} layers, {len(result.channels)} channels"
             f"{_e(n_img)}.</p>")
