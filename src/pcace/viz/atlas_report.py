@@ -15,11 +15,12 @@ from typing import Any
 
 import pandas as pd
 
-from ..core.files import safe_name
+from ..core.files import atomic_write, safe_name
 from ._common import figure_bytes
-from ._html import CSS, JS
 from .evidence import full_layers, run_evidence
-from .report import REPORT_FILE, RenderedFigure, _e, _img, _page, render_figures
+from .pages import figure_view, render_page, write_page
+from .report import REPORT_FILE, RenderedFigure, render_figures
+from .report_view import page_context
 
 __all__ = ["report_groups", "write_atlas_report"]
 
@@ -60,48 +61,24 @@ def _row(name: str, sub: Any, evidence: pd.DataFrame) -> dict[str, Any]:
         key=evidence.significant_share.fillna(-1.0) + 1e-3 * evidence.median_adj.fillna(0.0))
     best = ranked.sort_values("key", ascending=False).iloc[0]
     top = sub.channels[(sub.channels.layer == best.layer)].sort_values("rank").head(5)
-    return {"name": name, "strong": int(counts.get("strong", 0)),
+    share = best.significant_share
+    return {"name": name, "page": _page_file(name), "strong": int(counts.get("strong", 0)),
             "weak": int(counts.get("weak", 0)), "none": int(counts.get("none", 0)),
-            "layer": best.layer, "share": best.significant_share,
+            "layer": best.layer, "share": "" if pd.isna(share) else f"{share:.0%}",
             "top": ", ".join(f"{c} ({v:.2f})" for c, v in
                              zip(top.channel, top.pcace, strict=True))}
-
-
-def _share(value: Any) -> str:
-    return "" if pd.isna(value) else f"{value:.0%}"
 
 
 def _overview(result: Any, rows: list[dict[str, Any]], atlas: RenderedFigure | None,
               title: str) -> str:
     m = result.manifest
-    n = m.get("data", {}).get("n_images", "?")
-    head = ("<tr><th>target</th><th>layers with evidence (strong / weak / none)</th>"
-            "<th>best layer</th><th>significant share</th><th>its top channels</th></tr>")
-    body = "".join(
-        f'<tr><td><a href="{_e(_page_file(r["name"]))}">{_e(r["name"])}</a></td>'
-        f'<td>{r["strong"]} / {r["weak"]} / {r["none"]}</td><td>{_e(r["layer"])}</td>'
-        f'<td>{_share(r["share"])}</td><td>{_e(r["top"])}</td></tr>' for r in rows)
     per_label = bool(m.get("per_label"))
     what = ("each label's images ranked against " +
             ("its own class's score" if m.get("data", {}).get("own_class") else "the score")
             if per_label else f"{len(rows)} targets from one forward pass")
-    parts = [
-        f"<header><h1>{_e(title)}</h1><p class=\"lead\">PCACE over {_e(n)} images, "
-        f"{_e(what)}. Each target links to its own report: the page a run of that target "
-        "alone would get.</p></header>",
-        '<section id="atlas"><h2>Layers x targets</h2>',
-        _img(atlas) if atlas is not None else "",
-        "</section>",
-        '<section id="targets"><h2>Targets</h2><table class="sortable">'
-        f"<thead>{head}</thead><tbody>{body}</tbody></table></section>",
-        f'<footer>Written by pcace {_e(m.get("pcace_version", ""))}. Self-contained: '
-        "figures are embedded.</footer>",
-    ]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{_e(title)}</title><style>{CSS}</style></head>"
-            f'<body data-ready="0"><main>{"".join(parts)}</main>'
-            f"<script>{JS}</script></body></html>\n")
+    return render_page("atlas.html", title=title, n_images=m.get("data", {}).get("n_images", "?"),
+                       what=what, atlas=figure_view(atlas) if atlas is not None else None,
+                       rows=rows, version=m.get("pcace_version", ""))
 
 
 def write_atlas_report(root: Path, result: Any, *, top: int = 10,
@@ -136,8 +113,9 @@ def write_atlas_report(root: Path, result: Any, *, top: int = 10,
         folder = f"figures/{safe_name(name)}"
         figures = render_figures(root, sub, None, top=top, layers=full, progress=progress,
                                  figure_dir=folder, use_assets=False)
-        page = _page(sub, None, figures, f"PCACE report: {model_name}, {name}", full)
-        (root / _page_file(name)).write_text(page, encoding="utf-8")
+        page = render_page("report.html", **page_context(
+            sub, None, figures, f"PCACE report: {model_name}, {name}", full))
+        write_page(root / _page_file(name), page)
         rows.append(_row(name, sub, evidence))
     atlas = None
     try:
@@ -145,14 +123,10 @@ def write_atlas_report(root: Path, result: Any, *, top: int = 10,
     except ValueError:  # e.g. a run whose targets carry no values to compare
         data = b""
     if data:
-        path = root / "figures" / f"class_atlas.{fmt}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        path = atomic_write(root / "figures" / f"class_atlas.{fmt}", data)
         atlas = RenderedFigure("atlas", "class_atlas",
                                "Left: per layer and target, the evidence of its channels. "
                                "Right: the last layer's channels and the targets they carry "
                                "information about.", data, path, fmt)
-    out = root / REPORT_FILE
-    out.write_text(_overview(result, rows, atlas, f"PCACE report: {model_name}, "
-                             f"{len(rows)} targets"), encoding="utf-8")
-    return out
+    return write_page(root / REPORT_FILE, _overview(
+        result, rows, atlas, f"PCACE report: {model_name}, {len(rows)} targets"))
