@@ -1,5 +1,10 @@
 """The HTML report in a real browser: it renders, its script runs, it asks for nothing remote.
 
+Every kind of page pcace writes is opened: the one-target report, the overview of a run with
+several targets and each target's page, the overview of a per-label run and each label's
+page. On each, the script runs to its end, nothing remote is requested, and every sortable
+table sorts when a header is clicked.
+
 Headless Chromium is driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``:
 JSON messages separated by NUL bytes on file descriptors 3 and 4), with the standard library
 only. Every request the page makes is recorded; anything other than ``file:``, ``data:`` or
@@ -69,6 +74,35 @@ def report(tmp_path_factory) -> Path:
         result.save(run)
         collect_assets(run, model, images, result, featurevis_steps=4, progress=False)
         return write_report(run, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def multi_pages(tmp_path_factory) -> dict[str, Path]:
+    """The pages of a run with two targets and of a per-label run (two labels)."""
+    import pcace
+    from pcace.viz import write_report
+    from pcace.zoo import mnist_cnn
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(1)
+        model = mnist_cnn().eval()
+        images = torch.rand(40, 1, 28, 28)
+        pages = {}
+        runs = {"targets": dict(images=images, target=[1, 3]),
+                "labels": dict(images=(images, torch.arange(40) % 2), per_label=True)}
+        for kind, kwargs in runs.items():
+            result = pcace.rank(model, progress=False, device="cpu", permutations=19,
+                                **kwargs)
+            run = tmp_path_factory.mktemp(f"browser-{kind}")
+            result.save(run)
+            pages[f"{kind}-overview"] = write_report(run, progress=False)
+            for page in sorted(run.glob("report-*.html")):
+                pages[f"{kind}-{page.stem}"] = page
+        return pages
     finally:
         torch.set_num_threads(threads)
 
@@ -316,3 +350,55 @@ def test_navigation_of_a_many_layer_report_wraps(chromium, tmp_path):
         assert console_errors(dt.events) == []
     finally:
         dt.close()
+
+
+#: Clicks a header of every sortable table (a numeric one where there is one) and returns,
+#: per table, the header's aria-sort, whether it sorted numbers, and the column's keys in
+#: the order the rows now stand (read as the page's script reads them).
+SORT_EVERY_TABLE = """(function () {
+  return Array.from(document.querySelectorAll('table.sortable')).map(function (t) {
+    var ths = Array.from(t.tHead.rows[0].cells);
+    var th = ths.find(function (h) { return h.dataset.type === 'number'; }) || ths[0];
+    var numeric = th.dataset.type === 'number';
+    th.click();
+    var keys = Array.from(t.tBodies[0].rows).map(function (r) {
+      var c = r.cells[th.cellIndex], raw = c.getAttribute('data-v');
+      if (raw === null) { raw = c.textContent; }
+      if (!numeric) { return raw.toLowerCase(); }
+      var v = parseFloat(raw);
+      return isNaN(v) ? -1e308 : v; });
+    return [th.getAttribute('aria-sort'), numeric, keys]; }); })()"""
+
+
+def check_page(chromium: str, page: Path, profile: Path) -> None:
+    """Renders, runs its script to the end, asks for nothing remote, sorts its tables."""
+    dt, session = open_page(chromium, page, profile)
+    try:
+        assert remote_requests(dt.events) == []
+        assert console_errors(dt.events) == []
+        assert evaluate(dt, session, "document.body.dataset.ready") == "1"
+        loaded = evaluate(dt, session, "Array.from(document.images).every(function (i) {"
+                          " return i.complete && i.naturalWidth > 0; })")
+        assert loaded
+        tables = evaluate(dt, session, SORT_EVERY_TABLE)
+        assert tables, "no sortable table on the page"
+        for aria, numeric, keys in tables:
+            assert aria == "ascending"
+            assert keys == sorted(keys), (numeric, keys)
+        assert console_errors(dt.events) == []
+    finally:
+        dt.close()
+
+
+def test_one_target_page_works_in_the_browser(chromium, report, tmp_path):
+    check_page(chromium, report, tmp_path / "profile")
+
+
+@pytest.mark.parametrize("kind", ["targets", "labels"])
+def test_every_page_of_a_multi_target_run_works_in_the_browser(chromium, multi_pages, kind,
+                                                               tmp_path):
+    """The overview (the class atlas page) and each target's or label's page."""
+    pages = {name: page for name, page in multi_pages.items() if name.startswith(kind)}
+    assert f"{kind}-overview" in pages and len(pages) == 3, sorted(multi_pages)
+    for name, page in sorted(pages.items()):
+        check_page(chromium, page, tmp_path / f"profile-{name}")
