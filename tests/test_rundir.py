@@ -188,6 +188,62 @@ def test_disk_full_during_save_leaves_previous_run_intact(tmp_path, monkeypatch)
     assert read_run(tmp_path).complete
 
 
+def _half_then_disk_full(path, data):
+    """A write that gets half its bytes out, then finds the disk full."""
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    path.write_bytes(raw[: len(raw) // 2])
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_write_leaves_the_old_file_or_none(tmp_path, monkeypatch):
+    atomic_write(tmp_path / "report.html", "<html>old page</html>")
+    monkeypatch.setattr(files, "write_data", _half_then_disk_full)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(tmp_path / "report.html", "<html>" + "new page " * 100 + "</html>")
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(tmp_path / "figures" / "overview.png", b"\x89PNG" + bytes(500))
+    assert (tmp_path / "report.html").read_text() == "<html>old page</html>"
+    assert not (tmp_path / "figures" / "overview.png").exists()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["report.html"]
+
+
+def test_a_report_that_fails_mid_write_leaves_no_half_file(tmp_path, monkeypatch):
+    """Pages, figures and assets: a crash mid-write leaves each the old file or none."""
+    from PIL import Image
+    from test_report_evidence import hand_result
+
+    from pcace.viz import assets as asset_module
+    from pcace.viz import write_report
+
+    run = tmp_path / "run"
+    hand_result(["conv1", "conv2"], strong=("conv2",)).save(run)
+    page = write_report(run, progress=False)
+    old_page = page.read_bytes()
+    monkeypatch.setattr(files, "write_data", _half_then_disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_report(run, progress=False)
+    assert page.read_bytes() == old_page
+    for figure in (run / "figures").iterdir():  # whole images, or none
+        with Image.open(figure) as im:
+            im.load()
+    assert not [p for p in run.rglob(".*") if ".tmp-" in p.name]
+    monkeypatch.undo()
+
+    arrays = run / "assets" / asset_module.ARRAYS_FILE
+    asset_module._save_assets(arrays.parent, {"format": 1}, {"x": np.arange(5)})
+    old_arrays = arrays.read_bytes()
+
+    def half_savez(fh, **arrays):
+        fh.write(old_arrays[: len(old_arrays) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(asset_module.np, "savez_compressed", half_savez)
+    with pytest.raises(OSError, match="No space"):
+        asset_module._save_assets(arrays.parent, {"format": 1}, {"x": np.arange(9)})
+    assert arrays.read_bytes() == old_arrays
+    assert not [p for p in run.rglob(".*") if ".tmp-" in p.name]
+
+
 def test_save_never_overwrites_a_foreign_file(tmp_path):
     (tmp_path / "channels.csv").write_text("user data\n")
     with pytest.raises(RunDirError, match="overwrite channels.csv.*no pcace run wrote"):

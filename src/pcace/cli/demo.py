@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..core.files import atomic_path
 from ..inputs.data import mnist_idx, sklearn_digits
 from ..inputs.targets import ClassLogit
 from ..inputs.zoo import mnist_cnn
@@ -96,7 +97,8 @@ def run_demo(out: str | Path | None = "pcace-demo", data: str | Path | None = No
     result.manifest["demo"] = {"held_out_accuracy": acc, "seconds": time.perf_counter() - t0}
     if out is not None:
         result.save(out)
-        torch.save(model.state_dict(), Path(out) / "model.pt")
+        with atomic_path(Path(out) / "model.pt") as tmp:
+            torch.save(model.state_dict(), tmp)
         written = ["model.pt"]
         if report:
             result.manifest["demo"]["report"] = str(_write_report(out, model, chosen, result,

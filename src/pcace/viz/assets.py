@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.files import atomic_path, atomic_write
 from ..core.validation import device as resolve_device
 from ..inputs.hooks import evaluating, forward_hooks
 from ..inputs.targets import output_tensor
@@ -299,8 +300,11 @@ def _image_tensor(images: Any) -> torch.Tensor:
 def _save_assets(folder: Path, index: dict, arrays: dict[str, np.ndarray]) -> Assets:
     """Write ``arrays`` and ``index`` to ``folder`` (created if needed)."""
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(folder / ARRAYS_FILE, **arrays)
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    # both files atomically (the old file or the new one, never half of one); a file
+    # object, as numpy would add ".npz" to the temporary name
+    with atomic_path(folder / ARRAYS_FILE) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    atomic_write(folder / INDEX_FILE, json.dumps(index, indent=2))
     return Assets(index, arrays, folder)
 
 
