@@ -139,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _rank_data_args(p: argparse.ArgumentParser) -> None:
     """What to rank: the model, the images and the score."""
     _model_args(p)
-    p.add_argument("--data", required=True, help="image folder (one subfolder per class, or "
-                   "images directly), CSV of image paths, or a folder/file of MNIST IDX data")
+    p.add_argument("--data", required=True, help="image folder (one subfolder per class; or "
+                   "a flat folder of images, ranked as one group), CSV of image paths, or a "
+                   "folder/file of MNIST IDX data")
     p.add_argument("--class", dest="class_name",
                    help="keep the images of this subfolder of --data only")
     p.add_argument("--label", type=int, help="keep the images of this label (CSV, MNIST)")

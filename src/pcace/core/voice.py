@@ -43,6 +43,16 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "flat_folder": ("give the folder itself to --data (its images form one group)",
                     "pcace.data.image_folder(path) takes a flat folder as one group, "
                     "pcace.data.csv_images(csv) a list of files"),
+    "start_afresh": ("use --force to start afresh",
+                     "give another checkpoint_dir (or empty this one) to start afresh"),
+    "resume": ("run the same command with --resume",
+               "call rank again with the same checkpoint_dir and resume=True"),
+    "same_data": ("the same --data and options", "the same images, in the same order, and "
+                  "options"),
+    "fix_preprocessing": ("--mean/--std (one value per image channel) and --resize/--crop",
+                          "the transform's normalisation (one mean and std per image "
+                          "channel) and its resize/crop"),
+    "same_size": ("--resize N --crop N", "a transform with Resize and CenterCrop"),
     "ablate_from_python": ("rebuild the model in Python and call pcace.ablate(...)",
                            "call pcace.ablate(...) with the model"),
 }
