@@ -210,7 +210,8 @@ class PCACEResult:
         ...                  permutations=20)
         >>> print(res.summary())  # doctest: +ELLIPSIS
         PCACE over 40 images, score: logit of class 3
-        Answer: ... layers strong at N = 40 ...
+        Answer: ... of 2 layers strong at N = 40.
+        ...
         """
         from .printout import summary_text
 
