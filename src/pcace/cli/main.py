@@ -61,8 +61,45 @@ def _first_image_shape(ds: Any) -> tuple[int, ...] | None:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    with _locked(args.out):  # one run at a time in --out, for the whole command
-        return _rank(args)
+    existed = Path(args.out).exists()
+    try:
+        with _locked(args.out):  # one run at a time in --out, for the whole command
+            return _rank(args)
+    except BaseException:
+        _leave_nothing_empty(Path(args.out), existed)
+        raise
+
+
+def _leave_nothing_empty(out: Path, existed: bool) -> None:
+    """A run that saved nothing leaves no checkpoints/ folder, nor an --out it created."""
+    from ..results.checkpoints import remove_checkpoints
+    from .guard import checkpointed_layers
+
+    try:
+        if not out.is_dir() or (out / "run.json").exists() or checkpointed_layers(out)[0]:
+            return
+        remove_checkpoints(out)  # the state of a run with no finished layer
+        if not existed and not any(out.iterdir()):
+            out.rmdir()
+    except OSError:  # leave it as it is; the error being reported matters more
+        pass
+
+
+def _say_resumed(out: Path) -> None:
+    """What --resume found in ``out``: the layers done and those left."""
+    from .guard import checkpointed_layers, checkpointed_names
+
+    done, total = checkpointed_layers(out)
+    if not done:
+        print(f"pcace: --resume: no finished layer in {out}; starting the run's work again",
+              file=sys.stderr)
+        return
+    names = checkpointed_names(out)
+    left = f"; {total - done} left" if total is not None and done <= total else ""
+    of = f" of {total}" if total is not None and done <= total else ""
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    print(f"pcace: --resume: {done}{of} layers done in {out} ({shown}){left}",
+          file=sys.stderr)
 
 
 def _locked(path: str | Path) -> Any:
@@ -83,6 +120,8 @@ def _rank(args: argparse.Namespace) -> int:
     from ..run.rank import rank
 
     out = prepare_run_dir(args.out, force=args.force, resume=args.resume)
+    if args.resume:
+        _say_resumed(out)
     for left in clean_stale_spills(args.spill_dir):
         print(f"pcace: removed {left} (spilled activations of a run that was killed)",
               file=sys.stderr)
@@ -426,7 +465,8 @@ def _run_command(args: argparse.Namespace) -> int:
     from ..engines.engine import EngineLost
 
     try:
-        with speaking_cli():  # messages raised below name flags and commands
+        with speaking_cli(), warnings.catch_warnings():  # flags and commands; plain warnings
+            warnings.showwarning = _one_line_warning
             return COMMANDS[args.command](args)
     except EngineLost as err:  # e.g. while joining the cluster or in a forward pass on it
         if debugging():
@@ -455,6 +495,13 @@ def _run_command(args: argparse.Namespace) -> int:
         print(f"pcace: error: unexpected {type(err).__name__}: {_one_line(err)} (set "
               f"PCACE_DEBUG=1 to see where; please report it){_kept(args)}", file=sys.stderr)
         return 1
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, file: Any = None, line: str | None = None) -> None:
+    """A warning under the command: one line of its own words, no source line."""
+    text = " ".join(str(message).split())
+    print(f"pcace: warning: {text}", file=sys.stderr if file is None else file)
 
 
 def _kept(args: argparse.Namespace) -> str:
