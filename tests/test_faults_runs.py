@@ -241,6 +241,9 @@ def test_full_disk_in_a_run_then_resume_ends_equal(cifar, reference, tmp_path):
     assert checkpointed(out) == 1
     again = run(*args_for(cifar, out, "--resume", "--no-progress"))
     assert again.returncode == 0, again.stderr
+    # what --resume found and what is left (issue 27)
+    assert "pcace: --resume: 1 of 3 layers done in" in again.stderr
+    assert "(layer1.0.conv1); 2 left" in again.stderr
     assert_same(out, reference[0])
 
 

@@ -178,7 +178,7 @@ def test_full_disk_at_the_checkpoints(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(files, "write_data", enospc)
         with pytest.raises(RunDirError, match=r"could not checkpoint layer 'b' .*No space left.*"
-                           "layers finished before are kept.*--resume"):
+                           "layers finished before are kept.*resume=True"):  # API words
             save_layer_checkpoint(tmp_path, "b", table("b"))
     assert list(load_layer_checkpoints(tmp_path, SETTINGS)) == ["a"]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if ".tmp-" in p.name]

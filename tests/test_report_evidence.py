@@ -198,7 +198,7 @@ def test_demo_report_has_activation_maps(tmp_path):
             assert f'alt="{kind}_{layer}"' in html
     assert 'alt="weighted_vs_cam"' in html
     assert result.manifest["demo"]["report"] == str(tmp_path / "report.html")
-    assert summary(result).endswith(f"report: {tmp_path / 'report.html'}")
+    assert f"Report: {tmp_path / 'report.html'} (open it in a browser)" in summary(result)
 
 
 def test_full_sections_are_capped_to_the_strongest_layers():

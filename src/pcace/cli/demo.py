@@ -120,15 +120,19 @@ def _write_report(out: str | Path, model: torch.nn.Module, images: torch.Tensor,
 
 
 def summary(result: PCACEResult, top: int = 5) -> str:
-    """The run's evidence and top channels (:func:`pcace.cli.printout.text_summary`), and
-    its report."""
-    from .printout import text_summary
+    """The run's account, leading with the answer, and its report
+    (:func:`pcace.results.printout.summary_text`).
 
-    text = text_summary(result, top=top)
+    Examples
+    --------
+    >>> res = run_demo(out=None, progress=False)  # doctest: +SKIP
+    >>> print(summary(res))  # doctest: +SKIP
+    """
+    from ..results.printout import summary_text
+
     demo = result.manifest.get("demo") if isinstance(result.manifest, dict) else None
-    if isinstance(demo, dict) and demo.get("report"):
-        text += f"\nreport: {demo['report']}"
-    return text
+    report = demo.get("report") if isinstance(demo, dict) else None
+    return summary_text(result, top=top, run_dir=result.run_dir, report=report)
 
 
 __all__ = ["run_demo", "train_mnist_cnn", "accuracy", "summary"]

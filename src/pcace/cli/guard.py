@@ -31,7 +31,7 @@ import select
 import signal
 from pathlib import Path
 
-__all__ = ["abrupt_end_message", "checkpointed_layers", "start_watcher"]
+__all__ = ["abrupt_end_message", "checkpointed_layers", "checkpointed_names", "start_watcher"]
 
 #: Set to 0 (or false, no, off) to run without the watcher.
 ENV = "PCACE_WATCHER"
@@ -59,6 +59,33 @@ def checkpointed_layers(out: str | Path) -> tuple[int, int | None]:
     except (OSError, ValueError, AttributeError):
         pass
     return done, total
+
+
+def checkpointed_names(out: str | Path) -> list[str]:
+    """The layers checkpointed in ``out``, in the run's order where it is recorded.
+
+    Examples
+    --------
+    >>> checkpointed_names("/nonexistent")
+    []
+    """
+    import numpy as np
+
+    ckdir = Path(out) / "checkpoints"
+    names = []
+    for file in sorted(ckdir.glob("layer-*.npz")):
+        try:
+            with np.load(file, allow_pickle=False) as data:
+                names.append(str(json.loads(bytes(data["__meta__"]).decode())["layer"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    try:
+        state = json.loads((ckdir / "state.json").read_text(encoding="utf-8"))
+        order = list(state.get("settings", {}).get("layers") or [])
+    except (OSError, ValueError, AttributeError, TypeError):
+        order = []
+    position = {str(name): i for i, name in enumerate(order)}
+    return sorted(names, key=lambda n: position.get(n, len(position)))
 
 
 def abrupt_end_message(pid: int, out: str | Path) -> str:

@@ -62,8 +62,45 @@ def _first_image_shape(ds: Any) -> tuple[int, ...] | None:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    with _locked(args.out):  # one run at a time in --out, for the whole command
-        return _rank(args)
+    existed = Path(args.out).exists()
+    try:
+        with _locked(args.out):  # one run at a time in --out, for the whole command
+            return _rank(args)
+    except BaseException:
+        _leave_nothing_empty(Path(args.out), existed)
+        raise
+
+
+def _leave_nothing_empty(out: Path, existed: bool) -> None:
+    """A run that saved nothing leaves no checkpoints/ folder, nor an --out it created."""
+    from ..results.checkpoints import remove_checkpoints
+    from .guard import checkpointed_layers
+
+    try:
+        if not out.is_dir() or (out / "run.json").exists() or checkpointed_layers(out)[0]:
+            return
+        remove_checkpoints(out)  # the state of a run with no finished layer
+        if not existed and not any(out.iterdir()):
+            out.rmdir()
+    except OSError:  # leave it as it is; the error being reported matters more
+        pass
+
+
+def _say_resumed(out: Path) -> None:
+    """What --resume found in ``out``: the layers done and those left."""
+    from .guard import checkpointed_layers, checkpointed_names
+
+    done, total = checkpointed_layers(out)
+    if not done:
+        print(f"pcace: --resume: no finished layer in {out}; starting the run's work again",
+              file=sys.stderr)
+        return
+    names = checkpointed_names(out)
+    left = f"; {total - done} left" if total is not None and done <= total else ""
+    of = f" of {total}" if total is not None and done <= total else ""
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    print(f"pcace: --resume: {done}{of} layers done in {out} ({shown}){left}",
+          file=sys.stderr)
 
 
 def _locked(path: str | Path) -> Any:
@@ -84,6 +121,8 @@ def _rank(args: argparse.Namespace) -> int:
     from ..run.rank import rank
 
     out = prepare_run_dir(args.out, force=args.force, resume=args.resume)
+    if args.resume:
+        _say_resumed(out)
     for left in clean_stale_spills(args.spill_dir):
         print(f"pcace: removed {left} (spilled activations of a run that was killed)",
               file=sys.stderr)
@@ -126,10 +165,10 @@ def _rank(args: argparse.Namespace) -> int:
     if not result.complete:
         return _stopped_early(result, out)
     remove_checkpoints(out)
-    _print_summary(result, args.top)
-    print(f"wrote {out}/ (channels.csv, layers.csv, run.json)")
-    if args.report:
-        _rank_report(args, out, result, ds, spec, loaded, label)
+    report = _rank_report(args, out, result, ds, spec, loaded, label) if args.report else None
+    _print_summary(result, args, run_dir=out, report=report)
+    written = "channels.csv, layers.csv, run.json" + (", report.html" if report else "")
+    print(f"wrote {out}/ ({written})")
     return 0
 
 
@@ -157,7 +196,7 @@ def _stopped_early(result: Any, out: Path) -> int:
 
 
 def _rank_report(args: argparse.Namespace, out: Path, result: Any, ds: Any, spec: dict,
-                 loaded: Any, label: Any) -> None:
+                 loaded: Any, label: Any) -> Path:
     from ..inputs.data import normalisation, stack_images
     from ..results.rundir import add_files
     from ..viz import collect_assets, write_report
@@ -169,7 +208,7 @@ def _rank_report(args: argparse.Namespace, out: Path, result: Any, ds: Any, spec
                        device=result.manifest["device"], progress=not args.no_progress)
     report = write_report(out, progress=not args.no_progress)
     add_files(out, _report_files(out))
-    print(f"wrote {report}")
+    return report
 
 
 def _report_files(out: Path) -> list[str]:
@@ -245,41 +284,12 @@ def _describe_targets(target: Any, cats: Any, per_class: bool) -> str:
     return describe_resolved(target, cats)
 
 
-def _print_summary(result: Any, top: int) -> None:
-    from .printout import text_summary
+def _print_summary(result: Any, args: argparse.Namespace, run_dir: Any = None,
+                   report: Any = None) -> None:
+    from .printout import summary_text
 
-    n = result.manifest["data"]["n_images"]
-    target = result.manifest.get("target_description") or result.manifest["target"]
-    print(f"PCACE over {n} images, score: {target}")
-    if len(result.targets) > 1 or "label" in result.channels.columns:
-        print(many_summary(result, top=min(top, 3)))
-    else:
-        print(text_summary(result, top=top))
-
-
-def many_summary(result: Any, top: int = 3) -> str:
-    """Per (label, target) one line: its strongest layer and that layer's top channels."""
-    layers = result.layers
-    keys = [k for k in ("label", "target") if k in layers.columns]
-    evidence = "significant_share" if "significant_share" in layers.columns else "median"
-    groups = layers.groupby(keys, sort=False)
-    lines = [f"per {' and '.join(keys)} ({groups.ngroups}): the layer with the highest "
-             f"{'share of significant channels' if evidence != 'median' else 'median PCACE'}"
-             f" and its top {top} channels"]
-    for key, sub in groups:
-        key = key if isinstance(key, tuple) else (key,)
-        best = sub.sort_values([evidence, "median"], ascending=False).iloc[0]
-        name = " / ".join(f"{k} {v}" for k, v in zip(keys, key, strict=True))
-        chans = result.channels
-        mask = chans.layer == best.layer
-        for k, v in zip(keys, key, strict=True):
-            mask &= chans[k] == v
-        rows = chans[mask].sort_values("rank").head(top)
-        pairs = ", ".join(f"{c}:{v:.3f}" for c, v in zip(rows.channel, rows.pcace, strict=True))
-        score = f"{best[evidence]:.0%} significant" if evidence != "median" else \
-            f"median {best['median']:.3f}"
-        lines.append(f"  {name:<28} {best.layer:<20} {score}  top {pairs}")
-    return "\n".join(lines)
+    print(summary_text(result, top=args.top, verbose=args.verbose, run_dir=run_dir,
+                       report=report))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -288,11 +298,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with _locked(args.out):
         result = run_demo(out=args.out, data=args.data, digit=args.digit, epochs=args.epochs,
                           progress=not args.no_progress)
-    acc = result.manifest["demo"]["held_out_accuracy"]
-    print(f"trained the two-conv CNN: held-out accuracy {acc:.1%}")
-    _print_summary(result, 5)
-    print(f"wrote {args.out}/ (channels.csv, layers.csv, run.json, model.pt) in "
-          f"{result.manifest['demo']['seconds']:.0f} s")
+    demo = result.manifest["demo"]
+    print(f"trained the two-conv CNN: held-out accuracy {demo['held_out_accuracy']:.1%}")
+    _print_summary(result, args, run_dir=args.out, report=demo.get("report"))
+    written = "channels.csv, layers.csv, run.json, model.pt"
+    if demo.get("report"):
+        written += ", report.html"
+    print(f"wrote {args.out}/ ({written}) in {demo['seconds']:.0f} s"
+          + (f"; open {demo['report']}" if demo.get("report") else ""))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Print a saved run's account (the full tables unless --brief)."""
+    from ..results.result import load
+
+    _existing_run(args.run_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an incomplete run says so below
+        result = load(args.run_dir)
+    if not result.complete:
+        print(f"pcace: note: {args.run_dir} holds an interrupted run (marked incomplete); "
+              "these are the layers it finished", file=sys.stderr)
+    args.verbose = not args.brief
+    _print_summary(result, args, run_dir=args.run_dir)
     return 0
 
 
@@ -394,7 +423,7 @@ map (or 0), for each size m, and compared with random sets of m channels.
 
 
 COMMANDS = {"layers": cmd_layers, "rank": cmd_rank, "demo": cmd_demo, "report": cmd_report,
-            "ablate": cmd_ablate}
+            "ablate": cmd_ablate, "show": cmd_show}
 
 
 #: Exit code of a run whose Ray cluster was lost (EX_TEMPFAIL: try again, with --resume).
@@ -433,10 +462,13 @@ def debugging() -> bool:
 
 def _run_command(args: argparse.Namespace) -> int:
     from ..core.interrupts import Interrupted
+    from ..core.voice import speaking_cli
     from ..engines.engine import EngineLost
 
     try:
-        return COMMANDS[args.command](args)
+        with speaking_cli(), warnings.catch_warnings():  # flags and commands; plain warnings
+            warnings.showwarning = _one_line_warning
+            return COMMANDS[args.command](args)
     except EngineLost as err:  # e.g. while joining the cluster or in a forward pass on it
         if debugging():
             raise
@@ -464,6 +496,13 @@ def _run_command(args: argparse.Namespace) -> int:
         print(f"pcace: error: unexpected {type(err).__name__}: {_one_line(err)} (set "
               f"PCACE_DEBUG=1 to see where; please report it){_kept(args)}", file=sys.stderr)
         return 1
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, file: Any = None, line: str | None = None) -> None:
+    """A warning under the command: one line of its own words, no source line."""
+    text = " ".join(str(message).split())
+    print(f"pcace: warning: {text}", file=sys.stderr if file is None else file)
 
 
 def _kept(args: argparse.Namespace) -> str:

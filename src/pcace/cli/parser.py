@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write RUN_DIR/report.html (and figures/*.png)")
     p.add_argument("run_dir")
 
+    p = sub.add_parser("show", help="print a saved run's tables (every layer; --brief: the "
+                       "account rank prints)")
+    p.add_argument("run_dir")
+    p.add_argument("--top", type=int, default=5, help="channels to print per layer")
+    p.add_argument("--brief", action="store_true",
+                   help="strong layers first and one line per group of the others")
+
     p = sub.add_parser("ablate", help="faithfulness: ablate a run's top/bottom/random channels "
                        "and compare with baseline rankings")
     p.add_argument("run_dir")
@@ -123,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="folder with MNIST IDX files (default: scikit-learn digits)")
     p.add_argument("--digit", type=int, default=3, help="the digit whose logit is the score")
     p.add_argument("--epochs", type=int, default=8, help="training epochs")
+    p.add_argument("--top", type=int, default=5, help="channels to print per layer shown")
+    p.add_argument("--verbose", action="store_true", help="print the full tables")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -130,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _rank_data_args(p: argparse.ArgumentParser) -> None:
     """What to rank: the model, the images and the score."""
     _model_args(p)
-    p.add_argument("--data", required=True, help="image folder (one subfolder per class, or "
-                   "images directly), CSV of image paths, or a folder/file of MNIST IDX data")
+    p.add_argument("--data", required=True, help="image folder (one subfolder per class; or "
+                   "a flat folder of images, ranked as one group), CSV of image paths, or a "
+                   "folder/file of MNIST IDX data")
     p.add_argument("--class", dest="class_name",
                    help="keep the images of this subfolder of --data only")
     p.add_argument("--label", type=int, help="keep the images of this label (CSV, MNIST)")
@@ -223,7 +233,10 @@ def _rank_run_args(p: argparse.ArgumentParser) -> None:
                    "(only the files it wrote are removed)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out "
                    "from its last finished layer (same command line otherwise)")
-    p.add_argument("--top", type=int, default=5, help="channels to print per layer")
+    p.add_argument("--top", type=int, default=5, help="channels to print per layer shown")
+    p.add_argument("--verbose", action="store_true", help="print every layer's row and the "
+                   "top channels of every layer with evidence (default: the strong layers "
+                   "first, one line per group of the others)")
     p.add_argument("--report", action="store_true",
                    help="also save the figures' material and write OUT/report.html")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

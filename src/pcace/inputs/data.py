@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from ..core.voice import action
 from .datasets import (
     IMAGE_EXTENSIONS,
     ImageFiles,
@@ -100,7 +101,7 @@ def _collated(source: Any) -> Iterator[Any]:
             if "stack expects each tensor to be equal size" in str(err) \
                     or "equal size" in str(err):
                 raise ValueError("the images have different sizes, so they cannot be batched: "
-                                 "resize or crop them alike (CLI: --resize N --crop N)") from None
+                                 f"resize or crop them alike ({action('same_size')})") from None
             raise
         yield batch
 

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, TensorDataset
 
 from ..core.errors import first_line
+from ..core.voice import action
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFiles", "csv_images", "default_transform", "image_folder",
            "mnist_idx", "sklearn_digits"]
@@ -162,8 +163,7 @@ class ImageFiles(Dataset):
         except (RuntimeError, ValueError, TypeError) as err:
             first = first_line(err)
             raise ValueError(f"preprocessing {path} ({img.mode}, {img.size[0]}x{img.size[1]}) "
-                             f"failed: {first}. Check the normalisation (--mean/--std: one "
-                             "value per image channel) and --resize/--crop") from None
+                             f"failed: {first}. Check {action('fix_preprocessing')}") from None
         return (image, target) if self.has_labels else image
 
     def __repr__(self) -> str:
@@ -187,12 +187,33 @@ def _image_files(folder: Path) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def _flat_folder(root: Path, class_name: str | None,
+                 transform: Callable[[Image.Image], Any] | None) -> ImageFiles:
+    """The images directly in ``root`` as one group (no classes, labels 0)."""
+    from ..core.voice import option
+
+    files = [p for p in sorted(root.iterdir())
+             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not files:
+        raise ValueError(f"{root} holds neither class sub-folders nor image files "
+                         f"({', '.join(IMAGE_EXTENSIONS)}); expected root/<class>/<image> or "
+                         "root/<image>")
+    if class_name is not None:
+        raise ValueError(f"{root} is a flat folder of images (no class sub-folders), so "
+                         f"{option('class_name', repr(class_name))} has nothing to choose; "
+                         "leave it out to rank all its images")
+    ds = ImageFiles([(f, 0) for f in files], transform=transform, classes=[])
+    ds.class_to_idx = {}
+    return ds
+
+
 def image_folder(root: str | Path, class_name: str | None = None,
                  transform: Callable[[Image.Image], Any] | None = None) -> ImageFiles:
-    """Images in ``root/<class>/...`` (torchvision's ImageFolder layout).
+    """Images in ``root/<class>/...`` (torchvision's ImageFolder layout), or a flat folder.
 
     Classes are the sub-folder names in alphabetical order; a label is the index of
-    its class in that full list, even when ``class_name`` keeps only one class.
+    its class in that full list, even when ``class_name`` keeps only one class. A folder
+    with images and no sub-folders is one group of images: no classes, every label 0.
 
     Parameters
     ----------
@@ -217,8 +238,7 @@ def image_folder(root: str | Path, class_name: str | None = None,
     root = _require_dir(root, "image folder")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise ValueError(f"{root} has no class sub-folders; expected root/<class>/<image> "
-                         "(use csv_images for a flat list of files)")
+        return _flat_folder(root, class_name, transform)
     keep = classes
     if class_name is not None:
         if class_name not in classes:

@@ -119,6 +119,8 @@ _MAX_LISTED = 15
 
 def unknown_layers_message(unknown: list[str], valid: list[str]) -> str:
     """The error text for unknown layer names: the valid ones, closest first."""
+    from ..core.voice import action
+
     closest: list[str] = []
     for name in unknown:
         for match in difflib.get_close_matches(name, valid, n=5, cutoff=0.4):
@@ -129,6 +131,4 @@ def unknown_layers_message(unknown: list[str], valid: list[str]) -> str:
     more = f" and {len(ordered) - _MAX_LISTED} more" if len(ordered) > _MAX_LISTED else ""
     what = "unknown layer " if len(unknown) == 1 else "unknown layers "
     return (f"{what}{', '.join(repr(u) for u in unknown)}. Valid names, closest first: "
-            f"{shown}{more}. List them with "
-            "pcace.inputs.layers.describe_layers(model, input_shape) "
-            "or conv_layer_names(model)")
+            f"{shown}{more}. List them with {action('list_layers')}")

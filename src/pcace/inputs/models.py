@@ -292,10 +292,32 @@ def _input_shape_from_transform(transform: Any, channels: int = 3) -> tuple[int,
     return (channels, int(h), int(w))
 
 
-def _no_weights_error(spec: str, option: str) -> ValueError:
-    return ValueError(f"{spec} has no trained weights ({option}); without them it would run on "
-                      "random weights: pass them, or random_weights=True (--random-weights) to "
+def _no_weights_error(spec: str, *ways: tuple[str, str]) -> ValueError:
+    """No trained weights were named: the ways to name them, in the caller's words."""
+    from ..core.voice import option
+
+    named = " or ".join(option(name, value) for name, value in ways)
+    return ValueError(f"{spec} has no trained weights (give {named}); without them it would "
+                      f"run on random weights: pass them, or {option('random_weights')} to "
                       "analyse an untrained network on purpose")
+
+
+def _download_weights(build: Callable[[], nn.Module], name: str, entry: Any) -> nn.Module:
+    """Build a torchvision model with its weights; a failed download says what to do."""
+    from urllib.error import URLError
+
+    from ..core.voice import option
+
+    try:
+        return build()
+    except (URLError, OSError) as err:
+        reason = getattr(err, "reason", None) or err
+        url = getattr(entry, "url", "?")
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise ValueError(f"downloading the weights {entry} of {name} failed ({reason}) from "
+                         f"{url}. Offline: fetch that file on a machine with network access "
+                         f"and give it with {option('checkpoint', 'FILE')}, or put it in "
+                         f"{cache}") from None
 
 
 def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -330,15 +352,16 @@ def _load_torchvision(name: str, weights: str | None, checkpoint: str | None,
         what, categories, transform = f"weights from {Path(file).name}", None, default_tf
     elif weights is None or weights.lower() in _NO_WEIGHTS:
         if weights is None and not random_weights:
-            raise _no_weights_error(f"torchvision:{name}", "weights=DEFAULT or a state-dict "
-                                    "file; --weights")
+            raise _no_weights_error(f"torchvision:{name}", ("weights", "DEFAULT"),
+                                    ("weights", "FILE"))
         model = _seeded(lambda: tvm.get_model(name, weights=None, **model_kwargs), seed)
         spec = {"kind": "torchvision", "name": name, "weights": None, "checkpoint": None,
                 "random_weights": True, "seed": int(seed)}
         what, categories, transform = f"random weights (seed {seed})", None, default_tf
     else:
         entry = resolve_torchvision_weights(name, weights)
-        model = tvm.get_model(name, weights=entry, **model_kwargs)
+        model = _download_weights(lambda: tvm.get_model(name, weights=entry, **model_kwargs),
+                                  name, entry)
         spec = {"kind": "torchvision", "name": name, "weights": str(entry), "checkpoint": None}
         what = f"weights {entry}"
         categories = list(entry.meta.get("categories") or []) or None
@@ -467,7 +490,7 @@ def _load_factory(spec: str, checkpoint: str | None, model_kwargs: dict[str, Any
                   random_weights: bool = False, seed: int = 0) -> LoadedModel:
     factory = _import_factory(spec)
     if checkpoint is None and not random_weights:
-        raise _no_weights_error(spec, "checkpoint=FILE; --checkpoint")
+        raise _no_weights_error(spec, ("checkpoint", "FILE"))
     try:
         model = _seeded(lambda: factory(**model_kwargs), seed)
     except TypeError as err:

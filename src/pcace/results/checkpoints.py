@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.files import atomic_write, os_error_reason, safe_name
+from ..core.voice import action
 from .common import CHECKPOINT_FORMAT, CHECKPOINTS, RunDirError, brief, read_json
 from .lock import hold_run_dir, holds_run_dir, release_run_dir
 
@@ -115,7 +116,7 @@ def _start(root: Path, settings: Mapping[str, Any]) -> str:
             keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             raise RunDirError(f"the interrupted run in {root} used other settings "
                               f"({brief(keys)} differ); resume with the same options, or "
-                              "use --force to start afresh")
+                              f"{action('start_afresh')}")
         return fingerprint
     try:
         state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +198,7 @@ def save_layer_checkpoint(path: str | Path, layer: str, table: pd.DataFrame, *,
     except OSError as err:  # a full disk: the layers checkpointed before stay
         raise RunDirError(f"could not checkpoint layer {layer!r} in {root} "
                           f"({os_error_reason(err)}); the layers finished before are kept: "
-                          "free space there and run the same command with --resume") from None
+                          f"free space there and {action('resume')}") from None
     return target
 
 

@@ -53,6 +53,8 @@ class PCACEResult:
     components: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
     scores: np.ndarray | None = field(default=None, repr=False)
     labels: np.ndarray | None = field(default=None, repr=False)
+    #: Where the run was saved or loaded from (None for one only in memory).
+    run_dir: Path | None = field(default=None, repr=False, compare=False)
 
     @property
     def complete(self) -> bool:
@@ -182,7 +184,41 @@ class PCACEResult:
         if self.scores is not None:
             files["scores.csv"] = _score_frame(self.scores, self.targets, self.labels)
         self.manifest = save_run(path, files, self.manifest, complete=self.complete)
+        self.run_dir = Path(path)
         return Path(path)
+
+    def summary(self, top: int = 5, verbose: bool = False) -> str:
+        """The run in words, leading with the answer (what ``print(result)`` shows).
+
+        Parameters
+        ----------
+        top : int
+            Channels listed per layer shown.
+        verbose : bool
+            Every layer's row and the top channels of every layer with evidence, instead
+            of the strong layers first and one line per group of the others.
+
+        Returns
+        -------
+        str
+
+        Examples
+        --------
+        >>> import torch, pcace
+        >>> from pcace.zoo import mnist_cnn
+        >>> res = pcace.rank(mnist_cnn(), torch.rand(40, 1, 28, 28), 3, progress=False,
+        ...                  permutations=20)
+        >>> print(res.summary())  # doctest: +ELLIPSIS
+        PCACE over 40 images, score: logit of class 3
+        Answer: ... of 2 layers strong at N = 40.
+        ...
+        """
+        from .printout import summary_text
+
+        return summary_text(self, top=top, verbose=verbose, run_dir=self.run_dir)
+
+    def __str__(self) -> str:
+        return self.summary()
 
     def _repr_html_(self) -> str:
         """A notebook's view: the layer table with its evidence in words (instant; for the
@@ -219,6 +255,7 @@ def load(path: str | Path) -> PCACEResult:
         manifest=dict(run.manifest),
         scores=scores,
         labels=labels,
+        run_dir=root,
     )
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..core.voice import action
 from ..results import checkpoints as files  # through the module: a test may wrap its calls
 from ..results.checkpoints import LayerCheckpoint
 from ..results.common import RunDirError
@@ -77,8 +78,8 @@ class Checkpoints:
             if not same:
                 raise RunDirError(f"the images (or their order) differ from those of the "
                                   f"interrupted run: its layer {name!r} was scored on other "
-                                  "scores. Resume with the same --data and options, or start "
-                                  "afresh with --force")
+                                  f"scores. Resume with {action('same_data')}, or "
+                                  f"{action('start_afresh')}")
 
     def save(self, name: str, table: pd.DataFrame, stability: dict | None,
              components: dict[Any, torch.Tensor], scores: np.ndarray, shape: tuple[int, ...],
