@@ -26,7 +26,15 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
     loaded = _load(args, random_ok=True)  # listing layers needs no trained weights
     shape = tuple(args.input_shape or loaded.input_shape or (3, 224, 224))
-    table = describe_layers(loaded.model, (1, *shape))
+    try:
+        table = describe_layers(loaded.model, (1, *shape))
+    except (RuntimeError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        given = "given with --input-shape" if args.input_shape else \
+            "assumed: the model does not record its input"
+        raise ValueError(f"the model cannot take an input of shape {shape} ({given}): {first}. "
+                         "Give the shape of one image as --input-shape C H W (e.g. "
+                         "--input-shape 1 28 28 for grey 28 px images)") from None
     print(f"{loaded.description}: {len(table)} modules with a 4-D output for input {shape}")
     print(table.to_string(index=False))
     return 0
@@ -35,6 +43,13 @@ def cmd_layers(args: argparse.Namespace) -> int:
 def _data_spec(args: argparse.Namespace) -> dict:
     from ..inputs.data import DATA_OPTIONS, describe_data
 
+    chosen = getattr(args, "class_name", None)
+    if isinstance(chosen, list):
+        if len(chosen) > 1:
+            raise ValueError(f"--class is given {len(chosen)} times ({', '.join(chosen)}); it "
+                             "keeps one subfolder. For several classes point --data at a "
+                             "folder holding only their subfolders (links will do)")
+        args.class_name = chosen[0]
     return describe_data(args.data, **{key: getattr(args, key, None) for key in DATA_OPTIONS})
 
 
@@ -132,7 +147,10 @@ def _rank(args: argparse.Namespace) -> int:
     ds, classes = open_dataset(spec, loaded.transform)
     shape = _first_image_shape(ds)
     _check_input(loaded.model, shape, args)
-    target, cats = _resolve_targets(args, loaded, classes, output_size(loaded.model, shape))
+    n_outputs = output_size(loaded.model, shape)
+    target, cats = _resolve_targets(args, loaded, classes, n_outputs)
+    if args.per_class:
+        _match_class_folders(ds, spec, classes, cats, n_outputs, own_class=not args.target)
     print(f"pcace: score = {_describe_targets(target, cats, args.per_class)}; "
           f"{loaded.description}", file=sys.stderr)
     components: int | float = args.components
@@ -158,6 +176,8 @@ def _rank(args: argparse.Namespace) -> int:
     skipped = getattr(getattr(ds, "dataset", ds), "skipped", 0)
     result.manifest["model"]["spec"] = loaded.spec
     result.manifest["data"].update(spec=spec, skipped_images=int(skipped or 0))
+    result.manifest["categories"] = ({"names": list(cats.names), "source": cats.source}
+                                     if cats else None)
     try:
         result.save(out)
     except RunDirError as err:  # a full disk: the checkpoints hold the run
@@ -170,6 +190,30 @@ def _rank(args: argparse.Namespace) -> int:
     written = "channels.csv, layers.csv, run.json" + (", report.html" if report else "")
     print(f"wrote {out}/ ({written})")
     return 0
+
+
+def _match_class_folders(ds: Any, spec: dict, classes: list[str] | None, cats: Any,
+                         n_outputs: int | None, own_class: bool) -> None:
+    """--per-class: each class folder's images labelled with the model's index of the class.
+
+    A folder's position among the folders (``cat/``, ``dog/``: 0, 1) is the model's class
+    index only when the folders are all its classes; they are matched by name instead.
+    """
+    from ..inputs.categories import folder_classes
+    from ..inputs.datasets import relabel
+
+    if spec.get("kind") != "image_folder" or not classes:
+        return
+    matched = folder_classes(classes, cats, n_outputs)
+    if matched.indices is None and not own_class:
+        return  # the labels only group the images; the targets were named
+    if matched.indices is None:
+        raise ValueError(f"--per-class scores each class folder's images on the model's logit "
+                         f"of that class, but {matched.reason}. Name the folders after the "
+                         "model's classes, or give --categories (the model's class names in "
+                         "output order)")
+    if not matched.identity:
+        relabel(ds, matched.indices, cats.names)
 
 
 def _stopped_early(result: Any, out: Path) -> int:
@@ -256,7 +300,11 @@ def _resolve_targets(args: argparse.Namespace, loaded: Any, classes: list[str] |
                          "--class")
     if not specs:
         return None, choose_categories(loaded.categories, declared, classes, n_outputs)
-    if [s.strip().lower() for s in specs] == ["all"]:
+    lowered = [s.strip().lower() for s in specs]
+    if "all" in lowered and len(lowered) > 1:
+        raise ValueError("--target all means every class logit and cannot be combined with "
+                         "other --target values; give all alone, or name each target")
+    if lowered == ["all"]:
         cats = choose_categories(loaded.categories, declared, classes, n_outputs)
         if n_outputs is None:
             raise ValueError("--target all needs a model with class outputs")
@@ -355,7 +403,7 @@ def _existing_run(path: str) -> None:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from ..core.files import atomic_write
+    from ..core.files import atomic_write, safe_name
     from ..inputs.data import open_dataset, stack_images
     from ..inputs.rebuild import rebuild_model
     from ..inputs.targets import target_from_dict
@@ -363,8 +411,9 @@ def _ablate(args: argparse.Namespace) -> int:
     from ..results.rundir import add_files
     from ..stats.ablate import ablate, faithfulness_summary
 
-    run = load(args.run_dir)
-    manifest = run.manifest
+    whole = load(args.run_dir)
+    run, label_value = _ablated_part(whole, args.target, args.label)
+    manifest = whole.manifest
     layers = list(run.layers.layer)
     if args.layer not in layers:
         raise ValueError(f"layer {args.layer!r} is not in this run; its layers: {layers}")
@@ -375,15 +424,21 @@ def _ablate(args: argparse.Namespace) -> int:
                          "made from Python); call pcace.ablate(...) from Python instead")
     loaded = rebuild_model(recorded, model=args.model, checkpoint=args.checkpoint,
                            weights=args.weights)
-    ds, _ = open_dataset(dict(dspec), loaded.transform)
+    ds, classes = open_dataset(dict(dspec), loaded.transform)
     label = dspec.get("label") if dspec.get("kind") == "csv" else None
-    images, labels = stack_images(ds, label=label)
-    target = target_from_dict(manifest["target"])
-    if len(run.targets) > 1 or "label" in run.channels.columns:
-        raise ValueError(f"ablate works on a run with one target and one image set; this run "
-                         f"has {len(run.targets)} targets"
-                         f"{' and one image set per label' if manifest.get('per_label') else ''}"
-                         ": rank the target of interest on its own first")
+    images, raw = stack_images(ds, label=label)
+    labels, origin, groups = _model_labels(raw, dspec, classes, manifest, loaded, images)
+    if label_value is not None:
+        keep = None if groups is None else groups == label_value
+        if keep is None or not bool(keep.any()):
+            raise ValueError(f"the images of label {label_value!r} are not in the run's data "
+                             f"any more ({dspec['path']}); was it changed since the run?")
+        images = images[keep]
+        labels = None if labels is None else labels[keep]
+    if args.metric == "accuracy_drop" and labels is None:
+        raise ValueError(f"--metric accuracy_drop needs each image's class: {origin}; use "
+                         "score_change or score_drop")
+    target = target_from_dict(run.manifest["target"])
     table = run.channels[run.channels.layer == args.layer]
     rankings = {"pcace": table.sort_values("rank").channel.to_numpy()}
     if "pcace_adj" in table.columns:
@@ -391,22 +446,127 @@ def _ablate(args: argparse.Namespace) -> int:
     curves = ablate(loaded.model, images, target, args.layer, rankings, sizes=args.sizes,
                     mode=args.mode, repeats=args.repeats, labels=labels,
                     batch_size=args.batch_size, device=args.device,
-                    seed=args.seed, baselines=not args.no_baselines, progress=True)
+                    seed=args.seed, baselines=not args.no_baselines,
+                    progress=not args.no_progress)
     root = Path(args.run_dir)
-    names = [f"ablation_{args.layer}.csv", f"faithfulness_{args.layer}.csv"]
-    if args.metric == "accuracy_drop" and labels is None:
-        raise ValueError("--metric accuracy_drop needs labelled images (the run's data has "
-                         "no labels); use score_change or score_drop")
+    part = "" if run is whole else f"_{safe_name(run.targets[0])}"
+    names = [f"ablation_{args.layer}{part}.csv", f"faithfulness_{args.layer}{part}.csv"]
     summary = faithfulness_summary(curves, metric=args.metric)
     atomic_write(root / names[0], curves.to_csv(index=False))
     atomic_write(root / names[1], summary.to_csv(index=False))
     add_files(root, names)
-    print(f"ablation of {args.layer} ({args.mode} ablation), {len(images)} images, metric "
-          f"{args.metric}")
-    print(summary.to_string(index=False))
-    print(ABLATION_COLUMNS.format(metric=args.metric))
+    _print_ablation(args, run, curves, summary, len(images), origin)
     print(f"wrote {root / names[0]} (the curves) and {root / names[1]} (this table)")
     return 0
+
+
+def _ablated_part(run: Any, target: str | None, label: str | None) -> tuple[Any, Any]:
+    """The one-target part of a run that ``pcace ablate`` tests, and its label (or None).
+
+    A run of several targets (or one image set per class) needs ``--target``; this is
+    decided from the run's tables alone, before any model or image is loaded.
+    """
+    per_label = "label" in run.channels.columns
+    present = ([str(t) for t in dict.fromkeys(run.channels.target)]
+               if "target" in run.channels.columns else run.targets)
+    several = len(present) > 1
+    if not several and not per_label:
+        if target is not None and str(target) not in run.targets:
+            raise ValueError(f"--target {target}: this run has one target, {run.targets[0]}")
+        return run, None
+    if target is None:
+        kind = "one image set per class" if per_label else f"{len(present)} targets"
+        raise ValueError(f"this run has {kind}; name the one to test with --target "
+                         f"(one of: {', '.join(present)})")
+    name = str(target)
+    if name not in present:
+        raise ValueError(f"--target {target}: no such target in this run; its targets: "
+                         f"{', '.join(present)}")
+    if not per_label:
+        return run.subset(target=name), None
+    rows = run.channels[run.channels.target.astype(str) == name]
+    found = list(dict.fromkeys(rows.label.tolist()))
+    if label is not None:
+        chosen = [v for v in found if str(v) == str(label)]
+        if not chosen:
+            raise ValueError(f"--label {label}: target {name} was ranked on the images of "
+                             f"label{'s' if len(found) > 1 else ''} "
+                             f"{', '.join(map(str, found))}")
+        found = chosen
+    if len(found) > 1:
+        raise ValueError(f"target {name} was ranked on the images of each of the labels "
+                         f"{', '.join(map(str, found))}; name one with --label")
+    return run.subset(target=name, label=found[0]), found[0]
+
+
+def _model_labels(raw: Any, dspec: dict, classes: list[str] | None, manifest: dict,
+                  loaded: Any, images: Any) -> tuple[Any, str, Any]:
+    """Each image's class in the model's numbering (None where unknown) and where it came
+    from; and the labels the run grouped the images by (``--per-class``)."""
+    from ..inputs.categories import Categories, choose_categories, folder_classes
+    from ..inputs.models import output_size
+
+    if raw is None:
+        return None, "the images have no labels, so no accuracy", None
+    n_outputs = output_size(loaded.model, tuple(images.shape[1:]))
+    kind = dspec.get("kind")
+    if kind != "image_folder":
+        what = "the CSV's label column" if kind == "csv" else "the MNIST labels"
+        labels, origin, groups = raw, f"{what}, taken as the model's class indices", raw
+    else:
+        recorded = manifest.get("categories")
+        cats = (Categories(tuple(recorded["names"]), recorded["source"]) if recorded else
+                choose_categories(loaded.categories, None, classes, n_outputs))
+        matched = folder_classes(classes or [], cats, n_outputs)
+        if matched.indices is None:
+            origin = f"each image's class is unknown ({matched.reason}), so no accuracy"
+            labels, groups = None, raw
+        else:
+            labels = raw.new_tensor(matched.indices)[raw.long()]
+            origin, groups = f"class folders ({matched.reason})", labels
+    if n_outputs is not None and n_outputs < 2:
+        labels, origin = None, f"the model has {n_outputs} output, so no accuracy"
+    return labels, origin, groups
+
+
+def _print_ablation(args: argparse.Namespace, run: Any, curves: Any, summary: Any, n: int,
+                    origin: str) -> None:
+    base = f"unablated mean score {curves.attrs['base_score']:.4g}"
+    if curves.attrs.get("base_accuracy") is not None:
+        base += f", accuracy {curves.attrs['base_accuracy']:.1%}"
+    print(f"ablation of {args.layer} ({args.mode} ablation), target {run.targets[0]}, {n} "
+          f"images, metric {args.metric}")
+    print(f"{base}; labels: {origin}")
+    print(rounded_table(summary))
+    print(ABLATION_COLUMNS.format(metric=args.metric))
+
+
+def rounded_table(frame: Any, digits: int = 4) -> str:
+    """A table printed at ``digits`` significant digits, rounding noise shown as 0.
+
+    A value below ``1e-9`` of its column's largest magnitude (e.g. ``8.7e-19`` next to
+    ``0.3``) is the floating-point residue of an exact 0 and printed as 0.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> print(rounded_table(pd.DataFrame({"gap": [0.31234567, 8.673617e-19]})))
+         gap
+    0.3123
+    0.0000
+    """
+    import numpy as np
+
+    shown = frame.copy()
+    for column in shown.columns:
+        values = shown[column]
+        if values.dtype.kind != "f":
+            continue
+        scale = float(np.nanmax(np.abs(values.to_numpy()))) if values.notna().any() else 0.0
+        shown[column] = values.where(values.abs() > 1e-9 * scale, 0.0) if scale else values
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.{digits}g}"
+                           if abs(v) >= 10 ** digits or (v and abs(v) < 10 ** -digits)
+                           else f"{v:.{digits}f}")
 
 
 ABLATION_COLUMNS = """\

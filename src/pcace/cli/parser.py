@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
     p.add_argument("--seed", type=int, default=0, help="seed of the random channel sets")
+    p.add_argument("--target", help="which target of a run with several targets (or of a "
+                   "--per-class run) to test, on the images it was ranked on")
+    p.add_argument("--label", help="with --target on a per-class run whose targets were each "
+                   "ranked on every class's images: which class's images")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("demo", help="train a small MNIST CNN and rank its two conv layers")
     p.add_argument("--out", default="pcace-demo", help="run directory (default pcace-demo)")
@@ -142,8 +147,9 @@ def _rank_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="image folder (one subfolder per class; or "
                    "a flat folder of images, ranked as one group), CSV of image paths, or a "
                    "folder/file of MNIST IDX data")
-    p.add_argument("--class", dest="class_name",
-                   help="keep the images of this subfolder of --data only")
+    p.add_argument("--class", dest="class_name", action="append",
+                   help="keep the images of this subfolder of --data only (once; for several "
+                   "classes, a --data folder holding only their subfolders)")
     p.add_argument("--label", type=int, help="keep the images of this label (CSV, MNIST)")
     p.add_argument("--target", action="append", help="what the score is: a class index (its "
                    "logit), a class name of the model, prob:C (softmax probability), output:I "
@@ -153,7 +159,8 @@ def _rank_data_args(p: argparse.ArgumentParser) -> None:
                    help="rank each class's images of --data (a folder of all classes) "
                    "separately, from one forward pass (class by class when the maps of all "
                    "images exceed --memory-budget); without --target each class on its own "
-                   "logit (the class index is the folder's position in sorted order)")
+                   "logit (folders matched by name to the model's classes: --categories "
+                   "when the model does not name them)")
     p.add_argument("--categories", help="the model's class names in output order: a file with "
                    "one name per line, or a comma-separated list (needed for class-name "
                    "targets when the model does not declare its classes)")

@@ -12,7 +12,8 @@ from typing import Any
 
 from .targets import RegressionOutput, Target, _ClassTarget, resolve_target
 
-__all__ = ["Categories", "choose_categories", "describe_resolved", "resolve_target_for_model"]
+__all__ = ["Categories", "FolderClasses", "choose_categories", "describe_resolved",
+           "folder_classes", "resolve_target_for_model"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,85 @@ def choose_categories(model: Sequence[str] | None = None, declared: Sequence[str
     if data and n_outputs is not None and len(data) == n_outputs:
         return Categories(tuple(str(n) for n in data), "data folders")
     return None
+
+
+@dataclass(frozen=True)
+class FolderClasses:
+    """The model's output for each class folder of the data, or why it is unknown.
+
+    Attributes
+    ----------
+    indices : tuple of int or None
+        ``indices[i]`` is the model's class index of folder ``i`` (the folders' sorted
+        order, which is their label); None when unknown.
+    reason : str
+        How the folders were matched, or why they could not be.
+    """
+
+    indices: tuple[int, ...] | None
+    reason: str
+
+    @property
+    def identity(self) -> bool:
+        """True when every folder's label already is its model class index."""
+        return self.indices is not None and self.indices == tuple(range(len(self.indices)))
+
+
+def folder_classes(folders: Sequence[str], categories: Categories | None,
+                   n_outputs: int | None) -> FolderClasses:
+    """Match class folders to the model's outputs by name.
+
+    A folder's label is its position among the data's folders (``cat/`` and ``dog/`` are 0
+    and 1), which is the model's class index only when the folders are the model's whole
+    class list in its order. Otherwise the folders are matched by name to the class names
+    the run resolves targets with (:func:`choose_categories`), exactly, else ignoring case.
+
+    Parameters
+    ----------
+    folders : sequence of str
+        The data's class folders, in label order.
+    categories : Categories or None
+        The model's class names (:func:`choose_categories`).
+    n_outputs : int or None
+        The model's number of outputs.
+
+    Returns
+    -------
+    FolderClasses
+        The model index of each folder, or None with the reason.
+
+    Examples
+    --------
+    >>> cifar = Categories(("airplane", "automobile", "bird", "cat", "deer", "dog"), "model")
+    >>> folder_classes(["cat", "dog"], cifar, 6).indices
+    (3, 5)
+    >>> folder_classes(["cat", "wolf"], cifar, 6).indices is None
+    True
+    """
+    folders = [str(f) for f in folders]
+    if n_outputs is not None and n_outputs < 2:
+        return FolderClasses(None, f"the model has {n_outputs} output: no classes to match")
+    if categories is None:
+        return FolderClasses(None, "the model's class names are unknown (no names in its "
+                             "weights, none declared, and the data's folders are not as many "
+                             "as its outputs)")
+    names = list(categories.names)
+    lowered = [n.lower() for n in names]
+    indices, missing = [], []
+    for folder in folders:
+        if folder in names:
+            indices.append(names.index(folder))
+        elif lowered.count(folder.lower()) == 1:
+            indices.append(lowered.index(folder.lower()))
+        else:
+            missing.append(folder)
+    if missing:
+        return FolderClasses(None, f"folder{'s' if len(missing) > 1 else ''} "
+                             f"{', '.join(missing)} name{'' if len(missing) > 1 else 's'} no "
+                             f"class of the model ({categories.source} names: "
+                             f"{', '.join(names[:12])}{', ...' if len(names) > 12 else ''})")
+    return FolderClasses(tuple(indices), f"folders matched by name to the {categories.source} "
+                         "class names")
 
 
 def resolve_target_for_model(spec: Any, *, model_categories: Sequence[str] | None = None,

@@ -24,7 +24,7 @@ from ..core.errors import first_line
 from ..core.voice import action
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFiles", "csv_images", "default_transform", "image_folder",
-           "mnist_idx", "sklearn_digits"]
+           "mnist_idx", "relabel", "sklearn_digits"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _MAX_WARNINGS = 10
@@ -169,6 +169,39 @@ class ImageFiles(Dataset):
     def __repr__(self) -> str:
         extra = f", {self.skipped} skipped" if self.skipped else ""
         return f"ImageFiles({len(self)} images{extra})"
+
+
+def relabel(ds: Dataset, indices: Sequence[int], classes: Sequence[str]) -> None:
+    """Give every image of an image folder a new label, in place: ``indices[old]``.
+
+    An image folder's labels are the folders' positions (``cat/``, ``dog/``: 0, 1); this
+    turns them into the model's class indices (3 and 5 for CIFAR-10), found with
+    :func:`pcace.inputs.categories.folder_classes`, and names the classes as the model does.
+
+    Parameters
+    ----------
+    ds : ImageFiles, or a Subset of one
+        The dataset; changed in place.
+    indices : sequence of int
+        The new label of each old label.
+    classes : sequence of str
+        The class names of the new labels (``classes[new]``).
+
+    Examples
+    --------
+    >>> ds = ImageFiles([])
+    >>> ds.samples, ds.has_labels = [("a.png", 0), ("b.png", 1)], True
+    >>> relabel(ds, [3, 5], ["airplane", "automobile", "bird", "cat", "deer", "dog"])
+    >>> ds.targets, ds.classes[3]
+    ([3, 5], 'cat')
+    """
+    base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
+    if not isinstance(base, ImageFiles) or not base.has_labels:
+        raise TypeError("relabel needs labelled ImageFiles (an image folder), or a Subset of them")
+    base.samples = [(path, int(indices[label])) for path, label in base.samples]
+    base.targets = [label for _, label in base.samples]
+    base.classes = list(classes)
+    base.class_to_idx = {name: i for i, name in enumerate(base.classes)}
 
 
 def _require_dir(root: str | Path, what: str) -> Path:

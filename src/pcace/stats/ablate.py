@@ -181,6 +181,10 @@ def _sizes(sizes: Any, n_channels: int) -> list[int]:
                       f"{n_channels} channels and are left out", stacklevel=3)
     if not kept:
         raise ValueError(f"no size is at most the layer's {n_channels} channels: {values}")
+    if kept[-1] == n_channels:
+        warnings.warn(f"size {n_channels} ablates every channel of the layer: top, bottom and "
+                      "random sets are the same; its rows stay in the curves, but the "
+                      "summary's gaps leave it out", stacklevel=3)
     return kept
 
 

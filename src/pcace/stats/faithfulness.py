@@ -67,6 +67,14 @@ def faithfulness_summary(curves: pd.DataFrame, metric: str = "score_drop") -> pd
     random = curves[curves.selection == "random"].set_index("m")
     if random.empty:
         raise ValueError("curves has no random rows to compare with")
+    whole = curves.attrs.get("n_channels")
+    if whole is not None:
+        # m = C ablates the whole layer: top, bottom and random sets are the same set, and
+        # its gap is 0 by construction; averaged in, it would only dilute the others
+        random = random[random.index < int(whole)]
+        if random.empty:
+            raise ValueError(f"every size ablates all {whole} channels of the layer, where "
+                             "every ranking is the same; give sizes below the channel count")
     has_acc = "accuracy_drop" in curves.columns and metric != "accuracy_drop"
     rows = [_ranking_entry(curves, random, name, metric, has_acc)
             for name in [r for r in dict.fromkeys(curves.ranking) if r != "random"]]
