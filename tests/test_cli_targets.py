@@ -178,3 +178,29 @@ def test_tables_print_rounding_noise_as_zero():
                                        "big": [12345.678, 2.0, 3.0]}))
     assert "e-19" not in text and "0.3123" in text and "0.0000" in text
     assert "1.235e+04" in text
+
+
+def test_many_targets_print_out_leads_with_the_verdicts():
+    from pcace.results.printout import many_summary
+    from pcace.results.result import PCACEResult
+
+    layers = pd.DataFrame({
+        "layer": ["a", "b"] * 3, "target": ["cat"] * 2 + ["dog"] * 2 + ["car"] * 2,
+        "channels": [4] * 6, "median": [0.2] * 6,
+        "evidence": ["none", "weak", "none", "strong", "strong", "strong"],
+        "significant_share": [0.0, 0.25, 0.0, 0.75, 1.0, 0.5],
+        "split_half_spearman": [0.1, 0.5, 0.0, 0.9, 0.95, 0.85]})
+    channels = pd.DataFrame([(layer, target, c, c + 1, 0.9 - 0.1 * c)
+                             for layer in "ab" for target in ("cat", "dog", "car")
+                             for c in range(4)],
+                            columns=["layer", "target", "channel", "rank", "pcace"])
+    lines = many_summary(PCACEResult(channels, layers, {})).splitlines()
+    assert lines[0] == "Answer per target: 2 of 3 have a strong layer."
+    # the targets with strong layers first (most strong layers first), each with its best
+    # strong layer; the one without is not shown as a finding
+    assert lines[2].split()[:2] == ["target", "car"] and "2 of 2 layers strong" in lines[2]
+    assert "best a: 100% beat chance" in lines[2]
+    assert lines[3].split()[:2] == ["target", "dog"] and "best b" in lines[3]
+    assert lines[4].split()[:2] == ["target", "cat"]
+    assert "no strong layer (1 none, 1 weak): its rankings are not findings" in lines[4]
+    assert "0:0.900" not in lines[4]

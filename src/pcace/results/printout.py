@@ -412,38 +412,77 @@ def brief_summary(result: Any, top: int = 5, run_dir: Any = None, report: Any = 
 
 
 def many_summary(result: Any, top: int = 3) -> str:
-    """Per (label, target) one line: its strongest layer and that layer's top channels.
+    """Per (label, target) its verdict: the ones with strong layers first, with the best
+    strong layer and its top channels; the others in one line each, not as findings.
+
+    A run without the checks (no null, no split halves) lists each target's layer of
+    highest median PCACE instead, said to be unjudged.
 
     Examples
     --------
     >>> import pandas as pd
     >>> from pcace.results.result import PCACEResult
-    >>> layers = pd.DataFrame({"layer": ["a", "a"], "target": ["x", "y"], "median": [.2, .3]})
+    >>> layers = pd.DataFrame({"layer": ["a", "a"], "target": ["x", "y"], "median": [.2, .3],
+    ...                        "evidence": ["weak", "strong"], "channels": [1, 1],
+    ...                        "significant_share": [0.0, 1.0], "split_half_spearman": [.1, .9]})
     >>> chans = pd.DataFrame({"layer": ["a"] * 2, "target": ["x", "y"], "channel": [0, 0],
     ...                       "rank": [1, 1], "pcace": [.2, .3]})
-    >>> many_summary(PCACEResult(chans, layers, {})).splitlines()[1].split()[:3]
-    ['target', 'x', 'a']
+    >>> print(many_summary(PCACEResult(chans, layers, {})))  # doctest: +ELLIPSIS
+    Answer per target: 1 of 2 have a strong layer.
+      (strong = at least half of the channels beat chance (q <= 0.05) and ...)
+      target y  1 of 1 layers strong; best a: 100% beat chance, split-half +0.90; top 0:0.300
+      target x  no strong layer (1 weak): its rankings are not findings
     """
     layers = result.layers
     keys = [k for k in ("label", "target") if k in layers.columns]
-    evidence = "significant_share" if "significant_share" in layers.columns else "median"
     groups = layers.groupby(keys, sort=False)
-    lines = [f"per {' and '.join(keys)} ({groups.ngroups}): the layer with the highest "
-             f"{'share of significant channels' if evidence != 'median' else 'median PCACE'}"
-             f" and its top {top} channels"]
+    if "evidence" not in layers.columns:
+        return _many_unjudged(result, keys, groups, top)
+    alpha = float(result.manifest.get("alpha", 0.05) or 0.05)
+    entries = []
     for key, sub in groups:
         key = key if isinstance(key, tuple) else (key,)
-        best = sub.sort_values([evidence, "median"], ascending=False).iloc[0]
         name = " / ".join(f"{k} {v}" for k, v in zip(keys, key, strict=True))
-        chans = result.channels
-        mask = chans.layer == best.layer
-        for k, v in zip(keys, key, strict=True):
-            mask &= chans[k] == v
-        rows = chans[mask].sort_values("rank").head(top)
-        pairs = ", ".join(f"{c}:{v:.3f}" for c, v in zip(rows.channel, rows.pcace, strict=True))
-        score = f"{best[evidence]:.0%} significant" if evidence != "median" else \
-            f"median {best['median']:.3f}"
-        lines.append(f"  {name:<28} {best.layer:<20} {score}  top {pairs}")
+        strong = sub[sub.evidence == "strong"]
+        if len(strong):
+            best = strong.sort_values(["significant_share", "split_half_spearman"],
+                                      ascending=False).iloc[0]
+            rows = _group_channels(result.channels, keys, key, best.layer).head(top)
+            text = (f"{len(strong)} of {len(sub)} layers strong; best {best.layer}: "
+                    f"{_number(best.get('significant_share'), '.0%')} beat chance, split-half "
+                    f"{_number(best.get('split_half_spearman'), '+.2f')}; top {_channels(rows)}")
+        else:
+            counts = sub.evidence.value_counts()
+            text = ("no strong layer (" + ", ".join(f"{c} {e}" for e, c in counts.items())
+                    + "): its rankings are not findings")
+        entries.append((-len(strong), name, text))
+    entries.sort(key=lambda e: e[0])  # stable: strong ones first, then the run's order
+    width = max(len(e[1]) for e in entries)
+    with_strong = sum(e[0] < 0 for e in entries)
+    lines = [f"Answer per {' and '.join(keys)}: {with_strong} of {len(entries)} have a strong "
+             "layer.", f"  ({_thresholds(alpha)['strong']})"]
+    lines += [f"  {name:<{width}}  {text}" for _, name, text in entries]
+    return "\n".join(lines)
+
+
+def _group_channels(channels: pd.DataFrame, keys: list[str], key: tuple,
+                    layer: Any) -> pd.DataFrame:
+    mask = channels.layer == layer
+    for k, v in zip(keys, key, strict=True):
+        mask &= channels[k] == v
+    return channels[mask].sort_values("rank")
+
+
+def _many_unjudged(result: Any, keys: list[str], groups: Any, top: int) -> str:
+    lines = [f"per {' and '.join(keys)} ({groups.ngroups}): the layer with the highest median "
+             f"PCACE and its top {top} channels (unjudged: no null or split-half check ran)"]
+    for key, sub in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        best = sub.sort_values("median", ascending=False).iloc[0]
+        name = " / ".join(f"{k} {v}" for k, v in zip(keys, key, strict=True))
+        rows = _group_channels(result.channels, keys, key, best.layer).head(top)
+        lines.append(f"  {name:<28} {best.layer:<20} median {best['median']:.3f}  top "
+                     f"{_channels(rows)}")
     return "\n".join(lines)
 
 
