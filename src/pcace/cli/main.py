@@ -245,11 +245,11 @@ def _rank_report(args: argparse.Namespace, out: Path, result: Any, ds: Any, spec
     from ..results.rundir import add_files
     from ..viz import collect_assets, write_report
 
-    if len(result.targets) <= 1 and not args.per_class:  # assets belong to one target
-        images, _ = stack_images(ds, label=label)
-        mean, std = normalisation(spec, loaded.transform)
-        collect_assets(out, loaded.model, images, result, mean=mean, std=std,
-                       device=result.manifest["device"], progress=not args.no_progress)
+    # several targets (or --per-class): each target's own assets, from its images and score
+    images, _ = stack_images(ds, label=label)
+    mean, std = normalisation(spec, loaded.transform)
+    collect_assets(out, loaded.model, images, result, mean=mean, std=std,
+                   device=result.manifest["device"], progress=not args.no_progress)
     report = write_report(out, progress=not args.no_progress)
     add_files(out, _report_files(out))
     return report

@@ -166,8 +166,14 @@ class PCACEResult:
             manifest["data"] = {**manifest.get("data", {}), "label": label,
                                 "n_images": int(np.sum(labels == label)) if labels is not None
                                 else manifest.get("data", {}).get("n_images")}
+        comps = self.components or {}
+        if label is not None:  # a per_label run keys them by (layer, label)
+            comps = {k[0]: v for k, v in comps.items()
+                     if isinstance(k, tuple) and len(k) == 2 and k[1] == label}
+        else:  # the same components serve every target
+            comps = {k: v for k, v in comps.items() if not isinstance(k, tuple)}
         return PCACEResult(channels.reset_index(drop=True), layers.reset_index(drop=True),
-                           manifest, {}, scores, None)
+                           manifest, comps, scores, None)
 
     def save(self, path: str | Path) -> Path:
         """Write the run to ``path``: channels, layers and scores CSVs, and ``run.json``.

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.files import atomic_path, atomic_write
+from ..core.files import atomic_path, atomic_write, safe_name
 from ..core.validation import device as resolve_device
 from ..inputs.hooks import evaluating, forward_hooks
 from ..inputs.targets import output_tensor
 from ._common import resize
 from .cam import explain, resolve_cam_target
-from .evidence import MAX_FEATUREVIS, full_layers, layer_order, with_significance
+from .evidence import MAX_FEATUREVIS, full_layers, layer_order, report_groups, with_significance
 from .featurevis import visualise_channels
 
 ASSET_DIR = "assets"
@@ -85,8 +85,12 @@ class Assets:
         return self.arrays.get(f"{self.layer(layer)['key']}_{what}")
 
 
-def load_assets(run_dir: str | Path) -> Assets | None:
-    """Read ``run_dir/assets``; None when the run was saved without assets.
+def load_assets(run_dir: str | Path, part: str | None = None) -> Assets | None:
+    """Read ``run_dir/assets`` (or one target's, ``assets/<part>``); None when absent.
+
+    A run with several targets (or one image set per label) keeps each target's assets in
+    ``assets/<part>``, ``part`` its page name cleaned for a file name
+    (:func:`pcace.core.files.safe_name`).
 
     Examples
     --------
@@ -96,6 +100,8 @@ def load_assets(run_dir: str | Path) -> Assets | None:
     ['layer1.0.conv1', 'layer3.2.conv2']
     """
     folder = Path(run_dir) / ASSET_DIR
+    if part is not None:
+        folder = folder / part
     if not (folder / INDEX_FILE).exists() or not (folder / ARRAYS_FILE).exists():
         return None
     index = json.loads((folder / INDEX_FILE).read_text())
@@ -214,7 +220,7 @@ def collect_assets(run_dir: str | Path, model: nn.Module, images: torch.Tensor, 
                    bottom: int = 4, featurevis: bool = True, featurevis_channels: int = 4,
                    featurevis_steps: int = 96, featurevis_layers: Sequence[str] | None = None,
                    target: Any = None, device: str | torch.device = "auto", seed: int = 0,
-                   progress: bool = True) -> Assets:
+                   progress: bool = True) -> Assets | dict[str, Assets]:
     """Compute and save the pictures' raw material to ``run_dir/assets/``.
 
     Parameters
@@ -257,7 +263,10 @@ def collect_assets(run_dir: str | Path, model: nn.Module, images: torch.Tensor, 
 
     Returns
     -------
-    Assets
+    Assets, or dict of str to Assets
+        For a run with several targets (or one image set per label), each target's assets,
+        by its report page's name: made from that target's own images and score, as a run
+        of it alone would get them, and saved in ``assets/<name>``.
 
     Examples
     --------
@@ -269,23 +278,55 @@ def collect_assets(run_dir: str | Path, model: nn.Module, images: torch.Tensor, 
     ...                mean=(0.1307,), std=(0.3081,))  # doctest: +SKIP
     >>> write_report("runs/three")  # doctest: +SKIP
     """
-    t0 = time.perf_counter()
     images = _image_tensor(images)
+    if len(result.targets) > 1 or "label" in result.channels.columns:
+        return _collect_each_target(run_dir, model, images, result, device=device,
+                                    mean=mean, std=std, n_examples=n_examples, top=top,
+                                    bottom=bottom, featurevis=featurevis,
+                                    featurevis_channels=featurevis_channels,
+                                    featurevis_steps=featurevis_steps,
+                                    featurevis_layers=featurevis_layers, seed=seed,
+                                    progress=progress)
+    return _collect_one(Path(run_dir) / ASSET_DIR, model, images, result, target=target,
+                        device=device, mean=mean, std=std, n_examples=n_examples, top=top,
+                        bottom=bottom, featurevis=featurevis,
+                        featurevis_channels=featurevis_channels,
+                        featurevis_steps=featurevis_steps, featurevis_layers=featurevis_layers,
+                        seed=seed, progress=progress)
+
+
+def _collect_each_target(run_dir: str | Path, model: nn.Module, images: torch.Tensor,
+                         result: Any, **options: Any) -> dict[str, Assets]:
+    """Each target's assets, from its own images and score, as a run of it alone gets."""
+    if result.scores is None:
+        raise ValueError("a run with several targets needs its scores to pick each target's "
+                         "examples; collect assets from the result pcace.rank returned or a "
+                         "saved run (its scores.csv)")
+    if len(images) != len(result.scores):
+        raise ValueError(f"{len(images)} images given but the run scored {len(result.scores)}; "
+                         "pass the same preprocessed images that were ranked, in the same order")
+    out = {}
+    for target, label, name in report_groups(result):
+        sub = result.subset(target=target, label=label)
+        rows = slice(None) if label is None or result.labels is None else \
+            torch.as_tensor(np.flatnonzero(np.asarray(result.labels) == label))
+        out[name] = _collect_one(Path(run_dir) / ASSET_DIR / safe_name(name), model,
+                                 images[rows], sub, target=None, **options)
+    return out
+
+
+def _collect_one(folder: Path, model: nn.Module, images: torch.Tensor, result: Any, *,
+                 target: Any, device: Any, **options: Any) -> Assets:
+    t0 = time.perf_counter()
     dev = resolve_device(device)
     notes: list[str] = []
     spec = target if target is not None else result.manifest.get("target")
     score_fn = resolve_cam_target(spec)
     with evaluating(model, dev):
-        arrays, index = _collect(model, images, result, score_fn, spec, notes, dev,
-                                 mean=mean, std=std, n_examples=n_examples, top=top,
-                                 bottom=bottom, featurevis=featurevis,
-                                 featurevis_channels=featurevis_channels,
-                                 featurevis_steps=featurevis_steps,
-                                 featurevis_layers=featurevis_layers, seed=seed,
-                                 progress=progress)
+        arrays, index = _collect(model, images, result, score_fn, spec, notes, dev, **options)
     index.update({"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "seconds": time.perf_counter() - t0, "notes": notes})
-    return _save_assets(Path(run_dir) / ASSET_DIR, index, arrays)
+    return _save_assets(folder, index, arrays)
 
 
 def _image_tensor(images: Any) -> torch.Tensor:

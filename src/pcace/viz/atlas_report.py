@@ -17,38 +17,13 @@ import pandas as pd
 
 from ..core.files import atomic_write, safe_name
 from ._common import figure_bytes
-from .evidence import full_layers, run_evidence
+from .assets import load_assets
+from .evidence import full_layers, report_groups, run_evidence
 from .pages import figure_view, render_page, write_page
 from .report import REPORT_FILE, RenderedFigure, render_figures
 from .report_view import page_context
 
 __all__ = ["report_groups", "write_atlas_report"]
-
-
-def report_groups(result: Any) -> list[tuple[Any, Any, str]]:
-    """The ``(target, label, name)`` of each page: one per target, or per (label, target).
-
-    Examples
-    --------
-    >>> report_groups(res)  # doctest: +SKIP
-    [('cat', None, 'cat'), ('dog', None, 'dog')]
-    """
-    ch = result.channels
-    keys = [k for k in ("label", "target") if k in ch.columns]
-    if not keys:
-        return [(None, None, "run")]
-    pairs = ch[keys].drop_duplicates()
-    out = []
-    for rec in pairs.to_dict("records"):
-        label, target = rec.get("label"), rec.get("target")
-        name = str(target) if label is None else \
-            (str(label) if target is None or str(target) == str(label)
-             else f"{label}: {target}")
-        out.append((None if target is None else str(target), label, name))
-    if "target" in keys and "label" not in keys:
-        order = {t: i for i, t in enumerate(result.targets)}
-        out.sort(key=lambda g: order.get(g[0], len(order)))
-    return out
 
 
 def _page_file(name: str) -> str:
@@ -111,10 +86,11 @@ def write_atlas_report(root: Path, result: Any, *, top: int = 10,
         evidence = run_evidence(sub)
         full = full_layers(sub, evidence)
         folder = f"figures/{safe_name(name)}"
-        figures = render_figures(root, sub, None, top=top, layers=full, progress=progress,
-                                 figure_dir=folder, use_assets=False)
+        assets = load_assets(root, part=safe_name(name))  # collect_assets made per target
+        figures = render_figures(root, sub, assets, top=top, layers=full, progress=progress,
+                                 figure_dir=folder, use_assets=assets is not None)
         page = render_page("report.html", **page_context(
-            sub, None, figures, f"PCACE report: {model_name}, {name}", full))
+            sub, assets, figures, f"PCACE report: {model_name}, {name}", full))
         write_page(root / _page_file(name), page)
         rows.append(_row(name, sub, evidence))
     atlas = None

@@ -220,3 +220,29 @@ def _order(ev: pd.DataFrame, strongest_first: bool) -> list[str]:
     key = ev.median_adj.fillna(-np.inf) + 10.0 * (ev.evidence == "strong") \
         + 5.0 * (ev.evidence == "weak")
     return ev.layer.to_numpy()[np.argsort(-key.to_numpy(), kind="stable")].tolist()
+
+
+def report_groups(result: Any) -> list[tuple[Any, Any, str]]:
+    """The ``(target, label, name)`` of each page: one per target, or per (label, target).
+
+    Examples
+    --------
+    >>> report_groups(res)  # doctest: +SKIP
+    [('cat', None, 'cat'), ('dog', None, 'dog')]
+    """
+    ch = result.channels
+    keys = [k for k in ("label", "target") if k in ch.columns]
+    if not keys:
+        return [(None, None, "run")]
+    pairs = ch[keys].drop_duplicates()
+    out = []
+    for rec in pairs.to_dict("records"):
+        label, target = rec.get("label"), rec.get("target")
+        name = str(target) if label is None else \
+            (str(label) if target is None or str(target) == str(label)
+             else f"{label}: {target}")
+        out.append((None if target is None else str(target), label, name))
+    if "target" in keys and "label" not in keys:
+        order = {t: i for i, t in enumerate(result.targets)}
+        out.sort(key=lambda g: order.get(g[0], len(order)))
+    return out
