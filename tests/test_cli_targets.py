@@ -204,3 +204,12 @@ def test_many_targets_print_out_leads_with_the_verdicts():
     assert lines[4].split()[:2] == ["target", "cat"]
     assert "no strong layer (1 none, 1 weak): its rankings are not findings" in lines[4]
     assert "0:0.900" not in lines[4]
+
+
+def test_report_of_a_per_class_run_names_every_page(cat_dog_run):
+    out, _ = cat_dog_run
+    proc = run_cli("report", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "2 target pages" in proc.stdout
+    assert sorted(p.name for p in out.glob("report-*.html")) == ["report-3_cat.html",
+                                                                   "report-5_dog.html"]

@@ -384,7 +384,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         report = write_report(args.run_dir, progress=True)
         root = Path(args.run_dir)
         add_files(root, [p for p in _report_files(root) if p != "assets"])
-    print(f"wrote {report}")
+    pages = sorted(root.glob("report-*.html"))
+    print(f"wrote {report}" + (f" (the overview) and {len(pages)} target pages, "
+                               f"{root}/report-*.html" if pages else ""))
     return 0
 
 
