@@ -10,6 +10,11 @@ by an invisible marker with the reason::
 
     <!-- snippet: skip - needs a running Ray cluster (tests/test_ray_engine.py runs it) -->
 
+Besides the data, the work that does not grow with it is turned down while the snippets
+run (``EFFORT``: the gradient-ascent steps of the feature visualisations, the random sets of
+an ablation), through the functions' defaults, so a snippet runs as written, on the same
+code paths.
+
 Where a block is followed by a ```text block of the output it prints, the lines of that
 output that do not depend on the data (its first line, numbers aside, and the pointers to
 the full tables and the report) must be what the block prints.
@@ -18,6 +23,8 @@ the full tables and the report) must be what the block prints.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import io
 import re
 import traceback
@@ -28,8 +35,12 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
-CLASSES = ("cat", "dog")     # the class folders the snippets read
+CLASSES = ("cat",)           # the class folders the snippets read
 PER_CLASS = 40               # images linked per class folder
+EFFORT = {   # (module, function): {parameter: default while the snippets run}
+    ("pcace.viz.assets", "collect_assets"): {"featurevis_steps": 8},
+    ("pcace.stats.ablate", "ablate"): {"repeats": 2, "sizes": (1, 8)},
+}
 SKIP = re.compile(r"<!--\s*snippet:\s*skip\b\s*[-:]?\s*(.*?)\s*-->", re.S)
 FENCE = re.compile(r"^```(\w*)\s*$")
 
@@ -101,13 +112,32 @@ def workdir(shared_dir, tmp_path, monkeypatch):
             (folder / image.name).symlink_to(image)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    for (module, name), values in EFFORT.items():
+        _lower_defaults(monkeypatch, getattr(importlib.import_module(module), name), values)
     return tmp_path
+
+
+def _lower_defaults(monkeypatch, fn, values: dict) -> None:
+    """Change the defaults of ``fn``'s parameters for the test (restored after it)."""
+    params = inspect.signature(fn).parameters
+    positional = [p for p in params.values()
+                  if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty]
+    defaults = list(fn.__defaults__ or ())
+    kwdefaults = dict(fn.__kwdefaults__ or {})
+    for key, value in values.items():
+        assert key in params and params[key].default is not params[key].empty, (fn, key)
+        if key in kwdefaults:
+            kwdefaults[key] = value
+        else:
+            defaults[[p.name for p in positional].index(key)] = value
+    monkeypatch.setattr(fn, "__defaults__", tuple(defaults) or None)
+    monkeypatch.setattr(fn, "__kwdefaults__", kwdefaults or None)
 
 
 def _shown_output(path: Path, block: Block) -> str | None:
     """The ```text block right after ``block``, if the markdown shows one."""
     after = blocks(path)
-    for a, b in zip(after, after[1:]):
+    for a, b in zip(after, after[1:], strict=False):
         if a.line == block.line and b.lang == "text":
             between = path.read_text(encoding="utf-8").splitlines()[
                 a.line + a.code.count("\n"):b.line - 2]
