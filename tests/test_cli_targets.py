@@ -213,3 +213,27 @@ def test_report_of_a_per_class_run_names_every_page(cat_dog_run):
     assert "2 target pages" in proc.stdout
     assert sorted(p.name for p in out.glob("report-*.html")) == ["report-3_cat.html",
                                                                    "report-5_dog.html"]
+
+
+def test_per_label_from_python_refuses_folder_positions_that_are_not_the_classes(tmp_path):
+    # the Python route of the same trap: an image folder holding only cat/ and dog/
+    import torch
+    from PIL import Image
+
+    import pcace
+    from pcace.data import image_folder, relabel
+    from pcace.zoo import mnist_cnn
+
+    for folder in ("cat", "dog"):
+        (tmp_path / folder).mkdir()
+        for i in range(3):
+            Image.new("L", (28, 28), 40 * i).save(tmp_path / folder / f"{i}.png")
+    ds = image_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"relabel\(images, \[3, 5\], categories\)"):
+        pcace.rank(mnist_cnn(), ds, None, per_label=True, categories=list(CIFAR),
+                   progress=False)
+    relabel(ds, [3, 5], CIFAR)
+    assert sorted(set(ds.targets)) == [3, 5] and ds.classes[5] == "dog"
+    from pcace.run.groups import check_folder_labels
+
+    check_folder_labels(torch.utils.data.Subset(ds, range(4)), list(CIFAR))  # now accepted

@@ -12,8 +12,9 @@ from .inputs.data import (
     default_transform,
     image_folder,
     mnist_idx,
+    relabel,
     sklearn_digits,
 )
 
 __all__ = ["as_batches", "csv_images", "default_transform", "IMAGE_EXTENSIONS", "image_folder",
-           "ImageBatches", "ImageFiles", "mnist_idx", "sklearn_digits"]
+           "ImageBatches", "ImageFiles", "mnist_idx", "relabel", "sklearn_digits"]

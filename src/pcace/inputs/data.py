@@ -25,11 +25,13 @@ from .datasets import (
     default_transform,
     image_folder,
     mnist_idx,
+    relabel,
     sklearn_digits,
 )
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "relabel",
     "ImageBatches",
     "ImageFiles",
     "as_batches",

@@ -25,9 +25,12 @@ import pandas as pd
 import torch
 
 from ..core.validation import scores as check_scores
+from ..inputs.categories import Categories, folder_classes
+from ..inputs.datasets import ImageFiles
 from ..inputs.targets import TargetSet, resolve_targets
 
-__all__ = ["ImageGroup", "check_score_matrix", "describe_target", "group_labels",
+__all__ = ["ImageGroup", "check_folder_labels", "check_score_matrix", "describe_target",
+           "group_labels",
            "image_labels", "make_groups", "target_set", "targets_setting"]
 
 
@@ -67,6 +70,41 @@ def targets_setting(spec: Any, targets: TargetSet, per_label: bool) -> Any:
     if len(targets) == 1:
         return describe_target(targets.targets[0])
     return [describe_target(t) for t in targets.targets or []]
+
+
+def check_folder_labels(images: Any, categories: Sequence[str] | None) -> None:
+    """Refuse, before any pass, class folders whose labels are not the model's classes.
+
+    ``per_label`` without a target scores each label's images on the logit of that class
+    index. An image folder's labels are its folders' positions (``cat/``, ``dog/``: 0 and
+    1), the model's classes only when the folders are all of them in its order. With the
+    model's class names (``categories``) the folders are checked by name.
+
+    Examples
+    --------
+    >>> ds = ImageFiles([])
+    >>> ds.classes, ds.class_to_idx = ["cat", "dog"], {"cat": 0, "dog": 1}
+    >>> check_folder_labels(ds, ["plane", "car", "bird", "cat", "deer", "dog"])
+    Traceback (most recent call last):
+    ...
+    ValueError: per_label scores each label's images on the logit of its class, but the ...
+    """
+    ds = images.dataset if isinstance(images, torch.utils.data.DataLoader) else images
+    ds = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
+    if not isinstance(ds, ImageFiles) or not getattr(ds, "class_to_idx", None) or \
+            not categories:
+        return
+    folders = list(ds.classes)
+    matched = folder_classes(folders, Categories(tuple(categories), "declared"),
+                             len(categories))
+    start = ("per_label scores each label's images on the logit of its class, but the "
+             f"labels are the positions of the class folders ({', '.join(folders)})")
+    if matched.indices is None:
+        raise ValueError(f"{start}, and {matched.reason}; name the folders after the classes")
+    if not matched.identity:
+        raise ValueError(f"{start}, and the model's classes of those folders are "
+                         f"{list(matched.indices)}; relabel the images first: "
+                         f"pcace.data.relabel(images, {list(matched.indices)}, categories)")
 
 
 def image_labels(batches: Any, per_label: bool) -> np.ndarray | None:

@@ -39,6 +39,7 @@ from ..reduce.twopass import check_repeatable
 from ..results.result import PCACEResult
 from .config import RankOptions
 from .groups import (
+    check_folder_labels,
     check_score_matrix,
     describe_target,
     image_labels,
@@ -102,6 +103,8 @@ class RunContext:
 
 def run(model: torch.nn.Module, images: Any, options: RankOptions) -> PCACEResult:
     """Rank every channel of the chosen layers (see :func:`pcace.rank`)."""
+    if options.per_label and options.target is None:
+        check_folder_labels(images, options.categories)
     ctx = RunContext.open(model, images, options)
     try:
         in_turn = labels_in_turn(model, images, ctx.names, ctx.asked.widened(), ctx.device) \
