@@ -237,3 +237,27 @@ def test_per_label_from_python_refuses_folder_positions_that_are_not_the_classes
     from pcace.run.groups import check_folder_labels
 
     check_folder_labels(torch.utils.data.Subset(ds, range(4)), list(CIFAR))  # now accepted
+
+
+def test_a_run_saved_over_an_earlier_one_leaves_no_empty_report_folders(tmp_path):
+    # a resumed (or re-saved) run drops the earlier run's report files; their folders go
+    # with them (they were left empty: figures/<target>/, assets/<target>/)
+    import torch
+
+    import pcace
+    from pcace.results.rundir import add_files
+    from pcace.zoo import mnist_cnn
+
+    images = torch.rand(24, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    first = pcace.rank(mnist_cnn(), images, [1, 7], progress=False, permutations=0,
+                       split_half=0)
+    first.save(tmp_path)
+    for name in ("figures/1/maps.png", "assets/1/index.json", "figures/7/maps.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    add_files(tmp_path, ["figures", "assets"])
+    again = pcace.rank(mnist_cnn(), images, [1, 7], progress=False, permutations=0,
+                       split_half=0)
+    again.save(tmp_path)
+    assert not (tmp_path / "figures").exists() and not (tmp_path / "assets").exists()
+    assert (tmp_path / "channels.csv").exists()

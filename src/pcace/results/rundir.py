@@ -256,11 +256,18 @@ def _remove_previous_run(root: Path, manifest: Mapping[str, Any] | None) -> list
         (root / MANIFEST).unlink()
         removed.append(MANIFEST)
     removed += remove_checkpoints(root)
-    for sub in sorted({p.parent for p in paths.values()}, key=lambda q: -len(q.parts)):
-        if sub != root:
-            with contextlib.suppress(OSError):
-                sub.rmdir()  # only when emptied
+    _remove_emptied_folders(root, list(paths.values()))
     return removed
+
+
+def _remove_emptied_folders(root: Path, removed: list[Path]) -> None:
+    """The folders (below ``root``) of removed files that are now empty, deepest first: a
+    report's ``figures/<target>/`` and then ``figures/``."""
+    folders = {parent for p in removed for parent in p.parents
+               if parent != root and root in parent.parents}
+    for sub in sorted(folders, key=lambda q: -len(q.parts)):
+        with contextlib.suppress(OSError):
+            sub.rmdir()  # only when emptied
 
 
 # --- (b) atomic, verifiable saves -------------------------------------------------------------
@@ -334,6 +341,7 @@ def _save(root: Path, files: Mapping[str, FileData], manifest: Mapping[str, Any]
     written["complete"] = bool(complete)
     entries = _write_all(root, files, targets)
     same_run = bool(old) and old.get("run_id") == written["run_id"]
+    gone = []
     for name, entry in old_listed.items():
         if name in entries or name == MANIFEST:
             continue
@@ -342,6 +350,8 @@ def _save(root: Path, files: Mapping[str, FileData], manifest: Mapping[str, Any]
             entries[name] = entry
         elif p.exists() and _matches(p, entry):
             p.unlink()
+            gone.append(p)
+    _remove_emptied_folders(root, gone)
     written["files"] = dict(sorted(entries.items()))
     _write_manifest(root, written)
     return written
