@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +46,9 @@ def report_seconds(model, images, result, root: Path) -> float:
     collect_assets(root, model, images, result, mean=MEAN, std=STD, device="cpu",
                    progress=False)
     write_report(root, progress=False)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    print(f"  report of {root.name}: {seconds:.1f} s", file=sys.stderr, flush=True)
+    return seconds
 
 
 def main() -> None:

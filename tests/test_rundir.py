@@ -392,7 +392,13 @@ def test_resumed_run_ends_identical_to_uninterrupted(tmp_path):
 def test_resume_with_other_settings_is_refused(tmp_path):
     start_checkpoints(tmp_path, SETTINGS)
     save_layer_checkpoint(tmp_path, "a", channel_table("a"))
-    with pytest.raises(RunDirError, match="other settings .*seed.*--force"):
+    from pcace.core.voice import speaking_cli
+
+    # the fix in the words of the interface used: Python's, or the command's
+    with pytest.raises(RunDirError, match="other settings .*seed.*another checkpoint_dir") as err:
+        load_layer_checkpoints(tmp_path, {**SETTINGS, "seed": 1})
+    assert "--" not in str(err.value)
+    with speaking_cli(), pytest.raises(RunDirError, match="other settings .*seed.*--force"):
         load_layer_checkpoints(tmp_path, {**SETTINGS, "seed": 1})
 
 

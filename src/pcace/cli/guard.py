@@ -69,6 +69,8 @@ def checkpointed_names(out: str | Path) -> list[str]:
     >>> checkpointed_names("/nonexistent")
     []
     """
+    import zipfile
+
     import numpy as np
 
     ckdir = Path(out) / "checkpoints"
@@ -77,8 +79,8 @@ def checkpointed_names(out: str | Path) -> list[str]:
         try:
             with np.load(file, allow_pickle=False) as data:
                 names.append(str(json.loads(bytes(data["__meta__"]).decode())["layer"]))
-        except (OSError, ValueError, KeyError):
-            continue
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            continue  # a torn checkpoint: the run scores that layer again
     try:
         state = json.loads((ckdir / "state.json").read_text(encoding="utf-8"))
         order = list(state.get("settings", {}).get("layers") or [])

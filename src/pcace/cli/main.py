@@ -111,7 +111,11 @@ def _say_resumed(out: Path) -> None:
               file=sys.stderr)
         return
     names = checkpointed_names(out)
-    left = f"; {total - done} left" if total is not None and done <= total else ""
+    torn = ""
+    if names and len(names) < done:  # unreadable ones are scored again
+        torn = f" ({done - len(names)} unreadable checkpoint(s) to score again)"
+        done = len(names)
+    left = f"; {total - done} left{torn}" if total is not None and done <= total else torn
     of = f" of {total}" if total is not None and done <= total else ""
     shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
     print(f"pcace: --resume: {done}{of} layers done in {out} ({shown}){left}",
