@@ -210,3 +210,15 @@ def test_full_sections_are_capped_to_the_strongest_layers():
     assert len(chosen) == MAX_FULL
     assert chosen == [n for n in names if n in chosen]  # network order
     assert set(chosen) <= set(names[5:])
+
+
+def test_the_demo_shows_a_finding():
+    # the logit of 3 over all 1,797 digits (it varies most there): at least one layer's
+    # ranking is strong, and the print-out leads with it
+    from pcace.cli.demo import run_demo, summary
+
+    result = run_demo(out=None, progress=False, report=False)
+    assert result.manifest["data"]["n_images"] == 1797
+    assert (result.layers.evidence == "strong").any()
+    text = summary(result)
+    assert "Strong layers" in text and "Answer: 0 of" not in text

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a small MNIST CNN and rank its two conv layers")
     p.add_argument("--out", default="pcace-demo", help="run directory (default pcace-demo)")
     p.add_argument("--data", help="folder with MNIST IDX files (default: scikit-learn digits)")
-    p.add_argument("--digit", type=int, default=3, help="the digit whose logit is the score")
+    p.add_argument("--digit", type=int, default=3, help="the digit whose logit is the score "
+                   "(over the images of every digit)")
     p.add_argument("--epochs", type=int, default=8, help="training epochs")
     p.add_argument("--top", type=int, default=5, help="channels to print per layer shown")
     p.add_argument("--verbose", action="store_true", help="print the full tables")
