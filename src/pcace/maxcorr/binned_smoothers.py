@@ -28,10 +28,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .binning import SPANS, anchored_sums
-from .kernels import CATEGORICAL, LINEAR, MONOTONE
+from .binning import anchored_sums
+from .kernels import CATEGORICAL, LINEAR, MONOTONE, best_spans, mix_spans
 
-_SML = 1e-4
 _BIG = 1e20
 
 
@@ -90,39 +89,11 @@ def _supersmoother(g, sums, alpha, target, bins):
             resid[b] = absolute[b, s] / w[b] * scale if scale != 0.0 else _BIG
         anchored_sums(w, xc, resid, rpv, rpxv, mid)
         _line(g, 1, resid, rpv, rpxv, cv[s])
-    spans = np.empty(nb)
-    power = 10.0 - alpha
-    whole = power == np.floor(power) and 0.0 <= power <= 10.0
-    for b in range(nb):
-        resmin = cv[0, b]
-        span = SPANS[0]
-        for s in range(1, 3):
-            if cv[s, b] < resmin:
-                resmin = cv[s, b]
-                span = SPANS[s]
-        if 0.0 < alpha <= 10.0 and resmin < cv[2, b]:
-            woofer = cv[2, b] if cv[2, b] != 0 else 1.0
-            base = max(_SML, resmin / woofer)
-            if whole:
-                factor = 1.0
-                for _ in range(int(power)):
-                    factor *= base
-            else:
-                factor = base ** power
-            span += (SPANS[2] - span) * factor
-        spans[b] = span
+    spans = best_spans(cv, alpha)
     smoothed = np.empty(nb)
     anchored_sums(w, xc, spans, rpv, rpxv, mid)
     _line(g, 1, spans, rpv, rpxv, smoothed)
-    mixed = np.empty(nb)
-    for b in range(nb):
-        sp = min(max(smoothed[b], SPANS[0]), SPANS[2])
-        if sp < SPANS[1]:
-            f = (SPANS[1] - sp) / (SPANS[1] - SPANS[0])
-            mixed[b] = (1 - f) * fits[1, b] + f * fits[0, b]
-        else:
-            f = (sp - SPANS[1]) / (SPANS[2] - SPANS[1])
-            mixed[b] = (1 - f) * fits[1, b] + f * fits[2, b]
+    mixed = mix_spans(smoothed, fits)
     out = np.empty(nb)
     anchored_sums(w, xc, mixed, rpv, rpxv, mid)
     _line(g, 0, mixed, rpv, rpxv, out)

@@ -193,6 +193,23 @@ def _supersmoother(ax, y, alpha):
     for s in range(3):
         _line_from_sums(ax, s, y, py, pxy, fits[s], resid, True)
         _smooth_residuals(ax, resid, rpy, rpxy, cv[s])
+    spans = best_spans(cv, alpha)
+    smoothed = np.empty(n)
+    _running_line(ax, 1, spans, smoothed, resid, False)
+    mixed = mix_spans(smoothed, fits)
+    out = np.empty(n)
+    _running_line(ax, 0, mixed, out, resid, False)
+    return out
+
+
+@njit(cache=True)
+def best_spans(cv, alpha):
+    """Per point, the span with the smallest cross-validated residual ``cv`` (3, n),
+    moved towards the woofer by the bass enhancement ``alpha`` (acepack's rule).
+
+    Shared by the exact engine and binned ACE (:mod:`pcace.maxcorr.binned_smoothers`).
+    """
+    n = cv.shape[1]
     spans = np.empty(n)
     power = 10.0 - alpha
     whole = power == np.floor(power) and 0.0 <= power <= 10.0  # pow() is the slow part
@@ -214,8 +231,13 @@ def _supersmoother(ax, y, alpha):
                 factor = base ** power
             span += (_SPANS[2] - span) * factor
         spans[t] = span
-    smoothed = np.empty(n)
-    _running_line(ax, 1, spans, smoothed, resid, False)
+    return spans
+
+
+@njit(cache=True)
+def mix_spans(smoothed, fits):
+    """Per point, the fits (3, n) of the two spans around its smoothed span, interpolated."""
+    n = smoothed.size
     mixed = np.empty(n)
     for t in range(n):
         sp = min(max(smoothed[t], _SPANS[0]), _SPANS[2])
@@ -225,9 +247,7 @@ def _supersmoother(ax, y, alpha):
         else:
             f = (sp - _SPANS[1]) / (_SPANS[2] - _SPANS[1])
             mixed[t] = (1 - f) * fits[1, t] + f * fits[2, t]
-    out = np.empty(n)
-    _running_line(ax, 0, mixed, out, resid, False)
-    return out
+    return mixed
 
 
 @njit(cache=True)
