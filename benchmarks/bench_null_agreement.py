@@ -7,6 +7,8 @@ of the reference's:
 
 - ``pooled``: ``pcace.stats.nulls.null_table(method="pooled")`` (pool 1,000, at least 20
   permutations per channel), run ``--replicates`` times with different seeds;
+- ``shared``: ``pcace.stats.pooled.shared_null``, one pool per group for all 19 layers
+  (``max(1000, 20 * 64)`` values), run ``--replicates`` times;
 - ``pooled+gpd``: the same pools with the generalized Pareto tail of
   ``pcace.stats.tail.tail_p_values`` where fewer than 10 pooled values reach the observed;
 - ``exact B=100`` (today's default): the first 100 permutations of either reference;
@@ -45,7 +47,7 @@ from bench_null_common import components, exact_null  # noqa: E402
 from pcace.stats.evidence import layer_evidence, split_half_table  # noqa: E402
 from pcace.stats.null import benjamini_hochberg, null_summary  # noqa: E402
 from pcace.stats.nulls import null_table  # noqa: E402
-from pcace.stats.pooled import pooled_null  # noqa: E402
+from pcace.stats.pooled import pooled_null, pooled_summary, shared_null  # noqa: E402
 from pcace.stats.tail import tail_p_values  # noqa: E402
 
 
@@ -141,6 +143,15 @@ def main() -> None:
                 q[name], adj[name] = t.q_value.to_numpy(), t.pcace_adj.to_numpy()
                 cost += rec["ace_problems"]
             report(f"pooled (seed {100 + rep})", q, adj, cost, time.perf_counter() - start)
+        for rep in range(a.replicates):
+            start = time.perf_counter()
+            shared = shared_null(z, y, seed=100 + rep)
+            q, adj = {}, {}
+            for name in z:
+                t = pooled_summary(obs[name], shared[name])
+                q[name], adj[name] = t.q_value.to_numpy(), t.pcace_adj.to_numpy()
+            cost = sum(v.problems for v in shared.values())
+            report(f"shared (seed {100 + rep})", q, adj, cost, time.perf_counter() - start)
         q = {k: benjamini_hochberg(gpd_p(obs[k], z[k], y, 100)) for k in z}
         report("pooled+gpd (seed 100)", q, adj, cost)
         q, adj = {}, {}

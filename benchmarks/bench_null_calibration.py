@@ -53,6 +53,7 @@ from bench_null_common import components, hash_scores  # noqa: E402
 from pcace.maxcorr.scoring import channel_values  # noqa: E402
 from pcace.stats.null import null_summary, permutation_null  # noqa: E402
 from pcace.stats.nulls import null_table  # noqa: E402
+from pcace.stats.pooled import pooled_summary, shared_null  # noqa: E402
 
 
 def shares(p: np.ndarray) -> str:
@@ -175,26 +176,28 @@ def resnet(a: argparse.Namespace) -> None:
     for path in a.files:
         z, _, extra = components(path)
         n = extra["scores"].size
-        exact_all, pooled_all = [], []
+        every: dict[str, list[np.ndarray]] = {"exact": [], "pooled": [], "shared": []}
         for salt in range(1, a.salts + 1):
             start = time.perf_counter()
             y = hash_scores(extra["logits"], salt)
-            pe, pp = [], []
-            for zl in z.values():
-                obs = channel_values(zl, y)
+            got: dict[str, list[np.ndarray]] = {key: [] for key in every}
+            obs = {name: channel_values(zl, y) for name, zl in z.items()}
+            shared = shared_null(z, y, seed=3000 + salt)
+            for name, zl in z.items():
                 null = permutation_null(zl, y, a.exact_b, seed=1000 + salt)
-                pe.append(null_summary(obs, null).p_value.to_numpy())
-                t, _ = null_table(obs, zl, y, seed=2000 + salt)
-                pp.append(t.p_value.to_numpy())
-            pe, pp = np.concatenate(pe), np.concatenate(pp)
-            exact_all.append(pe)
-            pooled_all.append(pp)
-            print(f"{path.name} (N = {n}) salt {salt}: exact B = {a.exact_b}: {shares(pe)}; "
-                  f"pooled: {shares(pp)} ({time.perf_counter() - start:.0f} s, "
-                  f"load {os.getloadavg()[0]:.1f})")
-        pe, pp = np.concatenate(exact_all), np.concatenate(pooled_all)
-        print(f"{path.name} (N = {n}) all {a.salts} salts: exact: {shares(pe)}; "
-              f"pooled: {shares(pp)}")
+                got["exact"].append(null_summary(obs[name], null).p_value.to_numpy())
+                t, _ = null_table(obs[name], zl, y, seed=2000 + salt)
+                got["pooled"].append(t.p_value.to_numpy())
+                got["shared"].append(pooled_summary(obs[name], shared[name])
+                                     .p_value.to_numpy())
+            for key in every:
+                every[key].append(np.concatenate(got[key]))
+            print(f"{path.name} (N = {n}) salt {salt}: exact B = {a.exact_b}: "
+                  f"{shares(every['exact'][-1])}; pooled: {shares(every['pooled'][-1])}; "
+                  f"shared: {shares(every['shared'][-1])} "
+                  f"({time.perf_counter() - start:.0f} s, load {os.getloadavg()[0]:.1f})")
+        print(f"{path.name} (N = {n}) all {a.salts} salts: " + "; ".join(
+            f"{key}: {shares(np.concatenate(v))}" for key, v in every.items()))
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_null_common import components  # noqa: E402
 
-from pcace.stats.evidence import split_half  # noqa: E402
+from pcace.stats.evidence import NOT_REPRODUCIBLE, split_half  # noqa: E402
 from pcace.stats.halves import _spearman_rows, _splits_needed, spearman_brown  # noqa: E402
 
 
@@ -54,11 +54,12 @@ def full_runs(path: Path, max_splits: int, cache: Path) -> tuple[dict, np.ndarra
     return z, extra["scores"], values
 
 
-def stop_at(values: np.ndarray, width: float, min_splits: int, cap: int) -> int:
+def stop_at(values: np.ndarray, width: float, min_splits: int, cap: int,
+            settled: float | None = None) -> int:
     """The number of splits an adaptive check with this rule runs (at most ``cap``)."""
     done = min(min_splits, cap)
     while done < cap:
-        need = _splits_needed(values[:done], width, 0.95, values.shape[2], done)
+        need = _splits_needed(values[:done], width, 0.95, values.shape[2], done, settled)
         if need <= done:
             break
         done = min(cap, need)
@@ -77,24 +78,31 @@ def main() -> None:
     p.add_argument("--cap", type=int, default=10, help="splits an adaptive check may run")
     p.add_argument("--cache", type=Path, default=Path("/tmp/null_work"))
     a = p.parse_args()
-    rules = [(0.05, 3), (0.05, 4), (0.05, 5), (0.1, 4)]
+    rules = [(0.05, 3, None), (0.05, 4, None), (0.05, 5, None), (0.1, 4, None),
+             (0.05, 4, NOT_REPRODUCIBLE), (0.05, 3, NOT_REPRODUCIBLE)]
     for path in a.files:
         z, y, values = full_runs(path, a.max_splits, a.cache)
         print(f"\n{path.name}: per-split Spearman sd per layer "
               + ", ".join(f"{float(np.nanstd(_spearman_rows(v[:, 0], v[:, 1]), ddof=1)):.3f}"
                           for v in values.values()))
-        for width, first in rules:
-            used, d10, dmax = [], [], []
+        for width, first, settled in rules:
+            used, d10, dmax, settled_d10 = [], [], [], []
             drift = max(abs(projected(v, 10) - projected(v, a.max_splits))
                         for v in values.values())
             for v in values.values():
-                s = stop_at(v, width, first, a.cap)
+                s = stop_at(v, width, first, a.cap, settled)
                 used.append(s)
-                d10.append(abs(projected(v, s) - projected(v, 10)))
+                wide = stop_at(v, width, first, a.cap)
+                (settled_d10 if s < wide else d10).append(abs(projected(v, s) -
+                                                              projected(v, 10)))
                 dmax.append(abs(projected(v, s) - projected(v, a.max_splits)))
-            print(f"width {width}, min_splits {first}: splits {min(used)}/"
+            tag = "" if settled is None else f", settled below {settled}"
+            note = (f" (layers settled early: {len(settled_d10)}, their |adaptive - 10 "
+                    f"splits| max {max(settled_d10):.3f})" if settled_d10 else "")
+            print(f"width {width}, min_splits {first}{tag}: splits {min(used)}/"
                   f"{int(np.median(used))}/{max(used)} (total {sum(used)} vs "
-                  f"{10 * len(used)}); |adaptive - 10 splits| max {max(d10):.3f}, "
+                  f"{10 * len(used)}); |adaptive - 10 splits| max "
+                  f"{max(d10, default=0.0):.3f}{note}, "
                   f"|adaptive - {a.max_splits} splits| max {max(dmax):.3f}, "
                   f"|10 - {a.max_splits} splits| max {drift:.3f}")
         name = list(z)[-1]

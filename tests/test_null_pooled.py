@@ -131,7 +131,7 @@ def test_null_table_runs_either_method_with_the_same_columns():
     assert rec_exact == {"null": "exact", "ace_problems": 480, "permutations": 120}
     assert pooled.q_value[0] <= 0.05 and exact.q_value[0] <= 0.05
     assert pooled.p_value[4] == 1.0 and exact.p_value[4] == 1.0
-    with pytest.raises(ValueError, match="method must be one of 'pooled', 'exact'"):
+    with pytest.raises(ValueError, match="method must be one of 'shared', 'pooled', 'exact'"):
         null_table(obs, z, y, method="fast")
 
 

@@ -70,3 +70,23 @@ def test_bad_width_named(bad, message):
     z, y = graded(60, 6, 0, 1.0)
     with pytest.raises(ValueError, match=message):
         split_half(z, y, splits=4, **bad)
+
+
+def test_settled_stops_a_plainly_unreproducible_ranking_early():
+    """Noise channels: with ``settled`` the check stops once the interval's upper end is
+    below 0.5 (no number of splits could read the ranking as reproducible); without it,
+    every split runs, and both read "not reproducible" from the same first splits."""
+    rng = np.random.default_rng(8)
+    z, y = rng.normal(size=(60, 200, 2)), rng.normal(size=200)
+    quick = split_half(z, y, splits=10, seed=3, width=0.05, settled=True)
+    full = split_half(z, y, splits=10, seed=3, width=0.05)
+    assert quick["splits"] == 4 and full["splits"] == 10
+    assert quick["reading"] == full["reading"] == "not reproducible"
+    np.testing.assert_array_equal(quick["values_a"], full["values_a"][:4])
+
+
+def test_settled_does_not_stop_a_reproducible_ranking_early():
+    z, y = graded(300, 16, 6, 0.3)
+    with_rule = split_half(z, y, splits=12, seed=7, width=0.01, settled=True)
+    without = split_half(z, y, splits=12, seed=7, width=0.01)
+    assert with_rule["splits"] == without["splits"] == 12

@@ -207,9 +207,10 @@ def _rank_statistics_args(p: argparse.ArgumentParser) -> None:
                    help="a permutation null: p- and q-values, pcace_adj, which channels beat "
                    "chance (0: none); with --null exact, B permutations per channel (1000 for "
                    "claims about single channels)")
-    p.add_argument("--null", choices=["pooled", "exact"], default="pooled",
-                   help="pooled (default): a few permutations per channel, pooled within the "
-                   "layer; exact: --permutations of its own for every channel")
+    p.add_argument("--null", choices=["shared", "pooled", "exact"], default="shared",
+                   help="shared (default): a few permutations per channel, pooled over the "
+                   "channels of all layers; pooled: the same within each layer; exact: "
+                   "--permutations of its own for every channel")
     p.add_argument("--basis", choices=["sample", "exact"], default="sample",
                    help="sample (default): principal axes from --sample-size images, refined "
                    "over all in one pass, where there are more; exact: the exact PCA")

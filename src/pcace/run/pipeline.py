@@ -52,6 +52,7 @@ from .passes import Passes, announce_streaming, make_routes, plan_layer_routes, 
 from .perlabel import labels_in_turn, rank_in_turn
 from .resume import Checkpoints
 from .scoring import ScoredLayers, Scoring, score_layers
+from .sharednull import add_shared_null
 from .tables import add_layer_statistics, channel_table, layer_summary, stability_manifest
 
 __all__ = ["RunContext", "run", "run_once"]
@@ -283,10 +284,14 @@ def _result(ctx: RunContext, g: _Gathered, checkpoints: Checkpoints,
     opts, targets = ctx.options, ctx.targets
     order = {n: i for i, n in enumerate(ctx.names)}
     g.scored.tables.sort(key=lambda t: order.get(t.layer.iloc[0], -1) if len(t) else -1)
+    groups = make_groups(g.labels, targets, opts.per_label, own_class=opts.target is None)
+    if opts.permutations and opts.null == "shared":
+        add_shared_null(g.scored, g.scores, groups, targets.labels, seed=opts.seed,
+                        score=opts.score, ace_options=opts.ace_options,
+                        engine=ctx.live_engine, watch=ctx.watch)
     channels = channel_table(g.scored.tables, ctx.names)
     shapes = {n: g.scored.shapes[n] for n in ctx.names if n in g.scored.shapes}
     layers = layer_summary(channels, shapes)
-    groups = make_groups(g.labels, targets, opts.per_label, own_class=opts.target is None)
     add_layer_statistics(layers, channels, g.scored, g.scores, groups, targets.labels,
                          opts.split_half, opts.seed, opts.ace_options, ctx.live_engine,
                          ctx.watch)

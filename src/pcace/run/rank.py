@@ -41,7 +41,7 @@ def rank(
     per_label: bool = False,
     categories: Sequence[str] | None = None,
     permutations: int = 100,
-    null: str = "pooled",
+    null: str = "shared",
     split_half: int = 10,
     bootstrap: int = 0,
     level: float = 0.95,

@@ -255,7 +255,7 @@ def _add_statistics(run: Scoring, table: pd.DataFrame, z: torch.Tensor, scores: 
     opts = run.options
     observed = table.pcace.to_numpy()
     record = None
-    if opts.permutations:
+    if opts.permutations and opts.null != "shared":  # "shared": once for all layers
         with run.watch("null"):
             summary, record = null_table(observed, z, scores, method=opts.null,
                                          permutations=opts.permutations, seed=opts.seed,

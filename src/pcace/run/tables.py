@@ -116,9 +116,10 @@ def _add_group_evidence(layers: pd.DataFrame, channels: pd.DataFrame, scored: Sc
         else:
             comps = {key[0]: z for key, z in scored.components.items()
                      if key[1] == group.label}
-        # no more splits than a 95% interval of width 0.05 on the agreement needs
+        # no more splits than a 95% interval of width 0.05 on the agreement needs, or
+        # than it takes to settle that the ranking is not reproducible
         split = split_half_table(comps, scores, splits=split_half, seed=seed, width=0.05,
-                                 ace_options=ace_options, engine=engine)
+                                 settled=True, ace_options=ace_options, engine=engine)
     if "q_value" not in channels.columns and split is None:
         return
     evidence = layer_evidence(channels[mine], split, n_images=int(scores.size))

@@ -160,6 +160,7 @@ def split_half(
     engine: Engine | None = None,
     width: float | None = None,
     min_splits: int = 4,
+    settled: bool = False,
 ) -> dict[str, Any]:
     """Split-half reproducibility of one layer's channel ranking.
 
@@ -206,6 +207,13 @@ def split_half(
         that runs them all returns exactly the full run's answer.
     min_splits : int, default 4
         Splits run before the first stopping decision (at least 2).
+    settled : bool, default False
+        With ``width``, also stop once the reading is settled: the upper end of that
+        interval is below 0.5 (:data:`NOT_REPRODUCIBLE`), so no number of splits would
+        read the ranking as reproducible. Such a layer's agreement is then known less
+        precisely than ``width`` (its average over ``min_splits`` splits or more), which
+        is what :func:`pcace.rank` accepts to spend no splits on a ranking that is plainly
+        not reproducible.
 
     Returns
     -------
@@ -255,7 +263,8 @@ def split_half(
     done = first
     values = run.values(0, done)
     while done < s_count:
-        need = _splits_needed(values, width, lvl, c, done)
+        need = _splits_needed(values, width, lvl, c, done,
+                              NOT_REPRODUCIBLE if settled else None)
         if need <= done:
             break
         values = np.concatenate([values, run.values(done, min(s_count, need))])
@@ -296,7 +305,7 @@ def split_half_table(
     **options
         Further keyword arguments of :func:`split_half` (``top``, ``level``,
         ``resamples``, ``chunk``, ``ace_options``, ``engine``, ``width``,
-        ``min_splits``).
+        ``min_splits``, ``settled``).
 
     Returns
     -------

@@ -164,13 +164,14 @@ class _HalfRunner:
 
 
 def _splits_needed(values: np.ndarray, width: float | None, level: float, c: int,
-                   done: int) -> int:
+                   done: int, settled_below: float | None = None) -> int:
     """Splits after which the interval of the mean projected agreement is about ``width``.
 
     The interval is the Monte Carlo one of the average over splits (Student t on the
     per-split Spearman correlations, projected with :func:`spearman_brown`): the part
     of the uncertainty that more splits remove. ``done`` when it is already narrower
-    (or when the agreement cannot be measured).
+    (or when the agreement cannot be measured), or when its upper end is below
+    ``settled_below``: more splits cannot lift the agreement to a reading above it.
     """
     if width is None:
         return values.shape[0] + 1
@@ -184,8 +185,9 @@ def _splits_needed(values: np.ndarray, width: float | None, level: float, c: int
 
     mean, sd = float(rho.mean()), float(rho.std(ddof=1))
     half = float(student.ppf(0.5 + level / 2, rho.size - 1)) * sd / math.sqrt(rho.size)
-    now = float(spearman_brown(min(1.0, mean + half)) - spearman_brown(max(-1.0, mean - half)))
-    if now < width:
+    upper = float(spearman_brown(min(1.0, mean + half)))
+    now = upper - float(spearman_brown(max(-1.0, mean - half)))
+    if now < width or (settled_below is not None and upper < settled_below):
         return done
     return max(done + 1, math.ceil(rho.size * (now / width) ** 2))
 

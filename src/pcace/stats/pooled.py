@@ -53,7 +53,7 @@ Examples
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +68,7 @@ from .common import DEFAULT_PLAN, channel_ids
 from .null import _adjust_linear, _adjust_squared, benjamini_hochberg
 
 __all__ = ["PooledNull", "channel_groups", "pool_plan", "pooled_null", "pooled_summary",
-           "tie_fraction"]
+           "shared_null", "shared_plan", "tie_fraction"]
 
 #: Bytes of permuted scores held per batch of problems handed to the engine.
 BATCH_BYTES = 64 * 2**20
@@ -89,10 +89,14 @@ class PooledNull:
     groups : numpy.ndarray
         ``(C,)`` int: the pool of each channel (:func:`channel_groups`); -1 for a dead
         channel.
+    bank : mapping of int to numpy.ndarray, optional
+        Sorted null values per group shared by several layers (:func:`shared_null`);
+        None: each pool is this layer's own values.
     """
 
     values: np.ndarray
     groups: np.ndarray
+    bank: Mapping[int, np.ndarray] | None = None
 
     @property
     def problems(self) -> int:
@@ -100,7 +104,9 @@ class PooledNull:
         return int(np.isfinite(self.values).sum())
 
     def pool(self, group: int) -> np.ndarray:
-        """The sorted null values of one pool."""
+        """The sorted null values of one pool (the shared bank's, when there is one)."""
+        if self.bank is not None:
+            return self.bank[int(group)]
         v = self.values[self.groups == group]
         return np.sort(v[np.isfinite(v)])
 
@@ -223,30 +229,161 @@ def pooled_null(
     step = DEFAULT_PLAN.ace_problems(n, k) if chunk is None else integer(chunk, "chunk")
     groups = channel_groups(zt)
     per = pool_plan(groups, pool, min_per_channel)
-    values = np.full((c, max(1, int(per.max()))), np.nan)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=int(per.sum()), desc="pooled null", unit="fit",
+              disable=not progress) as bar:
+        values = _permuted_values(zt, y, per, np.random.default_rng(int(seed)),
+                                  engine=engine, chunk=step, score=score,
+                                  ace_options=ace_options, progress=bar.update)
+    values[groups < 0] = np.nan
+    return PooledNull(values=values, groups=groups)
+
+
+def _permuted_values(zt: torch.Tensor, y: np.ndarray, per: np.ndarray,
+                     rng: np.random.Generator, *, engine: Engine | None, chunk: int,
+                     score: str, ace_options: dict | None, progress: Any) -> np.ndarray:
+    """``(C, max(per))`` values: channel ``c`` against ``per[c]`` fresh permutations of
+    ``y`` (NaN past them)."""
+    c, n = int(zt.shape[0]), int(zt.shape[1])
+    values = np.full((c, max(1, int(per.max()) if per.size else 1)), np.nan)
     channels = np.repeat(np.arange(c), per)          # each channel's problems consecutive
     slots = np.concatenate([np.arange(b) for b in per]) if channels.size else channels
     run_on = LocalEngine() if engine is None else engine
-    rng = np.random.default_rng(int(seed))
     rows = max(1, BATCH_BYTES // (8 * n))
+    src: Any = zt.numpy() if zt.device.type == "cpu" else zt
+    for lo in range(0, channels.size, rows):
+        hi = min(channels.size, lo + rows)
+        perms = rng.permuted(np.tile(np.arange(n), (hi - lo, 1)), axis=1)
+        ys: Any = y[perms]
+        if zt.device.type != "cpu":
+            ys = torch.as_tensor(ys, device=zt.device)
+        problems = Problems(src, ys, channels[lo:hi], order="paired")
+        values[channels[lo:hi], slots[lo:hi]] = run_on.values(
+            problems, chunk=chunk, score=score, ace_options=dict(ace_options or {}),
+            stage="null", progress=progress)
+    return values
+
+
+def shared_plan(groups: Mapping[str, np.ndarray], sizes: Mapping[str, int], pool: int,
+                min_per_channel: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Permutations per channel for a bank shared by every layer: each group's bank holds
+    ``max(pool, min_per_channel * C)`` values, ``C`` the largest layer with channels in
+    the group, spread as evenly as possible over all its channels (the odd ones at random).
+
+    Examples
+    --------
+    >>> plan = shared_plan({"a": np.array([0, 0]), "b": np.array([0, 0, 0, -1])},
+    ...                    {"a": 2, "b": 4}, pool=10, min_per_channel=2)
+    >>> sorted(np.concatenate(list(plan.values())).tolist()), int(plan["b"][3])
+    ([0, 2, 2, 2, 2, 2], 0)
+    """
+    names = list(groups)
+    members: dict[int, list[tuple[str, int]]] = {}
+    for name in names:
+        for c in np.flatnonzero(groups[name] >= 0):
+            members.setdefault(int(groups[name][c]), []).append((name, int(c)))
+    out = {name: np.zeros(groups[name].shape, dtype=np.int64) for name in names}
+    rng = np.random.default_rng([int(seed), 2**20])
+    for g in sorted(members):
+        who = members[g]
+        largest = max(int(sizes[name]) for name in {name for name, _ in who})
+        bank = max(pool, min_per_channel * largest)
+        each, odd = divmod(bank, len(who))
+        extra = np.zeros(len(who), dtype=np.int64)
+        extra[rng.permutation(len(who))[:odd]] = 1
+        for (name, c), more in zip(who, extra, strict=True):
+            out[name][c] = each + more
+    return out
+
+
+def shared_null(
+    layers: Mapping[str, Any],
+    scores: Any,
+    pool: int = 1000,
+    seed: int = 0,
+    chunk: int | None = None,
+    *,
+    min_per_channel: int = 20,
+    score: str = "maximal",
+    ace_options: dict | None = None,
+    progress: bool = False,
+    engine: Engine | None = None,
+) -> dict[str, PooledNull]:
+    """A pooled null whose pools are shared by all layers: a few ACE runs per channel.
+
+    :func:`pooled_null` gives every layer its own pool of ``max(pool, 20 C)`` values.
+    The layers of one network share ``n`` and ``k``, and their channels' nulls differ
+    about as little between layers as within one (``benchmarks/README.md``, "Cheap
+    null"); here each pool (the channels of every layer with the same number of non-zero
+    components and tie class, :func:`channel_groups`) holds ``max(pool, min_per_channel *
+    C)`` values, ``C`` the largest layer's channels, drawn evenly from all its channels:
+    ResNet-18's 4,800 channels cost 10,240 ACE problems instead of 96,000 (1,280 instead
+    of 20,880 for the CIFAR ResNet-20's 688). Each layer's p-values, q-values (BH within
+    the layer) and ``pcace_adj`` come from :func:`pooled_summary` with its
+    :class:`PooledNull`, whose ``pool`` is the shared bank.
+
+    Parameters
+    ----------
+    layers : mapping of str to array_like
+        Each layer's ``(C, N, k)`` components (the same ``N`` images in the same order).
+    scores : array_like
+        ``(N,)`` score per image.
+    pool, seed, chunk, min_per_channel, score, ace_options, progress, engine
+        As for :func:`pooled_null`; ``min_per_channel`` times the largest layer's channel
+        count is the smallest bank, so BH's smallest threshold ``0.05 / C`` can be reached
+        in every layer.
+
+    Returns
+    -------
+    dict of str to PooledNull
+        Per layer: its channels' own values (``(C, b)``), its groups, and the shared
+        ``bank`` (sorted values per group).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.normal(size=100)
+    >>> layers = {"a": rng.normal(size=(4, 100, 2)), "b": rng.normal(size=(6, 100, 2))}
+    >>> nulls = shared_null(layers, y, pool=60, min_per_channel=5)
+    >>> sum(n.problems for n in nulls.values()), nulls["a"].pool(20).size
+    (60, 60)
+    """
+    pool = integer(pool, "pool")
+    min_per_channel = integer(min_per_channel, "min_per_channel")
+    integer(seed, "seed", minimum=None)
+    score_kind(score)
+    if not layers:
+        raise ValueError("layers is empty: give at least one layer's components")
+    zs = {name: _components(z) for name, z in layers.items()}
+    n = {int(z.shape[1]) for z in zs.values()}
+    if len(n) != 1:
+        raise ValueError(f"every layer's components must hold the same images; got N = "
+                         f"{sorted(n)}")
+    y = check_scores(scores, n.pop())
+    groups = {name: channel_groups(z) for name, z in zs.items()}
+    per = shared_plan(groups, {name: int(z.shape[0]) for name, z in zs.items()}, pool,
+                      min_per_channel, seed)
     from tqdm.auto import tqdm
 
-    with tqdm(total=channels.size, desc="pooled null", unit="fit",
-              disable=not progress) as bar:
-        for lo in range(0, channels.size, rows):
-            hi = min(channels.size, lo + rows)
-            perms = rng.permuted(np.tile(np.arange(n), (hi - lo, 1)), axis=1)
-            ys: Any = y[perms]
-            src: Any = zt.numpy() if zt.device.type == "cpu" else zt
-            if zt.device.type != "cpu":
-                ys = torch.as_tensor(ys, device=zt.device)
-            problems = Problems(src, ys, channels[lo:hi], order="paired")
-            flat = run_on.values(problems, chunk=step, score=score,
-                                 ace_options=dict(ace_options or {}), stage="null",
-                                 progress=bar.update)
-            values[channels[lo:hi], slots[lo:hi]] = flat
-    values[groups < 0] = np.nan
-    return PooledNull(values=values, groups=groups)
+    values = {}
+    with tqdm(total=int(sum(int(p.sum()) for p in per.values())), desc="pooled null",
+              unit="fit", disable=not progress) as bar:
+        for i, (name, zt) in enumerate(zs.items()):
+            step = (DEFAULT_PLAN.ace_problems(int(zt.shape[1]), int(zt.shape[2]))
+                    if chunk is None else integer(chunk, "chunk"))
+            values[name] = _permuted_values(
+                zt, y, per[name], np.random.default_rng([int(seed), i]), engine=engine,
+                chunk=step, score=score, ace_options=ace_options, progress=bar.update)
+            values[name][groups[name] < 0] = np.nan
+    bank: dict[int, np.ndarray] = {}
+    for g in {int(x) for gs in groups.values() for x in gs[gs >= 0]}:
+        parts = [values[name][groups[name] == g] for name in zs]
+        flat = np.concatenate([p[np.isfinite(p)] for p in parts])
+        bank[g] = np.sort(flat)
+    return {name: PooledNull(values=values[name], groups=groups[name], bank=bank)
+            for name in zs}
 
 
 def _components(z: Any) -> torch.Tensor:
