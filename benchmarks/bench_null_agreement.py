@@ -9,6 +9,9 @@ of the reference's:
   permutations per channel), run ``--replicates`` times with different seeds;
 - ``shared``: ``pcace.stats.pooled.shared_null``, one pool per group for all 19 layers
   (``max(1000, 20 * 64)`` values), run ``--replicates`` times;
+- a bank sweep: shared banks of M values (and per-layer pools) drawn from reference A's
+  values, against reference B's discoveries, 20 draws each: how the bank's size moves
+  the agreement without running ACE;
 - ``pooled+gpd``: the same pools with the generalized Pareto tail of
   ``pcace.stats.tail.tail_p_values`` where fewer than 10 pooled values reach the observed;
 - ``exact B=100`` (today's default): the first 100 permutations of either reference;
@@ -72,6 +75,46 @@ def gpd_p(obs: np.ndarray, z: np.ndarray, y: np.ndarray, seed: int) -> np.ndarra
     """Pooled p-values with the GPD tail (one pool: every channel has k components)."""
     null = pooled_null(z, y, 1000, seed=seed)
     return tail_p_values(obs, null.pool(int(null.groups.max())))
+
+
+def bank_sweep(obs: dict, ref_source: dict, ref: dict, sizes: list[int], draws: int,
+               seed: int) -> None:
+    """A shared bank of M values drawn from one exact null's values (all layers' channels),
+    against the discoveries of the other: found and extra, mean [min, max] over draws;
+    and the same for per-layer pools of ``max(1000, 20 C)`` drawn the same way."""
+    rng = np.random.default_rng(seed)
+    names = list(obs)
+    source = np.concatenate([ref_source[k] for k in names])
+    total = sum(int(v.sum()) for v in ref.values())
+
+    def discoveries(bank_of) -> tuple[float, float]:
+        found = extra = 0
+        for k in names:
+            bank = bank_of(k)
+            p = (1 + bank.size - np.searchsorted(bank, obs[k], side="left")) / (bank.size + 1)
+            disc = benjamini_hochberg(p) <= 0.05
+            found += int((disc & ref[k]).sum())
+            extra += int((disc & ~ref[k]).sum())
+        return found / total, extra / total
+
+    def draw(values: np.ndarray, m: int) -> np.ndarray:
+        rows, cols = rng.integers(0, values.shape[0], m), rng.integers(0, values.shape[1], m)
+        return np.sort(values[rows, cols])
+
+    cases = [("per-layer pools", None)] + [(f"shared M = {m}", m) for m in sizes]
+    for label, m in cases:
+        rows = []
+        for _ in range(draws):
+            if m is None:
+                rows.append(discoveries(
+                    lambda k: draw(ref_source[k], max(1000, 20 * ref_source[k].shape[0]))))
+            else:
+                bank = draw(source, m)
+                rows.append(discoveries(lambda k, bank=bank: bank))
+        got = np.array(rows)
+        print(f"  bank sweep, {label:18s}: found {got[:, 0].mean():.3f} "
+              f"[{got[:, 0].min():.3f}, {got[:, 0].max():.3f}], extra {got[:, 1].mean():.3f} "
+              f"[{got[:, 1].min():.3f}, {got[:, 1].max():.3f}] ({draws} draws)")
 
 
 def verdicts(q: dict[str, np.ndarray], adj: dict[str, np.ndarray], split: pd.DataFrame,
@@ -171,6 +214,7 @@ def main() -> None:
                 q[name] = benjamini_hochberg(pv)
                 cost += c
             report(f"sequential h={h} (B's)", q, adj_ref, cost)
+        bank_sweep(obs, ref_null, ctx["disc_B"], [1280, 2560, 5000, 10000, 20000], 20, 5)
         per_layer = {name: (v.shape[0], max(1000, 20 * v.shape[0])) for name, v in z.items()}
         print("  ACE problems per layer (C: pooled / exact B=100 / B=1000): " + ", ".join(
             f"{c}: {pc} / {100 * c} / {1000 * c}" for c, pc in sorted(set(per_layer.values()))))
