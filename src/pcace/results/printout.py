@@ -85,7 +85,8 @@ def text_summary(result: Any, top: int = 5) -> str:
         counts = layers.evidence.value_counts()
         lines.append(f"Evidence at N = {n}: {counts.get('strong', 0)} layer(s) strong, "
                      f"{counts.get('weak', 0)} weak, {counts.get('none', 0)} none "
-                     f"(null of {b} permutations, BH q <= 0.05; split-half reproducibility).")
+                     f"({_null_words(result.manifest)}, BH q <= 0.05; split-half "
+                     "reproducibility).")
     elif not has_null:
         lines.append("No permutation null was computed (--permutations 0): these values are "
                      "biased upwards by an amount that depends on N and k, so read them as an "
@@ -123,7 +124,8 @@ def text_summary(result: Any, top: int = 5) -> str:
             lines.append(f"No evidence in {len(group)} layer(s) ({names}): {text}.")
         lines.append("Their rankings are not shown (channels.csv has them); a few thousand "
                      "images typically make rankings reproducible.")
-    if has_null and b and 1 / (b + 1) > 0.01:
+    exact = result.manifest.get("null", "exact") == "exact"
+    if has_null and exact and b and 1 / (b + 1) > 0.01:
         lines.append(f"Note: {b} permutations give p-values no smaller than 1/{b + 1} = "
                      f"{1 / (b + 1):.3f}; after Benjamini-Hochberg over a layer's channels, few "
                      "permutations can leave no channel beating chance in a layer where all "
@@ -523,3 +525,16 @@ def summary_text(result: Any, top: int = 5, verbose: bool = False, run_dir: Any 
     return "\n".join([_header(result), text_summary(result, top=top),
                       *filter(None, [_cost_line(result)]),
                       *_next_lines(result, run_dir, report)[1:]])
+
+
+def _null_words(manifest: dict) -> str:
+    """How the run's permutation null was made, in a few words."""
+    method = manifest.get("null", "exact")
+    if method == "exact":
+        return f"null of {manifest.get('permutations', 0)} permutations per channel"
+    sizes = [record.get("pool_size", 0) for per_layer in (manifest.get("nulls") or {}).values()
+             for record in per_layer.values() if isinstance(record, dict)]
+    size = f" of {min(sizes):,} values" if sizes else ""
+    if method == "shared":
+        return f"a permutation null{size} shared by all layers"
+    return f"a permutation null{size} pooled within each layer"
