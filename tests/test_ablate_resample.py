@@ -196,3 +196,58 @@ def test_existing_modes_keep_their_columns():
             "score_change", "score_change_sd", "accuracy_drop", "accuracy_drop_sd",
             "variance_share", "variance_share_sd", "n_sets"]
         assert isinstance(curves, pd.DataFrame) and curves.attrs["resamples"] is None
+
+
+# ------------------------------------------------------------------ the command line
+
+@pytest.fixture(scope="module")
+def cat_run(shared_dir, tmp_path_factory):
+    from pcace.cli.main import main
+
+    out = tmp_path_factory.mktemp("resample") / "run"
+    cifar = shared_dir / "data/cifar10"
+    assert main(["rank", "--model", "pcace.zoo:cifar_resnet20", "--checkpoint",
+                 str(cifar / "resnet20-12fca82f.th"), "--data", str(cifar / "test"),
+                 "--class", "cat", "--mean", "0.485", "0.456", "0.406", "--std", "0.229",
+                 "0.224", "0.225", "--target", "cat", "--limit", "40", "--layers",
+                 "layer3.2.conv2", "--permutations", "0", "--split-half", "0",
+                 "--no-progress", "--out", str(out)]) == 0
+    return out
+
+
+def test_cli_resample_ablation_names_its_mode_and_metric(cat_run, capsys):
+    from pcace.cli.main import main
+
+    capsys.readouterr()
+    assert main(["ablate", str(cat_run), "--layer", "layer3.2.conv2", "--mode", "resample",
+                 "--sizes", "1", "4", "--repeats", "2", "--resamples", "2", "--no-baselines",
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "(resample ablation)" in text and "metric variance_share" in text
+    assert "2 random derangements" in text
+    curves = pd.read_csv(cat_run / "ablation_layer3.2.conv2_resample.csv")
+    summary = pd.read_csv(cat_run / "faithfulness_layer3.2.conv2_resample.csv")
+    assert set(curves["mode"]) == {"resample"} and "variance_share_perm_sd" in curves.columns
+    assert summary[["mode", "metric"]].values.tolist() == [["resample", "variance_share"]]
+    assert ((curves.variance_share >= 0) & (curves.variance_share < 1.5)).all()
+    listed = (cat_run / "run.json").read_text()
+    assert "faithfulness_layer3.2.conv2_resample.csv" in listed
+    assert not [p for p in cat_run.iterdir() if ".tmp-" in p.name]
+
+
+def test_cli_errors_speak_the_command_line(cat_run, capsys):
+    from pcace.cli.main import main
+
+    capsys.readouterr()
+    assert main(["ablate", str(cat_run), "--layer", "layer3.2.conv2", "--mode", "resample",
+                 "--sizes", "128", "--no-baselines", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--sizes 128" in err and "64 channels" in err and "sizes=" not in err, err
+    assert main(["ablate", str(cat_run), "--layer", "layer3.2.conv2", "--mode", "resample",
+                 "--resamples", "0", "--no-baselines", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--resamples 0" in err and "resamples=" not in err, err
+    assert main(["ablate", str(cat_run), "--layer", "layer3.2.conv2", "--mode", "zero",
+                 "--sizes", "65", "--no-baselines", "--no-progress"]) == 2
+    assert "--sizes 65" in capsys.readouterr().err
+    assert not list(cat_run.glob("*_zero.csv"))  # a refused ablation writes nothing

@@ -289,7 +289,9 @@ def _checked(model: torch.nn.Module, target: Any, layer: str, mode: str, repeats
     if mode not in MODES:
         raise ValueError(f"{option('mode', repr(mode))}: the mode must be one of {MODES}")
     integer(repeats, "repeats")
-    integer(resamples, "resamples")
+    if isinstance(resamples, bool) or not isinstance(resamples, Integral) or resamples < 1:
+        raise ValueError(f"{option('resamples', repr(resamples))}: the number of donor "
+                         "derangements must be an int >= 1")
     integer(seed, "seed", minimum=None)
     _module(model, layer)
     return resolve_device(device), resolve_target(target)
