@@ -24,6 +24,11 @@ Writes into ``--out`` (default ``benchmarks/results``):
   and layer (score_drop for mean and zero, variance_share for resample);
 - ``which_ranking.txt``: the command, the time it took, the machine, and the tables.
 
+``--part halves`` measures instead how far the resample gaps move with the test images: the
+rankings of PCACE, Taylor and mean |activation| from the largest N, ablated in resample
+mode on each half (even and odd files) of the test cats; ``which_ranking_halves.csv`` and
+``which_ranking_halves.txt``.
+
 Usage::
 
     PYTHONPATH=src nice .venv/bin/python benchmarks/bench_which_ranking.py [--shared ../shared]
@@ -145,6 +150,41 @@ def run(args: argparse.Namespace, log: list[str]) -> tuple[pd.DataFrame, pd.Data
     return pd.DataFrame(summary_rows), pd.concat(curve_frames, ignore_index=True)
 
 
+def halves(args: argparse.Namespace, log: list[str]) -> pd.DataFrame:
+    """Resample gaps of a few rankings on each half of the test cats: their spread."""
+    shared = shared_root(args.shared)
+    model = load_model(shared)
+    train = train_root(shared, Path(args.train_cache))
+    n = max(int(v) for v in args.ns.split(","))
+    layers = args.layers.split(",")
+    cats = load(train, "cat", 0, n)
+    x_eval = load(shared / "data/cifar10/test", "cat", 0, 10**6)
+    result = rank(model, cats, TARGET, layers=layers, progress=False, split_half=0,
+                  permutations=0)
+    rows = []
+    for layer in layers:
+        table = result.channels[result.channels.layer == layer]
+        named = {"pcace": table.sort_values("rank").channel.to_numpy(),
+                 **baseline_rankings(model, cats, TARGET, layer,
+                                     methods=["taylor", "mean_abs_activation"])}
+        for half in (0, 1):
+            t0 = time.perf_counter()
+            curves = ablate(model, x_eval[half::2], TARGET, layer, named,
+                            sizes=SIZES["resample"], mode="resample", repeats=args.repeats,
+                            batch_size=args.batch_size, resamples=args.resamples, seed=0)
+            for metric in ("variance_share", "score_change"):
+                for rec in faithfulness_summary(curves, metric=metric).to_dict("records"):
+                    rows.append({"layer": layer, "half": half, "metric": metric, "N": n,
+                                 **rec})
+            say(log, f"{layer} half {half}: {time.perf_counter() - t0:.0f} s")
+    out = pd.DataFrame(rows)
+    wide = out.pivot_table(index=["layer", "metric", "ranking"], columns="half",
+                           values="mean_gap")
+    say(log, "resample mean_gap on each half of the test cats (100 images each):\n"
+        + wide.round(3).to_string())
+    return out
+
+
 def gap_curves(curves: pd.DataFrame, metric: str) -> pd.DataFrame:
     """``gap(m) = metric(top m) - metric(random m)`` per ranking (wide: a column per m)."""
     rand = curves[curves.selection == "random"].set_index("m")[metric]
@@ -210,6 +250,7 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=5, help="donor derangements")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--part", choices=["tables", "halves"], default="tables")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results"))
     args = ap.parse_args()
     if args.threads:
@@ -220,6 +261,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     log: list[str] = [f"command: {command}", f"machine: {machine()}"]
     start = time.perf_counter()
+    if args.part == "halves":
+        table = halves(args, log)
+        say(log, f"total {(time.perf_counter() - start) / 60:.1f} min")
+        table.assign(command=command).to_csv(out / "which_ranking_halves.csv", index=False)
+        (out / "which_ranking_halves.txt").write_text("\n".join(log) + "\n")
+        return
     summary, curves = run(args, log)
     elapsed = time.perf_counter() - start
     say(log, f"total {elapsed / 60:.1f} min")
