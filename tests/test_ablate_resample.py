@@ -251,3 +251,32 @@ def test_cli_errors_speak_the_command_line(cat_run, capsys):
                  "--sizes", "65", "--no-baselines", "--no-progress"]) == 2
     assert "--sizes 65" in capsys.readouterr().err
     assert not list(cat_run.glob("*_zero.csv"))  # a refused ablation writes nothing
+
+
+def test_cli_ctrl_c_while_saving_leaves_whole_files(cat_run, capsys, monkeypatch):
+    import os
+    import signal
+
+    import pcace.core.files as files
+    from pcace.cli.main import main
+
+    real, written = files.atomic_write, []
+
+    def write_then_interrupt(path, data):
+        if not written:  # Ctrl-C between the two files
+            os.kill(os.getpid(), signal.SIGINT)
+        written.append(path)
+        return real(path, data)
+
+    monkeypatch.setattr(files, "atomic_write", write_then_interrupt)
+    capsys.readouterr()
+    assert main(["ablate", str(cat_run), "--layer", "layer3.2.conv2", "--sizes", "1",
+                 "--repeats", "1", "--no-baselines", "--no-progress"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    names = ["ablation_layer3.2.conv2.csv", "faithfulness_layer3.2.conv2.csv"]
+    assert [p.name for p in written] == names
+    summary = pd.read_csv(cat_run / names[1])
+    assert summary[["mode", "metric"]].values.tolist() == [["mean", "score_change"]]
+    listed = (cat_run / "run.json").read_text()
+    assert all(name in listed for name in names)
+    assert not [p for p in cat_run.iterdir() if ".tmp-" in p.name]
