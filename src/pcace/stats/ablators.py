@@ -230,11 +230,16 @@ class ResampleAblator(_Runner):
 
     def _record(self, idx: torch.Tensor) -> torch.Tensor:
         """The maps of channels ``idx`` of every image, ``(N, len(idx), ...)``, from a pass
-        stopped at the module."""
-        held: list[torch.Tensor] = []
+        stopped at the module (written in place: no second copy while they are gathered)."""
+        n = sum(len(x) for x in self.batches)
+        held: dict[str, Any] = {"maps": None, "start": 0}
 
         def hook(_mod, _inp, out):
-            held.append(_output_channels(out, self.layer).detach()[:, idx].clone())
+            part = _output_channels(out, self.layer).detach()[:, idx]
+            if held["maps"] is None:
+                held["maps"] = part.new_empty((n, *part.shape[1:]))
+            start = held["start"]
+            held["maps"][start:start + len(part)] = part
             raise _Recorded
 
         with torch.no_grad(), forward_hooks(self.model, {self.layer: hook}):
@@ -242,9 +247,10 @@ class ResampleAblator(_Runner):
                 try:
                     self.model(x.to(self.dev))
                 except _Recorded:
+                    held["start"] += len(x)
                     continue
                 raise ValueError(f"module {self.layer!r} was not called in the forward pass")
-        return torch.cat(held)
+        return held["maps"]
 
     def _run(self, idx: torch.Tensor) -> SetResult:
         maps = self._record(idx)
