@@ -39,7 +39,7 @@ CLASSES = ("cat",)           # the class folders the snippets read
 PER_CLASS = 40               # images linked per class folder
 EFFORT = {   # (module, function): {parameter: default while the snippets run}
     ("pcace.viz.assets", "collect_assets"): {"featurevis_steps": 8},
-    ("pcace.stats.ablate", "ablate"): {"repeats": 2, "sizes": (1, 8)},
+    ("pcace.stats.ablate", "ablate"): {"repeats": 2, "sizes": (1, 8), "resamples": 2},
 }
 SKIP = re.compile(r"<!--\s*snippet:\s*skip\b\s*[-:]?\s*(.*?)\s*-->", re.S)
 FENCE = re.compile(r"^```(\w*)\s*$")

@@ -10,6 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import first_line
+from .ablation import cmd_ablate
+from .common import existing_run as _existing_run
+from .common import locked as _locked
+from .common import rounded_table as rounded_table  # the tests and the docs use it here
 from .parser import build_parser
 
 
@@ -120,13 +124,6 @@ def _say_resumed(out: Path) -> None:
     shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
     print(f"pcace: --resume: {done}{of} layers done in {out} ({shown}){left}",
           file=sys.stderr)
-
-
-def _locked(path: str | Path) -> Any:
-    """The run directory's lock (refused, naming the holder, while another run has it)."""
-    from ..results.lock import lock_run_dir
-
-    return lock_run_dir(path, note=lambda text: print(f"pcace: note: {text}", file=sys.stderr))
 
 
 def _rank(args: argparse.Namespace) -> int:
@@ -392,200 +389,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"wrote {report}" + (f" (the overview) and {len(pages)} target pages, "
                                f"{root}/report-*.html" if pages else ""))
     return 0
-
-
-def cmd_ablate(args: argparse.Namespace) -> int:
-    _existing_run(args.run_dir)
-    with _locked(args.run_dir):
-        return _ablate(args)
-
-
-def _existing_run(path: str) -> None:
-    """Refuse (before locking, which would create it) a path that is no directory."""
-    from ..results.result import load
-
-    if not Path(path).is_dir():
-        load(path)  # raises the clear error
-
-
-def _ablate(args: argparse.Namespace) -> int:
-    from ..core.files import atomic_write, safe_name
-    from ..inputs.data import open_dataset, stack_images
-    from ..inputs.rebuild import rebuild_model
-    from ..inputs.targets import target_from_dict
-    from ..results.result import load
-    from ..results.rundir import add_files
-    from ..stats.ablate import ablate, faithfulness_summary
-
-    whole = load(args.run_dir)
-    run, label_value = _ablated_part(whole, args.target, args.label)
-    manifest = whole.manifest
-    layers = list(run.layers.layer)
-    if args.layer not in layers:
-        raise ValueError(f"layer {args.layer!r} is not in this run; its layers: {layers}")
-    recorded = manifest.get("model") or {}
-    dspec = (manifest.get("data") or {}).get("spec")
-    if not recorded.get("spec") or not dspec or "path" not in dspec:
-        raise ValueError("this run does not record how its model and data were loaded (it was "
-                         "made from Python); call pcace.ablate(...) from Python instead")
-    loaded = rebuild_model(recorded, model=args.model, checkpoint=args.checkpoint,
-                           weights=args.weights)
-    ds, classes = open_dataset(dict(dspec), loaded.transform)
-    label = dspec.get("label") if dspec.get("kind") == "csv" else None
-    images, raw = stack_images(ds, label=label)
-    labels, origin, groups = _model_labels(raw, dspec, classes, manifest, loaded, images)
-    if label_value is not None:
-        keep = None if groups is None else groups == label_value
-        if keep is None or not bool(keep.any()):
-            raise ValueError(f"the images of label {label_value!r} are not in the run's data "
-                             f"any more ({dspec['path']}); was it changed since the run?")
-        images = images[keep]
-        labels = None if labels is None else labels[keep]
-    if args.metric == "accuracy_drop" and labels is None:
-        raise ValueError(f"--metric accuracy_drop needs each image's class: {origin}; use "
-                         "score_change or score_drop")
-    target = target_from_dict(run.manifest["target"])
-    table = run.channels[run.channels.layer == args.layer]
-    rankings = {"pcace": table.sort_values("rank").channel.to_numpy()}
-    if "pcace_adj" in table.columns:
-        rankings["pcace_adj"] = table.sort_values("pcace_adj", ascending=False).channel.to_numpy()
-    curves = ablate(loaded.model, images, target, args.layer, rankings, sizes=args.sizes,
-                    mode=args.mode, repeats=args.repeats, labels=labels,
-                    batch_size=args.batch_size, device=args.device,
-                    seed=args.seed, baselines=not args.no_baselines,
-                    progress=not args.no_progress)
-    root = Path(args.run_dir)
-    part = "" if run is whole else f"_{safe_name(run.targets[0])}"
-    names = [f"ablation_{args.layer}{part}.csv", f"faithfulness_{args.layer}{part}.csv"]
-    summary = faithfulness_summary(curves, metric=args.metric)
-    atomic_write(root / names[0], curves.to_csv(index=False))
-    atomic_write(root / names[1], summary.to_csv(index=False))
-    add_files(root, names)
-    _print_ablation(args, run, curves, summary, len(images), origin)
-    print(f"wrote {root / names[0]} (the curves) and {root / names[1]} (this table)")
-    return 0
-
-
-def _ablated_part(run: Any, target: str | None, label: str | None) -> tuple[Any, Any]:
-    """The one-target part of a run that ``pcace ablate`` tests, and its label (or None).
-
-    A run of several targets (or one image set per class) needs ``--target``; this is
-    decided from the run's tables alone, before any model or image is loaded.
-    """
-    per_label = "label" in run.channels.columns
-    present = ([str(t) for t in dict.fromkeys(run.channels.target)]
-               if "target" in run.channels.columns else run.targets)
-    several = len(present) > 1
-    if not several and not per_label:
-        if target is not None and str(target) not in run.targets:
-            raise ValueError(f"--target {target}: this run has one target, {run.targets[0]}")
-        return run, None
-    if target is None:
-        kind = "one image set per class" if per_label else f"{len(present)} targets"
-        raise ValueError(f"this run has {kind}; name the one to test with --target "
-                         f"(one of: {', '.join(present)})")
-    name = str(target)
-    if name not in present:
-        raise ValueError(f"--target {target}: no such target in this run; its targets: "
-                         f"{', '.join(present)}")
-    if not per_label:
-        return run.subset(target=name), None
-    rows = run.channels[run.channels.target.astype(str) == name]
-    found = list(dict.fromkeys(rows.label.tolist()))
-    if label is not None:
-        chosen = [v for v in found if str(v) == str(label)]
-        if not chosen:
-            raise ValueError(f"--label {label}: target {name} was ranked on the images of "
-                             f"label{'s' if len(found) > 1 else ''} "
-                             f"{', '.join(map(str, found))}")
-        found = chosen
-    if len(found) > 1:
-        raise ValueError(f"target {name} was ranked on the images of each of the labels "
-                         f"{', '.join(map(str, found))}; name one with --label")
-    return run.subset(target=name, label=found[0]), found[0]
-
-
-def _model_labels(raw: Any, dspec: dict, classes: list[str] | None, manifest: dict,
-                  loaded: Any, images: Any) -> tuple[Any, str, Any]:
-    """Each image's class in the model's numbering (None where unknown) and where it came
-    from; and the labels the run grouped the images by (``--per-class``)."""
-    from ..inputs.categories import Categories, choose_categories, folder_classes
-    from ..inputs.models import output_size
-
-    if raw is None:
-        return None, "the images have no labels, so no accuracy", None
-    n_outputs = output_size(loaded.model, tuple(images.shape[1:]))
-    kind = dspec.get("kind")
-    if kind != "image_folder":
-        what = "the CSV's label column" if kind == "csv" else "the MNIST labels"
-        labels, origin, groups = raw, f"{what}, taken as the model's class indices", raw
-    else:
-        recorded = manifest.get("categories")
-        cats = (Categories(tuple(recorded["names"]), recorded["source"]) if recorded else
-                choose_categories(loaded.categories, None, classes, n_outputs))
-        matched = folder_classes(classes or [], cats, n_outputs)
-        if matched.indices is None:
-            origin = f"each image's class is unknown ({matched.reason}), so no accuracy"
-            labels, groups = None, raw
-        else:
-            labels = raw.new_tensor(matched.indices)[raw.long()]
-            origin, groups = f"class folders ({matched.reason})", labels
-    if n_outputs is not None and n_outputs < 2:
-        labels, origin = None, f"the model has {n_outputs} output, so no accuracy"
-    return labels, origin, groups
-
-
-def _print_ablation(args: argparse.Namespace, run: Any, curves: Any, summary: Any, n: int,
-                    origin: str) -> None:
-    base = f"unablated mean score {curves.attrs['base_score']:.4g}"
-    if curves.attrs.get("base_accuracy") is not None:
-        base += f", accuracy {curves.attrs['base_accuracy']:.1%}"
-    print(f"ablation of {args.layer} ({args.mode} ablation), target {run.targets[0]}, {n} "
-          f"images, metric {args.metric}")
-    print(f"{base}; labels: {origin}")
-    print(rounded_table(summary))
-    print(ABLATION_COLUMNS.format(metric=args.metric))
-
-
-def rounded_table(frame: Any, digits: int = 4) -> str:
-    """A table printed at ``digits`` significant digits, rounding noise shown as 0.
-
-    A value below ``1e-9`` of its column's largest magnitude (e.g. ``8.7e-19`` next to
-    ``0.3``) is the floating-point residue of an exact 0 and printed as 0.
-
-    Examples
-    --------
-    >>> import pandas as pd
-    >>> print(rounded_table(pd.DataFrame({"gap": [0.31234567, 8.673617e-19]})))
-         gap
-    0.3123
-    0.0000
-    """
-    import numpy as np
-
-    shown = frame.copy()
-    for column in shown.columns:
-        values = shown[column]
-        if values.dtype.kind != "f":
-            continue
-        scale = float(np.nanmax(np.abs(values.to_numpy()))) if values.notna().any() else 0.0
-        shown[column] = values.where(values.abs() > 1e-9 * scale, 0.0) if scale else values
-    return shown.to_string(index=False, float_format=lambda v: f"{v:.{digits}g}"
-                           if abs(v) >= 10 ** digits or (v and abs(v) < 10 ** -digits)
-                           else f"{v:.{digits}f}")
-
-
-ABLATION_COLUMNS = """\
-How to read it: each ranking's top m channels (and its bottom m) are replaced by their mean
-map (or 0), for each size m, and compared with random sets of m channels.
-  area               {metric} of the top m minus that of random sets, integrated over
-                     log2 m: larger = the ranking's top channels matter more than chance
-  mean_gap           the same as an average excess per size, in the metric's units
-  mean_gap_sd_units  that excess in standard deviations of the random sets (above ~2: clear)
-  bottom_mean_gap    the same for the bottom m channels (negative: they matter less than
-                     random ones, as a faithful ranking's bottom should)
-  top_minus_bottom   mean_gap - bottom_mean_gap
-  accuracy_mean_gap  the excess accuracy lost (with labels)"""
 
 
 COMMANDS = {"layers": cmd_layers, "rank": cmd_rank, "demo": cmd_demo, "report": cmd_report,

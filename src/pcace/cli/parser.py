@@ -111,14 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, required=False)
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                    help="numbers of channels ablated")
-    p.add_argument("--mode", choices=["mean", "zero"], default="mean",
-                   help="replace ablated channels by their mean map (default) or by 0")
+    p.add_argument("--mode", choices=["mean", "zero", "resample"], default="mean",
+                   help="replace ablated channels by their mean map (default), by 0, or "
+                   "(resample) by the same channels of another image of the set: the "
+                   "ablation that asks how much of the score's variation runs through them, "
+                   "PCACE's question; costs --resamples + 1 passes per set")
+    p.add_argument("--resamples", type=int, default=5,
+                   help="with --mode resample: random derangements of the images (donors) "
+                   "averaged; their spread goes to the curves (default 5)")
     p.add_argument("--repeats", type=int, default=10, help="random sets per size")
-    p.add_argument("--metric", choices=["score_change", "score_drop", "accuracy_drop"],
-                   default="score_change",
-                   help="what the summary compares: score_change (default: how far each "
-                   "image's score moves; suits PCACE, which ranks what the score varies "
-                   "with), score_drop (how much the mean score falls) or accuracy_drop")
+    p.add_argument("--metric",
+                   choices=["score_change", "score_drop", "accuracy_drop", "variance_share"],
+                   default=None,
+                   help="what the summary compares: score_change (default with mean and zero: "
+                   "how far each image's score moves), variance_share (default with "
+                   "resample: the share of the score's variance that runs through the "
+                   "channels), score_drop (how much the mean score falls) or accuracy_drop")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the baseline rankings (activation, weight L1, Taylor, ...)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..core.voice import option
+
 __all__ = ["faithfulness_summary"]
 
 
@@ -34,12 +36,14 @@ def faithfulness_summary(curves: pd.DataFrame, metric: str = "score_drop") -> pd
     ----------
     curves : pandas.DataFrame
         The output of :func:`ablate`.
-    metric : {"score_drop", "score_change", "accuracy_drop"}, default "score_drop"
+    metric : {"score_drop", "score_change", "accuracy_drop", "variance_share"}, default "score_drop"
         The curve compared. ``"score_drop"`` (mean score lost) suits rankings
         of what the score needs; ``"score_change"`` (mean ``|change|`` of each
-        image's score) suits rankings of what the score varies with, such as
-        PCACE: under mean ablation a channel whose effect on the score is
-        linear moves every image's score but not their mean.
+        image's score) and ``"variance_share"`` (the share of the score's
+        variance across images that runs through the channels; best measured
+        with ``mode="resample"``) suit rankings of what the score varies with,
+        such as PCACE: under mean ablation a channel whose effect on the score
+        is linear moves every image's score but not their mean.
 
     Returns
     -------
@@ -51,7 +55,8 @@ def faithfulness_summary(curves: pd.DataFrame, metric: str = "score_drop") -> pd
         bottom channels matter less than random ones), ``top_minus_bottom``
         (``mean_gap - bottom_mean_gap``) and, when accuracy was measured and is
         not the metric, ``accuracy_mean_gap``. ``attrs["metric"]`` names the
-        metric.
+        metric, ``attrs["mode"]`` the ablation mode of the curves (when they
+        say).
 
     Examples
     --------
@@ -83,19 +88,25 @@ def faithfulness_summary(curves: pd.DataFrame, metric: str = "score_drop") -> pd
     table = pd.DataFrame(rows, columns=columns)
     table = table.sort_values("area", ascending=False, kind="stable").reset_index(drop=True)
     table.attrs["metric"] = metric
+    table.attrs["mode"] = curves.attrs.get("mode")
     return table
 
 
 def _check_curves(curves: pd.DataFrame, metric: str) -> None:
     """Raise unless ``metric`` is known and ``curves`` has the columns it needs."""
-    metrics = ("score_drop", "score_change", "accuracy_drop")
+    metrics = ("score_drop", "score_change", "accuracy_drop", "variance_share")
     if metric not in metrics:
-        raise ValueError(f"metric must be one of {metrics}; got {metric!r}")
+        raise ValueError(f"{option('metric', repr(metric))}: the metric must be one of "
+                         f"{metrics}")
     needed = {"ranking", "selection", "m", metric, f"{metric}_sd"}
     if not isinstance(curves, pd.DataFrame) or not needed <= set(curves.columns):
         raise ValueError(f"curves must be the DataFrame that ablate returns, with columns "
                          f"{sorted(needed)}" + (" (accuracy needs labels)"
                                                 if metric == "accuracy_drop" else ""))
+    if metric == "variance_share" and not curves[metric].notna().any():
+        raise ValueError(f"{option('metric', 'variance_share')}: the score is the same for "
+                         "every image, so no share of its variance runs through any channel; "
+                         f"use {option('metric', 'score_drop')}")
 
 
 def _ranking_entry(curves: pd.DataFrame, random: pd.DataFrame, name: str, metric: str,
