@@ -30,7 +30,7 @@ timeout 300 $PY benchmarks/bench_pipeline.py resnet18 --images 300 --device cuda
 
 # 4. the sampled basis (issue 24) and binned ACE (issue 25) with the model on the GPU: a
 #    default run on 3,000 random 64 px images (the sampled route takes the maps to the CPU
-#    for its pass; the pooled null and split halves run the numba engine)
+#    for its pass; the null shared by all layers and the split halves run the numba engine)
 timeout 300 $PY - <<'PY' 2>&1 | tee "$OUT/sampled_cuda.txt"
 import time, torch, torchvision, pcace
 torch.manual_seed(0)
@@ -40,6 +40,7 @@ t = time.perf_counter()
 res = pcace.rank(model, x, 0, layers=["layer1.0.conv1", "layer4.1.conv2"], device="cuda",
                  batch_size=250, progress=False)
 print({"seconds": round(time.perf_counter() - t, 1), "basis": res.manifest["basis"],
+       "null": res.manifest["null"], "nulls": res.manifest["nulls"],
        "routes": {k: v["route"] for k, v in res.manifest["routes"].items()},
        "stages": res.manifest["timings"]["stages"]})
 PY
