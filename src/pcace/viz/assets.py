@@ -432,6 +432,7 @@ def _add_layer_maps(arrays: dict, key: str, name: str, table: Any, act: torch.Te
             "dead": [bool(by_channel.dead[c]) for c in chosen] if "dead" in table else None,
             "significant": [bool(by_channel.significant[c]) for c in chosen]
             if "significant" in table else None,
+            "n_significant": int(table.significant.sum()) if "significant" in table else None,
             "n_channels": int(act.shape[1]), "map_size": list(act.shape[-2:]),
             "ace": None, "featurevis": None}
 
