@@ -72,6 +72,8 @@ def test_the_report_says_why_no_picture_is_shown(tmp_path):
     assert note.startswith("Feature visualisations not shown")
     assert "Channel 3" in note and "-0.04" in note and "-0.07" in note
     assert "channel 5" in note and "0.12" in note
+    skipped = _featurevis_note(None, ["layer4.0.conv2", "layer4.1.conv2"])
+    assert "made for 2 layers only" in skipped and "layer4.1.conv2" in skipped
 
 
 def test_bottom_channels_that_beat_chance_are_called_the_weakest_of_them():

@@ -168,9 +168,9 @@ class _Image(nn.Module):
     """
 
     def __init__(self, k: int, reference: torch.Tensor, gen: torch.Generator,
-                 decay: float, init_scale: float = 0.05):
+                 decay: float, size: tuple[int, int], init_scale: float = 0.05):
         super().__init__()
-        _, c, h, w = reference.shape
+        c, (h, w) = reference.shape[1], size
         dims = (0, 2, 3)
         dev = reference.device
         low = reference.amin(dims, keepdim=True)
@@ -278,9 +278,10 @@ def visualise_channels(
     *,
     steps: int = 160,
     lr: float = 0.05,
-    copies: int = 2,
+    copies: int = 1,
     jitter: int | None = None,
     decay: float = 1.0,
+    size: int | None = 128,
     seed: int = 0,
 ) -> FeatureVisualisation:
     """Inputs that excite each of ``channels`` of ``layer`` (see the module's description).
@@ -301,11 +302,16 @@ def visualise_channels(
     lr : float
         Adam's step size.
     copies : int
-        Randomly transformed copies of each image scored per step.
+        Randomly transformed copies of each image scored per step (each step draws new
+        transformations, so one already averages over many in the course of the ascent).
     jitter : int, optional
         Largest random shift in pixels (default: 1/16 of the image side, at least 1).
     decay : float
         Exponent of the ``1 / f**decay`` frequency scaling (larger: smoother pictures).
+    size : int, optional
+        Longest side of the synthetic inputs: larger reference images are synthesised at
+        this size (the cost grows with the number of pixels; convolutions do not mind the
+        size). None, or a model that takes no other size, keeps the images' size.
     seed : int
         Seeds the starting spectrum and the transformations.
 
@@ -325,11 +331,12 @@ def visualise_channels(
     resolve_layers(model, [layer])  # an unknown name: the valid ones, closest first
     chans = torch.as_tensor(list(channels), dtype=torch.long)
     ref = reference.detach().float()
-    k, h, w = len(chans), ref.shape[-2], ref.shape[-1]
+    k = len(chans)
+    caught: dict[str, torch.Tensor] = {}
+    h, w = _synthesis_size(model, layer, ref, size, caught)
     shift = jitter if jitter is not None else max(1, min(h, w) // 16)
     gen = torch.Generator().manual_seed(seed)
-    image = _Image(k, ref, gen, decay)
-    caught: dict[str, torch.Tensor] = {}
+    image = _Image(k, ref, gen, decay, (h, w))
     with _frozen_parameters(model):
         _ascend(model, layer, image, chans, steps, lr, copies, shift, gen)
         with forward_hooks(model, {layer: _stopping_hook(caught)}):
@@ -340,6 +347,23 @@ def visualise_channels(
                 reached = reached.cpu().numpy()
             best = _excitation_of_images(model, caught, ref, chans)
     return FeatureVisualisation(final.cpu(), reached, best, spatial_variation(final, ref))
+
+
+def _synthesis_size(model: nn.Module, layer: str, ref: torch.Tensor, size: int | None,
+                    caught: dict) -> tuple[int, int]:
+    """The reference images' size, scaled down to ``size`` on the longer side when the
+    model's layer takes that size too."""
+    h, w = ref.shape[-2], ref.shape[-1]
+    if size is None or max(h, w) <= size:
+        return h, w
+    small = (max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w))))
+    try:
+        with forward_hooks(model, {layer: _stopping_hook(caught)}), torch.no_grad():
+            _layer_output(model, caught, torch.zeros(1, ref.shape[1], *small).to(ref))
+    except (RuntimeError, ValueError):  # a fixed input size before the layer
+        caught.clear()
+        return h, w
+    return small
 
 
 @contextmanager

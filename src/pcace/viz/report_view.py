@@ -304,8 +304,9 @@ def verdict_view(result: Any, evidence: pd.DataFrame, full: list[str]) -> dict[s
         parts.append(f"{len(strong)} of {n} layers {'carries' if len(strong) == 1 else 'carry'} "
                      f"strong evidence ({_list(strong)})")
     if weak:
-        parts.append(f"{len(weak)} {'carries' if len(weak) == 1 else 'carry'} weak evidence "
-                     f"({_list(weak)})")
+        among = "" if strong else f" of {n} layer{'s' if n != 1 else ''}"
+        parts.append(f"{len(weak)}{among} {'carries' if len(weak) == 1 else 'carry'} weak "
+                     f"evidence ({_list(weak)})")
     rest = n - len(strong) - len(weak)
     tail = (f"; the other {rest} do not beat chance{n_img}: more images are needed to rank "
             "their channels, and they are listed in the table only." if rest else ".")
@@ -317,8 +318,12 @@ def verdict_view(result: Any, evidence: pd.DataFrame, full: list[str]) -> dict[s
     return {"note": False, "text": "; ".join(parts) + tail}
 
 
-def _featurevis_note(info: dict | None) -> str:
+def _featurevis_note(info: dict | None, made_for: list[str] | None = None) -> str:
     """Why a layer section has no feature visualisations."""
+    if not info and made_for:
+        return (f"No feature visualisations for this layer: to keep the report cheap they "
+                f"are made for {len(made_for)} layer{'s' if len(made_for) != 1 else ''} "
+                f"only, the strongest ({', '.join(made_for)}).")
     if not info:
         return "No feature visualisations saved for this layer."
     reasons = featurevis_reasons(info)
@@ -351,7 +356,8 @@ def _section_view(result: Any, layer: str, figs: list[Any], assets: Any,
             notes.append("No ACE transforms saved for this layer (they need the "
                          "principal components that pcace.rank keeps in memory).")
         if "featurevis" not in names:
-            notes.append(_featurevis_note(assets.layer(layer).get("featurevis")))
+            notes.append(_featurevis_note(assets.layer(layer).get("featurevis"),
+                                          assets.index.get("featurevis_layers")))
     return {"layer": layer, "anchor": anchor(layer), "evidence": ev.get("evidence", "unknown"),
             "text": ev.get("evidence_text", ""), "facts": facts,
             "figures": [figure_view(f) for f in figs], "notes": notes}
