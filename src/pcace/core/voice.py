@@ -62,6 +62,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "labelled_images": ("a folder with one subfolder of images per class",
                         "(images, labels), a Dataset of (image, label) pairs or a DataLoader "
                         "of them"),
+    "basis_check": ("run.json's routes -> LAYER -> check",
+                    "result.manifest['routes'][layer]['check']"),
     "other_out": ("choose another --out", "choose another directory"),
     "save_again": ("run the command again with --force",
                    "rank again and save the result there (result.save(run_dir))"),
