@@ -118,3 +118,29 @@ def test_the_report_counts_skipped_images():
     assert items["images N"] == "28 (2 unreadable images skipped: broken.jpg, empty.png)"
     result.manifest = {"data": {"n_images": 28, "skipped_images": 0}}
     assert dict(summary_items(result))["images N"] == "28"
+
+
+def test_large_images_are_synthesised_at_128_pixels_unless_the_model_refuses():
+    from torch import nn
+
+    class Fixed(nn.Module):
+        """Takes 160 x 200 inputs only (a size check before its convolution)."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            if tuple(x.shape[-2:]) != (160, 200):
+                raise RuntimeError("expected 160 x 200 inputs")
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    ref = torch.rand(4, 3, 160, 200)
+    free = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    small = visualise_channels(free, "0", [1], ref, steps=2)
+    assert tuple(small.inputs.shape[-2:]) == (102, 128)  # the longer side 128, same shape
+    assert tuple(visualise_channels(free, "0", [1], ref, steps=2, size=None)
+                 .inputs.shape[-2:]) == (160, 200)
+    fixed = visualise_channels(Fixed().eval(), "conv", [1], ref, steps=2)
+    assert tuple(fixed.inputs.shape[-2:]) == (160, 200)
