@@ -226,3 +226,12 @@ def test_a_sampled_basis_warning_in_each_language():
     api = _poor_message({"layer3.2.conv2": 4}, 40)
     _speaks(cli, api, "--basis exact", "basis='exact'")
     assert "--sample-size M" in cli and "manifest[" not in cli and "manifest['routes']" in api
+
+
+def test_pcace_report_draws_chosen_layers(tmp_path, capsys):
+    run = _saved_run(tmp_path, permutations=0)
+    err = _cli_error(capsys, "report", str(run), "--layers", "conv9")
+    assert "has no layer 'conv9'; its layers: ['conv1']" in err, err
+    assert main(["report", str(run), "--layers", "conv1"]) == 0
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert 'id="layer-conv1" class="layer"' in html
