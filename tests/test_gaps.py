@@ -37,6 +37,9 @@ def test_skipped_images_are_counted_in_one_clean_line_each(cifar, tmp_path, caps
     assert len(warned) == 2, out.err
     assert all(line.startswith("pcace: warning: skipping unreadable image") for line in warned)
     assert "warnings.warn" not in out.err and "UserWarning" not in out.err, out.err
+    assert main(["report", str(tmp_path / "run")]) == 0  # the report counts them too
+    html = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+    assert "<dd>28 (2 unreadable images skipped: broken.jpg, empty.png)</dd>" in html
 
 
 def test_a_failed_run_leaves_no_empty_out(cifar, tmp_path, capsys):

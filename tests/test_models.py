@@ -283,7 +283,7 @@ def test_rebuild_refuses_a_factory_named_only_in_run_json(tmp_path):
     entry = {"weights_sha256": "0" * 16,
              "spec": {"kind": "factory", "spec": "os:system", "weights": None,
                       "checkpoint": None, "model_kwargs": {"command": f"touch {marker}"}}}
-    with pytest.raises(ValueError, match="not a known builder.*--model os:system"):
+    with pytest.raises(ValueError, match="not a known builder.*model='os:system'"):
         rebuild_model(entry)
     assert not marker.exists()
     with pytest.raises(ValueError, match="differs from the run's model"):
@@ -310,7 +310,7 @@ def test_rebuild_known_builders_and_check_the_hash(tmp_path):
         net.conv1.weight.add_(1.0)
     torch.save(net.state_dict(), tmp_path / "mnist.pt")  # the checkpoint changed since the run
     with pytest.raises(ValueError, match=r"weights \(hash [0-9a-f]{16}\) differ from the run's "
-                       r".*mnist.pt changed since the run.*--checkpoint"):
+                       r".*mnist.pt changed since the run.*checkpoint=FILE"):
         rebuild_model(entry)
     torch.save(mnist_cnn().state_dict(), tmp_path / "moved.pt")
     with pytest.raises(ValueError, match="differ from the run's"):
@@ -341,7 +341,7 @@ def test_rebuild_refuses_unsafe_recorded_kwargs():
 def test_rebuild_exported_needs_the_file_named(exported):
     net, path = exported
     entry = recorded(load_model(str(path)))
-    with pytest.raises(ValueError, match="name it again with --model"):
+    with pytest.raises(ValueError, match="name it again with model="):
         rebuild_model(entry)
     assert weights_hash(rebuild_model(entry, model=str(path)).model) == weights_hash(net)
 

@@ -103,7 +103,7 @@ def test_force_removes_exactly_the_listed_files(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "data.csv").write_text("1,2")
-    with pytest.raises(RunDirError, match="--force to replace"):
+    with pytest.raises(RunDirError, match="force=True to replace"):
         prepare_run_dir(tmp_path)
     prepare_run_dir(tmp_path, force=True)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == \
@@ -308,7 +308,7 @@ def test_missing_and_unlisted_files(tmp_path):
 
 def test_no_run_json_points_at_resume(tmp_path):
     start_checkpoints(tmp_path, {"seed": 0})
-    with pytest.raises(RunDirError, match="holds no run.json.*--resume"):
+    with pytest.raises(RunDirError, match="holds no run.json.*resume=True"):
         read_run(tmp_path)
 
 
@@ -318,7 +318,13 @@ def test_interrupted_run_loads_labelled(tmp_path):
              complete=False)
     run = read_run(tmp_path)
     assert not run.complete and run.verified
-    assert run.label == "interrupted run: 1 of 3 layers scored; resume it with --resume"
+    assert run.label == ("interrupted run: 1 of 3 layers scored; to resume it, call rank again "
+                         "with the same checkpoint_dir and resume=True")
+    from pcace.core.voice import speaking_cli
+
+    with speaking_cli():
+        assert run.label == ("interrupted run: 1 of 3 layers scored; to resume it, run the "
+                             "same command with --resume")
 
 
 def test_older_run_json_loads_unverified(tmp_path):
@@ -419,7 +425,7 @@ def test_checkpoints_need_a_start(tmp_path):
 def test_killed_run_with_checkpoints_only(tmp_path):
     start_checkpoints(tmp_path, SETTINGS)
     save_layer_checkpoint(tmp_path, "a", channel_table("a"))
-    with pytest.raises(RunDirError, match="--resume"):
+    with pytest.raises(RunDirError, match="resume=True"):
         prepare_run_dir(tmp_path)
     assert prepare_run_dir(tmp_path, resume=True) == tmp_path
     prepare_run_dir(tmp_path, force=True)

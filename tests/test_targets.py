@@ -139,7 +139,11 @@ def test_resolve_errors():
 def test_single_folder_is_not_the_models_class_list():
     """A data folder holding only cat/ must not make 'cat' mean output 0 of a 10-class model."""
     with pytest.raises(ValueError, match=r"1 class folder but the model has 10 outputs.*"
-                       r"--target 3.*--categories"):
+                       r"target=3.*categories="):
+        resolve_target_for_model("cat", data_classes=["cat"], n_outputs=10)
+    from pcace.core.voice import speaking_cli
+
+    with speaking_cli(), pytest.raises(ValueError, match=r"--target 3.*--categories"):
         resolve_target_for_model("cat", data_classes=["cat"], n_outputs=10)
     with pytest.raises(ValueError, match="cannot be matched"):
         resolve_target_for_model("cat", data_classes=["cat"])

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..core.voice import action
 from .common import existing_run, locked, rounded_table
 
 __all__ = ["ABLATION_COLUMNS", "ablation_files", "cmd_ablate", "default_metric"]
@@ -139,7 +140,7 @@ def _load_ablated(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any, st
     dspec = (manifest.get("data") or {}).get("spec")
     if not recorded.get("spec") or not dspec or "path" not in dspec:
         raise ValueError("this run does not record how its model and data were loaded (it was "
-                         "made from Python); call pcace.ablate(...) from Python instead")
+                         f"made from Python); {action('ablate_from_python')}")
     loaded = rebuild_model(recorded, model=args.model, checkpoint=args.checkpoint,
                            weights=args.weights)
     ds, classes = open_dataset(dict(dspec), loaded.transform)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import first_line
+from ..core.voice import speaking_cli
 from .ablation import cmd_ablate
 from .common import existing_run as _existing_run
 from .common import locked as _locked
@@ -174,9 +175,11 @@ def _rank(args: argparse.Namespace) -> int:
                       spill_dir=args.spill_dir, checkpoint_dir=out, resume=args.resume,
                       on_step=guard.check, engine=args.engine,
                       ray_address=args.ray_address)
-    skipped = getattr(getattr(ds, "dataset", ds), "skipped", 0)
+    files = getattr(ds, "dataset", ds)
+    skipped = getattr(files, "skipped", 0)
     result.manifest["model"]["spec"] = loaded.spec
-    result.manifest["data"].update(spec=spec, skipped_images=int(skipped or 0))
+    result.manifest["data"].update(spec=spec, skipped_images=int(skipped or 0),
+                                   skipped_files=list(getattr(files, "skipped_files", []))[:20])
     result.manifest["categories"] = ({"names": list(cats.names), "source": cats.source}
                                      if cats else None)
     try:
@@ -382,7 +385,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     _existing_run(args.run_dir)
     with _locked(args.run_dir):
         load(args.run_dir)  # a clear error when this is not a (trustworthy) run directory
-        report = write_report(args.run_dir, progress=True)
+        report = write_report(args.run_dir, layers=args.layers, progress=True)
         root = Path(args.run_dir)
         add_files(root, [p for p in _report_files(root) if p != "assets"])
     pages = sorted(root.glob("report-*.html"))
@@ -431,7 +434,6 @@ def debugging() -> bool:
 
 def _run_command(args: argparse.Namespace) -> int:
     from ..core.interrupts import Interrupted
-    from ..core.voice import speaking_cli
     from ..engines.engine import EngineLost
 
     try:

@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html (and figures/*.png)")
     p.add_argument("run_dir")
+    p.add_argument("--layers", nargs="+", help="layers drawn in full (default: those with "
+                   "evidence, the strongest first)")
 
     p = sub.add_parser("show", help="print a saved run's tables (every layer; --brief: the "
                        "account rank prints)")

@@ -53,8 +53,27 @@ ACTIONS: dict[str, tuple[str, str]] = {
                           "the transform's normalisation (one mean and std per image "
                           "channel) and its resize/crop"),
     "same_size": ("--resize N --crop N", "a transform with Resize and CenterCrop"),
-    "ablate_from_python": ("rebuild the model in Python and call pcace.ablate(...)",
+    "ablate_from_python": ("run the ablation from Python, with the model in hand (user "
+                           "guide, 'Is the ranking faithful?')",
                            "call pcace.ablate(...) with the model"),
+    "relabel": ("name the class folders after the model's classes (or give the model's class "
+                "names with --categories)",
+                "relabel the images first: pcace.data.relabel(images, {indices}, categories)"),
+    "labelled_images": ("a folder with one subfolder of images per class",
+                        "(images, labels), a Dataset of (image, label) pairs or a DataLoader "
+                        "of them"),
+    "basis_check": ("run.json's routes -> LAYER -> check",
+                    "result.manifest['routes'][layer]['check']"),
+    "other_out": ("choose another --out", "choose another directory"),
+    "save_again": ("run the command again with --force",
+                   "rank again and save the result there (result.save(run_dir))"),
+    "resume_lost": ("rerun the same command with --resume",
+                    "with a checkpoint_dir, call rank again with resume=True to continue"),
+    "collect_assets": ("they are collected at rank time (pcace rank ... --report)",
+                       "collect them with pcace.viz.collect_assets(run_dir, model, images, "
+                       "result)"),
+    "draw_layers": ("`pcace report {run_dir} --layers ...` draws chosen layers in full",
+                    "write_report(run_dir, layers=[...]) draws chosen layers in full"),
 }
 
 
@@ -86,7 +105,7 @@ def is_cli() -> bool:
     return _CLI.get()
 
 
-def option(name: str, value: Any = True) -> str:
+def option(name: str, value: Any = True, *, python: str | None = None) -> str:
     """A setting as the caller writes it: ``--name VALUE`` or ``name=VALUE``.
 
     Parameters
@@ -95,6 +114,8 @@ def option(name: str, value: Any = True) -> str:
         The Python parameter's name (``random_weights``).
     value : Any
         Its value; ``True`` for a switch, or a placeholder such as ``"FILE"``.
+    python : str, optional
+        The value as Python writes it, where that differs (``"'local'"`` for ``local``).
 
     Returns
     -------
@@ -104,11 +125,13 @@ def option(name: str, value: Any = True) -> str:
     --------
     >>> option("checkpoint", "FILE")
     'checkpoint=FILE'
+    >>> option("engine", "local", python="'local'")
+    "engine='local'"
     """
     if is_cli():
         flag = "--" + _FLAGS.get(name, name.replace("_", "-"))
         return flag if value is True else f"{flag} {value}"
-    return f"{name}={value}"
+    return f"{name}={python if python is not None else value}"
 
 
 def action(key: str, **fill: Any) -> str:

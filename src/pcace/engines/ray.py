@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..core.errors import first_line
+from ..core.voice import action, option
 from .engine import Engine, EngineLost, Problems, solve_in_process
 
 #: Seconds per (observation x predictor) of one ACE problem on one core (measured:
@@ -48,7 +49,8 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("engine='ray' needs Ray: pip install 'pcace[ray]'") from err
+        raise ImportError(f"{option('engine', 'ray', python=repr('ray'))} needs Ray: "
+                          "pip install 'pcace[ray]'") from err
     return ray
 
 
@@ -133,7 +135,7 @@ class RayEngine(Engine):
                 ray.init(**options)
             except ConnectionError as err:
                 raise EngineLost(f"cannot join the Ray cluster at {address!r}: {err}. Start "
-                                 "one with `ray start --head` (see the README, 'Ray')") \
+                                 "one with `ray start --head` (see the docs, 'On a Ray cluster')") \
                     from None
             self.owned = True
         try:
@@ -377,9 +379,7 @@ class RayEngine(Engine):
         self.owned = False
         self._actors, self._slots = None, None
         raise EngineLost(f"the Ray cluster at {self.address} is gone (its GCS refuses "
-                         f"connections for {self.lost_after:g} s). The layers finished so far "
-                         "are kept: rerun the same command with --resume (once the cluster "
-                         "is back, on a new one, or with --engine local)")
+                         f"connections for {self.lost_after:g} s). {_kept_advice()}")
 
     def _submit(self, z_ref: Any, ys_ref: Any, ch_ref: Any, order: str, img_ref: Any,
                 lo: int, hi: int, score: str, options: dict) -> Any:
@@ -452,9 +452,14 @@ def _to_numpy(problems: Problems) -> Problems:
 def _lost_message(address: str | None, err: BaseException) -> str:
     kind = type(err).__name__
     return (f"the Ray cluster at {address} stopped answering ({kind}: "
-            f"{first_line(err, default='')}). The layers finished so far are "
-            "kept: rerun the same command with --resume (on this cluster once it is back, or "
-            "with --engine local)")
+            f"{first_line(err, default='')}). {_kept_advice()}")
+
+
+def _kept_advice() -> str:
+    """What to do after a lost cluster, in the caller's words."""
+    return (f"The layers finished so far are kept: {action('resume_lost')} (on this cluster "
+            f"once it is back, on a new one, or with "
+            f"{option('engine', 'local', python=repr('local'))})")
 
 
 def wait_for_cluster(address: str, cpus: float, timeout: float = 60.0) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..core.voice import option
 from .engine import ENGINES, Engine, LocalEngine
 
 __all__ = ["resolve_engine"]
@@ -42,7 +43,8 @@ def resolve_engine(engine: str | Engine | None = "local", address: str | None = 
         return engine, False
     if engine == "local":
         if address is not None:
-            raise ValueError("ray_address is for engine='ray'")
+            raise ValueError(f"{option('ray_address', 'ADDRESS', python='...')} is for "
+                             f"{option('engine', 'ray', python=repr('ray'))}")
         return LocalEngine(), True
     if engine == "ray":
         from .ray import RayEngine

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.voice import option
 from .targets import RegressionOutput, Target, _ClassTarget, resolve_target
 
 __all__ = ["Categories", "FolderClasses", "choose_categories", "describe_resolved",
@@ -217,8 +218,9 @@ def _folders_not_used(spec: Any, data: Sequence[str], n_outputs: int | None) -> 
            "names are not its class list" if n_outputs is not None else
            f"the data's {count} cannot be matched to the model's outputs")
     return (f"class name {str(spec)!r} cannot be resolved: the model declares no class names "
-            f"and {why}; give the class index (e.g. --target 3) or the model's class names "
-            "(--categories), one per output")
+            f"and {why}; give the class index (e.g. {option('target', 3)}) or the model's "
+            f"class names ({option('categories', 'NAME ...', python='[...]')}), one per "
+            "output")
 
 
 def describe_resolved(target: Target, categories: Categories | None = None) -> str:

@@ -126,8 +126,11 @@ def resolve_layers(model: nn.Module,
     if layers is None:
         names = conv_layer_names(model)
         if not names:
-            raise ValueError(f"{type(model).__name__} has no nn.Conv2d layers; pass layers=[...] "
-                             "with module names (see describe_layers(model, input_shape))")
+            from ..core.voice import action, option
+
+            raise ValueError(f"{type(model).__name__} has no nn.Conv2d layers; give "
+                             f"{option('layers', 'NAME ...', python='[...]')} with module names "
+                             f"(list them with {action('list_layers')})")
         return names
     if isinstance(layers, str | nn.Module):
         layers = [layers]

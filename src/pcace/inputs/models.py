@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..core.errors import first_line
+from ..core.voice import option
 
 __all__ = [
     "LoadedModel",
@@ -50,16 +51,19 @@ __all__ = [
     "weights_hash",
 ]
 
-SPEC_FORMS = (
-    "'torchvision:NAME' (e.g. torchvision:resnet18), 'timm:NAME', "
-    "an exported program (torch.export.save, .pt2), or 'package.module:factory' "
-    "(e.g. pcace.zoo:cifar_resnet20) with checkpoint=FILE"
-)
-EXPORT_HINT = (
-    "export the model instead: torch.export.save(torch.export.export(model, (x,), "
-    "dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)), 'model.pt2'), or give its "
-    "architecture as 'package.module:factory' with checkpoint=FILE"
-)
+def _spec_forms() -> str:
+    """The model specs pcace reads, in the caller's words."""
+    return ("'torchvision:NAME' (e.g. torchvision:resnet18), 'timm:NAME', "
+            "an exported program (torch.export.save, .pt2), or 'package.module:factory' "
+            f"(e.g. pcace.zoo:cifar_resnet20) with {option('checkpoint', 'FILE')}")
+
+
+def _export_hint() -> str:
+    """How to turn a model pcace cannot hook into one it can, in the caller's words."""
+    return ("export the model instead (in Python): torch.export.save(torch.export.export("
+            "model, (x,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)), 'model.pt2'), or "
+            "give its architecture as 'package.module:factory' with "
+            f"{option('checkpoint', 'FILE')}")
 KNOWN_BUILDERS = ("torchvision", "timm", "pcace.zoo")
 _NO_WEIGHTS = {"", "none", "random", "null"}
 
@@ -429,11 +433,12 @@ def _load_file(path: Path) -> LoadedModel:
     kind = _archive_kind(path)
     if kind == "torchscript":
         raise ValueError(f"{path} is a TorchScript model: PyTorch runs no forward hooks on "
-                         f"ScriptModules or their submodules, which pcace needs; {EXPORT_HINT}")
+                         f"ScriptModules or their submodules, which pcace needs; {_export_hint()}")
     if kind != "exported":
         raise ValueError(f"{path} is not an exported program (torch.export.save); a state dict "
                          f"needs its architecture: 'package.module:factory' with "
-                         f"checkpoint={path.name}; or {EXPORT_HINT}")
+                         f"{option('checkpoint', path.name, python=repr(path.name))}; or "
+                         f"{_export_hint()}")
     return _load_exported(path)
 
 
@@ -592,7 +597,7 @@ def load_model(spec: str | Path | Mapping[str, Any], weights: str | Path | None 
     checkpoint_s = None if checkpoint is None else str(checkpoint)
     text = str(spec).strip()
     if not text:
-        raise ValueError(f"empty model spec; use {SPEC_FORMS}")
+        raise ValueError(f"empty model spec; use {_spec_forms()}")
     prefix, sep, rest = text.partition(":")
     if sep and prefix.lower() in ("torchvision", "timm"):
         if not rest:
@@ -602,8 +607,9 @@ def load_model(spec: str | Path | Mapping[str, Any], weights: str | Path | None 
     path = Path(text).expanduser()
     if path.is_file():
         if weights_s is not None or checkpoint_s is not None:
-            raise ValueError(f"a model file carries its own weights; drop weights/"
-                             f"checkpoint or give the architecture as {SPEC_FORMS}")
+            raise ValueError(f"a model file carries its own weights; drop "
+                             f"{option('weights', '...')} and {option('checkpoint', '...')}, or "
+                             f"give the architecture as {_spec_forms()}")
         return _load_file(path)
     _check_factory_spec(text, path)
     if weights_s is not None and checkpoint_s is None and weights_s.lower() not in _NO_WEIGHTS:
@@ -638,7 +644,7 @@ def _check_factory_spec(text: str, path: Path) -> None:
     valid = sep and attr and all(p.isidentifier() for p in module_name.split(".")) and \
         all(p.isidentifier() for p in attr.split("."))
     if not valid:
-        raise ValueError(f"cannot read model spec {text!r}; use {SPEC_FORMS}")
+        raise ValueError(f"cannot read model spec {text!r}; use {_spec_forms()}")
 
 
 def output_size(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:

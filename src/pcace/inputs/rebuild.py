@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..core.voice import action, option
 from .models import LoadedModel, _path_str, load_model, weights_hash
 
 __all__ = ["rebuild_model"]
@@ -34,8 +35,8 @@ def _safe_kwargs(kind: str, kwargs: Any) -> dict[str, Any]:
     bad = [k for k, v in kwargs.items() if not isinstance(k, str) or not plain(v) or
            (kind == "timm" and k in _TIMM_FILE_KWARGS)]
     if bad:
-        raise ValueError(f"run.json's model_kwargs {bad} cannot be replayed safely; rebuild the "
-                         "model from Python and call pcace.ablate(...)")
+        raise ValueError(f"run.json's model_kwargs {bad} cannot be replayed safely; "
+                         f"{action('ablate_from_python')}")
     return dict(kwargs)
 
 
@@ -96,25 +97,24 @@ def rebuild_model(recorded: Mapping[str, Any], *, model: str | Path | None = Non
     spec = recorded.get("spec") if isinstance(recorded, Mapping) else None
     if not isinstance(spec, Mapping) or not isinstance(spec.get("spec"), str):
         raise ValueError("this run does not record how its model was loaded (it was made from "
-                         "Python); call pcace.ablate(...) from Python instead")
+                         f"Python); {action('ablate_from_python')}")
     expected = recorded.get("weights_sha256")
     if not isinstance(expected, str) or not expected:
         raise ValueError("run.json records no weights_sha256, so the rebuilt model cannot be "
-                         "checked; call pcace.ablate(...) from Python with the model")
+                         f"checked; {action('ablate_from_python')}")
     builder = _builder_of(spec)
     named = None if model is None else str(model).strip()
     if builder is None:
         if named is None:
             raise ValueError(f"the run's model {spec['spec']!r} is not a known builder "
                              "(torchvision, timm, pcace.zoo) and would run code named in "
-                             "run.json; name it again with --model "
-                             f"{spec['spec']} to confirm")
+                             "run.json; name it again with "
+                             f"{option('model', spec['spec'], python=repr(spec['spec']))} to "
+                             "confirm")
         if _same_spec(named, spec) is False:
-            raise ValueError(f"--model {named} differs from the run's model {spec['spec']}; "
-                             "give the model the run was made with")
+            raise ValueError(_differs(named, spec))
     elif named is not None and _same_spec(named, spec) is False:
-        raise ValueError(f"--model {named} differs from the run's model {spec['spec']}; "
-                         "give the model the run was made with, or leave --model out")
+        raise ValueError(f"{_differs(named, spec)}, or leave {option('model', '...')} out")
     kind = spec.get("kind")
     kwargs = _safe_kwargs(str(kind), spec.get("model_kwargs"))
     ckpt = checkpoint if checkpoint is not None else spec.get("checkpoint")
@@ -132,8 +132,13 @@ def rebuild_model(recorded: Mapping[str, Any], *, model: str | Path | None = Non
         source = f"checkpoint {ckpt}" if ckpt else f"weights {wts}" if wts else "the seed"
         raise ValueError(f"the rebuilt model's weights (hash {found}) differ from the run's "
                          f"({expected}): {source} changed since the run; pass the checkpoint "
-                         "the run was made with (--checkpoint)")
+                         f"the run was made with ({option('checkpoint', 'FILE')})")
     return loaded
+
+
+def _differs(named: str, spec: Mapping[str, Any]) -> str:
+    return (f"{option('model', named, python=repr(named))} differs from the run's model "
+            f"{spec['spec']}; give the model the run was made with")
 
 
 def _same_spec(named: str, spec: Mapping[str, Any]) -> bool:

@@ -248,8 +248,11 @@ def resolve_bins(bins: str | int | None, n: int) -> int | None:
     if isinstance(bins, (bool, np.bool_)) or not isinstance(bins, (int, np.integer)):
         raise ValueError(f"bins must be 'auto', None or an int >= {MIN_BINS}; got {bins!r}")
     if bins < MIN_BINS:
+        from ..core.voice import option
+
+        exact = option("ace_options", "none", python="{'bins': None}")
         raise ValueError(f"bins must be at least {MIN_BINS} (the supersmoother's spans need "
-                         f"bins to average over); got {bins}. Use bins=None for exact ACE")
+                         f"bins to average over); got {bins}. Use {exact} for exact ACE")
     return None if bins >= n else int(bins)
 
 

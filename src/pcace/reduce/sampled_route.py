@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..capture.forward import Feed, PassResult
+from ..core.voice import action, option
 from .moments import naming_errors
 from .pca import Reduction, reduce_block
 from .routes import ReducedBlock, Route
@@ -177,8 +178,10 @@ def _poor_message(poor: dict[str, int], sample_size: int) -> str:
     more = f" and {len(poor) - 6} more layers" if len(poor) > 6 else ""
     return (f"the sampled basis (m = {sample_size}) captures less of some channels' variance "
             f"over all images than the sample promised, in {shown}{more} (channels per "
-            "layer); manifest['routes'][layer]['check'] names them. A larger sample_size, or "
-            "basis='exact', gives them their exact components")
+            f"layer); {action('basis_check')} names them. A larger "
+            f"{option('sample_size', 'M', python='...')}, or "
+            f"{option('basis', 'exact', python=repr('exact'))}, gives them their exact "
+            "components")
 
 
 def _compact(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..capture.forward import Feed, PassResult, batch_images, forward_pass, image_sums
+from ..core.voice import option
 from .basis import PixelBasis
 from .moments import RUN_IMAGES, MomentAccumulator, basis_of, naming_errors
 from .pca import Reduction
@@ -350,8 +351,9 @@ class TwoPass(Route):
                     f"layer {name!r}: {stuck} of {len(basis.converged)} channels did not "
                     f"converge in {basis.passes} subspace-iteration passes (largest estimated "
                     f"principal angle {float(basis.angle.max()):.1e} rad); their components are "
-                    "approximate. A memory_budget that fits the layer's P x P moments gives "
-                    "the exact basis in two passes.", stacklevel=3)
+                    f"approximate. A {option('memory_budget', 'BYTES', python='...')} that "
+                    "fits the layer's P x P moments gives the exact basis in two passes.",
+                    stacklevel=3)
         return out
 
     def _begin_projection(self) -> None:

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.files import os_error_reason
+from ..core.voice import action
 from .common import RunDirError, usable_dir
 
 try:
@@ -450,14 +451,14 @@ def _busy_message(root: Path, holder: LockInfo | None) -> str:
     lockfile = root / LOCK_NAME
     if holder is None:
         return (f"{root} is in use by another pcace run (its lock {lockfile} names none yet); "
-                "wait for it to end, or choose another --out")
+                f"wait for it to end, or {action('other_out')}")
     if not holder.here:
         return (f"{root} is in use by a pcace run on another host ({holder.describe()}); "
-                f"wait for it to end or choose another --out. If that run is no longer "
+                f"wait for it to end or {action('other_out')}. If that run is no longer "
                 f"running, remove {lockfile} and run again")
     return (f"{root} is in use by another pcace run ({holder.describe()}); wait for it to "
-            f"end (or stop it: `kill {holder.pid}` saves its finished layers), or choose "
-            "another --out")
+            f"end (or stop it: `kill {holder.pid}` saves its finished layers), or "
+            f"{action('other_out')}")
 
 
 def _note(note: Callable[[str], Any] | None, text: str) -> None:

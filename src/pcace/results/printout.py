@@ -18,6 +18,8 @@ from typing import Any
 
 import pandas as pd
 
+from ..core.voice import option
+
 __all__ = ["brief_summary", "many_summary", "summary_text", "text_summary"]
 
 _MARK = "*"
@@ -88,7 +90,8 @@ def text_summary(result: Any, top: int = 5) -> str:
                      f"({_null_words(result.manifest)}, BH q <= 0.05; split-half "
                      "reproducibility).")
     elif not has_null:
-        lines.append("No permutation null was computed (--permutations 0): these values are "
+        lines.append(f"No permutation null was computed ({option('permutations', 0)}): "
+                     "these values are "
                      "biased upwards by an amount that depends on N and k, so read them as an "
                      "order within each layer, not as evidence.")
     lines.append(f"{'layer':<22} {'ch':>4}  median  {'adj':>6}  {'sig':>4}  "

@@ -54,6 +54,7 @@ import numpy as np
 from ..core import files as fileio
 from ..core.errors import first_line
 from ..core.files import FileData, atomic_write, file_sha256, os_error_reason
+from ..core.voice import action, option
 from .checkpoints import remove_checkpoints
 from .common import (
     CHECKPOINT_FORMAT,
@@ -161,8 +162,8 @@ def prepare_run_dir(path: str | Path, *, force: bool = False, resume: bool = Fal
     True
     """
     if force and resume:
-        raise RunDirError("give either force (replace the earlier run) or resume (continue "
-                          "it), not both")
+        raise RunDirError(f"give either {option('force')} (replace the earlier run) or "
+                          f"{option('resume')} (continue it), not both")
     with lock_run_dir(path) as lock:  # held all along by `pcace rank`: then a no-op
         root = usable_dir(path)
         _remove_temp_leftovers(lock.root)
@@ -179,12 +180,14 @@ def _prepare(root: Path, force: bool, resume: bool) -> Path:
     if resume:
         if not has_run:
             raise RunDirError(f"nothing to resume in {root}: it holds no pcace run; drop "
-                              "--resume or choose the directory of the interrupted run")
+                              f"{option('resume')} or choose the directory of the "
+                              "interrupted run")
         return root
     if force:
         if not has_run:
             raise RunDirError(f"{root} holds files but no pcace run ({brief(entries)}); "
-                              "--force only replaces a pcace run: choose another --out")
+                              f"{option('force')} only replaces a pcace run: "
+                              f"{action('other_out')}")
         killed_save = _killed_save(manifest, state)
         _remove_previous_run(root, manifest)
         leftover = [p for p in root.iterdir() if _is_reserved(p.name)]
@@ -196,10 +199,11 @@ def _prepare(root: Path, force: bool, resume: bool) -> Path:
         if leftover:
             raise RunDirError(f"{root} still holds {brief([p.name for p in leftover])}, which "
                               "the earlier run's run.json does not list; move them away or "
-                              "choose another --out")
+                              f"{action('other_out')}")
         return root
-    hint = ("pass --force to replace the pcace run there, --resume to continue it, or "
-            "choose another --out") if has_run else "choose an empty or new directory"
+    hint = (f"pass {option('force')} to replace the pcace run there, {option('resume')} to "
+            f"continue it, or {action('other_out')}") if has_run else \
+        "choose an empty or new directory"
     raise RunDirError(f"output directory {root} is not empty ({brief(entries)}); {hint}")
 
 
@@ -241,12 +245,13 @@ def _remove_previous_run(root: Path, manifest: Mapping[str, Any] | None) -> list
     listed = _listed(manifest)
     if manifest is not None and _is_pcace_manifest(manifest) and not listed:
         raise RunDirError(f"the run in {root} was written by an older pcace whose run.json "
-                          "lists no files; remove its files yourself or choose another --out")
+                          f"lists no files; remove its files yourself or {action('other_out')}")
     paths = {name: _safe_name(root, name) for name in listed}
     changed = [n for n, p in paths.items() if p.exists() and not _matches(p, listed[n])]
     if changed:
         raise RunDirError(f"{brief(changed)} in {root} changed since pcace wrote it; "
-                          "--force removes only unchanged run files: move it away first")
+                          f"{option('force')} removes only unchanged run files: move it away "
+                          "first")
     removed = []
     for name, p in paths.items():
         if p.exists():
@@ -499,7 +504,7 @@ class RunManifest:
             done = self.manifest.get("layers_done")
             far = f": {len(done)} of {len(layers)} layers scored" if isinstance(
                 done, list) and layers else ""
-            text = f"interrupted run{far}; resume it with --resume"
+            text = f"interrupted run{far}; to resume it, {action('resume')}"
         else:
             text = "complete run"
         if not self.verified:
@@ -542,7 +547,7 @@ def read_run(path: str | Path, *, verify: bool = True,
         raise RunDirError(f"run directory {root} does not exist or is not a directory")
     mpath = root / MANIFEST
     if not mpath.is_file():
-        hint = (" (it holds checkpoints of an unfinished run: resume it with --resume)"
+        hint = (f" (it holds checkpoints of an unfinished run: to resume it, {action('resume')})"
                 if (root / CHECKPOINTS / "state.json").is_file() else "")
         raise RunDirError(f"{root} holds no run.json: not a pcace run directory (or an "
                           f"unfinished one){hint}")
@@ -551,7 +556,7 @@ def read_run(path: str | Path, *, verify: bool = True,
     except (OSError, ValueError) as err:
         first = first_line(err)
         raise RunDirError(f"{mpath} cannot be read as JSON ({first}); the save may have been "
-                          "interrupted: run again with --force") from None
+                          f"interrupted: {action('save_again')}") from None
     if not isinstance(manifest, dict):
         raise RunDirError(f"{mpath} is not a pcace run.json (not a JSON object)")
     listed = manifest.get("files")
@@ -565,7 +570,7 @@ def read_run(path: str | Path, *, verify: bool = True,
                           f"{brief(missing)}")
     if verified and (unlisted := [n for n in required if n not in listed]):
         raise RunDirError(f"{brief(unlisted)} in {root} is not listed in run.json; it is not "
-                          "part of the recorded run: run again with --force")
+                          f"part of the recorded run: {action('save_again')}")
     complete = bool(manifest.get("complete", not manifest.get("interrupted", False)))
     return RunManifest(root, manifest, complete=complete, verified=verified,
                        files=dict(listed) if verified else {})
@@ -573,7 +578,7 @@ def read_run(path: str | Path, *, verify: bool = True,
 
 def _check_file(root: Path, name: str, entry: Any, verify: bool) -> None:
     p = _safe_name(root, name)
-    fix = "the save did not finish or the file was changed; run again with --force"
+    fix = f"the save did not finish or the file was changed; {action('save_again')}"
     if not p.is_file():
         raise RunDirError(f"{name} listed in {root / MANIFEST} is missing; {fix}")
     if not verify:

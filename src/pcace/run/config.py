@@ -30,6 +30,7 @@ import torch
 
 from ..core.validation import components as check_components
 from ..core.validation import fraction, integer, score_kind
+from ..core.voice import option as spoken
 from ..engines.engine import ENGINES, Engine
 from ..reduce.plan import BASES, MemoryPlan
 from ..stats.bootstrap import interval_scheme
@@ -365,11 +366,16 @@ class RankOptions:
             if check is not None:
                 object.__setattr__(self, f.name, check(getattr(self, f.name)))
         if self.per_label and self.label is not None:
-            raise ValueError("per_label=True ranks every label's images; do not also give "
-                             "label= (that keeps one label's images)")
+            raise ValueError(f"{spoken('per_label')} ranks every label's images; do not "
+                             f"also give {spoken('label', 'LABEL', python='...')} (that keeps "
+                             "one label's images)")
+        if self.bootstrap == 1 and self.interval == "half-sample":
+            raise ValueError(f"{spoken('interval', 'half-sample', python=repr('half-sample'))} "
+                             f"needs at least 2 replicates ({spoken('bootstrap', 2)} or more)")
         if self.resume and self.checkpoint_dir is None:
-            raise ValueError("resume=True needs checkpoint_dir= (the interrupted run's "
-                             "directory)")
+            raise ValueError(f"{spoken('resume')} needs "
+                             f"{spoken('checkpoint_dir', 'DIR', python='...')} (the "
+                             "interrupted run's directory)")
 
     @property
     def statistics(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from ..core.validation import scores as check_scores
+from ..core.voice import action, option
 from ..inputs.categories import Categories, folder_classes
 from ..inputs.datasets import ImageFiles
 from ..inputs.targets import TargetSet, resolve_targets
@@ -103,8 +104,8 @@ def check_folder_labels(images: Any, categories: Sequence[str] | None) -> None:
         raise ValueError(f"{start}, and {matched.reason}; name the folders after the classes")
     if not matched.identity:
         raise ValueError(f"{start}, and the model's classes of those folders are "
-                         f"{list(matched.indices)}; relabel the images first: "
-                         f"pcace.data.relabel(images, {list(matched.indices)}, categories)")
+                         f"{list(matched.indices)}; "
+                         f"{action('relabel', indices=list(matched.indices))}")
 
 
 def image_labels(batches: Any, per_label: bool) -> np.ndarray | None:
@@ -113,8 +114,8 @@ def image_labels(batches: Any, per_label: bool) -> np.ndarray | None:
         return None
     labels = getattr(batches, "labels", None)
     if labels is None:
-        raise ValueError("per_label=True needs labelled images: (images, labels), a Dataset of "
-                         "(image, label) pairs or a DataLoader of them")
+        raise ValueError(f"{option('per_label')} needs labelled images: "
+                         f"{action('labelled_images')}")
     return np.asarray(torch.as_tensor(labels).cpu()).reshape(-1)
 
 

@@ -314,7 +314,8 @@ def _manifest(ctx: RunContext, g: _Gathered, checkpoints: Checkpoints, weights: 
         "model": {"class": type(ctx.model).__name__,
                   "parameters": count_parameters(ctx.model), "weights_sha256": weights},
         "data": {"n_images": int(g.scores.shape[0]), "label": opts.label,
-                 "skipped_images": int(getattr(ctx.images, "skipped", 0) or 0)},
+                 "skipped_images": int(getattr(ctx.images, "skipped", 0) or 0),
+                 "skipped_files": list(getattr(ctx.images, "skipped_files", None) or [])[:20]},
         "target": describe_target(single) if single is not None else
         {"kind": "several", "labels": targets.labels},
         "target_description": "each label's own class logit, on that label's images"

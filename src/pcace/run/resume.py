@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.voice import action
+from ..core.voice import action, option
 from ..results import checkpoints as files  # through the module: a test may wrap its calls
 from ..results.checkpoints import LayerCheckpoint
 from ..results.common import RunDirError
@@ -46,8 +46,9 @@ class Checkpoints:
         """Start (or, with ``resume``, re-open) the checkpoints of a run with ``settings``."""
         if root is None:
             if resume:
-                raise ValueError("resume=True needs checkpoint_dir= (the interrupted run's "
-                                 "directory)")
+                raise ValueError(f"{option('resume')} needs "
+                                 f"{option('checkpoint_dir', 'DIR', python='...')} (the "
+                                 "interrupted run's directory)")
             return cls(None, settings, {})
         done = files.load_layer_checkpoints(root, settings) if resume else {}
         files.start_checkpoints(root, settings)

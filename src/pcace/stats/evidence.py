@@ -440,7 +440,7 @@ def layer_evidence(
         high = float(sp.get("split_half_spearman_high", math.nan))
         top = float(sp.get("split_half_top10", math.nan))
         n = n_images if n_images is not None else sp.get("n_images")
-        evidence, text = verdict(share, rho, low, n, a)
+        evidence, text = verdict(share, rho, low, n, a, high)
         rows.append({"layer": name, "channels": int(len(sub)), "significant_share": share,
                      "median_adj": adj, "split_half_spearman": rho,
                      "split_half_spearman_low": low, "split_half_spearman_high": high,
@@ -448,48 +448,69 @@ def layer_evidence(
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
 
 
-def verdict(share: float, rho: float, low: float, n: Any, alpha: float = DEFAULT_ALPHA
-            ) -> tuple[str, str]:
+def _split_words(reading: str, rho: float, low: float, high: float) -> str:
+    """`` (split-half Spearman +0.87 [0.35, 0.99]; reproducible needs ...)``: the numbers
+    and the threshold that decided ``reading``."""
+    band = f" [{low:.2f}, {high:.2f}]" if math.isfinite(low) and math.isfinite(high) else ""
+    rule = {"reproducible": f"reproducible: >= {REPRODUCIBLE:.2f} with the 95% interval's "
+                            f"low end >= {REPRODUCIBLE_LOW:.2f}",
+            "partly reproducible": f"reproducible needs >= {REPRODUCIBLE:.2f} with the 95% "
+                                   f"interval's low end >= {REPRODUCIBLE_LOW:.2f}",
+            "not reproducible": f"below {NOT_REPRODUCIBLE:.2f}, or an interval reaching 0, "
+                                "is not reproducible"}[reading]
+    return f" (split-half Spearman {rho:+.2f}{band}; {rule})"
+
+
+def verdict(share: float, rho: float, low: float, n: Any, alpha: float = DEFAULT_ALPHA,
+            high: float = math.nan) -> tuple[str, str]:
     """The evidence level of one layer and its sentence (the rules of :func:`layer_evidence`).
 
-    ``share``: share of channels with ``q <= alpha`` (NaN: no null); ``rho`` and ``low``:
-    projected split-half Spearman and its interval's lower end (NaN: not measured); ``n``:
-    the number of images (for the sentence).
+    ``share``: share of channels with ``q <= alpha`` (NaN: no null); ``rho``, ``low`` and
+    ``high``: projected split-half Spearman and its interval (NaN: not measured); ``n``:
+    the number of images. The sentence gives the numbers and the thresholds that decided.
 
     Examples
     --------
     >>> verdict(0.0, 0.1, -0.2, 300)[0]
     'none'
+    >>> print(verdict(1.0, 0.87, 0.35, 300, high=0.99)[1])
+    100% of the channels beat chance (q <= 0.05) and the ranking is partly reproducible at \
+N = 300 (split-half Spearman +0.87 [0.35, 0.99]; reproducible needs >= 0.80 with the 95% \
+interval's low end >= 0.50); strong needs a reproducible ranking
     """
     at = f" at N = {int(n)}" if n is not None and not pd.isna(n) else ""
     reading = _reading(rho, low)
+    split = _split_words(reading, rho, low, high) if reading != "unknown" else ""
+    chance = f"(q <= {alpha:g})"
     known_share = math.isfinite(share)
     if reading == "unknown" and not known_share:
         return "none", "neither a permutation null nor a split-half check was computed"
     if not known_share:
-        if reading == "reproducible":
-            return "weak", (f"the ranking is reproducible{at}, but without a permutation "
-                            "null it is not known whether any channel beats chance")
         if reading == "not reproducible":
-            return "none", f"the ranking is not reproducible{at}: use more images"
-        return "weak", (f"the ranking is partly reproducible{at}, and without a permutation "
+            return "none", f"the ranking is not reproducible{at}{split}: use more images"
+        return "weak", (f"the ranking is {reading}{at}{split}, but without a permutation "
                         "null it is not known whether any channel beats chance")
     pct = f"{share:.0%}"
     if reading == "unknown":
         if share == 0:
-            return "none", f"no channel beats chance{at} (q <= {alpha:g}): use more images"
-        return "weak", (f"{pct} of the channels beat chance{at}; the ranking's "
-                        "reproducibility was not measured")
+            return "none", f"no channel beats chance{at} {chance}: use more images"
+        return "weak", (f"{pct} of the channels beat chance{at} {chance}; the ranking's "
+                        "reproducibility was not measured, and strong needs it")
     if share == 0:
         if reading == "not reproducible":
-            return "none", (f"no channel beats chance and the ranking is not "
-                            f"reproducible{at}: use more images")
-        return "weak", (f"the ranking is {reading}{at}, but no channel beats chance "
-                        "(more permutations or more images may tell)")
+            return "none", (f"no channel beats chance {chance} and the ranking is not "
+                            f"reproducible{at}{split}: use more images")
+        return "weak", (f"the ranking is {reading}{at}{split}, but no channel beats chance "
+                        f"{chance}: more permutations or more images may tell")
     if reading == "reproducible" and share >= 0.5:
-        return "strong", (f"{pct} of the channels beat chance and the ranking is "
-                          f"reproducible{at}")
+        return "strong", (f"{pct} of the channels beat chance {chance} and the ranking is "
+                          f"reproducible{at}{split}; strong: at least half beat chance and "
+                          "the ranking is reproducible")
     if reading == "not reproducible":
-        return "weak", (f"{pct} of the channels beat chance, but their order is not "
-                        f"reproducible{at}: use more images to rank them")
-    return "weak", f"{pct} of the channels beat chance and the ranking is {reading}{at}"
+        return "weak", (f"{pct} of the channels beat chance {chance}, but their order is not "
+                        f"reproducible{at}{split}: use more images to rank them")
+    if reading == "reproducible":
+        return "weak", (f"{pct} of the channels beat chance {chance}, fewer than the half "
+                        f"that strong needs; the ranking is reproducible{at}{split}")
+    return "weak", (f"{pct} of the channels beat chance {chance} and the ranking is partly "
+                    f"reproducible{at}{split}; strong needs a reproducible ranking")

@@ -389,7 +389,9 @@ def _collect(model, images, result, score_fn, spec, notes, dev, *, mean, std, n_
              "display": "x * std + mean, clipped to [0, 1]" if mean is not None
              else "each image min-max scaled to [0, 1]",
              "mean": _jsonable(mean), "std": _jsonable(std),
-             "target": spec if isinstance(spec, dict) else None}
+             "target": spec if isinstance(spec, dict) else None,
+             "featurevis_layers": [n for n in layer_names if n in fv_layers]
+             if featurevis and featurevis_channels > 0 else None}
     return arrays, index
 
 
@@ -432,6 +434,7 @@ def _add_layer_maps(arrays: dict, key: str, name: str, table: Any, act: torch.Te
             "dead": [bool(by_channel.dead[c]) for c in chosen] if "dead" in table else None,
             "significant": [bool(by_channel.significant[c]) for c in chosen]
             if "significant" in table else None,
+            "n_significant": int(table.significant.sum()) if "significant" in table else None,
             "n_channels": int(act.shape[1]), "map_size": list(act.shape[-2:]),
             "ace": None, "featurevis": None}
 

@@ -21,7 +21,7 @@ from .assets import load_assets
 from .evidence import full_layers, report_groups, run_evidence
 from .pages import figure_view, render_page, write_page
 from .report import REPORT_FILE, RenderedFigure, render_figures
-from .report_view import page_context
+from .report_view import page_context, skipped_text
 
 __all__ = ["report_groups", "write_atlas_report"]
 
@@ -51,7 +51,8 @@ def _overview(result: Any, rows: list[dict[str, Any]], atlas: RenderedFigure | N
     what = ("each label's images ranked against " +
             ("its own class's score" if m.get("data", {}).get("own_class") else "the score")
             if per_label else f"{len(rows)} targets from one forward pass")
-    return render_page("atlas.html", title=title, n_images=m.get("data", {}).get("n_images", "?"),
+    n_images = f"{m.get('data', {}).get('n_images', '?')}{skipped_text(m)}"
+    return render_page("atlas.html", title=title, n_images=n_images,
                        what=what, atlas=figure_view(atlas) if atlas is not None else None,
                        rows=rows, version=m.get("pcace_version", ""))
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..core.voice import option
 from ..stats.common import DEFAULT_ALPHA, significant
 from ..stats.evidence import verdict
 
@@ -26,8 +27,19 @@ MAX_FULL = 8
 MAX_FEATUREVIS = 3
 EVIDENCE_LEVELS = ("strong", "weak", "none", "unknown")
 
-NO_NULL_TEXT = ("No permutation null was computed for this run (permutations=0), so nothing "
-                "says whether these values beat chance; rerun with --permutations 199 or more.")
+
+def no_null_text() -> str:
+    """What a run without a permutation null cannot say, and the fix, in the caller's words.
+
+    Examples
+    --------
+    >>> no_null_text()[-38:]
+    'rerun with permutations=199 (or more).'
+    """
+    return (f"No permutation null was computed for this run ({option('permutations', 0)}), "
+            "so nothing says whether these values beat chance; rerun with "
+            f"{option('permutations', 199)} (or more).")
+
 
 
 def significance(channels: pd.DataFrame) -> pd.Series | None:
@@ -78,7 +90,7 @@ def evidence_sentence(level: str, share: float, n_sig: int, n_channels: int,
     """One plain sentence on what a layer's numbers support."""
     images = f"{n_images} images" if n_images else "this many images"
     if level == "unknown":
-        return NO_NULL_TEXT
+        return no_null_text()
     repro = (f"; two disjoint halves of the images rank its channels with Spearman "
              f"{spearman:.2f}" if np.isfinite(spearman) else "")
     if level == "none":
@@ -155,10 +167,11 @@ def run_evidence(result: Any) -> pd.DataFrame:
                                   row.split_half_spearman, n_images)
         elif has_null:  # an older run: the same rules as pcace.rank applies
             level, text = verdict(row.significant_share, row.split_half_spearman,
-                                  row.split_half_spearman_low, n_images, ALPHA)
+                                  row.split_half_spearman_low, n_images, ALPHA,
+                                  row.split_half_spearman_high)
             text = text[:1].upper() + text[1:] + "."
         else:
-            level, text = "unknown", NO_NULL_TEXT
+            level, text = "unknown", no_null_text()
         levels.append(level)
         sentences.append(text)
     out["evidence"] = levels

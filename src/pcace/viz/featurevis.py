@@ -1,22 +1,25 @@
 """Feature visualisation: inputs synthesised to excite one channel as much as possible.
 
 Plain gradient ascent on the pixels gives high-frequency noise that the eye reads as grey
-mush, or, for a channel that responds to brightness, a flat colour. Two choices make the
-pictures legible:
+mush, or, for a channel that responds to brightness, a flat colour. The standard remedies
+(Olah, Mordvintsev & Schubert, "Feature Visualization", Distill 2017) are implemented here:
 
 - **A decorrelated parametrisation.** The image is not optimised pixel by pixel but as a
   2-D Fourier spectrum per colour channel, each frequency scaled by ``1 / f`` (natural
-  images have roughly that spectrum, so a unit step changes every frequency by a natural
-  amount instead of favouring the highest), and the colour channels are mixed by the square
-  root of the real images' colour covariance (a step moves along natural colour directions).
-  A sigmoid maps the result into the range of the real inputs.
-- **Transformation robustness.** Every step scores a batch of randomly jittered, scaled and
-  rotated copies, so the picture cannot exploit single-pixel effects; what remains are
+  images have roughly that spectrum, so a step changes every frequency by a natural amount
+  instead of favouring the many high ones), and the colour channels are mixed by the square
+  root of the real images' colour correlation (a step moves along natural colour
+  directions). A sigmoid maps the result into the real images' value range, starting from
+  their mean colour.
+- **Transformation robustness.** Every step scores randomly jittered, scaled and slightly
+  turned copies, so the picture cannot exploit single-pixel effects; what remains are
   patterns the channel responds to wherever and however large they are.
 
 The objective is the mean of the channel's positive part (what a following ReLU passes)
-plus a small share of its plain mean; see :func:`objective`. Each visualisation is checked:
-it must excite its channel more than every reference image does, and it must not be flat.
+plus a small share of its plain mean; see :func:`objective`. A picture only says something
+when it excites its channel clearly more than the real images do: :func:`why_not_shown`
+decides (at least :data:`CLEAR_FACTOR` times the strongest image's response, above zero,
+and not flat), and the report shows the picture or the two numbers instead.
 """
 
 from __future__ import annotations
@@ -75,81 +78,145 @@ class FeatureVisualisation:
     variation: np.ndarray
 
 
+#: A picture is shown when its channel's response is at least this many times the
+#: strongest reference image's (and above zero).
+CLEAR_FACTOR = 1.5
+#: ... and when it varies in space at least this share of a typical reference image.
+MIN_VARIATION = 0.25
+
+
+def why_not_shown(excitation: float, best_image: float, variation: float | None = None
+                  ) -> str | None:
+    """Why a synthetic input is not worth showing, or None when it is.
+
+    It is shown when it drives its channel above zero and to at least
+    :data:`CLEAR_FACTOR` times the strongest response among the reference images, and
+    varies in space (at least :data:`MIN_VARIATION` of a typical image's variation).
+    Otherwise the picture says nothing the data do not, and the reason (a phrase that
+    follows "the synthetic input") names both numbers.
+
+    Parameters
+    ----------
+    excitation : float
+        :func:`objective` of the channel on its synthetic input.
+    best_image : float
+        The largest :func:`objective` of the channel over the reference images.
+    variation : float, optional
+        :func:`spatial_variation` of the synthetic input (not checked when None).
+
+    Returns
+    -------
+    str or None
+
+    Examples
+    --------
+    >>> why_not_shown(3.0, 1.0) is None
+    True
+    >>> why_not_shown(1.2, 1.0)
+    'excites it to 1.2, the strongest image to 1 (1.2x; shown from 1.5x)'
+    >>> why_not_shown(-0.03, -0.07)
+    'excites it to -0.03, the strongest image to -0.07: neither drives it above zero'
+    """
+    reached, best = float(excitation), float(best_image)
+    numbers = f"excites it to {reached:.2g}, the strongest image to {best:.2g}"
+    if reached <= 0:
+        return numbers + (": neither drives it above zero" if best <= 0
+                          else ": not above zero")
+    if best > 0 and reached < CLEAR_FACTOR * best:
+        return numbers + f" ({reached / best:.1f}x; shown from {CLEAR_FACTOR:g}x)"
+    if variation is not None and float(variation) < MIN_VARIATION:
+        return (f"is nearly flat (spatial variation {float(variation):.2f} of a typical "
+                f"image's; shown from {MIN_VARIATION:g})")
+    return None
+
+
 # ---------------------------------------------------------------- parametrisation
 
-def _frequency_scale(h: int, w: int, decay: float = 1.0) -> torch.Tensor:
-    """``1 / f**decay`` for the rfft2 frequencies of an h x w image (the DC term gets 1)."""
+def _frequency_scale(h: int, w: int, decay: float) -> torch.Tensor:
+    """``1 / f**decay`` on the rfft2 grid of an h x w image, scaled to unit mean square.
+
+    The lowest non-zero frequency bounds ``f`` from below (the constant term gets the same
+    weight as the coarsest pattern). Natural images have about this amplitude spectrum, so
+    a step of the same size on every coefficient changes the image as a natural image
+    would change, instead of favouring the many high frequencies.
+    """
     fy = torch.fft.fftfreq(h)[:, None]
     fx = torch.fft.rfftfreq(w)[None, :]
     f = torch.sqrt(fx * fx + fy * fy).clamp_min(1.0 / max(h, w))
-    return (1.0 / f ** decay) / math.sqrt(h * w)
+    scale = f ** -decay
+    return scale / scale.pow(2).mean().sqrt()
 
 
 def _colour_root(reference: torch.Tensor) -> torch.Tensor:
-    """Symmetric square root of the colour covariance of the (normalised) reference pixels."""
+    """Symmetric square root of the colour correlation of the reference pixels, rows scaled
+    so the longest has unit length: it turns independent values into correlated colours."""
     c = reference.shape[1]
+    if c == 1:
+        return torch.ones(1, 1)
     pixels = reference.transpose(0, 1).reshape(c, -1).double()
-    std = pixels.std(dim=1, keepdim=True).clamp_min(1e-6)
-    cov = torch.cov(pixels / std) if c > 1 else torch.ones(1, 1, dtype=torch.float64)
-    vals, vecs = torch.linalg.eigh(cov)
+    pixels = pixels / pixels.std(dim=1, keepdim=True).clamp_min(1e-6)
+    vals, vecs = torch.linalg.eigh(torch.cov(pixels))
     root = vecs @ torch.diag(vals.clamp_min(1e-4).sqrt()) @ vecs.T
     return (root / root.norm(dim=1).max()).float()
 
 
 class _Image(nn.Module):
-    """An image batch as a 1/f-scaled spectrum with decorrelated colours, squashed to a box."""
+    """K images held as Fourier spectra: ``1/f``-scaled frequencies, decorrelated colours,
+    squashed by a sigmoid into the reference images' value range per colour channel.
+
+    With a zero spectrum each image is flat at the reference images' mean colour.
+    """
 
     def __init__(self, k: int, reference: torch.Tensor, gen: torch.Generator,
-                 init_scale: float = 0.01, reach: float = 2.5):
+                 decay: float, size: tuple[int, int], init_scale: float = 0.05):
         super().__init__()
-        _, c, h, w = reference.shape
+        c, (h, w) = reference.shape[1], size
         dims = (0, 2, 3)
+        dev = reference.device
+        low = reference.amin(dims, keepdim=True)
+        span = (reference.amax(dims, keepdim=True) - low).clamp_min(1e-6)
+        share = ((reference.mean(dims, keepdim=True) - low) / span).clamp(0.02, 0.98)
         self.h, self.w = h, w
-        self.register_buffer("scale", _frequency_scale(h, w).to(reference.device))
-        self.register_buffer("colour", _colour_root(reference).to(reference.device))
-        self.register_buffer("low", reference.amin(dims, keepdim=True))
-        self.register_buffer("high", reference.amax(dims, keepdim=True))
-        self.register_buffer("mean", reference.mean(dims, keepdim=True))
-        self.register_buffer("std", reference.std(dims, keepdim=True).clamp_min(1e-6))
-        self.reach = reach
+        self.register_buffer("scale", _frequency_scale(h, w, decay).to(dev))
+        self.register_buffer("colour", _colour_root(reference).to(dev))
+        self.register_buffer("low", low)
+        self.register_buffer("span", span)
+        self.register_buffer("offset", torch.log(share / (1 - share)))
         shape = (k, c, h, w // 2 + 1, 2)
-        self.spectrum = nn.Parameter(init_scale * torch.randn(shape, generator=gen)
-                                     .to(reference.device))
+        self.spectrum = nn.Parameter((init_scale * torch.randn(shape, generator=gen)).to(dev))
 
     def forward(self) -> torch.Tensor:
-        spec = torch.view_as_complex(self.spectrum) * self.scale
-        flat = torch.fft.irfft2(spec, s=(self.h, self.w), norm="ortho") * math.sqrt(self.h * self.w)
+        spectrum = torch.view_as_complex(self.spectrum) * self.scale
+        flat = torch.fft.irfft2(spectrum, s=(self.h, self.w), norm="ortho")
         mixed = torch.einsum("ij,kjhw->kihw", self.colour, flat)
-        x = self.mean + self.reach * self.std * torch.tanh(mixed)
-        return torch.maximum(torch.minimum(x, self.high), self.low)
+        return self.low + self.span * torch.sigmoid(mixed + self.offset)
 
 
 # ---------------------------------------------------------------- transformations
 
 def _robust_copies(x: torch.Tensor, copies: int, jitter: int, gen: torch.Generator,
-                   scale: float = 0.1, degrees: float = 10.0) -> torch.Tensor:
-    """``copies`` randomly transformed versions of each image: (copies * K, C, H, W).
+                   scale: float = 0.1, degrees: float = 5.0) -> torch.Tensor:
+    """``copies`` randomly moved versions of each image: (copies * K, C, H, W).
 
-    Each copy is padded (reflect), jittered by up to ``jitter`` pixels, scaled by a factor
-    in ``[1 - scale, 1 + scale]``, rotated by up to ``degrees``, jittered again and cropped
-    back to the original size.
+    Each copy is padded by reflection, shifted by up to ``jitter`` pixels, scaled by a
+    factor in ``[1 - scale, 1 + scale]``, turned by up to ``degrees``, shifted again by up
+    to ``jitter`` whole pixels and cropped back to the original size.
     """
     k, c, h, w = x.shape
-    pad = jitter + max(1, int(round(scale * max(h, w) / 2)))
-    big = F.pad(x, (pad, pad, pad, pad), mode="reflect") if min(h, w) > pad else \
-        F.pad(x, (pad, pad, pad, pad), mode="replicate")
-    big = big.repeat(copies, 1, 1, 1)
-    n = big.shape[0]
+    pad = jitter + max(1, int(math.ceil(scale * max(h, w) / 2)))
+    mode = "reflect" if min(h, w) > pad else "replicate"
+    big = F.pad(x, (pad, pad, pad, pad), mode=mode).repeat(copies, 1, 1, 1)
+    n, side = big.shape[0], big.shape[-1]
     angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(degrees)
     zoom = 1.0 + (torch.rand(n, generator=gen) * 2 - 1) * scale
-    shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * (2 * jitter / big.shape[-1])
+    shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * (2 * jitter / side)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
                          torch.stack([sin, cos, shift[:, 1]], 1)], 1).to(x)
     grid = F.affine_grid(theta, list(big.shape), align_corners=False)
     moved = F.grid_sample(big, grid, mode="bilinear", padding_mode="reflection",
                           align_corners=False)
-    dy, dx = (torch.randint(-jitter, jitter + 1, (2,), generator=gen)).tolist()
+    dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=gen).tolist()
     return moved[..., pad + dy: pad + dy + h, pad + dx: pad + dx + w]
 
 
@@ -211,8 +278,10 @@ def visualise_channels(
     *,
     steps: int = 160,
     lr: float = 0.05,
-    copies: int = 2,
+    copies: int = 1,
     jitter: int | None = None,
+    decay: float = 1.0,
+    size: int | None = 128,
     seed: int = 0,
 ) -> FeatureVisualisation:
     """Inputs that excite each of ``channels`` of ``layer`` (see the module's description).
@@ -233,9 +302,16 @@ def visualise_channels(
     lr : float
         Adam's step size.
     copies : int
-        Randomly transformed copies of each image scored per step.
+        Randomly transformed copies of each image scored per step (each step draws new
+        transformations, so one already averages over many in the course of the ascent).
     jitter : int, optional
         Largest random shift in pixels (default: 1/16 of the image side, at least 1).
+    decay : float
+        Exponent of the ``1 / f**decay`` frequency scaling (larger: smoother pictures).
+    size : int, optional
+        Longest side of the synthetic inputs: larger reference images are synthesised at
+        this size (the cost grows with the number of pixels; convolutions do not mind the
+        size). None, or a model that takes no other size, keeps the images' size.
     seed : int
         Seeds the starting spectrum and the transformations.
 
@@ -255,11 +331,12 @@ def visualise_channels(
     resolve_layers(model, [layer])  # an unknown name: the valid ones, closest first
     chans = torch.as_tensor(list(channels), dtype=torch.long)
     ref = reference.detach().float()
-    k, h, w = len(chans), ref.shape[-2], ref.shape[-1]
+    k = len(chans)
+    caught: dict[str, torch.Tensor] = {}
+    h, w = _synthesis_size(model, layer, ref, size, caught)
     shift = jitter if jitter is not None else max(1, min(h, w) // 16)
     gen = torch.Generator().manual_seed(seed)
-    image = _Image(k, ref, gen)
-    caught: dict[str, torch.Tensor] = {}
+    image = _Image(k, ref, gen, decay, (h, w))
     with _frozen_parameters(model):
         _ascend(model, layer, image, chans, steps, lr, copies, shift, gen)
         with forward_hooks(model, {layer: _stopping_hook(caught)}):
@@ -270,6 +347,23 @@ def visualise_channels(
                 reached = reached.cpu().numpy()
             best = _excitation_of_images(model, caught, ref, chans)
     return FeatureVisualisation(final.cpu(), reached, best, spatial_variation(final, ref))
+
+
+def _synthesis_size(model: nn.Module, layer: str, ref: torch.Tensor, size: int | None,
+                    caught: dict) -> tuple[int, int]:
+    """The reference images' size, scaled down to ``size`` on the longer side when the
+    model's layer takes that size too."""
+    h, w = ref.shape[-2], ref.shape[-1]
+    if size is None or max(h, w) <= size:
+        return h, w
+    small = (max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w))))
+    try:
+        with forward_hooks(model, {layer: _stopping_hook(caught)}), torch.no_grad():
+            _layer_output(model, caught, torch.zeros(1, ref.shape[1], *small).to(ref))
+    except (RuntimeError, ValueError):  # a fixed input size before the layer
+        caught.clear()
+        return h, w
+    return small
 
 
 @contextmanager

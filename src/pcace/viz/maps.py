@@ -7,6 +7,7 @@ one) and returns a :class:`matplotlib.figure.Figure`.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from matplotlib.gridspec import GridSpec
 
 from ._common import FULL_WIDTH, bare, grey, map_norm, new_figure, resize, show_image, unit_scale
 from .assets import Assets, load_assets
+from .featurevis import CLEAR_FACTOR, why_not_shown
 
 TOP_COLOUR = "#1b9e77"
 BOTTOM_COLOUR = "#7570b3"
@@ -111,7 +113,7 @@ def _map_grid(assets: Assets, layer: str, overlay: bool) -> Figure:
                  color=TOP_COLOUR, fontweight="bold")
     if n_bottom:
         x_bot = (fig.axes[n_top + 1].get_position().x0 + fig.axes[n_maps].get_position().x1) / 2
-        fig.text(x_bot, 1 - 0.5 / height, f"bottom {n_bottom} by PCACE", ha="center",
+        fig.text(x_bot, 1 - 0.5 / height, bottom_label(entry), ha="center",
                  fontsize=9, color=BOTTOM_COLOUR, fontweight="bold")
     what = "overlaid on the input (upsampled)" if overlay else "activation maps"
     if entry.get("significant") is not None and not all(entry["significant"]):
@@ -119,6 +121,59 @@ def _map_grid(assets: Assets, layer: str, overlay: bool) -> Figure:
     fig.suptitle(f"{layer}: {what}; one colour scale per row", x=0.01, ha="left",
                  y=1 - 0.12 / height, va="top", fontsize=11)
     return fig
+
+
+def bottom_label(entry: dict) -> str:
+    """The heading of a layer's bottom channels in the map figures, honest about chance.
+
+    When the bottom channels beat the permutation null too, they are not channels that do
+    not matter but the weakest of those that do, and the heading says so.
+
+    Parameters
+    ----------
+    entry : dict
+        A layer's assets entry (:meth:`Assets.layer`).
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> bottom_label({"groups": ["top", "bottom"], "significant": [True, True],
+    ...               "n_significant": 16, "n_channels": 16})
+    'the weakest 1 of 16 channels, all beating chance'
+    >>> bottom_label({"groups": ["top", "bottom"], "significant": [True, False]})
+    'bottom 1 by PCACE'
+    """
+    groups = entry["groups"]
+    n_bottom = len(groups) - groups.count("top")
+    sig = entry.get("significant")
+    if not sig or not all(s for s, g in zip(sig, groups, strict=True) if g == "bottom"):
+        return f"bottom {n_bottom} by PCACE"
+    n_sig, n_all = entry.get("n_significant"), entry.get("n_channels")
+    if n_sig is not None and n_sig == n_all:
+        return f"the weakest {n_bottom} of {n_all} channels, all beating chance"
+    if n_sig is not None:
+        return f"the weakest {n_bottom} of the {n_sig} channels beating chance"
+    return f"bottom {n_bottom} by PCACE (these beat chance too)"
+
+
+def bottom_note(entry: dict) -> str:
+    """A caption sentence when a layer's bottom channels beat chance too, else empty.
+
+    Examples
+    --------
+    >>> bottom_note({"groups": ["top", "bottom"], "significant": [True, True],
+    ...              "n_significant": 8, "n_channels": 8})[:40]
+    'The purple channels beat chance as well:'
+    """
+    label = bottom_label(entry)
+    if label.startswith("bottom ") and "beat chance" not in label:
+        return ""
+    return ("The purple channels beat chance as well: they are the weakest of the channels "
+            "that relate to the score, not channels that do not, so the contrast with the "
+            "green ones is one of degree.")
 
 
 def activation_maps(assets: Assets | str | Path, layer: str) -> Figure:
@@ -228,18 +283,38 @@ def _excitation_text(info: dict, j: int) -> str:
     if info.get("excitation") and info.get("best_image_excitation"):
         reached, best = info["excitation"][j], info["best_image_excitation"][j]
         ratio = f" ({reached / best:.1f}x)" if best > 0 else ""
-        text = f"\nexcites {reached:.2g} vs {best:.2g}{ratio}"
-        if info.get("variation"):
-            text += f"\nvariation {info['variation'][j]:.2f}"
-        return text
+        return f"\nexcites {reached:.2g} vs {best:.2g}{ratio}"
     if info.get("activation") and info.get("example_activation"):  # assets of older runs
         return (f"\nmean act. {info['activation'][j]:.2g} "
                 f"(images {info['example_activation'][j]:.2g})")
     return ""
 
 
+def featurevis_reasons(info: dict) -> list[str | None]:
+    """Per channel of a layer's saved feature visualisations: None where its picture is
+    shown, else why not (:func:`pcace.viz.featurevis.why_not_shown`, both numbers).
+
+    Assets of older runs, which did not record the excitations, show every picture.
+
+    Examples
+    --------
+    >>> featurevis_reasons({"channels": [3, 5], "excitation": [2.0, 0.5],
+    ...                     "best_image_excitation": [1.0, 1.0]})
+    [None, 'excites it to 0.5, the strongest image to 1 (0.5x; shown from 1.5x)']
+    """
+    reached, best = info.get("excitation"), info.get("best_image_excitation")
+    if not reached or not best:
+        return [None] * len(info["channels"])
+    variation = info.get("variation") or [None] * len(reached)
+    return [why_not_shown(r, b, v) for r, b, v in zip(reached, best, variation, strict=True)]
+
+
 def feature_visualisations(assets: Assets | str | Path, layer: str) -> Figure:
     """Synthetic inputs that maximise each of the layer's top channels.
+
+    A picture is drawn only where it excites its channel clearly more than the strongest
+    reference image (:func:`featurevis_reasons`); for the other channels the panel says
+    why, with both numbers.
 
     Examples
     --------
@@ -252,6 +327,7 @@ def feature_visualisations(assets: Assets | str | Path, layer: str) -> Figure:
     info = entry.get("featurevis")
     if images is None or info is None:
         raise ValueError(f"no feature visualisations saved for layer {layer!r}")
+    reasons = featurevis_reasons(info)
     n = len(images)
     cell = min(2.0, (FULL_WIDTH - 1.0) / max(n, 1))
     width = max(0.6 + cell * n, 6.5)
@@ -261,12 +337,19 @@ def feature_visualisations(assets: Assets | str | Path, layer: str) -> Figure:
     for j in range(n):
         ax = fig.add_axes((left + j * cell / width + 0.04 * cell / width, 0.1 / height,
                            0.92 * cell / width, 0.92 * cell / height))
-        show_image(ax, images[j], interpolation="nearest")
-        ax.set_title(f"ch {info['channels'][j]}\nPCACE {info['pcace'][j]:.2f}"
-                     + _excitation_text(info, j), fontsize=8, color=TOP_COLOUR)
+        head = f"ch {info['channels'][j]}\nPCACE {info['pcace'][j]:.2f}"
+        if reasons[j] is None:
+            show_image(ax, images[j], interpolation="nearest")
+            ax.set_title(head + _excitation_text(info, j), fontsize=8, color=TOP_COLOUR)
+        else:
+            bare(ax)
+            ax.set_title(head, fontsize=8, color=CHANCE_COLOUR)
+            ax.text(0.5, 0.5, "not shown: the synthetic input\n"
+                    + textwrap.fill(reasons[j], 30), ha="center", va="center", fontsize=7.5,
+                    color="#555555", transform=ax.transAxes, wrap=True)
     fig.suptitle(f"{layer}: inputs synthesised to excite each top channel (decorrelated "
-                 f"Fourier image, jitter/scale/rotation robust, {info['steps']} steps, seed "
+                 f"Fourier image, jitter/scale robust, {info['steps']} steps, seed "
                  f"{info['seed']});\n'excites': its response vs the strongest of the "
-                 "reference images; 'variation': spatial spread vs the images' (0 = flat)",
+                 f"reference images; drawn only from {CLEAR_FACTOR:g}x",
                  x=0.01, ha="left", y=1 - 0.06 / height, va="top", fontsize=9)
     return fig

@@ -30,9 +30,26 @@ TEMPLATES = "templates"
 
 @lru_cache(maxsize=1)
 def _environment() -> Environment:
-    return Environment(loader=PackageLoader("pcace.viz", TEMPLATES), autoescape=True,
-                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                       undefined=StrictUndefined)
+    env = Environment(loader=PackageLoader("pcace.viz", TEMPLATES), autoescape=True,
+                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                      undefined=StrictUndefined)
+    env.filters["code"] = code_spans
+    return env
+
+
+def code_spans(text: str) -> Markup:
+    """Escaped text with its `backquoted` commands as ``<code>`` (the template filter
+    ``code``).
+
+    Examples
+    --------
+    >>> str(code_spans("run `pcace show a<b`"))
+    'run <code>pcace show a&lt;b</code>'
+    """
+    parts = str(Markup.escape(text)).split("`")
+    if len(parts) % 2 == 0:  # an unpaired backquote: leave the text as it is
+        return Markup("`".join(parts))
+    return Markup("".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts)))
 
 
 def _compact(text: str) -> str:

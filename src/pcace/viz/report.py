@@ -23,8 +23,16 @@ from ..core.files import atomic_write, safe_name
 from ._common import figure_bytes
 from .assets import Assets, load_assets
 from .evidence import full_layers, run_evidence, significance
+from .featurevis import CLEAR_FACTOR
 from .figures import ace_transforms, channel_ranking, layer_overview
-from .maps import activation_maps, feature_visualisations, overlay_maps, weighted_vs_cam
+from .maps import (
+    activation_maps,
+    bottom_note,
+    feature_visualisations,
+    featurevis_reasons,
+    overlay_maps,
+    weighted_vs_cam,
+)
 from .pages import figure_view, render_page, static_text, write_page
 from .report_view import (
     CI_SENTENCE,
@@ -103,15 +111,18 @@ def _layer_jobs(result: Any, assets: Assets | None, layer: str, top: int, grey: 
                  lambda: channel_ranking(result, layer, top=top))]
     if assets is None or layer not in assets.layers:
         return jobs
+    entry = assets.layer(layer)
+    honest = bottom_note(entry)
+    some_ns = entry.get("significant") is not None and not all(entry["significant"])
     jobs.append(_Job(layer, f"maps_{stem}", "Activation maps of the top (green) and bottom "
                      "(purple) channels on the example images; one colour scale per row "
-                     "(colour bar at right)." + (" Titles of channels that do not beat the "
-                                                 "null are grey." if grey else ""),
+                     "(colour bar at right)." + (f" {honest}" if honest else "")
+                     + (" Titles of channels that do not beat the null are grey."
+                        if grey and some_ns else ""),
                      lambda: activation_maps(assets, layer), photo=True))
     jobs.append(_Job(layer, f"overlay_{stem}", "The same maps upsampled to the image and laid "
                      "over it (same colour scale per row).", lambda: overlay_maps(assets, layer),
                      photo=True))
-    entry = assets.layer(layer)
     if entry.get("ace") and assets.array(layer, "ace_theta") is not None:
         ace = entry["ace"]
         jobs.append(_Job(
@@ -122,18 +133,20 @@ def _layer_jobs(result: Any, assets: Assets | None, layer: str, top: int, grey: 
                 assets.array(layer, "ace_theta"), assets.array(layer, "ace_phi"),
                 assets.arrays["scores"], assets.array(layer, "ace_z"),
                 f"{layer}, channel {ace['channel']}: ACE transforms", rho=ace["rho"])))
-    if entry.get("featurevis") and assets.array(layer, "featurevis") is not None:
+    if entry.get("featurevis") and assets.array(layer, "featurevis") is not None and \
+            any(r is None for r in featurevis_reasons(entry["featurevis"])):
         jobs.append(_Job(layer, f"featurevis_{stem}", FEATUREVIS_CAPTION,
                          lambda: feature_visualisations(assets, layer), photo=True))
     return jobs
 
 
 FEATUREVIS_CAPTION = (
-    "Inputs synthesised to excite each top channel: gradient ascent on a decorrelated "
-    "Fourier-space image (1/f-scaled frequencies, colours decorrelated with the images' own "
-    "colour covariance), robust to random jitter, scaling and rotation. 'excites' compares "
-    "the channel's response to the synthetic input with the strongest response among the "
-    "reference images; 'variation' is its spatial variation relative to the images'.")
+    "Inputs synthesised to excite each top channel: gradient ascent on a Fourier-space "
+    "image (1/f-scaled frequencies, colours decorrelated with the images' own colour "
+    "correlation), robust to random jitter and scaling. 'excites' compares the channel's "
+    "response to the synthetic input with the strongest response among the reference "
+    f"images; a picture is drawn only where it is at least {CLEAR_FACTOR:g} times that "
+    "(and above zero), else the panel gives the two numbers.")
 
 
 def render_figures(run_dir: str | Path, result: Any = None,

@@ -15,13 +15,23 @@ import numpy as np
 import pandas as pd
 
 from ..core.files import safe_name
+from ..core.voice import action
 from .cam import resolve_cam_target
-from .evidence import ALPHA, NO_NULL_TEXT, full_layers, layer_order, run_evidence, with_significance
+from .evidence import (
+    ALPHA,
+    full_layers,
+    layer_order,
+    no_null_text,
+    run_evidence,
+    with_significance,
+)
+from .featurevis import CLEAR_FACTOR
+from .maps import featurevis_reasons
 from .pages import figure_view
 
-__all__ = ["CI_SENTENCE", "NO_ASSETS", "TABLE_COLUMNS", "anchor", "channel_table_view",
-           "evidence_images", "layer_table_view", "page_context", "summary_items",
-           "target_text", "verdict_view"]
+__all__ = ["CI_SENTENCE", "TABLE_COLUMNS", "anchor", "channel_table_view",
+           "evidence_images", "layer_table_view", "no_assets_text", "page_context", "skipped_text",
+           "summary_items", "target_text", "verdict_view"]
 
 #: Channel-table columns in display order (those present in the run are shown) and format.
 TABLE_COLUMNS: list[tuple[str, str, str]] = [
@@ -38,10 +48,17 @@ CI_SENTENCE = ("The bootstrap intervals are bias-corrected: ACE overestimates th
                "correlation of weak channels, so their interval lies below the raw PCACE value "
                "and may exclude it; that is the correction working, not an error.")
 
-NO_ASSETS = ("This run was saved without assets, so there are no activation maps, CAM "
-             "comparison, ACE transforms or feature visualisations: they need the model and "
-             "the images, at rank time (pcace rank ... --report) or with "
-             "pcace.viz.collect_assets(run_dir, model, images, result).")
+def no_assets_text() -> str:
+    """What a report of a run without assets lacks, and how to get it, in the caller's words.
+
+    Examples
+    --------
+    >>> no_assets_text()[:37]
+    'This run was saved without assets, so'
+    """
+    return ("This run was saved without assets, so there are no activation maps, CAM "
+            "comparison, ACE transforms or feature visualisations: they need the model and "
+            f"the images; {action('collect_assets')}.")
 
 
 def anchor(layer: str) -> str:
@@ -95,6 +112,28 @@ def _data_text(data: Any) -> str:
     return "; ".join(parts) or "not recorded"
 
 
+def skipped_text(manifest: dict) -> str:
+    """`` (2 unreadable images skipped: a.jpg, b.png)`` when the run skipped files, else empty.
+
+    Examples
+    --------
+    >>> skipped_text({"data": {"skipped_images": 2, "skipped_files": ["/x/a.jpg", "/x/b.png"]}})
+    ' (2 unreadable images skipped: a.jpg, b.png)'
+    >>> skipped_text({"data": {"skipped_images": 0}})
+    ''
+    """
+    data = manifest.get("data") if isinstance(manifest, dict) else None
+    data = data if isinstance(data, dict) else {}
+    count = int(data.get("skipped_images") or 0)
+    if not count:
+        return ""
+    names = [str(f).replace("\\", "/").rsplit("/", 1)[-1]
+             for f in data.get("skipped_files") or []]
+    listed = ", ".join(names[:5]) + (f" and {count - 5} more" if count > 5 and names else "")
+    return (f" ({count} unreadable image{'s' if count != 1 else ''} skipped"
+            + (f": {listed}" if names else "") + ")")
+
+
 def summary_items(result: Any) -> list[tuple[str, Any]]:
     """The run summary's ``(term, value)`` pairs; those without a value are left out."""
     m = result.manifest
@@ -107,7 +146,7 @@ def summary_items(result: Any) -> list[tuple[str, Any]]:
         ("model", _model_text(m.get("model"))),
         ("data", _data_text(m.get("data"))),
         ("target (score)", target_text(m.get("target"))),
-        ("images N", n),
+        ("images N", f"{n}{skipped_text(m)}" if n is not None else None),
         ("components k", m.get("components")),
         ("score", m.get("score", "maximal")),
         ("layers / channels", f"{len(layer_order(result))} / {len(result.channels)}"),
@@ -248,7 +287,7 @@ def verdict_view(result: Any, evidence: pd.DataFrame, full: list[str]) -> dict[s
     which layers carry evidence, and what to do."""
     n = len(evidence)
     if not evidence.has_null.any():
-        return {"note": True, "text": NO_NULL_TEXT + " Layers drawn in full are the "
+        return {"note": True, "text": no_null_text() + " Layers drawn in full are the "
                 f"{len(full)} with the highest values, which says nothing about chance."}
     strong = evidence.layer[evidence.evidence == "strong"].tolist()
     weak = evidence.layer[evidence.evidence == "weak"].tolist()
@@ -265,8 +304,9 @@ def verdict_view(result: Any, evidence: pd.DataFrame, full: list[str]) -> dict[s
         parts.append(f"{len(strong)} of {n} layers {'carries' if len(strong) == 1 else 'carry'} "
                      f"strong evidence ({_list(strong)})")
     if weak:
-        parts.append(f"{len(weak)} {'carries' if len(weak) == 1 else 'carry'} weak evidence "
-                     f"({_list(weak)})")
+        among = "" if strong else f" of {n} layer{'s' if n != 1 else ''}"
+        parts.append(f"{len(weak)}{among} {'carries' if len(weak) == 1 else 'carry'} weak "
+                     f"evidence ({_list(weak)})")
     rest = n - len(strong) - len(weak)
     tail = (f"; the other {rest} do not beat chance{n_img}: more images are needed to rank "
             "their channels, and they are listed in the table only." if rest else ".")
@@ -274,8 +314,25 @@ def verdict_view(result: Any, evidence: pd.DataFrame, full: list[str]) -> dict[s
     if left_out > 0:
         tail += (f" To keep the report light, {len(full)} of them (the strongest) have full "
                  f"sections; the other {left_out} are rows of the layer table "
-                 "(write_report(run_dir, layers=[...]) draws chosen layers in full).")
+                 f"({action('draw_layers', run_dir=result.run_dir or 'RUN_DIR')}).")
     return {"note": False, "text": "; ".join(parts) + tail}
+
+
+def _featurevis_note(info: dict | None, made_for: list[str] | None = None) -> str:
+    """Why a layer section has no feature visualisations."""
+    if not info and made_for:
+        return (f"No feature visualisations for this layer: to keep the report cheap they "
+                f"are made for {len(made_for)} layer{'s' if len(made_for) != 1 else ''} "
+                f"only, the strongest ({', '.join(made_for)}).")
+    if not info:
+        return "No feature visualisations saved for this layer."
+    reasons = featurevis_reasons(info)
+    said = "; ".join(f"channel {c}: the synthetic input {r}"
+                     for c, r in zip(info["channels"], reasons, strict=True) if r)
+    return ("Feature visualisations not shown: no synthetic input excites its channel "
+            f"clearly more than the strongest of the {info.get('reference_images', 'reference')} "
+            f"images (at least {CLEAR_FACTOR:g} times, and above zero), so a picture would say "
+            f"nothing the data do not. {said[0].upper() + said[1:]}.")
 
 
 def _section_view(result: Any, layer: str, figs: list[Any], assets: Any,
@@ -299,7 +356,8 @@ def _section_view(result: Any, layer: str, figs: list[Any], assets: Any,
             notes.append("No ACE transforms saved for this layer (they need the "
                          "principal components that pcace.rank keeps in memory).")
         if "featurevis" not in names:
-            notes.append("No feature visualisations saved for this layer.")
+            notes.append(_featurevis_note(assets.layer(layer).get("featurevis"),
+                                          assets.index.get("featurevis_layers")))
     return {"layer": layer, "anchor": anchor(layer), "evidence": ev.get("evidence", "unknown"),
             "text": ev.get("evidence_text", ""), "facts": facts,
             "figures": [figure_view(f) for f in figs], "notes": notes}
@@ -346,8 +404,8 @@ def page_context(result: Any, assets: Any, figures: list[Any], title: str | None
         "summary": summary_items(result),
         "overview": [figure_view(f) for f in by_section.get("overview", [])],
         "layers": layer_table_view(result, evidence, full),
-        "channels": channel_table_view(result), "alpha": ALPHA, "no_null_text": NO_NULL_TEXT,
-        "no_assets": NO_ASSETS if assets is None else "",
+        "channels": channel_table_view(result), "alpha": ALPHA, "no_null_text": no_null_text(),
+        "no_assets": no_assets_text() if assets is None else "",
         "cam": [figure_view(f) for f in by_section.get("cam", [])],
         "sections": [_section_view(result, layer, by_section.get(layer, []), assets,
                                    ev_of.get(layer, {})) for layer in layers if layer in full],

@@ -58,6 +58,11 @@ def write_report(run_dir: str | Path, *, title: str | None = None, top: int = 10
     """
     root = Path(run_dir)
     result = load(root)
+    known = list(result.layers.layer)
+    if layers is not None and (unknown := [n for n in layers if n not in known]):
+        names = ", ".join(repr(n) for n in unknown)
+        raise ValueError(f"the run in {root} has no layer{'s' if len(unknown) > 1 else ''} "
+                         f"{names}; its layers: {known}")
     if len(result.targets) > 1 or result.manifest.get("per_label"):
         return write_atlas_report(root, result, top=top, progress=progress)
     return write_target_report(root, result, title=title, top=top, layers=layers,
