@@ -295,7 +295,7 @@ def test_summary_does_not_report_an_unrun_check_as_failed():
 
     torch.manual_seed(0)
     res = pcace.rank(mnist_cnn(), torch.rand(60, 1, 28, 28), 3, progress=False,
-                     permutations=9, split_half=0, seed=0)
+                     permutations=9, null="exact", split_half=0, seed=0)
     assert (res.layers.evidence == "none").all()  # 1/10 > 0.05: nothing can pass
     text = text_summary(res)
     assert "No evidence in" in text
