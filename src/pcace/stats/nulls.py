@@ -222,29 +222,29 @@ def _record(null: PooledNull) -> dict[str, int]:
 
 def _between_layers(nulls: Mapping[str, PooledNull]) -> float:
     """Kruskal-Wallis p-value across layers' contributions to the largest bank."""
-    counts: dict[int, int] = {}
-    for null in nulls.values():
-        for g in null.groups[null.groups >= 0]:
-            counts[int(g)] = counts.get(int(g), 0) + 1
-    if len(nulls) < 2 or not counts:
+    if len(nulls) < 2:
         return float("nan")
-    g = max(counts, key=counts.__getitem__)
-    parts = [v[np.isfinite(v)] for v in
-             (null.values[null.groups == g].ravel() for null in nulls.values())]
-    parts = [p for p in parts if p.size]
-    if len(parts) < 2:
-        return float("nan")
-    from scipy.stats import kruskal
-
-    return float(kruskal(*parts).pvalue)
+    g = _largest(np.concatenate([null.groups for null in nulls.values()]))
+    return _kruskal([null.values[null.groups == g].ravel() for null in nulls.values()])
 
 
-def _heterogeneity(null: Any) -> float:
+def _heterogeneity(null: PooledNull) -> float:
     """Kruskal-Wallis p-value across the channels of the largest pool (NaN if < 2)."""
-    groups, counts = np.unique(null.groups[null.groups >= 0], return_counts=True)
-    if groups.size == 0 or counts.max() < 2:
+    return _kruskal(list(null.values[null.groups == _largest(null.groups)]))
+
+
+def _largest(groups: np.ndarray) -> int:
+    """The group with the most channels (-1, no group, when every channel is dead)."""
+    live, counts = np.unique(groups[groups >= 0], return_counts=True)
+    return int(live[np.argmax(counts)]) if live.size else -1
+
+
+def _kruskal(parts: list[np.ndarray]) -> float:
+    """Kruskal-Wallis p-value across the finite values of each part (NaN below 2 parts)."""
+    finite = [p[np.isfinite(p)] for p in parts]
+    finite = [p for p in finite if p.size]
+    if len(finite) < 2:
         return float("nan")
-    rows = null.values[null.groups == groups[np.argmax(counts)]]
     from scipy.stats import kruskal
 
-    return float(kruskal(*[r[np.isfinite(r)] for r in rows]).pvalue)
+    return float(kruskal(*finite).pvalue)
