@@ -43,7 +43,7 @@ from .config import RankOptions
 from .groups import ImageGroup, group_labels
 from .resume import Checkpoints
 
-__all__ = ["ScoredLayers", "Scoring", "score_layers", "score_reduction"]
+__all__ = ["ScoredLayers", "Scoring", "null_key", "score_layers", "score_reduction"]
 
 
 @dataclass
@@ -244,7 +244,7 @@ def _group_result(run: Scoring, name: str, group: ImageGroup, acc: _Gathered
         if stab is not None:
             stability[(group.label, target)] = stab
         if null is not None:
-            nulls[_key(group.label, target)] = null
+            nulls[null_key(group.label, target)] = null
     return pd.concat(tables, ignore_index=True), stability, z, nulls
 
 
@@ -270,7 +270,7 @@ def _add_statistics(run: Scoring, table: pd.DataFrame, z: torch.Tensor, scores: 
     return layer_stability(observed, boot), record
 
 
-def _key(label: Any, target: str) -> str:
+def null_key(label: Any, target: str) -> str:
     """A (label, target)'s key in the manifest's null records."""
     return target if label is None else f"{label}/{target}"
 

@@ -28,7 +28,7 @@ from ..core.stopwatch import Stopwatch
 from ..engines.engine import Engine
 from ..stats.nulls import shared_null_tables
 from .groups import ImageGroup
-from .scoring import ScoredLayers
+from .scoring import ScoredLayers, null_key
 
 __all__ = ["add_shared_null"]
 
@@ -58,7 +58,7 @@ def add_shared_null(scored: ScoredLayers, scores: np.ndarray, groups: list[Image
                 found, records = shared_null_tables(
                     observed, comps, group.scores(scores)[:, j], seed=seed, score=score,
                     ace_options=ace_options, engine=engine, chunk=chunk)
-            key = target if group.label is None else f"{group.label}/{target}"
+            key = null_key(group.label, target)
             for name, table in tables.items():
                 _insert_columns(table, rows[name], found[name])
                 scored.nulls.setdefault(name, {})[key] = {
