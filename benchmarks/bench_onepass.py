@@ -65,7 +65,9 @@ def _peak_gib() -> float:
 def measure(args: argparse.Namespace, basis: str) -> dict:
     """The bare pass, then the run, in this process."""
     import pcace
+    import pcace.reduce.sampled
 
+    pcace.reduce.sampled.SOLVER = args.solver
     model, x = _model(args.model), _tensor(args.n, args.model)
     target = 3 if args.model == "resnet20" else 0
     start = time.perf_counter()
@@ -85,7 +87,8 @@ def measure(args: argparse.Namespace, basis: str) -> dict:
         routes[entry["route"]] = routes.get(entry["route"], 0) + 1
     if args.save:
         res.channels.to_csv(Path(args.save), index=False)
-    return {"basis": basis, "n": args.n, "bare_s": round(bare, 2), "rank_s": round(seconds, 2),
+    return {"basis": basis, "solver": args.solver if basis == "sample" else None,
+            "n": args.n, "bare_s": round(bare, 2), "rank_s": round(seconds, 2),
             "ratio": round(seconds / bare, 2),
             "peak_minus_bare_gib": round(_peak_gib() - bare_peak, 2),
             "bare_peak_gib": round(bare_peak, 2), "routes": routes,
@@ -119,6 +122,9 @@ def main() -> None:
                     help="rank's default statistics (pooled null, split halves), not the "
                          "pipeline alone")
     ap.add_argument("--layers", nargs="*", default=None)
+    ap.add_argument("--solver", choices=["auto", "randomized", "exact"], default="auto",
+                    help="how the sampled basis finds the sample's axes "
+                         "(pcace.reduce.sampled.SOLVER)")
     ap.add_argument("--exact", action="store_true", help="also basis='exact', and compare")
     ap.add_argument("--child", default=None)
     ap.add_argument("--save", default=None)
@@ -132,7 +138,8 @@ def main() -> None:
     for basis in bases:
         cmd = [sys.executable, __file__, "--child", basis, "--n", str(args.n), "--model",
                args.model, "--batch-size", str(args.batch_size), "--sample-size",
-               str(args.sample_size), "--save", str(out / f"{basis}.csv")]
+               str(args.sample_size), "--solver", args.solver,
+               "--save", str(out / f"{basis}.csv")]
         if args.defaults:
             cmd.append("--defaults")
         if args.layers:

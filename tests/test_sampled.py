@@ -15,6 +15,7 @@ from pcace.reduce.sampled import (
     SampleBasis,
     SampledBasisWarning,
     rayleigh_ritz,
+    sample_axes,
     sample_indices,
     sample_size,
 )
@@ -62,16 +63,17 @@ def _assert_scores(ours, ref, rtol):
     np.testing.assert_array_less(np.abs(ours - ref).max(axis=0), rtol * scale + 1e-12)
 
 
+@pytest.mark.parametrize("solver", ["exact", "randomized"])
 @pytest.mark.parametrize("n, p, store, tol", [
     (120, 200, torch.float32, 1e-5), (300, 40, torch.float32, 1e-5),
     (300, 40, torch.float16, 2e-3)], ids=["P>N", "P<N", "P<N-float16"])
-def test_whole_sample_equals_exact_route(n, p, store, tol):
+def test_whole_sample_equals_exact_route(n, p, store, tol, solver):
     maps = _maps(n, 4, p)
     maps[:, 1, 7] = 2.5  # a constant pixel
     maps[:, 3] = -1.0  # a dead channel
     shuffled = maps[torch.randperm(n, generator=torch.Generator().manual_seed(1))]
     red, check = _run(maps, shuffled, order=lambda k: list(reversed(range(k))),
-                      store_dtype=store)
+                      store_dtype=store, solver=solver)
     ref = _exact(maps)
     assert red.n_components.tolist() == ref.n_components.tolist() == [3, 3, 3, 0]
     assert red.dead.tolist() == ref.dead.tolist() == [False, False, False, True]
@@ -105,6 +107,35 @@ def test_sample_repeated_equals_exact_route():
     for c in range(2):
         _assert_scores(red.scores[c], ref.scores[c], 1e-5)
     assert check.sample_size == 80 and not check.poor.any()
+
+
+@pytest.mark.parametrize("m, p", [(400, 900), (900, 400)], ids=["P>m", "P<m"])
+def test_randomized_axes_against_numpy(m, p):
+    """A known, decaying spectrum: the randomized range finder's top axes and values are
+    NumPy's (float64 eigh of X^T X) to well within the sample's own noise."""
+    gen = torch.Generator().manual_seed(3)
+    c, width = 3, 13
+    spectrum = torch.logspace(1, -1.5, 40, dtype=torch.float64)
+    left = torch.linalg.qr(torch.randn(c, m, 40, generator=gen, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(c, p, 40, generator=gen, dtype=torch.float64))[0]
+    x = (left * spectrum) @ right.transpose(1, 2)
+    x = (x + 1e-3 * torch.randn(c, m, p, generator=gen, dtype=torch.float64)).float()
+    vals, axes = sample_axes(x, width, solver="randomized")
+    assert vals.shape == (c, width) and axes.shape == (c, p, width)
+    for ch in range(c):
+        xd = x[ch].double().numpy()
+        ref_vals, ref_vecs = np.linalg.eigh(xd.T @ xd)
+        ref_vals, ref_vecs = ref_vals[::-1][:width], ref_vecs[:, ::-1][:, :width]
+        np.testing.assert_allclose(vals[ch].numpy(), ref_vals, rtol=1e-4)
+        # each axis, up to sign; the subspace of the top 3 to 1e-6
+        cos = np.abs(np.sum(axes[ch].numpy() * ref_vecs, axis=0))
+        np.testing.assert_array_less(1 - cos, 1e-3)
+        top = np.linalg.svd(axes[ch, :, :3].numpy().T @ ref_vecs[:, :3], compute_uv=False)
+        assert 1 - top.min() < 1e-6
+    same = sample_axes(x, width, solver="randomized")
+    assert torch.equal(same[1], axes)  # deterministic for the seed
+    with pytest.raises(ValueError, match="solver must be"):
+        sample_axes(x, width, solver="lanczos")
 
 
 def test_rayleigh_ritz_against_numpy():

@@ -429,3 +429,53 @@ def _summarise_range(c0, c1, x, shift, sums, lo, hi, ok):  # pragma: no cover - 
         for j in range(p):
             if not np.isfinite(s[j]):
                 ok[c] = False
+
+
+def standardise_columns(x: np.ndarray, mean: np.ndarray, std: np.ndarray, lo: np.ndarray,
+                        hi: np.ndarray) -> None:
+    """Per channel of ``x`` ``(C, m, P)``: each pixel's mean, spread and range over the ``m``
+    rows; then the rows centred in place.
+
+    ``x`` float32 or float64, C-contiguous. ``mean``, ``std`` (population), ``lo``, ``hi``
+    ``(C, P)`` float64 are written (sums in float64; the spread from the centred values,
+    so it does not cancel). The caller scales ``x`` once it has decided which pixels are
+    constant. Three reads and one write of ``x``, the channels in parallel.
+
+    Examples
+    --------
+    >>> x = np.array([[[1.0, 5.0], [3.0, 5.0]]])
+    >>> mean, std, lo, hi = (np.empty((1, 2)) for _ in range(4))
+    >>> standardise_columns(x, mean, std, lo, hi)
+    >>> mean.tolist(), std.tolist(), x.tolist()
+    ([[2.0, 5.0]], [[1.0, 0.0]], [[[-1.0, 0.0], [1.0, 0.0]]])
+    """
+    parallel_ranges(_columns_range, x.shape[0], x, mean, std, lo, hi)
+
+
+@njit(nogil=True, cache=True)
+def _columns_range(c0, c1, x, mean, std, lo, hi):  # pragma: no cover - compiled
+    _, m, p = x.shape
+    for c in range(c0, c1):
+        s, mn, mx, sq = mean[c], lo[c], hi[c], std[c]
+        for j in range(p):
+            s[j] = 0.0
+            sq[j] = 0.0
+            mn[j] = np.inf
+            mx[j] = -np.inf
+        for i in range(m):
+            row = x[c, i]
+            for j in range(p):
+                v = np.float64(row[j])
+                s[j] += v
+                mn[j] = min(mn[j], v)
+                mx[j] = max(mx[j], v)
+        for j in range(p):
+            s[j] /= m
+        for i in range(m):
+            row = x[c, i]
+            for j in range(p):
+                d = np.float64(row[j]) - s[j]
+                sq[j] += d * d
+                row[j] = d
+        for j in range(p):
+            sq[j] = np.sqrt(sq[j] / m)

@@ -90,6 +90,14 @@ EXTRA = 10
 #: The sample size below which the route is not worth it, and the least it uses.
 MIN_SAMPLE = 2000
 
+#: Columns of the randomized range finder beyond ``l``, and its power iterations
+#: (:func:`sample_axes`). Measured against the exact solver (``benchmarks/README.md``,
+#: "Sampled basis: the sample's axes").
+OVERSAMPLE = 8
+POWER_STEPS = 5
+#: How :class:`SampleBasis` finds the sample's axes unless told (:func:`sample_axes`).
+SOLVER = "auto"
+
 #: Bytes of float64 work arrays formed at once (sample standardisation, rotation).
 CHUNK_BYTES = 64 * 2**20
 
@@ -235,7 +243,8 @@ class SampleBasis:
 
     @classmethod
     def from_maps(cls, maps: torch.Tensor, components: int | float = 3, *,
-                  max_components: int = 10, extra: int = EXTRA) -> SampleBasis:
+                  max_components: int = 10, extra: int = EXTRA,
+                  solver: str | None = None) -> SampleBasis:
         """The basis of a sample ``(m, C, H, W)`` or ``(m, C, P)`` (not modified).
 
         Parameters
@@ -250,16 +259,21 @@ class SampleBasis:
         extra : int, default :data:`EXTRA`
             Axes beyond ``k`` (beyond ``max_components`` for a fraction); ``l`` is at most
             ``P``.
+        solver : {"randomized", "exact"}, optional
+            How the sample's axes are found (:func:`sample_axes`); None:
+            :data:`SOLVER`.
         """
         x = _flat(maps, "maps")
         block = torch.empty((x.shape[1], x.shape[0], x.shape[2]), dtype=x.dtype,
                             device=x.device)
         block.copy_(x.permute(1, 0, 2))
-        return cls.from_block(block, components, max_components=max_components, extra=extra)
+        return cls.from_block(block, components, max_components=max_components, extra=extra,
+                              solver=solver)
 
     @classmethod
     def from_block(cls, block: torch.Tensor, components: int | float = 3, *,
-                   max_components: int = 10, extra: int = EXTRA) -> SampleBasis:
+                   max_components: int = 10, extra: int = EXTRA,
+                   solver: str | None = None) -> SampleBasis:
         """The basis of a channel-major sample ``(C, m, P)``, **overwritten** (standardised).
 
         As :meth:`from_maps` otherwise.
@@ -275,16 +289,10 @@ class SampleBasis:
         x = block if block.is_contiguous() else block.contiguous()
         mean, inv, constant = _standardise_sample_(x)
         width = min(p, (k_fixed if fraction is None else max_components) + extra)
-        vals, vecs, trace, gram_side = _eigen(x, width)
-        vals, vecs, trace = vals.to(x.device), vecs.to(x.device), trace.to(x.device)
+        vals, axes = sample_axes(x, width, solver=SOLVER if solver is None else solver)
+        trace = (~constant).sum(dim=1).to(torch.float64) * m
         rank = numerical_rank(vals, max(m, p), x.dtype)
         usable = torch.arange(vals.shape[1], device=x.device)[None, :] < rank[:, None]
-        if gram_side:  # vecs are the m-side eigenvectors u: the axes are X^T u / sqrt(lambda)
-            root = torch.where(usable, vals.clamp(min=0).sqrt(), 1.0)
-            axes = torch.bmm(x.transpose(1, 2), vecs.to(x.dtype)).to(torch.float64)
-            axes /= root[:, None, :]
-        else:
-            axes = vecs.to(torch.float64)
         axes *= usable[:, None, :]
         vals = vals * usable
         pad = width - axes.shape[2]  # the sample has fewer images than axes asked for
@@ -311,7 +319,7 @@ class SampleBasis:
         >>> from pcace.reduce.streaming import PixelMoments
         >>> sample = torch.randn(300, 2, 16)
         >>> basis = SampleBasis.from_moments(PixelMoments(2, 16).update(sample), 2, extra=1)
-        >>> other = SampleBasis.from_maps(sample, 2, extra=1)
+        >>> other = SampleBasis.from_maps(sample, 2, extra=1, solver="exact")
         >>> bool(torch.allclose(basis.axes.abs(), other.axes.abs(), atol=1e-4))
         True
         """
@@ -364,13 +372,26 @@ def _check_extra(extra: int) -> None:
 
 
 def _standardise_sample_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Standardise a contiguous ``(C, m, P)`` block in place, a few channels at a time.
+    """Standardise a contiguous ``(C, m, P)`` block in place.
 
     Returns the float64 ``(C, P)`` mean and inverse standard deviation and the constant
     mask, by the rule of :func:`~pcace.reduce.pca.reduce_block` (statistics in float64).
+    On the CPU one compiled pass per statistic (:func:`pcace.reduce.kernels.
+    standardise_columns`); elsewhere torch, a few channels at a time.
     """
     c, m, p = x.shape
     eps = torch.finfo(x.dtype).eps
+    if x.device.type == "cpu":
+        from .kernels import standardise_columns
+
+        mean, std, low, high = (torch.empty((c, p), dtype=torch.float64) for _ in range(4))
+        standardise_columns(x.numpy(), mean.numpy(), std.numpy(), low.numpy(), high.numpy())
+        _finite(mean)
+        constant = (high <= low) | (std <= CONSTANT_ULPS * eps * torch.maximum(
+            high.abs(), low.abs()))
+        inv = torch.where(constant, 0.0, 1.0 / torch.where(constant, 1.0, std))
+        x.mul_(inv.to(x.dtype)[:, None, :])
+        return mean, inv, constant
     mean = torch.empty((c, p), dtype=torch.float64, device=x.device)
     inv, constant = torch.empty_like(mean), torch.empty((c, p), dtype=torch.bool,
                                                         device=x.device)
@@ -380,9 +401,7 @@ def _standardise_sample_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
         part = x[sl].to(torch.float64)
         low, high = torch.aminmax(part, dim=1)
         mean[sl] = part.mean(dim=1)
-        if not bool(torch.isfinite(mean[sl]).all()):
-            bad = (~torch.isfinite(mean[sl])).any(dim=1).nonzero().flatten() + lo
-            raise NonFiniteMaps(bad.tolist())
+        _finite(mean[sl], lo)
         part -= mean[sl, None, :]
         std = torch.linalg.vector_norm(part, dim=1) / math.sqrt(m)
         scale = torch.maximum(high.abs(), low.abs())
@@ -391,3 +410,75 @@ def _standardise_sample_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
         part *= inv[sl, None, :]
         x[sl] = part
     return mean, inv, constant
+
+
+def _finite(mean: torch.Tensor, first: int = 0) -> None:
+    """Raise :class:`NonFiniteMaps` naming the channels whose mean is NaN or inf."""
+    if not bool(torch.isfinite(mean).all()):
+        bad = (~torch.isfinite(mean)).any(dim=1).nonzero().flatten() + first
+        raise NonFiniteMaps(bad.tolist())
+
+
+def sample_axes(x: torch.Tensor, width: int, *, solver: str = "randomized", seed: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``width`` principal axes of standardised ``(C, m, P)`` maps.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        The sample's standardised maps, channel-major (not modified).
+    width : int
+        ``l``, the axes wanted (at most ``P``).
+    solver : {"randomized", "exact"}
+        ``"randomized"`` (the default): a randomized range finder (Halko, Martinsson &
+        Tropp 2011, algorithm 4.4) of ``l +`` :data:`OVERSAMPLE` columns with
+        :data:`POWER_STEPS` power iterations, then the exact SVD of ``X`` projected on
+        that range: about ``2 (POWER_STEPS + 1) m P (l + OVERSAMPLE)`` multiply-adds per
+        channel in batched BLAS, against ``m P min(m, P)`` for the Gram matrix the exact
+        solver forms. ``"exact"``: the top eigenpairs of the smaller Gram matrix
+        (:func:`pcace.reduce.pca.top_eigenpairs`). Deterministic for a ``seed``.
+
+    Returns
+    -------
+    vals : torch.Tensor
+        ``(C, l')`` float64 sums of squares along each axis (eigenvalues of ``X^T X``),
+        descending; ``l' <= width`` where ``min(m, P)`` is smaller.
+    axes : torch.Tensor
+        ``(C, P, l')`` float64 unit axes (columns past a channel's rank are arbitrary;
+        the caller zeroes them by :func:`~pcace.reduce.pca.numerical_rank`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(2, 300, 40, generator=g) * torch.logspace(0, -2, 40)
+    >>> vals, axes = sample_axes(x, 3)
+    >>> exact = torch.linalg.eigvalsh((x.transpose(1, 2) @ x).double()).flip(-1)[:, :3]
+    >>> bool(torch.allclose(vals, exact, rtol=1e-4))
+    True
+    """
+    c, m, p = x.shape
+    cols = min(width + OVERSAMPLE, m, p)
+    if solver == "auto":  # whichever costs fewer multiply-adds, the Gram with some margin
+        solver = "exact" if min(m, p) <= 4 * (POWER_STEPS + 1) * cols else "randomized"
+    if solver == "exact":
+        vals, vecs, _, gram_side = _eigen(x, width)
+        vals, vecs = vals.to(x.device), vecs.to(x.device)
+        if not gram_side:
+            return vals, vecs.to(torch.float64)
+        # vecs are the m-side eigenvectors u: the axes are X^T u / sqrt(lambda)
+        root = torch.where(vals > 0, vals.clamp(min=0).sqrt(), 1.0)
+        axes = torch.bmm(x.transpose(1, 2), vecs.to(x.dtype)).to(torch.float64)
+        return vals, axes / root[:, None, :]
+    if solver != "randomized":
+        raise ValueError(f"solver must be 'auto', 'randomized' or 'exact'; got {solver!r}")
+    gen = torch.Generator(device=x.device).manual_seed(int(seed))
+    start = torch.randn((c, p, cols), generator=gen, dtype=x.dtype, device=x.device)
+    found = torch.linalg.qr(torch.bmm(x, start)).Q  # (C, m, cols)
+    for _ in range(POWER_STEPS):
+        back = torch.linalg.qr(torch.bmm(x.transpose(1, 2), found)).Q  # (C, P, cols)
+        found = torch.linalg.qr(torch.bmm(x, back)).Q
+    small = torch.bmm(found.transpose(1, 2), x).to(torch.float64)  # (C, cols, P)
+    _, sv, vh = torch.linalg.svd(small, full_matrices=False)
+    keep = min(width, cols)
+    return sv[:, :keep].square(), vh[:, :keep].transpose(1, 2).contiguous()

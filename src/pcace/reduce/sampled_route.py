@@ -107,11 +107,15 @@ class SampledRoute(Route):
 
     def _start(self, name: str) -> None:
         """The sample is in: the layer's basis, and the sample projected first."""
-        sample = _expanded(self._kept.pop(name))
-        basis = SampleBasis.from_maps(sample, self.components, extra=self.extra)
+        kept = self._kept.pop(name)
+        basis = SampleBasis.from_block(_channel_major(kept), self.components,
+                                       extra=self.extra)
         self.widths[name] = basis.width
         self._passes[name] = basis.start_pass(self.n)
-        self._passes[name].add(sample, 0)
+        offset = 0
+        for part, scale in kept:
+            self._passes[name].add(_expanded([(part, scale)]), offset)
+            offset += part.shape[0]
 
     def end_pass(self, result: PassResult) -> None:
         if result.images != self.n:
@@ -126,9 +130,7 @@ class SampledRoute(Route):
                 if count:
                     poor[name] = count
             else:  # no more images than the sample: the exact reduce of all of them
-                maps = _expanded(self._kept.pop(name))
-                red = reduce_block(maps.flatten(2).transpose(0, 1).contiguous(),
-                                   self.components)
+                red = reduce_block(_channel_major(self._kept.pop(name)), self.components)
                 check = None
             self.reductions[name] = self._in_image_order(red)
             self.checks[name] = check
@@ -195,3 +197,16 @@ def _compact(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _expanded(kept: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """The kept sample as ``(m, C, P)`` float32 maps (rounded to float16's 11 bits)."""
     return torch.cat([x.to(torch.float32) * scale for x, scale in kept])
+
+
+def _channel_major(kept: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The kept sample as one ``(C, m, P)`` float32 block (channel-major), built in place."""
+    c, p = kept[0][0].shape[1], kept[0][0].shape[2]
+    block = torch.empty((c, sum(x.shape[0] for x, _ in kept), p), dtype=torch.float32)
+    row = 0
+    for x, scale in kept:
+        rows = block[:, row:row + x.shape[0]]
+        rows.copy_(x.transpose(0, 1))
+        rows.mul_(scale.transpose(0, 1))
+        row += x.shape[0]
+    return block
