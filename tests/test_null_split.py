@@ -90,3 +90,29 @@ def test_settled_does_not_stop_a_reproducible_ranking_early():
     with_rule = split_half(z, y, splits=12, seed=7, width=0.01, settled=True)
     without = split_half(z, y, splits=12, seed=7, width=0.01)
     assert with_rule["splits"] == without["splits"] == 12
+
+
+def test_resampled_spearman_equals_ranking_each_resample():
+    """The counting shortcut of the channel bootstrap against scipy's spearmanr on every
+    resample drawn out, with tied values (dead channels at 0, a repeated value)."""
+    from scipy.stats import spearmanr
+
+    from pcace.stats.halves import _resampled_spearman
+
+    rng = np.random.default_rng(4)
+    c = 40
+    va = rng.normal(size=(3, c))
+    vb = va + rng.normal(size=(3, c))
+    va[:, :4] = 0.0
+    vb[:, 2:7] = 0.0
+    va[1, 10:13] = 0.25
+    pick = rng.integers(0, c, size=(60, c))
+    pick[0] = 0  # one channel only: constant, NaN
+    got = _resampled_spearman(va, vb, pick)
+    for r in range(pick.shape[0]):
+        for s in range(3):
+            a, b = va[s, pick[r]], vb[s, pick[r]]
+            if np.ptp(a) == 0 or np.ptp(b) == 0:
+                assert np.isnan(got[r, s])
+            else:
+                assert got[r, s] == pytest.approx(spearmanr(a, b)[0], abs=1e-12)
