@@ -167,20 +167,33 @@ class Problems:
         if self._shares_setup(options):
             ch, rows = self.index(lo, hi)
             settings = {k: v for k, v in options.items() if k not in ("backend", "dtype")}
+            # channel-major within the chunk: a channel's set-up serves its problems
+            turn = np.lexsort((rows, ch))
             used, local = np.unique(rows, return_inverse=True)
             z, ys = self._host_data()
-            rho, first = ace_shared(z, ys[used], ch, local, orders=self._response_orders(used),
-                                    **settings)
-            return np.clip(rho, 0.0, 1.0) if score_kind(score) == "maximal" else first
+            images = None if self.images is None else self.images[used]
+            rho, first = ace_shared(z, ys[used], ch[turn], local[turn], images=images,
+                                    orders=self._response_orders(used), **settings)
+            out = np.empty_like(rho)
+            out[turn] = np.clip(rho, 0.0, 1.0) if score_kind(score) == "maximal" else first
+            return out
         xs, ys = self.take(lo, hi)
         return channel_values(xs, ys, score, options)
 
     def _shares_setup(self, options: dict) -> bool:
-        """Whether :func:`pcace.maxcorr.ace.ace_shared` can solve these problems (CPU, all
-        images)."""
-        return (self.images is None and _on_host(self.z) and _on_host(self.ys)
+        """Whether :func:`pcace.maxcorr.ace.ace_shared` can solve these problems (CPU)."""
+        return (_on_host(self.z) and _on_host(self.ys) and self._ascending_images()
                 and set(options) <= _SHARED_OPTIONS and options.get("backend", "auto") != "torch"
                 and options.get("dtype") in (None, torch.float64))
+
+    def _ascending_images(self) -> bool:
+        """No image subsets, or each row's subset in ascending order (checked once)."""
+        if self.images is None:
+            return True
+        if "_ascending" not in self.__dict__:
+            images = np.asarray(self.images)
+            self.__dict__["_ascending"] = bool((np.diff(images, axis=1) > 0).all())
+        return self.__dict__["_ascending"]
 
     def _host_data(self) -> tuple[np.ndarray, np.ndarray]:
         """``z`` and ``ys`` as float64 NumPy arrays, converted once per problem set."""

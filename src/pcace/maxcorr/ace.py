@@ -452,9 +452,9 @@ def response_orders(ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _check_shared(z: np.ndarray, ys: np.ndarray, used_x: np.ndarray,
                   used_y: np.ndarray) -> None:
     """:func:`_check` for shared data, one channel and row at a time (no copies of ``z``)."""
-    if z.shape[1] < MIN_OBSERVATIONS:
+    if ys.shape[1] < MIN_OBSERVATIONS:
         raise ValueError(f"ACE needs at least {MIN_OBSERVATIONS} observations; got "
-                         f"{z.shape[1]}")
+                         f"{ys.shape[1]}")
     bad_x = [int(c) for c in used_x if not np.isfinite(z[c]).all()]
     bad_y = [int(r) for r in used_y if not np.isfinite(ys[r]).all()]
     for name, bad, what in (("x", bad_x, "channels"), ("y", bad_y, "score rows")):
@@ -480,6 +480,7 @@ def ace_shared(
     alpha: float = 5.0,
     orders: tuple[np.ndarray, np.ndarray] | None = None,
     bins: str | int | None = "auto",
+    images: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """ACE over problems that share their data: ``x = z[channels[i]]``, ``y = ys[rows[i]]``.
 
@@ -500,6 +501,13 @@ def ace_shared(
         As for :func:`ace` (binned problems give :func:`ace`'s binned answers).
     orders : tuple of numpy.ndarray, optional
         :func:`response_orders` of ``ys``, when the caller reuses them across calls.
+    images : numpy.ndarray, optional
+        ``(R, m)`` ascending image indices: problem ``i`` sees the images
+        ``images[rows[i]]`` of ``z[channels[i]]`` only, and ``ys`` is ``(R, m)`` (split
+        halves). A channel's columns are sorted once over all ``n`` images for its
+        consecutive problems and each subset's order filtered from them (``O(n)``
+        instead of a sort per problem); the answers are those of :func:`ace` on the
+        gathered problems.
 
     Returns
     -------
@@ -522,7 +530,15 @@ def ace_shared(
 
     z, ys = (np.ascontiguousarray(a, dtype=np.float64) for a in (z, ys))
     channels, rows = (np.asarray(a, dtype=np.int64) for a in (channels, rows))
-    if z.ndim != 3 or ys.ndim != 2 or ys.shape[1] != z.shape[1]:
+    if images is not None:
+        images = np.ascontiguousarray(images, dtype=np.int64)
+        if images.shape != ys.shape or (images.size and (
+                images.min() < 0 or images.max() >= z.shape[1]
+                or (np.diff(images, axis=1) <= 0).any())):
+            raise ValueError("images must be (R, m) like ys, each row ascending indices "
+                             "into z's images")
+    m = z.shape[1] if images is None else ys.shape[1]
+    if z.ndim != 3 or ys.ndim != 2 or ys.shape[1] != m:
         raise ValueError(f"z must be (C, n, k) and ys (R, n) with the same n; got "
                          f"{z.shape} and {ys.shape}")
     if channels.shape != rows.shape or channels.ndim != 1:
@@ -531,7 +547,7 @@ def ace_shared(
         return np.zeros(0), np.zeros(0)
     _check_shared(z, ys, np.unique(channels), np.unique(rows))
     x_kinds = _settings(x_kind, z.shape[2], y_kind, delrsq, max_iter)
-    nbins = resolve_bins(bins, z.shape[1])
+    nbins = resolve_bins(bins, m)
     y_orders, y_groups = response_orders(ys) if orders is None else orders
     codes = _kind_codes(x_kinds)
     y_orders = np.ascontiguousarray(y_orders, dtype=np.int64)
@@ -539,9 +555,9 @@ def ace_shared(
     settings = (float(delrsq), int(max_iter), float(alpha))
     if nbins is None:
         rho, first, _, _ = nb.ace_indexed(z, ys, y_orders, y_groups, channels, rows, codes,
-                                          nb.KIND_CODES[y_kind], *settings)
+                                          nb.KIND_CODES[y_kind], *settings, images=images)
     else:
         rho, first, _, _ = binned.ace_indexed(z, ys, y_orders, y_groups, channels, rows, codes,
                                               nb.KIND_CODES[y_kind], *split_bins(nbins),
-                                              *settings)
+                                              *settings, images=images)
     return rho, first

@@ -28,7 +28,7 @@ from numba import njit
 from ..core.threads import parallel_ranges
 from .binned_smoothers import accumulate, centred_fit
 from .binning import bin_edges, bin_geometry, bin_index
-from .kernels import CATEGORICAL, LINEAR
+from .kernels import CATEGORICAL, LINEAR, full_orders, gather_rows, subset_orders
 
 
 @njit(cache=True)
@@ -244,16 +244,35 @@ def _first_correlation(phi, theta):
     return abs(np.sum(a * b) / den) if den > 0 else 0.0
 
 
+@njit(cache=True)
+def _sub_variables(x, orders, x_kinds, nbins, cells):
+    """:func:`_x_variables` of ``x`` ``(M, k)`` given its columns' sort orders."""
+    n, k = x.shape
+    bins = np.empty((k, n), np.int32)
+    geos = []
+    for j in range(k):
+        merge = x_kinds[j] != LINEAR and x_kinds[j] != CATEGORICAL
+        vs = x[orders[j], j]
+        edges = bin_edges(vs, nbins, cells, merge)
+        geos.append(bin_geometry(vs, edges))
+        bins[j] = bin_index(orders[j], edges)
+    return geos, bins
+
+
 @njit(nogil=True, cache=True)
-def _indexed_range(lo, hi, z, ys, y_orders, y_groups, channels, rows, x_kinds, y_kind, nbins,
-                   cells, delrsq, max_iter, alpha, rho, first, iterations,
+def _indexed_range(lo, hi, z, ys, y_orders, y_groups, channels, rows, images, subset, x_kinds,
+                   y_kind, nbins, cells, delrsq, max_iter, alpha, rho, first, iterations,
                    converged):  # pragma: no cover - compiled
-    n, k = z.shape[1], z.shape[2]
+    n, k = ys.shape[1], z.shape[2]
     theta = np.empty(n)
     phi = np.empty((k, n))
+    pos = np.full(z.shape[1] if subset else 0, -1, np.int64)
     y_merge = y_kind != LINEAR and y_kind != CATEGORICAL
     c_now = channels[lo]
-    geos, bins = _x_variables(z[c_now], x_kinds, nbins, cells)
+    if subset:
+        full = full_orders(z[c_now])
+    else:
+        geos, bins = _x_variables(z[c_now], x_kinds, nbins, cells)
     r_now = rows[lo]
     g_now = y_groups[r_now]
     edges = bin_edges(ys[r_now][y_orders[r_now]], nbins, cells, y_merge)
@@ -263,7 +282,10 @@ def _indexed_range(lo, hi, z, ys, y_orders, y_groups, channels, rows, x_kinds, y
         c, r = channels[i], rows[i]
         if c != c_now:
             c_now = c
-            geos, bins = _x_variables(z[c], x_kinds, nbins, cells)
+            if subset:
+                full = full_orders(z[c])
+            else:
+                geos, bins = _x_variables(z[c], x_kinds, nbins, cells)
         if y_groups[r] != g_now:
             g_now = y_groups[r]
             edges = bin_edges(ys[r][y_orders[r]], nbins, cells, y_merge)
@@ -271,7 +293,13 @@ def _indexed_range(lo, hi, z, ys, y_orders, y_groups, channels, rows, x_kinds, y
         if r != r_now:
             r_now = r
             yb = bin_index(y_orders[r], edges)
-        v, _, it, ok = solve(z[c], ys[r], geos, bins, yg, yb, x_kinds, y_kind, delrsq,
+        if subset:  # the images of row r only: their orders filtered from the channel's
+            x = gather_rows(z[c], images[r])
+            geos, bins = _sub_variables(x, subset_orders(full, images[r], pos), x_kinds,
+                                        nbins, cells)
+        else:
+            x = z[c]
+        v, _, it, ok = solve(x, ys[r], geos, bins, yg, yb, x_kinds, y_kind, delrsq,
                              max_iter, alpha, 3, theta, phi)
         rho[i] = v
         first[i] = _first_correlation(phi, theta)
@@ -280,20 +308,23 @@ def _indexed_range(lo, hi, z, ys, y_orders, y_groups, channels, rows, x_kinds, y
 
 
 def ace_indexed(z, ys, y_orders, y_groups, channels, rows, x_kinds, y_kind, nbins, cells,
-                delrsq, max_iter, alpha):
+                delrsq, max_iter, alpha, images=None):
     """Binned :func:`pcace.maxcorr.kernels.ace_indexed`: problems ``(z[c], ys[r])``.
 
     A channel's bins are made once for its consecutive problems, a response's bin
     geometry once per group of rows with equal sorted values (only each row's bin of
-    every observation is new).
+    every observation is new). ``images``: as for
+    :func:`pcace.maxcorr.kernels.ace_indexed`.
     """
     b = channels.size
+    subset = images is not None
+    images = np.zeros((0, 0), np.int64) if images is None else images
     rho = np.empty(b)
     first = np.empty(b)
     iterations = np.empty(b, np.int64)
     converged = np.empty(b, np.bool_)
-    parallel_ranges(_indexed_range, b, z, ys, y_orders, y_groups, channels, rows, x_kinds,
-                    np.int64(y_kind), np.int64(nbins), np.int64(cells), float(delrsq),
-                    np.int64(max_iter),
-                    float(alpha), rho, first, iterations, converged)
+    parallel_ranges(_indexed_range, b, z, ys, y_orders, y_groups, channels, rows, images,
+                    subset, x_kinds, np.int64(y_kind), np.int64(nbins), np.int64(cells),
+                    float(delrsq), np.int64(max_iter), float(alpha), rho, first, iterations,
+                    converged)
     return rho, first, iterations, converged

@@ -469,25 +469,38 @@ def _first_correlation(phi, theta):
 
 
 @njit(nogil=True, cache=True)
-def _indexed_range(lo, hi, z, ys, y_orders, y_groups, channels, rows, x_kinds, y_kind,
-                   delrsq, max_iter, alpha, rho, first, iterations,
+def _indexed_range(lo, hi, z, ys, y_orders, y_groups, channels, rows, images, subset, x_kinds,
+                   y_kind, delrsq, max_iter, alpha, rho, first, iterations,
                    converged):  # pragma: no cover - compiled
-    n, k = z.shape[1], z.shape[2]
+    n, k = ys.shape[1], z.shape[2]
     theta = np.empty(n)
     phi = np.empty((n, k))
+    pos = np.full(z.shape[1] if subset else 0, -1, np.int64)
     c_now = channels[lo]
-    orders, axes = _x_axes(z[c_now])
+    if subset:
+        full = full_orders(z[c_now])
+    else:
+        orders, axes = _x_axes(z[c_now])
     g_now = y_groups[rows[lo]]
     y_ax = _axis(ys[rows[lo]][y_orders[rows[lo]]])
     for i in range(lo, hi):
         c, r = channels[i], rows[i]
         if c != c_now:
             c_now = c
-            orders, axes = _x_axes(z[c])
+            if subset:
+                full = full_orders(z[c])
+            else:
+                orders, axes = _x_axes(z[c])
         if y_groups[r] != g_now:
             g_now = y_groups[r]
             y_ax = _axis(ys[r][y_orders[r]])
-        v, _, it, ok = _solve(z[c], ys[r], orders, axes, y_orders[r], y_ax, x_kinds, y_kind,
+        if subset:  # the images of row r only: their orders filtered from the channel's
+            x = gather_rows(z[c], images[r])
+            orders = subset_orders(full, images[r], pos)
+            axes = [_axis(x[orders[j], j]) for j in range(k)]
+        else:
+            x = z[c]
+        v, _, it, ok = _solve(x, ys[r], orders, axes, y_orders[r], y_ax, x_kinds, y_kind,
                               delrsq, max_iter, alpha, 3, theta, phi)
         rho[i] = v
         first[i] = _first_correlation(phi, theta)
@@ -495,8 +508,49 @@ def _indexed_range(lo, hi, z, ys, y_orders, y_groups, channels, rows, x_kinds, y
         converged[i] = ok
 
 
+@njit(cache=True)
+def full_orders(x):
+    """``(k, N)`` stable sort orders of the columns of ``x`` ``(N, k)``."""
+    n, k = x.shape
+    out = np.empty((k, n), np.int64)
+    for j in range(k):
+        out[j] = np.argsort(x[:, j], kind="mergesort")
+    return out
+
+
+@njit(cache=True)
+def gather_rows(x, idx):
+    """``x[idx]`` for ``x`` ``(N, k)``, contiguous."""
+    out = np.empty((idx.size, x.shape[1]))
+    for t in range(idx.size):
+        out[t] = x[idx[t]]
+    return out
+
+
+@njit(cache=True)
+def subset_orders(full, idx, pos):
+    """Sort orders ``(k, M)`` of the rows ``idx`` (ascending) of a matrix whose columns'
+    stable orders are ``full`` ``(k, N)``: the full orders filtered in ``O(N)``, equal to
+    a stable sort of the subset. ``pos`` is ``(N,)`` scratch, all -1 (left so)."""
+    k, n = full.shape
+    m = idx.size
+    for t in range(m):
+        pos[idx[t]] = t
+    out = np.empty((k, m), np.int64)
+    for j in range(k):
+        t = 0
+        for u in range(n):
+            p = pos[full[j, u]]
+            if p >= 0:
+                out[j, t] = p
+                t += 1
+    for t in range(m):
+        pos[idx[t]] = -1
+    return out
+
+
 def ace_indexed(z, ys, y_orders, y_groups, channels, rows, x_kinds, y_kind, delrsq,
-                max_iter, alpha):
+                max_iter, alpha, images=None):
     """Problems ``(z[channels[i]], ys[rows[i]])`` without gathering them.
 
     ``y_orders`` holds each row's stable sort order, ``y_groups`` a label per row, equal
@@ -504,13 +558,20 @@ def ace_indexed(z, ys, y_orders, y_groups, channels, rows, x_kinds, y_kind, delr
     Consecutive problems that share a channel share its sorted axes, and those whose rows
     share a group share the response's axis: the sorting and smoother set-up of a
     permutation null is done once per channel, not once per permutation.
+
+    ``images`` ``(R, M)`` (ascending rows): problem ``i`` sees the images
+    ``images[rows[i]]`` of ``z[channels[i]]`` only (``ys`` is then ``(R, M)``); a
+    channel's columns are sorted once over all its images for its consecutive problems,
+    and each subset's orders filtered from them.
     """
     b = channels.size
+    subset = images is not None
+    images = np.zeros((0, 0), np.int64) if images is None else images
     rho = np.empty(b)
     first = np.empty(b)
     iterations = np.empty(b, np.int64)
     converged = np.empty(b, np.bool_)
-    parallel_ranges(_indexed_range, b, z, ys, y_orders, y_groups, channels, rows, x_kinds,
-                    np.int64(y_kind), float(delrsq), np.int64(max_iter), float(alpha), rho,
-                    first, iterations, converged)
+    parallel_ranges(_indexed_range, b, z, ys, y_orders, y_groups, channels, rows, images,
+                    subset, x_kinds, np.int64(y_kind), float(delrsq), np.int64(max_iter),
+                    float(alpha), rho, first, iterations, converged)
     return rho, first, iterations, converged

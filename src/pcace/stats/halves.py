@@ -192,10 +192,11 @@ class _HalfRunner:
         ys: Any = self.y[idx]
         if self.on_gpu:
             ys = torch.as_tensor(ys, device=self.z.device, dtype=self.z.dtype)
-        problems = Problems(self.z, ys, self.live, order="row", images=idx)  # half-major
+        # channel-major: a channel's columns are sorted once for all its halves
+        problems = Problems(self.z, ys, self.live, order="channel", images=idx)
         flat = self.engine.values(problems, chunk=self.step, score="maximal",
                                   ace_options=self.options, stage="split_half")
-        out[:, :, self.live] = flat.reshape(hi - lo, 2, self.live.size)
+        out[:, :, self.live] = flat.reshape(self.live.size, hi - lo, 2).transpose(1, 2, 0)
         return out
 
 
