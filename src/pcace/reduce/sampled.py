@@ -82,8 +82,8 @@ from .sampled_pass import SampledPass, rayleigh_ritz
 from .standardise import NonFiniteMaps
 
 __all__ = ["CHECK_THRESHOLD", "EXTRA", "MIN_SAMPLE", "SampleBasis", "SampleCheck",
-           "SampledBasisWarning", "SampledPass", "rayleigh_ritz", "sample_indices",
-           "sample_size"]
+           "SampledBasisWarning", "SampledPass", "rayleigh_ritz", "resolve_solver",
+           "sample_axes", "sample_indices", "sample_size"]
 
 #: Sample axes beyond the components kept: ``l = k + EXTRA`` (``max_components + EXTRA``
 #: for a variance fraction). Measured on ResNet-20 at N = 5,000, m = 2,000: with 2, 5 and
@@ -193,6 +193,9 @@ class SampleBasis:
         The components asked for (as :func:`pcace.core.validation.components` returns).
     eps : float
         Machine epsilon of the sample's dtype (the constant-column rule's unit).
+    solver : str
+        How the axes were found: ``"randomized"`` or ``"exact"`` (:func:`sample_axes`),
+        ``"moments"`` (:meth:`from_moments`).
 
     Examples
     --------
@@ -222,6 +225,7 @@ class SampleBasis:
     fraction: float | None
     max_components: int
     eps: float
+    solver: str = "exact"
 
     @property
     def channels(self) -> int:
@@ -296,7 +300,8 @@ class SampleBasis:
         x = block if block.is_contiguous() else block.contiguous()
         mean, inv, constant = _standardise_sample_(x)
         width = min(p, (k_fixed if fraction is None else max_components) + extra)
-        vals, axes = sample_axes(x, width, solver=SOLVER if solver is None else solver)
+        solver = resolve_solver(SOLVER if solver is None else solver, m, p, width)
+        vals, axes = sample_axes(x, width, solver=solver)
         trace = (~constant).sum(dim=1).to(torch.float64) * m
         rank = numerical_rank(vals, max(m, p), x.dtype)
         usable = torch.arange(vals.shape[1], device=x.device)[None, :] < rank[:, None]
@@ -309,7 +314,8 @@ class SampleBasis:
         return cls(mean=mean, inv_std=inv, constant=constant, axes=axes, eigenvalues=vals / m,
                    total=trace.clamp(min=0) / m, shift=mean.to(torch.float32),
                    weights_t=weights_t, count=m, k_fixed=k_fixed, fraction=fraction,
-                   max_components=max_components, eps=torch.finfo(x.dtype).eps)
+                   max_components=max_components, eps=torch.finfo(x.dtype).eps,
+                   solver=solver)
 
     @classmethod
     def from_moments(cls, moments: PixelMoments, components: int | float = 3, *,
@@ -347,7 +353,7 @@ class SampleBasis:
                    eigenvalues=vals, total=(~basis.constant).sum(dim=1).to(torch.float64),
                    shift=basis.mean.to(torch.float32), weights_t=weights_t,
                    count=moments.count, k_fixed=k_fixed, fraction=fraction,
-                   max_components=max_components, eps=moments.eps)
+                   max_components=max_components, eps=moments.eps, solver="moments")
 
     def project(self, maps: torch.Tensor) -> torch.Tensor:
         """The ``l`` sample-axis projections of a batch: ``(B, C, ...)`` -> ``(C, B, l)`` float32.
@@ -426,6 +432,24 @@ def _finite(mean: torch.Tensor, first: int = 0) -> None:
         raise NonFiniteMaps(bad.tolist())
 
 
+def resolve_solver(solver: str, m: int, p: int, width: int) -> str:
+    """``"auto"`` made ``"randomized"`` or ``"exact"`` for an ``m``-image sample of ``P``
+    pixels: whichever costs fewer multiply-adds, the Gram matrix with a margin (its
+    eigenproblem, and the range finder's lower throughput at small sizes).
+
+    Examples
+    --------
+    >>> resolve_solver("auto", 2000, 1024, 13), resolve_solver("auto", 2000, 256, 13)
+    ('randomized', 'exact')
+    """
+    if solver not in ("auto", "randomized", "exact"):
+        raise ValueError(f"solver must be 'auto', 'randomized' or 'exact'; got {solver!r}")
+    if solver != "auto":
+        return solver
+    cols = min(width + OVERSAMPLE, m, p)
+    return "exact" if min(m, p) <= 4 * (POWER_STEPS + 1) * cols else "randomized"
+
+
 def sample_axes(x: torch.Tensor, width: int, *, solver: str = "randomized", seed: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The top ``width`` principal axes of standardised ``(C, m, P)`` maps.
@@ -436,8 +460,9 @@ def sample_axes(x: torch.Tensor, width: int, *, solver: str = "randomized", seed
         The sample's standardised maps, channel-major (not modified).
     width : int
         ``l``, the axes wanted (at most ``P``).
-    solver : {"randomized", "exact"}
-        ``"randomized"`` (the default): a randomized range finder (Halko, Martinsson &
+    solver : {"randomized", "exact", "auto"}
+        ``"auto"``: :func:`resolve_solver`. ``"randomized"`` (the default): a randomized
+        range finder (Halko, Martinsson &
         Tropp 2011, algorithm 4.4) of ``l +`` :data:`OVERSAMPLE` columns with
         :data:`POWER_STEPS` power iterations, then the exact SVD of ``X`` projected on
         that range: about ``2 (POWER_STEPS + 1) m P (l + OVERSAMPLE)`` multiply-adds per
@@ -466,8 +491,7 @@ def sample_axes(x: torch.Tensor, width: int, *, solver: str = "randomized", seed
     """
     c, m, p = x.shape
     cols = min(width + OVERSAMPLE, m, p)
-    if solver == "auto":  # whichever costs fewer multiply-adds, the Gram with some margin
-        solver = "exact" if min(m, p) <= 4 * (POWER_STEPS + 1) * cols else "randomized"
+    solver = resolve_solver(solver, m, p, width)
     if solver == "exact":
         vals, vecs, _, gram_side = _eigen(x, width)
         vals, vecs = vals.to(x.device), vecs.to(x.device)
@@ -477,8 +501,6 @@ def sample_axes(x: torch.Tensor, width: int, *, solver: str = "randomized", seed
         root = torch.where(vals > 0, vals.clamp(min=0).sqrt(), 1.0)
         axes = torch.bmm(x.transpose(1, 2), vecs.to(x.dtype)).to(torch.float64)
         return vals, axes / root[:, None, :]
-    if solver != "randomized":
-        raise ValueError(f"solver must be 'auto', 'randomized' or 'exact'; got {solver!r}")
     gen = torch.Generator(device=x.device).manual_seed(int(seed))
     start = torch.randn((c, p, cols), generator=gen, dtype=x.dtype, device=x.device)
     found = torch.linalg.qr(torch.bmm(x, start)).Q  # (C, m, cols)

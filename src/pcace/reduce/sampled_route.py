@@ -80,6 +80,7 @@ class SampledRoute(Route):
         self.reductions: dict[str, Reduction] = {}
         self.checks: dict[str, SampleCheck | None] = {}
         self.widths: dict[str, int] = {}
+        self.solvers: dict[str, str] = {}
         self._done = False
 
     def feeds(self) -> dict[str, Feed]:
@@ -111,6 +112,7 @@ class SampledRoute(Route):
         basis = SampleBasis.from_block(_channel_major(kept), self.components,
                                        extra=self.extra)
         self.widths[name] = basis.width
+        self.solvers[name] = basis.solver
         self._passes[name] = basis.start_pass(self.n)
         offset = 0
         for part, scale in kept:
@@ -166,12 +168,22 @@ class SampledRoute(Route):
         check = self.checks.get(name)
         sample = {"size": min(self.sample_size, self.n), "drawn": self.drawn,
                   "width": self.widths.get(name, 0)}
+        if name in self.solvers:
+            sample["axes"] = _AXES_WORDS[self.solvers[name]]
         return {"route": self.name if check is not None else "in-memory", "sample": sample,
                 **({"check": check.summary()} if check is not None else {})}
 
     def close(self) -> None:
         self._kept.clear()
         self._passes.clear()
+
+
+#: How the manifest names the way a layer's sample axes were found.
+_AXES_WORDS = {
+    "randomized": "randomized range finder (pcace.reduce.sampled.sample_axes)",
+    "exact": "exact eigenpairs of the sample's Gram matrix",
+    "moments": "exact eigenpairs of the sample's pixel moments",
+}
 
 
 def _poor_message(poor: dict[str, int], sample_size: int) -> str:
