@@ -449,6 +449,18 @@ def response_orders(ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return orders, groups
 
 
+def _checked_images(images: np.ndarray | None, ys: np.ndarray, n: int) -> np.ndarray | None:
+    """``images`` as int64, checked: ``ys``'s shape, each row ascending indices below ``n``."""
+    if images is None:
+        return None
+    images = np.ascontiguousarray(images, dtype=np.int64)
+    if images.shape != ys.shape or (images.size and (
+            images.min() < 0 or images.max() >= n or (np.diff(images, axis=1) <= 0).any())):
+        raise ValueError("images must be (R, m) like ys, each row ascending indices into z's "
+                         "images")
+    return images
+
+
 def _check_shared(z: np.ndarray, ys: np.ndarray, used_x: np.ndarray,
                   used_y: np.ndarray) -> None:
     """:func:`_check` for shared data, one channel and row at a time (no copies of ``z``)."""
@@ -502,12 +514,9 @@ def ace_shared(
     orders : tuple of numpy.ndarray, optional
         :func:`response_orders` of ``ys``, when the caller reuses them across calls.
     images : numpy.ndarray, optional
-        ``(R, m)`` ascending image indices: problem ``i`` sees the images
-        ``images[rows[i]]`` of ``z[channels[i]]`` only, and ``ys`` is ``(R, m)`` (split
-        halves). A channel's columns are sorted once over all ``n`` images for its
-        consecutive problems and each subset's order filtered from them (``O(n)``
-        instead of a sort per problem); the answers are those of :func:`ace` on the
-        gathered problems.
+        ``(R, m)`` ascending indices: problem ``i`` sees ``z[channels[i], images[rows[i]]]``
+        and ``ys`` is ``(R, m)`` (split halves; a channel sorted once, each subset's order
+        filtered from it). The answers are :func:`ace`'s on the gathered problems.
 
     Returns
     -------
@@ -525,20 +534,11 @@ def ace_shared(
     >>> bool(rho[0] > 0.95), bool(rho[1] < 0.5)
     (True, True)
     """
-    from . import binned
-    from . import kernels as nb
-
     z, ys = (np.ascontiguousarray(a, dtype=np.float64) for a in (z, ys))
     channels, rows = (np.asarray(a, dtype=np.int64) for a in (channels, rows))
-    if images is not None:
-        images = np.ascontiguousarray(images, dtype=np.int64)
-        if images.shape != ys.shape or (images.size and (
-                images.min() < 0 or images.max() >= z.shape[1]
-                or (np.diff(images, axis=1) <= 0).any())):
-            raise ValueError("images must be (R, m) like ys, each row ascending indices "
-                             "into z's images")
-    m = z.shape[1] if images is None else ys.shape[1]
-    if z.ndim != 3 or ys.ndim != 2 or ys.shape[1] != m:
+    images = _checked_images(images, ys, z.shape[1])
+    if z.ndim != 3 or ys.ndim != 2 or ys.shape[1] != (z.shape[1] if images is None
+                                                       else images.shape[1]):
         raise ValueError(f"z must be (C, n, k) and ys (R, n) with the same n; got "
                          f"{z.shape} and {ys.shape}")
     if channels.shape != rows.shape or channels.ndim != 1:
@@ -547,17 +547,27 @@ def ace_shared(
         return np.zeros(0), np.zeros(0)
     _check_shared(z, ys, np.unique(channels), np.unique(rows))
     x_kinds = _settings(x_kind, z.shape[2], y_kind, delrsq, max_iter)
-    nbins = resolve_bins(bins, m)
     y_orders, y_groups = response_orders(ys) if orders is None else orders
-    codes = _kind_codes(x_kinds)
     y_orders = np.ascontiguousarray(y_orders, dtype=np.int64)
     y_groups = np.asarray(y_groups, dtype=np.int64)
-    settings = (float(delrsq), int(max_iter), float(alpha))
+    return _indexed(z, ys, (y_orders, y_groups), channels, rows, _kind_codes(x_kinds), y_kind,
+                    resolve_bins(bins, ys.shape[1]),
+                    (float(delrsq), int(max_iter), float(alpha)), images)
+
+
+def _indexed(z: np.ndarray, ys: np.ndarray, orders: tuple[np.ndarray, np.ndarray],
+             channels: np.ndarray, rows: np.ndarray, codes: np.ndarray, y_kind: str,
+             nbins: int | None, settings: tuple[float, int, float],
+             images: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`ace_shared`'s problems on the exact or the binned compiled engine."""
+    from . import binned
+    from . import kernels as nb
+
     if nbins is None:
-        rho, first, _, _ = nb.ace_indexed(z, ys, y_orders, y_groups, channels, rows, codes,
+        rho, first, _, _ = nb.ace_indexed(z, ys, *orders, channels, rows, codes,
                                           nb.KIND_CODES[y_kind], *settings, images=images)
     else:
-        rho, first, _, _ = binned.ace_indexed(z, ys, y_orders, y_groups, channels, rows, codes,
+        rho, first, _, _ = binned.ace_indexed(z, ys, *orders, channels, rows, codes,
                                               nb.KIND_CODES[y_kind], *split_bins(nbins),
                                               *settings, images=images)
     return rho, first
