@@ -621,3 +621,20 @@ def test_response_orders_join_permutations_of_one_score():
     assert groups.tolist() == [0] * 6 + [1]
     for r in range(len(ys)):
         np.testing.assert_array_equal(orders[r], np.argsort(ys[r], kind="mergesort"))
+
+
+@pytest.mark.parametrize("n", [5, 999, 1000, 4321])
+def test_stable_argsort_is_numpys_stable_order(n):
+    """The radix sort behind every ACE sort against numpy's stable argsort: ties (kept in
+    index order), -0.0 beside 0.0, negatives, huge and subnormal magnitudes, values of
+    float32 origin (their low mantissa bytes all zero)."""
+    from pcace.maxcorr.kernels import stable_argsort
+
+    rng = np.random.default_rng(n)
+    cases = [rng.normal(size=n), np.round(rng.normal(size=n), 1),
+             rng.normal(size=n).astype(np.float32).astype(np.float64),
+             rng.choice([-0.0, 0.0, 1.0, -1.0, 5e-324, -5e-324, 1e300, -1e300], size=n)]
+    for v in cases:
+        np.testing.assert_array_equal(stable_argsort(v), np.argsort(v, kind="stable"))
+    column = rng.normal(size=(n, 3))[:, 1]  # a strided view
+    np.testing.assert_array_equal(stable_argsort(column), np.argsort(column, kind="stable"))

