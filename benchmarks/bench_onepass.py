@@ -12,8 +12,12 @@ memory) and compares the channels' values per layer: Spearman and the 99th perce
 |difference|.
 
     .venv/bin/python benchmarks/bench_onepass.py --n 5000 --exact
+    .venv/bin/python benchmarks/bench_onepass.py --n 5000 --exact --solver exact
     .venv/bin/python benchmarks/bench_onepass.py --n 50000
     .venv/bin/python benchmarks/bench_onepass.py --model resnet18 --n 2000 --exact
+
+``--solver`` sets how the sampled basis finds the sample's axes
+(``pcace.reduce.sampled.SOLVER``: ``auto``, the default, ``randomized`` or ``exact``).
 """
 
 from __future__ import annotations
