@@ -226,7 +226,7 @@ def _rank_statistics_args(p: argparse.ArgumentParser) -> None:
                    "over all in one pass, where there are more; exact: the exact PCA")
     p.add_argument("--ace-bins", type=_bins, default="auto",
                    help="ACE at large N on binned variables: auto (default: 1,000 bins from "
-                   "N = 5,000 on), none (always exact), or a number of bins")
+                   "n = 2,500 observations on), none (always exact), or a number of bins")
     p.add_argument("--sample-size", type=_sample_size, default="auto",
                    help="images the sampled basis takes its axes from (default auto: "
                    "min(N, max(2000, N / 10)), as memory allows)")

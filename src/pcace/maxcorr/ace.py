@@ -310,13 +310,13 @@ def ace(
         Binned smoothing for large n (compiled engine): each variable is cut once into at
         most ``bins`` bins (half of equal counts, half of equal width; tied values share a
         bin) and every smoother runs on the bins, weighted by their counts
-        (:mod:`pcace.maxcorr.binned`). ``"auto"`` (default): 1,000 bins from n = 5,000
+        (:mod:`pcace.maxcorr.binned`). ``"auto"`` (default): 1,000 bins from n = 2,500
         on, exact ACE below (unchanged). None: always exact. An int >= 20: at most that
         many bins (exact when it is at least n). On PCACE problems (ResNet-20 channels,
-        N = 5,000 and 50,000) the 99th percentile of ``|rho - rho_exact|`` is 3e-4, 2e-3
-        against permuted scores, at 2 to 4.5 times the speed (benchmarks/README.md,
-        "Binned ACE"). The torch backend computes exact ACE; an explicit int with
-        ``backend="torch"`` is an error.
+        N = 2,500, 5,000 and 50,000) the 99th percentile of ``|rho - rho_exact|`` is at
+        most 4e-4, 3e-3 against permuted scores, at 1.8 to 4.5 times the speed
+        (benchmarks/README.md, "Binned ACE"). The torch backend computes exact ACE; an
+        explicit int with ``backend="torch"`` is an error.
 
     Returns
     -------
