@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,6 @@ def shared_dir() -> Path:
 def cifar_cats(shared_dir):
     """``n -> (model, images)``: the shared pretrained ResNet-20 and its first ``n`` cat test
     images, normalised as it was trained."""
-    import torch
     from torchvision import transforms
 
     from pcace.inputs.data import image_folder
@@ -62,3 +62,14 @@ def two_pass_routes(monkeypatch):
                 for k, s in shapes.items()}
 
     monkeypatch.setattr(MemoryPlan, "routes", routes)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny tensors (faster, and much faster on a busy
+    machine); the caller's thread count comes back after. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

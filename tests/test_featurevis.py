@@ -16,13 +16,7 @@ from pcace.viz.assets import Assets
 from pcace.viz.featurevis import CLEAR_FACTOR, MIN_VARIATION, visualise_channels, why_not_shown
 from pcace.viz.maps import bottom_label
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_a_picture_is_shown_only_when_it_clearly_beats_the_data():

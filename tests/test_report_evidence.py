@@ -18,13 +18,7 @@ from pcace.results.result import PCACEResult
 from pcace.viz import channel_ranking, layer_overview, result_html, run_evidence, write_report
 from pcace.viz.figures import CHANCE_COLOUR
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hand_result(layers: list[str], channels: int = 12, *, null: bool = True,

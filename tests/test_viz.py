@@ -37,13 +37,7 @@ CIFAR_STD = (0.229, 0.224, 0.225)
 CIFAR_LAYERS = ["conv1", "layer2.0.conv2", "layer3.2.conv2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
