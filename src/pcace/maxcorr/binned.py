@@ -185,8 +185,14 @@ def solve(x, y, xgeo, xbins, ygeo, ybins, x_kinds, y_kind, delrsq, max_iter, alp
 
 @njit(cache=True)
 def _variable(v, nbins, cells, merge):
-    """Sort order, bin geometry and bin of each observation of one variable."""
-    order = stable_argsort(v)  # ties share a bin: any order of them gives the same bins
+    """Bin geometry and bin of each observation of one variable."""
+    # ties share a bin: any order of them gives the same bins
+    return _sorted_variable(v, stable_argsort(v), nbins, cells, merge)
+
+
+@njit(cache=True)
+def _sorted_variable(v, order, nbins, cells, merge):
+    """:func:`_variable` given the variable's sort order."""
     vs = v[order]
     edges = bin_edges(vs, nbins, cells, merge)
     return bin_geometry(vs, edges), bin_index(order, edges)
@@ -195,15 +201,7 @@ def _variable(v, nbins, cells, merge):
 @njit(cache=True)
 def _x_variables(x, x_kinds, nbins, cells):
     """Binned geometry ``list`` and bins ``(k, n)`` of every column of one problem."""
-    n, k = x.shape
-    bins = np.empty((k, n), np.int32)
-    geos = []
-    for j in range(k):
-        merge = x_kinds[j] != LINEAR and x_kinds[j] != CATEGORICAL
-        g, b = _variable(np.ascontiguousarray(x[:, j]), nbins, cells, merge)
-        geos.append(g)
-        bins[j] = b
-    return geos, bins
+    return _ordered_variables(x, full_orders(x), x_kinds, nbins, cells)
 
 
 @njit(nogil=True, cache=True)
@@ -252,17 +250,16 @@ def _first_correlation(phi, theta):
 
 
 @njit(cache=True)
-def _sub_variables(x, orders, x_kinds, nbins, cells):
+def _ordered_variables(x, orders, x_kinds, nbins, cells):
     """:func:`_x_variables` of ``x`` ``(M, k)`` given its columns' sort orders."""
     n, k = x.shape
     bins = np.empty((k, n), np.int32)
     geos = []
     for j in range(k):
         merge = x_kinds[j] != LINEAR and x_kinds[j] != CATEGORICAL
-        vs = x[orders[j], j]
-        edges = bin_edges(vs, nbins, cells, merge)
-        geos.append(bin_geometry(vs, edges))
-        bins[j] = bin_index(orders[j], edges)
+        g, b = _sorted_variable(np.ascontiguousarray(x[:, j]), orders[j], nbins, cells, merge)
+        geos.append(g)
+        bins[j] = b
     return geos, bins
 
 
@@ -302,8 +299,8 @@ def _indexed_range(lo, hi, z, ys, y_orders, y_groups, channels, rows, images, su
             yb = bin_index(y_orders[r], edges)
         if subset:  # the images of row r only: their orders filtered from the channel's
             x = gather_rows(z[c], images[r])
-            geos, bins = _sub_variables(x, subset_orders(full, images[r], pos), x_kinds,
-                                        nbins, cells)
+            geos, bins = _ordered_variables(x, subset_orders(full, images[r], pos),
+                                            x_kinds, nbins, cells)
         else:
             x = z[c]
         v, _, it, ok = solve(x, ys[r], geos, bins, yg, yb, x_kinds, y_kind, delrsq,

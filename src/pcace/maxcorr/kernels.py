@@ -381,14 +381,17 @@ def stable_argsort(v):
 @njit(cache=True)
 def _x_axes(x):
     """Sort orders and smoother axes of every column of one problem's ``x`` (n, k)."""
-    n, k = x.shape
-    orders = np.empty((k, n), np.int64)
+    orders = full_orders(x)
+    return orders, _axes_of(x, orders)
+
+
+@njit(cache=True)
+def _axes_of(x, orders):
+    """The smoother axes of the columns of ``x`` (n, k) sorted by ``orders`` (k, n)."""
     axes = []
-    for j in range(k):
-        order = stable_argsort(x[:, j])
-        orders[j] = order
-        axes.append(_axis(x[order, j]))
-    return orders, axes
+    for j in range(x.shape[1]):
+        axes.append(_axis(x[orders[j], j]))
+    return axes
 
 
 @njit(cache=True)
@@ -547,7 +550,7 @@ def _indexed_range(lo, hi, z, ys, y_orders, y_groups, channels, rows, images, su
         if subset:  # the images of row r only: their orders filtered from the channel's
             x = gather_rows(z[c], images[r])
             orders = subset_orders(full, images[r], pos)
-            axes = [_axis(x[orders[j], j]) for j in range(k)]
+            axes = _axes_of(x, orders)
         else:
             x = z[c]
         v, _, it, ok = _solve(x, ys[r], orders, axes, y_orders[r], y_ax, x_kinds, y_kind,

@@ -91,9 +91,10 @@ def _resampled_ranks(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """``(R, C)``: each channel's average rank in each resample (``counts`` ``(R, C)``)."""
     order = np.argsort(values, kind="stable")
     ordered = values[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    new_value = np.r_[True, ordered[1:] != ordered[:-1]]
+    starts = np.flatnonzero(new_value)
     group = np.empty(values.size, np.int64)
-    group[order] = np.cumsum(np.r_[True, ordered[1:] != ordered[:-1]]) - 1
+    group[order] = np.cumsum(new_value) - 1
     per = np.add.reduceat(counts[:, order], starts, axis=1)   # (R, distinct values)
     below = np.cumsum(per, axis=1) - per
     return (below + (per + 1.0) / 2.0)[:, group]
