@@ -270,7 +270,7 @@ class SampleBasis:
         extra : int, default :data:`EXTRA`
             Axes beyond ``k`` (beyond ``max_components`` for a fraction); ``l`` is at most
             ``P``.
-        solver : {"randomized", "exact"}, optional
+        solver : {"auto", "randomized", "exact"}, optional
             How the sample's axes are found (:func:`sample_axes`); None:
             :data:`SOLVER`.
         """
@@ -462,8 +462,8 @@ def sample_axes(x: torch.Tensor, width: int, *, solver: str = "randomized", seed
         ``l``, the axes wanted (at most ``P``).
     solver : {"randomized", "exact", "auto"}
         ``"auto"``: :func:`resolve_solver`. ``"randomized"`` (the default): a randomized
-        range finder (Halko, Martinsson &
-        Tropp 2011, algorithm 4.4) of ``l +`` :data:`OVERSAMPLE` columns with
+        range finder (Halko, Martinsson & Tropp 2011, algorithm 4.4) of ``l +``
+        :data:`OVERSAMPLE` columns with
         :data:`POWER_STEPS` power iterations, then the exact SVD of ``X`` projected on
         that range: about ``2 (POWER_STEPS + 1) m P (l + OVERSAMPLE)`` multiply-adds per
         channel in batched BLAS, against ``m P min(m, P)`` for the Gram matrix the exact
