@@ -17,7 +17,9 @@ memory) and compares the channels' values per layer: Spearman and the 99th perce
     .venv/bin/python benchmarks/bench_onepass.py --model resnet18 --n 2000 --exact
 
 ``--solver`` sets how the sampled basis finds the sample's axes
-(``pcace.reduce.sampled.SOLVER``: ``auto``, the default, ``randomized`` or ``exact``).
+(``pcace.reduce.sampled.SOLVER``: ``auto``, the default, ``randomized`` or ``exact``);
+``--precision`` the dtype of the range finder's power iterations
+(``pcace.reduce.sampled.RANGE_PRECISION``: ``auto``, ``bfloat16`` or ``float32``).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def measure(args: argparse.Namespace, basis: str) -> dict:
     import pcace.reduce.sampled
 
     pcace.reduce.sampled.SOLVER = args.solver
+    pcace.reduce.sampled.RANGE_PRECISION = args.precision
     model, x = _model(args.model), _tensor(args.n, args.model)
     target = 3 if args.model == "resnet20" else 0
     start = time.perf_counter()
@@ -92,6 +95,7 @@ def measure(args: argparse.Namespace, basis: str) -> dict:
     if args.save:
         res.channels.to_csv(Path(args.save), index=False)
     return {"basis": basis, "solver": args.solver if basis == "sample" else None,
+            "precision": args.precision if basis == "sample" else None,
             "n": args.n, "bare_s": round(bare, 2), "rank_s": round(seconds, 2),
             "ratio": round(seconds / bare, 2),
             "peak_minus_bare_gib": round(_peak_gib() - bare_peak, 2),
@@ -129,7 +133,13 @@ def main() -> None:
     ap.add_argument("--solver", choices=["auto", "randomized", "exact"], default="auto",
                     help="how the sampled basis finds the sample's axes "
                          "(pcace.reduce.sampled.SOLVER)")
+    ap.add_argument("--precision", choices=["auto", "bfloat16", "float32"], default="auto",
+                    help="the range finder's power iterations "
+                         "(pcace.reduce.sampled.RANGE_PRECISION)")
     ap.add_argument("--exact", action="store_true", help="also basis='exact', and compare")
+    ap.add_argument("--reuse-exact", action="store_true",
+                    help="with --exact: compare with the exact route's values saved by an "
+                         "earlier run of the same --n and --model")
     ap.add_argument("--child", default=None)
     ap.add_argument("--save", default=None)
     args = ap.parse_args()
@@ -139,10 +149,12 @@ def main() -> None:
     out = Path(f"/tmp/bench_onepass_{args.model}_{args.n}")
     out.mkdir(exist_ok=True)
     bases = ["sample", "exact"] if args.exact else ["sample"]
+    if args.reuse_exact and (out / "exact.csv").exists():
+        bases = ["sample"]
     for basis in bases:
         cmd = [sys.executable, __file__, "--child", basis, "--n", str(args.n), "--model",
                args.model, "--batch-size", str(args.batch_size), "--sample-size",
-               str(args.sample_size), "--solver", args.solver,
+               str(args.sample_size), "--solver", args.solver, "--precision", args.precision,
                "--save", str(out / f"{basis}.csv")]
         if args.defaults:
             cmd.append("--defaults")

@@ -181,6 +181,8 @@ class SampledRoute(Route):
 #: How the manifest names the way a layer's sample axes were found.
 _AXES_WORDS = {
     "randomized": "randomized range finder (pcace.reduce.sampled.sample_axes)",
+    "randomized-bfloat16": "randomized range finder, power iterations in bfloat16 "
+                           "(pcace.reduce.sampled.sample_axes)",
     "exact": "exact eigenpairs of the sample's Gram matrix",
     "moments": "exact eigenpairs of the sample's pixel moments",
 }
