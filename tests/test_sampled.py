@@ -390,3 +390,51 @@ def test_sample_indices():
     assert [sample_size(n) for n in (10, 2000, 20_000, 50_000)] == [10, 2000, 2000, 5000]
     with pytest.raises(ValueError, match="n_images"):
         sample_size(0)
+
+
+@pytest.mark.parametrize("residuals", [False, True])
+def test_add_sample_equals_adding_its_maps(residuals):
+    """The sample added from its standardised block gives the pass what adding its maps
+    gives: the same statistics, projections, scores and check (a constant pixel, a mean
+    far from 0 whose float32 rounding the shift carries)."""
+    maps = _maps(300, 3, 40) + 1000.0
+    maps[:, 1, 5] = 7.25
+    sample = maps[:120]
+    twice = []
+    for from_block in (False, True):
+        block = sample.transpose(0, 1).contiguous()
+        basis = SampleBasis.from_block(block, 3)
+        run = basis.start_pass(300, store_dtype=torch.float32, residuals=residuals)
+        if from_block:
+            run.add_sample(block)
+        else:
+            run.add(sample, 0)
+        run.add(maps[120:], 120)
+        stats = [t.clone() for t in (run._sums, run._squares, run._lo, run._hi, run._cross)]
+        twice.append((stats, run.projections.clone(), *run.finish(warn=False)))
+    (s0, p0, r0, c0), (s1, p1, r1, c1) = twice
+    for a, b in zip(s0, s1, strict=True):
+        if a.numel():
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * float(a.abs().max()))
+    torch.testing.assert_close(p1, p0, rtol=0, atol=2e-6 * float(p0.abs().max()))
+    for c in range(3):
+        _assert_scores(r1.scores[c], r0.scores[c], 1e-5)
+    torch.testing.assert_close(c1.ratio, c0.ratio, rtol=0, atol=1e-6)
+    if residuals:
+        torch.testing.assert_close(c1.angle, c0.angle, rtol=1e-3, atol=1e-7)
+
+
+def test_add_sample_needs_the_sample_and_its_block():
+    maps = _maps(100, 2, 30)
+    block = maps[:50].transpose(0, 1).contiguous()
+    run = SampleBasis.from_block(block, 2).start_pass(100)
+    with pytest.raises(ValueError, match="contiguous"):
+        run.add_sample(block[:, :40])
+    run.add_sample(block)
+    with pytest.raises(ValueError, match="added to this pass before"):
+        run.add_sample(block)
+    from pcace.reduce.streaming import PixelMoments
+
+    moments = SampleBasis.from_moments(PixelMoments(2, 30).update(maps[:50]), 2)
+    with pytest.raises(ValueError, match="from the sample's maps"):
+        moments.start_pass(100).add_sample(block)

@@ -196,6 +196,11 @@ class SampleBasis:
         The components asked for (as :func:`pcace.core.validation.components` returns).
     eps : float
         Machine epsilon of the sample's dtype (the constant-column rule's unit).
+    std, low, high : torch.Tensor or None
+        ``(C, P)`` float64: each pixel's population standard deviation, minimum and
+        maximum over the sample (:meth:`from_block` and :meth:`from_maps`; None from
+        :meth:`from_moments`), so that :meth:`SampledPass.add_sample` can add the sample
+        to a pass without reading its maps again.
     solver : str
         How the axes were found: ``"randomized"``, ``"randomized-bfloat16"`` (its power
         iterations in bfloat16, :func:`range_precision`) or ``"exact"``
@@ -230,6 +235,9 @@ class SampleBasis:
     max_components: int
     eps: float
     solver: str = "exact"
+    std: torch.Tensor | None = None
+    low: torch.Tensor | None = None
+    high: torch.Tensor | None = None
 
     @property
     def channels(self) -> int:
@@ -253,8 +261,8 @@ class SampleBasis:
     def nbytes(self) -> int:
         """Bytes the basis holds."""
         held = (self.mean, self.inv_std, self.constant, self.axes, self.eigenvalues,
-                self.shift, self.weights_t)
-        return sum(t.numel() * t.element_size() for t in held)
+                self.shift, self.weights_t, self.std, self.low, self.high)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     @classmethod
     def from_maps(cls, maps: torch.Tensor, components: int | float = 3, *,
@@ -302,7 +310,7 @@ class SampleBasis:
         if m < 2:
             raise ValueError(f"the sample needs at least 2 images; got {m}")
         x = block if block.is_contiguous() else block.contiguous()
-        mean, inv, constant = _standardise_sample_(x)
+        mean, inv, constant, (std, low, high) = _standardise_sample_(x)
         width = min(p, (k_fixed if fraction is None else max_components) + extra)
         solver = resolve_solver(SOLVER if solver is None else solver, m, p, width)
         vals, axes = sample_axes(x, width, solver=solver)
@@ -321,7 +329,7 @@ class SampleBasis:
                    total=trace.clamp(min=0) / m, shift=mean.to(torch.float32),
                    weights_t=weights_t, count=m, k_fixed=k_fixed, fraction=fraction,
                    max_components=max_components, eps=torch.finfo(x.dtype).eps,
-                   solver=solver)
+                   solver=solver, std=std, low=low, high=high)
 
     @classmethod
     def from_moments(cls, moments: PixelMoments, components: int | float = 3, *,
@@ -390,13 +398,15 @@ def _check_extra(extra: int) -> None:
         raise ValueError(f"extra must be an int >= 0; got {extra!r}")
 
 
-def _standardise_sample_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _standardise_sample_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    tuple[torch.Tensor, ...]]:
     """Standardise a contiguous ``(C, m, P)`` block in place.
 
-    Returns the float64 ``(C, P)`` mean and inverse standard deviation and the constant
-    mask, by the rule of :func:`~pcace.reduce.pca.reduce_block` (statistics in float64).
-    On the CPU one compiled pass per statistic (:func:`pcace.reduce.kernels.
-    standardise_columns`); elsewhere torch, a few channels at a time.
+    Returns the float64 ``(C, P)`` mean and inverse standard deviation, the constant
+    mask, and the standard deviation, minimum and maximum (float64 ``(C, P)``), by the
+    rule of :func:`~pcace.reduce.pca.reduce_block` (statistics in float64). On the CPU
+    one compiled pass per statistic (:func:`pcace.reduce.kernels.standardise_columns`);
+    elsewhere torch, a few channels at a time.
     """
     c, m, p = x.shape
     eps = torch.finfo(x.dtype).eps
@@ -406,29 +416,24 @@ def _standardise_sample_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
         mean, std, low, high = (torch.empty((c, p), dtype=torch.float64) for _ in range(4))
         standardise_columns(x.numpy(), mean.numpy(), std.numpy(), low.numpy(), high.numpy())
         _finite(mean)
-        constant = (high <= low) | (std <= CONSTANT_ULPS * eps * torch.maximum(
-            high.abs(), low.abs()))
-        inv = torch.where(constant, 0.0, 1.0 / torch.where(constant, 1.0, std))
-        x.mul_(inv.to(x.dtype)[:, None, :])
-        return mean, inv, constant
-    mean = torch.empty((c, p), dtype=torch.float64, device=x.device)
-    inv, constant = torch.empty_like(mean), torch.empty((c, p), dtype=torch.bool,
-                                                        device=x.device)
-    step = max(1, CHUNK_BYTES // (8 * m * p))
-    for lo in range(0, c, step):
-        sl = slice(lo, min(c, lo + step))
-        part = x[sl].to(torch.float64)
-        low, high = torch.aminmax(part, dim=1)
-        mean[sl] = part.mean(dim=1)
-        _finite(mean[sl], lo)
-        part -= mean[sl, None, :]
-        std = torch.linalg.vector_norm(part, dim=1) / math.sqrt(m)
-        scale = torch.maximum(high.abs(), low.abs())
-        constant[sl] = (high <= low) | (std <= CONSTANT_ULPS * eps * scale)
-        inv[sl] = torch.where(constant[sl], 0.0, 1.0 / torch.where(constant[sl], 1.0, std))
-        part *= inv[sl, None, :]
-        x[sl] = part
-    return mean, inv, constant
+    else:
+        mean, std, low, high = (torch.empty((c, p), dtype=torch.float64, device=x.device)
+                                for _ in range(4))
+        step = max(1, CHUNK_BYTES // (8 * m * p))
+        for lo in range(0, c, step):
+            sl = slice(lo, min(c, lo + step))
+            part = x[sl].to(torch.float64)
+            low[sl], high[sl] = torch.aminmax(part, dim=1)
+            mean[sl] = part.mean(dim=1)
+            _finite(mean[sl], lo)
+            part -= mean[sl, None, :]
+            std[sl] = torch.linalg.vector_norm(part, dim=1) / math.sqrt(m)
+            x[sl] = part
+    constant = (high <= low) | (std <= CONSTANT_ULPS * eps * torch.maximum(
+        high.abs(), low.abs()))
+    inv = torch.where(constant, 0.0, 1.0 / torch.where(constant, 1.0, std))
+    x.mul_(inv.to(x.dtype)[:, None, :])
+    return mean, inv, constant, (std, low, high)
 
 
 def _finite(mean: torch.Tensor, first: int = 0) -> None:

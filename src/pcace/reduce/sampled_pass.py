@@ -194,14 +194,7 @@ class SampledPass:
             raise ValueError("this pass has finished; start a new one")
         x = self.basis._check(maps)
         b = x.shape[0]
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 \
-                or offset + b > self.n_images:
-            raise ValueError(f"images {offset} .. {offset}+{b} fall outside the pass's "
-                             f"{self.n_images} images")
-        rows = slice(offset, offset + b)
-        if bool(self._seen[rows].any()):
-            first = offset + int(self._seen[rows].to(torch.int8).argmax())
-            raise ValueError(f"image {first} was added to this pass before")
+        rows = self._rows(offset, b)
         if b == 0:
             return
         x = x.to(torch.float32)
@@ -222,6 +215,68 @@ class SampledPass:
         else:
             self._add_torch(x.to(self._sums.device), rows)
         self._seen[rows] = True
+
+    def add_sample(self, standardised: torch.Tensor, offset: int = 0) -> None:
+        """Add the basis's own sample, as images ``offset .. offset+m-1``, from its
+        standardised block: what :meth:`SampleBasis.from_block` left in the block it was
+        given (``(C, m, P)``, contiguous).
+
+        The same as :meth:`add` on the sample's maps, up to rounding, without reading them
+        again: their projections are the block times the axes, their pixel statistics
+        those the basis took (:attr:`SampleBasis.std`, ``low``, ``high``).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from pcace.reduce.sampled import SampleBasis
+        >>> maps = torch.randn(100, 3, 25)
+        >>> block = maps[:40].transpose(0, 1).contiguous()
+        >>> basis = SampleBasis.from_block(block, 2)
+        >>> run = basis.start_pass(100)
+        >>> run.add_sample(block); run.add(maps[40:], 40)
+        >>> tuple(run.finish(warn=False)[0].scores.shape)
+        (3, 100, 2)
+        """
+        basis = self.basis
+        if basis.std is None:
+            raise ValueError("add_sample needs a basis built from the sample's maps "
+                             "(SampleBasis.from_block or from_maps); add the maps instead")
+        m = basis.count
+        if tuple(standardised.shape) != (basis.channels, m, basis.pixels) \
+                or not standardised.is_contiguous():
+            raise ValueError(f"standardised must be the basis's contiguous (C, m, P) = "
+                             f"{(basis.channels, m, basis.pixels)} block; got "
+                             f"{tuple(standardised.shape)}")
+        rows = self._rows(offset, m)
+        shift = basis.shift.to(torch.float64)
+        delta = basis.mean - shift  # the sample mean's rounding in the shift
+        dev = standardised.device
+        lift = ((delta * basis.inv_std)[:, None, :] @ basis.axes).to(dev, standardised.dtype)
+        y = torch.bmm(standardised, basis.axes.to(standardised.dtype)).add_(lift)
+        self._keep(y.to(torch.float32), rows)
+        if self.residuals:
+            d = standardised * basis.std.to(standardised.dtype)[:, None, :] \
+                + delta.to(standardised.dtype)[:, None, :]
+            self._cross += torch.bmm(y.transpose(1, 2), d).to(torch.float64)
+        self._sums += m * delta
+        self._squares += m * (basis.std.square() + delta.square())
+        torch.minimum(self._lo, basis.low.to(torch.float32), out=self._lo)
+        torch.maximum(self._hi, basis.high.to(torch.float32), out=self._hi)
+        self._seen[rows] = True
+
+    def _rows(self, offset: int, b: int) -> slice:
+        """The rows of ``b`` images at ``offset``, checked: inside the pass, not added."""
+        if self.projections is None:
+            raise ValueError("this pass has finished; start a new one")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 \
+                or offset + b > self.n_images:
+            raise ValueError(f"images {offset} .. {offset}+{b} fall outside the pass's "
+                             f"{self.n_images} images")
+        rows = slice(offset, offset + b)
+        if bool(self._seen[rows].any()):
+            first = offset + int(self._seen[rows].to(torch.int8).argmax())
+            raise ValueError(f"image {first} was added to this pass before")
+        return rows
 
     def _add_torch(self, x: torch.Tensor, rows: slice) -> None:
         d = x - self.basis.shift
@@ -441,15 +496,55 @@ def _rotate(y: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, turn: torc
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def _dots(d, rows, wt, y):  # pragma: no cover - compiled
+    """``y[r, k] = d[r] . wt[k]`` for ``r < rows`` (1 or 2), four axes at a time.
+
+    Two rows against four axes keep eight sums in registers: each load of a weight serves
+    two rows and each load of a row four axes (2.1x the speed of one dot product at a
+    time on ResNet-20's 32 x 32 layers).
+    """
+    width, p = wt.shape
+    d0 = d[0]
+    d1 = d[1] if rows == 2 else d[0]
+    k = 0
+    while k + 4 <= width:
+        w0, w1, w2, w3 = wt[k], wt[k + 1], wt[k + 2], wt[k + 3]
+        s00 = s01 = s02 = s03 = np.float32(0.0)
+        s10 = s11 = s12 = s13 = np.float32(0.0)
+        for j in range(p):
+            u, v = d0[j], d1[j]
+            s00 += u * w0[j]
+            s01 += u * w1[j]
+            s02 += u * w2[j]
+            s03 += u * w3[j]
+            s10 += v * w0[j]
+            s11 += v * w1[j]
+            s12 += v * w2[j]
+            s13 += v * w3[j]
+        y[0, k], y[0, k + 1], y[0, k + 2], y[0, k + 3] = s00, s01, s02, s03
+        y[1, k], y[1, k + 1], y[1, k + 2], y[1, k + 3] = s10, s11, s12, s13
+        k += 4
+    while k < width:
+        wk = wt[k]
+        s0 = s1 = np.float32(0.0)
+        for j in range(p):
+            s0 += d0[j] * wk[j]
+            s1 += d1[j] * wk[j]
+        y[0, k], y[1, k] = s0, s1
+        k += 1
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 def _pass_range(c0, c1, x, shift, wt, out, offset, inv_scale, sums, squares, lo, hi, cross,
                 residuals):  # pragma: no cover - compiled
     # one read of each map: d = x - shift, its projections y (written divided by the
     # column scales), the pixel statistics and (residuals) y d^T; sums over the batch in
-    # float32 (of centred values), then added to the float64 totals
+    # float32 (of centred values), then added to the float64 totals. Two images at a time
+    # (_dots).
     b, _, p = x.shape
     width = wt.shape[1]
-    d = np.empty(p, dtype=np.float32)
-    y = np.empty(width, dtype=np.float32)
+    d = np.empty((2, p), dtype=np.float32)
+    y = np.empty((2, width), dtype=np.float32)
     a1 = np.empty(p, dtype=np.float32)
     a2 = np.empty(p, dtype=np.float32)
     part = np.empty((width if residuals else 0, p), dtype=np.float32)
@@ -458,29 +553,29 @@ def _pass_range(c0, c1, x, shift, wt, out, offset, inv_scale, sums, squares, lo,
         a1[:] = 0.0
         a2[:] = 0.0
         part[:] = 0.0
-        for i in range(b):
-            row = x[i, c]
-            for j in range(p):
-                v = row[j]
-                dv = v - sh[j]
-                d[j] = dv
-                a1[j] += dv
-                a2[j] += dv * dv
-                mn[j] = min(mn[j], v)
-                mx[j] = max(mx[j], v)
-            for k in range(width):
-                wk = w[k]
-                acc = np.float32(0.0)
+        for i0 in range(0, b, 2):
+            rows = min(2, b - i0)
+            for r in range(rows):
+                row, dr = x[i0 + r, c], d[r]
                 for j in range(p):
-                    acc += d[j] * wk[j]
-                y[k] = acc
-                out[c, offset + i, k] = acc * inv[k]
-            if residuals:
+                    v = row[j]
+                    dv = v - sh[j]
+                    dr[j] = dv
+                    a1[j] += dv
+                    a2[j] += dv * dv
+                    mn[j] = min(mn[j], v)
+                    mx[j] = max(mx[j], v)
+            _dots(d, rows, w, y)
+            for r in range(rows):
                 for k in range(width):
-                    yk = y[k]
-                    pk = part[k]
-                    for j in range(p):
-                        pk[j] += d[j] * yk
+                    out[c, offset + i0 + r, k] = y[r, k] * inv[k]
+                if residuals:
+                    dr = d[r]
+                    for k in range(width):
+                        yk = y[r, k]
+                        pk = part[k]
+                        for j in range(p):
+                            pk[j] += dr[j] * yk
         s1, s2 = sums[c], squares[c]
         for j in range(p):
             s1[j] += a1[j]

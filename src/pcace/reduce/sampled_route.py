@@ -108,16 +108,12 @@ class SampledRoute(Route):
 
     def _start(self, name: str) -> None:
         """The sample is in: the layer's basis, and the sample projected first."""
-        kept = self._kept.pop(name)
-        basis = SampleBasis.from_block(_channel_major(kept), self.components,
-                                       extra=self.extra)
+        block = _channel_major(self._kept.pop(name))
+        basis = SampleBasis.from_block(block, self.components, extra=self.extra)
         self.widths[name] = basis.width
         self.solvers[name] = basis.solver
         self._passes[name] = basis.start_pass(self.n)
-        offset = 0
-        for part, scale in kept:
-            self._passes[name].add(_expanded([(part, scale)]), offset)
-            offset += part.shape[0]
+        self._passes[name].add_sample(block)  # standardised by from_block
 
     def end_pass(self, result: PassResult) -> None:
         if result.images != self.n:
@@ -206,11 +202,6 @@ def _compact(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = maps.flatten(2).to(torch.float32)
     scale = flat.abs().amax(dim=2, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
     return (flat / scale).to(torch.float16), scale
-
-
-def _expanded(kept: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """The kept sample as ``(m, C, P)`` float32 maps (rounded to float16's 11 bits)."""
-    return torch.cat([x.to(torch.float32) * scale for x, scale in kept])
 
 
 def _channel_major(kept: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
