@@ -312,9 +312,11 @@ class SampleBasis:
         x = block if block.is_contiguous() else block.contiguous()
         mean, inv, constant, (std, low, high) = _standardise_sample_(x)
         width = min(p, (k_fixed if fraction is None else max_components) + extra)
-        solver = resolve_solver(SOLVER if solver is None else solver, m, p, width)
+        power = range_precision(RANGE_PRECISION, x)
+        solver = resolve_solver(SOLVER if solver is None else solver, m, p, width,
+                                precision=power)
         vals, axes = sample_axes(x, width, solver=solver)
-        if solver == "randomized" and range_precision(RANGE_PRECISION, x) == torch.bfloat16:
+        if solver == "randomized" and power == torch.bfloat16:
             solver = "randomized-bfloat16"
         trace = (~constant).sum(dim=1).to(torch.float64) * m
         rank = numerical_rank(vals, max(m, p), x.dtype)
@@ -443,22 +445,28 @@ def _finite(mean: torch.Tensor, first: int = 0) -> None:
         raise NonFiniteMaps(bad.tolist())
 
 
-def resolve_solver(solver: str, m: int, p: int, width: int) -> str:
+def resolve_solver(solver: str, m: int, p: int, width: int, *,
+                   precision: torch.dtype = torch.float32) -> str:
     """``"auto"`` made ``"randomized"`` or ``"exact"`` for an ``m``-image sample of ``P``
     pixels: whichever costs fewer multiply-adds, the Gram matrix with a margin (its
-    eigenproblem, and the range finder's lower throughput at small sizes).
+    eigenproblem, and the range finder's lower throughput at small sizes): 4 for a range
+    finder in float32, 1 in bfloat16 (``precision``, :func:`range_precision`: its products
+    run about 4 times as fast).
 
     Examples
     --------
     >>> resolve_solver("auto", 2000, 1024, 13), resolve_solver("auto", 2000, 256, 13)
     ('randomized', 'exact')
+    >>> resolve_solver("auto", 2000, 256, 13, precision=torch.bfloat16)
+    'randomized'
     """
     if solver not in ("auto", "randomized", "exact"):
         raise ValueError(f"solver must be 'auto', 'randomized' or 'exact'; got {solver!r}")
     if solver != "auto":
         return solver
     cols = min(width + OVERSAMPLE, m, p)
-    return "exact" if min(m, p) <= 4 * (POWER_STEPS + 1) * cols else "randomized"
+    margin = 1 if precision == torch.bfloat16 else 4
+    return "exact" if min(m, p) <= margin * (POWER_STEPS + 1) * cols else "randomized"
 
 
 def range_precision(precision: str, x: torch.Tensor) -> torch.dtype:
@@ -543,7 +551,8 @@ def sample_axes(x: torch.Tensor, width: int, *, solver: str = "randomized", seed
     """
     c, m, p = x.shape
     cols = min(width + OVERSAMPLE, m, p)
-    solver = resolve_solver(solver, m, p, width)
+    low = range_precision(RANGE_PRECISION if precision is None else precision, x)
+    solver = resolve_solver(solver, m, p, width, precision=low)
     if solver == "exact":
         vals, vecs, _, gram_side = _eigen(x, width)
         vals, vecs = vals.to(x.device), vecs.to(x.device)
@@ -553,7 +562,6 @@ def sample_axes(x: torch.Tensor, width: int, *, solver: str = "randomized", seed
         root = torch.where(vals > 0, vals.clamp(min=0).sqrt(), 1.0)
         axes = torch.bmm(x.transpose(1, 2), vecs.to(x.dtype)).to(torch.float64)
         return vals, axes / root[:, None, :]
-    low = range_precision(RANGE_PRECISION if precision is None else precision, x)
     work = x if low == x.dtype else x.to(low)
 
     def orthonormal(y: torch.Tensor) -> torch.Tensor:  # QR in x's dtype, used in `low`
