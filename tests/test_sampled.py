@@ -438,3 +438,24 @@ def test_add_sample_needs_the_sample_and_its_block():
     moments = SampleBasis.from_moments(PixelMoments(2, 30).update(maps[:50]), 2)
     with pytest.raises(ValueError, match="from the sample's maps"):
         moments.start_pass(100).add_sample(block)
+
+
+def test_projection_moments_and_rotation_against_numpy():
+    """The finish's moments of the kept projections (float16, a mean 300 standard
+    deviations from 0, more rows than one chunk) and its rotation, against NumPy in float64."""
+    from pcace.reduce import sampled_pass
+
+    gen = torch.Generator().manual_seed(5)
+    n = sampled_pass.ROWS + 1234
+    y = (300.0 + torch.randn(2, n, 4, generator=gen)).to(torch.float16)
+    scale = torch.tensor([[0.5, 2.0, 1.0, 3.0], [1.0, 1.0, 0.25, 4.0]])
+    mean, cov = sampled_pass._moments(y, scale)
+    turn = torch.randn(2, 4, 3, generator=gen, dtype=torch.float64)
+    out = sampled_pass._rotate(y, scale, mean, turn)
+    for c in range(2):
+        rows = y[c].double().numpy() * scale[c].double().numpy()
+        np.testing.assert_allclose(mean[c].numpy(), rows.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(cov[c].numpy(), np.cov(rows.T, bias=True), rtol=1e-9)
+        ref = (rows - rows.mean(axis=0)) @ turn[c].numpy()
+        np.testing.assert_allclose(out[c].numpy(), ref, rtol=0,
+                                   atol=1e-5 * np.abs(ref).max())
