@@ -140,11 +140,18 @@ def tie_fraction(z: Any) -> np.ndarray:
     >>> tie_fraction(z).tolist()
     [0.0, 0.375]
     """
-    zs = np.sort(np.asarray(z.cpu() if isinstance(z, torch.Tensor) else z, np.float64), axis=1)
-    distinct = 1 + (np.diff(zs, axis=1) != 0).sum(axis=1)          # (C, k)
-    unused = ~(zs != 0).any(axis=1)                                # all-zero components
-    distinct = np.where(unused, zs.shape[1], distinct)
-    return (1.0 - distinct / zs.shape[1]).max(axis=1)
+    rows = np.sort(np.ascontiguousarray(np.swapaxes(_native(z), 1, 2)), axis=2)  # (C, k, N)
+    distinct = 1 + (np.diff(rows, axis=2) != 0).sum(axis=2)       # (C, k)
+    unused = ~(rows != 0).any(axis=2)                              # all-zero components
+    distinct = np.where(unused, rows.shape[2], distinct)
+    return (1.0 - distinct / rows.shape[2]).max(axis=1)
+
+
+def _native(z: Any) -> np.ndarray:
+    """``z`` as NumPy in its own float dtype (float32 ties are float64's: the widening is
+    exact), float64 otherwise; a view where it can be."""
+    a = z.detach().cpu().numpy() if isinstance(z, torch.Tensor) else np.asarray(z)
+    return a if a.dtype in (np.float32, np.float64) else a.astype(np.float64)
 
 
 def channel_groups(z: Any) -> np.ndarray:
@@ -163,7 +170,7 @@ def channel_groups(z: Any) -> np.ndarray:
     >>> channel_groups(z).tolist()
     [20, 10, 22, -1]
     """
-    za = np.asarray(z.cpu() if isinstance(z, torch.Tensor) else z, np.float64)
+    za = _native(z)
     nonzero = (za != 0).any(axis=1).sum(axis=1).astype(np.int64)
     ties = np.searchsorted(np.asarray(TIE_EDGES), tie_fraction(za), side="right")
     return np.where(nonzero > 0, 10 * nonzero + ties, -1)
@@ -356,7 +363,7 @@ def shared_null(
     score_kind(score)
     if not layers:
         raise ValueError("layers is empty: give at least one layer's components")
-    zs = {name: _components(z) for name, z in layers.items()}
+    zs = {name: _components(z, widen=False) for name, z in layers.items()}
     n = {int(z.shape[1]) for z in zs.values()}
     if len(n) != 1:
         raise ValueError(f"every layer's components must hold the same images; got N = "
@@ -374,7 +381,8 @@ def shared_null(
             step = (DEFAULT_PLAN.ace_problems(int(zt.shape[1]), int(zt.shape[2]))
                     if chunk is None else integer(chunk, "chunk"))
             values[name] = _permuted_values(
-                zt, y, per[name], np.random.default_rng([int(seed), i]), engine=engine,
+                zt.to(torch.float64), y, per[name], np.random.default_rng([int(seed), i]),
+                engine=engine,
                 chunk=step, score=score, ace_options=ace_options, progress=bar.update)
             values[name][groups[name] < 0] = np.nan
     bank: dict[int, np.ndarray] = {}
@@ -386,12 +394,17 @@ def shared_null(
             for name in zs}
 
 
-def _components(z: Any) -> torch.Tensor:
-    """``z`` as a float64 tensor (on its device), checked."""
+def _components(z: Any, *, widen: bool = True) -> torch.Tensor:
+    """``z`` as a float64 tensor (on its device), checked; with ``widen=False`` a float32
+    one stays float32 (checked only: the null widens one layer at a time, not every
+    layer's components at once)."""
     if isinstance(z, torch.Tensor) and z.device.type != "cpu":
-        zt = z.detach().to(torch.float64)
+        zt = z.detach()
     else:
-        zt = torch.as_tensor(float64_array(z, "z"))
+        zt = torch.as_tensor(_native(z) if isinstance(z, (np.ndarray, torch.Tensor))
+                             else float64_array(z, "z"))
+    if zt.dtype not in (torch.float32, torch.float64):
+        zt = zt.to(torch.float64)
     if zt.ndim != 3:
         raise ValueError(f"z must have shape (C, N, k); got {tuple(zt.shape)}. "
                          "For one channel use z[None]")
@@ -402,7 +415,7 @@ def _components(z: Any) -> torch.Tensor:
         raise ValueError(f"z is empty: shape {tuple(zt.shape)}")
     if not bool(torch.isfinite(zt).all()):
         raise ValueError("z holds NaN or inf")
-    return zt
+    return zt.to(torch.float64) if widen else zt
 
 
 def pooled_summary(observed: Any, null: PooledNull, *,
