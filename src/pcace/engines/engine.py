@@ -41,8 +41,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ..core.threads import parallel_ranges
 from ..core.validation import score_kind
 from ..maxcorr.ace import ace_shared
+from ..maxcorr.kernels import sort_rows
 from ..maxcorr.scoring import channel_values
 
 __all__ = ["ENGINES", "Engine", "EngineLost", "LocalEngine", "Problems"]
@@ -209,10 +211,12 @@ class Problems:
         """
         cache = self.__dict__.setdefault("_orders", {})
         ys = self._host_data()[1]
-        for r in (int(r) for r in rows):
-            if r in cache:
-                continue
-            order = np.argsort(ys[r], kind="stable")
+        new = [r for r in dict.fromkeys(int(r) for r in rows) if r not in cache]
+        orders = np.empty((len(new), ys.shape[1]), dtype=np.int64)
+        if new:  # numpy's stable order, by radix sorts, the rows in parallel
+            parallel_ranges(sort_rows, len(new), np.ascontiguousarray(ys),
+                            np.array(new, dtype=np.int64), orders)
+        for r, order in zip(new, orders, strict=True):
             values = ys[r][order]
             group, last = self.__dict__.get("_last_sorted", (-1, None))
             if last is None or not np.array_equal(values, last):
