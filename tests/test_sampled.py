@@ -459,3 +459,24 @@ def test_projection_moments_and_rotation_against_numpy():
         ref = (rows - rows.mean(axis=0)) @ turn[c].numpy()
         np.testing.assert_allclose(out[c].numpy(), ref, rtol=0,
                                    atol=1e-5 * np.abs(ref).max())
+
+
+def test_sample_standardisation_the_same_both_ways():
+    """The compiled standardisation (CPU) and the torch one (other devices; run here on the
+    CPU) give the same statistics and the same standardised block, constant pixels too."""
+    from pcace.reduce.sampled import _standardise_sample_
+
+    block = _maps(90, 3, 20).transpose(0, 1).contiguous()
+    block[1, :, 4] = 2.5
+    block[2, :, 7] = 0.0
+    out = []
+    for compiled in (True, False):
+        x = block.clone()
+        out.append((x, *_standardise_sample_(x, compiled=compiled)))
+    (x0, m0, i0, c0, s0), (x1, m1, i1, c1, s1) = out
+    assert c0.tolist() == c1.tolist() and bool(c0[1, 4]) and bool(c0[2, 7])
+    torch.testing.assert_close(x1, x0, rtol=1e-5, atol=1e-5)
+    for a, b in zip((m0, i0, *s0), (m1, i1, *s1), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+    ref = _standardised(block[0].numpy())[0]
+    np.testing.assert_allclose(x0[0].numpy(), ref, rtol=1e-5, atol=1e-5)

@@ -400,19 +400,21 @@ def _check_extra(extra: int) -> None:
         raise ValueError(f"extra must be an int >= 0; got {extra!r}")
 
 
-def _standardise_sample_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                    tuple[torch.Tensor, ...]]:
+def _standardise_sample_(x: torch.Tensor, compiled: bool | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                    tuple[torch.Tensor, ...]]:
     """Standardise a contiguous ``(C, m, P)`` block in place.
 
     Returns the float64 ``(C, P)`` mean and inverse standard deviation, the constant
     mask, and the standard deviation, minimum and maximum (float64 ``(C, P)``), by the
     rule of :func:`~pcace.reduce.pca.reduce_block` (statistics in float64). On the CPU
     one compiled pass per statistic (:func:`pcace.reduce.kernels.standardise_columns`);
-    elsewhere torch, a few channels at a time.
+    elsewhere torch, a few channels at a time (``compiled=False`` takes that way on the
+    CPU too, for the tests).
     """
     c, m, p = x.shape
     eps = torch.finfo(x.dtype).eps
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" if compiled is None else compiled:
         from .kernels import standardise_columns
 
         mean, std, low, high = (torch.empty((c, p), dtype=torch.float64) for _ in range(4))
