@@ -69,6 +69,7 @@ axes").
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -480,8 +481,8 @@ def range_precision(precision: str, x: torch.Tensor) -> torch.dtype:
     step); else ``x``'s own dtype. The power iterations only find the subspace: the
     axes and their values come from ``x`` itself in its own precision (:func:`sample_axes`),
     and bfloat16's rounding (``2^-9``, against the sample's noise) moves the PCACE values by
-    far less than the sample does (``benchmarks/README.md``, "The sample's axes in
-    bfloat16").
+    far less than the sample does (``benchmarks/README.md``, "bfloat16 axes, a leaner
+    pass and finish, a cheaper null at large n").
 
     Examples
     --------
@@ -500,8 +501,9 @@ def range_precision(precision: str, x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+@functools.cache
 def _amx_bfloat16() -> bool:
-    """Whether this CPU has AMX bfloat16 units (False where torch cannot tell)."""
+    """Whether this CPU has AMX bfloat16 units (False where torch cannot tell); asked once."""
     try:
         return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
     except Exception:  # noqa: BLE001 - an older torch, or an unknown CPU: no

@@ -190,8 +190,6 @@ class SampledPass:
         float64 maps are rounded to float32 (the pass works in float32). Each image must
         be added exactly once.
         """
-        if self.projections is None:
-            raise ValueError("this pass has finished; start a new one")
         x = self.basis._check(maps)
         b = x.shape[0]
         rows = self._rows(offset, b)
@@ -505,8 +503,7 @@ def _rotate(y: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, turn: torc
     offset = (mean.to(y.device, torch.float64)[:, None, :] @ turn).to(torch.float32)
     for lo in range(0, n, ROWS):
         rows = slice(lo, lo + ROWS)
-        out[:, rows] = torch.baddbmm(offset, y[:, rows].to(torch.float32), weights, alpha=1,
-                                     beta=-1)
+        out[:, rows] = torch.baddbmm(offset, y[:, rows].to(torch.float32), weights, beta=-1)
     return out
 
 

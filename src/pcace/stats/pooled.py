@@ -400,11 +400,11 @@ def _components(z: Any, *, widen: bool = True) -> torch.Tensor:
     layer's components at once)."""
     if isinstance(z, torch.Tensor) and z.device.type != "cpu":
         zt = z.detach()
-    else:
+        if zt.dtype not in (torch.float32, torch.float64):
+            zt = zt.to(torch.float64)
+    else:  # float32 or float64 NumPy (_native), as a tensor without a copy
         zt = torch.as_tensor(_native(z) if isinstance(z, (np.ndarray, torch.Tensor))
                              else float64_array(z, "z"))
-    if zt.dtype not in (torch.float32, torch.float64):
-        zt = zt.to(torch.float64)
     if zt.ndim != 3:
         raise ValueError(f"z must have shape (C, N, k); got {tuple(zt.shape)}. "
                          "For one channel use z[None]")
